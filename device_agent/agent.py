@@ -1,0 +1,248 @@
+"""``device_agent.Agent``: the board's agent as a Python API (the CLI and the service call it).
+
+Installation order (docs/bundle-format.md, "Verification order"): verify signature -> parse
+manifest -> target device -> expiry and end of life -> anti-rollback -> decrypt and check the
+payload -> trial-load the model -> store the bundle -> commit state. A refusal at any step
+leaves the data directory exactly as it was.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import crypto
+from .bundle import ID_RE, Manifest, Sidecar, format_time, verify_bundle
+from .enrolment import DOMAIN as ENROLMENT_DOMAIN
+from .enrolment import Enrolment
+from .errors import NotInstalled, RollbackRefused, UsageError
+from .limits import DEFAULT_LIMITS, Limits
+from .output import prepare_inputs, shape_output
+from .runtime import Runner, load_runner
+from .store import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
+from .trust import check_install, check_serving_life, check_target, trusted_now
+
+
+@dataclass
+class LoadedModel:
+    manifest: Manifest
+    sidecar: Sidecar
+    runner: Runner
+
+
+def _canonical(obj: Any) -> bytes:
+    from .bundle import canonical_json
+
+    return canonical_json(obj)
+
+
+class Agent:
+    """One board's agent over its data directory.
+
+    ``keys`` unlocks the device's private keys (defaults to the environment); ``clock`` returns
+    the system time and is injectable for tests; the trusted time never goes below the floor
+    recorded in the state.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        keys: KeySource | None = None,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = DataDir(data_dir)
+        self.store.require_provisioned()
+        self._source = keys if keys is not None else KeySource.from_env()
+        self.limits = limits
+        self._clock = clock
+        self._loaded: dict[str, LoadedModel] = {}
+        self._lock = threading.RLock()
+
+    # --- provisioning ------------------------------------------------------------------------
+    @staticmethod
+    def provision(
+        data_dir: str | Path,
+        device_id: str,
+        publishers: list[bytes],
+        operators: list[bytes] | None = None,
+        keys: KeySource | None = None,
+        now: datetime | None = None,
+    ) -> bytes:
+        """Create the board's keys and trust anchors; return the signed public enrolment."""
+        if not ID_RE.match(device_id):
+            raise UsageError(
+                "device id must be 1-64 characters of letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        if not publishers:
+            raise UsageError("provisioning needs at least one publisher public key")
+        source = keys if keys is not None else KeySource.from_env()
+        source.require()
+        now = now or utcnow()
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        box_private, _ = crypto.new_box_keypair()
+        signer = Ed25519PrivateKey.generate()
+        dk = DeviceKeys(box_private, crypto.ed25519_private_raw(signer))
+        try:
+            identity = DataDir(data_dir).create(device_id, dk, source, publishers, operators or [], now)
+            enrolment = Enrolment(device_id, identity.box_public, identity.sign_public, now)
+            sig = crypto.sign(signer, ENROLMENT_DOMAIN, _canonical(enrolment.body()))
+            return enrolment.signed_bytes(sig)
+        finally:
+            dk.wipe()
+
+    # --- time ----------------------------------------------------------------------------------
+    def now(self, state: State | None = None) -> datetime:
+        state = state or self.store.state()
+        return trusted_now(self._clock(), state.clock_floor)
+
+    # --- install ---------------------------------------------------------------------------------
+    def install(self, data: bytes) -> Manifest:
+        """Verify, check and store a bundle; on any refusal nothing on disk changes."""
+        publishers, _ = self.store.trust()
+        vb = verify_bundle(data, publishers, self.limits)
+        m = vb.manifest
+        identity = self.store.identity()
+        with self._lock, self.store.locked():
+            state = self.store.state()
+            now = trusted_now(self._clock(), state.clock_floor)
+            slot = state.models.get(m.model_id)
+            check_install(m, identity, slot.highest_version if slot else None, now)
+            keys = self.store.unlock(self._source)
+            try:
+                contents = vb.decrypt(keys.box_private, self.limits)
+            finally:
+                keys.wipe()
+            try:
+                runner = load_runner(m.runtime, bytes(contents.model), int(contents.sidecar.runtime.get("threads", 0)))
+            finally:
+                contents.wipe()
+            self.store.store_bundle(m.bundle_id, data)
+            new_state, dropped = record_install(state, m, len(data), now)
+            self.store.save_state(new_state)
+            if dropped:
+                self.store.collect_garbage(new_state)
+            self._loaded[m.model_id] = LoadedModel(m, contents.sidecar, runner)
+        return m
+
+    def rollback(self, model_id: str | None = None) -> Manifest:
+        """Serve the previous version again (a local admin action; the highest accepted version
+        stays where it is, so the rolled-back-from version cannot be reinstalled: publish a new one)."""
+        with self._lock, self.store.locked():
+            state = self.store.state()
+            mid = self._pick(state, model_id)
+            slot = state.models[mid]
+            if slot.previous is None:
+                raise RollbackRefused(f"model {mid} has no previous version kept to roll back to")
+            slot.current, slot.previous = slot.previous, None
+            self.store.save_state(state)
+            self.store.collect_garbage(state)
+            self._loaded.pop(mid, None)
+            return self._load(mid, state).manifest
+
+    # --- serving ---------------------------------------------------------------------------------
+    def _pick(self, state: State, model_id: str | None) -> str:
+        installed = [k for k, s in state.models.items() if s.current is not None]
+        if model_id is not None:
+            if model_id not in installed:
+                raise NotInstalled(f"model {model_id!r} is not installed; installed: {', '.join(installed) or 'none'}")
+            return model_id
+        if not installed:
+            raise NotInstalled("no model is installed; run 'edgeward-agent install BUNDLE' first")
+        if len(installed) > 1:
+            raise UsageError(f"several models are installed ({', '.join(installed)}); pick one with --model")
+        return installed[0]
+
+    def _load(self, model_id: str, state: State) -> LoadedModel:
+        rec = state.models[model_id].current
+        assert rec is not None
+        cached = self._loaded.get(model_id)
+        if cached is not None and cached.manifest.bundle_id == rec.bundle_id:
+            return cached
+        data = self.store.read_bundle(rec.bundle_id)
+        publishers, _ = self.store.trust()
+        # Re-verified on every load: the stored file is as untrusted as the one received.
+        vb = verify_bundle(data, publishers, self.limits)
+        check_target(vb.manifest, self.store.identity())
+        keys = self.store.unlock(self._source)
+        try:
+            contents = vb.decrypt(keys.box_private, self.limits)
+        finally:
+            keys.wipe()
+        try:
+            runner = load_runner(
+                vb.manifest.runtime, bytes(contents.model), int(contents.sidecar.runtime.get("threads", 0))
+            )
+        finally:
+            contents.wipe()
+        loaded = LoadedModel(vb.manifest, contents.sidecar, runner)
+        self._loaded[model_id] = loaded
+        return loaded
+
+    def model(self, model_id: str | None = None) -> LoadedModel:
+        with self._lock:
+            state = self.store.state()
+            mid = self._pick(state, model_id)
+            loaded = self._load(mid, state)
+            check_serving_life(loaded.manifest, trusted_now(self._clock(), state.clock_floor))
+            return loaded
+
+    def predict(
+        self,
+        inputs: np.ndarray | Mapping[str, np.ndarray],
+        role: str = "user",
+        model_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Run the model on ``inputs`` and return what ``role`` may see (a label by default)."""
+        loaded = self.model(model_id)
+        feeds, batched = prepare_inputs(loaded.runner, inputs)
+        outputs = loaded.runner.run(feeds)
+        return shape_output(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched)
+
+    # --- status ----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        state = self.store.state()
+        identity = self.store.identity()
+        now = trusted_now(self._clock(), state.clock_floor)
+        models = []
+        for mid, slot in sorted(state.models.items()):
+            cur = slot.current
+            entry: dict[str, Any] = {
+                "model_id": mid,
+                "version": cur.model_version if cur else None,
+                "bundle_id": cur.bundle_id if cur else None,
+                "installed_at": format_time(cur.installed_at) if cur else None,
+                "previous_version": slot.previous.model_version if slot.previous else None,
+                "highest_version": slot.highest_version,
+            }
+            if cur is not None:
+                publishers, _ = self.store.trust()
+                try:
+                    m = verify_bundle(self.store.read_bundle(cur.bundle_id), publishers, self.limits).manifest
+                    entry.update(
+                        profile=m.profile,
+                        runtime=m.runtime,
+                        expires=format_time(m.expires) if m.expires else None,
+                        end_of_life=format_time(m.end_of_life) if m.end_of_life else None,
+                        serving=m.end_of_life is None or now < m.end_of_life,
+                    )
+                except Exception as e:  # status reports a broken store rather than failing
+                    entry.update(serving=False, problem=str(e))
+            models.append(entry)
+        return {
+            "device_id": identity.device_id,
+            "box_fingerprint": identity.box_fingerprint,
+            "sign_fingerprint": crypto.fingerprint(identity.sign_public),
+            "now": format_time(now),
+            "clock_floor": format_time(state.clock_floor) if state.clock_floor else None,
+            "models": models,
+        }

@@ -1,0 +1,511 @@
+"""The EdgeWard bundle format, version 1 (``docs/bundle-format.md`` is the specification).
+
+This module is the only definition of the format: the agent reads it here and the packager
+writes it with :func:`write_bundle`. Reading follows one order, and nothing skips a step:
+
+1. bound and read the fixed header (magic, format version, manifest length, publisher key id);
+2. find the publisher key among the trust anchors and verify the signature over the exact
+   header and manifest bytes -- before a single manifest field is parsed;
+3. parse the manifest strictly (known fields only, types and ranges checked);
+4. only then is the payload looked at, and it must match the signed tags digest and lengths.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import struct
+import uuid
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from . import crypto
+from .errors import BadSignature, FormatError, IntegrityError, UnknownPublisher
+from .limits import DEFAULT_LIMITS, Limits
+
+MAGIC = b"\x89EWB\r\n\x1a\n"
+FORMAT_VERSION = 1
+HEADER = struct.Struct(">8sHHI16s")  # magic, format version, flags, manifest length, key id
+HEADER_BYTES = HEADER.size
+MANIFEST_SCHEMA = "edgeward.bundle/1"
+SIDECAR_SCHEMA = "edgeward.sidecar/1"
+SIGNING_DOMAIN = b"edgeward/bundle-manifest/v1"
+PAYLOAD_AAD_PREFIX = b"edgeward/payload/v1\x00"
+CONTENTS_MAGIC = b"EWC1"
+COMPRESSIONS = ("none", "zlib")
+RUNTIMES = ("onnxruntime", "litert")
+MODEL_FORMATS = ("onnx", "tflite")
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+HEX32_RE = re.compile(r"^[0-9a-f]{32}$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+FPR_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+MAX_VERSION = 2**53
+
+
+# --- time -----------------------------------------------------------------------------------------
+
+
+def format_time(t: datetime) -> str:
+    """UTC, second precision, ``Z`` suffix: the only time format EdgeWard writes."""
+    if t.tzinfo is None:
+        raise ValueError("naive datetime")
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str, what: str) -> datetime:
+    """Parse an ISO 8601 time; a time without a zone is refused rather than guessed."""
+    if not isinstance(text, str) or len(text) > 40:
+        raise FormatError(f"{what} must be an ISO 8601 time string")
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise FormatError(f"{what} is not an ISO 8601 time: {text!r}") from e
+    if t.tzinfo is None:
+        raise FormatError(f"{what} has no time zone: {text!r}; add Z for UTC")
+    return t.astimezone(UTC)
+
+
+# --- strict field readers ---------------------------------------------------------------------------
+
+
+def _obj(value: Any, what: str, known: set[str], required: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise FormatError(f"{what} must be an object")
+    unknown = set(value) - known
+    if unknown:
+        raise FormatError(f"{what} has unknown fields: {', '.join(sorted(unknown))}")
+    missing = required - set(value)
+    if missing:
+        raise FormatError(f"{what} is missing fields: {', '.join(sorted(missing))}")
+    return value
+
+
+def _str(value: Any, what: str, pattern: re.Pattern[str] | None = None, limit: int = 256) -> str:
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise FormatError(f"{what} must be a non-empty string of at most {limit} characters")
+    if pattern is not None and not pattern.match(value):
+        raise FormatError(f"{what} has an invalid value {value[:80]!r}")
+    return value
+
+
+def _int(value: Any, what: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise FormatError(f"{what} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _choice(value: Any, what: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise FormatError(f"{what} must be one of {', '.join(choices)}; got {str(value)[:40]!r}")
+    return str(value)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one JSON encoding EdgeWard signs: sorted keys, no spaces, ASCII."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _loads(data: bytes | memoryview, what: str) -> Any:
+    try:
+        return json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{what} is not valid UTF-8 JSON: {e}") from e
+
+
+# --- manifest ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The signed description of one bundle for one device. Constructed only from verified bytes
+    (:func:`verify_bundle`) or by the packager before signing."""
+
+    bundle_id: str
+    model_id: str
+    model_version: int
+    created: datetime
+    expires: datetime | None
+    end_of_life: datetime | None
+    device_id: str
+    device_key: str
+    publisher: str
+    profile: str
+    runtime: str
+    cipher: str
+    compression: str
+    chunk_size: int
+    sealed_length: int
+    payload_length: int
+    tags_sha256: str
+    sealed_key: bytes
+    schema: str = MANIFEST_SCHEMA
+
+    FIELDS = frozenset(
+        {
+            "schema", "bundle_id", "model_id", "model_version", "created", "expires",
+            "end_of_life", "device_id", "device_key", "publisher", "profile", "runtime", "cipher",
+            "compression", "chunk_size", "sealed_length", "payload_length", "tags_sha256",
+            "sealed_key",
+        }
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "bundle_id": self.bundle_id,
+            "model_id": self.model_id,
+            "model_version": self.model_version,
+            "created": format_time(self.created),
+            "expires": format_time(self.expires) if self.expires else None,
+            "end_of_life": format_time(self.end_of_life) if self.end_of_life else None,
+            "device_id": self.device_id,
+            "device_key": self.device_key,
+            "publisher": self.publisher,
+            "profile": self.profile,
+            "runtime": self.runtime,
+            "cipher": self.cipher,
+            "compression": self.compression,
+            "chunk_size": self.chunk_size,
+            "sealed_length": self.sealed_length,
+            "payload_length": self.payload_length,
+            "tags_sha256": self.tags_sha256,
+            "sealed_key": base64.b64encode(self.sealed_key).decode(),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any, limits: Limits = DEFAULT_LIMITS) -> Manifest:
+        m = _obj(raw, "manifest", set(cls.FIELDS), set(cls.FIELDS))
+        if m["schema"] != MANIFEST_SCHEMA:
+            raise FormatError(f"manifest schema {str(m['schema'])[:40]!r} is not {MANIFEST_SCHEMA}")
+        chunk_size = _int(m["chunk_size"], "chunk_size", limits.min_chunk_bytes, limits.max_chunk_bytes)
+        sealed_length = _int(m["sealed_length"], "sealed_length", 0, limits.max_bundle_bytes)
+        payload_length = _int(m["payload_length"], "payload_length", 0, limits.max_bundle_bytes)
+        layout = crypto.ChunkLayout(sealed_length, chunk_size)
+        if layout.payload_length != payload_length:
+            raise FormatError("payload_length does not match sealed_length and chunk_size")
+        try:
+            sealed_key = base64.b64decode(_str(m["sealed_key"], "sealed_key"), validate=True)
+        except ValueError as e:
+            raise FormatError("sealed_key is not base64") from e
+        return cls(
+            schema=MANIFEST_SCHEMA,
+            bundle_id=_str(m["bundle_id"], "bundle_id", HEX32_RE),
+            model_id=_str(m["model_id"], "model_id", ID_RE),
+            model_version=_int(m["model_version"], "model_version", 1, MAX_VERSION),
+            created=parse_time(m["created"], "created"),
+            expires=parse_time(m["expires"], "expires") if m["expires"] is not None else None,
+            end_of_life=(
+                parse_time(m["end_of_life"], "end_of_life") if m["end_of_life"] is not None else None
+            ),
+            device_id=_str(m["device_id"], "device_id", ID_RE),
+            device_key=_str(m["device_key"], "device_key", FPR_RE),
+            publisher=_str(m["publisher"], "publisher", FPR_RE),
+            profile=_str(m["profile"], "profile", ID_RE),
+            runtime=_choice(m["runtime"], "runtime", RUNTIMES),
+            cipher=_choice(m["cipher"], "cipher", crypto.SUITES),
+            compression=_choice(m["compression"], "compression", COMPRESSIONS),
+            chunk_size=chunk_size,
+            sealed_length=sealed_length,
+            payload_length=payload_length,
+            tags_sha256=_str(m["tags_sha256"], "tags_sha256", HEX64_RE),
+            sealed_key=sealed_key,
+        )
+
+    @property
+    def layout(self) -> crypto.ChunkLayout:
+        return crypto.ChunkLayout(self.sealed_length, self.chunk_size)
+
+    @property
+    def payload_aad(self) -> bytes:
+        return PAYLOAD_AAD_PREFIX + bytes.fromhex(self.bundle_id)
+
+
+# --- sealed contents (inside the encrypted payload) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """What the board needs besides the model bytes; encrypted, never in the clear header.
+
+    ``task``, ``policy``, ``preprocess`` and ``model_card`` are open objects interpreted by the
+    agent's output, policy and pre-processing code; their own schemas live there.
+    """
+
+    model_format: str
+    model_sha256: str
+    model_length: int
+    task: dict[str, Any] = field(default_factory=dict)
+    policy: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)
+    preprocess: dict[str, Any] | None = None
+    model_card: dict[str, Any] | None = None
+    schema: str = SIDECAR_SCHEMA
+
+    FIELDS = frozenset({"schema", "model", "task", "policy", "runtime", "preprocess", "model_card"})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "model": {
+                "format": self.model_format,
+                "sha256": self.model_sha256,
+                "length": self.model_length,
+            },
+            "task": self.task,
+            "policy": self.policy,
+            "runtime": self.runtime,
+            "preprocess": self.preprocess,
+            "model_card": self.model_card,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Sidecar:
+        s = _obj(raw, "sidecar", set(cls.FIELDS), {"schema", "model"})
+        if s["schema"] != SIDECAR_SCHEMA:
+            raise FormatError(f"sidecar schema {str(s['schema'])[:40]!r} is not {SIDECAR_SCHEMA}")
+        model = _obj(s["model"], "sidecar.model", {"format", "sha256", "length"}, {"format", "sha256", "length"})
+        objs = {}
+        for name in ("task", "policy", "runtime"):
+            value = s.get(name, {})
+            if not isinstance(value, dict):
+                raise FormatError(f"sidecar.{name} must be an object")
+            objs[name] = value
+        for name in ("preprocess", "model_card"):
+            value = s.get(name)
+            if value is not None and not isinstance(value, dict):
+                raise FormatError(f"sidecar.{name} must be an object or null")
+            objs[name] = value
+        return cls(
+            model_format=_choice(model["format"], "sidecar.model.format", MODEL_FORMATS),
+            model_sha256=_str(model["sha256"], "sidecar.model.sha256", HEX64_RE),
+            model_length=_int(model["length"], "sidecar.model.length", 0, DEFAULT_LIMITS.max_bundle_bytes),
+            **objs,
+        )
+
+
+def pack_contents(sidecar: Sidecar, model: bytes | memoryview) -> bytearray:
+    """The plaintext that gets compressed and encrypted: magic, sidecar length, sidecar, model."""
+    side = canonical_json(sidecar.to_json())
+    out = bytearray(CONTENTS_MAGIC + struct.pack(">I", len(side)) + side)
+    out += model
+    return out
+
+
+@dataclass
+class Contents:
+    """Decrypted contents of a bundle: live only in memory; call :meth:`wipe` when done."""
+
+    sidecar: Sidecar
+    buffer: bytearray
+    model_offset: int
+
+    @property
+    def model(self) -> memoryview:
+        return memoryview(self.buffer)[self.model_offset :]
+
+    def wipe(self) -> None:
+        crypto.wipe(self.buffer)
+
+
+def unpack_contents(plain: bytearray, limits: Limits = DEFAULT_LIMITS) -> Contents:
+    head = len(CONTENTS_MAGIC) + 4
+    if len(plain) < head or bytes(plain[: len(CONTENTS_MAGIC)]) != CONTENTS_MAGIC:
+        raise FormatError("sealed contents do not start with the EdgeWard contents magic")
+    (side_len,) = struct.unpack(">I", plain[len(CONTENTS_MAGIC) : head])
+    if side_len > limits.max_sidecar_bytes or head + side_len > len(plain):
+        raise FormatError(f"sidecar length {side_len} is out of bounds")
+    sidecar = Sidecar.from_json(_loads(memoryview(plain)[head : head + side_len], "sidecar"))
+    offset = head + side_len
+    model = memoryview(plain)[offset:]
+    if len(model) != sidecar.model_length:
+        raise IntegrityError("model length differs from the sealed sidecar")
+    if not crypto.constant_time_equal(crypto.sha256_hex(model), sidecar.model_sha256):
+        raise IntegrityError("model digest differs from the sealed sidecar")
+    return Contents(sidecar=sidecar, buffer=plain, model_offset=offset)
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose signature has been checked; only :func:`verify_bundle` makes one."""
+
+    manifest: Manifest
+    payload: memoryview
+    publisher_key: bytes
+
+    def decrypt(self, device_private: bytearray, limits: Limits = DEFAULT_LIMITS) -> Contents:
+        """Open the content key with the device key and decrypt the payload in memory."""
+        m = self.manifest
+        key = crypto.open_content_key(device_private, m.sealed_key)
+        try:
+            sealed = crypto.decrypt_payload(
+                m.cipher, key, m.payload_aad, self.payload, m.layout, m.tags_sha256
+            )
+        finally:
+            crypto.wipe(key)
+        if m.compression == "zlib":
+            try:
+                d = zlib.decompressobj()
+                plain = bytearray(d.decompress(sealed, limits.max_bundle_bytes))
+                if d.unconsumed_tail or not d.eof:
+                    raise FormatError("compressed contents exceed the size limit or are incomplete")
+            except zlib.error as e:
+                raise FormatError(f"compressed contents are corrupt: {e}") from e
+            finally:
+                crypto.wipe(sealed)
+        else:
+            plain = sealed
+        try:
+            return unpack_contents(plain, limits)
+        except Exception:
+            crypto.wipe(plain)
+            raise
+
+
+def read_header(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> tuple[int, bytes]:
+    """Check magic and format version; return (manifest length, publisher key id)."""
+    if len(data) < HEADER_BYTES:
+        raise FormatError(f"bundle is truncated: {len(data)} bytes is shorter than its header")
+    magic, version, flags, manifest_len, kid = HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise FormatError("not an EdgeWard bundle (bad magic)")
+    if version != FORMAT_VERSION:
+        raise FormatError(
+            f"bundle format version {version} is not supported (this agent reads {FORMAT_VERSION}); "
+            "upgrade the agent or repack the model"
+        )
+    if flags != 0:
+        raise FormatError(f"bundle header flags {flags:#x} are not defined in format version 1")
+    if not 2 <= manifest_len <= limits.max_manifest_bytes:
+        raise FormatError(f"manifest length {manifest_len} exceeds the limit of {limits.max_manifest_bytes}")
+    if len(data) < HEADER_BYTES + manifest_len + crypto.SIGNATURE_BYTES:
+        raise FormatError("bundle is truncated inside its manifest or signature")
+    return manifest_len, bytes(kid)
+
+
+def verify_bundle(
+    data: bytes | memoryview,
+    trusted_publishers: Mapping[bytes, bytes] | list[bytes],
+    limits: Limits = DEFAULT_LIMITS,
+) -> VerifiedBundle:
+    """Verify a bundle's signature against the trust anchors, then parse its manifest.
+
+    ``trusted_publishers`` is a list of raw Ed25519 public keys (or a map key id -> key).
+    Raises :class:`FormatError`, :class:`UnknownPublisher`, :class:`BadSignature` or
+    :class:`IntegrityError`; returns only a bundle whose manifest the publisher signed.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) > limits.max_bundle_bytes:
+        raise FormatError(f"bundle is {len(view)} bytes, over the limit of {limits.max_bundle_bytes}")
+    manifest_len, kid = read_header(view, limits)
+    keys = (
+        dict(trusted_publishers)
+        if isinstance(trusted_publishers, Mapping)
+        else {crypto.key_id(k): k for k in trusted_publishers}
+    )
+    if len(keys) > limits.max_trusted_publishers:
+        raise FormatError("too many trusted publisher keys")
+    publisher = keys.get(kid)
+    if publisher is None:
+        raise UnknownPublisher(
+            f"bundle is signed by publisher key id {kid.hex()}, which this board does not trust; "
+            "provision the board with that publisher's public key"
+        )
+    signed_end = HEADER_BYTES + manifest_len
+    signature = bytes(view[signed_end : signed_end + crypto.SIGNATURE_BYTES])
+    try:
+        crypto.verify(publisher, SIGNING_DOMAIN, bytes(view[:signed_end]), signature)
+    except BadSignature as e:
+        raise BadSignature(
+            f"bundle signature does not verify against publisher {crypto.fingerprint(publisher)}: "
+            "the bundle was altered or corrupted; fetch it again from the publisher"
+        ) from e
+    # Verified: from here the manifest bytes are the publisher's.
+    manifest = Manifest.from_json(_loads(view[HEADER_BYTES:signed_end], "manifest"), limits)
+    if not crypto.constant_time_equal(manifest.publisher, crypto.fingerprint(publisher)):
+        raise FormatError("manifest names a different publisher than the key that signed it")
+    payload = view[signed_end + crypto.SIGNATURE_BYTES :]
+    if len(payload) < manifest.payload_length:
+        raise FormatError(
+            f"bundle is truncated: payload is {len(payload)} of {manifest.payload_length} bytes; "
+            "copy the bundle again"
+        )
+    if len(payload) > manifest.payload_length:
+        raise FormatError("bundle has bytes appended after its payload")
+    return VerifiedBundle(manifest=manifest, payload=payload, publisher_key=publisher)
+
+
+# --- writing (used by the packager) -------------------------------------------------------------
+
+
+def new_bundle_id() -> str:
+    return uuid.uuid4().hex
+
+
+def write_bundle(
+    write: Callable[[bytes | memoryview], object],
+    *,
+    sign_manifest: Callable[[bytes], bytes],
+    publisher_public: bytes,
+    sealed: bytes | bytearray | memoryview,
+    device_id: str,
+    device_box_public: bytes,
+    model_id: str,
+    model_version: int,
+    created: datetime,
+    expires: datetime | None,
+    end_of_life: datetime | None,
+    profile: str,
+    runtime: str,
+    cipher: str,
+    compression: str,
+    chunk_size: int = 1024 * 1024,
+) -> Manifest:
+    """Encrypt ``sealed`` (already compressed if ``compression`` says so) for one device and
+    write the whole bundle through ``write``. Memory use is one chunk beyond ``sealed``."""
+    key = crypto.new_content_key()
+    try:
+        bundle_id = new_bundle_id()
+        aad = PAYLOAD_AAD_PREFIX + bytes.fromhex(bundle_id)
+        ciphertext = bytearray()
+        tags = crypto.encrypt_payload(cipher, key, aad, sealed, chunk_size, ciphertext.extend)
+        sealed_key = crypto.seal_content_key(device_box_public, key)
+    finally:
+        crypto.wipe(key)
+    manifest = Manifest(
+        bundle_id=bundle_id,
+        model_id=model_id,
+        model_version=model_version,
+        created=created,
+        expires=expires,
+        end_of_life=end_of_life,
+        device_id=device_id,
+        device_key=crypto.fingerprint(device_box_public),
+        publisher=crypto.fingerprint(publisher_public),
+        profile=profile,
+        runtime=runtime,
+        cipher=cipher,
+        compression=compression,
+        chunk_size=chunk_size,
+        sealed_length=len(sealed),
+        payload_length=len(ciphertext),
+        tags_sha256=tags,
+        sealed_key=sealed_key,
+    )
+    # Round-trip through the strict reader so the packager can never emit what the agent refuses.
+    body = canonical_json(manifest.to_json())
+    Manifest.from_json(json.loads(body))
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(body), crypto.key_id(publisher_public))
+    signature = sign_manifest(header + body)
+    write(header)
+    write(body)
+    write(signature)
+    write(memoryview(ciphertext))
+    return manifest

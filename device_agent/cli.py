@@ -1,0 +1,207 @@
+"""``edgeward-agent``: the board's command line. Exit codes: 0 ok, 1 refused for security,
+2 usage, 3 malformed input, 4 environment, 70 internal error (docs/operations.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeWardError, FormatError, UsageError
+from .limits import DEFAULT_LIMITS
+
+PROG = "edgeward-agent"
+
+
+def _emit(args: argparse.Namespace, doc: Any, text: Callable[[Any], str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(text(doc))
+
+
+def _pubkey(path: str) -> bytes:
+    from .keyfiles import load_public_key_file
+
+    return load_public_key_file(Path(path))
+
+
+def _read_file(path: str, limit: int, what: str) -> bytes:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > limit:
+            raise FormatError(f"{what} {path} is {size} bytes, over the limit of {limit}")
+        return p.read_bytes()
+    except FileNotFoundError as e:
+        raise UsageError(f"{what} {path} does not exist") from e
+    except IsADirectoryError as e:
+        raise UsageError(f"{what} {path} is a directory, not a file") from e
+
+
+def _agent(args: argparse.Namespace) -> Any:
+    from .agent import Agent
+    from .store import KeySource
+
+    return Agent(args.data_dir, KeySource.from_env(getattr(args, "kek_file", None)))
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from .agent import Agent
+    from .fsutil import atomic_write
+    from .store import KeySource
+
+    publishers = [_pubkey(p) for p in args.publisher_pub]
+    operators = [_pubkey(p) for p in args.operator_pub or []]
+    export = Path(args.export)
+    if not export.parent.is_dir():
+        raise UsageError(f"cannot write the enrolment: directory {export.parent} does not exist")
+    enrolment = Agent.provision(
+        args.data_dir, args.device_id, publishers, operators, KeySource.from_env(args.kek_file)
+    )
+    atomic_write(export, enrolment, 0o644)
+    doc = json.loads(enrolment)
+    _emit(
+        args,
+        doc,
+        lambda d: f"provisioned {d['device_id']} in {args.data_dir}\n"
+        f"  encryption key {d['box_fingerprint']}\n  identity key   {d['sign_fingerprint']}\n"
+        f"enrolment written to {export} (give it to the publisher: edgeward pack --device {export})",
+    )
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from .bundle import format_time
+
+    data = _read_file(args.bundle, DEFAULT_LIMITS.max_bundle_bytes, "bundle")
+    m = _agent(args).install(data)
+    doc = {
+        "installed": True,
+        "model_id": m.model_id,
+        "model_version": m.model_version,
+        "bundle_id": m.bundle_id,
+        "expires": format_time(m.expires) if m.expires else None,
+        "end_of_life": format_time(m.end_of_life) if m.end_of_life else None,
+    }
+    _emit(args, doc, lambda d: f"installed {d['model_id']} version {d['model_version']} (bundle {d['bundle_id']})")
+    return 0
+
+
+def _load_inputs(path: str) -> Any:
+    import numpy as np
+
+    raw = _read_file(path, DEFAULT_LIMITS.max_input_bytes, "input")
+    import io
+
+    try:
+        if path.endswith(".npz"):
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise FormatError(f"input {path} is not a readable .npy/.npz array file (pickles are refused): {e}") from e
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    result = _agent(args).predict(_load_inputs(args.input), role=args.role, model_id=args.model)
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def _status_table(doc: dict[str, Any]) -> str:
+    lines = [
+        f"device     {doc['device_id']}",
+        f"enc key    {doc['box_fingerprint']}",
+        f"board time {doc['now']}",
+        "",
+    ]
+    if not doc["models"]:
+        lines.append("no model installed")
+        return "\n".join(lines)
+    cols = ("model_id", "version", "previous_version", "runtime", "profile", "end_of_life", "serving")
+    heads = ("MODEL", "VERSION", "PREVIOUS", "RUNTIME", "PROFILE", "END OF LIFE", "SERVING")
+    rows = [[str(m.get(c) if m.get(c) is not None else "-") for c in cols] for m in doc["models"]]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .agent import Agent
+    from .store import KeySource
+
+    # Status reads public files only: it needs no key source.
+    doc = Agent(args.data_dir, KeySource()).status()
+    _emit(args, doc, _status_table)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    m = _agent(args).rollback(args.model)
+    doc = {"model_id": m.model_id, "model_version": m.model_version, "bundle_id": m.bundle_id}
+    _emit(args, doc, lambda d: f"rolled back: {d['model_id']} now serves version {d['model_version']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="EdgeWard board agent: provision the board, install signed bundles, predict.",
+        epilog="Device keys are unlocked with EDGEWARD_DEVICE_PASSPHRASE or EDGEWARD_DEVICE_KEK_FILE.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--data-dir", required=True, help="the board's data directory")
+        sp.add_argument("--kek-file", help="32-byte key-encryption key file (instead of a passphrase)")
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = add("provision", "create this board's keys and trust anchors; export its enrolment", cmd_provision)
+    sp.add_argument("--device-id", required=True)
+    sp.add_argument("--publisher-pub", required=True, action="append", help="publisher public key (repeatable)")
+    sp.add_argument("--operator-pub", action="append", help="operator public key (repeatable)")
+    sp.add_argument("--export", required=True, help="where to write the public enrolment JSON")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("install", "verify a bundle and install it (the previous version is kept)", cmd_install)
+    sp.add_argument("bundle")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("predict", "run the installed model on an .npy/.npz input; prints JSON", cmd_predict)
+    sp.add_argument("--input", required=True, help="input array (.npy) or arrays (.npz)")
+    sp.add_argument("--role", default="user", choices=["user", "engineer", "admin"])
+    sp.add_argument("--model", help="model id, when several are installed")
+
+    sp = add("status", "show the board's identity and installed models", cmd_status)
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("rollback", "serve the previous installed version again", cmd_rollback)
+    sp.add_argument("--model")
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EdgeWardError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # last resort: one line, internal error code, never a traceback
+        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

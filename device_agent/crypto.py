@@ -1,0 +1,322 @@
+"""EdgeWard's crypto recipes: the only module that touches primitives.
+
+Everything here comes from PyNaCl or ``cryptography``; the rest of the code calls these recipes
+(sign/verify with a domain, seal/open a content key, encrypt/decrypt a chunked payload, wrap/unwrap
+private keys) and never a primitive directly.
+
+Memory hygiene is best-effort: Python cannot promise that a secret is gone from memory. Secrets
+are kept in ``bytearray`` objects that callers overwrite with :func:`wipe` when done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import nacl.exceptions
+import nacl.pwhash
+import nacl.public
+import nacl.secret
+import nacl.utils
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from .errors import BadSignature, FormatError, IntegrityError, UsageError
+
+KEY_BYTES = 32
+TAG_BYTES = 16
+SIGNATURE_BYTES = 64
+KEY_ID_BYTES = 16
+
+CHACHA20 = "chacha20-poly1305/stream-v1"
+AES256GCM = "aes-256-gcm/stream-v1"
+SUITES = (CHACHA20, AES256GCM)
+
+
+def wipe(buf: bytearray | memoryview | None) -> None:
+    """Overwrite a secret buffer in place (best-effort: copies made elsewhere are not reached)."""
+    if buf is None:
+        return
+    view = memoryview(buf).cast("B") if not isinstance(buf, bytearray) else buf
+    view[:] = bytes(len(view))
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(raw_public_key: bytes) -> str:
+    """A public key's stable name: ``sha256:<hex of the raw key>``."""
+    return "sha256:" + sha256_hex(raw_public_key)
+
+
+def key_id(raw_public_key: bytes) -> bytes:
+    """The 16-byte hint that names a publisher key in a bundle header."""
+    return hashlib.sha256(raw_public_key).digest()[:KEY_ID_BYTES]
+
+
+def constant_time_equal(a: bytes | str, b: bytes | str) -> bool:
+    """Compare secrets or digests without leaking where they differ."""
+    if isinstance(a, str):
+        a = a.encode()
+    if isinstance(b, str):
+        b = b.encode()
+    return hmac.compare_digest(a, b)
+
+
+# --- signatures ---------------------------------------------------------------------------------
+
+
+def _pae(domain: bytes, message: bytes) -> bytes:
+    """Pre-authentication encoding: length-prefixed domain and message, so no two inputs collide."""
+    return b"EWSIG1" + struct.pack(">I", len(domain)) + domain + struct.pack(">Q", len(message)) + message
+
+
+def sign(private_key: Ed25519PrivateKey, domain: bytes, message: bytes) -> bytes:
+    """Sign ``message`` for one purpose; a signature made for one domain never verifies in another."""
+    return private_key.sign(_pae(domain, message))
+
+
+def verify(public_key_raw: bytes, domain: bytes, message: bytes, signature: bytes) -> None:
+    """Raise :class:`BadSignature` unless ``signature`` is the key's signature over ``message``."""
+    if len(signature) != SIGNATURE_BYTES or len(public_key_raw) != KEY_BYTES:
+        raise BadSignature("signature or key has the wrong length")
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key_raw).verify(signature, _pae(domain, message))
+    except InvalidSignature as e:
+        raise BadSignature("signature does not verify") from e
+
+
+def ed25519_public_raw(private_key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return private_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+
+
+def ed25519_private_raw(private_key: Ed25519PrivateKey) -> bytearray:
+    from cryptography.hazmat.primitives import serialization
+
+    return bytearray(
+        private_key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+# --- content keys sealed to a device -----------------------------------------------------------
+
+
+def new_content_key() -> bytearray:
+    """A fresh random 256-bit content key: one per bundle per device, never reused."""
+    return bytearray(os.urandom(KEY_BYTES))
+
+
+def new_box_keypair() -> tuple[bytearray, bytes]:
+    """A device's X25519 encryption key pair as (private raw, public raw)."""
+    sk = nacl.public.PrivateKey.generate()
+    return bytearray(bytes(sk)), bytes(sk.public_key)
+
+
+def seal_content_key(device_public_raw: bytes, content_key: bytearray) -> bytes:
+    """Seal a content key so that only the holder of the device's private key can open it."""
+    return nacl.public.SealedBox(nacl.public.PublicKey(device_public_raw)).encrypt(bytes(content_key))
+
+
+def open_content_key(device_private_raw: bytearray, sealed: bytes) -> bytearray:
+    """Open a sealed content key with the device's private key."""
+    try:
+        box = nacl.public.SealedBox(nacl.public.PrivateKey(bytes(device_private_raw)))
+        key = bytearray(box.decrypt(sealed))
+    except nacl.exceptions.CryptoError as e:
+        raise IntegrityError("the content key was not sealed to this device's key") from e
+    if len(key) != KEY_BYTES:
+        wipe(key)
+        raise IntegrityError("sealed content key has the wrong length")
+    return key
+
+
+def box_public_from_private(device_private_raw: bytearray) -> bytes:
+    return bytes(nacl.public.PrivateKey(bytes(device_private_raw)).public_key)
+
+
+# --- chunked payload encryption ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where each chunk of a payload lies; derived from signed numbers only."""
+
+    plaintext_length: int
+    chunk_size: int
+
+    @property
+    def chunks(self) -> int:
+        return max(1, -(-self.plaintext_length // self.chunk_size))
+
+    @property
+    def payload_length(self) -> int:
+        return self.plaintext_length + self.chunks * TAG_BYTES
+
+    def spans(self) -> Iterator[tuple[int, int, int, bool]]:
+        """Yield (index, plaintext offset, plaintext length, is final) for every chunk."""
+        n = self.chunks
+        for i in range(n):
+            start = i * self.chunk_size
+            length = min(self.chunk_size, self.plaintext_length - start)
+            yield i, start, length, i == n - 1
+
+
+def _aead(suite: str, key: bytearray) -> ChaCha20Poly1305 | AESGCM:
+    if suite == CHACHA20:
+        return ChaCha20Poly1305(bytes(key))
+    if suite == AES256GCM:
+        return AESGCM(bytes(key))
+    raise FormatError(f"unknown cipher suite {suite!r}; known: {', '.join(SUITES)}")
+
+
+def _nonce(index: int, final: bool) -> bytes:
+    # STREAM construction: an 88-bit chunk counter and a final-chunk flag. The key is fresh for
+    # every bundle, so a nonce never repeats under one key; the flag stops truncation.
+    return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
+
+
+def tags_digest(tags: bytes | bytearray) -> str:
+    """The digest of every chunk's AEAD tag, in order; the publisher signs it."""
+    return sha256_hex(b"edgeward/payload-tags/v1\x00" + bytes(tags))
+
+
+def encrypt_payload(
+    suite: str,
+    key: bytearray,
+    aad: bytes,
+    plaintext: bytes | bytearray | memoryview,
+    chunk_size: int,
+    write: Callable[[memoryview], object],
+) -> str:
+    """Encrypt ``plaintext`` chunk by chunk, passing each ``ciphertext || tag`` to ``write``.
+
+    Returns the tags digest that the manifest must carry.
+    """
+    aead = _aead(suite, key)
+    src = memoryview(plaintext).cast("B")
+    layout = ChunkLayout(len(src), chunk_size)
+    out = bytearray(min(chunk_size, max(len(src), 0)) + TAG_BYTES)
+    tags = bytearray()
+    for i, start, length, final in layout.spans():
+        dst = memoryview(out)[: length + TAG_BYTES]
+        aead.encrypt_into(_nonce(i, final), src[start : start + length], aad, dst)
+        tags += dst[length:]
+        write(dst)
+    return tags_digest(tags)
+
+
+def decrypt_payload(
+    suite: str,
+    key: bytearray,
+    aad: bytes,
+    payload: bytes | memoryview,
+    layout: ChunkLayout,
+    expected_tags_digest: str,
+) -> bytearray:
+    """Check the signed tags digest, then decrypt every chunk into one new buffer.
+
+    The tags digest is compared before any decryption, so a payload the publisher did not
+    produce is refused without being touched; each chunk's tag then authenticates its bytes.
+    """
+    src = memoryview(payload).cast("B")
+    if len(src) != layout.payload_length:
+        raise IntegrityError(
+            f"payload is {len(src)} bytes but the manifest says {layout.payload_length}"
+        )
+    stride = layout.chunk_size + TAG_BYTES
+    tags = bytearray()
+    for i, _start, length, _final in layout.spans():
+        at = i * stride + length
+        tags += src[at : at + TAG_BYTES]
+    if not constant_time_equal(tags_digest(tags), expected_tags_digest):
+        raise IntegrityError("payload does not match the signed manifest (tags digest differs)")
+    aead = _aead(suite, key)
+    out = bytearray(layout.plaintext_length)
+    dst_all = memoryview(out)
+    try:
+        for i, start, length, final in layout.spans():
+            at = i * stride
+            aead.decrypt_into(
+                _nonce(i, final), src[at : at + length + TAG_BYTES], aad, dst_all[start : start + length]
+            )
+    except InvalidTag as e:
+        wipe(out)
+        raise IntegrityError(f"payload chunk failed authentication: {e}") from e
+    return out
+
+
+# --- private keys at rest ------------------------------------------------------------------------
+
+WRAP_MAGIC = b"EWKEY1"
+_KDF = "argon2id"
+
+
+def kek_from_passphrase(passphrase: bytes, salt: bytes) -> bytearray:
+    """Derive a key-encryption key from a passphrase (Argon2id, libsodium's interactive cost)."""
+    return bytearray(
+        nacl.pwhash.argon2id.kdf(
+            KEY_BYTES,
+            passphrase,
+            salt,
+            opslimit=nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE,
+            memlimit=nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE,
+        )
+    )
+
+
+def wrap_secret(secret: bytes | bytearray, *, passphrase: bytes | None = None, kek: bytes | None = None) -> bytes:
+    """Encrypt a secret for storage under a passphrase or a 32-byte key-encryption key."""
+    salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
+    if passphrase is not None:
+        mode, key = b"P", kek_from_passphrase(passphrase, salt)
+    elif kek is not None and len(kek) == KEY_BYTES:
+        mode, key = b"K", bytearray(kek)
+    else:
+        raise UsageError("wrapping a secret needs a passphrase or a 32-byte key-encryption key")
+    try:
+        box = nacl.secret.SecretBox(bytes(key))
+        # SecretBox draws a random 24-byte nonce; in passphrase mode the salt is bound through the KDF.
+        return WRAP_MAGIC + mode + salt + box.encrypt(bytes(secret))
+    finally:
+        wipe(key)
+
+
+def unwrap_secret(blob: bytes, *, passphrase: bytes | None = None, kek: bytes | None = None) -> bytearray:
+    """Decrypt a secret written by :func:`wrap_secret`; one opaque error for every failure."""
+    head = len(WRAP_MAGIC) + 1 + nacl.pwhash.argon2id.SALTBYTES
+    if len(blob) < head or not blob.startswith(WRAP_MAGIC):
+        raise FormatError("key file is not an EdgeWard wrapped key")
+    mode = blob[len(WRAP_MAGIC) : len(WRAP_MAGIC) + 1]
+    salt = blob[len(WRAP_MAGIC) + 1 : head]
+    if mode == b"P":
+        if passphrase is None:
+            raise UsageError("the device keys are passphrase-protected: set EDGEWARD_DEVICE_PASSPHRASE")
+        key = kek_from_passphrase(passphrase, salt)
+    elif mode == b"K":
+        if kek is None or len(kek) != KEY_BYTES:
+            raise UsageError(
+                "the device keys are wrapped under a key file: set EDGEWARD_DEVICE_KEK_FILE"
+            )
+        key = bytearray(kek)
+    else:
+        raise FormatError("key file uses an unknown wrapping mode")
+    try:
+        return bytearray(nacl.secret.SecretBox(bytes(key)).decrypt(blob[head:]))
+    except nacl.exceptions.CryptoError as e:
+        raise UsageError("cannot unlock the device keys: wrong passphrase or key file") from e
+    finally:
+        wipe(key)

@@ -1,0 +1,66 @@
+"""One exception tree for EdgeWard; every error carries the exit code the contract gives it.
+
+Callers catch :class:`EdgeWardError`; the CLIs turn it into one line on stderr and the code.
+"""
+
+from __future__ import annotations
+
+
+class EdgeWardError(Exception):
+    """Base of every error EdgeWard raises on purpose (exit 70 if not more specific)."""
+
+    exit_code = 70
+
+
+class SecurityRefusal(EdgeWardError):
+    """Refused for security: bad signature, wrong device, rollback, expiry, revocation, throttling."""
+
+    exit_code = 1
+
+
+class BadSignature(SecurityRefusal):
+    """A signature did not verify against the trusted key."""
+
+
+class UnknownPublisher(SecurityRefusal):
+    """The bundle names a publisher key that is not among the board's trust anchors."""
+
+
+class WrongDevice(SecurityRefusal):
+    """The bundle was sealed for another device or another device key."""
+
+
+class RollbackRefused(SecurityRefusal):
+    """A version or sequence number did not move forward."""
+
+
+class Expired(SecurityRefusal):
+    """The bundle's validity or the model's end of life has passed."""
+
+
+class IntegrityError(SecurityRefusal):
+    """Authenticated data failed its check (AEAD tag, digest): tampering or corruption."""
+
+
+class UsageError(EdgeWardError):
+    """The command was called wrongly (missing option, unknown profile, missing passphrase)."""
+
+    exit_code = 2
+
+
+class FormatError(EdgeWardError):
+    """Malformed input: truncated, oversized, unknown version, bad encoding."""
+
+    exit_code = 3
+
+
+class EnvironmentFault(EdgeWardError):
+    """The environment failed us: disk, permissions, broker unreachable."""
+
+    exit_code = 4
+
+
+class NotInstalled(EdgeWardError):
+    """No model is installed where one is needed."""
+
+    exit_code = 4

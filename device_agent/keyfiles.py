@@ -1,0 +1,41 @@
+"""Public key files: PEM SubjectPublicKeyInfo holding an Ed25519 key (what ``edgeward keys`` writes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .errors import FormatError, UsageError
+
+MAX_KEY_FILE = 16 * 1024
+
+
+def public_key_pem(raw: bytes) -> bytes:
+    return Ed25519PublicKey.from_public_bytes(raw).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def parse_public_key(data: bytes, source: str = "public key") -> bytes:
+    """Return the raw 32-byte Ed25519 key from a PEM file; refuse any other key type."""
+    if len(data) > MAX_KEY_FILE:
+        raise FormatError(f"{source} is too large to be a public key file")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as e:
+        raise FormatError(f"{source} is not a PEM public key: {e}") from e
+    if not isinstance(key, Ed25519PublicKey):
+        raise FormatError(f"{source} is a {type(key).__name__}, EdgeWard needs an Ed25519 key")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def load_public_key_file(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise UsageError(f"public key file {path} does not exist") from e
+    if b"PRIVATE KEY" in data:
+        raise UsageError(f"{path} is a private key; pass the .pub file")
+    return parse_public_key(data, str(path))

@@ -1,0 +1,131 @@
+"""Inputs checked before inference, and outputs cut down to what the caller's role may see.
+
+NCSC principle 3.3: the default answer is the least an application needs (a label); scores only
+for roles the sealed policy allows. The task and policy come from the bundle's sealed sidecar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import FormatError, UsageError
+from .runtime import Runner, TensorSpec
+
+ROLES = ("user", "engineer", "admin")
+DEFAULT_POLICY: dict[str, Any] = {
+    "roles": {"user": "label", "engineer": "band", "admin": "scores"},
+    "score_decimals": 4,
+    "bands": [[0.9, "high"], [0.6, "medium"], [0.0, "low"]],
+}
+
+
+def _coerce(x: np.ndarray, spec: TensorSpec, what: str) -> tuple[np.ndarray, bool]:
+    """Cast to the model's dtype and add a batch axis for a single sample. Returns (array, batched)."""
+    if x.dtype == object or x.dtype.kind not in "biuf":
+        raise FormatError(f"{what}: dtype {x.dtype} is not numeric")
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        raise FormatError(f"{what}: contains NaN or Inf; send finite numbers")
+    want = np.dtype(spec.dtype)
+    if want.kind in "iu" and x.dtype.kind == "f":
+        raise FormatError(f"{what}: the model takes integers, got {x.dtype}")
+    x = x.astype(want, copy=False)
+    batched = True
+    if spec.shape and x.ndim == len(spec.shape) - 1:
+        x = x[np.newaxis, ...]
+        batched = False
+    if spec.shape and x.ndim != len(spec.shape):
+        raise FormatError(f"{what}: expected {len(spec.shape)} dimensions, got {x.ndim}")
+    for i, (have, need) in enumerate(zip(x.shape, spec.shape, strict=False)):
+        if need is not None and have != need and not (i == 0 and len(spec.shape) > 1):
+            raise FormatError(f"{what}: dimension {i} is {have}, the model needs {need}")
+    return np.ascontiguousarray(x), batched
+
+
+def prepare_inputs(runner: Runner, inputs: np.ndarray | Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
+    """Map the caller's arrays to the model's inputs; returns (feeds, whether the caller batched)."""
+    specs = runner.inputs
+    if isinstance(inputs, np.ndarray):
+        if len(specs) != 1:
+            raise FormatError(f"the model takes {len(specs)} inputs; send an .npz with one array per input")
+        arrays = {specs[0].name: inputs}
+    else:
+        arrays = {}
+        positional = [k for k in inputs if k.startswith("arr_")]
+        for i, spec in enumerate(specs):
+            key = spec.name if spec.name in inputs else (f"arr_{i}" if f"arr_{i}" in inputs else None)
+            if key is None:
+                raise FormatError(f"input {i} is missing; send it as arr_{i} (or by its name)")
+            arrays[spec.name] = np.asarray(inputs[key])
+        extra = set(inputs) - set(arrays) - set(positional[: len(specs)])
+        if extra or len(inputs) > len(specs):
+            raise FormatError(f"{len(inputs)} arrays sent, the model takes {len(specs)}")
+    feeds: dict[str, np.ndarray] = {}
+    batched = True
+    for i, spec in enumerate(specs):
+        feeds[spec.name], b = _coerce(np.asarray(arrays[spec.name]), spec, f"input {i}")
+        if i == 0:
+            batched = b
+    return feeds, batched
+
+
+def _band(p: float, bands: list[list[Any]]) -> str:
+    for threshold, name in bands:
+        if p >= float(threshold):
+            return str(name)
+    return str(bands[-1][1])
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def shape_output(
+    outputs: list[np.ndarray], task: Mapping[str, Any], policy: Mapping[str, Any], role: str, batched: bool
+) -> dict[str, Any]:
+    """Turn raw model outputs into the answer one role may see."""
+    if role not in ROLES:
+        raise UsageError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+    pol = {**DEFAULT_POLICY, **policy}
+    view = pol["roles"].get(role, "label")
+    decimals = int(pol["score_decimals"])
+    kind = task.get("kind", "classifier")
+    labels = task.get("labels")
+    idx = int(task.get("output", 0))
+    y = np.asarray(outputs[idx], dtype=np.float64)
+    if kind == "classifier":
+        y = y.reshape(y.shape[0], -1)
+        probs = _softmax(y) if task.get("scores") == "logits" else y
+        top = probs.argmax(axis=1)
+        conf = probs[np.arange(len(top)), top]
+        names = [labels[i] if labels else int(i) for i in top]
+        rows_scores = np.round(probs, decimals).tolist()
+    elif kind == "binary":
+        p = y.reshape(y.shape[0], -1)[:, 0]
+        threshold = float(task.get("threshold", 0.5))
+        names_pair = labels or [0, 1]
+        top = (p >= threshold).astype(int)
+        conf = np.where(top == 1, p, 1 - p)
+        names = [names_pair[i] for i in top]
+        rows_scores = np.round(p, decimals).tolist()
+    elif kind == "raw":
+        # Raw outputs have no label: every role but admin gets nothing it could fit a copy with.
+        if view != "scores":
+            raise UsageError("this model's policy shows raw outputs only to the admin role")
+        return {"outputs": [np.round(np.asarray(o, dtype=np.float64), decimals).tolist() for o in outputs]}
+    else:
+        raise FormatError(f"unknown task kind {kind!r} in the sealed sidecar")
+    rows: list[dict[str, Any]] = []
+    for i, name in enumerate(names):
+        row: dict[str, Any] = {"label": name}
+        if view in ("band", "scores"):
+            row["confidence"] = _band(float(conf[i]), pol["bands"])
+        if view == "scores":
+            row["scores"] = rows_scores[i]
+        rows.append(row)
+    if not batched:
+        return rows[0]
+    return {"predictions": rows}

@@ -1,0 +1,1 @@
+"""Per-board data files (``*.toml``); ``packager.profiles`` loads and validates them."""

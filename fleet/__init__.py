@@ -1,0 +1,1 @@
+"""EdgeWard's operator tools: fleet telemetry and signed commands (see docs/operations.md)."""

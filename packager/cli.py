@@ -1,0 +1,247 @@
+"""``edgeward``: the host command line (keys, pack, inspect, profiles).
+
+Exit codes: 0 ok, 1 refused for security, 2 usage, 3 malformed input, 4 environment, 70 internal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import EdgeWardError, FormatError, UsageError
+
+PROG = "edgeward"
+
+
+def _emit(args: argparse.Namespace, doc: Any, text: Callable[[Any], str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(text(doc))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .keys import generate
+
+    files = generate(args.kind, Path(args.out), force=args.force)
+    doc = {
+        "private": str(files.private),
+        "public": str(files.public),
+        "fingerprint": files.fingerprint,
+        "encrypted": files.encrypted,
+    }
+    _emit(
+        args,
+        doc,
+        lambda d: f"wrote {d['private']} (0600{', passphrase-encrypted' if d['encrypted'] else ', NOT encrypted: set EDGEWARD_PASSPHRASE to encrypt'})\n"
+        f"wrote {d['public']}\nfingerprint {d['fingerprint']}",
+    )
+    return 0
+
+
+def _labels(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        labels = json.loads(text)
+    else:
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not all(isinstance(x, str) for x in labels) or not labels:
+        raise UsageError(f"--labels {path}: expected a JSON list of strings or one label per line")
+    return labels
+
+
+def _progress(args: argparse.Namespace) -> Callable[[Iterable[Any]], Iterable[Any]]:
+    if args.json or args.quiet:
+        return lambda it: it
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return lambda it: it
+
+    def bar(it: Iterable[Any]) -> Iterable[Any]:
+        items = list(it)
+        return tqdm(items, desc="packing", unit="device", disable=None, file=sys.stderr)
+
+    return bar
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from .keys import load_private_key
+    from .modelfile import infer_task, read_model
+    from .pack import PackOptions, discover_devices, load_enrolments, pack, parse_cli_time
+    from .profiles import load_profile
+
+    profile = load_profile(args.profile)
+    signer = load_private_key(Path(args.publisher_key))
+    devices = load_enrolments(discover_devices(args.device, args.devices_dir))
+    model = read_model(Path(args.model), args.expect_sha256, profile.max_model_bytes)
+    if model.runtime != profile.runtime:
+        raise UsageError(
+            f"profile {profile.name} runs {profile.runtime} but {Path(args.model).name} is a {model.format} model"
+        )
+    task: dict[str, Any] = {}
+    if args.task:
+        task["kind"] = args.task
+    if args.threshold is not None:
+        task["threshold"] = args.threshold
+    if args.output_index is not None:
+        task["output"] = args.output_index
+    labels = _labels(args.labels)
+    if labels:
+        task["labels"] = labels
+    opts = PackOptions(
+        model_id=args.model_id,
+        model_version=args.model_version,
+        expires=parse_cli_time(args.expires, "--expires"),
+        end_of_life=parse_cli_time(args.end_of_life, "--end-of-life"),
+        task=infer_task(model, task),
+        compress=not args.no_compress,
+    )
+    result = pack(model, profile, signer, devices, opts, Path(args.out), progress=_progress(args))
+    r = result.report
+    _emit(
+        args,
+        r,
+        lambda d: f"packed {d['model']['id']} v{d['model']['version']} ({d['model']['size_bytes']} bytes, "
+        f"{d['model']['compression']}) for {len(d['bundles'])} device(s) with {d['cipher']}\n"
+        f"bundles, model-card.cdx.json and report.json in {args.out}",
+    )
+    return 0
+
+
+def _describe_unverified(data: bytes) -> dict[str, Any]:
+    from device_agent.bundle import HEADER_BYTES, read_header
+
+    manifest_len, kid = read_header(data)
+    try:
+        manifest = json.loads(data[HEADER_BYTES : HEADER_BYTES + manifest_len])
+    except ValueError as e:
+        raise FormatError(f"manifest is not JSON: {e}") from e
+    return {"publisher_key_id": kid.hex(), "manifest": manifest}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from device_agent.bundle import verify_bundle
+    from device_agent.keyfiles import load_public_key_file
+
+    try:
+        data = Path(args.bundle).read_bytes()
+    except FileNotFoundError as e:
+        raise UsageError(f"bundle {args.bundle} does not exist") from e
+    doc = _describe_unverified(data)
+    doc["file_bytes"] = len(data)
+    code = 0
+    if args.publisher_pub:
+        try:
+            vb = verify_bundle(data, [load_public_key_file(Path(args.publisher_pub))])
+            doc["manifest"] = vb.manifest.to_json()
+            doc["verified"] = True
+        except EdgeWardError as e:
+            doc["verified"] = False
+            doc["error"] = str(e)
+            code = e.exit_code
+    else:
+        doc["verified"] = None
+
+    def text(d: dict[str, Any]) -> str:
+        state = {True: "VERIFIED", False: f"REFUSED: {d.get('error')}", None: "UNVERIFIED (pass --publisher-pub)"}
+        lines = [f"{args.bundle}: {state[d['verified']]}", f"  publisher key id  {d['publisher_key_id']}"]
+        for k, v in d["manifest"].items():
+            if k == "sealed_key":
+                v = f"<{len(str(v))} base64 chars>"
+            lines.append(f"  {k:<17} {v}")
+        return "\n".join(lines)
+
+    _emit(args, doc, text)
+    return code
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from .profiles import builtin_profiles
+
+    profiles = builtin_profiles()
+    doc = {name: p.to_json() | {"cipher": p.cipher} for name, p in sorted(profiles.items())}
+    _emit(
+        args,
+        doc,
+        lambda d: "\n".join(
+            f"{n:<16} {p['arch']:<8} {p['ram_mb']:>5} MB  {p['runtime']:<12} {p['cipher']:<28} {p['description']}"
+            for n, p in d.items()
+        ),
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="EdgeWard host tools: keys, packing signed per-device bundles, inspection."
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("keys", help="create a publisher or operator Ed25519 key pair")
+    sp.add_argument("kind", choices=["publisher", "operator"])
+    sp.add_argument("--out", required=True, help="directory for KIND.key (0600) and KIND.pub")
+    sp.add_argument("--force", action="store_true", help="overwrite existing key files")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_keys)
+
+    sp = sub.add_parser(
+        "pack",
+        help="pack a model into one signed, encrypted bundle per device",
+        description="Pack MODEL into OUT/<device-id>.ewb for every enrolled device, plus "
+        "OUT/model-card.cdx.json and OUT/report.json. Nothing is written unless every bundle succeeds.",
+    )
+    sp.add_argument("model", help="model file (.onnx or .tflite)")
+    sp.add_argument("--profile", required=True, help="board profile name (edgeward profiles) or a .toml file")
+    sp.add_argument("--publisher-key", required=True, help="publisher private key (EDGEWARD_PASSPHRASE if encrypted)")
+    sp.add_argument("--device", action="append", help="device enrolment JSON (repeatable)")
+    sp.add_argument("--devices-dir", help="directory of device enrolment JSON files")
+    sp.add_argument("--model-id", default="model", help="stable id of this model on the boards (default: model)")
+    sp.add_argument("--model-version", required=True, type=int, help="integer; boards accept only increasing versions")
+    sp.add_argument("--expires", help="last time the bundle may be installed (ISO 8601, e.g. 2027-01-31T00:00:00Z)")
+    sp.add_argument("--end-of-life", help="time after which the model stops serving (ISO 8601)")
+    sp.add_argument("--task", choices=["classifier", "binary", "raw"], help="how outputs become answers (default: detected)")
+    sp.add_argument("--threshold", type=float, help="decision threshold for --task binary")
+    sp.add_argument("--output-index", type=int, help="which model output carries the scores")
+    sp.add_argument("--labels", help="class labels: JSON list or one per line (sealed, never in the clear)")
+    sp.add_argument("--expect-sha256", help="refuse the model unless its SHA-256 is this")
+    sp.add_argument("--no-compress", action="store_true", help="do not compress the payload before encryption")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    sp.set_defaults(func=cmd_pack)
+
+    sp = sub.add_parser("inspect", help="show a bundle's clear header and verify it")
+    sp.add_argument("bundle")
+    sp.add_argument("--publisher-pub", help="verify against this publisher public key")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_inspect)
+
+    sp = sub.add_parser("profiles", help="list the built-in board profiles")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_profiles)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EdgeWardError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # last resort: one line, internal error code, never a traceback
+        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Reading an input model: refuse unsafe formats, pin its digest, detect its format and task."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import FormatError, SecurityRefusal, UsageError
+from device_agent.runtime import load_runner
+
+# Formats that execute code when loaded (pickle and its wrappers): never packed (NCSC 2.2).
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".joblib", ".ckpt", ".bin")
+ACCEPTED = {".onnx": "onnx", ".tflite": "tflite"}
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    path: Path
+    data: bytes
+    format: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if self.format == "onnx" else "litert"
+
+
+def read_model(path: Path, expect_sha256: str | None = None, max_bytes: int = 2**31 - 1) -> ModelFile:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise SecurityRefusal(
+            f"{path.name}: pickle-based model formats run code when loaded and are refused; "
+            "export the model to ONNX or TFLite first"
+        )
+    if suffix not in ACCEPTED:
+        raise UsageError(f"{path.name}: unsupported model format {suffix or '(none)'}; use .onnx or .tflite")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as e:
+        raise UsageError(f"model {path} does not exist") from e
+    if size > max_bytes:
+        raise FormatError(f"model {path} is {size} bytes, over the limit of {max_bytes}")
+    data = path.read_bytes()
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise SecurityRefusal(f"{path.name} is a pickle stream whatever its name says; refused")
+    fmt = ACCEPTED[suffix]
+    if fmt == "tflite" and data[4:8] != b"TFL3":
+        raise FormatError(f"{path.name} is not a TFLite flatbuffer (no TFL3 identifier)")
+    m = ModelFile(path, data, fmt)
+    if expect_sha256 is not None and m.sha256 != expect_sha256.lower():
+        raise SecurityRefusal(
+            f"{path.name} has SHA-256 {m.sha256}, not the pinned {expect_sha256}; "
+            "the model is not the one you approved"
+        )
+    return m
+
+
+def infer_task(model: ModelFile, override: dict[str, Any]) -> dict[str, Any]:
+    """Choose what the agent reports: a classifier's label from the first float output of rank 2,
+    unless the caller said otherwise. Loading the model here also proves it loads on the runtime."""
+    runner = load_runner(model.runtime, model.data)
+    task = dict(override)
+    kind = task.setdefault("kind", "auto")
+    if "output" not in task:
+        for i, o in enumerate(runner.outputs):
+            if len(o.shape) == 2 and str(getattr(o.dtype, "__name__", o.dtype)).startswith("float"):
+                task["output"] = i
+                break
+        else:
+            task["output"] = 0
+    out = runner.outputs[int(task["output"])]
+    if kind == "auto":
+        task["kind"] = "classifier" if len(out.shape) == 2 and out.shape[1] not in (None, 1) else "raw"
+    if task["kind"] == "classifier" and "scores" not in task:
+        task["scores"] = "probabilities" if _ends_in_softmax(model, out.name) else "logits"
+    labels = task.get("labels")
+    if labels is not None and out.shape and len(out.shape) == 2 and out.shape[1] and task["kind"] == "classifier":
+        if len(labels) != out.shape[1]:
+            raise UsageError(f"--labels has {len(labels)} labels, the model's output has {out.shape[1]} classes")
+    return task
+
+
+def _ends_in_softmax(model: ModelFile, output_name: str) -> bool:
+    if model.format != "onnx":
+        return False
+    try:
+        import onnx
+    except ImportError:
+        return False
+    graph = onnx.load_from_string(model.data).graph
+    for node in graph.node:
+        if output_name in node.output:
+            return node.op_type in ("Softmax", "Sigmoid", "ZipMap") or (
+                node.op_type == "Identity" and any(_producer_is_softmax(graph, i) for i in node.input)
+            )
+    return False
+
+
+def _producer_is_softmax(graph: Any, name: str) -> bool:
+    return any(name in n.output and n.op_type == "Softmax" for n in graph.node)

@@ -1,0 +1,291 @@
+"""``edgeward pack``: one signed bundle per device, encrypted to that device's key.
+
+The model is read, checked and sealed once; each device then costs one fresh content key, one
+encryption pass and one file. Everything is written into a staging directory inside ``--out``
+and moved into place only after the whole run has succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device_agent import crypto
+from device_agent.bundle import (
+    ID_RE,
+    SIGNING_DOMAIN,
+    Sidecar,
+    format_time,
+    pack_contents,
+    write_bundle,
+)
+from device_agent.enrolment import Enrolment, load_enrolment
+from device_agent.errors import EdgeWardError, FormatError, UsageError
+from device_agent.fsutil import fsync_dir
+
+from . import __version__
+from .modelfile import ModelFile
+from .profiles import Profile
+
+CHUNK_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    model_id: str
+    model_version: int
+    expires: datetime | None = None
+    end_of_life: datetime | None = None
+    task: dict[str, Any] = field(default_factory=dict)
+    policy: dict[str, Any] = field(default_factory=dict)
+    compress: bool = True
+    created: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not ID_RE.match(self.model_id):
+            raise UsageError("--model-id must be 1-64 letters, digits, '.', '_' or '-'")
+        if not 1 <= self.model_version <= 2**53:
+            raise UsageError("--model-version must be a positive integer")
+        if self.expires and self.end_of_life and self.end_of_life < self.expires:
+            raise UsageError("--end-of-life is before --expires: a bundle cannot outlive its model")
+
+
+def load_enrolments(files: Iterable[Path]) -> list[Enrolment]:
+    """Read and verify every enrolment before anything is written; duplicates are refused."""
+    seen: dict[str, Path] = {}
+    out = []
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as e:
+            raise UsageError(f"enrolment {path} does not exist") from e
+        try:
+            e = load_enrolment(data, str(path))
+        except EdgeWardError as err:
+            raise type(err)(f"{path}: {err}") from err
+        if e.device_id in seen:
+            raise UsageError(f"device {e.device_id} is enrolled twice: {seen[e.device_id]} and {path}")
+        seen[e.device_id] = path
+        out.append(e)
+    if not out:
+        raise UsageError("no devices to pack for: pass --device FILE or --devices-dir DIR")
+    return out
+
+
+def build_sidecar(model: ModelFile, profile: Profile, opts: PackOptions, model_card: dict[str, Any] | None) -> Sidecar:
+    return Sidecar(
+        model_format=model.format,
+        model_sha256=model.sha256,
+        model_length=len(model.data),
+        task=opts.task,
+        policy=opts.policy,
+        runtime={"threads": profile.threads},
+        preprocess=None,
+        model_card=model_card,
+    )
+
+
+def seal(sidecar: Sidecar, model: bytes, compress: bool) -> tuple[bytes | bytearray, str]:
+    """The plaintext to encrypt, compressed when that saves at least 5%."""
+    contents = pack_contents(sidecar, model)
+    if compress:
+        packed = zlib.compress(contents, 6)
+        if len(packed) <= 0.95 * len(contents):
+            return packed, "zlib"
+    return contents, "none"
+
+
+def model_card(model: ModelFile, profile: Profile, opts: PackOptions, created: datetime) -> dict[str, Any]:
+    """A CycloneDX 1.6 ML-BOM describing the model as an asset (NCSC 2.5)."""
+    props = [
+        {"name": "edgeward:model_version", "value": str(opts.model_version)},
+        {"name": "edgeward:profile", "value": profile.name},
+        {"name": "edgeward:runtime", "value": profile.runtime},
+        {"name": "edgeward:destruction_method", "value": "crypto-shred (NIST SP 800-88 cryptographic erase)"},
+    ]
+    if opts.end_of_life:
+        props.append({"name": "edgeward:end_of_life", "value": format_time(opts.end_of_life)})
+    if opts.expires:
+        props.append({"name": "edgeward:bundle_expires", "value": format_time(opts.expires)})
+    return {
+        "bomFormat": "CycloneDX",
+        "specVersion": "1.6",
+        "serialNumber": f"urn:uuid:{uuid.uuid4()}",
+        "version": 1,
+        "metadata": {
+            "timestamp": format_time(created),
+            "tools": {"components": [{"type": "application", "name": "edgeward", "version": __version__}]},
+        },
+        "components": [
+            {
+                "type": "machine-learning-model",
+                "bom-ref": f"model:{opts.model_id}@{opts.model_version}",
+                "name": opts.model_id,
+                "version": str(opts.model_version),
+                "hashes": [{"alg": "SHA-256", "content": model.sha256}],
+                "modelCard": {
+                    "modelParameters": {
+                        "task": str(opts.task.get("kind", "classifier")),
+                        "modelArchitecture": model.format,
+                    },
+                    "considerations": {
+                        "useCases": ["on-device inference through the EdgeWard agent"],
+                    },
+                },
+                "properties": props,
+            }
+        ],
+    }
+
+
+@dataclass
+class PackResult:
+    out_dir: Path
+    bundles: list[dict[str, Any]]
+    report: dict[str, Any]
+
+
+def pack(
+    model: ModelFile,
+    profile: Profile,
+    signer: Ed25519PrivateKey,
+    devices: list[Enrolment],
+    opts: PackOptions,
+    out_dir: Path,
+    *,
+    progress: Callable[[Iterable[Enrolment]], Iterable[Enrolment]] = lambda it: it,
+    now: datetime | None = None,
+) -> PackResult:
+    """Pack ``model`` for every enrolled device into ``out_dir`` (all or nothing)."""
+    t0 = time.perf_counter()
+    if len(model.data) > profile.max_model_bytes:
+        raise UsageError(
+            f"model is {len(model.data)} bytes, over profile {profile.name}'s limit of "
+            f"{profile.max_model_bytes}; quantise or prune it, or pick a larger board"
+        )
+    created = opts.created or now or datetime.now().astimezone()
+    card = model_card(model, profile, opts, created)
+    sidecar = build_sidecar(model, profile, opts, card)
+    sealed, compression = seal(sidecar, model.data, opts.compress)
+    publisher_public = crypto.ed25519_public_raw(signer)
+
+    def sign_manifest(msg: bytes) -> bytes:
+        return crypto.sign(signer, SIGNING_DOMAIN, msg)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".edgeward-staging-", dir=out_dir))
+    records: list[dict[str, Any]] = []
+    try:
+        t1 = time.perf_counter()
+        for dev in progress(devices):
+            name = f"{dev.device_id}.ewb"
+            digest = hashlib.sha256()
+            size = 0
+            fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "wb") as f:
+
+                def write(chunk: bytes | memoryview, f: Any = f) -> None:
+                    nonlocal size
+                    digest.update(chunk)
+                    size += len(chunk)
+                    f.write(chunk)
+
+                m = write_bundle(
+                    write,
+                    sign_manifest=sign_manifest,
+                    publisher_public=publisher_public,
+                    sealed=sealed,
+                    device_id=dev.device_id,
+                    device_box_public=dev.box_public,
+                    model_id=opts.model_id,
+                    model_version=opts.model_version,
+                    created=created,
+                    expires=opts.expires,
+                    end_of_life=opts.end_of_life,
+                    profile=profile.name,
+                    runtime=profile.runtime,
+                    cipher=profile.cipher,
+                    compression=compression,
+                    chunk_size=CHUNK_SIZE,
+                )
+                f.flush()
+                os.fsync(f.fileno())
+            records.append(
+                {
+                    "device_id": dev.device_id,
+                    "device_key": dev.box_fingerprint,
+                    "bundle_id": m.bundle_id,
+                    "file": name,
+                    "size": size,
+                    "sha256": digest.hexdigest(),
+                }
+            )
+        t2 = time.perf_counter()
+        report = {
+            "schema": "edgeward.pack-report/1",
+            "created": format_time(created),
+            "model": {
+                "id": opts.model_id,
+                "version": opts.model_version,
+                "format": model.format,
+                "sha256": model.sha256,
+                "size_bytes": len(model.data),
+                "sealed_bytes": len(sealed),
+                "compression": compression,
+            },
+            "profile": profile.name,
+            "runtime": profile.runtime,
+            "cipher": profile.cipher,
+            "publisher": crypto.fingerprint(publisher_public),
+            "expires": format_time(opts.expires) if opts.expires else None,
+            "end_of_life": format_time(opts.end_of_life) if opts.end_of_life else None,
+            "bundles": records,
+            "seconds": {"prepare": round(t1 - t0, 4), "bundles": round(t2 - t1, 4)},
+        }
+        (staging / "model-card.cdx.json").write_text(json.dumps(card, indent=2) + "\n")
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        fsync_dir(staging)
+        for entry in sorted(staging.iterdir()):
+            os.replace(entry, out_dir / entry.name)
+        fsync_dir(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return PackResult(out_dir, records, report)
+
+
+def discover_devices(files: list[str] | None, devices_dir: str | None) -> list[Path]:
+    paths = [Path(f) for f in files or []]
+    if devices_dir:
+        d = Path(devices_dir)
+        if not d.is_dir():
+            raise UsageError(f"--devices-dir {d} is not a directory")
+        found = sorted(d.glob("*.json"))
+        if not found:
+            raise UsageError(f"--devices-dir {d} holds no *.json enrolment files")
+        paths += found
+    return paths
+
+
+def parse_cli_time(text: str | None, what: str) -> datetime | None:
+    if text is None:
+        return None
+    from device_agent.bundle import parse_time
+
+    try:
+        return parse_time(text, what)
+    except FormatError as e:
+        raise UsageError(f"{what}: {e} (example: 2027-01-31T00:00:00Z)") from e
+

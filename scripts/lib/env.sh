@@ -1,0 +1,37 @@
+# Shared set-up for scripts/test.sh, scripts/demo.sh and benchmarks/run.sh (sourced, not run).
+# Creates .venv with everything EdgeWard and its tests need, and mosquitto when it is missing.
+
+EW_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+EW_VENV="${EDGEWARD_VENV:-$EW_ROOT/.venv}"
+EW_PY="$EW_VENV/bin/python"
+
+ew_log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+ensure_venv() {
+  local stamp="$EW_VENV/.edgeward-installed" want
+  want="$(cat "$EW_ROOT/pyproject.toml" "$EW_ROOT/scripts/lib/env.sh" | sha256sum | cut -d' ' -f1)"
+  if [ -x "$EW_PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  ew_log "installing EdgeWard and its test dependencies into $EW_VENV (first run only)"
+  command -v python3 >/dev/null || { echo "python3 (3.11+) is required" >&2; exit 4; }
+  [ -x "$EW_PY" ] || python3 -m venv "$EW_VENV"
+  "$EW_PY" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
+  "$EW_PY" -m pip install --quiet --disable-pip-version-check -e "$EW_ROOT[all]"
+  # Real third-party models that ship inside wheels; their heavy runtime deps (torch) are not needed.
+  "$EW_PY" -m pip install --quiet --disable-pip-version-check --no-deps "silero-vad==6.2.*"
+  echo "$want" > "$stamp"
+}
+
+ensure_mosquitto() {
+  command -v mosquitto >/dev/null && return 0
+  [ -x /usr/sbin/mosquitto ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    ew_log "installing mosquitto (Debian package)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+  else
+    echo "mosquitto is not installed: run 'sudo apt-get install mosquitto' (MQTT tests need it)" >&2
+    return 1
+  fi
+}
