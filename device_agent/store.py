@@ -9,6 +9,7 @@ Layout (every name here is fixed; nothing from a bundle becomes a path except a 
       trust.json            publisher and operator public keys (trust anchors)
       state.json            installed models, highest accepted versions, the clock floor
       bundles/<id>.ewb      bundles exactly as received: still encrypted to this device
+      events.db             detections and refusals (device_agent.events), SQLite WAL
       .lock                 serialises writers
 
 Bundles are stored encrypted; the model is decrypted into memory each time it is loaded.
@@ -190,6 +191,10 @@ class DataDir:
     @property
     def bundles(self) -> Path:
         return self.path / "bundles"
+
+    @property
+    def events_file(self) -> Path:
+        return self.path / "events.db"
 
     def bundle_path(self, bundle_id: str) -> Path:
         if not HEX32_RE.match(bundle_id):
