@@ -308,6 +308,7 @@ class DataDir:
             ) from e
 
     def store_bundle(self, bundle_id: str, data: bytes | memoryview) -> None:
+        make_private_dir(self.bundles)
         atomic_write(self.bundle_path(bundle_id), data, 0o600)
 
     def collect_garbage(self, state: State) -> list[str]:
