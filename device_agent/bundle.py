@@ -269,22 +269,21 @@ class Sidecar:
         if s["schema"] != SIDECAR_SCHEMA:
             raise FormatError(f"sidecar schema {str(s['schema'])[:40]!r} is not {SIDECAR_SCHEMA}")
         model = _obj(s["model"], "sidecar.model", {"format", "sha256", "length"}, {"format", "sha256", "length"})
-        objs = {}
-        for name in ("task", "policy", "runtime"):
-            value = s.get(name, {})
-            if not isinstance(value, dict):
-                raise FormatError(f"sidecar.{name} must be an object")
-            objs[name] = value
-        for name in ("preprocess", "model_card"):
-            value = s.get(name)
-            if value is not None and not isinstance(value, dict):
-                raise FormatError(f"sidecar.{name} must be an object or null")
-            objs[name] = value
+        def obj(name: str, nullable: bool) -> Any:
+            value = s.get(name, None if nullable else {})
+            if not isinstance(value, dict) and not (nullable and value is None):
+                raise FormatError(f"sidecar.{name} must be an object{' or null' if nullable else ''}")
+            return value
+
         return cls(
             model_format=_choice(model["format"], "sidecar.model.format", MODEL_FORMATS),
             model_sha256=_str(model["sha256"], "sidecar.model.sha256", HEX64_RE),
             model_length=_int(model["length"], "sidecar.model.length", 0, DEFAULT_LIMITS.max_bundle_bytes),
-            **objs,
+            task=obj("task", False),
+            policy=obj("policy", False),
+            runtime=obj("runtime", False),
+            preprocess=obj("preprocess", True),
+            model_card=obj("model_card", True),
         )
 
 
