@@ -26,6 +26,8 @@ from .limits import DEFAULT_LIMITS, Limits
 from .output import prepare_inputs, shape_output
 from .runtime import Runner, load_runner
 from .store import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
+from .wipe import complete as complete_wipe
+from .wipe import wipe_pending
 from .trust import check_install, check_serving_life, check_target, trusted_now
 
 
@@ -59,6 +61,9 @@ class Agent:
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = DataDir(data_dir)
+        if wipe_pending(self.store.path):
+            # Invariant 4: a wipe interrupted by a power cut completes before anything else runs.
+            complete_wipe(self.store, clock())
         self.store.require_provisioned()
         self._source = keys if keys is not None else KeySource.from_env()
         self.limits = limits
@@ -207,6 +212,14 @@ class Agent:
         feeds, batched = prepare_inputs(loaded.runner, inputs)
         outputs = loaded.runner.run(feeds)
         return shape_output(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched)
+
+    def wipe(self) -> dict[str, Any]:
+        """Crypto-shred this board's keys and models (device_agent.wipe); returns the attestation."""
+        from .wipe import wipe
+
+        with self._lock:
+            self._loaded.clear()
+            return wipe(self.store, self._source, trusted_now(self._clock(), self.store.state().clock_floor))
 
     # --- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

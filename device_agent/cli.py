@@ -149,6 +149,32 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wipe(args: argparse.Namespace) -> int:
+    from .store import DataDir
+    from .wipe import wipe_pending
+
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("wipe destroys this board's keys and models for good; pass --yes to confirm")
+        if input(f"Destroy every key and model in {args.data_dir}? Type 'wipe': ").strip() != "wipe":
+            raise UsageError("not confirmed; nothing was changed")
+    if wipe_pending(DataDir(args.data_dir).path):
+        from .store import utcnow
+        from .wipe import complete
+
+        doc = complete(DataDir(args.data_dir), utcnow())
+    else:
+        doc = _agent(args).wipe()
+    _emit(
+        args,
+        doc,
+        lambda d: f"wiped {d['body']['device_id']}: {len(d['body']['bundles_destroyed'])} bundle(s) destroyed, "
+        f"keys shredded; attestation in {Path(args.data_dir) / 'wipe-attestation.json'}"
+        + ("" if d["signature"] else " (unsigned: the keys could not be unlocked)"),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -185,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("rollback", "serve the previous installed version again", cmd_rollback)
     sp.add_argument("--model")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("wipe", "crypto-shred this board's keys and models (end of life); writes a signed attestation", cmd_wipe)
+    sp.add_argument("--yes", action="store_true", help="confirm without a prompt (scripts, CI)")
     sp.add_argument("--json", action="store_true")
     return p
 
