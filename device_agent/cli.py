@@ -78,7 +78,12 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_install(args: argparse.Namespace) -> int:
     from .bundle import format_time
 
-    data = _read_file(args.bundle, DEFAULT_LIMITS.max_bundle_bytes, "bundle")
+    from .fsutil import read_into_bytearray
+
+    try:
+        data = read_into_bytearray(Path(args.bundle), DEFAULT_LIMITS.max_bundle_bytes)
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise UsageError(f"bundle {args.bundle} does not exist or is not a file") from e
     m = _agent(args).install(data)
     doc = {
         "installed": True,

@@ -151,8 +151,10 @@ def test_every_header_and_manifest_bit_flip_and_a_payload_sample_is_refused(digi
     for bit in positions:
         data = bytearray(good)
         data[bit // 8] ^= 1 << (bit % 8)
+        # Alternate the copying path (bytes) and the in-place path (bytearray, stored first and
+        # discarded on failure): both must leave the data dir untouched.
         with pytest.raises(EdgeWardError) as info:
-            agent.install(bytes(data))
+            agent.install(data if bit % 2 else bytes(data))
         assert isinstance(info.value, SecurityRefusal | FormatError), (bit, info.value)
         codes[info.value.exit_code] = codes.get(info.value.exit_code, 0) + 1
     assert set(codes) <= {1, 3}
