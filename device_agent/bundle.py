@@ -398,7 +398,7 @@ class VerifiedBundle:
             raise
 
 
-def read_header(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> tuple[int, bytes]:
+def read_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> tuple[int, bytes]:
     """Check magic and format version; return (manifest length, publisher key id)."""
     if len(data) < HEADER_BYTES:
         raise FormatError(f"bundle is truncated: {len(data)} bytes is shorter than its header")
@@ -420,7 +420,7 @@ def read_header(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> tu
 
 
 def verify_bundle(
-    data: bytes | memoryview,
+    data: bytes | bytearray | memoryview,
     trusted_publishers: Mapping[bytes, bytes] | list[bytes],
     limits: Limits = DEFAULT_LIMITS,
 ) -> VerifiedBundle:
