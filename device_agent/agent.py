@@ -151,9 +151,14 @@ class Agent:
             keys.wipe()
         try:
             # The runtimes take immutable bytes: one copy that cannot be wiped (docs/threat-model.md).
-            runner = load_runner(vb.manifest.runtime, bytes(contents.model), int(contents.sidecar.runtime.get("threads", 0)))
+            # The decrypted buffer is wiped before the runtime parses it, so the two never add up.
+            model = bytes(contents.model)
         finally:
             contents.wipe()
+        try:
+            runner = load_runner(vb.manifest.runtime, model, int(contents.sidecar.runtime.get("threads", 0)))
+        finally:
+            del model
         return runner, contents.sidecar
 
     def rollback(self, model_id: str | None = None) -> Manifest:

@@ -53,6 +53,11 @@ class OnnxRunner:
             self._session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise FormatError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:200]}") from e
+        # InferenceSession keeps the bytes it was given for its whole life (only to rebuild itself
+        # on set_providers, which EdgeWard never calls). Dropping that reference frees the plaintext
+        # model copy as soon as the session is built: less memory, and less plaintext lying around.
+        if hasattr(self._session, "_model_bytes"):
+            self._session._model_bytes = None
         self.inputs = [
             TensorSpec(i.name, _ORT_DTYPES.get(i.type, np.float32), tuple(_dim(d) for d in i.shape))
             for i in self._session.get_inputs()
