@@ -24,6 +24,7 @@ from .enrolment import Enrolment
 from .errors import NotInstalled, RollbackRefused, UsageError
 from .limits import DEFAULT_LIMITS, Limits
 from .output import prepare_inputs, shape_output
+from .preprocess import apply as preprocess
 from .runtime import Runner, load_runner
 from .store import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
 from .trust import check_install, check_serving_life, check_target, trusted_now
@@ -204,9 +205,10 @@ class Agent:
     ) -> dict[str, Any]:
         """Run the model on ``inputs`` and return what ``role`` may see (a label by default)."""
         loaded = self.model(model_id)
-        feeds, batched = prepare_inputs(loaded.runner, inputs)
+        x, single = preprocess(loaded.sidecar.preprocess, inputs, self.limits.max_input_bytes // 4)
+        feeds, batched = prepare_inputs(loaded.runner, x)
         outputs = loaded.runner.run(feeds)
-        return shape_output(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched)
+        return shape_output(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched and not single)
 
     # --- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
