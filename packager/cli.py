@@ -14,6 +14,9 @@ from typing import Any
 
 from device_agent.errors import EdgeWardError, FormatError, UsageError
 
+from .harden.cli import add_options as add_hardening_options
+from .harden.cli import register_harden
+
 PROG = "edgeward"
 
 
@@ -74,6 +77,7 @@ def _progress(args: argparse.Namespace) -> Callable[[Iterable[Any]], Iterable[An
 def cmd_pack(args: argparse.Namespace) -> int:
     from .keys import load_private_key
     from .modelfile import infer_task, read_model
+    from .harden.cli import run_from_args, wants_hardening
     from .pack import PackOptions, discover_devices, load_enrolments, pack, parse_cli_time
     from .profiles import load_profile
 
@@ -95,13 +99,19 @@ def cmd_pack(args: argparse.Namespace) -> int:
     labels = _labels(args.labels)
     if labels:
         task["labels"] = labels
+    extra: dict[str, Any] = {}
+    if wants_hardening(args):
+        hardened = run_from_args(args, model, profile, task)
+        model, task = hardened.model, hardened.task
+        extra = {"preprocess": hardened.preprocess, "card_facts": hardened.facts, "hardening": hardened.report}
     opts = PackOptions(
         model_id=args.model_id,
         model_version=args.model_version,
         expires=parse_cli_time(args.expires, "--expires"),
         end_of_life=parse_cli_time(args.end_of_life, "--end-of-life"),
-        task=infer_task(model, task),
+        task=task if extra else infer_task(model, task),
         compress=not args.no_compress,
+        **extra,
     )
     result = pack(model, profile, signer, devices, opts, Path(args.out), progress=_progress(args))
     r = result.report
@@ -215,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_hardening_options(sp, for_pack=True)
     sp.set_defaults(func=cmd_pack)
+
+    register_harden(sub)
 
     sp = sub.add_parser("inspect", help="show a bundle's clear header and verify it")
     sp.add_argument("bundle")
