@@ -25,6 +25,7 @@ from .errors import NotInstalled, RollbackRefused, UsageError
 from .limits import DEFAULT_LIMITS, Limits
 from .output import prepare_inputs, shape_output
 from .preprocess import apply as preprocess
+from .sequence import decode_ctc
 from .runtime import Runner, load_runner
 from .store import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
 from .trust import check_install, check_serving_life, check_target, trusted_now
@@ -208,7 +209,8 @@ class Agent:
         x, single = preprocess(loaded.sidecar.preprocess, inputs, self.limits.max_input_bytes // 4)
         feeds, batched = prepare_inputs(loaded.runner, x)
         outputs = loaded.runner.run(feeds)
-        return shape_output(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched and not single)
+        shape = decode_ctc if loaded.sidecar.task.get("kind") == "ctc" else shape_output
+        return shape(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched and not single)
 
     # --- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model-version", required=True, type=int, help="integer; boards accept only increasing versions")
     sp.add_argument("--expires", help="last time the bundle may be installed (ISO 8601, e.g. 2027-01-31T00:00:00Z)")
     sp.add_argument("--end-of-life", help="time after which the model stops serving (ISO 8601)")
-    sp.add_argument("--task", choices=["classifier", "binary", "raw"], help="how outputs become answers (default: detected)")
+    sp.add_argument("--task", choices=["classifier", "binary", "raw", "ctc"], help="how outputs become answers (default: detected)")
     sp.add_argument("--threshold", type=float, help="decision threshold for --task binary")
     sp.add_argument("--output-index", type=int, help="which model output carries the scores")
     sp.add_argument("--labels", help="class labels: JSON list or one per line (sealed, never in the clear)")

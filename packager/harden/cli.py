@@ -135,7 +135,8 @@ def cmd_harden(args: argparse.Namespace) -> int:
     if model.runtime != profile.runtime:
         raise UsageError(f"profile {profile.name} runs {profile.runtime} but {model.path.name} is a {model.format} model")
     labels = _labels(args.labels)
-    h = run_from_args(args, model, profile, {"labels": labels} if labels else {})
+    task = {k: v for k, v in (("kind", args.task), ("labels", labels)) if v}
+    h = run_from_args(args, model, profile, task)
     card = build_card(
         h.facts, model_id=args.model_id, model_version=args.model_version, profile=profile.name,
         runtime=profile.runtime, created=datetime.now(UTC), tool_version=__version__,
@@ -168,6 +169,7 @@ def register_harden(sub: Any) -> None:
     sp.add_argument("--profile", required=True, help="board profile name or .toml file")
     sp.add_argument("--out", required=True, help="output directory")
     sp.add_argument("--labels", help="class labels: JSON list or one per line (sealed, never in the model)")
+    sp.add_argument("--task", choices=["classifier", "binary", "raw", "ctc"], help="how outputs become answers")
     sp.add_argument("--expect-sha256", help="refuse the model unless its SHA-256 is this")
     sp.add_argument("--model-id", default="model", help="model id for the model card")
     sp.add_argument("--model-version", type=int, help="model version for the model card")

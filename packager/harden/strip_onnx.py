@@ -61,6 +61,12 @@ def _strip_graph(graph: Any, rename: Any, io_names: dict[str, str]) -> None:
         node.output[:] = [io_names.get(n) or rename(n) for n in node.output]
         for attr in node.attribute:
             attr.doc_string = ""
+            if attr.HasField("t"):  # Constant values carry the exporter's tensor names
+                attr.t.name = ""
+                attr.t.doc_string = ""
+            for t in attr.tensors:
+                t.name = ""
+                t.doc_string = ""
             if attr.HasField("g"):
                 _strip_graph(attr.g, rename, io_names)
             for g in attr.graphs:
