@@ -38,8 +38,8 @@ def _strip_type(t: Any) -> None:
         _strip_type(t.optional_type.elem_type)
 
 
-def _strip_graph(graph: Any, rename: Any, io_names: dict[str, str]) -> None:
-    graph.name = ""
+def _strip_graph(graph: Any, rename: Any, io_names: dict[str, str], name: str = "g") -> None:
+    graph.name = name  # required non-empty for sub-graphs; positional, so it says nothing
     graph.doc_string = ""
     del graph.value_info[:]
     for init in graph.initializer:
@@ -54,7 +54,7 @@ def _strip_graph(graph: Any, rename: Any, io_names: dict[str, str]) -> None:
         vi.name = io_names.get(vi.name) or rename(vi.name)
         vi.doc_string = ""
         _strip_type(vi.type)
-    for node in graph.node:
+    for k, node in enumerate(graph.node):
         node.name = ""
         node.doc_string = ""
         node.input[:] = [io_names.get(n) or rename(n) for n in node.input]
@@ -68,9 +68,9 @@ def _strip_graph(graph: Any, rename: Any, io_names: dict[str, str]) -> None:
                 t.name = ""
                 t.doc_string = ""
             if attr.HasField("g"):
-                _strip_graph(attr.g, rename, io_names)
-            for g in attr.graphs:
-                _strip_graph(g, rename, io_names)
+                _strip_graph(attr.g, rename, io_names, f"{name}_{k}_{attr.name}")
+            for i, g in enumerate(attr.graphs):
+                _strip_graph(g, rename, io_names, f"{name}_{k}_{attr.name}{i}")
 
 
 def strip_onnx(data: bytes) -> bytes:

@@ -20,6 +20,8 @@ ensure_venv() {
   "$EW_PY" -m pip install --quiet --disable-pip-version-check -e "$EW_ROOT[all]"
   # Real third-party models that ship inside wheels; their heavy runtime deps (torch) are not needed.
   "$EW_PY" -m pip install --quiet --disable-pip-version-check --no-deps "silero-vad==6.2.*"
+  # RapidOCR's recogniser keeps its character dictionary in metadata_props (hardening tests).
+  "$EW_PY" -m pip install --quiet --disable-pip-version-check --no-deps "rapidocr-onnxruntime==1.4.*"
   echo "$want" > "$stamp"
 }
 
