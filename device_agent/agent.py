@@ -25,8 +25,8 @@ from .errors import NotInstalled, RollbackRefused, UsageError
 from .limits import DEFAULT_LIMITS, Limits
 from .output import prepare_inputs, shape_output
 from .preprocess import apply as preprocess
-from .sequence import decode_ctc
 from .runtime import Runner, load_runner
+from .sequence import decode_ctc
 from .store import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
 from .trust import check_install, check_serving_life, check_target, trusted_now
 

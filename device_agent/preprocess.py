@@ -28,6 +28,7 @@ from .errors import FormatError
 
 SCHEMA = "edgeward.preprocess/1"
 MAX_SIDE = 8192
+TOP_FIELDS = frozenset({"schema", "sample_rank", "steps"})
 OPS = ("resize", "crop", "pad", "scale", "normalize", "layout", "flatten", "dtype")
 DTYPES = ("float32", "float16", "uint8", "int8", "int32", "int64")
 
@@ -44,8 +45,8 @@ def validate(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Check a spec strictly (known ops and fields, bounded sizes) and return it as a plain dict."""
     if not isinstance(spec, Mapping) or spec.get("schema") != SCHEMA:
         raise FormatError(f"preprocess spec must be an object with schema {SCHEMA!r}")
-    if set(spec) - {"schema", "sample_rank", "steps"}:
-        raise FormatError(f"preprocess spec has unknown fields: {sorted(set(spec) - {'schema', 'sample_rank', 'steps'})}")
+    if set(spec) - TOP_FIELDS:
+        raise FormatError(f"preprocess spec has unknown fields: {sorted(set(spec) - TOP_FIELDS)}")
     rank = spec.get("sample_rank")
     if rank not in (1, 2, 3):
         raise FormatError("preprocess sample_rank must be 1, 2 or 3")
@@ -53,8 +54,13 @@ def validate(spec: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(steps, list) or len(steps) > 32:
         raise FormatError("preprocess steps must be a list of at most 32 steps")
     fields = {
-        "resize": {"height", "width", "max_width"}, "crop": {"height", "width"}, "pad": {"min_width", "value"},
-        "scale": {"factor", "offset"}, "normalize": {"mean", "std"}, "layout": {"to"}, "flatten": set(),
+        "resize": {"height", "width", "max_width"},
+        "crop": {"height", "width"},
+        "pad": {"min_width", "value"},
+        "scale": {"factor", "offset"},
+        "normalize": {"mean", "std"},
+        "layout": {"to"},
+        "flatten": set(),
         "dtype": {"to"},
     }
     for step in steps:
@@ -76,8 +82,14 @@ def validate(spec: Mapping[str, Any]) -> dict[str, Any]:
             raise FormatError("preprocess scale.factor and scale.offset must be numbers")
         elif op == "normalize":
             mean, std = step.get("mean"), step.get("std")
-            if not (isinstance(mean, list) and isinstance(std, list) and 1 <= len(mean) == len(std) <= 16):
-                raise FormatError("preprocess normalize needs mean and std lists of the same length (1-16)")
+            if not (
+                isinstance(mean, list)
+                and isinstance(std, list)
+                and 1 <= len(mean) == len(std) <= 16
+            ):
+                raise FormatError(
+                    "preprocess normalize needs mean and std lists of the same length (1-16)"
+                )
             if any(not isinstance(s, int | float) or s == 0 for s in std):
                 raise FormatError("preprocess normalize.std must be non-zero numbers")
         elif op == "layout" and step.get("to") not in ("NCHW", "NHWC"):
@@ -106,34 +118,53 @@ def _resize(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return top[:, :, x0] * (1 - fx)[None, None, :, None] + top[:, :, x1] * fx[None, None, :, None]
 
 
-def _step(x: np.ndarray, step: Mapping[str, Any], image: bool) -> np.ndarray:
+def _too_big(shape: tuple[int, ...], max_elements: int) -> None:
+    if int(np.prod(shape, dtype=np.int64)) > max_elements:
+        raise FormatError(
+            f"pre-processing this input makes more than {max_elements} elements; send a smaller one"
+        )
+
+
+def _step(x: np.ndarray, step: Mapping[str, Any], image: bool, max_elements: int) -> np.ndarray:
     op = step["op"]
     if op in ("resize", "crop", "pad") and not image:
         raise FormatError(f"preprocess {op} needs image input (sample_rank 2 or 3)")
     if op == "resize":
         h, w = x.shape[1:3]
         height = int(step["height"])
-        width = step.get("width") or int(np.ceil(height * w / h))
-        return _resize(x, height, min(int(width), int(step.get("max_width", MAX_SIDE))))
+        width = min(
+            int(step.get("width") or np.ceil(height * w / h)), int(step.get("max_width", MAX_SIDE))
+        )
+        _too_big((x.shape[0], height, width, x.shape[3]), max_elements)  # before allocating it
+        return _resize(x, height, width)
     if op == "crop":
         h, w = x.shape[1:3]
         ch, cw = int(step["height"]), int(step["width"])
         if ch > h or cw > w:
-            raise FormatError(f"input is {h}x{w}, smaller than the {ch}x{cw} crop; send a larger image")
+            raise FormatError(
+                f"input is {h}x{w}, smaller than the {ch}x{cw} crop; send a larger image"
+            )
         top, left = (h - ch) // 2, (w - cw) // 2
         return x[:, top : top + ch, left : left + cw]
     if op == "pad":
         missing = int(step["min_width"]) - x.shape[2]
         if missing <= 0:
             return x
-        return np.pad(x, ((0, 0), (0, 0), (0, missing), (0, 0)), constant_values=step.get("value", 0))
+        _too_big((*x.shape[:2], x.shape[2] + missing, x.shape[3]), max_elements)
+        return np.pad(
+            x, ((0, 0), (0, 0), (0, missing), (0, 0)), constant_values=step.get("value", 0)
+        )
     if op == "scale":
-        return x.astype(np.float32) * np.float32(step.get("factor", 1.0)) + np.float32(step.get("offset", 0.0))
+        return x.astype(np.float32) * np.float32(step.get("factor", 1.0)) + np.float32(
+            step.get("offset", 0.0)
+        )
     if op == "normalize":
         mean = np.asarray(step["mean"], np.float32)
         std = np.asarray(step["std"], np.float32)
         if len(mean) not in (1, x.shape[-1]):
-            raise FormatError(f"input has {x.shape[-1]} channels, the sealed normalisation has {len(mean)}")
+            raise FormatError(
+                f"input has {x.shape[-1]} channels, the sealed normalisation has {len(mean)}"
+            )
         return (x.astype(np.float32) - mean) / std
     if op == "layout":
         if x.ndim != 4:
@@ -144,8 +175,10 @@ def _step(x: np.ndarray, step: Mapping[str, Any], image: bool) -> np.ndarray:
     return x.astype(np.dtype(step["to"]))
 
 
-def apply(spec: Mapping[str, Any] | None, inputs: Any, max_elements: int = 16 * 1024**2) -> tuple[Any, bool]:
-    """Run the sealed spec on the caller's raw input; return (model input, whether it was one sample).
+def apply(
+    spec: Mapping[str, Any] | None, inputs: Any, max_elements: int = 16 * 1024**2
+) -> tuple[Any, bool]:
+    """Run the sealed spec on the caller's raw input; return (model input, single sample or not).
 
     Without a spec the input goes through unchanged (and ``False``: the model's own shape decides).
     """
@@ -160,14 +193,14 @@ def apply(spec: Mapping[str, Any] | None, inputs: Any, max_elements: int = 16 * 
         raise FormatError("input contains NaN or Inf; send finite numbers")
     rank = spec["sample_rank"]
     if inputs.ndim not in (rank, rank + 1):
-        raise FormatError(f"input has {inputs.ndim} dimensions; send one sample of rank {rank} or a batch")
+        raise FormatError(
+            f"input has {inputs.ndim} dimensions; send one sample of rank {rank} or a batch"
+        )
     single = inputs.ndim == rank
     x = inputs[np.newaxis] if single else inputs
     image = rank >= 2
     if rank == 2:
         x = x[..., np.newaxis]  # grey HxW -> HxWx1
     for step in spec["steps"]:
-        x = _step(x, step, image)
-        if x.size > max_elements:
-            raise FormatError(f"pre-processing this input makes more than {max_elements} elements; send a smaller one")
+        x = _step(x, step, image, max_elements)
     return np.ascontiguousarray(x), single

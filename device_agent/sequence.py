@@ -17,7 +17,11 @@ from .output import DEFAULT_POLICY, ROLES, _band
 
 
 def decode_ctc(
-    outputs: list[np.ndarray], task: Mapping[str, Any], policy: Mapping[str, Any], role: str, batched: bool
+    outputs: list[np.ndarray],
+    task: Mapping[str, Any],
+    policy: Mapping[str, Any],
+    role: str,
+    batched: bool,
 ) -> dict[str, Any]:
     """Collapse repeats, drop blanks, map classes to the sealed labels; confidence by role."""
     if role not in ROLES:
@@ -25,7 +29,9 @@ def decode_ctc(
     labels = task.get("labels")
     y = np.asarray(outputs[int(task.get("output", 0))], dtype=np.float32)
     if not labels or y.ndim != 3 or y.shape[2] != len(labels):
-        raise FormatError("ctc task needs a (batch, steps, classes) output and one sealed label per class")
+        raise FormatError(
+            "ctc task needs a (batch, steps, classes) output and one sealed label per class"
+        )
     blank = int(task.get("blank", 0))
     pol = {**DEFAULT_POLICY, **policy}
     view = pol["roles"].get(role, "label")

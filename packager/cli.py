@@ -15,7 +15,7 @@ from typing import Any
 from device_agent.errors import EdgeWardError, FormatError, UsageError
 
 from .harden.cli import add_options as add_hardening_options
-from .harden.cli import register_harden
+from .harden.cli import register_harden, run_from_args, wants_hardening
 
 PROG = "edgeward"
 
@@ -77,7 +77,6 @@ def _progress(args: argparse.Namespace) -> Callable[[Iterable[Any]], Iterable[An
 def cmd_pack(args: argparse.Namespace) -> int:
     from .keys import load_private_key
     from .modelfile import infer_task, read_model
-    from .harden.cli import run_from_args, wants_hardening
     from .pack import PackOptions, discover_devices, load_enrolments, pack, parse_cli_time
     from .profiles import load_profile
 

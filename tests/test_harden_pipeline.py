@@ -18,7 +18,9 @@ from tests.fixtures.hardening import digits_cnn, silero_vad_model
 def _cnn_options(**kw: object) -> HardenOptions:
     cnn = digits_cnn()
     val = np.load(cnn.validation)
-    return HardenOptions(calibration=np.load(cnn.calibration)["x"], validation=(val["x"], val["y"]), **kw)  # type: ignore[arg-type]
+    return HardenOptions(
+        calibration=np.load(cnn.calibration)["x"], validation=(val["x"], val["y"]), **kw
+    )  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -30,7 +32,9 @@ def _cnn_options(**kw: object) -> HardenOptions:
         ("tflite", "rpi-zero2w", "static", PREPROCESS_NHWC, 0.4),
     ],
 )
-def test_harden_quantise_cnn_shrinks_within_gate(fmt: str, profile: str, mode: str, spec: dict, max_ratio: float) -> None:
+def test_harden_quantise_cnn_shrinks_within_gate(
+    fmt: str, profile: str, mode: str, spec: dict, max_ratio: float
+) -> None:
     cnn = digits_cnn()
     model = read_model(cnn.onnx if fmt == "onnx" else cnn.tflite)
     h = harden(model, load_profile(profile), _cnn_options(quantise=mode, preprocess=spec))
@@ -58,11 +62,15 @@ def test_harden_unquantisable_control_flow_is_skipped_and_recorded() -> None:
     data = silero_vad_model().read_bytes()
     with pytest.raises(Unquantisable, match="control flow"):
         quantise(data, "onnx", "dynamic", None)
-    h = harden(read_model(silero_vad_model()), load_profile("rpi4b"), HardenOptions(quantise="dynamic"))
+    h = harden(
+        read_model(silero_vad_model()), load_profile("rpi4b"), HardenOptions(quantise="dynamic")
+    )
     q = h.report["quantisation"]
     assert q["status"] == "skipped" and "control flow" in q["reason"]
     assert any("quantisation skipped" in lim for lim in h.facts.limitations)
-    assert h.report["size_bytes"]["output"] < h.report["size_bytes"]["input"]  # stripped all the same
+    assert (
+        h.report["size_bytes"]["output"] < h.report["size_bytes"]["input"]
+    )  # stripped all the same
 
 
 def test_harden_unquantisable_ai_onnx_ml_is_skipped(digits_test) -> None:
@@ -71,19 +79,28 @@ def test_harden_unquantisable_ai_onnx_ml_is_skipped(digits_test) -> None:
 
     x, y = digits_test
     clf = LogisticRegression(max_iter=200).fit(x, y)
-    data = to_onnx(clf, x[:1], options={id(clf): {"zipmap": False}}, target_opset=17).SerializeToString()
+    data = to_onnx(
+        clf, x[:1], options={id(clf): {"zipmap": False}}, target_opset=17
+    ).SerializeToString()
     with pytest.raises(Unquantisable, match=r"ai\.onnx\.ml operators: LinearClassifier"):
         quantise(data, "onnx", "dynamic", None)
 
 
 def test_harden_static_needs_calibration() -> None:
     with pytest.raises(UsageError, match="--calibration"):
-        harden(read_model(digits_cnn().tflite), load_profile("rpi-zero2w"), HardenOptions(preprocess=PREPROCESS_NHWC))
+        harden(
+            read_model(digits_cnn().tflite),
+            load_profile("rpi-zero2w"),
+            HardenOptions(preprocess=PREPROCESS_NHWC),
+        )
 
 
 def test_harden_auto_prune_finds_sparsity_within_bound_and_shrinks() -> None:
-    h = harden(read_model(digits_cnn().onnx), load_profile("rpi4b"),
-               _cnn_options(quantise="static", prune="auto", preprocess=PREPROCESS_NCHW))
+    h = harden(
+        read_model(digits_cnn().onnx),
+        load_profile("rpi4b"),
+        _cnn_options(quantise="static", prune="auto", preprocess=PREPROCESS_NCHW),
+    )
     r = h.report
     assert r["sparsity"]["chosen"] >= 0.2
     assert r["sparsity"]["units_removed"] > 0
@@ -93,8 +110,11 @@ def test_harden_auto_prune_finds_sparsity_within_bound_and_shrinks() -> None:
 
 
 def test_harden_auto_prune_tflite() -> None:
-    h = harden(read_model(digits_cnn().tflite), load_profile("rpi-zero2w"),
-               _cnn_options(quantise="none", prune="auto", preprocess=PREPROCESS_NHWC))
+    h = harden(
+        read_model(digits_cnn().tflite),
+        load_profile("rpi-zero2w"),
+        _cnn_options(quantise="none", prune="auto", preprocess=PREPROCESS_NHWC),
+    )
     r = h.report
     assert r["sparsity"]["chosen"] >= 0.2 and r["sparsity"]["zero_fraction"] >= 0.2
     assert r["size_bytes"]["compressed"] < 0.9 * r["size_bytes"]["input"]
@@ -104,8 +124,11 @@ def test_harden_auto_prune_tflite() -> None:
 def test_harden_gate_refuses_destructive_pruning(digits, digits_test) -> None:
     x, y = digits_test
     with pytest.raises(AccuracyRefused, match="max-accuracy-drop") as e:
-        harden(read_model(digits.onnx), load_profile("rpi4b"),
-               HardenOptions(quantise="none", prune=0.9, validation=(x, y)))
+        harden(
+            read_model(digits.onnx),
+            load_profile("rpi4b"),
+            HardenOptions(quantise="none", prune=0.9, validation=(x, y)),
+        )
     assert e.value.exit_code == 1
 
 
@@ -136,8 +159,17 @@ def test_harden_search_is_a_binary_search_for_the_largest_passing_sparsity() -> 
     assert search(lambda s: (None, False)) is None
 
 
-@pytest.mark.parametrize("bad", [{"quantise": "int4"}, {"prune": 0.99}, {"prune": "most"}, {"prune": "auto"},
-                                 {"max_accuracy_drop": -1}, {"training_samples": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"quantise": "int4"},
+        {"prune": 0.99},
+        {"prune": "most"},
+        {"prune": "auto"},
+        {"max_accuracy_drop": -1},
+        {"training_samples": 0},
+    ],
+)
 def test_harden_options_are_checked(bad: dict) -> None:
     with pytest.raises(UsageError):
         HardenOptions(**bad)

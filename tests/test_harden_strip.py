@@ -38,12 +38,17 @@ def _run_all(data: bytes, runtime: str, feeds: list[np.ndarray]) -> list[np.ndar
 
 def _silero_feeds() -> list[np.ndarray]:
     rng = np.random.default_rng(0)
-    return [rng.standard_normal((1, 512)).astype(np.float32), np.zeros((2, 1, 128), np.float32),
-            np.array(16000, np.int64)]
+    return [
+        rng.standard_normal((1, 512)).astype(np.float32),
+        np.zeros((2, 1, 128), np.float32),
+        np.array(16000, np.int64),
+    ]
 
 
 @pytest.mark.parametrize("which", ["digits-mlp", "digits-cnn", "silero-vad"])
-def test_harden_strip_onnx_leaves_no_names_and_same_predictions(which: str, digits, digits_test) -> None:
+def test_harden_strip_onnx_leaves_no_names_and_same_predictions(
+    which: str, digits, digits_test
+) -> None:
     x, _ = digits_test
     cnn = digits_cnn()
     cnn_x = (np.load(cnn.validation)["x"] / 16).astype(np.float32)[:, None]
@@ -57,8 +62,9 @@ def test_harden_strip_onnx_leaves_no_names_and_same_predictions(which: str, digi
     secrets = onnx_secrets(data)
     assert len(secrets) >= 5
     assert leaked(secrets, stripped, _runtime_strings(stripped)) == []
-    for before, after in zip(_run_all(data, "onnxruntime", feeds), _run_all(stripped, "onnxruntime", feeds),
-                             strict=True):
+    for before, after in zip(
+        _run_all(data, "onnxruntime", feeds), _run_all(stripped, "onnxruntime", feeds), strict=True
+    ):
         np.testing.assert_array_equal(before, after)
 
 
@@ -70,7 +76,9 @@ def test_harden_strip_tflite_leaves_no_names_metadata_or_trailer() -> None:
     assert {"TFLITE_METADATA", "serving_default"} <= secrets
     assert leaked(secrets, stripped) == []
     x = (np.load(cnn.validation)["x"] / 16).astype(np.float32)[..., None]
-    np.testing.assert_array_equal(_run_all(data, "litert", [x])[0], _run_all(stripped, "litert", [x])[0])
+    np.testing.assert_array_equal(
+        _run_all(data, "litert", [x])[0], _run_all(stripped, "litert", [x])[0]
+    )
 
 
 def test_harden_strip_rapidocr_dictionary_is_gone_from_model_bytes() -> None:

@@ -36,18 +36,48 @@ def add_options(p: argparse.ArgumentParser, *, for_pack: bool) -> None:
     """The hardening options; ``pack`` already has --labels, --expect-sha256 and --end-of-life."""
     g = p.add_argument_group("hardening")
     if for_pack:
-        g.add_argument("--harden", action="store_true", help="harden with the profile's defaults (implied by any option below)")
-    g.add_argument("--quantise", choices=["none", "dynamic", "static"], help="int8 quantisation (default: the profile's)")
-    g.add_argument("--prune", type=_sparsity, help="weight sparsity 0-0.95, or auto: the largest within the accuracy bound")
-    g.add_argument("--calibration", help="FILE.npz with array x: representative raw inputs (static quantisation)")
-    g.add_argument("--validation", help="FILE.npz with arrays x (raw inputs) and y (labels) for the accuracy gate")
-    g.add_argument("--max-accuracy-drop", type=float, default=1.0, help="refuse past this drop, in points (default 1.0)")
+        g.add_argument(
+            "--harden",
+            action="store_true",
+            help="harden with the profile's defaults (implied by any option below)",
+        )
+    g.add_argument(
+        "--quantise",
+        choices=["none", "dynamic", "static"],
+        help="int8 quantisation (default: the profile's)",
+    )
+    g.add_argument(
+        "--prune",
+        type=_sparsity,
+        help="weight sparsity 0-0.95, or auto: the largest within the accuracy bound",
+    )
+    g.add_argument(
+        "--calibration",
+        help="FILE.npz with array x: representative raw inputs (static quantisation)",
+    )
+    g.add_argument(
+        "--validation",
+        help="FILE.npz with arrays x (raw inputs) and y (labels) for the accuracy gate",
+    )
+    g.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=1.0,
+        help="refuse past this drop, in points (default 1.0)",
+    )
     g.add_argument("--preprocess", help="SPEC.json run on the board before the model (sealed)")
     g.add_argument("--allow-list", help="file of approved model SHA-256 digests (sha256sum format)")
-    g.add_argument("--training-samples", type=int, help="training-set size, for the capacity check (NCSC 2.6)")
+    g.add_argument(
+        "--training-samples", type=int, help="training-set size, for the capacity check (NCSC 2.6)"
+    )
     g.add_argument("--training-data", help="reference to the training data set, for the model card")
     g.add_argument("--intended-use", help="intended use, for the model card")
-    g.add_argument("--limitation", action="append", default=[], help="known limitation, for the model card (repeatable)")
+    g.add_argument(
+        "--limitation",
+        action="append",
+        default=[],
+        help="known limitation, for the model card (repeatable)",
+    )
     g.add_argument("--retention", help="retention statement for the model card")
 
 
@@ -82,10 +112,14 @@ def _json_file(path: str | None, what: str) -> dict[str, Any] | None:
 
 def wants_hardening(args: argparse.Namespace) -> bool:
     """``pack`` hardens only when asked, so existing pipelines keep their exact model bytes."""
-    return bool(getattr(args, "harden", False)) or any(getattr(args, f) is not None for f in HARDENING_FLAGS)
+    return bool(getattr(args, "harden", False)) or any(
+        getattr(args, f) is not None for f in HARDENING_FLAGS
+    )
 
 
-def run_from_args(args: argparse.Namespace, model: ModelFile, profile: Profile, task: dict[str, Any]) -> Hardened:
+def run_from_args(
+    args: argparse.Namespace, model: ModelFile, profile: Profile, task: dict[str, Any]
+) -> Hardened:
     """Supply-chain checks, then the pipeline with the options on the command line."""
     if args.allow_list:
         check_allowed(model.sha256, model.path.name, Path(args.allow_list))
@@ -133,18 +167,31 @@ def cmd_harden(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     model = read_model(Path(args.model), args.expect_sha256, profile.max_model_bytes)
     if model.runtime != profile.runtime:
-        raise UsageError(f"profile {profile.name} runs {profile.runtime} but {model.path.name} is a {model.format} model")
+        raise UsageError(
+            f"profile {profile.name} runs {profile.runtime}, "
+            f"but {model.path.name} is a {model.format} model"
+        )
     labels = _labels(args.labels)
     task = {k: v for k, v in (("kind", args.task), ("labels", labels)) if v}
     h = run_from_args(args, model, profile, task)
     card = build_card(
-        h.facts, model_id=args.model_id, model_version=args.model_version, profile=profile.name,
-        runtime=profile.runtime, created=datetime.now(UTC), tool_version=__version__,
+        h.facts,
+        model_id=args.model_id,
+        model_version=args.model_version,
+        profile=profile.name,
+        runtime=profile.runtime,
+        created=datetime.now(UTC),
+        tool_version=__version__,
         end_of_life=parse_cli_time(args.end_of_life, "--end-of-life"),
     )
     sidecar = Sidecar(
-        model_format=h.model.format, model_sha256=h.model.sha256, model_length=len(h.model.data), task=h.task,
-        runtime={"threads": profile.threads}, preprocess=h.preprocess, model_card=card,
+        model_format=h.model.format,
+        model_sha256=h.model.sha256,
+        model_length=len(h.model.data),
+        task=h.task,
+        runtime={"threads": profile.threads},
+        preprocess=h.preprocess,
+        model_card=card,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +199,13 @@ def cmd_harden(args: argparse.Namespace) -> int:
     _write(out / "sidecar.json", (json.dumps(sidecar.to_json(), indent=2) + "\n").encode())
     _write(out / "model-card.cdx.json", (json.dumps(card, indent=2) + "\n").encode())
     _write(out / "report.json", (json.dumps(h.report, indent=2) + "\n").encode())
-    _emit(args, h.report, lambda r: summary(r) + f"\nmodel, sidecar.json, model-card.cdx.json and report.json in {out}")
+    _emit(
+        args,
+        h.report,
+        lambda r: (
+            summary(r) + f"\nmodel, sidecar.json, model-card.cdx.json and report.json in {out}"
+        ),
+    )
     return 0
 
 
@@ -161,15 +214,20 @@ def register_harden(sub: Any) -> None:
     sp = sub.add_parser(
         "harden",
         help="quantise, prune and strip a model; seal its pre-processing; gate its accuracy",
-        description="Harden MODEL for a board profile and write OUT/model.onnx|tflite, OUT/sidecar.json "
+        description="Harden MODEL for a board profile and write OUT/model.onnx|tflite, "
+        "OUT/sidecar.json "
         "(sealed in every bundle), OUT/model-card.cdx.json and OUT/report.json. Exit 1 when the "
         "accuracy drop on the profile's runtime exceeds --max-accuracy-drop.",
     )
     sp.add_argument("model", help="model file (.onnx or .tflite); pickle formats are refused")
     sp.add_argument("--profile", required=True, help="board profile name or .toml file")
     sp.add_argument("--out", required=True, help="output directory")
-    sp.add_argument("--labels", help="class labels: JSON list or one per line (sealed, never in the model)")
-    sp.add_argument("--task", choices=["classifier", "binary", "raw", "ctc"], help="how outputs become answers")
+    sp.add_argument(
+        "--labels", help="class labels: JSON list or one per line (sealed, never in the model)"
+    )
+    sp.add_argument(
+        "--task", choices=["classifier", "binary", "raw", "ctc"], help="how outputs become answers"
+    )
     sp.add_argument("--expect-sha256", help="refuse the model unless its SHA-256 is this")
     sp.add_argument("--model-id", default="model", help="model id for the model card")
     sp.add_argument("--model-version", type=int, help="model version for the model card")

@@ -44,12 +44,19 @@ def labels_of(outputs: list[np.ndarray], task: Mapping[str, Any]) -> np.ndarray 
 
 
 def accuracy(
-    model: bytes, runtime: str, task: Mapping[str, Any], spec: Mapping[str, Any] | None,
-    x: np.ndarray, y: np.ndarray,
+    model: bytes,
+    runtime: str,
+    task: Mapping[str, Any],
+    spec: Mapping[str, Any] | None,
+    x: np.ndarray,
+    y: np.ndarray,
 ) -> float | None:
     """Top-1 accuracy on the validation set, or ``None`` where the task has no labels to compare."""
     if len(x) != len(y) or not len(x):
-        raise FormatError(f"validation data has {len(x)} inputs and {len(y)} labels; they must match and not be empty")
+        raise FormatError(
+            f"validation data has {len(x)} inputs and {len(y)} labels; "
+            "they must match and not be empty"
+        )
     predicted = labels_of(predict_outputs(model, runtime, spec, x), task)
     return None if predicted is None else float((predicted == y.reshape(-1)).mean())
 

@@ -15,7 +15,10 @@ from typing import Any
 
 from device_agent.bundle import format_time
 
-DESTRUCTION = "crypto-shred: the device key that unseals the model is destroyed (NIST SP 800-88 cryptographic erase)"
+DESTRUCTION = (
+    "crypto-shred: the device key that unseals the model is destroyed "
+    "(NIST SP 800-88 cryptographic erase)"
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ def capacity_note(parameters: int | None, samples: int | None) -> str | None:
         return None
     ratio = parameters / samples
     verdict = "high: able to memorise training samples" if ratio > 10 else "proportionate"
-    return f"{parameters} parameters for {samples} training samples ({ratio:.1f} per sample): {verdict}"
+    return f"{parameters} parameters for {samples} training samples ({ratio:.1f} each): {verdict}"
 
 
 def build(
@@ -69,7 +72,10 @@ def build(
         {"name": "edgeward:runtime", "value": runtime},
         {"name": "edgeward:retention", "value": facts.retention},
         {"name": "edgeward:destruction_method", "value": DESTRUCTION},
-        {"name": "edgeward:end_of_life", "value": format_time(end_of_life) if end_of_life else "not set"},
+        {
+            "name": "edgeward:end_of_life",
+            "value": format_time(end_of_life) if end_of_life else "not set",
+        },
         {"name": "edgeward:input_size_bytes", "value": str(facts.input_bytes)},
         {"name": "edgeward:output_size_bytes", "value": str(facts.output_bytes)},
     ]
@@ -77,9 +83,14 @@ def build(
         props.append({"name": "edgeward:model_version", "value": version})
     if expires:
         props.append({"name": "edgeward:bundle_expires", "value": format_time(expires)})
-    props += [{"name": f"edgeward:hardening:{k}", "value": v} for k, v in sorted(facts.hardening.items())]
-    for key, value in (("parameters_before", facts.parameters_before), ("parameters_after", facts.parameters_after),
-                       ("training_samples", facts.training_samples)):
+    props += [
+        {"name": f"edgeward:hardening:{k}", "value": v} for k, v in sorted(facts.hardening.items())
+    ]
+    for key, value in (
+        ("parameters_before", facts.parameters_before),
+        ("parameters_after", facts.parameters_after),
+        ("training_samples", facts.training_samples),
+    ):
         if value is not None:
             props.append({"name": f"edgeward:{key}", "value": str(value)})
     metrics = [
@@ -109,8 +120,11 @@ def build(
                 "data": [{"type": "dataset", "name": facts.training_data}],
             }
         )
-    card: dict[str, Any] = {"bom-ref": f"{model_ref}:card", "modelParameters": params,
-                            "considerations": considerations}
+    card: dict[str, Any] = {
+        "bom-ref": f"{model_ref}:card",
+        "modelParameters": params,
+        "considerations": considerations,
+    }
     if metrics:
         card["quantitativeAnalysis"] = {"performanceMetrics": metrics}
     model = {
@@ -128,8 +142,11 @@ def build(
                     "hashes": [{"alg": "SHA-256", "content": facts.input_sha256}],
                 }
             ],
-            "notes": "hardened by edgeward: " + (", ".join(f"{k}={v}" for k, v in sorted(facts.hardening.items()))
-                                                 or "packed unchanged"),
+            "notes": "hardened by edgeward: "
+            + (
+                ", ".join(f"{k}={v}" for k, v in sorted(facts.hardening.items()))
+                or "packed unchanged"
+            ),
         },
         "modelCard": card,
         "properties": props,
@@ -141,9 +158,15 @@ def build(
         "version": 1,
         "metadata": {
             "timestamp": format_time(created),
-            "tools": {"components": [{"type": "application", "name": "edgeward", "version": tool_version}]},
-            "component": {"type": "machine-learning-model", "bom-ref": f"{model_ref}:meta", "name": model_id,
-                          "version": version},
+            "tools": {
+                "components": [{"type": "application", "name": "edgeward", "version": tool_version}]
+            },
+            "component": {
+                "type": "machine-learning-model",
+                "bom-ref": f"{model_ref}:meta",
+                "name": model_id,
+                "version": version,
+            },
         },
         "components": [model, *components],
     }

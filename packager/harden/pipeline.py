@@ -116,27 +116,40 @@ def harden(model: ModelFile, profile: Profile, opts: HardenOptions) -> Hardened:
                 quant.update(status="skipped", reason=str(e))
         return _strip(data, fmt)
 
-    sparsity: dict[str, Any] = {"requested": opts.prune, "chosen": None, "zero_fraction": 0.0, "units_removed": 0}
+    sparsity: dict[str, Any] = {
+        "requested": opts.prune,
+        "chosen": None,
+        "zero_fraction": 0.0,
+        "units_removed": 0,
+    }
     params_before = prune(model.data, fmt, 0.0, None).parameters
     params_after = params_before
     if opts.prune is None:
         out = finish(model.data)
         lap("quantise+strip")
     else:
+
         def candidate(s: float) -> tuple[tuple[Any, bytes], bool]:
             pruned = prune(model.data, fmt, s, calibration)
             shipped = finish(pruned.data)
             return (pruned, shipped), gate.within(before, measure(shipped), opts.max_accuracy_drop)
 
         try_s: Callable[[float], tuple[tuple[Any, bytes], bool]] = candidate
-        found = search(try_s) if opts.prune == "auto" else (float(opts.prune), try_s(float(opts.prune))[0])
+        found = (
+            search(try_s)
+            if opts.prune == "auto"
+            else (float(opts.prune), try_s(float(opts.prune))[0])
+        )
         if found is None:  # not even the lightest pruning fits: ship unpruned, say so
             sparsity["chosen"] = 0.0
             out = finish(model.data)
         else:
             chosen, (pruned, out) = found
-            sparsity.update(chosen=chosen, zero_fraction=round(pruned.zero_fraction, 4),
-                            units_removed=pruned.units_removed)
+            sparsity.update(
+                chosen=chosen,
+                zero_fraction=round(pruned.zero_fraction, 4),
+                units_removed=pruned.units_removed,
+            )
             params_after = pruned.parameters
         lap("prune+quantise+strip")
     after = measure(out)
@@ -158,24 +171,44 @@ def harden(model: ModelFile, profile: Profile, opts: HardenOptions) -> Hardened:
         "max_accuracy_drop_points": str(opts.max_accuracy_drop),
     }
     facts = CardFacts(
-        input_sha256=model.sha256, input_name=model.path.name, input_bytes=len(model.data),
-        output_sha256=hardened.sha256, output_bytes=len(out), model_format=fmt, task=str(task.get("kind")),
-        parameters_before=params_before, parameters_after=params_after,
-        accuracy_before=before, accuracy_after=after, hardening=params,
-        training_samples=opts.training_samples, training_data=opts.training_data,
+        input_sha256=model.sha256,
+        input_name=model.path.name,
+        input_bytes=len(model.data),
+        output_sha256=hardened.sha256,
+        output_bytes=len(out),
+        model_format=fmt,
+        task=str(task.get("kind")),
+        parameters_before=params_before,
+        parameters_after=params_after,
+        accuracy_before=before,
+        accuracy_after=after,
+        hardening=params,
+        training_samples=opts.training_samples,
+        training_data=opts.training_data,
         intended_use=opts.intended_use or CardFacts.intended_use,
-        limitations=opts.limitations + ((f"quantisation skipped: {quant['reason']}",) if "reason" in quant else ()),
+        limitations=opts.limitations
+        + ((f"quantisation skipped: {quant['reason']}",) if "reason" in quant else ()),
     )
     report = {
         "schema": "edgeward.harden-report/1",
         "profile": profile.name,
         "runtime": runtime,
-        "model": {"input": {"name": model.path.name, "sha256": model.sha256, "format": fmt},
-                  "output": {"sha256": hardened.sha256}},
-        "size_bytes": {"input": len(model.data), "output": len(out), "compressed": len(zlib.compress(out, 6))},
+        "model": {
+            "input": {"name": model.path.name, "sha256": model.sha256, "format": fmt},
+            "output": {"sha256": hardened.sha256},
+        },
+        "size_bytes": {
+            "input": len(model.data),
+            "output": len(out),
+            "compressed": len(zlib.compress(out, 6)),
+        },
         "accuracy": {
-            "input": before, "output": after, "agreement": agreement,
-            "drop_points": None if before is None or after is None else round((before - after) * 100, 4),
+            "input": before,
+            "output": after,
+            "agreement": agreement,
+            "drop_points": None
+            if before is None or after is None
+            else round((before - after) * 100, 4),
             "max_drop_points": opts.max_accuracy_drop,
         },
         "parameters": {"input": params_before, "output": params_after},
@@ -194,14 +227,24 @@ def summary(report: dict[str, Any]) -> str:
     def fmt(v: Any) -> str:
         return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
-    size, acc, q, sp = report["size_bytes"], report["accuracy"], report["quantisation"], report["sparsity"]
+    size, acc, q, sp = (
+        report["size_bytes"],
+        report["accuracy"],
+        report["quantisation"],
+        report["sparsity"],
+    )
     rows = [
         ("size (bytes)", fmt(size["input"]), fmt(size["output"])),
         ("zlib-compressed", "", fmt(size["compressed"])),
         ("accuracy", fmt(acc["input"]), fmt(acc["output"])),
         ("parameters", fmt(report["parameters"]["input"]), fmt(report["parameters"]["output"])),
         ("quantisation", "", f"{q['mode']} ({q['status']})"),
-        ("sparsity", "", f"{fmt(sp['chosen'])} (zeros {sp['zero_fraction']}, units removed {sp['units_removed']})"),
+        (
+            "sparsity",
+            "",
+            f"{fmt(sp['chosen'])} (zeros {sp['zero_fraction']}, "
+            f"units removed {sp['units_removed']})",
+        ),
         ("stripped", "", "yes"),
     ]
     lines = [f"{'':<22}{'input':>14}  {'hardened':<40}"]
@@ -209,6 +252,9 @@ def summary(report: dict[str, Any]) -> str:
     if "reason" in q:
         lines.append(f"quantisation skipped: {q['reason']}")
     if acc["drop_points"] is not None:
-        lines.append(f"accuracy drop {acc['drop_points']:.2f} points (bound {acc['max_drop_points']}) on {report['runtime']}")
+        lines.append(
+            f"accuracy drop {acc['drop_points']:.2f} points "
+            f"(bound {acc['max_drop_points']}) on {report['runtime']}"
+        )
     lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)

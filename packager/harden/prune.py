@@ -1,12 +1,14 @@
 """Magnitude pruning that keeps accuracy, and structured removal of dead units (NCSC 2.6).
 
 Unstructured: over all weight tensors (Conv, MatMul, Gemm; TFLite CONV_2D, FULLY_CONNECTED) the
-smallest-magnitude fraction is set to zero under one global threshold; zeros cost almost nothing once the bundle payload is
-compressed. Structured (ONNX, where the graph is a chain producer -> bias/ReLU/pool/flatten ->
-consumer): units that can never contribute -- all incoming weights zero with a non-positive bias
-behind a ReLU, all outgoing weights zero, or never active on the calibration data -- are cut out
-of both layers, so the model itself shrinks. :func:`search` finds the largest sparsity whose
-accuracy stays within the bound.
+smallest-magnitude fraction is set to zero under one global threshold; zeros cost almost nothing
+once the bundle payload is compressed.
+
+Structured (ONNX, where the graph is a chain producer -> bias/ReLU/pool/flatten -> consumer):
+units that cannot contribute (all incoming weights zero with a non-positive bias behind a ReLU,
+or all outgoing weights zero) are cut out of both layers exactly; units never active on the
+calibration data are cut too, which is exact on that data only -- the accuracy gate judges the
+result. The model itself shrinks. :func:`search` finds the largest sparsity within the bound.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _magnitude_all(weights: dict[str, np.ndarray], sparsity: float) -> dict[str,
     return {n: np.where(np.abs(w) <= threshold, np.zeros_like(w), w) for n, w in weights.items()}
 
 
-# --- ONNX ------------------------------------------------------------------------------------------
+# --- ONNX --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -69,7 +71,9 @@ def _weight_name(node: Any, inits: dict[str, np.ndarray]) -> str | None:
     if node.op_type not in LAYERS or len(node.input) < 2 or node.input[1] not in inits:
         return None
     attrs = {a.name: a for a in node.attribute}
-    if node.op_type == "Gemm" and (attrs.get("transB") and attrs["transB"].i or attrs.get("transA") and attrs["transA"].i):
+    if node.op_type == "Gemm" and (
+        attrs.get("transB") and attrs["transB"].i or attrs.get("transA") and attrs["transA"].i
+    ):
         return None
     if node.op_type == "Conv" and attrs.get("group") and attrs["group"].i != 1:
         return None
@@ -105,7 +109,12 @@ def _chains(model: Any, inits: dict[str, np.ndarray]) -> list[_Chain]:
             if n.op_type == "Relu":
                 observe = t
         nxt = consumers.get(t, [])
-        if len(nxt) == 1 and t not in outputs and nxt[0].input[0] == t and _weight_name(nxt[0], inits):
+        if (
+            len(nxt) == 1
+            and t not in outputs
+            and nxt[0].input[0] == t
+            and _weight_name(nxt[0], inits)
+        ):
             chains.append(_Chain(p, bias, bias_node, relu, observe, nxt[0]))
     return chains
 
@@ -114,7 +123,9 @@ def _units(p: Any, w: np.ndarray) -> int:
     return w.shape[0] if p.op_type == "Conv" else w.shape[1]
 
 
-def _active_units(model: Any, chains: list[_Chain], calibration: np.ndarray) -> dict[str, np.ndarray]:
+def _active_units(
+    model: Any, chains: list[_Chain], calibration: np.ndarray
+) -> dict[str, np.ndarray]:
     """Per chain, whether each unit is ever non-zero on the calibration data."""
     import onnx
     import onnxruntime as ort
@@ -126,7 +137,9 @@ def _active_units(model: Any, chains: list[_Chain], calibration: np.ndarray) -> 
         probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        probe.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
     feed = {session.get_inputs()[0].name: calibration}
     values = session.run(names, feed)
     return {
@@ -154,11 +167,19 @@ def _remove_units(model: Any, chains: list[_Chain], calibration: np.ndarray | No
         if fan_in % units:
             continue
         block = fan_in // units  # a flattened feature map feeds block rows per channel
-        incoming = np.abs(pw).reshape(units, -1).max(axis=1) if c.producer.op_type == "Conv" else np.abs(pw).max(axis=0)
+        incoming = (
+            np.abs(pw).reshape(units, -1).max(axis=1)
+            if c.producer.op_type == "Conv"
+            else np.abs(pw).max(axis=0)
+        )
         b = inits[c.bias].reshape(-1) if c.bias else np.zeros(units, np.float32)
         if b.size != units:
             continue
-        out_rows = np.abs(cw).max(axis=(0, 2, 3)) if conv_in else np.abs(cw).reshape(units, block, -1).max(axis=(1, 2))
+        out_rows = (
+            np.abs(cw).max(axis=(0, 2, 3))
+            if conv_in
+            else np.abs(cw).reshape(units, block, -1).max(axis=(1, 2))
+        )
         dead = (out_rows == 0) | ((incoming == 0) & ((b <= 0) if c.relu else (b == 0)))
         if c.observe in active:
             dead |= ~active[c.observe]
@@ -169,12 +190,18 @@ def _remove_units(model: Any, chains: list[_Chain], calibration: np.ndarray | No
         replaced[pw_name] = pw[keep] if c.producer.op_type == "Conv" else pw[:, keep]
         if c.bias:
             bias = inits[c.bias]
-            replaced[c.bias] = bias.reshape(-1)[keep].reshape(*bias.shape[:-1], len(keep)) if bias.ndim > 1 else bias[keep]
+            replaced[c.bias] = (
+                bias.reshape(-1)[keep].reshape(*bias.shape[:-1], len(keep))
+                if bias.ndim > 1
+                else bias[keep]
+            )
         rows = (keep[:, None] * block + np.arange(block)).ravel()
         replaced[cw_name] = cw[:, keep] if conv_in else cw[rows]
     for init in model.graph.initializer:
         if init.name in replaced:
-            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(replaced[init.name]), init.name))
+            init.CopyFrom(
+                numpy_helper.from_array(np.ascontiguousarray(replaced[init.name]), init.name)
+            )
     return removed
 
 
@@ -199,7 +226,7 @@ def prune_onnx(data: bytes, sparsity: float, calibration: np.ndarray | None) -> 
     return PruneOutcome(model.SerializeToString(), sparsity, zero, removed, params)
 
 
-# --- TFLite ----------------------------------------------------------------------------------------
+# --- TFLite ------------------------------------------------------------------------------
 
 
 def prune_tflite(data: bytes, sparsity: float) -> PruneOutcome:
@@ -208,7 +235,11 @@ def prune_tflite(data: bytes, sparsity: float) -> PruneOutcome:
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(data, 0))
-    kinds = {s.BuiltinOperator.CONV_2D, s.BuiltinOperator.DEPTHWISE_CONV_2D, s.BuiltinOperator.FULLY_CONNECTED}
+    kinds = {
+        s.BuiltinOperator.CONV_2D,
+        s.BuiltinOperator.DEPTHWISE_CONV_2D,
+        s.BuiltinOperator.FULLY_CONNECTED,
+    }
     weights: dict[str, np.ndarray] = {}
     params = 0
     for sub in model.subgraphs:

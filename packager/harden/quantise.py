@@ -39,7 +39,8 @@ def _onnx_blockers(data: bytes) -> list[str]:
     if not any(d == "ai.onnx" and op in QUANTISABLE_ONNX for d, op in ops):
         ml = sorted(op for d, op in ops if d == "ai.onnx.ml")
         reasons.append(
-            f"no MatMul, Gemm or Conv to quantise{' (ai.onnx.ml operators: ' + ', '.join(ml) + ')' if ml else ''}"
+            "no MatMul, Gemm or Conv to quantise"
+            + (f" (ai.onnx.ml operators: {', '.join(ml)})" if ml else "")
         )
     return reasons
 
@@ -76,7 +77,13 @@ def quantise_onnx(data: bytes, mode: str, calibration: np.ndarray | None) -> byt
     if reasons:
         raise Unquantisable("; ".join(reasons))
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     with tempfile.TemporaryDirectory(prefix="edgeward-q-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
@@ -85,22 +92,36 @@ def quantise_onnx(data: bytes, mode: str, calibration: np.ndarray | None) -> byt
             with _quiet():
                 if mode == "dynamic":
                     # ConvInteger has no int8 CPU kernel: dynamic mode quantises the dense layers.
-                    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False,
-                                     op_types_to_quantize=["MatMul", "Gemm"])
+                    quantize_dynamic(
+                        src,
+                        dst,
+                        weight_type=QuantType.QInt8,
+                        per_channel=False,
+                        op_types_to_quantize=["MatMul", "Gemm"],
+                    )
                 else:
                     if calibration is None or not len(calibration):
-                        raise FormatError("static quantisation needs --calibration FILE.npz (array x)")
+                        raise FormatError(
+                            "static quantisation needs --calibration FILE.npz (array x)"
+                        )
                     name = onnx.load_from_string(data).graph.input[0].name
                     quantize_static(
-                        src, dst, _Reader(name, calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        src,
+                        dst,
+                        _Reader(name, calibration),
+                        quant_format=QuantFormat.QDQ,
+                        per_channel=True,
+                        weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8,
                         calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"QDQDisableWeightAdjustForInt32Bias": True},
                     )
         except FormatError:
             raise
         except Exception as e:  # the quantiser raises whatever its passes raise
-            raise Unquantisable(f"onnxruntime.quantization failed: {str(e).splitlines()[0][:200]}") from e
+            raise Unquantisable(
+                f"onnxruntime.quantization failed: {str(e).splitlines()[0][:200]}"
+            ) from e
         return dst.read_bytes()
 
 
@@ -109,7 +130,9 @@ def quantise_tflite(data: bytes, mode: str, calibration: np.ndarray | None) -> b
     try:
         from ai_edge_quantizer import quantizer, recipe
     except ImportError as e:
-        raise Unquantisable("ai-edge-quantizer is not installed; pip install 'edgeward[host]'") from e
+        raise Unquantisable(
+            "ai-edge-quantizer is not installed; pip install 'edgeward[host]'"
+        ) from e
     try:
         with _quiet():
             q = quantizer.Quantizer(bytearray(data))
@@ -190,7 +213,9 @@ def _tflite_signature_input(data: bytes) -> tuple[str, str]:
 
     model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(data, 0))
     if not model.signatureDefs or len(model.signatureDefs[0].inputs or []) != 1:
-        raise Unquantisable("static TFLite quantisation needs a model with one signature and one input")
+        raise Unquantisable(
+            "static TFLite quantisation needs a model with one signature and one input"
+        )
     sig = model.signatureDefs[0]
     return sig.signatureKey.decode(), sig.inputs[0].name.decode()
 

@@ -74,14 +74,17 @@ def _strip_graph(graph: Any, rename: Any, io_names: dict[str, str], name: str = 
 
 
 def strip_onnx(data: bytes) -> bytes:
-    """Return the model with names, doc strings and metadata removed; inputs ``x0..``, outputs ``y0..``."""
+    """The model without names, doc strings or metadata; inputs ``x0..``, outputs ``y0..``."""
     import onnx
 
     model = onnx.load_from_string(data)
     rename, _ = _renamer()
     graph = model.graph
     initialisers = {i.name for i in graph.initializer}
-    io_names = {vi.name: f"x{i}" for i, vi in enumerate(v for v in graph.input if v.name not in initialisers)}
+    io_names = {
+        vi.name: f"x{i}"
+        for i, vi in enumerate(v for v in graph.input if v.name not in initialisers)
+    }
     io_names.update({vi.name: f"y{i}" for i, vi in enumerate(graph.output)})
     _strip_graph(graph, rename, io_names)
     model.doc_string = ""

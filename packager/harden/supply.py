@@ -23,7 +23,9 @@ def read_allow_list(path: Path) -> dict[str, str]:
             continue
         m = _LINE.match(line)
         if not m:
-            raise FormatError(f"--allow-list {path}:{number}: expected 'SHA256HEX  name', got {line[:60]!r}")
+            raise FormatError(
+                f"--allow-list {path}:{number}: expected 'SHA256HEX  name', got {line[:60]!r}"
+            )
         allowed[m.group(1).lower()] = (m.group(2) or "").strip()
     if not allowed:
         raise FormatError(f"--allow-list {path} lists no digests")
@@ -56,12 +58,16 @@ def inline_external_data(path: Path, data: bytes) -> tuple[bytes, list[str]]:
     try:
         full = onnx.load(str(path), load_external_data=True)
     except Exception as e:  # onnx raises ValidationError/OSError for missing or escaping files
-        raise FormatError(f"{path.name}: cannot read its external data ({', '.join(files)}): {e}") from e
+        raise FormatError(
+            f"{path.name}: cannot read its external data ({', '.join(files)}): {e}"
+        ) from e
     for t in full.graph.initializer:
         if uses_external_data(t):
             t.data_location = onnx.TensorProto.DEFAULT
             del t.external_data[:]
     out = full.SerializeToString()
     if len(out) >= 2**31 - 1:
-        raise FormatError(f"{path.name} is 2 GB or more once inlined; ONNX cannot hold it in one file")
+        raise FormatError(
+            f"{path.name} is 2 GB or more once inlined; ONNX cannot hold it in one file"
+        )
     return out, files
