@@ -43,22 +43,27 @@ def labels_of(outputs: list[np.ndarray], task: Mapping[str, Any]) -> np.ndarray 
     return None
 
 
-def accuracy(
+def predict_labels(
     model: bytes,
     runtime: str,
     task: Mapping[str, Any],
     spec: Mapping[str, Any] | None,
     x: np.ndarray,
-    y: np.ndarray,
-) -> float | None:
-    """Top-1 accuracy on the validation set, or ``None`` where the task has no labels to compare."""
-    if len(x) != len(y) or not len(x):
+) -> np.ndarray | None:
+    """Predicted classes for raw inputs on the board's runtime; ``None`` for unlabelled tasks."""
+    return labels_of(predict_outputs(model, runtime, spec, x), task)
+
+
+def accuracy(predicted: np.ndarray | None, y: np.ndarray) -> float | None:
+    """Top-1 accuracy against the validation labels, or ``None`` where there are no classes."""
+    if predicted is None:
+        return None
+    if len(predicted) != len(y) or not len(y):
         raise FormatError(
-            f"validation data has {len(x)} inputs and {len(y)} labels; "
+            f"validation data has {len(predicted)} inputs and {len(y)} labels; "
             "they must match and not be empty"
         )
-    predicted = labels_of(predict_outputs(model, runtime, spec, x), task)
-    return None if predicted is None else float((predicted == y.reshape(-1)).mean())
+    return float((predicted == y.reshape(-1)).mean())
 
 
 def within(before: float | None, after: float | None, max_drop_points: float) -> bool:

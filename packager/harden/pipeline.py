@@ -96,14 +96,16 @@ def harden(model: ModelFile, profile: Profile, opts: HardenOptions) -> Hardened:
             f"static quantisation (profile {profile.name}'s default) needs --calibration FILE.npz; "
             "or pass --quantise dynamic"
         )
-    x_val, y_val = opts.validation if opts.validation is not None else (None, None)
+    validation = opts.validation
 
-    def measure(data: bytes) -> float | None:
-        if x_val is None:
-            return None
-        return gate.accuracy(data, runtime, task, spec, x_val, y_val)
+    def measure(data: bytes) -> tuple[np.ndarray | None, float | None]:
+        """(predicted classes, accuracy) on the validation data, on the profile's runtime."""
+        if validation is None:
+            return None, None
+        predicted = gate.predict_labels(data, runtime, task, spec, validation[0])
+        return predicted, gate.accuracy(predicted, validation[1])
 
-    before = measure(model.data)
+    labels_in, before = measure(model.data)
     lap("baseline")
     quant: dict[str, Any] = {"mode": mode, "status": "none" if mode == "none" else "applied"}
 
@@ -132,7 +134,9 @@ def harden(model: ModelFile, profile: Profile, opts: HardenOptions) -> Hardened:
         def candidate(s: float) -> tuple[tuple[Any, bytes], bool]:
             pruned = prune(model.data, fmt, s, calibration)
             shipped = finish(pruned.data)
-            return (pruned, shipped), gate.within(before, measure(shipped), opts.max_accuracy_drop)
+            return (pruned, shipped), gate.within(
+                before, measure(shipped)[1], opts.max_accuracy_drop
+            )
 
         try_s: Callable[[float], tuple[tuple[Any, bytes], bool]] = candidate
         found = (
@@ -152,13 +156,10 @@ def harden(model: ModelFile, profile: Profile, opts: HardenOptions) -> Hardened:
             )
             params_after = pruned.parameters
         lap("prune+quantise+strip")
-    after = measure(out)
+    labels_out, after = measure(out)
     agreement = None
-    if x_val is not None:
-        labels_in = gate.labels_of(gate.predict_outputs(model.data, runtime, spec, x_val), task)
-        labels_out = gate.labels_of(gate.predict_outputs(out, runtime, spec, x_val), task)
-        if labels_in is not None and labels_out is not None:
-            agreement = round(float((labels_in == labels_out).mean()), 4)
+    if labels_in is not None and labels_out is not None:
+        agreement = round(float((labels_in == labels_out).mean()), 4)
     gate.check(before, after, opts.max_accuracy_drop, runtime)
     lap("gate")
     hardened = ModelFile(model.path.with_name(f"model.{fmt}"), out, fmt)

@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ class _Reader:
 
 
 @contextlib.contextmanager
-def _quiet():  # type: ignore[no-untyped-def]
+def _quiet() -> Iterator[None]:
     """The quantisers print progress and warnings on stdout/stderr; CI logs do not need them."""
     root = logging.getLogger()
     level = root.level
