@@ -16,6 +16,7 @@ from device_agent.errors import EdgeWardError, FormatError, UsageError
 
 from .harden.cli import add_options as add_hardening_options
 from .harden.cli import register_harden, run_from_args, wants_hardening
+from .harden.pipeline import summary
 
 PROG = "edgeward"
 
@@ -117,7 +118,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     _emit(
         args,
         r,
-        lambda d: f"packed {d['model']['id']} v{d['model']['version']} ({d['model']['size_bytes']} bytes, "
+        lambda d: (summary(d["hardening"]) + "\n" if d["hardening"] else "")
+        + f"packed {d['model']['id']} v{d['model']['version']} ({d['model']['size_bytes']} bytes, "
         f"{d['model']['compression']}) for {len(d['bundles'])} device(s) with {d['cipher']}\n"
         f"bundles, model-card.cdx.json and report.json in {args.out}",
     )

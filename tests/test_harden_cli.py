@@ -383,3 +383,56 @@ def test_harden_external_data_is_inlined(tmp_path: Path, digits, digits_test) ->
         .graph.initializer[0]
         .external_data
     )
+
+
+def test_harden_pack_flag_uses_profile_defaults_and_plain_pack_keeps_bytes(
+    tmp_path: Path,
+    digits,
+    digits_test,
+    make_board,
+    publisher: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    board = make_board("pi-9")
+    base = [
+        "pack",
+        str(digits.onnx),
+        "--profile",
+        "rpi4b",
+        "--publisher-key",
+        str(publisher / "publisher.key"),
+        "--device",
+        str(board.enrolment),
+        "--model-id",
+        "digits",
+        "--quiet",
+    ]
+    assert main([*base, "--model-version", "1", "--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    assert plain["hardening"] is None
+    assert plain["model"]["sha256"] == hashlib.sha256(digits.onnx.read_bytes()).hexdigest()
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                *base,
+                "--model-version",
+                "2",
+                "--out",
+                str(tmp_path / "hard"),
+                "--harden",
+                "--validation",
+                str(digits.test),
+            ]
+        )
+        == 0
+    )
+    assert "accuracy" in capsys.readouterr().out  # the summary table
+    report = json.loads((tmp_path / "hard" / "report.json").read_text())
+    assert report["hardening"]["quantisation"] == {"mode": "dynamic", "status": "applied"}
+    assert report["model"]["size_bytes"] < plain["model"]["size_bytes"]
+    agent = board.agent()
+    agent.install((tmp_path / "hard" / "pi-9.ewb").read_bytes())
+    x, y = digits_test
+    predictions = agent.predict(x[:100])["predictions"]
+    assert sum(p["label"] == int(t) for p, t in zip(predictions, y[:100], strict=True)) >= 95

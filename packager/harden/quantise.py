@@ -73,7 +73,7 @@ def _quiet() -> Iterator[None]:
 
 
 def quantise_onnx(data: bytes, mode: str, calibration: np.ndarray | None) -> bytes:
-    """Dynamic (weights int8, MatMul/Gemm) or static QDQ (per-channel int8 with calibration)."""
+    """Dynamic (int8 weights, float activations) or static QDQ (per-channel int8, calibrated)."""
     reasons = _onnx_blockers(data)
     if reasons:
         raise Unquantisable("; ".join(reasons))
@@ -92,14 +92,7 @@ def quantise_onnx(data: bytes, mode: str, calibration: np.ndarray | None) -> byt
         try:
             with _quiet():
                 if mode == "dynamic":
-                    # ConvInteger has no int8 CPU kernel: dynamic mode quantises the dense layers.
-                    quantize_dynamic(
-                        src,
-                        dst,
-                        weight_type=QuantType.QInt8,
-                        per_channel=False,
-                        op_types_to_quantize=["MatMul", "Gemm"],
-                    )
+                    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False)
                 else:
                     if calibration is None or not len(calibration):
                         raise FormatError(
