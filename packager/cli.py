@@ -15,7 +15,7 @@ from typing import Any
 from device_agent.errors import EdgeWardError, FormatError, UsageError
 
 from .harden.cli import add_options as add_hardening_options
-from .harden.cli import register_harden, run_from_args, wants_hardening
+from .harden.cli import model_for_pack, register_harden
 from .harden.pipeline import summary
 
 PROG = "edgeward"
@@ -77,18 +77,12 @@ def _progress(args: argparse.Namespace) -> Callable[[Iterable[Any]], Iterable[An
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from .keys import load_private_key
-    from .modelfile import infer_task, read_model
     from .pack import PackOptions, discover_devices, load_enrolments, pack, parse_cli_time
     from .profiles import load_profile
 
     profile = load_profile(args.profile)
     signer = load_private_key(Path(args.publisher_key))
     devices = load_enrolments(discover_devices(args.device, args.devices_dir))
-    model = read_model(Path(args.model), args.expect_sha256, profile.max_model_bytes)
-    if model.runtime != profile.runtime:
-        raise UsageError(
-            f"profile {profile.name} runs {profile.runtime} but {Path(args.model).name} is a {model.format} model"
-        )
     task: dict[str, Any] = {}
     if args.task:
         task["kind"] = args.task
@@ -99,17 +93,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
     labels = _labels(args.labels)
     if labels:
         task["labels"] = labels
-    extra: dict[str, Any] = {}
-    if wants_hardening(args):
-        hardened = run_from_args(args, model, profile, task)
-        model, task = hardened.model, hardened.task
-        extra = {"preprocess": hardened.preprocess, "card_facts": hardened.facts, "hardening": hardened.report}
+    model, task, extra = model_for_pack(args, profile, task)
     opts = PackOptions(
         model_id=args.model_id,
         model_version=args.model_version,
         expires=parse_cli_time(args.expires, "--expires"),
         end_of_life=parse_cli_time(args.end_of_life, "--end-of-life"),
-        task=task if extra else infer_task(model, task),
+        task=task,
         compress=not args.no_compress,
         **extra,
     )
@@ -208,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pack MODEL into OUT/<device-id>.ewb for every enrolled device, plus "
         "OUT/model-card.cdx.json and OUT/report.json. Nothing is written unless every bundle succeeds.",
     )
-    sp.add_argument("model", help="model file (.onnx or .tflite)")
+    sp.add_argument("model", help="model file (.onnx or .tflite) or an 'edgeward harden' output directory")
     sp.add_argument("--profile", required=True, help="board profile name (edgeward profiles) or a .toml file")
     sp.add_argument("--publisher-key", required=True, help="publisher private key (EDGEWARD_PASSPHRASE if encrypted)")
     sp.add_argument("--device", action="append", help="device enrolment JSON (repeatable)")

@@ -224,7 +224,7 @@ def test_harden_rapidocr_board_reads_text_without_dictionary_in_model(
         main(
             [
                 "pack",
-                str(hardened / "model.onnx"),
+                str(hardened),  # the harden output as CI inspected it, sealed as is
                 "--profile",
                 "rpi4b",
                 "--publisher-key",
@@ -238,14 +238,6 @@ def test_harden_rapidocr_board_reads_text_without_dictionary_in_model(
                 "--out",
                 str(out),
                 "--quiet",
-                "--task",
-                "ctc",
-                "--labels",
-                str(labels),
-                "--preprocess",
-                str(spec),
-                "--quantise",
-                "none",
             ]
         )
         == 0
@@ -436,3 +428,55 @@ def test_harden_pack_flag_uses_profile_defaults_and_plain_pack_keeps_bytes(
     x, y = digits_test
     predictions = agent.predict(x[:100])["predictions"]
     assert sum(p["label"] == int(t) for p, t in zip(predictions, y[:100], strict=True)) >= 95
+
+
+def test_harden_pack_from_harden_dir_checks_it(
+    tmp_path: Path, digits, make_board, publisher: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hardened = tmp_path / "h"
+    assert (
+        main(
+            [
+                "harden",
+                str(digits.onnx),
+                "--profile",
+                "rpi4b",
+                "--out",
+                str(hardened),
+                "--validation",
+                str(digits.test),
+                "--training-samples",
+                "1347",
+            ]
+        )
+        == 0
+    )
+    board = make_board("pi-5")
+    base = [
+        "pack",
+        str(hardened),
+        "--profile",
+        "rpi4b",
+        "--publisher-key",
+        str(publisher / "publisher.key"),
+        "--device",
+        str(board.enrolment),
+        "--model-version",
+        "1",
+        "--quiet",
+    ]
+    assert main([*base, "--out", str(tmp_path / "o1")]) == 0
+    card = json.loads((tmp_path / "o1" / "model-card.cdx.json").read_text())
+    _validate_cyclonedx(card)
+    assert _props(card)["edgeward:training_samples"] == "1347"
+    assert (
+        card["components"][0]["hashes"][0]["content"]
+        == hashlib.sha256((hardened / "model.onnx").read_bytes()).hexdigest()
+    )
+    assert main([*base, "--out", str(tmp_path / "o2"), "--quantise", "static"]) == 2
+    tampered = bytearray((hardened / "model.onnx").read_bytes())
+    tampered[-1] ^= 1
+    (hardened / "model.onnx").write_bytes(bytes(tampered))
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "o3")]) == 1
+    assert "differs from" in capsys.readouterr().err

@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 
 from device_agent.bundle import Sidecar
-from device_agent.errors import FormatError, UsageError
+from device_agent.errors import FormatError, IntegrityError, UsageError
 
-from ..modelfile import ModelFile
+from ..modelfile import ModelFile, infer_task, read_model
 from ..profiles import Profile
+from .modelcard import CardFacts
 from .modelcard import build as build_card
 from .pipeline import Hardened, HardenOptions, harden, summary
 from .supply import check_allowed, inline_external_data
@@ -117,6 +118,65 @@ def wants_hardening(args: argparse.Namespace) -> bool:
     )
 
 
+def read_for_profile(path: Path, expect_sha256: str | None, profile: Profile) -> ModelFile:
+    """Read a model (pickle refused, digest pinned) and check the profile's runtime can run it."""
+    model = read_model(path, expect_sha256, profile.max_model_bytes)
+    if model.runtime != profile.runtime:
+        raise UsageError(
+            f"profile {profile.name} runs {profile.runtime}, "
+            f"but {model.path.name} is a {model.format} model"
+        )
+    return model
+
+
+def load_hardened(out: Path, expect_sha256: str | None, profile: Profile) -> Hardened:
+    """Read an ``edgeward harden`` output directory back, checking the model against its sidecar."""
+    models = [p for p in (out / "model.onnx", out / "model.tflite") if p.exists()]
+    if len(models) != 1:
+        raise UsageError(
+            f"{out} is not an edgeward harden output: expected model.onnx or model.tflite"
+        )
+    model = read_for_profile(models[0], expect_sha256, profile)
+    sidecar = Sidecar.from_json(_json_file(str(out / "sidecar.json"), "harden output"))
+    if sidecar.model_sha256 != model.sha256:
+        raise IntegrityError(
+            f"{models[0]} differs from {out}/sidecar.json; run edgeward harden again"
+        )
+    report = _json_file(str(out / "report.json"), "harden output") or {}
+    try:
+        raw = dict(report["card_facts"])
+        facts = CardFacts(**{**raw, "limitations": tuple(raw.get("limitations", ()))})
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(
+            f"{out}/report.json has no valid card_facts; run edgeward harden again"
+        ) from e
+    return Hardened(model, sidecar.task, sidecar.preprocess, facts, report)
+
+
+def model_for_pack(
+    args: argparse.Namespace, profile: Profile, task: dict[str, Any]
+) -> tuple[ModelFile, dict[str, Any], dict[str, Any]]:
+    """What ``pack`` seals: a harden output directory as is, a model hardened now, or plain."""
+    source = Path(args.model)
+    if source.is_dir():
+        if wants_hardening(args) or task:
+            raise UsageError(
+                f"{source} is already hardened; give task and hardening options to harden"
+            )
+        hardened = load_hardened(source, args.expect_sha256, profile)
+    else:
+        model = read_for_profile(source, args.expect_sha256, profile)
+        if not wants_hardening(args):
+            return model, infer_task(model, task), {}
+        hardened = run_from_args(args, model, profile, task)
+    extra = {
+        "preprocess": hardened.preprocess,
+        "card_facts": hardened.facts,
+        "hardening": hardened.report,
+    }
+    return hardened.model, hardened.task, extra
+
+
 def run_from_args(
     args: argparse.Namespace, model: ModelFile, profile: Profile, task: dict[str, Any]
 ) -> Hardened:
@@ -160,17 +220,11 @@ def cmd_harden(args: argparse.Namespace) -> int:
     """Write the hardened model, its sidecar, model card and report into --out."""
     from .. import __version__
     from ..cli import _emit, _labels
-    from ..modelfile import read_model
     from ..pack import parse_cli_time
     from ..profiles import load_profile
 
     profile = load_profile(args.profile)
-    model = read_model(Path(args.model), args.expect_sha256, profile.max_model_bytes)
-    if model.runtime != profile.runtime:
-        raise UsageError(
-            f"profile {profile.name} runs {profile.runtime}, "
-            f"but {model.path.name} is a {model.format} model"
-        )
+    model = read_for_profile(Path(args.model), args.expect_sha256, profile)
     labels = _labels(args.labels)
     task = {k: v for k, v in (("kind", args.task), ("labels", labels)) if v}
     h = run_from_args(args, model, profile, task)

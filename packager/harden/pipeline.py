@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -218,6 +218,7 @@ def harden(model: ModelFile, profile: Profile, opts: HardenOptions) -> Hardened:
         "stripped": True,
         "preprocess": "sealed" if spec else None,
         "seconds": seconds,
+        "card_facts": asdict(facts),  # lets `edgeward pack DIR` write the same card later
     }
     return Hardened(hardened, task, spec, facts, report)
 
