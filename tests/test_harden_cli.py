@@ -75,6 +75,8 @@ def test_harden_cli_writes_model_sidecar_card_and_report(
             "scikit-learn load_digits (UCI optdigits), 75% split",
             "--limitation",
             "8x8 grey digits only",
+            "--retention",
+            "delete 90 days after end of life",
             "--end-of-life",
             "2030-01-01T00:00:00Z",
             "--expect-sha256",
@@ -114,7 +116,8 @@ def test_harden_cli_writes_model_sidecar_card_and_report(
     )
     props = _props(card)
     assert props["edgeward:end_of_life"] == "2030-01-01T00:00:00Z"
-    assert "crypto-shred" in props["edgeward:destruction_method"] and props["edgeward:retention"]
+    assert "crypto-shred" in props["edgeward:destruction_method"]
+    assert props["edgeward:retention"] == "delete 90 days after end of life"
     assert int(props["edgeward:parameters_after"]) < int(props["edgeward:parameters_before"])
     metrics = comp["modelCard"]["quantitativeAnalysis"]["performanceMetrics"]
     assert [m["type"] for m in metrics] == ["accuracy", "accuracy"]
@@ -183,7 +186,7 @@ def test_harden_pack_one_run_board_answers_raw_images(
     hits = sum(p["label"] == LABELS[int(y)] for p, y in zip(many, val["y"][:50], strict=True))
     assert hits >= 48
     for secret in (b"serving_default", b"TFLITE_METADATA", b"ACME", b"seven"):
-        assert secret not in bundle
+        assert secret not in bundle  # the clear header says nothing; the payload is encrypted
 
 
 def test_harden_rapidocr_board_reads_text_without_dictionary_in_model(

@@ -12,7 +12,13 @@ from packager.harden.quantise import Unquantisable, quantise
 from packager.modelfile import read_model
 from packager.profiles import load_profile
 from tests.fixtures.cnn import PREPROCESS_NCHW, PREPROCESS_NHWC
-from tests.fixtures.hardening import digits_cnn, silero_vad_model
+from tests.fixtures.hardening import (
+    digits_cnn,
+    leaked,
+    onnx_secrets,
+    silero_vad_model,
+    tflite_secrets,
+)
 
 
 def _cnn_options(**kw: object) -> HardenOptions:
@@ -45,6 +51,8 @@ def test_harden_quantise_cnn_shrinks_within_gate(
     assert r["accuracy"]["drop_points"] <= 1.0
     assert r["accuracy"]["agreement"] >= 0.98
     assert h.preprocess == spec and h.task["kind"] == "classifier"
+    secrets = (onnx_secrets if fmt == "onnx" else tflite_secrets)(model.data)
+    assert leaked(secrets, h.model.data, {"ai.onnx"}) == []  # quantiser names are stripped too
     assert set(r["seconds"]) >= {"baseline", "quantise+strip", "gate"}
     assert "accuracy" in summary(r)
 

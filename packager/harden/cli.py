@@ -201,6 +201,7 @@ def run_from_args(
         training_data=args.training_data,
         intended_use=args.intended_use,
         limitations=tuple(args.limitation),
+        retention=args.retention,
     )
     hardened = harden(model, profile, opts)
     hardened.report["model"]["input"]["external_data"] = external

@@ -43,6 +43,7 @@ class HardenOptions:
     training_data: str | None = None
     intended_use: str | None = None
     limitations: tuple[str, ...] = ()
+    retention: str | None = None
 
     def __post_init__(self) -> None:
         if self.quantise is not None and self.quantise not in MODES:
@@ -189,6 +190,7 @@ def harden(model: ModelFile, profile: Profile, opts: HardenOptions) -> Hardened:
         intended_use=opts.intended_use or CardFacts.intended_use,
         limitations=opts.limitations
         + ((f"quantisation skipped: {quant['reason']}",) if "reason" in quant else ()),
+        retention=opts.retention or CardFacts.retention,
     )
     report = {
         "schema": "edgeward.harden-report/1",
