@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import crypto
-from .bundle import ID_RE, Manifest, Sidecar, format_time, verify_bundle
+from .bundle import ID_RE, Manifest, Sidecar, VerifiedBundle, format_time, verify_bundle
 from .enrolment import DOMAIN as ENROLMENT_DOMAIN
 from .enrolment import Enrolment
 from .errors import NotInstalled, RollbackRefused, UsageError
@@ -28,6 +28,8 @@ from .preprocess import apply as preprocess
 from .runtime import Runner, load_runner
 from .sequence import decode_ctc
 from .store import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
+from .wipe import complete as complete_wipe
+from .wipe import wipe_pending
 from .trust import check_install, check_serving_life, check_target, trusted_now
 
 
@@ -61,6 +63,9 @@ class Agent:
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = DataDir(data_dir)
+        if wipe_pending(self.store.path):
+            # Invariant 4: a wipe interrupted by a power cut completes before anything else runs.
+            complete_wipe(self.store, clock())
         self.store.require_provisioned()
         self._source = keys if keys is not None else KeySource.from_env()
         self.limits = limits
@@ -108,8 +113,12 @@ class Agent:
         return trusted_now(self._clock(), state.clock_floor)
 
     # --- install ---------------------------------------------------------------------------------
-    def install(self, data: bytes) -> Manifest:
-        """Verify, check and store a bundle; on any refusal nothing on disk changes."""
+    def install(self, data: bytes | bytearray) -> Manifest:
+        """Verify, check and store a bundle; on any refusal nothing on disk changes.
+
+        Given a ``bytearray`` (as the CLI reads it), the bundle is decrypted in place after its
+        encrypted bytes are stored, so installing never holds two copies of the model.
+        """
         publishers, _ = self.store.trust()
         vb = verify_bundle(data, publishers, self.limits)
         m = vb.manifest
@@ -119,22 +128,35 @@ class Agent:
             now = trusted_now(self._clock(), state.clock_floor)
             slot = state.models.get(m.model_id)
             check_install(m, identity, slot.highest_version if slot else None, now)
-            keys = self.store.unlock(self._source)
-            try:
-                contents = vb.decrypt(keys.box_private, self.limits)
-            finally:
-                keys.wipe()
-            try:
-                runner = load_runner(m.runtime, bytes(contents.model), int(contents.sidecar.runtime.get("threads", 0)))
-            finally:
-                contents.wipe()
+            if m.bundle_id in state.referenced_bundles():
+                raise RollbackRefused(f"bundle {m.bundle_id} is already installed")
+            # Stored before decrypting (in place destroys the ciphertext); removed on any failure.
             self.store.store_bundle(m.bundle_id, data)
-            new_state, dropped = record_install(state, m, len(data), now)
-            self.store.save_state(new_state)
+            try:
+                runner, sidecar = self._decrypt_and_load(vb, in_place=isinstance(data, bytearray), check_digest=True)
+                new_state, dropped = record_install(state, m, len(data), now)
+                self.store.save_state(new_state)
+            except BaseException:
+                self.store.discard_bundle(m.bundle_id)
+                raise
             if dropped:
                 self.store.collect_garbage(new_state)
-            self._loaded[m.model_id] = LoadedModel(m, contents.sidecar, runner)
+            self._loaded[m.model_id] = LoadedModel(m, sidecar, runner)
         return m
+
+    def _decrypt_and_load(self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool) -> tuple[Runner, Sidecar]:
+        """Decrypt in memory and load the runtime from bytes; every plaintext buffer is wiped."""
+        keys = self.store.unlock(self._source)
+        try:
+            contents = vb.decrypt(keys.box_private, self.limits, in_place=in_place, check_digest=check_digest)
+        finally:
+            keys.wipe()
+        try:
+            # The runtimes take immutable bytes: one copy that cannot be wiped (docs/threat-model.md).
+            runner = load_runner(vb.manifest.runtime, bytes(contents.model), int(contents.sidecar.runtime.get("threads", 0)))
+        finally:
+            contents.wipe()
+        return runner, contents.sidecar
 
     def rollback(self, model_id: str | None = None) -> Manifest:
         """Serve the previous version again (a local admin action; the highest accepted version
@@ -170,23 +192,13 @@ class Agent:
         cached = self._loaded.get(model_id)
         if cached is not None and cached.manifest.bundle_id == rec.bundle_id:
             return cached
-        data = self.store.read_bundle(rec.bundle_id)
+        data = self.store.read_bundle(rec.bundle_id, self.limits.max_bundle_bytes)
         publishers, _ = self.store.trust()
         # Re-verified on every load: the stored file is as untrusted as the one received.
         vb = verify_bundle(data, publishers, self.limits)
         check_target(vb.manifest, self.store.identity())
-        keys = self.store.unlock(self._source)
-        try:
-            contents = vb.decrypt(keys.box_private, self.limits)
-        finally:
-            keys.wipe()
-        try:
-            runner = load_runner(
-                vb.manifest.runtime, bytes(contents.model), int(contents.sidecar.runtime.get("threads", 0))
-            )
-        finally:
-            contents.wipe()
-        loaded = LoadedModel(vb.manifest, contents.sidecar, runner)
+        runner, sidecar = self._decrypt_and_load(vb, in_place=True, check_digest=False)
+        loaded = LoadedModel(vb.manifest, sidecar, runner)
         self._loaded[model_id] = loaded
         return loaded
 
@@ -211,6 +223,14 @@ class Agent:
         outputs = loaded.runner.run(feeds)
         shape = decode_ctc if loaded.sidecar.task.get("kind") == "ctc" else shape_output
         return shape(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched and not single)
+
+    def wipe(self) -> dict[str, Any]:
+        """Crypto-shred this board's keys and models (device_agent.wipe); returns the attestation."""
+        from .wipe import wipe
+
+        with self._lock:
+            self._loaded.clear()
+            return wipe(self.store, self._source, trusted_now(self._clock(), self.store.state().clock_floor))
 
     # --- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

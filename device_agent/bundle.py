@@ -269,22 +269,21 @@ class Sidecar:
         if s["schema"] != SIDECAR_SCHEMA:
             raise FormatError(f"sidecar schema {str(s['schema'])[:40]!r} is not {SIDECAR_SCHEMA}")
         model = _obj(s["model"], "sidecar.model", {"format", "sha256", "length"}, {"format", "sha256", "length"})
-        objs = {}
-        for name in ("task", "policy", "runtime"):
-            value = s.get(name, {})
-            if not isinstance(value, dict):
-                raise FormatError(f"sidecar.{name} must be an object")
-            objs[name] = value
-        for name in ("preprocess", "model_card"):
-            value = s.get(name)
-            if value is not None and not isinstance(value, dict):
-                raise FormatError(f"sidecar.{name} must be an object or null")
-            objs[name] = value
+        def obj(name: str, nullable: bool) -> Any:
+            value = s.get(name, None if nullable else {})
+            if not isinstance(value, dict) and not (nullable and value is None):
+                raise FormatError(f"sidecar.{name} must be an object{' or null' if nullable else ''}")
+            return value
+
         return cls(
             model_format=_choice(model["format"], "sidecar.model.format", MODEL_FORMATS),
             model_sha256=_str(model["sha256"], "sidecar.model.sha256", HEX64_RE),
             model_length=_int(model["length"], "sidecar.model.length", 0, DEFAULT_LIMITS.max_bundle_bytes),
-            **objs,
+            task=obj("task", False),
+            policy=obj("policy", False),
+            runtime=obj("runtime", False),
+            preprocess=obj("preprocess", True),
+            model_card=obj("model_card", True),
         )
 
 
@@ -298,35 +297,46 @@ def pack_contents(sidecar: Sidecar, model: bytes | memoryview) -> bytearray:
 
 @dataclass
 class Contents:
-    """Decrypted contents of a bundle: live only in memory; call :meth:`wipe` when done."""
+    """Decrypted contents of a bundle, a view into one buffer that lives only in memory.
+    Call :meth:`wipe` when done: it zeroes the whole buffer."""
 
     sidecar: Sidecar
     buffer: bytearray
     model_offset: int
+    model_length: int
 
     @property
     def model(self) -> memoryview:
-        return memoryview(self.buffer)[self.model_offset :]
+        return memoryview(self.buffer)[self.model_offset : self.model_offset + self.model_length]
 
     def wipe(self) -> None:
         crypto.wipe(self.buffer)
 
 
-def unpack_contents(plain: bytearray, limits: Limits = DEFAULT_LIMITS) -> Contents:
+def unpack_contents(
+    buffer: bytearray, start: int, end: int, limits: Limits = DEFAULT_LIMITS, *, check_digest: bool = True
+) -> Contents:
+    """Parse the contents lying in ``buffer[start:end]``.
+
+    The model's SHA-256 against the sealed sidecar is checked at install (``check_digest``);
+    later loads skip it, because the chunk tags, bound by the publisher's signature, already
+    authenticate every byte -- and hashing costs more than decrypting.
+    """
+    view = memoryview(buffer)[start:end]
     head = len(CONTENTS_MAGIC) + 4
-    if len(plain) < head or bytes(plain[: len(CONTENTS_MAGIC)]) != CONTENTS_MAGIC:
+    if len(view) < head or bytes(view[: len(CONTENTS_MAGIC)]) != CONTENTS_MAGIC:
         raise FormatError("sealed contents do not start with the EdgeWard contents magic")
-    (side_len,) = struct.unpack(">I", plain[len(CONTENTS_MAGIC) : head])
-    if side_len > limits.max_sidecar_bytes or head + side_len > len(plain):
+    (side_len,) = struct.unpack(">I", view[len(CONTENTS_MAGIC) : head])
+    if side_len > limits.max_sidecar_bytes or head + side_len > len(view):
         raise FormatError(f"sidecar length {side_len} is out of bounds")
-    sidecar = Sidecar.from_json(_loads(memoryview(plain)[head : head + side_len], "sidecar"))
+    sidecar = Sidecar.from_json(_loads(view[head : head + side_len], "sidecar"))
     offset = head + side_len
-    model = memoryview(plain)[offset:]
+    model = view[offset:]
     if len(model) != sidecar.model_length:
         raise IntegrityError("model length differs from the sealed sidecar")
-    if not crypto.constant_time_equal(crypto.sha256_hex(model), sidecar.model_sha256):
+    if check_digest and not crypto.constant_time_equal(crypto.sha256_hex(model), sidecar.model_sha256):
         raise IntegrityError("model digest differs from the sealed sidecar")
-    return Contents(sidecar=sidecar, buffer=plain, model_offset=offset)
+    return Contents(sidecar=sidecar, buffer=buffer, model_offset=start + offset, model_length=len(model))
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -338,38 +348,57 @@ class VerifiedBundle:
 
     manifest: Manifest
     payload: memoryview
+    payload_offset: int  # where the payload starts in the buffer the bundle was read into
     publisher_key: bytes
 
-    def decrypt(self, device_private: bytearray, limits: Limits = DEFAULT_LIMITS) -> Contents:
-        """Open the content key with the device key and decrypt the payload in memory."""
+    def decrypt(
+        self,
+        device_private: bytearray,
+        limits: Limits = DEFAULT_LIMITS,
+        *,
+        in_place: bool = False,
+        check_digest: bool = True,
+    ) -> Contents:
+        """Open the content key with the device key and decrypt the payload in memory.
+
+        ``in_place`` decrypts inside the buffer the bundle was read into (it must be a
+        ``bytearray``), which then holds the plaintext: the bundle object is used up.
+        """
         m = self.manifest
         key = crypto.open_content_key(device_private, m.sealed_key)
         try:
             sealed = crypto.decrypt_payload(
-                m.cipher, key, m.payload_aad, self.payload, m.layout, m.tags_sha256
+                m.cipher, key, m.payload_aad, self.payload, m.layout, m.tags_sha256, in_place=in_place
             )
         finally:
             crypto.wipe(key)
+        if isinstance(sealed, memoryview):
+            buffer = sealed.obj
+            if not isinstance(buffer, bytearray):
+                raise ValueError("in-place decryption needs the bundle read into a bytearray")
+            start = self.payload_offset
+        else:
+            buffer, start = sealed, 0
+        end = start + m.sealed_length
         if m.compression == "zlib":
             try:
                 d = zlib.decompressobj()
-                plain = bytearray(d.decompress(sealed, limits.max_bundle_bytes))
+                plain = bytearray(d.decompress(memoryview(buffer)[start:end], limits.max_bundle_bytes))
                 if d.unconsumed_tail or not d.eof:
                     raise FormatError("compressed contents exceed the size limit or are incomplete")
             except zlib.error as e:
                 raise FormatError(f"compressed contents are corrupt: {e}") from e
             finally:
-                crypto.wipe(sealed)
-        else:
-            plain = sealed
+                crypto.wipe(memoryview(buffer)[start:end])
+            buffer, start, end = plain, 0, len(plain)
         try:
-            return unpack_contents(plain, limits)
+            return unpack_contents(buffer, start, end, limits, check_digest=check_digest)
         except Exception:
-            crypto.wipe(plain)
+            crypto.wipe(buffer)
             raise
 
 
-def read_header(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> tuple[int, bytes]:
+def read_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> tuple[int, bytes]:
     """Check magic and format version; return (manifest length, publisher key id)."""
     if len(data) < HEADER_BYTES:
         raise FormatError(f"bundle is truncated: {len(data)} bytes is shorter than its header")
@@ -391,7 +420,7 @@ def read_header(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> tu
 
 
 def verify_bundle(
-    data: bytes | memoryview,
+    data: bytes | bytearray | memoryview,
     trusted_publishers: Mapping[bytes, bytes] | list[bytes],
     limits: Limits = DEFAULT_LIMITS,
 ) -> VerifiedBundle:
@@ -431,7 +460,8 @@ def verify_bundle(
     manifest = Manifest.from_json(_loads(view[HEADER_BYTES:signed_end], "manifest"), limits)
     if not crypto.constant_time_equal(manifest.publisher, crypto.fingerprint(publisher)):
         raise FormatError("manifest names a different publisher than the key that signed it")
-    payload = view[signed_end + crypto.SIGNATURE_BYTES :]
+    payload_offset = signed_end + crypto.SIGNATURE_BYTES
+    payload = view[payload_offset:]
     if len(payload) < manifest.payload_length:
         raise FormatError(
             f"bundle is truncated: payload is {len(payload)} of {manifest.payload_length} bytes; "
@@ -439,7 +469,7 @@ def verify_bundle(
         )
     if len(payload) > manifest.payload_length:
         raise FormatError("bundle has bytes appended after its payload")
-    return VerifiedBundle(manifest=manifest, payload=payload, publisher_key=publisher)
+    return VerifiedBundle(manifest=manifest, payload=payload, payload_offset=payload_offset, publisher_key=publisher)
 
 
 # --- writing (used by the packager) -------------------------------------------------------------
@@ -469,7 +499,8 @@ def write_bundle(
     chunk_size: int = 1024 * 1024,
 ) -> Manifest:
     """Encrypt ``sealed`` (already compressed if ``compression`` says so) for one device and
-    write the whole bundle through ``write``. Memory use is one chunk beyond ``sealed``."""
+    write the whole bundle through ``write``. Holds one device's ciphertext at a time, because
+    the manifest (written first) signs the tags digest of the whole payload."""
     key = crypto.new_content_key()
     try:
         bundle_id = new_bundle_id()

@@ -11,17 +11,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeWardError, FormatError, UsageError
+from .cliutil import emit, run
+from .errors import FormatError, UsageError
 from .limits import DEFAULT_LIMITS
 
 PROG = "edgeward-agent"
-
-
-def _emit(args: argparse.Namespace, doc: Any, text: Callable[[Any], str]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(doc, indent=2, sort_keys=True))
-    else:
-        print(text(doc))
 
 
 def _pubkey(path: str) -> bytes:
@@ -65,7 +59,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     )
     atomic_write(export, enrolment, 0o644)
     doc = json.loads(enrolment)
-    _emit(
+    emit(
         args,
         doc,
         lambda d: f"provisioned {d['device_id']} in {args.data_dir}\n"
@@ -78,7 +72,12 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_install(args: argparse.Namespace) -> int:
     from .bundle import format_time
 
-    data = _read_file(args.bundle, DEFAULT_LIMITS.max_bundle_bytes, "bundle")
+    from .fsutil import read_into_bytearray
+
+    try:
+        data = read_into_bytearray(Path(args.bundle), DEFAULT_LIMITS.max_bundle_bytes)
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise UsageError(f"bundle {args.bundle} does not exist or is not a file") from e
     m = _agent(args).install(data)
     doc = {
         "installed": True,
@@ -88,7 +87,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         "expires": format_time(m.expires) if m.expires else None,
         "end_of_life": format_time(m.end_of_life) if m.end_of_life else None,
     }
-    _emit(args, doc, lambda d: f"installed {d['model_id']} version {d['model_version']} (bundle {d['bundle_id']})")
+    emit(args, doc, lambda d: f"installed {d['model_id']} version {d['model_version']} (bundle {d['bundle_id']})")
     return 0
 
 
@@ -138,14 +137,40 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     # Status reads public files only: it needs no key source.
     doc = Agent(args.data_dir, KeySource()).status()
-    _emit(args, doc, _status_table)
+    emit(args, doc, _status_table)
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     m = _agent(args).rollback(args.model)
     doc = {"model_id": m.model_id, "model_version": m.model_version, "bundle_id": m.bundle_id}
-    _emit(args, doc, lambda d: f"rolled back: {d['model_id']} now serves version {d['model_version']}")
+    emit(args, doc, lambda d: f"rolled back: {d['model_id']} now serves version {d['model_version']}")
+    return 0
+
+
+def cmd_wipe(args: argparse.Namespace) -> int:
+    from .store import DataDir
+    from .wipe import wipe_pending
+
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("wipe destroys this board's keys and models for good; pass --yes to confirm")
+        if input(f"Destroy every key and model in {args.data_dir}? Type 'wipe': ").strip() != "wipe":
+            raise UsageError("not confirmed; nothing was changed")
+    if wipe_pending(DataDir(args.data_dir).path):
+        from .store import utcnow
+        from .wipe import complete
+
+        doc = complete(DataDir(args.data_dir), utcnow())
+    else:
+        doc = _agent(args).wipe()
+    emit(
+        args,
+        doc,
+        lambda d: f"wiped {d['body']['device_id']}: {len(d['body']['bundles_destroyed'])} bundle(s) destroyed, "
+        f"keys shredded; attestation in {Path(args.data_dir) / 'wipe-attestation.json'}"
+        + ("" if d["signature"] else " (unsigned: the keys could not be unlocked)"),
+    )
     return 0
 
 
@@ -186,21 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("rollback", "serve the previous installed version again", cmd_rollback)
     sp.add_argument("--model")
     sp.add_argument("--json", action="store_true")
+
+    sp = add("wipe", "crypto-shred this board's keys and models (end of life); writes a signed attestation", cmd_wipe)
+    sp.add_argument("--yes", action="store_true", help="confirm without a prompt (scripts, CI)")
+    sp.add_argument("--json", action="store_true")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except EdgeWardError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # last resort: one line, internal error code, never a traceback
-        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 70
+    return run(build_parser(), argv, PROG)
 
 
 if __name__ == "__main__":

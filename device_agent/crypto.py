@@ -10,6 +10,7 @@ are kept in ``bytearray`` objects that callers overwrite with :func:`wipe` when 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import os
@@ -39,11 +40,15 @@ SUITES = (CHACHA20, AES256GCM)
 
 
 def wipe(buf: bytearray | memoryview | None) -> None:
-    """Overwrite a secret buffer in place (best-effort: copies made elsewhere are not reached)."""
-    if buf is None:
+    """Overwrite a secret buffer in place with zeros (best-effort: copies made elsewhere, e.g.
+    the immutable ``bytes`` a runtime needs, are not reached). No temporary copy is made."""
+    if buf is None or len(buf) == 0:
         return
-    view = memoryview(buf).cast("B") if not isinstance(buf, bytearray) else buf
-    view[:] = bytes(len(view))
+    view = memoryview(buf).cast("B")
+    try:
+        ctypes.memset((ctypes.c_char * len(view)).from_buffer(view), 0, len(view))
+    finally:
+        view.release()
 
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
@@ -223,20 +228,27 @@ def decrypt_payload(
     suite: str,
     key: bytearray,
     aad: bytes,
-    payload: bytes | memoryview,
+    payload: bytes | bytearray | memoryview,
     layout: ChunkLayout,
     expected_tags_digest: str,
-) -> bytearray:
-    """Check the signed tags digest, then decrypt every chunk into one new buffer.
+    *,
+    in_place: bool = False,
+) -> bytearray | memoryview:
+    """Check the signed tags digest, then decrypt every chunk.
 
     The tags digest is compared before any decryption, so a payload the publisher did not
     produce is refused without being touched; each chunk's tag then authenticates its bytes.
+    With ``in_place`` the (writable) payload buffer is decrypted where it lies and the
+    plaintext compacted to its start: no second model-sized buffer is ever allocated. The
+    returned view covers the plaintext; on failure the buffer is wiped.
     """
     src = memoryview(payload).cast("B")
     if len(src) != layout.payload_length:
         raise IntegrityError(
             f"payload is {len(src)} bytes but the manifest says {layout.payload_length}"
         )
+    if in_place and src.readonly:
+        raise ValueError("in-place decryption needs a writable buffer (a bytearray)")
     stride = layout.chunk_size + TAG_BYTES
     tags = bytearray()
     for i, _start, length, _final in layout.spans():
@@ -245,18 +257,24 @@ def decrypt_payload(
     if not constant_time_equal(tags_digest(tags), expected_tags_digest):
         raise IntegrityError("payload does not match the signed manifest (tags digest differs)")
     aead = _aead(suite, key)
-    out = bytearray(layout.plaintext_length)
-    dst_all = memoryview(out)
+    out = src if in_place else memoryview(bytearray(layout.plaintext_length))
     try:
         for i, start, length, final in layout.spans():
             at = i * stride
-            aead.decrypt_into(
-                _nonce(i, final), src[at : at + length + TAG_BYTES], aad, dst_all[start : start + length]
-            )
+            if in_place:
+                # Decrypt over the ciphertext (exact overlap is supported), then move the plaintext
+                # down over the tags already consumed; chunk i moves by i * TAG_BYTES.
+                aead.decrypt_into(_nonce(i, final), src[at : at + length + TAG_BYTES], aad, src[at : at + length])
+                if at != start:
+                    src[start : start + length] = src[at : at + length]
+            else:
+                aead.decrypt_into(_nonce(i, final), src[at : at + length + TAG_BYTES], aad, out[start : start + length])
     except InvalidTag as e:
         wipe(out)
         raise IntegrityError(f"payload chunk failed authentication: {e}") from e
-    return out
+    if in_place:
+        return src[: layout.plaintext_length]
+    return out.obj  # type: ignore[return-value]
 
 
 # --- private keys at rest ------------------------------------------------------------------------

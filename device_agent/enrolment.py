@@ -69,13 +69,13 @@ def load_enrolment(data: bytes, source: str = "enrolment") -> Enrolment:
         raise FormatError(f"{source} has a field that is not base64") from e
     if len(box) != crypto.KEY_BYTES or len(sign) != crypto.KEY_BYTES:
         raise FormatError(f"{source} has a public key of the wrong length")
-    e = Enrolment(
+    enrolment = Enrolment(
         device_id=_str(doc["device_id"], "device_id", ID_RE),
         box_public=box,
         sign_public=sign,
         created=parse_time(doc["created"], "created"),
     )
-    if doc["box_fingerprint"] != e.box_fingerprint or doc["sign_fingerprint"] != e.sign_fingerprint:
+    if (doc["box_fingerprint"], doc["sign_fingerprint"]) != (enrolment.box_fingerprint, enrolment.sign_fingerprint):
         raise FormatError(f"{source} fingerprints do not match its keys")
-    crypto.verify(sign, DOMAIN, canonical_json(e.body()), sig)
-    return e
+    crypto.verify(sign, DOMAIN, canonical_json(enrolment.body()), sig)
+    return enrolment

@@ -43,3 +43,25 @@ def atomic_write(path: Path, data: bytes | bytearray | memoryview, mode: int = 0
 def make_private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
+
+
+def read_into_bytearray(path: Path, limit: int) -> bytearray:
+    """Read a whole file into one ``bytearray`` (writable, so it can be decrypted in place)."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            from .errors import FormatError
+
+            raise FormatError(f"{path} is {size} bytes, over the limit of {limit}")
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        view.release()
+    if got != size:
+        del buf[got:]
+    return buf

@@ -31,7 +31,7 @@ from typing import Any
 from . import crypto
 from .bundle import HEX32_RE, ID_RE, Manifest, format_time, parse_time
 from .errors import EnvironmentFault, FormatError, NotInstalled, UsageError
-from .fsutil import atomic_write, make_private_dir
+from .fsutil import atomic_write, make_private_dir, read_into_bytearray
 from .trust import Identity
 
 STATE_SCHEMA = "edgeward.state/1"
@@ -299,16 +299,22 @@ class DataDir:
     def save_state(self, state: State) -> None:
         atomic_write(self.state_file, json.dumps(state.to_json(), indent=2).encode(), 0o600)
 
-    def read_bundle(self, bundle_id: str) -> bytes:
+    def read_bundle(self, bundle_id: str, limit: int = 2**31) -> bytearray:
         try:
-            return self.bundle_path(bundle_id).read_bytes()
+            return read_into_bytearray(self.bundle_path(bundle_id), limit)
         except FileNotFoundError as e:
             raise NotInstalled(
                 f"bundle {bundle_id} is recorded as installed but missing; reinstall the model"
             ) from e
 
-    def store_bundle(self, bundle_id: str, data: bytes | memoryview) -> None:
+    def store_bundle(self, bundle_id: str, data: bytes | bytearray | memoryview) -> None:
+        make_private_dir(self.bundles)
         atomic_write(self.bundle_path(bundle_id), data, 0o600)
+
+    def discard_bundle(self, bundle_id: str) -> None:
+        """Remove a stored bundle that never became part of the state (a failed install)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.bundle_path(bundle_id).unlink()
 
     def collect_garbage(self, state: State) -> list[str]:
         """Delete stored bundles no longer referenced (left by a crash between two steps)."""

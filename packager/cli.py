@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from device_agent.cliutil import emit, run
 from device_agent.errors import EdgeWardError, FormatError, UsageError
 
 from .harden.cli import add_options as add_hardening_options
@@ -19,13 +20,6 @@ from .harden.cli import model_for_pack, register_harden
 from .harden.pipeline import summary
 
 PROG = "edgeward"
-
-
-def _emit(args: argparse.Namespace, doc: Any, text: Callable[[Any], str]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(doc, indent=2, sort_keys=True))
-    else:
-        print(text(doc))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -38,7 +32,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         "fingerprint": files.fingerprint,
         "encrypted": files.encrypted,
     }
-    _emit(
+    emit(
         args,
         doc,
         lambda d: f"wrote {d['private']} (0600{', passphrase-encrypted' if d['encrypted'] else ', NOT encrypted: set EDGEWARD_PASSPHRASE to encrypt'})\n"
@@ -105,7 +99,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     )
     result = pack(model, profile, signer, devices, opts, Path(args.out), progress=_progress(args))
     r = result.report
-    _emit(
+    emit(
         args,
         r,
         lambda d: (summary(d["hardening"]) + "\n" if d["hardening"] else "")
@@ -159,7 +153,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             lines.append(f"  {k:<17} {v}")
         return "\n".join(lines)
 
-    _emit(args, doc, text)
+    emit(args, doc, text)
     return code
 
 
@@ -168,7 +162,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
     profiles = builtin_profiles()
     doc = {name: p.to_json() | {"cipher": p.cipher} for name, p in sorted(profiles.items())}
-    _emit(
+    emit(
         args,
         doc,
         lambda d: "\n".join(
@@ -234,17 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except EdgeWardError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # last resort: one line, internal error code, never a traceback
-        print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 70
+    return run(build_parser(), argv, PROG)
 
 
 if __name__ == "__main__":

@@ -70,20 +70,20 @@ class PackOptions:
 def load_enrolments(files: Iterable[Path]) -> list[Enrolment]:
     """Read and verify every enrolment before anything is written; duplicates are refused."""
     seen: dict[str, Path] = {}
-    out = []
+    out: list[Enrolment] = []
     for path in files:
         try:
             data = path.read_bytes()
         except FileNotFoundError as e:
             raise UsageError(f"enrolment {path} does not exist") from e
         try:
-            e = load_enrolment(data, str(path))
+            enrolment = load_enrolment(data, str(path))
         except EdgeWardError as err:
             raise type(err)(f"{path}: {err}") from err
-        if e.device_id in seen:
-            raise UsageError(f"device {e.device_id} is enrolled twice: {seen[e.device_id]} and {path}")
-        seen[e.device_id] = path
-        out.append(e)
+        if enrolment.device_id in seen:
+            raise UsageError(f"device {enrolment.device_id} is enrolled twice: {seen[enrolment.device_id]} and {path}")
+        seen[enrolment.device_id] = path
+        out.append(enrolment)
     if not out:
         raise UsageError("no devices to pack for: pass --device FILE or --devices-dir DIR")
     return out

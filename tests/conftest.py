@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +76,13 @@ def make_board(tmp_path: Path, publisher: Path, keys: KeySource) -> Callable[...
     """Provision a fresh board trusting the session publisher."""
     from device_agent.keyfiles import load_public_key_file
 
-    def make(device_id: str = "pi-001") -> Board:
+    def make(device_id: str = "pi-001", key_source: KeySource | None = None) -> Board:
         d = tmp_path / f"board-{device_id}"
         enrolment = tmp_path / f"{device_id}.json"
         pub = load_public_key_file(publisher / "publisher.pub")
-        enrolment.write_bytes(Agent.provision(d, device_id, [pub], [], keys))
-        return Board(d, enrolment, device_id, keys)
+        src = key_source or keys
+        enrolment.write_bytes(Agent.provision(d, device_id, [pub], [], src))
+        return Board(d, enrolment, device_id, src)
 
     return make
 
@@ -115,5 +115,10 @@ def pack_for(tmp_path: Path, publisher: Path) -> Callable[..., Path]:
     return do
 
 
-def copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, symlinks=True)
+def tree_snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``root`` with its mode and bytes: equal snapshots mean nothing changed."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.bundle import Sidecar
+from device_agent.cliutil import emit
 from device_agent.errors import FormatError, IntegrityError, UsageError
 
 from ..modelfile import ModelFile, infer_task, read_model
@@ -220,7 +221,7 @@ def _write(path: Path, data: bytes) -> None:
 def cmd_harden(args: argparse.Namespace) -> int:
     """Write the hardened model, its sidecar, model card and report into --out."""
     from .. import __version__
-    from ..cli import _emit, _labels
+    from ..cli import _labels
     from ..pack import parse_cli_time
     from ..profiles import load_profile
 
@@ -254,7 +255,7 @@ def cmd_harden(args: argparse.Namespace) -> int:
     _write(out / "sidecar.json", (json.dumps(sidecar.to_json(), indent=2) + "\n").encode())
     _write(out / "model-card.cdx.json", (json.dumps(card, indent=2) + "\n").encode())
     _write(out / "report.json", (json.dumps(h.report, indent=2) + "\n").encode())
-    _emit(
+    emit(
         args,
         h.report,
         lambda r: (

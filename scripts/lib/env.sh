@@ -7,6 +7,9 @@ EW_PY="$EW_VENV/bin/python"
 
 ew_log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+# pip, quietly: this machine's pip config names package indexes that may be absent locally.
+ew_pip() { "$EW_PY" -m pip --disable-pip-version-check "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
+
 ensure_venv() {
   local stamp="$EW_VENV/.edgeward-installed" want
   want="$(cat "$EW_ROOT/pyproject.toml" "$EW_ROOT/scripts/lib/env.sh" | sha256sum | cut -d' ' -f1)"
@@ -16,12 +19,11 @@ ensure_venv() {
   ew_log "installing EdgeWard and its test dependencies into $EW_VENV (first run only)"
   command -v python3 >/dev/null || { echo "python3 (3.11+) is required" >&2; exit 4; }
   [ -x "$EW_PY" ] || python3 -m venv "$EW_VENV"
-  "$EW_PY" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
-  "$EW_PY" -m pip install --quiet --disable-pip-version-check -e "$EW_ROOT[all]"
+  ew_pip install --quiet -e "$EW_ROOT[all]"
   # Real third-party models that ship inside wheels; their heavy runtime deps (torch) are not needed.
-  "$EW_PY" -m pip install --quiet --disable-pip-version-check --no-deps "silero-vad==6.2.*"
+  ew_pip install --quiet --no-deps "silero-vad==6.2.*"
   # RapidOCR's recogniser keeps its character dictionary in metadata_props (hardening tests).
-  "$EW_PY" -m pip install --quiet --disable-pip-version-check --no-deps "rapidocr-onnxruntime==1.4.*"
+  ew_pip install --quiet --no-deps "rapidocr-onnxruntime==1.4.*"
   echo "$want" > "$stamp"
 }
 

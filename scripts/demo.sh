@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The EdgeWard lifecycle on this machine, end to end, with real keys, a real model and real
+# runtimes. Installs what it needs into .venv on first run. Artefacts go to $EDGEWARD_DEMO_DIR
+# (default: a fresh temporary directory, printed at the end).
+set -euo pipefail
+source "$(dirname "$0")/lib/env.sh"
+ensure_venv
+
+WORK="${EDGEWARD_DEMO_DIR:-$(mktemp -d -t edgeward-demo.XXXXXX)}"
+mkdir -p "$WORK"
+PY="$EW_PY"
+BIN="$EW_VENV/bin"
+export EDGEWARD_PASSPHRASE="demo publisher passphrase"      # wraps the publisher key
+export EDGEWARD_DEVICE_PASSPHRASE="demo board passphrase"   # wraps each board's keys
+cd "$WORK"
+
+step() { printf '\n\033[1;34m### %s\033[0m\n' "$*"; }
+show() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
+refused() {  # run a command that must be refused; show its one-line reason and exit code
+  printf '\033[2m$ %s\033[0m\n' "$*"
+  set +e; "$@"; local rc=$?; set -e
+  if [ "$rc" -eq 0 ]; then echo "!! expected a refusal but the command succeeded" >&2; exit 1; fi
+  printf '\033[33m-> refused with exit code %s\033[0m\n' "$rc"
+}
+
+step "1. A real model: an MLP trained on scikit-learn's bundled digits data, exported to ONNX"
+(cd "$EW_ROOT" && "$PY" -m tests.fixtures.models "$WORK/model")
+"$PY" - <<PY
+import numpy as np
+z = np.load("$WORK/model/digits_test.npz")
+np.save("$WORK/sample.npy", z["x"][0]); np.save("$WORK/batch.npy", z["x"][:8])
+print("true labels of the batch:", z["y"][:8].tolist())
+PY
+
+step "2. The publisher's signing key (Ed25519, 0600, passphrase-encrypted)"
+show "$BIN/edgeward" keys publisher --out keys
+
+step "3. Two boards provision themselves: keys made on the board, public enrolment exported"
+mkdir -p enrolments
+for dev in pi-kitchen pi-garage; do
+  show "$BIN/edgeward-agent" provision --data-dir "boards/$dev" --device-id "$dev" \
+       --publisher-pub keys/publisher.pub --export "enrolments/$dev.json"
+done
+
+step "4. Pack: one signed bundle per board, each encrypted to that board's key"
+printf '%s\n' zero one two three four five six seven eight nine > labels.txt
+for v in 1 2; do
+  show "$BIN/edgeward" pack model/digits_mlp.onnx --profile rpi4b --publisher-key keys/publisher.key \
+       --devices-dir enrolments --model-id digits --model-version "$v" --labels labels.txt \
+       --end-of-life 2030-01-01T00:00:00Z --out "release-v$v" --quiet
+done
+ls -l release-v2
+
+step "5. Anyone can read the clear header; it names no labels, shapes or framework"
+show "$BIN/edgeward" inspect release-v2/pi-kitchen.ewb --publisher-pub keys/publisher.pub
+
+step "6. The board installs v2 (verify, check, decrypt in memory, store still encrypted)"
+show "$BIN/edgeward-agent" install release-v2/pi-kitchen.ewb --data-dir boards/pi-kitchen
+
+step "7. Predictions: a label by default, scores only for the admin role"
+show "$BIN/edgeward-agent" predict --data-dir boards/pi-kitchen --input sample.npy
+show "$BIN/edgeward-agent" predict --data-dir boards/pi-kitchen --input sample.npy --role engineer
+show "$BIN/edgeward-agent" predict --data-dir boards/pi-kitchen --input sample.npy --role admin
+show "$BIN/edgeward-agent" predict --data-dir boards/pi-kitchen --input batch.npy
+
+step "8. Refusals: each one exits non-zero, says why in one line, and changes nothing"
+"$PY" - <<PY
+data = bytearray(open("release-v2/pi-kitchen.ewb", "rb").read())
+data[200] ^= 0x01                       # one flipped bit inside the signed manifest
+open("tampered.ewb", "wb").write(data)
+PY
+refused "$BIN/edgeward-agent" install tampered.ewb --data-dir boards/pi-kitchen
+refused "$BIN/edgeward-agent" install release-v1/pi-kitchen.ewb --data-dir boards/pi-kitchen
+refused "$BIN/edgeward-agent" install release-v2/pi-garage.ewb --data-dir boards/pi-kitchen
+head -c 4000 release-v2/pi-kitchen.ewb > truncated.ewb
+refused "$BIN/edgeward-agent" install truncated.ewb --data-dir boards/pi-kitchen
+
+step "9. The board still serves v2, exactly as before"
+show "$BIN/edgeward-agent" status --data-dir boards/pi-kitchen
+show "$BIN/edgeward-agent" predict --data-dir boards/pi-kitchen --input sample.npy
+
+if [ -f "$EW_ROOT/scripts/lib/demo_fleet.sh" ]; then
+  source "$EW_ROOT/scripts/lib/demo_fleet.sh"
+  demo_fleet
+fi
+
+printf '\n\033[1;32mDemo complete.\033[0m Artefacts in %s\n' "$WORK"

@@ -1,0 +1,77 @@
+"""End of life on the board: crypto-shred, resumable after a power cut, with a signed attestation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from device_agent import Agent
+from device_agent.errors import BadSignature, UsageError
+from device_agent.store import utcnow
+from device_agent.wipe import ATTESTATION, MARKER, begin, verify_attestation
+
+
+def _installed(make_board, pack_for, digits):
+    board = make_board()
+    agent = board.agent()
+    agent.install((pack_for(digits.onnx, [board]) / "pi-001.ewb").read_bytes())
+    return board, agent
+
+
+def test_wipe_destroys_keys_and_bundles_and_signs_an_attestation(digits, make_board, pack_for):
+    board, agent = _installed(make_board, pack_for, digits)
+    sign_public = agent.store.identity().sign_public
+    bundle_id = agent.status()["models"][0]["bundle_id"]
+    doc = agent.wipe()
+    assert sorted(p.name for p in board.data_dir.rglob("*") if p.is_file()) == [ATTESTATION]
+    body = verify_attestation(json.loads((board.data_dir / ATTESTATION).read_text()), sign_public)
+    assert body["bundles_destroyed"] == [bundle_id] and body["device_id"] == "pi-001"
+    assert doc["completed"] >= body["started"]
+    with pytest.raises(UsageError, match="not a provisioned data dir"):
+        board.agent()
+    forged = dict(doc, body=dict(body, bundles_destroyed=[]))
+    with pytest.raises(BadSignature):
+        verify_attestation(forged, sign_public)
+
+
+def test_an_interrupted_wipe_completes_on_the_next_start(digits, make_board, pack_for):
+    """Power cut right after the marker was written: the next agent start finishes the wipe."""
+    board, agent = _installed(make_board, pack_for, digits)
+    begin(agent.store, board.keys, utcnow())
+    assert (board.data_dir / MARKER).exists()
+    with pytest.raises(UsageError):
+        Agent(board.data_dir, board.keys)
+    assert not (board.data_dir / MARKER).exists()
+    assert not (board.data_dir / "keys.wrapped").exists()
+    assert not list((board.data_dir / "bundles").iterdir())
+
+
+def test_wipe_without_the_passphrase_still_destroys_everything(digits, make_board, pack_for, monkeypatch, capsys):
+    from device_agent.cli import main
+
+    board, _ = _installed(make_board, pack_for, digits)
+    monkeypatch.delenv("EDGEWARD_DEVICE_PASSPHRASE", raising=False)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    assert main(["wipe", "--data-dir", str(board.data_dir)]) == 2
+    assert "pass --yes" in capsys.readouterr().err
+    assert (board.data_dir / "keys.wrapped").exists()
+    assert main(["wipe", "--data-dir", str(board.data_dir), "--yes", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["signature"] is None and not (board.data_dir / "keys.wrapped").exists()
+
+
+def test_a_surviving_copy_of_the_bundle_is_useless_after_wipe(digits, make_board, pack_for, publisher):
+    """Flash may keep the bundle's blocks; the only key that opened it is gone. Re-provisioned
+    under the same device id, the board has a new key and refuses the old bundle."""
+    from device_agent.errors import WrongDevice
+    from device_agent.keyfiles import load_public_key_file
+
+    board, agent = _installed(make_board, pack_for, digits)
+    bundle_id = agent.status()["models"][0]["bundle_id"]
+    copy = (board.data_dir / "bundles" / f"{bundle_id}.ewb").read_bytes()
+    agent.wipe()
+    (board.data_dir / ATTESTATION).unlink()
+    Agent.provision(board.data_dir, "pi-001", [load_public_key_file(publisher / "publisher.pub")], [], board.keys)
+    with pytest.raises(WrongDevice, match="sealed to another key"):
+        Agent(board.data_dir, board.keys).install(copy)
