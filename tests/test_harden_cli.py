@@ -22,10 +22,10 @@ from tests.fixtures.hardening import (
     preprocess_files,
     rapidocr_labels,
     rapidocr_rec_model,
-    silero_vad_model,
     text_image,
     write_json,
 )
+from tests.fixtures.models import silero_vad_onnx
 
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -259,7 +259,7 @@ def test_harden_cli_silero_quantisation_skipped_no_traceback(
         main(
             [
                 "harden",
-                str(silero_vad_model()),
+                str(silero_vad_onnx()),
                 "--profile",
                 "rpi4b",
                 "--out",

@@ -16,9 +16,9 @@ from tests.fixtures.hardening import (
     digits_cnn,
     leaked,
     onnx_secrets,
-    silero_vad_model,
     tflite_secrets,
 )
+from tests.fixtures.models import silero_vad_onnx
 
 
 def _cnn_options(**kw: object) -> HardenOptions:
@@ -67,11 +67,11 @@ def test_harden_quantise_digits_mlp_dynamic(digits, digits_test) -> None:
 
 
 def test_harden_unquantisable_control_flow_is_skipped_and_recorded() -> None:
-    data = silero_vad_model().read_bytes()
+    data = silero_vad_onnx().read_bytes()
     with pytest.raises(Unquantisable, match="control flow"):
         quantise(data, "onnx", "dynamic", None)
     h = harden(
-        read_model(silero_vad_model()), load_profile("rpi4b"), HardenOptions(quantise="dynamic")
+        read_model(silero_vad_onnx()), load_profile("rpi4b"), HardenOptions(quantise="dynamic")
     )
     q = h.report["quantisation"]
     assert q["status"] == "skipped" and "control flow" in q["reason"]

@@ -17,9 +17,9 @@ from tests.fixtures.hardening import (
     onnx_secrets,
     rapidocr_labels,
     rapidocr_rec_model,
-    silero_vad_model,
     tflite_secrets,
 )
+from tests.fixtures.models import silero_vad_onnx
 
 
 def _runtime_strings(data: bytes) -> set[str]:
@@ -55,7 +55,7 @@ def test_harden_strip_onnx_leaves_no_names_and_same_predictions(
     path, feeds = {
         "digits-mlp": (digits.onnx, [x]),
         "digits-cnn": (cnn.onnx, [cnn_x]),
-        "silero-vad": (silero_vad_model(), _silero_feeds()),
+        "silero-vad": (silero_vad_onnx(), _silero_feeds()),
     }[which]
     data = path.read_bytes()
     stripped = strip_onnx(data)
