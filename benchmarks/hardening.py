@@ -42,7 +42,7 @@ def main(cache: Path) -> int:
             ("int8", None, 0.35),
             ("auto-prune + int8, compressed", "auto", 0.25),
         ):
-            opts = HardenOptions(quantise="static", prune=prune, preprocess=spec, **base)  # type: ignore[arg-type]
+            opts = HardenOptions(quantise="static", prune=prune, preprocess=spec, **base)
             h = harden(model, load_profile(profile), opts)
             r = h.report
             size = r["size_bytes"]["output"] if prune is None else _payload(h.model.data, fmt, spec)
