@@ -405,6 +405,7 @@ def test_harden_pack_flag_uses_profile_defaults_and_plain_pack_keeps_bytes(
     assert main([*base, "--model-version", "1", "--out", str(tmp_path / "plain")]) == 0
     plain = json.loads((tmp_path / "plain" / "report.json").read_text())
     assert plain["hardening"] is None
+    _validate_cyclonedx(json.loads((tmp_path / "plain" / "model-card.cdx.json").read_text()))
     assert plain["model"]["sha256"] == hashlib.sha256(digits.onnx.read_bytes()).hexdigest()
     capsys.readouterr()
     assert (
