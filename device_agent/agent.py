@@ -24,7 +24,9 @@ from .enrolment import Enrolment
 from .errors import NotInstalled, RollbackRefused, UsageError
 from .limits import DEFAULT_LIMITS, Limits
 from .output import prepare_inputs, shape_output
+from .preprocess import apply as preprocess
 from .runtime import Runner, load_runner
+from .sequence import decode_ctc
 from .store import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
 from .wipe import complete as complete_wipe
 from .wipe import wipe_pending
@@ -221,9 +223,11 @@ class Agent:
     ) -> dict[str, Any]:
         """Run the model on ``inputs`` and return what ``role`` may see (a label by default)."""
         loaded = self.model(model_id)
-        feeds, batched = prepare_inputs(loaded.runner, inputs)
+        x, single = preprocess(loaded.sidecar.preprocess, inputs, self.limits.max_input_bytes // 4)
+        feeds, batched = prepare_inputs(loaded.runner, x)
         outputs = loaded.runner.run(feeds)
-        return shape_output(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched)
+        shape = decode_ctc if loaded.sidecar.task.get("kind") == "ctc" else shape_output
+        return shape(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched and not single)
 
     def wipe(self) -> dict[str, Any]:
         """Crypto-shred this board's keys and models (device_agent.wipe); returns the attestation."""

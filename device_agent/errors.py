@@ -64,3 +64,7 @@ class NotInstalled(EdgeWardError):
     """No model is installed where one is needed."""
 
     exit_code = 4
+
+
+class AccuracyRefused(SecurityRefusal):
+    """A hardened model lost more accuracy on the target runtime than the publisher allowed."""

@@ -15,6 +15,10 @@ from typing import Any
 from device_agent.cliutil import emit, run
 from device_agent.errors import EdgeWardError, FormatError, UsageError
 
+from .harden.cli import add_options as add_hardening_options
+from .harden.cli import model_for_pack, register_harden
+from .harden.pipeline import summary
+
 PROG = "edgeward"
 
 
@@ -67,18 +71,12 @@ def _progress(args: argparse.Namespace) -> Callable[[Iterable[Any]], Iterable[An
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from .keys import load_private_key
-    from .modelfile import infer_task, read_model
     from .pack import PackOptions, discover_devices, load_enrolments, pack, parse_cli_time
     from .profiles import load_profile
 
     profile = load_profile(args.profile)
     signer = load_private_key(Path(args.publisher_key))
     devices = load_enrolments(discover_devices(args.device, args.devices_dir))
-    model = read_model(Path(args.model), args.expect_sha256, profile.max_model_bytes)
-    if model.runtime != profile.runtime:
-        raise UsageError(
-            f"profile {profile.name} runs {profile.runtime} but {Path(args.model).name} is a {model.format} model"
-        )
     task: dict[str, Any] = {}
     if args.task:
         task["kind"] = args.task
@@ -89,20 +87,23 @@ def cmd_pack(args: argparse.Namespace) -> int:
     labels = _labels(args.labels)
     if labels:
         task["labels"] = labels
+    model, task, extra = model_for_pack(args, profile, task)
     opts = PackOptions(
         model_id=args.model_id,
         model_version=args.model_version,
         expires=parse_cli_time(args.expires, "--expires"),
         end_of_life=parse_cli_time(args.end_of_life, "--end-of-life"),
-        task=infer_task(model, task),
+        task=task,
         compress=not args.no_compress,
+        **extra,
     )
     result = pack(model, profile, signer, devices, opts, Path(args.out), progress=_progress(args))
     r = result.report
     emit(
         args,
         r,
-        lambda d: f"packed {d['model']['id']} v{d['model']['version']} ({d['model']['size_bytes']} bytes, "
+        lambda d: (summary(d["hardening"]) + "\n" if d["hardening"] else "")
+        + f"packed {d['model']['id']} v{d['model']['version']} ({d['model']['size_bytes']} bytes, "
         f"{d['model']['compression']}) for {len(d['bundles'])} device(s) with {d['cipher']}\n"
         f"bundles, model-card.cdx.json and report.json in {args.out}",
     )
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pack MODEL into OUT/<device-id>.ewb for every enrolled device, plus "
         "OUT/model-card.cdx.json and OUT/report.json. Nothing is written unless every bundle succeeds.",
     )
-    sp.add_argument("model", help="model file (.onnx or .tflite)")
+    sp.add_argument("model", help="model file (.onnx or .tflite) or an 'edgeward harden' output directory")
     sp.add_argument("--profile", required=True, help="board profile name (edgeward profiles) or a .toml file")
     sp.add_argument("--publisher-key", required=True, help="publisher private key (EDGEWARD_PASSPHRASE if encrypted)")
     sp.add_argument("--device", action="append", help="device enrolment JSON (repeatable)")
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model-version", required=True, type=int, help="integer; boards accept only increasing versions")
     sp.add_argument("--expires", help="last time the bundle may be installed (ISO 8601, e.g. 2027-01-31T00:00:00Z)")
     sp.add_argument("--end-of-life", help="time after which the model stops serving (ISO 8601)")
-    sp.add_argument("--task", choices=["classifier", "binary", "raw"], help="how outputs become answers (default: detected)")
+    sp.add_argument("--task", choices=["classifier", "binary", "raw", "ctc"], help="how outputs become answers (default: detected)")
     sp.add_argument("--threshold", type=float, help="decision threshold for --task binary")
     sp.add_argument("--output-index", type=int, help="which model output carries the scores")
     sp.add_argument("--labels", help="class labels: JSON list or one per line (sealed, never in the clear)")
@@ -209,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_hardening_options(sp, for_pack=True)
     sp.set_defaults(func=cmd_pack)
+
+    register_harden(sub)
 
     sp = sub.add_parser("inspect", help="show a bundle's clear header and verify it")
     sp.add_argument("bundle")

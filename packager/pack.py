@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,6 +36,8 @@ from device_agent.errors import EdgeWardError, FormatError, UsageError
 from device_agent.fsutil import fsync_dir
 
 from . import __version__
+from .harden.modelcard import CardFacts
+from .harden.modelcard import build as build_card
 from .modelfile import ModelFile
 from .profiles import Profile
 
@@ -53,6 +54,9 @@ class PackOptions:
     policy: dict[str, Any] = field(default_factory=dict)
     compress: bool = True
     created: datetime | None = None
+    preprocess: dict[str, Any] | None = None  # sealed pre-processing (packager.harden)
+    card_facts: CardFacts | None = None  # what hardening measured, for the model card
+    hardening: dict[str, Any] | None = None  # the hardening report, kept in report.json
 
     def __post_init__(self) -> None:
         if not ID_RE.match(self.model_id):
@@ -93,7 +97,7 @@ def build_sidecar(model: ModelFile, profile: Profile, opts: PackOptions, model_c
         task=opts.task,
         policy=opts.policy,
         runtime={"threads": profile.threads},
-        preprocess=None,
+        preprocess=opts.preprocess,
         model_card=model_card,
     )
 
@@ -110,45 +114,16 @@ def seal(sidecar: Sidecar, model: bytes, compress: bool) -> tuple[bytes | bytear
 
 def model_card(model: ModelFile, profile: Profile, opts: PackOptions, created: datetime) -> dict[str, Any]:
     """A CycloneDX 1.6 ML-BOM describing the model as an asset (NCSC 2.5)."""
-    props = [
-        {"name": "edgeward:model_version", "value": str(opts.model_version)},
-        {"name": "edgeward:profile", "value": profile.name},
-        {"name": "edgeward:runtime", "value": profile.runtime},
-        {"name": "edgeward:destruction_method", "value": "crypto-shred (NIST SP 800-88 cryptographic erase)"},
-    ]
-    if opts.end_of_life:
-        props.append({"name": "edgeward:end_of_life", "value": format_time(opts.end_of_life)})
-    if opts.expires:
-        props.append({"name": "edgeward:bundle_expires", "value": format_time(opts.expires)})
-    return {
-        "bomFormat": "CycloneDX",
-        "specVersion": "1.6",
-        "serialNumber": f"urn:uuid:{uuid.uuid4()}",
-        "version": 1,
-        "metadata": {
-            "timestamp": format_time(created),
-            "tools": {"components": [{"type": "application", "name": "edgeward", "version": __version__}]},
-        },
-        "components": [
-            {
-                "type": "machine-learning-model",
-                "bom-ref": f"model:{opts.model_id}@{opts.model_version}",
-                "name": opts.model_id,
-                "version": str(opts.model_version),
-                "hashes": [{"alg": "SHA-256", "content": model.sha256}],
-                "modelCard": {
-                    "modelParameters": {
-                        "task": str(opts.task.get("kind", "classifier")),
-                        "modelArchitecture": model.format,
-                    },
-                    "considerations": {
-                        "useCases": ["on-device inference through the EdgeWard agent"],
-                    },
-                },
-                "properties": props,
-            }
-        ],
-    }
+    facts = opts.card_facts or CardFacts(
+        input_sha256=model.sha256, input_name=model.path.name, input_bytes=len(model.data),
+        output_sha256=model.sha256, output_bytes=len(model.data), model_format=model.format,
+        task=str(opts.task.get("kind", "classifier")),
+    )
+    return build_card(
+        facts, model_id=opts.model_id, model_version=opts.model_version, profile=profile.name,
+        runtime=profile.runtime, created=created, tool_version=__version__,
+        end_of_life=opts.end_of_life, expires=opts.expires,
+    )
 
 
 @dataclass
@@ -253,6 +228,7 @@ def pack(
             "expires": format_time(opts.expires) if opts.expires else None,
             "end_of_life": format_time(opts.end_of_life) if opts.end_of_life else None,
             "bundles": records,
+            "hardening": opts.hardening,
             "seconds": {"prepare": round(t1 - t0, 4), "bundles": round(t2 - t1, 4)},
         }
         (staging / "model-card.cdx.json").write_text(json.dumps(card, indent=2) + "\n")

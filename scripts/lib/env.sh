@@ -22,6 +22,8 @@ ensure_venv() {
   ew_pip install --quiet -e "$EW_ROOT[all]"
   # Real third-party models that ship inside wheels; their heavy runtime deps (torch) are not needed.
   ew_pip install --quiet --no-deps "silero-vad==6.2.*"
+  # RapidOCR's recogniser keeps its character dictionary in metadata_props (hardening tests).
+  ew_pip install --quiet --no-deps "rapidocr-onnxruntime==1.4.*"
   echo "$want" > "$stamp"
 }
 
