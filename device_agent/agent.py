@@ -21,7 +21,7 @@ from . import crypto
 from .bundle import ID_RE, Manifest, Sidecar, format_time, verify_bundle
 from .enrolment import DOMAIN as ENROLMENT_DOMAIN
 from .enrolment import Enrolment
-from .errors import NotInstalled, RollbackRefused, UsageError
+from .errors import IntegrityError, NotInstalled, RollbackRefused, UsageError
 from .limits import DEFAULT_LIMITS, Limits
 from .output import prepare_inputs, shape_output
 from .runtime import Runner, load_runner
@@ -195,6 +195,26 @@ class Agent:
             loaded = self._load(mid, state)
             check_serving_life(loaded.manifest, trusted_now(self._clock(), state.clock_floor))
             return loaded
+
+    def recheck(self, loaded: LoadedModel) -> None:
+        """Integrity monitoring hook: re-verify the stored bundle of a loaded model, decrypt it
+        and check the model digest against the sealed sidecar of the model being served.
+        Raises IntegrityError (or another SecurityRefusal) when anything differs."""
+        data = self.store.read_bundle(loaded.manifest.bundle_id)
+        publishers, _ = self.store.trust()
+        vb = verify_bundle(data, publishers, self.limits)
+        if vb.manifest.bundle_id != loaded.manifest.bundle_id:
+            raise IntegrityError("the stored bundle is not the one being served")
+        keys = self.store.unlock(self._source)
+        try:
+            contents = vb.decrypt(keys.box_private, self.limits)  # checks the model digest
+        finally:
+            keys.wipe()
+        try:
+            if not crypto.constant_time_equal(contents.sidecar.model_sha256, loaded.sidecar.model_sha256):
+                raise IntegrityError("the stored model digest differs from the model being served")
+        finally:
+            contents.wipe()
 
     def predict(
         self,

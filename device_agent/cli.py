@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import service_cli
 from .errors import EdgeWardError, FormatError, UsageError
 from .limits import DEFAULT_LIMITS
 
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("rollback", "serve the previous installed version again", cmd_rollback)
     sp.add_argument("--model")
     sp.add_argument("--json", action="store_true")
+    service_cli.register(sub)
     return p
 
 

@@ -74,7 +74,7 @@ def _progress(args: argparse.Namespace) -> Callable[[Iterable[Any]], Iterable[An
 def cmd_pack(args: argparse.Namespace) -> int:
     from .keys import load_private_key
     from .modelfile import infer_task, read_model
-    from .pack import PackOptions, discover_devices, load_enrolments, pack, parse_cli_time
+    from .pack import PackOptions, build_policy, discover_devices, load_enrolments, pack, parse_cli_time
     from .profiles import load_profile
 
     profile = load_profile(args.profile)
@@ -101,6 +101,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         expires=parse_cli_time(args.expires, "--expires"),
         end_of_life=parse_cli_time(args.end_of_life, "--end-of-life"),
         task=infer_task(model, task),
+        policy=build_policy(args.policy, args.calibrate_ood),
         compress=not args.no_compress,
     )
     result = pack(model, profile, signer, devices, opts, Path(args.out), progress=_progress(args))
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output-index", type=int, help="which model output carries the scores")
     sp.add_argument("--labels", help="class labels: JSON list or one per line (sealed, never in the clear)")
     sp.add_argument("--expect-sha256", help="refuse the model unless its SHA-256 is this")
+    sp.add_argument("--policy", help="serving policy JSON sealed in the bundle (roles, bands, throttle, audit)")
+    sp.add_argument("--calibrate-ood", help="validation inputs (.npz, array x) to calibrate OoD/probing detection")
     sp.add_argument("--no-compress", action="store_true", help="do not compress the payload before encryption")
     sp.add_argument("--out", required=True)
     sp.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,0 +1,273 @@
+"""HTTP/1.1 adapter for :class:`device_agent.serve.Service`, on a Unix socket or loopback TCP.
+
+Standard library only (``http.server``): light enough for a Pi Zero 2 W. One thread per
+connection, keep-alive, a read timeout against slow clients, and the body length bounded
+before a byte of it is read.
+
+    GET  /v1/health    200 {"status": "serving"} or 503; no token needed, nothing revealed
+    GET  /v1/status    admin only: the service counters
+    POST /v1/predict   JSON {"inputs": ...} or an .npy body; the answer the token's role may see
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import math
+import os
+import socket
+import socketserver
+import stat
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeWardError, EnvironmentFault, UsageError
+from .serve import Service, Throttled, TooLarge, http_status
+
+READ_TIMEOUT = 30.0
+DRAIN_FACTOR = 16
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "edgeward-agent"
+    sys_version = ""
+    timeout = READ_TIMEOUT
+    service: Service  # set on the subclass made for each server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        """Silent: every query is in the audit log instead."""
+
+    def _send(self, status: int, doc: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, e: EdgeWardError) -> None:
+        status = http_status(e)
+        headers = {}
+        if isinstance(e, Throttled):
+            headers["Retry-After"] = str(max(1, math.ceil(min(e.retry_after, 86400.0))))
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="edgeward-agent"'
+        if isinstance(e, TooLarge):
+            self.close_connection = True  # the unread body is still on the wire
+        self._send(status, {"error": {"status": status, "message": str(e)}}, headers)
+
+    def _discard(self, length: int) -> None:
+        """Read and drop an oversized body (up to DRAIN_FACTOR times the limit) so the client
+        gets its 413; anything larger gets the 413 and a closed connection."""
+        if 0 <= length <= DRAIN_FACTOR * self.service.config.max_request_bytes:
+            while length > 0:
+                chunk = self.rfile.read(min(length, 65536))
+                if not chunk:
+                    break
+                length -= len(chunk)
+        else:
+            self.close_connection = True
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._send(200, fn())
+        except EdgeWardError as e:
+            self._error(e)
+        except Exception as e:  # never a traceback to the client; the audit log has the query
+            self._send(500, {"error": {"status": 500, "message": f"internal error: {type(e).__name__}"}})
+
+    def do_GET(self) -> None:  # noqa: N802
+        s = self.service
+        if self.path == "/v1/health":
+            self._run(s.health)
+        elif self.path == "/v1/status":
+            self._run(lambda: s.status(s.authenticate(self.headers.get("Authorization"))))
+        else:
+            self._send(404, {"error": {"status": 404, "message": "no such endpoint"}})
+
+    def do_POST(self) -> None:  # noqa: N802
+        s = self.service
+        if self.path != "/v1/predict":
+            self._send(404, {"error": {"status": 404, "message": "no such endpoint"}})
+            return
+
+        def predict() -> dict[str, Any]:
+            who = s.authenticate(self.headers.get("Authorization"))
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.close_connection = True
+                raise TooLarge("a Content-Length header is required") from None
+            if length < 0 or length > s.config.max_request_bytes:
+                self._discard(length)
+                raise TooLarge(f"request body is {length} bytes, the limit is {s.config.max_request_bytes}")
+            body = self.rfile.read(length)
+            return s.predict(who, body, self.headers.get("Content-Type", "application/json"))
+
+        self._run(predict)
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, _ = self.socket.accept()
+        return conn, ("unix", 0)  # http.server expects a (host, port) pair
+
+
+class _TcpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().server_bind()
+
+
+def _handler(service: Service) -> type[Handler]:
+    return type("BoundHandler", (Handler,), {"service": service})
+
+
+def bind_unix(service: Service, path: Path, mode: int = 0o660) -> socketserver.BaseServer:
+    """Listen on a Unix socket at ``path`` (mode 0660: the owner and the application's group)."""
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise UsageError(f"{path} exists and is not a socket; pick another --socket")
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(path))
+                raise UsageError(f"another agent is already listening on {path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                path.unlink()  # stale socket left by a crash
+    old = os.umask(0o177)
+    try:
+        server = _UnixServer(str(path), _handler(service))
+    except OSError as e:
+        raise EnvironmentFault(f"cannot listen on {path}: {e.strerror}") from e
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    return server
+
+
+def bind_tcp(service: Service, listen: str) -> socketserver.BaseServer:
+    """Listen on loopback TCP only (``127.0.0.1:PORT`` or ``[::1]:PORT``)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise UsageError(f"--listen {listen}: only loopback addresses are served; use a Unix socket")
+        port_n = int(port)
+    except ValueError as e:
+        raise UsageError(f"--listen {listen}: expected 127.0.0.1:PORT") from e
+    cls = _TcpServer
+    if ":" in host:
+        cls = type("_Tcp6Server", (_TcpServer,), {"address_family": socket.AF_INET6})
+    try:
+        return cls((host, port_n), _handler(service))
+    except OSError as e:
+        raise EnvironmentFault(f"cannot listen on {listen}: {e.strerror}") from e
+
+
+class Server:
+    """Runs a service on its listeners until :meth:`stop`; usable as a context manager."""
+
+    def __init__(self, service: Service, socket_path: Path | None, listen: str | None = None) -> None:
+        if socket_path is None and listen is None:
+            raise UsageError("nothing to listen on: give --socket or --listen")
+        self.service = service
+        self.socket_path = socket_path
+        self._servers = []
+        if socket_path is not None:
+            self._servers.append(bind_unix(service, socket_path))
+        if listen is not None:
+            self._servers.append(bind_tcp(service, listen))
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        for s in self._servers:
+            if isinstance(s, _TcpServer):
+                return s.server_address[:2]  # type: ignore[return-value]
+        return None
+
+    def start(self) -> Server:
+        self.service.start()
+        for s in self._servers:
+            t = threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        for s in self._servers:
+            s.shutdown()
+            s.server_close()
+        for t in self._threads:
+            t.join(timeout=5)
+        self.service.stop()
+        if self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Client:
+    """A small keep-alive client for the API, over a Unix socket or loopback TCP (tests,
+    benchmarks, the red team and applications on the board can use it)."""
+
+    def __init__(self, token: str | None, socket_path: Path | None = None,
+                 tcp: tuple[str, int] | None = None, timeout: float = 30.0) -> None:
+        import http.client
+
+        self.token = token
+        if socket_path is not None:
+            path = str(socket_path)
+
+            class _Conn(http.client.HTTPConnection):
+                def connect(self) -> None:
+                    self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self.sock.settimeout(timeout)
+                    self.sock.connect(path)
+
+            self._conn: http.client.HTTPConnection = _Conn("localhost", timeout=timeout)
+        elif tcp is not None:
+            self._conn = http.client.HTTPConnection(tcp[0], tcp[1], timeout=timeout)
+        else:
+            raise UsageError("a client needs a socket path or a TCP address")
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                content_type: str = "application/json") -> tuple[int, dict[str, str], Any]:
+        """Send one request; returns (status, headers, decoded JSON body)."""
+        headers = {"Content-Type": content_type}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            self._conn.request(method, path, body=body, headers=headers)
+            resp = self._conn.getresponse()
+            data = resp.read()
+        except (ConnectionError, OSError):
+            self._conn.close()  # the server closed a refused connection: reconnect once
+            self._conn.request(method, path, body=body, headers=headers)
+            resp = self._conn.getresponse()
+            data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(data) if data else None
+
+    def predict(self, inputs: Any) -> tuple[int, dict[str, str], Any]:
+        import numpy as np
+
+        a = np.asarray(inputs)
+        return self.request("POST", "/v1/predict", json.dumps({"inputs": a.tolist()}).encode())
+
+    def close(self) -> None:
+        self._conn.close()
