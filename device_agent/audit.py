@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import canonical_json, format_time
+from .bundle import canonical_json, format_time, parse_time
 from .errors import EnvironmentFault, IntegrityError
 from .fsutil import atomic_write, make_private_dir
 
@@ -188,7 +188,7 @@ class AuditLog:
         for old, nxt in zip(segs, segs[1:], strict=False):
             if nxt == self._segment and self._size == 0:
                 break  # the next segment is still empty: nothing to anchor on yet
-            if old.stat().st_mtime >= horizon:
+            if _last_time(old) >= horizon:
                 break
             first = json.loads(nxt.read_bytes().split(b"\n", 1)[0])
             anchor = {"seq": int(first["seq"]), "prev": str(first["prev"]), "segment": nxt.name}
@@ -282,6 +282,16 @@ def require_intact(directory: str | Path) -> VerifyReport:
     if not rep.ok:
         raise IntegrityError(f"audit log {directory} is not intact: {rep.problems[0]}")
     return rep
+
+
+def _last_time(segment: Path) -> float:
+    """Time of a segment's last record, by the log's own clock (not the file's mtime)."""
+    with segment.open("rb") as f:
+        f.seek(max(0, segment.stat().st_size - 65536))
+        lines = f.read().splitlines()
+    if not lines:
+        return float("inf")
+    return parse_time(json.loads(lines[-1])["time"], "time").timestamp()
 
 
 def _json_or_none(path: Path) -> dict[str, Any] | None:
