@@ -14,6 +14,8 @@ from typing import Any
 
 from device_agent.errors import EdgeWardError, FormatError, UsageError
 
+from . import redteam
+
 PROG = "edgeward"
 
 
@@ -229,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("profiles", help="list the built-in board profiles")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_profiles)
+    redteam.register(sub)
     return p
 
 
