@@ -8,6 +8,7 @@ leaves the data directory exactly as it was.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class Agent:
         self.limits = limits
         self._clock = clock
         self._loaded: dict[str, LoadedModel] = {}
+        self._state_cache: tuple[tuple[int, int, int], State] | None = None
+        self._state_path = str(self.store.state_file)
         self._lock = threading.RLock()
 
     # --- provisioning ------------------------------------------------------------------------
@@ -188,9 +191,21 @@ class Agent:
         self._loaded[model_id] = loaded
         return loaded
 
+    def _serving_state(self) -> State:
+        """The state for the query path, re-read only when state.json changes (an install or
+        rollback by another process replaces the file, which changes its inode and mtime)."""
+        try:
+            st = os.stat(self._state_path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            return self.store.state()  # raises the store's own error
+        if self._state_cache is None or self._state_cache[0] != stamp:
+            self._state_cache = (stamp, self.store.state())
+        return self._state_cache[1]
+
     def model(self, model_id: str | None = None) -> LoadedModel:
         with self._lock:
-            state = self.store.state()
+            state = self._serving_state()
             mid = self._pick(state, model_id)
             loaded = self._load(mid, state)
             check_serving_life(loaded.manifest, trusted_now(self._clock(), state.clock_floor))

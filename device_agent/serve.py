@@ -149,6 +149,7 @@ class Service:
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
         self._model_stamp: tuple[Any, ...] | None = None
+        self._state_path = str(data.state_file)
         self._model_checked = -1e18
         self._integrity_failed: str | None = None
         self._background: list[Background] = []
@@ -194,7 +195,7 @@ class Service:
         if self._integrity_failed:
             raise NotInstalled(f"serving stopped: {self._integrity_failed}; reinstall the model")
         try:
-            st = os.stat(self.agent.store.state_file)
+            st = os.stat(self._state_path)
             stamp: tuple[Any, ...] = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             stamp = ()
@@ -207,7 +208,8 @@ class Service:
 
     def _apply_policy(self, loaded: LoadedModel) -> None:
         policy = loaded.sidecar.policy
-        self._throttle.config = ThrottleConfig().tightest(policy.get("throttle", {})).tightest(self.config.throttle)
+        # The bundle policy sets the limits (defaults where it is silent); local config only tightens.
+        self._throttle.config = ThrottleConfig.from_json(policy.get("throttle", {})).tightest(self.config.throttle)
         self._detector = Detector(Calibration.from_policy(policy), self.config.detect)
         retention = policy.get("audit", {}).get("retention_days")
         if retention is not None:

@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 from device_agent.api import Client, Server
 from device_agent.errors import UsageError
 from device_agent.serve import ServeConfig, Service
-from tests.fixtures.serve import Served, SimClock, serve
+from tests.fixtures.serve import Served, SimClock, serve, wait_until_serving
 
 
 @pytest.fixture
@@ -260,9 +259,7 @@ def test_serve_command_runs_and_stops_cleanly(make_board: Callable[..., Any], pa
     proc = subprocess.Popen([*cli, "serve", "--data-dir", str(board.data_dir), "--socket", str(sock)],
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until_serving(sock)
         st, _, doc = Client(tok["token"], sock).predict(digits_test[0][0])
         assert st == 200 and doc == {"label": int(digits_test[1][0])}
     finally:
