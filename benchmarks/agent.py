@@ -4,8 +4,8 @@
    same model bytes, interleaved so both see the same machine state (target: overhead <= 30 us
    at the median);
 2. the full API round trip over the Unix socket to ``edgeward-agent serve`` running in its own
-   process, from a keep-alive ``http.client`` connection: HTTP, token check, throttle, OoD/extraction/
-   probing detectors, audit record (target: <= 0.5 ms at the median).
+   process, from a keep-alive client: HTTP, token check, throttle, OoD/extraction/probing
+   detectors, audit record (target: <= 0.5 ms at the median).
 
 Run: .venv/bin/python benchmarks/agent.py [--n 5000] [--profile x86_64-dev]
 """
@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from device_agent import Agent  # noqa: E402
 from device_agent.api import Client  # noqa: E402
 from device_agent.keyfiles import load_public_key_file  # noqa: E402
-from device_agent.tokens import TokenStore  # noqa: E402
 from device_agent.store import KeySource, utcnow  # noqa: E402
+from device_agent.tokens import TokenStore  # noqa: E402
 from packager.keys import generate, load_private_key  # noqa: E402
 from packager.modelfile import infer_task, read_model  # noqa: E402
 from packager.pack import PackOptions, load_enrolments, pack  # noqa: E402
@@ -40,8 +40,13 @@ from tests.fixtures.models import build_digits  # noqa: E402
 from tests.fixtures.serve import calibration_policy, wait_until_serving  # noqa: E402
 
 # The benchmark client is one very fast client: the sealed policy lets it through.
-OPEN_THROTTLE = {"client_rate": 1e9, "client_burst": 1e9, "global_rate": 1e9, "global_burst": 1e9,
-                 "daily_budget": 10**12}
+OPEN_THROTTLE = {
+    "client_rate": 1e9,
+    "client_burst": 1e9,
+    "global_rate": 1e9,
+    "global_burst": 1e9,
+    "daily_budget": 10**12,
+}
 
 
 def _median_us(samples: list[float]) -> float:
@@ -51,9 +56,12 @@ def _median_us(samples: list[float]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=5000, help="queries per measurement")
-    ap.add_argument("--profile", default="x86_64-dev",
-                    help="board profile (its thread count is used by both sides; rpi4b's 4 threads "
-                         "oversubscribe a 2-core host)")
+    ap.add_argument(
+        "--profile",
+        default="x86_64-dev",
+        help="board profile (its thread count is used by both sides; rpi4b's 4 threads "
+        "oversubscribe a 2-core host)",
+    )
     args = ap.parse_args()
     digits = build_digits(ROOT / "tests" / ".fixtures-cache" / "digits")
     x = np.load(digits.test)["x"]
@@ -61,13 +69,23 @@ def main() -> int:
         t = Path(tmp)
         generate("publisher", t / "pub")
         keys = KeySource(passphrase=b"benchmark")
-        (t / "board.json").write_bytes(Agent.provision(
-            t / "board", "bench", [load_public_key_file(t / "pub" / "publisher.pub")], [], keys))
+        (t / "board.json").write_bytes(
+            Agent.provision(
+                t / "board", "bench", [load_public_key_file(t / "pub" / "publisher.pub")], [], keys
+            )
+        )
         model = read_model(digits.onnx)
         policy = {**calibration_policy(), "throttle": OPEN_THROTTLE}
-        pack(model, load_profile(args.profile), load_private_key(t / "pub" / "publisher.key"),
-             load_enrolments([t / "board.json"]),
-             PackOptions(model_id="digits", model_version=1, task=infer_task(model, {}), policy=policy), t / "out")
+        pack(
+            model,
+            load_profile(args.profile),
+            load_private_key(t / "pub" / "publisher.key"),
+            load_enrolments([t / "board.json"]),
+            PackOptions(
+                model_id="digits", model_version=1, task=infer_task(model, {}), policy=policy
+            ),
+            t / "out",
+        )
         agent = Agent(t / "board", keys)
         agent.install((t / "out" / "bench.ewb").read_bytes())
 
@@ -76,7 +94,9 @@ def main() -> int:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = load_profile(args.profile).threads
         opts.inter_op_num_threads = 1
-        session = ort.InferenceSession(model.data, sess_options=opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            model.data, sess_options=opts, providers=["CPUExecutionProvider"]
+        )
         name = session.get_inputs()[0].name
         bare, guarded = [], []
         for i in range(args.n + 200):
@@ -94,8 +114,20 @@ def main() -> int:
         sock = t / "agent.sock"
         _, token = TokenStore(t / "board" / "tokens.json").add("user", utcnow())
         env = {**os.environ, "EDGEWARD_DEVICE_PASSPHRASE": "benchmark"}
-        proc = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "serve", "--data-dir", str(t / "board"),
-                                 "--socket", str(sock)], env=env, cwd=ROOT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "device_agent.cli",
+                "serve",
+                "--data-dir",
+                str(t / "board"),
+                "--socket",
+                str(sock),
+            ],
+            env=env,
+            cwd=ROOT,
+        )
         rtt = []
         try:
             wait_until_serving(sock)
@@ -116,11 +148,18 @@ def main() -> int:
     b, g, r = _median_us(bare), _median_us(guarded), _median_us(rtt)
     print(f"digits MLP, {args.n} queries each, medians (p90 in brackets)")
     print(f"  onnxruntime session.run (bare)   {b:8.1f} us  [{np.percentile(bare, 90) * 1e6:.1f}]")
-    print(f"  Agent.predict (role user)        {g:8.1f} us  [{np.percentile(guarded, 90) * 1e6:.1f}]")
-    print(f"  overhead of Agent.predict        {g - b:8.1f} us  ratio {g / b:.2f}x   target <= 30 us: "
-          f"{'met' if g - b <= 30 else 'MISSED'}")
-    print(f"  API round trip over Unix socket  {r:8.1f} us  [{np.percentile(rtt, 90) * 1e6:.1f}]  "
-          f"ratio {r / b:.1f}x bare   target <= 500 us: {'met' if r <= 500 else 'MISSED'}")
+    print(
+        f"  Agent.predict (role user)        {g:8.1f} us  [{np.percentile(guarded, 90) * 1e6:.1f}]"
+    )
+    print(
+        f"  overhead of Agent.predict        {g - b:8.1f} us  ratio {g / b:.2f}x   "
+        f"target <= 30 us: "
+        f"{'met' if g - b <= 30 else 'MISSED'}"
+    )
+    print(
+        f"  API round trip over Unix socket  {r:8.1f} us  [{np.percentile(rtt, 90) * 1e6:.1f}]  "
+        f"ratio {r / b:.1f}x bare   target <= 500 us: {'met' if r <= 500 else 'MISSED'}"
+    )
     return 0
 
 

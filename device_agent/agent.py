@@ -226,7 +226,8 @@ class Agent:
         finally:
             keys.wipe()
         try:
-            if not crypto.constant_time_equal(contents.sidecar.model_sha256, loaded.sidecar.model_sha256):
+            sealed, served = contents.sidecar.model_sha256, loaded.sidecar.model_sha256
+            if not crypto.constant_time_equal(sealed, served):
                 raise IntegrityError("the stored model digest differs from the model being served")
         finally:
             contents.wipe()

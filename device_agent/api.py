@@ -41,17 +41,20 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         """Silent: every query is in the audit log instead."""
 
-    def _send(self, status: int, doc: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self, status: int, doc: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         body = json.dumps(doc, separators=(",", ":")).encode()
-        self.send_response_only(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self._headers_buffer.append(b"\r\n")  # type: ignore[attr-defined]
+        lines = [
+            f"{self.protocol_version} {status} {self.responses.get(status, ('',))[0]}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            *(f"{k}: {v}" for k, v in (headers or {}).items()),
+        ]
+        if (headers or {}).get("Connection") == "close":
+            self.close_connection = True
         # One write for headers and body: one segment on the wire, no delayed-ACK stall.
-        self.wfile.write(b"".join(self._headers_buffer) + body)  # type: ignore[attr-defined]
-        self._headers_buffer = []  # type: ignore[attr-defined]
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
     def _error(self, e: EdgeWardError) -> None:
         status = http_status(e)
@@ -82,7 +85,9 @@ class Handler(BaseHTTPRequestHandler):
         except EdgeWardError as e:
             self._error(e)
         except Exception as e:  # never a traceback to the client; the audit log has the query
-            self._send(500, {"error": {"status": 500, "message": f"internal error: {type(e).__name__}"}})
+            self._send(
+                500, {"error": {"status": 500, "message": f"internal error: {type(e).__name__}"}}
+            )
 
     def do_GET(self) -> None:  # noqa: N802
         s = self.service
@@ -108,7 +113,9 @@ class Handler(BaseHTTPRequestHandler):
                 raise TooLarge("a Content-Length header is required") from None
             if length < 0 or length > s.config.max_request_bytes:
                 self._discard(length)
-                raise TooLarge(f"request body is {length} bytes, the limit is {s.config.max_request_bytes}")
+                raise TooLarge(
+                    f"request body is {length} bytes, the limit is {s.config.max_request_bytes}"
+                )
             body = self.rfile.read(length)
             return s.predict(who, body, self.headers.get("Content-Type", "application/json"))
 
@@ -163,11 +170,13 @@ def bind_tcp(service: Service, listen: str) -> socketserver.BaseServer:
     host = host.strip("[]")
     try:
         if not ipaddress.ip_address(host).is_loopback:
-            raise UsageError(f"--listen {listen}: only loopback addresses are served; use a Unix socket")
+            raise UsageError(
+                f"--listen {listen}: only loopback addresses are served; use a Unix socket"
+            )
         port_n = int(port)
     except ValueError as e:
         raise UsageError(f"--listen {listen}: expected 127.0.0.1:PORT") from e
-    cls = _TcpServer
+    cls: type[_TcpServer] = _TcpServer
     if ":" in host:
         cls = type("_Tcp6Server", (_TcpServer,), {"address_family": socket.AF_INET6})
     try:
@@ -179,7 +188,9 @@ def bind_tcp(service: Service, listen: str) -> socketserver.BaseServer:
 class Server:
     """Runs a service on its listeners until :meth:`stop`; usable as a context manager."""
 
-    def __init__(self, service: Service, socket_path: Path | None, listen: str | None = None) -> None:
+    def __init__(
+        self, service: Service, socket_path: Path | None, listen: str | None = None
+    ) -> None:
         if socket_path is None and listen is None:
             raise UsageError("nothing to listen on: give --socket or --listen")
         self.service = service
@@ -230,8 +241,13 @@ class Client:
     chunked encoding, no redirects): the agent never sends those; ``http.client`` costs ~200 us
     more per request on a Pi-class CPU."""
 
-    def __init__(self, token: str | None, socket_path: Path | None = None,
-                 tcp: tuple[str, int] | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        token: str | None,
+        socket_path: Path | None = None,
+        tcp: tuple[str, int] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         if socket_path is None and tcp is None:
             raise UsageError("a client needs a socket path or a TCP address")
         self._address: Any = str(socket_path) if socket_path is not None else tcp
@@ -268,12 +284,24 @@ class Client:
         body, self._buf = self._buf[:n], self._buf[n:]
         return body
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                content_type: str = "application/json") -> tuple[int, dict[str, str], Any]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, dict[str, str], Any]:
         """Send one request; returns (status, lower-cased headers, decoded JSON body)."""
         body = body or b""
-        req = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
-               f"Content-Length: {len(body)}\r\n").encode() + self._auth + b"\r\n" + body
+        req = (
+            (
+                f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n"
+            ).encode()
+            + self._auth
+            + b"\r\n"
+            + body
+        )
         for attempt in (0, 1):
             s = self._sock or self._connect()
             try:

@@ -74,8 +74,10 @@ def input_summary(x: np.ndarray, key: bytes) -> dict[str, Any]:
         if finite:
             mean = total / f.size
             summary.update(
-                mean=round(mean, 4), std=round(math.sqrt(max(0.0, squares / f.size - mean * mean)), 4),
-                min=round(float(f.min()), 4), max=round(float(f.max()), 4),
+                mean=round(mean, 4),
+                std=round(math.sqrt(max(0.0, squares / f.size - mean * mean)), 4),
+                min=round(float(f.min()), 4),
+                max=round(float(f.max()), 4),
             )
     return summary
 
@@ -91,8 +93,12 @@ class VerifyReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "ok": self.ok, "records": self.records, "first_seq": self.first_seq,
-            "last_seq": self.last_seq, "segments": self.segments, "problems": self.problems,
+            "ok": self.ok,
+            "records": self.records,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "segments": self.segments,
+            "problems": self.problems,
         }
 
 
@@ -204,8 +210,12 @@ class AuditLog:
         with self._lock:
             if self._fd is None or self._size >= self.config.max_segment_bytes:
                 self._rotate(now)
-            body = {**fields, "seq": self._seq + 1,
-                    "time": format_time(datetime.fromtimestamp(now, UTC)), "prev": self._hash}
+            body = {
+                **fields,
+                "seq": self._seq + 1,
+                "time": format_time(datetime.fromtimestamp(now, UTC)),
+                "prev": self._hash,
+            }
             encoded = canonical_json(body)
             h = hashlib.sha256(encoded).hexdigest()
             # verify() re-canonicalises the record without "hash", so the key's position is free
@@ -213,12 +223,16 @@ class AuditLog:
             try:
                 os.write(self._fd, line)  # type: ignore[arg-type]
             except OSError as e:
-                raise EnvironmentFault(f"cannot write the audit log: {e.strerror}; free space") from e
+                raise EnvironmentFault(
+                    f"cannot write the audit log: {e.strerror}; free space"
+                ) from e
             self._size += len(line)
             self._seq, self._hash = self._seq + 1, h
             self._since_checkpoint += 1
-            if (self._since_checkpoint >= self.config.checkpoint_every
-                    or time.monotonic() - self._checkpoint_at >= self.config.checkpoint_seconds):
+            if (
+                self._since_checkpoint >= self.config.checkpoint_every
+                or time.monotonic() - self._checkpoint_at >= self.config.checkpoint_seconds
+            ):
                 self._checkpoint()
             return self._seq
 
@@ -251,7 +265,9 @@ def verify(directory: str | Path) -> VerifyReport:
     segs = sorted(p for p in d.iterdir() if SEGMENT_RE.match(p.name))
     rep.segments = len(segs)
     if anchor and segs and segs[0].name != anchor.get("segment"):
-        rep.problems.append(f"oldest segment is {segs[0].name}, the anchor says {anchor.get('segment')}")
+        rep.problems.append(
+            f"oldest segment is {segs[0].name}, the anchor says {anchor.get('segment')}"
+        )
     for seg in segs:
         data = seg.read_bytes()
         if data and not data.endswith(b"\n"):
@@ -262,9 +278,14 @@ def verify(directory: str | Path) -> VerifyReport:
                 rec = json.loads(line)
                 body = {k: v for k, v in rec.items() if k != "hash"}
                 if rec["seq"] != seq + 1:
-                    rep.problems.append(f"{where}: sequence {rec['seq']} follows {seq} (records removed or reordered)")
+                    rep.problems.append(
+                        f"{where}: sequence {rec['seq']} follows {seq} "
+                        "(records removed or reordered)"
+                    )
                 if rec["prev"] != prev:
-                    rep.problems.append(f"{where}: chain broken (previous record removed or edited)")
+                    rep.problems.append(
+                        f"{where}: chain broken (previous record removed or edited)"
+                    )
                 if record_hash(body) != rec["hash"]:
                     rep.problems.append(f"{where}: record hash mismatch (record edited)")
                 seq, prev = int(rec["seq"]), str(rec["hash"])
@@ -277,7 +298,9 @@ def verify(directory: str | Path) -> VerifyReport:
             if head and seq == head.get("seq") and prev != head.get("hash"):
                 rep.problems.append(f"{where}: differs from the checkpointed head")
     if head and seq < int(head["seq"]):
-        rep.problems.append(f"log ends at {seq} but the checkpoint says {head['seq']} (records cut off the end)")
+        rep.problems.append(
+            f"log ends at {seq} but the checkpoint says {head['seq']} (records cut off the end)"
+        )
     rep.ok = not rep.problems
     return rep
 

@@ -15,7 +15,8 @@ publisher's validation data (:func:`calibrate`) and sealed in the bundle policy 
   input; reported when ``probe_count`` of the last ``window`` queries lie closer than the sealed
   ``probe_eps`` (a fraction of the smallest distance between distinct calibration samples) to an
   earlier query. Exact repeats are not probing: applications resend the same input.
-- **rate**: a client that keeps hitting the throttle (``rate_refusals`` refusals in ``rate_window``).
+- **rate**: a client that keeps hitting the throttle (``rate_refusals`` refusals in
+  ``rate_window`` seconds).
 
 Detection raises the bar; an adaptive attacker who knows these tests can stay under them.
 """
@@ -108,7 +109,9 @@ def calibrate(x: np.ndarray, shrinkage: float = 0.1, margin: float = 1.5) -> dic
         raise FormatError("OoD calibration needs at least 20 validation samples")
     mean = rows.mean(axis=0)
     cov = np.cov(rows, rowvar=False).reshape(rows.shape[1], rows.shape[1])
-    cov = (1 - shrinkage) * cov + shrinkage * (np.trace(cov) / cov.shape[0] + 1e-6) * np.eye(cov.shape[0])
+    cov = (1 - shrinkage) * cov + shrinkage * (np.trace(cov) / cov.shape[0] + 1e-6) * np.eye(
+        cov.shape[0]
+    )
     precision = np.linalg.inv(cov)
     cal = Calibration(mean, precision, 0.0, 0.0)
     scores = np.array([cal.score(r) for r in rows])
@@ -241,7 +244,7 @@ class Detector:
             out.append(sig)
 
     def observe(self, client: str, x: np.ndarray, label: Any, now: float) -> list[Signal]:
-        """Account for one answered input row ``x`` (predicted ``label``); returns new detections."""
+        """Account for one answered input row ``x`` (predicted ``label``); returns detections."""
         cfg = self.config
         v = features(x)
         c = self._client(client, v.size)
@@ -253,8 +256,13 @@ class Detector:
             c.ood.append(score > cal.threshold)
             n_ood = sum(c.ood)
             if n_ood >= cfg.ood_count:
-                ev = {"ood_in_window": n_ood, "window": len(c.ood), "last_score": round(score, 3),
-                      "threshold": round(cal.threshold, 3), "queries": c.queries}
+                ev = {
+                    "ood_in_window": n_ood,
+                    "window": len(c.ood),
+                    "last_score": round(score, 3),
+                    "threshold": round(cal.threshold, 3),
+                    "queries": c.queries,
+                }
                 self._emit(c, Signal("ood", client, round(score / cal.threshold, 3), ev), now, out)
         nearest = c.recent.nearest(v)
         if nearest == 0.0:
@@ -263,9 +271,15 @@ class Detector:
         c.near.append(nearest < eps)
         n_near = sum(c.near)
         if eps > 0 and n_near >= cfg.probe_count:
-            ev = {"near_duplicates_in_window": n_near, "window": len(c.near), "probe_eps": eps,
-                  "queries": c.queries}
-            self._emit(c, Signal("probing", client, round(n_near / cfg.probe_count, 3), ev), now, out)
+            ev = {
+                "near_duplicates_in_window": n_near,
+                "window": len(c.near),
+                "probe_eps": eps,
+                "queries": c.queries,
+            }
+            self._emit(
+                c, Signal("probing", client, round(n_near / cfg.probe_count, 3), ev), now, out
+            )
         c.recent.add(v)
         same = c.by_label.get(label)
         if same is None:
@@ -280,9 +294,18 @@ class Detector:
                 w = shapiro_w(np.fromiter(c.distances, dtype=np.float64))
                 c.prada_flag = w < cfg.prada_w
                 if c.prada_flag:
-                    ev = {"shapiro_w": round(w, 4), "threshold": cfg.prada_w,
-                          "distances": len(c.distances), "queries": c.queries}
-                    self._emit(c, Signal("extraction", client, round(cfg.prada_w / max(w, 1e-9), 3), ev), now, out)
+                    ev = {
+                        "shapiro_w": round(w, 4),
+                        "threshold": cfg.prada_w,
+                        "distances": len(c.distances),
+                        "queries": c.queries,
+                    }
+                    self._emit(
+                        c,
+                        Signal("extraction", client, round(cfg.prada_w / max(w, 1e-9), 3), ev),
+                        now,
+                        out,
+                    )
         return out
 
     def refused(self, client: str, now: float) -> list[Signal]:
@@ -295,7 +318,12 @@ class Detector:
         out: list[Signal] = []
         if len(c.refusals) >= cfg.rate_refusals:
             ev = {"refusals": len(c.refusals), "window_s": cfg.rate_window}
-            self._emit(c, Signal("rate", client, round(len(c.refusals) / cfg.rate_refusals, 3), ev), now, out)
+            self._emit(
+                c,
+                Signal("rate", client, round(len(c.refusals) / cfg.rate_refusals, 3), ev),
+                now,
+                out,
+            )
         return out
 
     def anomaly(self, client: str) -> float:
@@ -311,4 +339,3 @@ class Detector:
             1.0 if len(c.refusals) >= cfg.rate_refusals else 0.0,
         ]
         return min(1.0, max(parts))
-

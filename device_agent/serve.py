@@ -54,7 +54,7 @@ class TooLarge(FormatError):
 
 
 class Background(Protocol):
-    """What :meth:`Service.attach` takes, e.g. telemetry built with ``status_provider`` and events."""
+    """What :meth:`Service.attach` takes, e.g. telemetry given status_provider and events."""
 
     def start(self) -> None: ...
 
@@ -75,22 +75,33 @@ class ServeConfig:
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> ServeConfig:
-        known = {"max_request_bytes", "max_rows", "model_refresh_seconds", "integrity_seconds",
-                 "throttle", "detect", "audit"}
+        known = {
+            "max_request_bytes",
+            "max_rows",
+            "model_refresh_seconds",
+            "integrity_seconds",
+            "throttle",
+            "detect",
+            "audit",
+        }
         unknown = set(raw) - known
         if unknown:
             raise UsageError(f"unknown service settings: {', '.join(sorted(unknown))}")
         try:
             kw = {k: raw[k] for k in known & set(raw) - {"detect", "audit", "throttle"}}
             ThrottleConfig.from_json(raw.get("throttle", {}))  # validate early
-            return cls(**kw, throttle=dict(raw.get("throttle", {})),
-                       detect=DetectConfig(**raw.get("detect", {})), audit=AuditConfig(**raw.get("audit", {})))
+            return cls(
+                **kw,
+                throttle=dict(raw.get("throttle", {})),
+                detect=DetectConfig(**raw.get("detect", {})),
+                audit=AuditConfig(**raw.get("audit", {})),
+            )
         except TypeError as e:
             raise UsageError(f"bad service settings: {e}") from e
 
 
 def decode_inputs(body: bytes, content_type: str) -> np.ndarray | dict[str, np.ndarray]:
-    """A request body as arrays: JSON ``{"inputs": ...}`` or an ``.npy``/``.npz`` file (no pickles)."""
+    """A request body as arrays: JSON ``{"inputs": ...}`` or an ``.npy``/``.npz`` (no pickles)."""
     ctype = content_type.split(";")[0].strip().lower()
     if ctype == "application/json":
         try:
@@ -109,8 +120,12 @@ def decode_inputs(body: bytes, content_type: str) -> np.ndarray | dict[str, np.n
                     return {k: loaded[k] for k in loaded.files}
             return np.asarray(loaded)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise FormatError(f"the body is not a readable .npy/.npz array (pickles are refused): {e}") from e
-    raise FormatError(f"unsupported content type {ctype!r}; send application/json or application/x-npy")
+            raise FormatError(
+                f"the body is not a readable .npy/.npz array (pickles are refused): {e}"
+            ) from e
+    raise FormatError(
+        f"unsupported content type {ctype!r}; send application/json or application/x-npy"
+    )
 
 
 def _json_array(raw: Any) -> np.ndarray:
@@ -165,7 +180,9 @@ class Service:
 
     def start(self) -> None:
         self.check_integrity()
-        self._integrity_thread = threading.Thread(target=self._integrity_loop, name="integrity", daemon=True)
+        self._integrity_thread = threading.Thread(
+            target=self._integrity_loop, name="integrity", daemon=True
+        )
         self._integrity_thread.start()
         for b in self._background:
             b.start()
@@ -184,7 +201,9 @@ class Service:
             m = self._model
             return {
                 "uptime_s": round(time.monotonic() - self._started, 1),
-                "model": {"id": m.manifest.model_id, "version": m.manifest.model_version} if m else None,
+                "model": {"id": m.manifest.model_id, "version": m.manifest.model_version}
+                if m
+                else None,
                 "integrity": "failed" if self._integrity_failed else "ok",
                 "counters": dict(sorted(self.counters.items())),
             }
@@ -199,7 +218,11 @@ class Service:
             stamp: tuple[Any, ...] = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             stamp = ()
-        if self._model is None or stamp != self._model_stamp or now - self._model_checked > self.config.model_refresh_seconds:
+        if (
+            self._model is None
+            or stamp != self._model_stamp
+            or now - self._model_checked > self.config.model_refresh_seconds
+        ):
             loaded = self.agent.model()  # checks end of life too
             if self._model is None or loaded.manifest.bundle_id != self._model.manifest.bundle_id:
                 self._apply_policy(loaded)
@@ -208,12 +231,16 @@ class Service:
 
     def _apply_policy(self, loaded: LoadedModel) -> None:
         policy = loaded.sidecar.policy
-        # The bundle policy sets the limits (defaults where it is silent); local config only tightens.
-        self._throttle.config = ThrottleConfig.from_json(policy.get("throttle", {})).tightest(self.config.throttle)
+        # The bundle policy sets the limits (defaults where silent); local config only tightens.
+        self._throttle.config = ThrottleConfig.from_json(policy.get("throttle", {})).tightest(
+            self.config.throttle
+        )
         self._detector = Detector(Calibration.from_policy(policy), self.config.detect)
         retention = policy.get("audit", {}).get("retention_days")
         if retention is not None:
-            self.audit.config = AuditConfig(**{**self.audit.config.__dict__, "retention_days": float(retention)})
+            self.audit.config = AuditConfig(
+                **{**self.audit.config.__dict__, "retention_days": float(retention)}
+            )
 
     def check_integrity(self) -> bool:
         """Re-check the served model against its sealed digest; on failure stop serving."""
@@ -227,9 +254,18 @@ class Service:
         except EdgeWardError as e:
             with self._lock:
                 self._integrity_failed = str(e)
-            self._record([Signal("integrity", "", 1.0, {"problem": str(e)[:200],
-                                                       "bundle_id": m.manifest.bundle_id})],
-                         self.clock(), severity="critical")
+            self._record(
+                [
+                    Signal(
+                        "integrity",
+                        "",
+                        1.0,
+                        {"problem": str(e)[:200], "bundle_id": m.manifest.bundle_id},
+                    )
+                ],
+                self.clock(),
+                severity="critical",
+            )
             return False
 
     def _integrity_loop(self) -> None:
@@ -263,7 +299,10 @@ class Service:
         record: dict[str, Any] = {"event": "predict", "client": client, "role": who.role}
         try:
             if len(body) > self.config.max_request_bytes:
-                raise TooLarge(f"request body is {len(body)} bytes, the limit is {self.config.max_request_bytes}")
+                raise TooLarge(
+                    f"request body is {len(body)} bytes, "
+                    f"the limit is {self.config.max_request_bytes}"
+                )
             with self._lock:
                 loaded = self._current(now)
             feeds, batched = prepare_inputs(loaded.runner, decode_inputs(body, content_type))
@@ -278,16 +317,22 @@ class Service:
             if not decision.allowed:
                 self._record(signals, now)
                 record["throttle"] = decision.reason
-                raise Throttled(f"over the {decision.reason.replace('_', ' ')} limit", decision.retry_after)
+                raise Throttled(
+                    f"over the {decision.reason.replace('_', ' ')} limit", decision.retry_after
+                )
             outputs = loaded.runner.run(feeds)
             try:
-                answer = shape_output(outputs, loaded.sidecar.task, loaded.sidecar.policy, who.role, batched)
+                answer = shape_output(
+                    outputs, loaded.sidecar.task, loaded.sidecar.policy, who.role, batched
+                )
             except UsageError as e:
                 raise Forbidden(str(e)) from e
             if "outputs" in answer:  # raw outputs carry no label
                 labels: list[Any] = [None] * rows
             else:
-                labels = [r["label"] for r in answer["predictions"]] if batched else [answer["label"]]
+                labels = (
+                    [r["label"] for r in answer["predictions"]] if batched else [answer["label"]]
+                )
             with self._lock:
                 for i, label in enumerate(labels):
                     signals += self._detector.observe(client, first[i], label, now)
@@ -308,14 +353,29 @@ class Service:
         when = datetime.fromtimestamp(now, UTC)
         for s in signals:
             self.counters[f"detections_{s.kind}"] += 1
-            self.events.record(s.kind, when, severity=severity, client=s.client or None,
-                               score=s.score, evidence=s.evidence)
+            self.events.record(
+                s.kind,
+                when,
+                severity=severity,
+                client=s.client or None,
+                score=s.score,
+                evidence=s.evidence,
+            )
 
 
 def http_status(e: EdgeWardError) -> int:
     """The HTTP status for an error raised on the query path."""
-    for cls, code in ((Unauthorized, 401), (Forbidden, 403), (TooLarge, 413), (Throttled, 429),
-                      (NotInstalled, 503), (Expired, 503), (FormatError, 422), (SecurityRefusal, 403), (UsageError, 422)):
+    for cls, code in (
+        (Unauthorized, 401),
+        (Forbidden, 403),
+        (TooLarge, 413),
+        (Throttled, 429),
+        (NotInstalled, 503),
+        (Expired, 503),
+        (FormatError, 422),
+        (SecurityRefusal, 403),
+        (UsageError, 422),
+    ):
         if isinstance(e, cls):
             return code
     return 500

@@ -60,8 +60,11 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     recs = [r.to_json() for r in _tokens(args).list()]
     for r in recs:
         r.pop("sha256")
-    lines = [f"{r['id']}  {r['role']:<8}  created {r['created']}  "
-             f"{'revoked ' + r['revoked'] if r['revoked'] else 'active'}" for r in recs]
+    lines = [
+        f"{r['id']}  {r['role']:<8}  created {r['created']}  "
+        f"{'revoked ' + r['revoked'] if r['revoked'] else 'active'}"
+        for r in recs
+    ]
     _print(args, recs, "\n".join(lines) or "no tokens")
     return 0
 
@@ -79,8 +82,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
     rep = verify(Path(args.data_dir) / "audit")
     doc = rep.to_json()
-    text = (f"audit log intact: {rep.records} records ({rep.first_seq}..{rep.last_seq}) in {rep.segments} segment(s)"
-            if rep.ok else "audit log NOT intact:\n  " + "\n  ".join(rep.problems))
+    text = (
+        f"audit log intact: {rep.records} records ({rep.first_seq}..{rep.last_seq}) "
+        f"in {rep.segments} segment(s)"
+        if rep.ok
+        else "audit log NOT intact:\n  " + "\n  ".join(rep.problems)
+    )
     if not rep.ok and not args.json:
         raise IntegrityError(text.replace("\n  ", "; "))
     _print(args, doc, text)
@@ -95,13 +102,20 @@ def cmd_events(args: argparse.Namespace) -> int:
     d.require_provisioned()
     store = EventStore(d.events_file)
     try:
-        events = [e for e in store.list(after_seq=args.after, limit=args.limit) if not args.kind or e.kind == args.kind]
+        events = [
+            e
+            for e in store.list(after_seq=args.after, limit=args.limit)
+            if not args.kind or e.kind == args.kind
+        ]
     finally:
         store.close()
     docs = [e.to_json() for e in events]
-    lines = [f"{e['seq']:>6} {e['time']} {e['kind']:<10} {e['severity']:<8} {e['client'] or '-':<10} "
-             f"{e['score'] if e['score'] is not None else '-'}  {json.dumps(e['evidence'], sort_keys=True)}"
-             for e in docs]
+    lines = [
+        f"{e['seq']:>6} {e['time']} {e['kind']:<10} {e['severity']:<8} {e['client'] or '-':<10} "
+        f"{e['score'] if e['score'] is not None else '-'}  "
+        f"{json.dumps(e['evidence'], sort_keys=True)}"
+        for e in docs
+    ]
     _print(args, docs, "\n".join(lines) or "no events")
     return 0
 
@@ -115,28 +129,54 @@ def register(sub: Any) -> None:
         sp.set_defaults(func=fn)
         return sp
 
-    sp = add(sub, "serve", "serve predictions on a local API (Unix socket; loopback TCP when asked)", cmd_serve)
+    sp = add(
+        sub,
+        "serve",
+        "serve predictions on a local API (Unix socket; loopback TCP when asked)",
+        cmd_serve,
+    )
     sp.add_argument("--socket", help="Unix socket path (default: DATA_DIR/agent.sock, mode 0660)")
     sp.add_argument("--listen", help="also listen on loopback TCP, e.g. 127.0.0.1:8470")
     sp.add_argument("--config", help="local service settings (JSON): limits can only be tightened")
     sp.add_argument("--kek-file", help="32-byte key-encryption key file (instead of a passphrase)")
 
-    tok = sub.add_parser("token", help="manage API bearer tokens").add_subparsers(dest="token_cmd", required=True)
-    sp = add(tok, "add", "create a token for a role; it is printed once and stored only as a hash", cmd_token_add)
+    tok = sub.add_parser("token", help="manage API bearer tokens").add_subparsers(
+        dest="token_cmd", required=True
+    )
+    sp = add(
+        tok,
+        "add",
+        "create a token for a role; it is printed once and stored only as a hash",
+        cmd_token_add,
+    )
     sp.add_argument("--role", required=True, choices=["user", "engineer", "admin"])
     sp.add_argument("--json", action="store_true")
     sp = add(tok, "list", "list tokens (ids and roles; never the tokens)", cmd_token_list)
     sp.add_argument("--json", action="store_true")
-    sp = add(tok, "revoke", "revoke a token by id (a running service stops accepting it at once)", cmd_token_revoke)
+    sp = add(
+        tok,
+        "revoke",
+        "revoke a token by id (a running service stops accepting it at once)",
+        cmd_token_revoke,
+    )
     sp.add_argument("id")
     sp.add_argument("--json", action="store_true")
 
-    aud = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(dest="audit_cmd", required=True)
-    sp = add(aud, "verify", "check every record, link and the checkpoint; exit 1 if tampered", cmd_audit_verify)
+    aud = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(
+        dest="audit_cmd", required=True
+    )
+    sp = add(
+        aud,
+        "verify",
+        "check every record, link and the checkpoint; exit 1 if tampered",
+        cmd_audit_verify,
+    )
     sp.add_argument("--json", action="store_true")
 
     sp = add(sub, "events", "list detections and refusals recorded on this board", cmd_events)
     sp.add_argument("--after", type=int, default=0, help="only events after this sequence number")
-    sp.add_argument("--kind", help="only events of this kind (ood, extraction, probing, rate, integrity...)")
+    sp.add_argument(
+        "--kind", help="only events of this kind (ood, extraction, probing, rate, integrity...)"
+    )
     sp.add_argument("--limit", type=int, default=1000)
     sp.add_argument("--json", action="store_true")

@@ -33,7 +33,12 @@ class ThrottleConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            if (
+                not isinstance(v, int | float)
+                or isinstance(v, bool)
+                or not math.isfinite(v)
+                or v <= 0
+            ):
                 raise FormatError(f"throttle limit {f.name} must be a positive number, got {v!r}")
 
     @classmethod
@@ -89,7 +94,9 @@ class Throttle:
         self._used: dict[str, tuple[int, int]] = {}  # client -> (day number, rows used that day)
 
     def client_rate(self, anomaly: float) -> float:
-        return self.config.client_rate / (1.0 + self.config.anomaly_slowdown * min(1.0, max(0.0, anomaly)))
+        return self.config.client_rate / (
+            1.0 + self.config.anomaly_slowdown * min(1.0, max(0.0, anomaly))
+        )
 
     def decide(self, client: str, now: float, rows: int = 1, anomaly: float = 0.0) -> Decision:
         """Admit ``rows`` inputs from ``client`` at ``now``, or say why not and when to retry."""

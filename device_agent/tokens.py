@@ -97,7 +97,7 @@ class TokenStore:
         self._stamp = None
 
     def add(self, role: str, now: datetime) -> tuple[TokenRecord, str]:
-        """Create a token for ``role``; returns the record and the token (shown once, never stored)."""
+        """Create a token for ``role``; returns the record and the token (shown once, not kept)."""
         if role not in ROLES:
             raise UsageError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
         token = PREFIX + secrets.token_urlsafe(32)
@@ -118,7 +118,7 @@ class TokenStore:
         raise UsageError(f"no active token with id {token_id!r}; see 'edgeward-agent token list'")
 
     def authenticate(self, token: str) -> TokenRecord | None:
-        """The active record for ``token``, or None. Every stored digest is compared, in constant time."""
+        """The active record for ``token``, or None; every digest is compared in constant time."""
         want = digest(token)
         found = None
         for r in self._load():

@@ -76,7 +76,14 @@ def _progress(args: argparse.Namespace) -> Callable[[Iterable[Any]], Iterable[An
 def cmd_pack(args: argparse.Namespace) -> int:
     from .keys import load_private_key
     from .modelfile import infer_task, read_model
-    from .pack import PackOptions, build_policy, discover_devices, load_enrolments, pack, parse_cli_time
+    from .pack import (
+        PackOptions,
+        build_policy,
+        discover_devices,
+        load_enrolments,
+        pack,
+        parse_cli_time,
+    )
     from .profiles import load_profile
 
     profile = load_profile(args.profile)
@@ -214,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output-index", type=int, help="which model output carries the scores")
     sp.add_argument("--labels", help="class labels: JSON list or one per line (sealed, never in the clear)")
     sp.add_argument("--expect-sha256", help="refuse the model unless its SHA-256 is this")
-    sp.add_argument("--policy", help="serving policy JSON sealed in the bundle (roles, bands, throttle, audit)")
-    sp.add_argument("--calibrate-ood", help="validation inputs (.npz, array x) to calibrate OoD/probing detection")
+    sp.add_argument("--policy", help="serving policy JSON to seal (roles, bands, throttle, audit)")
+    sp.add_argument("--calibrate-ood", help="validation inputs (.npz, x) to calibrate OoD/probing")
     sp.add_argument("--no-compress", action="store_true", help="do not compress the payload before encryption")
     sp.add_argument("--out", required=True)
     sp.add_argument("--quiet", action="store_true", help="no progress bar")

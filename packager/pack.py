@@ -268,7 +268,7 @@ def pack(
 
 def build_policy(policy_file: str | None, calibration_file: str | None) -> dict[str, Any]:
     """The sealed serving policy: a JSON file (roles, bands, throttle, audit retention) plus, from
-    ``--calibrate-ood``, OoD and probing thresholds calibrated on validation inputs (``x`` in an .npz)."""
+    ``--calibrate-ood``, OoD and probing thresholds calibrated on validation inputs (``x``)."""
     policy: dict[str, Any] = {}
     if policy_file:
         try:
@@ -288,7 +288,9 @@ def build_policy(policy_file: str | None, calibration_file: str | None) -> dict[
             with np.load(calibration_file, allow_pickle=False) as z:
                 x = z["x"] if "x" in z.files else z[z.files[0]]
         except (OSError, ValueError, KeyError, IndexError) as e:
-            raise UsageError(f"--calibrate-ood {calibration_file}: need an .npz with validation inputs x: {e}") from e
+            raise UsageError(
+                f"--calibrate-ood {calibration_file}: need an .npz with validation inputs x: {e}"
+            ) from e
         policy["ood"] = calibrate(x)
     return policy
 

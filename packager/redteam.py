@@ -183,38 +183,54 @@ def _one_hot(labels: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def copycat(target: Any, pool: np.ndarray, n_classes: int, cfg: RedteamConfig, x_test: np.ndarray,
-            y_test: np.ndarray, victim_test: np.ndarray) -> dict[str, Any]:
-    """CopycatCNN with an MLP surrogate; returns surrogate accuracy and agreement with the victim."""
+def copycat(
+    target: Any,
+    pool: np.ndarray,
+    n_classes: int,
+    cfg: RedteamConfig,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    victim_test: np.ndarray,
+) -> dict[str, Any]:
+    """CopycatCNN with an MLP surrogate; returns its accuracy and agreement with the victim."""
     _, CopycatCNN, BlackBoxClassifier, ScikitlearnClassifier = _art()  # noqa: N806
     from sklearn.neural_network import MLPClassifier
 
     class Surrogate(ScikitlearnClassifier):  # type: ignore[misc, valid-type]
-        def fit(self, x: np.ndarray, y: np.ndarray, **_: Any) -> None:  # drops Keras-style arguments
+        def fit(
+            self, x: np.ndarray, y: np.ndarray, **_: Any
+        ) -> None:  # drops Keras-style arguments
             super().fit(x, y)
 
     def predict(x: np.ndarray) -> np.ndarray:
         return _one_hot(target.labels(x), n_classes)
 
     victim = BlackBoxClassifier(predict, (pool.shape[1],), n_classes, clip_values=(0.0, 1.0))
-    thief = Surrogate(MLPClassifier((64,), max_iter=500, random_state=cfg.seed), clip_values=(0.0, 1.0))
-    attack = CopycatCNN(victim, batch_size_fit=32, batch_size_query=32, nb_epochs=1,
-                        nb_stolen=cfg.copycat_queries)
+    thief = Surrogate(
+        MLPClassifier((64,), max_iter=500, random_state=cfg.seed), clip_values=(0.0, 1.0)
+    )
+    attack = CopycatCNN(
+        victim, batch_size_fit=32, batch_size_query=32, nb_epochs=1, nb_stolen=cfg.copycat_queries
+    )
     result: dict[str, Any] = {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             stolen = attack.extract(pool, thieved_classifier=thief)
         pred = stolen.predict(x_test).argmax(axis=1)
-        result.update(surrogate_accuracy=round(float((pred == y_test).mean()), 4),
-                      agreement_with_victim=round(float((pred == victim_test).mean()), 4), completed=True)
+        result.update(
+            surrogate_accuracy=round(float((pred == y_test).mean()), 4),
+            agreement_with_victim=round(float((pred == victim_test).mean()), 4),
+            completed=True,
+        )
     except AttackStopped as e:
         result.update(completed=False, stopped=str(e))
     return result | target.tally.to_json()
 
 
-def hopskipjump(target: Any, x: np.ndarray, judge: BareTarget, n_classes: int,
-                cfg: RedteamConfig) -> dict[str, Any]:
+def hopskipjump(
+    target: Any, x: np.ndarray, judge: BareTarget, n_classes: int, cfg: RedteamConfig
+) -> dict[str, Any]:
     """Untargeted L2 HopSkipJump from label-only answers on a few test inputs; success is judged
     on the bare model (the same model), so judging costs the attacker no queries."""
     HopSkipJump, _, BlackBoxClassifier, _ = _art()  # noqa: N806
@@ -223,8 +239,16 @@ def hopskipjump(target: Any, x: np.ndarray, judge: BareTarget, n_classes: int,
         return _one_hot(target.labels(xb), n_classes)
 
     victim = BlackBoxClassifier(predict, (x.shape[1],), n_classes, clip_values=(0.0, 1.0))
-    attack = HopSkipJump(victim, targeted=False, norm=2, max_iter=cfg.hsj_max_iter, max_eval=cfg.hsj_max_eval,
-                         init_eval=cfg.hsj_init_eval, init_size=100, verbose=False)
+    attack = HopSkipJump(
+        victim,
+        targeted=False,
+        norm=2,
+        max_iter=cfg.hsj_max_iter,
+        max_eval=cfg.hsj_max_eval,
+        init_eval=cfg.hsj_init_eval,
+        init_size=100,
+        verbose=False,
+    )
     result: dict[str, Any] = {"samples": len(x)}
     try:
         with warnings.catch_warnings():
@@ -236,7 +260,9 @@ def hopskipjump(target: Any, x: np.ndarray, judge: BareTarget, n_classes: int,
         judge.tally.answered = judged
         dist = np.linalg.norm((adv - x).reshape(len(x), -1), axis=1)
         mean_l2 = round(float(dist[changed].mean()), 4) if changed.any() else None
-        result.update(completed=True, mean_l2=mean_l2, evasion_success_rate=round(float(changed.mean()), 4))
+        result.update(
+            completed=True, mean_l2=mean_l2, evasion_success_rate=round(float(changed.mean()), 4)
+        )
     except AttackStopped as e:
         result.update(completed=False, stopped=str(e))
     return result | target.tally.to_json()
@@ -265,16 +291,22 @@ class AgentEnv:
                 os.environ["EDGEWARD_PASSPHRASE"] = saved
         keys = KeySource(passphrase=secrets.token_bytes(16).hex().encode())
         data = workdir / "board"
-        pub = (workdir / "publisher" / "publisher.pub")
+        pub = workdir / "publisher" / "publisher.pub"
         from device_agent.keyfiles import load_public_key_file
 
         (workdir / "board.json").write_bytes(
-            Agent.provision(data, "redteam-board", [load_public_key_file(pub)], [], keys))
+            Agent.provision(data, "redteam-board", [load_public_key_file(pub)], [], keys)
+        )
         model = read_model(model_path)
         self.task = infer_task(model, {})
-        pack(model, load_profile("rpi4b"), load_private_key(workdir / "publisher" / "publisher.key"),
-             load_enrolments([workdir / "board.json"]),
-             PackOptions(model_id="redteam", model_version=1, task=self.task, policy=policy), workdir / "out")
+        pack(
+            model,
+            load_profile("rpi4b"),
+            load_private_key(workdir / "publisher" / "publisher.key"),
+            load_enrolments([workdir / "board.json"]),
+            PackOptions(model_id="redteam", model_version=1, task=self.task, policy=policy),
+            workdir / "out",
+        )
         agent = Agent(data, keys)
         agent.install((workdir / "out" / "redteam-board.ewb").read_bytes())
         self.clock = SimClock()
@@ -310,8 +342,11 @@ def benign(env: AgentEnv, x: np.ndarray, cfg: RedteamConfig) -> dict[str, Any]:
     https = [Client(tok, env.socket) for _, tok in clients]
     per = cfg.benign_queries // cfg.benign_clients
     start = env.clock.t
-    arrivals = sorted((t, c) for c in range(cfg.benign_clients)
-                      for t in start + np.cumsum(rng.exponential(1.0 / cfg.benign_rate, per)))
+    arrivals = sorted(
+        (t, c)
+        for c in range(cfg.benign_clients)
+        for t in start + np.cumsum(rng.exponential(1.0 / cfg.benign_rate, per))
+    )
     seq0 = env.events_seq()
     answered = refused = 0
     for t, c in arrivals:
@@ -321,28 +356,44 @@ def benign(env: AgentEnv, x: np.ndarray, cfg: RedteamConfig) -> dict[str, Any]:
         refused += status == 429
     ids = {cid for cid, _ in clients}
     events = [e for e in env.events_after(seq0) if e.client in ids]
-    return {"clients": cfg.benign_clients, "queries_answered": answered, "queries_refused_by_throttling": refused,
-            "detections": len(events), "detection_kinds": sorted({e.kind for e in events}),
-            "simulated_seconds": round(env.clock.t - start, 1)}
+    return {
+        "clients": cfg.benign_clients,
+        "queries_answered": answered,
+        "queries_refused_by_throttling": refused,
+        "detections": len(events),
+        "detection_kinds": sorted({e.kind for e in events}),
+        "simulated_seconds": round(env.clock.t - start, 1),
+    }
 
 
-def run(model_path: Path, test: Path, validation: Path, policy: dict[str, Any] | None = None,
-        cfg: RedteamConfig | None = None, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def run(
+    model_path: Path,
+    test: Path,
+    validation: Path,
+    policy: dict[str, Any] | None = None,
+    cfg: RedteamConfig | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
     """Every attack against the agent and against the bare model; returns the report."""
     from device_agent.detect import calibrate
 
     cfg = cfg or RedteamConfig()
     _art()
     x_test, y_test = _load(test, need_y=True)
+    assert y_test is not None  # _load(need_y=True) refuses data without labels
     x_val, _ = _load(validation, need_y=False)
     full_policy = {**(policy or {}), "ood": calibrate(x_val)}
     rng = np.random.default_rng(cfg.seed)
     noise = rng.random((cfg.copycat_queries, x_val.shape[1])).astype(np.float32)
     hsj_x = x_test[: cfg.hsj_samples]
     t0 = time.perf_counter()
-    report: dict[str, Any] = {"schema": "edgeward.redteam-report/1", "model": str(model_path),
-                              "config": cfg.__dict__, "policy": {k: v for k, v in full_policy.items() if k != "ood"},
-                              "targets": {}}
+    report: dict[str, Any] = {
+        "schema": "edgeward.redteam-report/1",
+        "model": str(model_path),
+        "config": cfg.__dict__,
+        "policy": {k: v for k, v in full_policy.items() if k != "ood"},
+        "targets": {},
+    }
     with tempfile.TemporaryDirectory(prefix="edgeward-redteam-") as tmp:
         env = AgentEnv(model_path, full_policy, Path(tmp))
         try:
@@ -355,12 +406,19 @@ def run(model_path: Path, test: Path, validation: Path, policy: dict[str, Any] |
                 cid, tok = env.token()
                 return AgentTarget(env, cid, tok, cfg.attacker_rate, cfg.max_wait_s)
 
-            for name, make in (("bare", lambda: BareTarget(env.runner, env.task)), ("agent", agent_target)):
+            for name, make in (
+                ("bare", lambda: BareTarget(env.runner, env.task)),
+                ("agent", agent_target),
+            ):
                 results: dict[str, Any] = {}
                 log(f"{name}: copycat with natural data")
-                results["copycat-natural"] = copycat(make(), x_val, n_classes, cfg, x_test, y_test, victim_test)
+                results["copycat-natural"] = copycat(
+                    make(), x_val, n_classes, cfg, x_test, y_test, victim_test
+                )
                 log(f"{name}: copycat with noise")
-                results["copycat-noise"] = copycat(make(), noise, n_classes, cfg, x_test, y_test, victim_test)
+                results["copycat-noise"] = copycat(
+                    make(), noise, n_classes, cfg, x_test, y_test, victim_test
+                )
                 log(f"{name}: hopskipjump")
                 results["hopskipjump"] = hopskipjump(make(), hsj_x, bare, n_classes, cfg)
                 report["targets"][name] = results
@@ -378,7 +436,9 @@ def _load(path: Path, need_y: bool) -> tuple[np.ndarray, np.ndarray | None]:
             x = z["x"].astype(np.float32)
             y = z["y"].astype(np.int64) if "y" in z.files else None
     except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"{path}: need an .npz with arrays x (inputs){' and y (labels)' if need_y else ''}: {e}") from e
+        raise UsageError(
+            f"{path}: need an .npz with arrays x (inputs){' and y (labels)' if need_y else ''}: {e}"
+        ) from e
     if need_y and y is None:
         raise UsageError(f"{path}: the test data needs labels y")
     return x.reshape(len(x), -1), y
@@ -386,33 +446,52 @@ def _load(path: Path, need_y: bool) -> tuple[np.ndarray, np.ndarray | None]:
 
 def summary(report: dict[str, Any]) -> str:
     """The report as a table: one row per target and attack."""
-    head = (f"{'target':<6} {'attack':<16} {'answered':>8} {'refused':>8} {'1st det.':>8} {'by':<10} "
-            f"{'sim time':>9}  result")
+    head = (
+        f"{'target':<6} {'attack':<16} {'answered':>8} {'refused':>8} {'1st det.':>8} {'by':<10} "
+        f"{'sim time':>9}  result"
+    )
     lines = [f"victim accuracy {report['victim_accuracy']}", head]
     for target, attacks in report["targets"].items():
         for name, r in attacks.items():
             if name == "benign":
                 res = f"{r['detections']} detections over {r['queries_answered']} benign queries"
             elif "agreement_with_victim" in r:
-                res = f"surrogate acc {r['surrogate_accuracy']}, agreement {r['agreement_with_victim']}"
+                res = (
+                    f"surrogate acc {r['surrogate_accuracy']}, "
+                    f"agreement {r['agreement_with_victim']}"
+                )
             elif r.get("completed") and name == "hopskipjump":
                 res = f"evasion success {r['evasion_success_rate']}, mean L2 {r['mean_l2']}"
             else:
                 res = f"stopped: {r.get('stopped')}"
             first = r.get("queries_before_first_detection")
-            lines.append(f"{target:<6} {name:<16} {r['queries_answered']:>8} {r['queries_refused_by_throttling']:>8} "
-                         f"{first if first is not None else '-':>8} {r.get('first_detection_kind') or '-':<10} "
-                         f"{r['simulated_seconds']:>8.0f}s  {res}")
+            lines.append(
+                f"{target:<6} {name:<16} {r['queries_answered']:>8} "
+                f"{r['queries_refused_by_throttling']:>8} {first if first is not None else '-':>8} "
+                f"{r.get('first_detection_kind') or '-':<10} "
+                f"{r['simulated_seconds']:>8.0f}s  {res}"
+            )
     return "\n".join(lines)
 
 
 def register(sub: Any) -> None:
     """Add ``edgeward redteam`` to the host CLI."""
-    sp = sub.add_parser("redteam", help="run ART attacks against the agent and the bare model; write a report",
-                        description=__doc__.split("\n\n")[0] if __doc__ else None)
+    sp = sub.add_parser(
+        "redteam",
+        help="run ART attacks against the agent and the bare model; write a report",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
     sp.add_argument("model", help="model file (.onnx)")
-    sp.add_argument("--test", required=True, help="test data .npz (x, y): victim accuracy, HSJ inputs, benign replay")
-    sp.add_argument("--validation", required=True, help="validation .npz (x): OoD calibration and natural attack pool")
+    sp.add_argument(
+        "--test",
+        required=True,
+        help="test data .npz (x, y): victim accuracy, HSJ inputs, benign replay",
+    )
+    sp.add_argument(
+        "--validation",
+        required=True,
+        help="validation .npz (x): OoD calibration and natural attack pool",
+    )
     sp.add_argument("--policy", help="serving policy JSON to seal (throttle limits, bands, audit)")
     sp.add_argument("--out", required=True, help="where to write the JSON report")
     sp.add_argument("--benign-queries", type=int, default=RedteamConfig.benign_queries)
@@ -427,8 +506,14 @@ def cmd_redteam(args: Any) -> int:
     from .pack import build_policy
 
     cfg = RedteamConfig(benign_queries=args.benign_queries, seed=args.seed)
-    report = run(Path(args.model), Path(args.test), Path(args.validation), build_policy(args.policy, None), cfg,
-                 log=lambda m: print(f"redteam: {m}", file=sys.stderr, flush=True))
+    report = run(
+        Path(args.model),
+        Path(args.test),
+        Path(args.validation),
+        build_policy(args.policy, None),
+        cfg,
+        log=lambda m: print(f"redteam: {m}", file=sys.stderr, flush=True),
+    )
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0

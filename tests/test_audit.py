@@ -81,7 +81,9 @@ def test_a_torn_last_record_is_reported_then_recovered(tmp_path: Path) -> None:
     with seg.open("ab") as f:
         f.write(b'{"event":"pre')
     assert any("torn" in p for p in verify(tmp_path).problems)
-    log = AuditLog(tmp_path)  # restart after a power cut: the torn bytes are cut and the cut recorded
+    log = AuditLog(
+        tmp_path
+    )  # restart after a power cut: the torn bytes are cut and the cut recorded
     log.append({"event": "predict"}, T0 + 10)
     log.close()
     rep = verify(tmp_path)
@@ -96,12 +98,16 @@ def test_rotation_and_retention_keep_the_chain_verifiable(tmp_path: Path) -> Non
     assert len(segs) > 3
     later = T0 + 30 + 86400  # a day after every record so far: all full segments have expired
     current = segs[-1]
-    while (tmp_path / current.name).exists() and sorted(tmp_path.glob("audit-*.jsonl"))[-1] == current:
+    while (tmp_path / current.name).exists() and sorted(tmp_path.glob("audit-*.jsonl"))[
+        -1
+    ] == current:
         log.append({"event": "predict"}, later)  # until the next rotation, which prunes
     log.close()
     remaining = sorted(tmp_path.glob("audit-*.jsonl"))
     # Every segment whose last record is over a day old is gone; the one written "later" stays.
-    assert [p.name for p in remaining][-2:] == [current.name, remaining[-1].name] and len(remaining) == 2
+    assert [p.name for p in remaining][-2:] == [current.name, remaining[-1].name] and len(
+        remaining
+    ) == 2
     rep = verify(tmp_path)
     assert rep.ok and rep.first_seq > 1, rep.problems
 
@@ -123,7 +129,15 @@ def test_input_summary_is_keyed_and_holds_no_values() -> None:
 def test_audit_verify_command_exit_codes(tmp_path: Path, make_board: object) -> None:
     board = make_board()  # type: ignore[operator]
     _log(board.data_dir / "audit", 5).close()
-    cmd = [sys.executable, "-m", "device_agent.cli", "audit", "verify", "--data-dir", str(board.data_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "device_agent.cli",
+        "audit",
+        "verify",
+        "--data-dir",
+        str(board.data_dir),
+    ]
     ok = subprocess.run(cmd, capture_output=True, text=True)
     assert ok.returncode == 0 and "intact: 5 records" in ok.stdout
     seg, lines = _lines(board.data_dir / "audit")

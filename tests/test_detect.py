@@ -43,12 +43,16 @@ def test_ood_flags_noise_not_held_out_digits(cal: Calibration, digits_test: Any)
 def test_noise_queries_raise_an_ood_event_within_a_few_queries(cal: Calibration) -> None:
     d = Detector(cal)
     rng = np.random.default_rng(1)
-    first = next(i for i in range(100) if d.observe("a", rng.random(64), int(rng.integers(10)), T0 + i))
+    first = next(
+        i for i in range(100) if d.observe("a", rng.random(64), int(rng.integers(10)), T0 + i)
+    )
     assert first + 1 == DetectConfig().ood_count
     assert d.anomaly("a") == 1.0
 
 
-def test_near_duplicates_are_probing_but_exact_repeats_are_not(cal: Calibration, digits_test: Any) -> None:
+def test_near_duplicates_are_probing_but_exact_repeats_are_not(
+    cal: Calibration, digits_test: Any
+) -> None:
     x, y = digits_test
     d = Detector(cal)
     for i in range(200):  # an application resending the same few inputs
@@ -57,10 +61,14 @@ def test_near_duplicates_are_probing_but_exact_repeats_are_not(cal: Calibration,
     sigs = []
     for i in range(20):
         sigs += d.observe("probe", x[0] + rng.normal(0, 0.01, 64), int(y[0]), T0 + i)
-    assert [s.kind for s in sigs] == ["probing"] and sigs[0].evidence["queries"] <= DetectConfig().probe_count + 1
+    assert [s.kind for s in sigs] == ["probing"] and sigs[0].evidence[
+        "queries"
+    ] <= DetectConfig().probe_count + 1
 
 
-def test_synthetic_extraction_fails_the_prada_normality_test(cal: Calibration, digits_test: Any) -> None:
+def test_synthetic_extraction_fails_the_prada_normality_test(
+    cal: Calibration, digits_test: Any
+) -> None:
     """JbDA-style synthetic queries (a few seeds pushed step by step along sign directions)
     give distances that are far from normal."""
     x, y = digits_test
@@ -88,8 +96,12 @@ def test_events_are_rate_limited_per_client_and_kind(cal: Calibration) -> None:
     assert [s.kind for s in sigs].count("ood") == 1  # 10 s of noise: one event, not a flood
 
 
-def _installed(make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any,
-               policy: dict[str, Any]) -> Any:
+def _installed(
+    make_board: Callable[..., Any],
+    pack_for: Callable[..., Path],
+    digits: Any,
+    policy: dict[str, Any],
+) -> Any:
     board = make_board()
     out = pack_for(digits.onnx, [board], policy=policy)
     board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
@@ -102,8 +114,9 @@ def _who(i: int, role: str = "user") -> TokenRecord:
     return TokenRecord(f"client{i:02d}", role, "0" * 64, datetime.now(UTC))
 
 
-def test_zero_detections_over_10000_benign_queries(make_board: Callable[..., Any], pack_for: Callable[..., Path],
-                                                    digits: Any, digits_test: Any) -> None:
+def test_zero_detections_over_10000_benign_queries(
+    make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any, digits_test: Any
+) -> None:
     """The digits test split replayed in random order by 10 clients, each about one query a second
     (Poisson arrivals), through the whole service path with a simulated clock."""
     board = _installed(make_board, pack_for, digits, calibration_policy())
@@ -125,9 +138,9 @@ def test_zero_detections_over_10000_benign_queries(make_board: Callable[..., Any
     assert service.counters["answered"] == 10_000
 
 
-def test_integrity_failure_stops_serving_and_is_recorded(make_board: Callable[..., Any],
-                                                         pack_for: Callable[..., Path], digits: Any,
-                                                         digits_test: Any) -> None:
+def test_integrity_failure_stops_serving_and_is_recorded(
+    make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any, digits_test: Any
+) -> None:
     from device_agent.errors import NotInstalled
 
     board = _installed(make_board, pack_for, digits, {})
@@ -148,8 +161,9 @@ def test_integrity_failure_stops_serving_and_is_recorded(make_board: Callable[..
     service.stop()
 
 
-def test_events_command_lists_detections_as_json(make_board: Callable[..., Any], pack_for: Callable[..., Path],
-                                                 digits: Any) -> None:
+def test_events_command_lists_detections_as_json(
+    make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any
+) -> None:
     import subprocess
     import sys
 
@@ -160,7 +174,21 @@ def test_events_command_lists_detections_as_json(make_board: Callable[..., Any],
         body = json.dumps({"inputs": rng.random(64).tolist()}).encode()
         service.predict(_who(1), body, "application/json")
     service.stop()
-    out = subprocess.run([sys.executable, "-m", "device_agent.cli", "events", "--json", "--data-dir",
-                          str(board.data_dir)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "device_agent.cli",
+            "events",
+            "--json",
+            "--data-dir",
+            str(board.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     (ev,) = json.loads(out.stdout)
-    assert ev["kind"] == "ood" and ev["client"] == "client01" and ev["evidence"]["ood_in_window"] == 3
+    assert (
+        ev["kind"] == "ood" and ev["client"] == "client01" and ev["evidence"]["ood_in_window"] == 3
+    )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-import math
 import json
+import math
 import os
 import stat
 import subprocess
@@ -23,25 +23,37 @@ from tests.fixtures.serve import Served, SimClock, serve, wait_until_serving
 
 
 @pytest.fixture
-def served(make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any) -> Iterator[Served]:
+def served(
+    make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any
+) -> Iterator[Served]:
     board = make_board()
-    out = pack_for(digits.onnx, [board], policy={"bands": [[0.99, "sure"], [0.5, "likely"], [0.0, "unsure"]]})
+    out = pack_for(
+        digits.onnx, [board], policy={"bands": [[0.99, "sure"], [0.5, "likely"], [0.0, "unsure"]]}
+    )
     board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
     s = serve(board)
     yield s
     s.server.stop()
 
 
-def test_each_role_sees_only_what_the_sealed_policy_allows(served: Served, digits_test: Any) -> None:
+def test_each_role_sees_only_what_the_sealed_policy_allows(
+    served: Served, digits_test: Any
+) -> None:
     x, y = digits_test
     st, _, user = served.client("user").predict(x[0])
     assert st == 200 and user == {"label": int(y[0])}
     st, _, eng = served.client("engineer").predict(x[0])
     assert st == 200 and set(eng) == {"label", "confidence"}
-    assert eng["confidence"] in ("sure", "likely", "unsure")  # bands from the bundle's sealed policy
+    assert eng["confidence"] in (
+        "sure",
+        "likely",
+        "unsure",
+    )  # bands from the bundle's sealed policy
     st, _, adm = served.client("admin").predict(x[:3])
     assert st == 200 and len(adm["predictions"]) == 3
-    assert len(adm["predictions"][0]["scores"]) == 10 and adm["predictions"][0]["label"] == int(y[0])
+    assert len(adm["predictions"][0]["scores"]) == 10 and adm["predictions"][0]["label"] == int(
+        y[0]
+    )
 
 
 def test_npy_body_is_accepted_and_pickles_refused(served: Served, digits_test: Any) -> None:
@@ -63,10 +75,24 @@ def test_401_without_a_valid_token_and_after_revocation(served: Served, digits_t
     assert st == 401 and headers["www-authenticate"].startswith("Bearer")
     tid, token = served.add_token("user")
     assert Client(token, served.socket).predict(x[0])[0] == 200
-    rc = subprocess.run([sys.executable, "-m", "device_agent.cli", "token", "revoke", tid, "--data-dir",
-                         str(served.service.agent.store.path)], capture_output=True, text=True)
+    rc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "device_agent.cli",
+            "token",
+            "revoke",
+            tid,
+            "--data-dir",
+            str(served.service.agent.store.path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert rc.returncode == 0, rc.stderr
-    assert Client(token, served.socket).predict(x[0])[0] == 401  # the running service sees it at once
+    assert (
+        Client(token, served.socket).predict(x[0])[0] == 401
+    )  # the running service sees it at once
 
 
 def test_tokens_are_stored_only_as_hashes(served: Served) -> None:
@@ -74,10 +100,25 @@ def test_tokens_are_stored_only_as_hashes(served: Served) -> None:
     text = path.read_text()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert all(tok not in text for tok in served.tokens.values())
-    out = subprocess.run([sys.executable, "-m", "device_agent.cli", "token", "list", "--json", "--data-dir",
-                          str(served.service.agent.store.path)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "device_agent.cli",
+            "token",
+            "list",
+            "--json",
+            "--data-dir",
+            str(served.service.agent.store.path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     listed = json.loads(out.stdout)
-    assert {r["role"] for r in listed} == {"user", "engineer", "admin"} and all("sha256" not in r for r in listed)
+    assert {r["role"] for r in listed} == {"user", "engineer", "admin"} and all(
+        "sha256" not in r for r in listed
+    )
 
 
 def test_403_status_is_admin_only(served: Served) -> None:
@@ -87,8 +128,9 @@ def test_403_status_is_admin_only(served: Served) -> None:
     assert st == 200 and doc["counters"]["queries"] >= 0 and doc["integrity"] == "ok"
 
 
-def test_403_raw_outputs_only_for_admin(make_board: Callable[..., Any], pack_for: Callable[..., Path],
-                                        digits: Any, digits_test: Any) -> None:
+def test_403_raw_outputs_only_for_admin(
+    make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any, digits_test: Any
+) -> None:
     board = make_board()
     out = pack_for(digits.onnx, [board], task={"kind": "raw"})
     board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
@@ -136,24 +178,33 @@ def test_503_when_no_model_is_installed(make_board: Callable[..., Any], digits_t
         s.server.stop()
 
 
-def _served_with_clock(board: Any, pack_for: Callable[..., Path], digits: Any, policy: dict[str, Any],
-                       config: ServeConfig | None = None) -> tuple[Served, SimClock]:
+def _served_with_clock(
+    board: Any,
+    pack_for: Callable[..., Path],
+    digits: Any,
+    policy: dict[str, Any],
+    config: ServeConfig | None = None,
+) -> tuple[Served, SimClock]:
     out = pack_for(digits.onnx, [board], policy=policy)
     board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
     clock = SimClock()
     return serve(board, config, clock), clock
 
 
-def test_429_client_rate_with_retry_after(make_board: Callable[..., Any], pack_for: Callable[..., Path],
-                                          digits: Any, digits_test: Any) -> None:
-    s, clock = _served_with_clock(make_board(), pack_for, digits,
-                                  {"throttle": {"client_rate": 2, "client_burst": 3}})
+def test_429_client_rate_with_retry_after(
+    make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any, digits_test: Any
+) -> None:
+    s, clock = _served_with_clock(
+        make_board(), pack_for, digits, {"throttle": {"client_rate": 2, "client_burst": 3}}
+    )
     x, _ = digits_test
     try:
         c = s.client()
         assert [c.predict(x[i])[0] for i in range(3)] == [200, 200, 200]
         st, headers, doc = c.predict(x[3])
-        assert st == 429 and headers["retry-after"] == "1" and "client rate" in doc["error"]["message"]
+        assert (
+            st == 429 and headers["retry-after"] == "1" and "client rate" in doc["error"]["message"]
+        )
         assert s.client("engineer").predict(x[3])[0] == 200  # buckets are per client
         clock.t += 0.5
         assert c.predict(x[3])[0] == 200
@@ -161,9 +212,12 @@ def test_429_client_rate_with_retry_after(make_board: Callable[..., Any], pack_f
         s.server.stop()
 
 
-def test_429_global_rate(make_board: Callable[..., Any], pack_for: Callable[..., Path],
-                         digits: Any, digits_test: Any) -> None:
-    s, clock = _served_with_clock(make_board(), pack_for, digits, {"throttle": {"global_rate": 1, "global_burst": 2}})
+def test_429_global_rate(
+    make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any, digits_test: Any
+) -> None:
+    s, clock = _served_with_clock(
+        make_board(), pack_for, digits, {"throttle": {"global_rate": 1, "global_burst": 2}}
+    )
     x, _ = digits_test
     try:
         assert s.client("user").predict(x[0])[0] == 200
@@ -174,11 +228,17 @@ def test_429_global_rate(make_board: Callable[..., Any], pack_for: Callable[...,
         s.server.stop()
 
 
-def test_429_daily_budget_until_the_next_day(make_board: Callable[..., Any], pack_for: Callable[..., Path],
-                                             digits: Any, digits_test: Any) -> None:
+def test_429_daily_budget_until_the_next_day(
+    make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any, digits_test: Any
+) -> None:
     # The bundle allows 100 a day; the board's local config tightens it to 5: the stricter wins.
-    s, clock = _served_with_clock(make_board(), pack_for, digits, {"throttle": {"daily_budget": 100}},
-                                  ServeConfig(throttle={"daily_budget": 5}))
+    s, clock = _served_with_clock(
+        make_board(),
+        pack_for,
+        digits,
+        {"throttle": {"daily_budget": 100}},
+        ServeConfig(throttle={"daily_budget": 5}),
+    )
     x, _ = digits_test
     try:
         c = s.client()
@@ -193,8 +253,9 @@ def test_429_daily_budget_until_the_next_day(make_board: Callable[..., Any], pac
         s.server.stop()
 
 
-def test_anomalous_client_is_slowed_further(make_board: Callable[..., Any], pack_for: Callable[..., Path],
-                                            digits: Any, digits_test: Any) -> None:
+def test_anomalous_client_is_slowed_further(
+    make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any, digits_test: Any
+) -> None:
     from tests.fixtures.serve import calibration_policy
 
     policy = {**calibration_policy(), "throttle": {"client_rate": 5, "client_burst": 10}}
@@ -205,7 +266,7 @@ def test_anomalous_client_is_slowed_further(make_board: Callable[..., Any], pack
         for _ in range(10):
             assert c.predict(rng.random(64, dtype=np.float32))[0] == 200
         st, headers, _ = c.predict(rng.random(64, dtype=np.float32))
-        # A benign client waits 1/5 s for its next query; this one is flagged and waits 21 times longer.
+        # A clean client waits 1/5 s for its next query; this one is flagged: 21 times longer.
         assert st == 429 and int(headers["retry-after"]) >= 4
     finally:
         s.server.stop()
@@ -230,7 +291,9 @@ def test_socket_is_0660_and_tcp_is_loopback_only(served: Served, digits_test: An
             s.server_close()
 
 
-def test_every_query_and_decision_is_audited_without_raw_input(served: Served, digits_test: Any) -> None:
+def test_every_query_and_decision_is_audited_without_raw_input(
+    served: Served, digits_test: Any
+) -> None:
     from device_agent.audit import verify
 
     x, _ = digits_test
@@ -238,26 +301,54 @@ def test_every_query_and_decision_is_audited_without_raw_input(served: Served, d
     Client("ewt_bad", served.socket).predict(x[0])
     served.service.audit.close()
     d = served.service.agent.store.path / "audit"
-    lines = [json.loads(line) for seg in sorted(d.glob("audit-*.jsonl")) for line in seg.read_text().splitlines()]
+    lines = [
+        json.loads(line)
+        for seg in sorted(d.glob("audit-*.jsonl"))
+        for line in seg.read_text().splitlines()
+    ]
     assert [r["status"] for r in lines if r.get("event") == "predict"] == [200]
     rec = lines[-1]
     assert rec["input"]["shape"] == [1, 64] and "fp" in rec["input"]
-    assert set(rec["input"]) == {"fp", "dtype", "shape", "finite", "mean", "std", "min", "max"}  # no values
+    assert set(rec["input"]) == {
+        "fp",
+        "dtype",
+        "shape",
+        "finite",
+        "mean",
+        "std",
+        "min",
+        "max",
+    }  # no values
     assert verify(d).ok
 
 
-def test_serve_command_runs_and_stops_cleanly(make_board: Callable[..., Any], pack_for: Callable[..., Path],
-                                             digits: Any, digits_test: Any, tmp_path: Path) -> None:
+def test_serve_command_runs_and_stops_cleanly(
+    make_board: Callable[..., Any],
+    pack_for: Callable[..., Path],
+    digits: Any,
+    digits_test: Any,
+    tmp_path: Path,
+) -> None:
     board = make_board()
     out = pack_for(digits.onnx, [board])
     board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
     cli = [sys.executable, "-m", "device_agent.cli"]
-    tok = json.loads(subprocess.run([*cli, "token", "add", "--role", "user", "--json", "--data-dir",
-                                     str(board.data_dir)], capture_output=True, text=True, check=True).stdout)
+    tok = json.loads(
+        subprocess.run(
+            [*cli, "token", "add", "--role", "user", "--json", "--data-dir", str(board.data_dir)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     sock = tmp_path / "api.sock"
     env = {**os.environ, "EDGEWARD_DEVICE_PASSPHRASE": board.keys.passphrase.decode()}  # type: ignore[union-attr]
-    proc = subprocess.Popen([*cli, "serve", "--data-dir", str(board.data_dir), "--socket", str(sock)],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cli, "serve", "--data-dir", str(board.data_dir), "--socket", str(sock)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_until_serving(sock)
         st, _, doc = Client(tok["token"], sock).predict(digits_test[0][0])
@@ -266,8 +357,11 @@ def test_serve_command_runs_and_stops_cleanly(make_board: Callable[..., Any], pa
         proc.terminate()
         assert proc.wait(timeout=10) == 0, proc.stderr.read() if proc.stderr else ""
     assert not sock.exists()
-    ev = subprocess.run([*cli, "audit", "verify", "--json", "--data-dir", str(board.data_dir)],
-                        capture_output=True, text=True)
+    ev = subprocess.run(
+        [*cli, "audit", "verify", "--json", "--data-dir", str(board.data_dir)],
+        capture_output=True,
+        text=True,
+    )
     assert ev.returncode == 0 and json.loads(ev.stdout)["records"] == 1
 
 

@@ -33,7 +33,11 @@ def test_daily_budget_counts_rows_and_resets_at_midnight_utc() -> None:
     day_end = (T0 // DAY + 1) * DAY
     assert t.decide("a", T0, rows=10).allowed
     d = t.decide("a", T0 + 1)
-    assert not d.allowed and d.reason == "daily_budget" and d.retry_after == pytest.approx(day_end - T0 - 1)
+    assert (
+        not d.allowed
+        and d.reason == "daily_budget"
+        and d.retry_after == pytest.approx(day_end - T0 - 1)
+    )
     assert t.used_today("a", T0) == 10
     assert t.decide("a", day_end).allowed
 
@@ -68,12 +72,16 @@ def test_a_clock_stepping_back_never_refills() -> None:
 
 
 def test_the_stricter_of_policy_and_local_config_wins() -> None:
-    base = ThrottleConfig().tightest({"client_rate": 5, "daily_budget": 1000, "anomaly_slowdown": 2})
+    base = ThrottleConfig().tightest(
+        {"client_rate": 5, "daily_budget": 1000, "anomaly_slowdown": 2}
+    )
     merged = base.tightest({"client_rate": 50, "daily_budget": 10, "anomaly_slowdown": 40})
     assert (merged.client_rate, merged.daily_budget, merged.anomaly_slowdown) == (5, 10, 40)
 
 
-@pytest.mark.parametrize("raw", [{"client_rate": 0}, {"daily_budget": -1}, {"nope": 1}, {"client_rate": "fast"}])
+@pytest.mark.parametrize(
+    "raw", [{"client_rate": 0}, {"daily_budget": -1}, {"nope": 1}, {"client_rate": "fast"}]
+)
 def test_bad_limits_are_refused(raw: dict[str, object]) -> None:
     with pytest.raises(FormatError):
         ThrottleConfig.from_json(raw)
