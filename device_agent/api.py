@@ -105,17 +105,22 @@ class Handler(BaseHTTPRequestHandler):
             return
 
         def predict() -> dict[str, Any]:
-            who = s.authenticate(self.headers.get("Authorization"))
+            who = None
             try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                self.close_connection = True
-                raise TooLarge("a Content-Length header is required") from None
-            if length < 0 or length > s.config.max_request_bytes:
-                self._discard(length)
-                raise TooLarge(
-                    f"request body is {length} bytes, the limit is {s.config.max_request_bytes}"
-                )
+                who = s.authenticate(self.headers.get("Authorization"))
+                try:
+                    length = int(self.headers.get("Content-Length", ""))
+                except ValueError:
+                    self.close_connection = True
+                    raise TooLarge("a Content-Length header is required") from None
+                if length < 0 or length > s.config.max_request_bytes:
+                    self._discard(length)
+                    raise TooLarge(
+                        f"request body is {length} bytes, the limit is {s.config.max_request_bytes}"
+                    )
+            except EdgeWardError as e:
+                s.refused(who, e)  # refused before the body was read: audited all the same
+                raise
             body = self.rfile.read(length)
             return s.predict(who, body, self.headers.get("Content-Type", "application/json"))
 

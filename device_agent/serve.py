@@ -349,6 +349,19 @@ class Service:
             self.counters["queries"] += 1
             self.audit.append(record, now)
 
+    def refused(self, who: TokenRecord | None, error: EdgeWardError) -> None:
+        """Audit a prediction request refused before its body was read (401, 413)."""
+        status = http_status(error)
+        self.counters["queries"] += 1
+        self.counters[f"refused_{status}"] += 1
+        record = {
+            "event": "predict",
+            "client": who.id if who else None,
+            "status": status,
+            "error": type(error).__name__,
+        }
+        self.audit.append(record, self.clock())
+
     def _record(self, signals: list[Signal], now: float, severity: str = "warning") -> None:
         when = datetime.fromtimestamp(now, UTC)
         for s in signals:

@@ -306,8 +306,8 @@ def test_every_query_and_decision_is_audited_without_raw_input(
         for seg in sorted(d.glob("audit-*.jsonl"))
         for line in seg.read_text().splitlines()
     ]
-    assert [r["status"] for r in lines if r.get("event") == "predict"] == [200]
-    rec = lines[-1]
+    assert [(r["status"], r["client"]) for r in lines] == [(200, served.ids["user"]), (401, None)]
+    rec = lines[0]
     assert rec["input"]["shape"] == [1, 64] and "fp" in rec["input"]
     assert set(rec["input"]) == {
         "fp",
@@ -381,3 +381,27 @@ def test_background_services_start_and_stop_with_the_service(served: Served) -> 
     assert "counters" in svc.status_provider()
     svc.stop()
     assert calls == ["start", "stop"]
+
+
+def test_pack_cli_seals_policy_and_ood_calibration(
+    make_board: Callable[..., Any], publisher: Path, digits: Any, tmp_path: Path
+) -> None:
+    from tests.fixtures.serve import digits_validation
+
+    board = make_board()
+    (tmp_path / "policy.json").write_text(json.dumps({"throttle": {"daily_budget": 7}}))
+    np.savez(tmp_path / "val.npz", x=digits_validation())
+    out = tmp_path / "out"
+    rc = subprocess.run(
+        [sys.executable, "-m", "packager.cli", "pack", str(digits.onnx), "--profile", "rpi4b",
+         "--publisher-key", str(publisher / "publisher.key"), "--device", str(board.enrolment),
+         "--model-version", "1", "--policy", str(tmp_path / "policy.json"),
+         "--calibrate-ood", str(tmp_path / "val.npz"), "--out", str(out), "--quiet"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert rc.returncode == 0, rc.stderr
+    agent = board.agent()
+    agent.install((out / f"{board.device_id}.ewb").read_bytes())
+    policy = agent.model().sidecar.policy
+    assert policy["throttle"] == {"daily_budget": 7} and policy["ood"]["schema"] == "edgeward.ood/1"
+    assert b"daily_budget" not in (out / f"{board.device_id}.ewb").read_bytes()  # sealed, not clear
