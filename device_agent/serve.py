@@ -317,6 +317,8 @@ class Service:
             if not decision.allowed:
                 self._record(signals, now)
                 record["throttle"] = decision.reason
+                if decision.reason == "batch":
+                    raise TooLarge(f"{rows} inputs in one request exceed the rate limit's burst")
                 raise Throttled(
                     f"over the {decision.reason.replace('_', ' ')} limit", decision.retry_after
                 )

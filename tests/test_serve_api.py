@@ -206,6 +206,8 @@ def test_429_client_rate_with_retry_after(
             st == 429 and headers["retry-after"] == "1" and "client rate" in doc["error"]["message"]
         )
         assert s.client("engineer").predict(x[3])[0] == 200  # buckets are per client
+        st, _, doc = s.client("admin").predict(x[:4])  # more rows than the burst: can never pass
+        assert st == 413 and "burst" in doc["error"]["message"]
         clock.t += 0.5
         assert c.predict(x[3])[0] == 200
     finally:
