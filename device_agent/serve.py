@@ -16,7 +16,7 @@ import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -172,6 +172,7 @@ class Service:
         self._integrity_thread: threading.Thread | None = None
         self._started = time.monotonic()
         self.counters: Counter[str] = Counter(queries=0, answered=0, rows=0)
+        self._counter_lock = threading.Lock()
 
     # --- background services --------------------------------------------------------------------
     def attach(self, service: Background) -> None:
@@ -205,7 +206,7 @@ class Service:
                 if m
                 else None,
                 "integrity": "failed" if self._integrity_failed else "ok",
-                "counters": dict(sorted(self.counters.items())),
+                "counters": self._counters_copy(),
             }
 
     # --- model and policy ---------------------------------------------------------------------
@@ -238,9 +239,7 @@ class Service:
         self._detector = Detector(Calibration.from_policy(policy), self.config.detect)
         retention = policy.get("audit", {}).get("retention_days")
         if retention is not None:
-            self.audit.config = AuditConfig(
-                **{**self.audit.config.__dict__, "retention_days": float(retention)}
-            )
+            self.audit.config = replace(self.audit.config, retention_days=float(retention))
 
     def check_integrity(self) -> bool:
         """Re-check the served model against its sealed digest; on failure stop serving."""
@@ -340,22 +339,30 @@ class Service:
                     signals += self._detector.observe(client, first[i], label, now)
             self._record(signals, now)
             record.update(status=200, rows=rows, detections=sorted({s.kind for s in signals}))
-            self.counters["answered"] += 1
-            self.counters["rows"] += rows
+            self._count("answered")
+            self._count("rows", rows)
             return answer
         except EdgeWardError as e:
             record.update(status=http_status(e), error=type(e).__name__)
-            self.counters[f"refused_{record['status']}"] += 1
+            self._count(f"refused_{record['status']}")
             raise
         finally:
-            self.counters["queries"] += 1
+            self._count("queries")
             self.audit.append(record, now)
+
+    def _counters_copy(self) -> dict[str, int]:
+        with self._counter_lock:
+            return dict(sorted(self.counters.items()))
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[key] += n
 
     def refused(self, who: TokenRecord | None, error: EdgeWardError) -> None:
         """Audit a prediction request refused before its body was read (401, 413)."""
         status = http_status(error)
-        self.counters["queries"] += 1
-        self.counters[f"refused_{status}"] += 1
+        self._count("queries")
+        self._count(f"refused_{status}")
         record = {
             "event": "predict",
             "client": who.id if who else None,
@@ -367,7 +374,7 @@ class Service:
     def _record(self, signals: list[Signal], now: float, severity: str = "warning") -> None:
         when = datetime.fromtimestamp(now, UTC)
         for s in signals:
-            self.counters[f"detections_{s.kind}"] += 1
+            self._count(f"detections_{s.kind}")
             self.events.record(
                 s.kind,
                 when,
@@ -389,7 +396,10 @@ def http_status(e: EdgeWardError) -> int:
         (Expired, 503),
         (FormatError, 422),
         (SecurityRefusal, 403),
-        (UsageError, 422),
+        (
+            UsageError,
+            503,
+        ),  # the board is set up wrongly (e.g. several models): not the caller's fault
     ):
         if isinstance(e, cls):
             return code

@@ -24,7 +24,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import Service, load_config
     from .store import KeySource
 
-    agent = Agent(args.data_dir, KeySource.from_env(args.kek_file))
+    keys = KeySource.from_env(args.kek_file)
+    keys.require()  # fail at start (exit 2), not on the first query
+    agent = Agent(args.data_dir, keys)
     socket_path = Path(args.socket) if args.socket else agent.store.path / "agent.sock"
     service = Service(agent, load_config(args.config))
     server = Server(service, socket_path, args.listen)

@@ -407,3 +407,13 @@ def test_pack_cli_seals_policy_and_ood_calibration(
     policy = agent.model().sidecar.policy
     assert policy["throttle"] == {"daily_budget": 7} and policy["ood"]["schema"] == "edgeward.ood/1"
     assert b"daily_budget" not in (out / f"{board.device_id}.ewb").read_bytes()  # sealed, not clear
+
+
+def test_serve_without_device_keys_fails_at_start(make_board: Callable[..., Any]) -> None:
+    board = make_board()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWARD_DEVICE_")}
+    rc = subprocess.run(
+        [sys.executable, "-m", "device_agent.cli", "serve", "--data-dir", str(board.data_dir)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert rc.returncode == 2 and "EDGEWARD_DEVICE_PASSPHRASE" in rc.stderr
