@@ -49,8 +49,24 @@ OPEN_THROTTLE = {
 }
 
 
+ROUNDS = 5
+
+
 def _median_us(samples: list[float]) -> float:
     return statistics.median(samples) * 1e6
+
+
+def _p90_us(samples: list[float]) -> float:
+    return float(np.percentile(samples, 90)) * 1e6
+
+
+def _rounds(samples: list[float]) -> list[list[float]]:
+    size = len(samples) // ROUNDS
+    return [samples[i * size : (i + 1) * size] for i in range(ROUNDS)]
+
+
+def _verdict(value: float, target: float) -> str:
+    return "met" if value <= target else "MISSED"
 
 
 def main() -> int:
@@ -146,19 +162,23 @@ def main() -> int:
             proc.wait(timeout=10)
 
     b, g, r = _median_us(bare), _median_us(guarded), _median_us(rtt)
+    # The host may be shared: also give the quietest of ROUNDS equal slices (timeit's habit).
+    quiet_overhead = min(
+        _median_us(gs) - _median_us(bs)
+        for bs, gs in zip(_rounds(bare), _rounds(guarded), strict=True)
+    )
+    quiet_rtt = min(_median_us(rs) for rs in _rounds(rtt))
     print(f"digits MLP, {args.n} queries each, medians (p90 in brackets)")
-    print(f"  onnxruntime session.run (bare)   {b:8.1f} us  [{np.percentile(bare, 90) * 1e6:.1f}]")
+    print(f"  onnxruntime session.run (bare)   {b:8.1f} us  [{_p90_us(bare):.1f}]")
+    print(f"  Agent.predict (role user)        {g:8.1f} us  [{_p90_us(guarded):.1f}]")
     print(
-        f"  Agent.predict (role user)        {g:8.1f} us  [{np.percentile(guarded, 90) * 1e6:.1f}]"
+        f"  overhead of Agent.predict        {g - b:8.1f} us  ratio {g / b:.2f}x  "
+        f"quietest round {quiet_overhead:.1f} us   target <= 30 us: {_verdict(g - b, 30)}"
     )
     print(
-        f"  overhead of Agent.predict        {g - b:8.1f} us  ratio {g / b:.2f}x   "
-        f"target <= 30 us: "
-        f"{'met' if g - b <= 30 else 'MISSED'}"
-    )
-    print(
-        f"  API round trip over Unix socket  {r:8.1f} us  [{np.percentile(rtt, 90) * 1e6:.1f}]  "
-        f"ratio {r / b:.1f}x bare   target <= 500 us: {'met' if r <= 500 else 'MISSED'}"
+        f"  API round trip over Unix socket  {r:8.1f} us  [{_p90_us(rtt):.1f}]  "
+        f"ratio {r / b:.1f}x  "
+        f"quietest round {quiet_rtt:.1f} us   target <= 500 us: {_verdict(r, 500)}"
     )
     return 0
 
