@@ -127,20 +127,44 @@ class Handler(BaseHTTPRequestHandler):
         self._run(predict)
 
 
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
+
+class _Bounded(socketserver.ThreadingMixIn):
+    """At most ``slots`` connections at once (each holds a thread); the next ones get a 503."""
+
+    daemon_threads = True
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(BUSY)
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class _UnixServer(_Bounded, socketserver.UnixStreamServer):
     def get_request(self) -> tuple[socket.socket, Any]:
         conn, _ = self.socket.accept()
         return conn, ("unix", 0)  # http.server expects a (host, port) pair
 
 
-class _TcpServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _TcpServer(_Bounded, ThreadingHTTPServer):
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().server_bind()
+
+
+def _limit(server: _Bounded, service: Service) -> None:
+    server.slots = threading.BoundedSemaphore(service.config.max_connections)
 
 
 def _handler(service: Service) -> type[Handler]:
@@ -166,6 +190,7 @@ def bind_unix(service: Service, path: Path, mode: int = 0o660) -> socketserver.B
     finally:
         os.umask(old)
     os.chmod(path, mode)
+    _limit(server, service)
     return server
 
 
@@ -185,9 +210,11 @@ def bind_tcp(service: Service, listen: str) -> socketserver.BaseServer:
     if ":" in host:
         cls = type("_Tcp6Server", (_TcpServer,), {"address_family": socket.AF_INET6})
     try:
-        return cls((host, port_n), _handler(service))
+        server = cls((host, port_n), _handler(service))
     except OSError as e:
         raise EnvironmentFault(f"cannot listen on {listen}: {e.strerror}") from e
+    _limit(server, service)
+    return server
 
 
 class Server:

@@ -55,7 +55,9 @@ class DetectConfig:
     rate_window: float = 60.0
     rate_refusals: int = 10
     cooldown: float = 60.0  # at most one event per kind and client in this many seconds
-    max_clients: int = 1024  # least recently seen clients are forgotten beyond this
+    # Least recently seen clients are forgotten beyond this (clients are tokens, made by an admin);
+    # each costs up to ~2 MB with 1024-dim inputs, ~150 kB with the digits model.
+    max_clients: int = 64
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ class _Ring:
     __slots__ = ("rows", "count", "next")
 
     def __init__(self, capacity: int, dim: int) -> None:
-        self.rows = np.empty((capacity, dim))
+        self.rows = np.empty((capacity, dim), dtype=np.float32)
         self.count = 0
         self.next = 0
 

@@ -67,6 +67,7 @@ class ServeConfig:
 
     max_request_bytes: int = 1024 * 1024
     max_rows: int = 32
+    max_connections: int = 64  # each open connection holds a thread
     model_refresh_seconds: float = 1.0
     integrity_seconds: float = 300.0
     throttle: Mapping[str, Any] = field(default_factory=dict)
@@ -76,6 +77,7 @@ class ServeConfig:
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> ServeConfig:
         known = {
+            "max_connections",
             "max_request_bytes",
             "max_rows",
             "model_refresh_seconds",

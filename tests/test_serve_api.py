@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -417,3 +418,27 @@ def test_serve_without_device_keys_fails_at_start(make_board: Callable[..., Any]
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert rc.returncode == 2 and "EDGEWARD_DEVICE_PASSPHRASE" in rc.stderr
+
+
+def test_connections_beyond_the_limit_get_503(
+    make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any, digits_test: Any
+) -> None:
+    import socket
+
+    s, _ = _served_with_clock(make_board(), pack_for, digits, {}, ServeConfig(max_connections=2))
+    held = []
+    try:
+        for _ in range(2):
+            c = s.client()
+            assert c.predict(digits_test[0][0])[0] == 200  # keep-alive: the connection stays open
+            held.append(c)
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(str(s.socket))
+            assert raw.recv(100).startswith(b"HTTP/1.1 503")
+        held.pop().close()
+        time.sleep(0.2)  # the server notices the closed connection and frees its slot
+        assert s.client().predict(digits_test[0][0])[0] == 200
+    finally:
+        for c in held:
+            c.close()
+        s.server.stop()
