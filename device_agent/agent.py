@@ -8,6 +8,7 @@ leaves the data directory exactly as it was.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from . import crypto
 from .bundle import ID_RE, Manifest, Sidecar, VerifiedBundle, format_time, verify_bundle
 from .enrolment import DOMAIN as ENROLMENT_DOMAIN
 from .enrolment import Enrolment
-from .errors import NotInstalled, RollbackRefused, UsageError
+from .errors import IntegrityError, NotInstalled, RollbackRefused, UsageError
 from .limits import DEFAULT_LIMITS, Limits
 from .output import prepare_inputs, shape_output
 from .preprocess import apply as preprocess
@@ -71,6 +72,8 @@ class Agent:
         self.limits = limits
         self._clock = clock
         self._loaded: dict[str, LoadedModel] = {}
+        self._state_cache: tuple[tuple[int, int, int], State] | None = None
+        self._state_path = str(self.store.state_file)
         self._lock = threading.RLock()
 
     # --- provisioning ------------------------------------------------------------------------
@@ -207,13 +210,46 @@ class Agent:
         self._loaded[model_id] = loaded
         return loaded
 
+    def _serving_state(self) -> State:
+        """The state for the query path, re-read only when state.json changes (an install or
+        rollback by another process replaces the file, which changes its inode and mtime)."""
+        try:
+            st = os.stat(self._state_path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            return self.store.state()  # raises the store's own error
+        if self._state_cache is None or self._state_cache[0] != stamp:
+            self._state_cache = (stamp, self.store.state())
+        return self._state_cache[1]
+
     def model(self, model_id: str | None = None) -> LoadedModel:
         with self._lock:
-            state = self.store.state()
+            state = self._serving_state()
             mid = self._pick(state, model_id)
             loaded = self._load(mid, state)
             check_serving_life(loaded.manifest, trusted_now(self._clock(), state.clock_floor))
             return loaded
+
+    def recheck(self, loaded: LoadedModel) -> None:
+        """Integrity monitoring hook: re-verify the stored bundle of a loaded model, decrypt it
+        and check the model digest against the sealed sidecar of the model being served.
+        Raises IntegrityError (or another SecurityRefusal) when anything differs."""
+        data = self.store.read_bundle(loaded.manifest.bundle_id)
+        publishers, _ = self.store.trust()
+        vb = verify_bundle(data, publishers, self.limits)
+        if vb.manifest.bundle_id != loaded.manifest.bundle_id:
+            raise IntegrityError("the stored bundle is not the one being served")
+        keys = self.store.unlock(self._source)
+        try:
+            contents = vb.decrypt(keys.box_private, self.limits)  # checks the model digest
+        finally:
+            keys.wipe()
+        try:
+            sealed, served = contents.sidecar.model_sha256, loaded.sidecar.model_sha256
+            if not crypto.constant_time_equal(sealed, served):
+                raise IntegrityError("the stored model digest differs from the model being served")
+        finally:
+            contents.wipe()
 
     def predict(
         self,

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import service_cli
 from .cliutil import emit, run
 from .errors import FormatError, UsageError
 from .limits import DEFAULT_LIMITS
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("wipe", "crypto-shred this board's keys and models (end of life); writes a signed attestation", cmd_wipe)
     sp.add_argument("--yes", action="store_true", help="confirm without a prompt (scripts, CI)")
     sp.add_argument("--json", action="store_true")
+    service_cli.register(sub)
     return p
 
 

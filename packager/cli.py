@@ -15,6 +15,7 @@ from typing import Any
 from device_agent.cliutil import emit, run
 from device_agent.errors import EdgeWardError, FormatError, UsageError
 
+from . import redteam
 from .harden.cli import add_options as add_hardening_options
 from .harden.cli import model_for_pack, register_harden
 from .harden.pipeline import summary
@@ -71,7 +72,7 @@ def _progress(args: argparse.Namespace) -> Callable[[Iterable[Any]], Iterable[An
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from .keys import load_private_key
-    from .pack import PackOptions, discover_devices, load_enrolments, pack, parse_cli_time
+    from .pack import PackOptions, build_policy, discover_devices, load_enrolments, pack, parse_cli_time
     from .profiles import load_profile
 
     profile = load_profile(args.profile)
@@ -94,6 +95,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         expires=parse_cli_time(args.expires, "--expires"),
         end_of_life=parse_cli_time(args.end_of_life, "--end-of-life"),
         task=task,
+        policy=build_policy(args.policy, args.calibrate_ood),
         compress=not args.no_compress,
         **extra,
     )
@@ -206,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output-index", type=int, help="which model output carries the scores")
     sp.add_argument("--labels", help="class labels: JSON list or one per line (sealed, never in the clear)")
     sp.add_argument("--expect-sha256", help="refuse the model unless its SHA-256 is this")
+    sp.add_argument("--policy", help="serving policy JSON to seal (roles, bands, throttle, audit)")
+    sp.add_argument("--calibrate-ood", help="validation inputs (.npz, x) to calibrate OoD/probing")
     sp.add_argument("--no-compress", action="store_true", help="do not compress the payload before encryption")
     sp.add_argument("--out", required=True)
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -224,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("profiles", help="list the built-in board profiles")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_profiles)
+    redteam.register(sub)
     return p
 
 

@@ -242,6 +242,35 @@ def pack(
     return PackResult(out_dir, records, report)
 
 
+def build_policy(policy_file: str | None, calibration_file: str | None) -> dict[str, Any]:
+    """The sealed serving policy: a JSON file (roles, bands, throttle, audit retention) plus, from
+    ``--calibrate-ood``, OoD and probing thresholds calibrated on validation inputs (``x``)."""
+    policy: dict[str, Any] = {}
+    if policy_file:
+        try:
+            policy = json.loads(Path(policy_file).read_text())
+        except FileNotFoundError as e:
+            raise UsageError(f"--policy {policy_file} does not exist") from e
+        except ValueError as e:
+            raise UsageError(f"--policy {policy_file} is not JSON: {e}") from e
+        if not isinstance(policy, dict):
+            raise UsageError(f"--policy {policy_file} must hold a JSON object")
+    if calibration_file:
+        import numpy as np
+
+        from device_agent.detect import calibrate
+
+        try:
+            with np.load(calibration_file, allow_pickle=False) as z:
+                x = z["x"] if "x" in z.files else z[z.files[0]]
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            raise UsageError(
+                f"--calibrate-ood {calibration_file}: need an .npz with validation inputs x: {e}"
+            ) from e
+        policy["ood"] = calibrate(x)
+    return policy
+
+
 def discover_devices(files: list[str] | None, devices_dir: str | None) -> list[Path]:
     paths = [Path(f) for f in files or []]
     if devices_dir:

@@ -1,0 +1,363 @@
+"""HTTP/1.1 adapter for :class:`device_agent.serve.Service`, on a Unix socket or loopback TCP.
+
+Standard library only (``http.server``): light enough for a Pi Zero 2 W. One thread per
+connection, keep-alive, a read timeout against slow clients, and the body length bounded
+before a byte of it is read.
+
+    GET  /v1/health    200 {"status": "serving"} or 503; no token needed, nothing revealed
+    GET  /v1/status    admin only: the service counters
+    POST /v1/predict   JSON {"inputs": ...} or an .npy body; the answer the token's role may see
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import math
+import os
+import socket
+import socketserver
+import stat
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeWardError, EnvironmentFault, UsageError
+from .serve import Service, Throttled, TooLarge, http_status
+
+READ_TIMEOUT = 30.0
+DRAIN_FACTOR = 16
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "edgeward-agent"
+    sys_version = ""
+    timeout = READ_TIMEOUT
+    service: Service  # set on the subclass made for each server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        """Silent: every query is in the audit log instead."""
+
+    def _send(
+        self, status: int, doc: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        lines = [
+            f"{self.protocol_version} {status} {self.responses.get(status, ('',))[0]}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            *(f"{k}: {v}" for k, v in (headers or {}).items()),
+        ]
+        if (headers or {}).get("Connection") == "close":
+            self.close_connection = True
+        # One write for headers and body: one segment on the wire, no delayed-ACK stall.
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+    def _error(self, e: EdgeWardError) -> None:
+        status = http_status(e)
+        headers = {}
+        if isinstance(e, Throttled):
+            headers["Retry-After"] = str(max(1, math.ceil(min(e.retry_after, 86400.0))))
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="edgeward-agent"'
+        if isinstance(e, TooLarge) or self.close_connection:
+            headers["Connection"] = "close"  # an unread body may still be on the wire
+        self._send(status, {"error": {"status": status, "message": str(e)}}, headers)
+
+    def _discard(self, length: int) -> None:
+        """Read and drop an oversized body (up to DRAIN_FACTOR times the limit) so the client
+        gets its 413; anything larger gets the 413 and a closed connection."""
+        if 0 <= length <= DRAIN_FACTOR * self.service.config.max_request_bytes:
+            while length > 0:
+                chunk = self.rfile.read(min(length, 65536))
+                if not chunk:
+                    break
+                length -= len(chunk)
+        else:
+            self.close_connection = True
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._send(200, fn())
+        except EdgeWardError as e:
+            self._error(e)
+        except Exception as e:  # never a traceback to the client; the audit log has the query
+            self._send(
+                500, {"error": {"status": 500, "message": f"internal error: {type(e).__name__}"}}
+            )
+
+    def do_GET(self) -> None:  # noqa: N802
+        s = self.service
+        if self.path == "/v1/health":
+            self._run(s.health)
+        elif self.path == "/v1/status":
+            self._run(lambda: s.status(s.authenticate(self.headers.get("Authorization"))))
+        else:
+            self._send(404, {"error": {"status": 404, "message": "no such endpoint"}})
+
+    def do_POST(self) -> None:  # noqa: N802
+        s = self.service
+        if self.path != "/v1/predict":
+            self._send(404, {"error": {"status": 404, "message": "no such endpoint"}})
+            return
+
+        def predict() -> dict[str, Any]:
+            who = None
+            try:
+                who = s.authenticate(self.headers.get("Authorization"))
+                try:
+                    length = int(self.headers.get("Content-Length", ""))
+                except ValueError:
+                    self.close_connection = True
+                    raise TooLarge("a Content-Length header is required") from None
+                if length < 0 or length > s.config.max_request_bytes:
+                    self._discard(length)
+                    raise TooLarge(
+                        f"request body is {length} bytes, the limit is {s.config.max_request_bytes}"
+                    )
+            except EdgeWardError as e:
+                s.refused(who, e)  # refused before the body was read: audited all the same
+                raise
+            body = self.rfile.read(length)
+            return s.predict(who, body, self.headers.get("Content-Type", "application/json"))
+
+        self._run(predict)
+
+
+BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class _Bounded(socketserver.ThreadingMixIn):
+    """At most ``slots`` connections at once (each holds a thread); the next ones get a 503."""
+
+    daemon_threads = True
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(BUSY)
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class _UnixServer(_Bounded, socketserver.UnixStreamServer):
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, _ = self.socket.accept()
+        return conn, ("unix", 0)  # http.server expects a (host, port) pair
+
+
+class _TcpServer(_Bounded, ThreadingHTTPServer):
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().server_bind()
+
+
+def _limit(server: _Bounded, service: Service) -> None:
+    server.slots = threading.BoundedSemaphore(service.config.max_connections)
+
+
+def _handler(service: Service) -> type[Handler]:
+    return type("BoundHandler", (Handler,), {"service": service})
+
+
+def bind_unix(service: Service, path: Path, mode: int = 0o660) -> socketserver.BaseServer:
+    """Listen on a Unix socket at ``path`` (mode 0660: the owner and the application's group)."""
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise UsageError(f"{path} exists and is not a socket; pick another --socket")
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(path))
+                raise UsageError(f"another agent is already listening on {path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                path.unlink()  # stale socket left by a crash
+    old = os.umask(0o177)
+    try:
+        server = _UnixServer(str(path), _handler(service))
+    except OSError as e:
+        raise EnvironmentFault(f"cannot listen on {path}: {e.strerror}") from e
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    _limit(server, service)
+    return server
+
+
+def bind_tcp(service: Service, listen: str) -> socketserver.BaseServer:
+    """Listen on loopback TCP only (``127.0.0.1:PORT`` or ``[::1]:PORT``)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise UsageError(
+                f"--listen {listen}: only loopback addresses are served; use a Unix socket"
+            )
+        port_n = int(port)
+    except ValueError as e:
+        raise UsageError(f"--listen {listen}: expected 127.0.0.1:PORT") from e
+    cls: type[_TcpServer] = _TcpServer
+    if ":" in host:
+        cls = type("_Tcp6Server", (_TcpServer,), {"address_family": socket.AF_INET6})
+    try:
+        server = cls((host, port_n), _handler(service))
+    except OSError as e:
+        raise EnvironmentFault(f"cannot listen on {listen}: {e.strerror}") from e
+    _limit(server, service)
+    return server
+
+
+class Server:
+    """Runs a service on its listeners until :meth:`stop`; usable as a context manager."""
+
+    def __init__(
+        self, service: Service, socket_path: Path | None, listen: str | None = None
+    ) -> None:
+        if socket_path is None and listen is None:
+            raise UsageError("nothing to listen on: give --socket or --listen")
+        self.service = service
+        self.socket_path = socket_path
+        self._servers = []
+        if socket_path is not None:
+            self._servers.append(bind_unix(service, socket_path))
+        if listen is not None:
+            self._servers.append(bind_tcp(service, listen))
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        for s in self._servers:
+            if isinstance(s, _TcpServer):
+                return s.server_address[:2]  # type: ignore[return-value]
+        return None
+
+    def start(self) -> Server:
+        self.service.start()
+        for s in self._servers:
+            t = threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        for s in self._servers:
+            s.shutdown()
+            s.server_close()
+        for t in self._threads:
+            t.join(timeout=5)
+        self.service.stop()
+        if self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Client:
+    """A small keep-alive HTTP/1.1 client for the API over a Unix socket or loopback TCP, for
+    tests, benchmarks, the red team and applications on the board. Deliberately minimal (no
+    chunked encoding, no redirects): the agent never sends those; ``http.client`` costs ~200 us
+    more per request on a Pi-class CPU."""
+
+    def __init__(
+        self,
+        token: str | None,
+        socket_path: Path | None = None,
+        tcp: tuple[str, int] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        if socket_path is None and tcp is None:
+            raise UsageError("a client needs a socket path or a TCP address")
+        self._address: Any = str(socket_path) if socket_path is not None else tcp
+        self._family = socket.AF_UNIX if socket_path is not None else socket.AF_INET
+        self._auth = f"Authorization: Bearer {token}\r\n".encode() if token else b""
+        self._timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buf = b""
+
+    def _connect(self) -> socket.socket:
+        s = socket.socket(self._family, socket.SOCK_STREAM)
+        s.settimeout(self._timeout)
+        if self._family == socket.AF_INET:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.connect(self._address)
+        self._sock, self._buf = s, b""
+        return s
+
+    def _read_until(self, s: socket.socket, marker: bytes) -> bytes:
+        while marker not in self._buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError("the agent closed the connection")
+            self._buf += chunk
+        head, _, self._buf = self._buf.partition(marker)
+        return head
+
+    def _read_exactly(self, s: socket.socket, n: int) -> bytes:
+        while len(self._buf) < n:
+            chunk = s.recv(max(65536, n - len(self._buf)))
+            if not chunk:
+                raise ConnectionError("the agent closed the connection mid-response")
+            self._buf += chunk
+        body, self._buf = self._buf[:n], self._buf[n:]
+        return body
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, dict[str, str], Any]:
+        """Send one request; returns (status, lower-cased headers, decoded JSON body)."""
+        body = body or b""
+        req = (
+            (
+                f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n"
+            ).encode()
+            + self._auth
+            + b"\r\n"
+            + body
+        )
+        for attempt in (0, 1):
+            s = self._sock or self._connect()
+            try:
+                s.sendall(req)
+                head = self._read_until(s, b"\r\n\r\n").decode("latin-1").split("\r\n")
+                break
+            except (ConnectionError, BrokenPipeError):
+                self.close()  # the agent closed an idle or refused connection: reconnect once
+                if attempt:
+                    raise
+        status = int(head[0].split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+        data = self._read_exactly(s, int(headers.get("content-length", "0")))
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, headers, json.loads(data) if data else None
+
+    def predict(self, inputs: Any) -> tuple[int, dict[str, str], Any]:
+        import numpy as np
+
+        a = np.asarray(inputs)
+        return self.request("POST", "/v1/predict", json.dumps({"inputs": a.tolist()}).encode())
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock, self._buf = None, b""

@@ -1,0 +1,343 @@
+"""Abuse detection on the query stream (NCSC 3.2): out-of-distribution inputs, extraction
+patterns, evasion probing and rate anomalies, per client.
+
+Pure code: :class:`Detector` takes arrays, labels and ``now`` and returns :class:`Signal`s; the
+service turns them into events. Thresholds come from a calibration made at pack time on the
+publisher's validation data (:func:`calibrate`) and sealed in the bundle policy under ``"ood"``.
+
+- **ood**: Mahalanobis distance of the input to the calibration data (shrunk covariance); a
+  client is reported when ``ood_count`` of its last ``window`` inputs exceed the sealed threshold.
+- **extraction**: PRADA (Juuti et al., 2019): for each query, the distance to the nearest earlier
+  query of the same client with the same predicted label; natural data gives a roughly normal
+  distribution of these distances, synthetic and noise queries do not. Reported when the
+  Shapiro-Wilk W of the client's distances falls below ``prada_w``.
+- **probing**: decision-based evasion (HopSkipJump, Boundary) sends many near-duplicates of one
+  input; reported when ``probe_count`` of the last ``window`` queries lie closer than the sealed
+  ``probe_eps`` (a fraction of the smallest distance between distinct calibration samples) to an
+  earlier query. Exact repeats are not probing: applications resend the same input.
+- **rate**: a client that keeps hitting the throttle (``rate_refusals`` refusals in
+  ``rate_window`` seconds).
+
+Detection raises the bar; an adaptive attacker who knows these tests can stay under them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from .errors import FormatError
+
+CALIBRATION_SCHEMA = "edgeward.ood/1"
+MAX_DIMS = 1024  # inputs larger than this are subsampled before distances are taken
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Every detection bound in one place."""
+
+    window: int = 50
+    ood_count: int = 3
+    probe_count: int = 5
+    history: int = 100  # recent distinct queries kept per client for distances
+    prada_window: int = 200  # distances kept per client for the normality test
+    per_label_history: int = 50  # PRADA's growing set, per predicted label
+    prada_min: int = 40  # distances needed before the normality test is trusted
+    prada_w: float = 0.85
+    prada_every: int = 5  # run the normality test every this many queries (it costs ~50 us)
+    rate_window: float = 60.0
+    rate_refusals: int = 10
+    cooldown: float = 60.0  # at most one event per kind and client in this many seconds
+    # Least recently seen clients are forgotten beyond this (clients are tokens, made by an admin);
+    # each costs up to ~2 MB with 1024-dim inputs, ~150 kB with the digits model.
+    max_clients: int = 64
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Sealed OoD and probing thresholds, computed by :func:`calibrate` at pack time."""
+
+    mean: np.ndarray
+    precision: np.ndarray
+    threshold: float
+    probe_eps: float
+
+    @classmethod
+    def from_policy(cls, policy: Mapping[str, Any]) -> Calibration | None:
+        raw = policy.get("ood")
+        if raw is None:
+            return None
+        try:
+            if raw["schema"] != CALIBRATION_SCHEMA:
+                raise FormatError(f"sealed OoD calibration is not {CALIBRATION_SCHEMA}")
+            mean = np.asarray(raw["mean"], dtype=np.float64)
+            precision = np.asarray(raw["precision"], dtype=np.float64)
+            cal = cls(mean, precision, float(raw["threshold"]), float(raw["probe_eps"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"sealed OoD calibration is malformed: {e}") from e
+        if mean.ndim != 1 or precision.shape != (mean.size, mean.size):
+            raise FormatError("sealed OoD calibration has inconsistent dimensions")
+        return cal
+
+    def score(self, x: np.ndarray) -> float:
+        d = x - self.mean
+        return math.sqrt(max(0.0, float(d @ self.precision @ d)))
+
+
+def features(x: np.ndarray) -> np.ndarray:
+    """One input row as the flat float64 vector the detectors compare."""
+    v = np.asarray(x, dtype=np.float64).reshape(-1)
+    if v.size > MAX_DIMS:
+        v = v[:: math.ceil(v.size / MAX_DIMS)]
+    return v
+
+
+def calibrate(x: np.ndarray, shrinkage: float = 0.1, margin: float = 1.5) -> dict[str, Any]:
+    """Calibration for the sealed policy from validation inputs ``x`` (one row per sample).
+
+    The OoD threshold is ``margin`` times the largest validation score, so in-distribution data
+    is essentially never flagged; ``probe_eps`` is a quarter of the 1% quantile of the distance
+    from each sample to its nearest distinct neighbour.
+    """
+    rows = np.stack([features(r) for r in np.asarray(x)])
+    if rows.shape[0] < 20:
+        raise FormatError("OoD calibration needs at least 20 validation samples")
+    mean = rows.mean(axis=0)
+    cov = np.cov(rows, rowvar=False).reshape(rows.shape[1], rows.shape[1])
+    cov = (1 - shrinkage) * cov + shrinkage * (np.trace(cov) / cov.shape[0] + 1e-6) * np.eye(
+        cov.shape[0]
+    )
+    precision = np.linalg.inv(cov)
+    cal = Calibration(mean, precision, 0.0, 0.0)
+    scores = np.array([cal.score(r) for r in rows])
+    sq = (rows**2).sum(axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * rows @ rows.T, 0.0)
+    d2[d2 <= 1e-12] = np.inf  # self and exact duplicates
+    nearest = np.sqrt(d2.min(axis=1))
+    nearest = nearest[np.isfinite(nearest)]
+    return {
+        "schema": CALIBRATION_SCHEMA,
+        "samples": int(rows.shape[0]),
+        "mean": np.round(mean, 6).tolist(),
+        "precision": np.round(precision, 6).tolist(),
+        "threshold": round(float(scores.max() * margin), 6),
+        "probe_eps": round(float(np.quantile(nearest, 0.01) / 4), 6),
+    }
+
+
+_SW_C1 = (0.0, 0.221157, -0.147981, -2.071190, 4.434685, -2.706056)
+_SW_C2 = (0.0, 0.042981, -0.293762, -1.752461, 5.682633, -3.582633)
+
+
+@functools.lru_cache(maxsize=256)
+def _normal_scores(n: int) -> np.ndarray:
+    nd = NormalDist()
+    m = np.array([nd.inv_cdf((i - 0.375) / (n + 0.25)) for i in range(1, n + 1)])
+    m.setflags(write=False)
+    return m
+
+
+def shapiro_w(sample: np.ndarray) -> float:
+    """Shapiro-Wilk W statistic (Royston 1992 coefficients), numpy only: the board has no scipy."""
+    x = np.sort(np.asarray(sample, dtype=np.float64))
+    n = x.size
+    if n < 3:
+        raise ValueError("Shapiro-Wilk needs at least 3 values")
+    ss = float(((x - x.mean()) ** 2).sum())
+    if ss <= 0:
+        return 0.0  # all equal: as far from normal as it gets
+    m = _normal_scores(n)
+    mm = float(m @ m)
+    u = 1 / math.sqrt(n)
+    a = m / math.sqrt(mm)
+    an = np.polyval(_SW_C1[::-1], u) + a[-1]
+    if n > 5:
+        an1 = np.polyval(_SW_C2[::-1], u) + a[-2]
+        phi = (mm - 2 * m[-1] ** 2 - 2 * m[-2] ** 2) / (1 - 2 * an**2 - 2 * an1**2)
+        a = m / math.sqrt(phi)
+        a[-1], a[-2], a[0], a[1] = an, an1, -an, -an1
+    else:
+        phi = (mm - 2 * m[-1] ** 2) / (1 - 2 * an**2)
+        a = m / math.sqrt(phi)
+        a[-1], a[0] = an, -an
+    return float((a @ x) ** 2 / ss)
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One detection to record: kind, client, a score in [0, inf) and summary evidence."""
+
+    kind: str
+    client: str
+    score: float
+    evidence: dict[str, Any]
+
+
+class _Ring:
+    """The last ``capacity`` vectors, for nearest-neighbour distances without re-stacking."""
+
+    __slots__ = ("rows", "count", "next")
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        self.rows = np.empty((capacity, dim), dtype=np.float32)
+        self.count = 0
+        self.next = 0
+
+    def nearest(self, v: np.ndarray) -> float:
+        if self.count == 0 or v.size != self.rows.shape[1]:
+            return math.inf
+        diff = self.rows[: self.count] - v
+        return math.sqrt(float(np.einsum("ij,ij->i", diff, diff).min()))
+
+    def add(self, v: np.ndarray) -> None:
+        if v.size != self.rows.shape[1]:
+            return
+        self.rows[self.next] = v
+        self.next = (self.next + 1) % self.rows.shape[0]
+        self.count = min(self.count + 1, self.rows.shape[0])
+
+
+@dataclass
+class _Client:
+    recent: _Ring
+    by_label: dict[Any, _Ring] = field(default_factory=dict)
+    distances: deque[float] = field(default_factory=deque)
+    ood: deque[bool] = field(default_factory=deque)
+    near: deque[bool] = field(default_factory=deque)
+    refusals: deque[float] = field(default_factory=deque)
+    queries: int = 0
+    prada_flag: bool = False
+    last_event: dict[str, float] = field(default_factory=dict)
+
+
+class Detector:
+    """Per-client detection state for one service. Not thread-safe: the caller serialises."""
+
+    def __init__(self, calibration: Calibration | None, config: DetectConfig | None = None) -> None:
+        self.calibration = calibration
+        self.config = config or DetectConfig()
+        self._clients: OrderedDict[str, _Client] = OrderedDict()
+
+    def _client(self, client: str, dim: int) -> _Client:
+        c = self._clients.get(client)
+        if c is None:
+            c = _Client(recent=_Ring(self.config.history, dim))
+            c.distances = deque(maxlen=self.config.prada_window)
+            c.ood = deque(maxlen=self.config.window)
+            c.near = deque(maxlen=self.config.window)
+            self._clients[client] = c
+            while len(self._clients) > self.config.max_clients:
+                self._clients.popitem(last=False)
+        else:
+            self._clients.move_to_end(client)
+        return c
+
+    def _emit(self, c: _Client, sig: Signal, now: float, out: list[Signal]) -> None:
+        last = c.last_event.get(sig.kind)
+        if last is None or now - last >= self.config.cooldown:
+            c.last_event[sig.kind] = now
+            out.append(sig)
+
+    def observe(self, client: str, x: np.ndarray, label: Any, now: float) -> list[Signal]:
+        """Account for one answered input row ``x`` (predicted ``label``); returns detections."""
+        cfg = self.config
+        v = features(x)
+        c = self._client(client, v.size)
+        c.queries += 1
+        out: list[Signal] = []
+        cal = self.calibration
+        if cal is not None and v.size == cal.mean.size:
+            score = cal.score(v)
+            c.ood.append(score > cal.threshold)
+            n_ood = sum(c.ood)
+            if n_ood >= cfg.ood_count:
+                ev = {
+                    "ood_in_window": n_ood,
+                    "window": len(c.ood),
+                    "last_score": round(score, 3),
+                    "threshold": round(cal.threshold, 3),
+                    "queries": c.queries,
+                }
+                self._emit(c, Signal("ood", client, round(score / cal.threshold, 3), ev), now, out)
+        nearest = c.recent.nearest(v)
+        if nearest == 0.0:
+            return out  # an exact repeat tells nothing new; it is not kept twice
+        eps = cal.probe_eps if cal is not None else 0.0
+        c.near.append(nearest < eps)
+        n_near = sum(c.near)
+        if eps > 0 and n_near >= cfg.probe_count:
+            ev = {
+                "near_duplicates_in_window": n_near,
+                "window": len(c.near),
+                "probe_eps": eps,
+                "queries": c.queries,
+            }
+            self._emit(
+                c, Signal("probing", client, round(n_near / cfg.probe_count, 3), ev), now, out
+            )
+        c.recent.add(v)
+        same = c.by_label.get(label)
+        if same is None:
+            same = c.by_label[label] = _Ring(cfg.per_label_history, v.size)
+        d = same.nearest(v)
+        if d == 0.0:
+            return out
+        same.add(v)
+        if math.isfinite(d):
+            c.distances.append(d)
+            if len(c.distances) >= cfg.prada_min and c.queries % cfg.prada_every == 0:
+                w = shapiro_w(np.fromiter(c.distances, dtype=np.float64))
+                c.prada_flag = w < cfg.prada_w
+                if c.prada_flag:
+                    ev = {
+                        "shapiro_w": round(w, 4),
+                        "threshold": cfg.prada_w,
+                        "distances": len(c.distances),
+                        "queries": c.queries,
+                    }
+                    self._emit(
+                        c,
+                        Signal("extraction", client, round(cfg.prada_w / max(w, 1e-9), 3), ev),
+                        now,
+                        out,
+                    )
+        return out
+
+    def refused(self, client: str, now: float) -> list[Signal]:
+        """Account for one throttled request; a client that keeps pushing is a rate anomaly."""
+        cfg = self.config
+        c = self._client(client, 0)
+        c.refusals.append(now)
+        while c.refusals and c.refusals[0] < now - cfg.rate_window:
+            c.refusals.popleft()
+        out: list[Signal] = []
+        if len(c.refusals) >= cfg.rate_refusals:
+            ev = {"refusals": len(c.refusals), "window_s": cfg.rate_window}
+            self._emit(
+                c,
+                Signal("rate", client, round(len(c.refusals) / cfg.rate_refusals, 3), ev),
+                now,
+                out,
+            )
+        return out
+
+    def anomaly(self, client: str) -> float:
+        """The client's anomaly score in [0, 1]; the throttle slows a client down as it rises."""
+        c = self._clients.get(client)
+        if c is None:
+            return 0.0
+        cfg = self.config
+        parts = [
+            sum(c.ood) / cfg.ood_count,
+            sum(c.near) / cfg.probe_count,
+            1.0 if c.prada_flag else 0.0,
+            1.0 if len(c.refusals) >= cfg.rate_refusals else 0.0,
+        ]
+        return min(1.0, max(parts))

@@ -1,0 +1,419 @@
+"""The agent as a guarded service: authenticate, bound, throttle, predict, detect, audit.
+
+:class:`Service` is the whole decision path of one query and knows nothing about HTTP; the
+HTTP adapter lives in :mod:`device_agent.api`. Background services (telemetry, command
+listeners) attach with :meth:`Service.attach` and read counters from
+:meth:`Service.status_provider`; they are started and stopped with the service.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .agent import Agent, LoadedModel
+from .audit import AuditConfig, AuditLog, input_summary
+from .detect import Calibration, DetectConfig, Detector, Signal
+from .errors import EdgeWardError, Expired, FormatError, NotInstalled, SecurityRefusal, UsageError
+from .events import EventStore
+from .output import prepare_inputs, shape_output
+from .throttle import Throttle, ThrottleConfig
+from .tokens import TokenRecord, TokenStore
+
+
+class Unauthorized(SecurityRefusal):
+    """No valid bearer token (HTTP 401)."""
+
+
+class Forbidden(SecurityRefusal):
+    """The token's role may not do this (HTTP 403)."""
+
+
+class Throttled(SecurityRefusal):
+    """Over a rate or budget (HTTP 429); ``retry_after`` says when to try again."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooLarge(FormatError):
+    """The request is over a size or batch bound (HTTP 413)."""
+
+
+class Background(Protocol):
+    """What :meth:`Service.attach` takes, e.g. telemetry given status_provider and events."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Local bounds of the service; ``throttle`` can only tighten the bundle policy's limits."""
+
+    max_request_bytes: int = 1024 * 1024
+    max_rows: int = 32
+    max_connections: int = 64  # each open connection holds a thread
+    model_refresh_seconds: float = 1.0
+    integrity_seconds: float = 300.0
+    throttle: Mapping[str, Any] = field(default_factory=dict)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ServeConfig:
+        known = {
+            "max_connections",
+            "max_request_bytes",
+            "max_rows",
+            "model_refresh_seconds",
+            "integrity_seconds",
+            "throttle",
+            "detect",
+            "audit",
+        }
+        unknown = set(raw) - known
+        if unknown:
+            raise UsageError(f"unknown service settings: {', '.join(sorted(unknown))}")
+        try:
+            kw = {k: raw[k] for k in known & set(raw) - {"detect", "audit", "throttle"}}
+            ThrottleConfig.from_json(raw.get("throttle", {}))  # validate early
+            return cls(
+                **kw,
+                throttle=dict(raw.get("throttle", {})),
+                detect=DetectConfig(**raw.get("detect", {})),
+                audit=AuditConfig(**raw.get("audit", {})),
+            )
+        except TypeError as e:
+            raise UsageError(f"bad service settings: {e}") from e
+
+
+def decode_inputs(body: bytes, content_type: str) -> np.ndarray | dict[str, np.ndarray]:
+    """A request body as arrays: JSON ``{"inputs": ...}`` or an ``.npy``/``.npz`` (no pickles)."""
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            doc = json.loads(body)
+            raw = doc["inputs"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise FormatError('the body must be JSON {"inputs": [...]}') from e
+        if isinstance(raw, dict):
+            return {str(k): _json_array(v) for k, v in raw.items()}
+        return _json_array(raw)
+    if ctype in ("application/x-npy", "application/octet-stream", "application/x-npz"):
+        try:
+            loaded = np.load(io.BytesIO(body), allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                with loaded:
+                    return {k: loaded[k] for k in loaded.files}
+            return np.asarray(loaded)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise FormatError(
+                f"the body is not a readable .npy/.npz array (pickles are refused): {e}"
+            ) from e
+    raise FormatError(
+        f"unsupported content type {ctype!r}; send application/json or application/x-npy"
+    )
+
+
+def _json_array(raw: Any) -> np.ndarray:
+    try:
+        a = np.asarray(raw)
+    except ValueError as e:
+        raise FormatError(f"inputs are not a rectangular array: {e}") from e
+    if a.dtype == object or a.dtype.kind not in "biuf":
+        raise FormatError(f"inputs must be numbers, got {a.dtype}")
+    return a
+
+
+class Service:
+    """One board's guarded prediction service over an :class:`Agent`.
+
+    ``clock`` returns seconds since the epoch; tests and the red team inject a simulated one.
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        config: ServeConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        events: EventStore | None = None,
+    ) -> None:
+        self.agent = agent
+        self.config = config or ServeConfig()
+        self.clock = clock
+        data = agent.store
+        self.tokens = TokenStore(data.path / "tokens.json")
+        self.events = events or EventStore(data.events_file)
+        self.audit = AuditLog(data.path / "audit", self.config.audit)
+        self._throttle = Throttle(ThrottleConfig().tightest(self.config.throttle))
+        self._detector = Detector(None, self.config.detect)
+        self._lock = threading.Lock()
+        self._model: LoadedModel | None = None
+        self._model_stamp: tuple[Any, ...] | None = None
+        self._state_path = str(data.state_file)
+        self._model_checked = -1e18
+        self._integrity_failed: str | None = None
+        self._background: list[Background] = []
+        self._stop = threading.Event()
+        self._integrity_thread: threading.Thread | None = None
+        self._started = time.monotonic()
+        self.counters: Counter[str] = Counter(queries=0, answered=0, rows=0)
+        self._counter_lock = threading.Lock()
+
+    # --- background services --------------------------------------------------------------------
+    def attach(self, service: Background) -> None:
+        """Register a background object (start()/stop()), run for the life of the service."""
+        self._background.append(service)
+
+    def start(self) -> None:
+        self.check_integrity()
+        self._integrity_thread = threading.Thread(
+            target=self._integrity_loop, name="integrity", daemon=True
+        )
+        self._integrity_thread.start()
+        for b in self._background:
+            b.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for b in reversed(self._background):
+            b.stop()
+        if self._integrity_thread is not None:
+            self._integrity_thread.join(timeout=5)
+        self.audit.close()
+
+    def status_provider(self) -> dict[str, Any]:
+        """Counters for telemetry and ``GET /v1/status``: no client ids, no inputs."""
+        with self._lock:
+            m = self._model
+            return {
+                "uptime_s": round(time.monotonic() - self._started, 1),
+                "model": {"id": m.manifest.model_id, "version": m.manifest.model_version}
+                if m
+                else None,
+                "integrity": "failed" if self._integrity_failed else "ok",
+                "counters": self._counters_copy(),
+            }
+
+    # --- model and policy ---------------------------------------------------------------------
+    def _current(self, now: float) -> LoadedModel:
+        """The model to serve; re-read when the state file changes (an install by the CLI)."""
+        if self._integrity_failed:
+            raise NotInstalled(f"serving stopped: {self._integrity_failed}; reinstall the model")
+        try:
+            st = os.stat(self._state_path)
+            stamp: tuple[Any, ...] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = ()
+        if (
+            self._model is None
+            or stamp != self._model_stamp
+            or now - self._model_checked > self.config.model_refresh_seconds
+        ):
+            loaded = self.agent.model()  # checks end of life too
+            if self._model is None or loaded.manifest.bundle_id != self._model.manifest.bundle_id:
+                self._apply_policy(loaded)
+            self._model, self._model_stamp, self._model_checked = loaded, stamp, now
+        return self._model
+
+    def _apply_policy(self, loaded: LoadedModel) -> None:
+        policy = loaded.sidecar.policy
+        # The bundle policy sets the limits (defaults where silent); local config only tightens.
+        self._throttle.config = ThrottleConfig.from_json(policy.get("throttle", {})).tightest(
+            self.config.throttle
+        )
+        self._detector = Detector(Calibration.from_policy(policy), self.config.detect)
+        retention = policy.get("audit", {}).get("retention_days")
+        if retention is not None:
+            self.audit.config = replace(self.audit.config, retention_days=float(retention))
+
+    def check_integrity(self) -> bool:
+        """Re-check the served model against its sealed digest; on failure stop serving."""
+        with self._lock:
+            m = self._model
+        if m is None:
+            return True
+        try:
+            self.agent.recheck(m)
+            return True
+        except EdgeWardError as e:
+            with self._lock:
+                self._integrity_failed = str(e)
+            self._record(
+                [
+                    Signal(
+                        "integrity",
+                        "",
+                        1.0,
+                        {"problem": str(e)[:200], "bundle_id": m.manifest.bundle_id},
+                    )
+                ],
+                self.clock(),
+                severity="critical",
+            )
+            return False
+
+    def _integrity_loop(self) -> None:
+        while not self._stop.wait(self.config.integrity_seconds):
+            self.check_integrity()
+
+    # --- queries -------------------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> TokenRecord:
+        """The token record behind an ``Authorization: Bearer`` header, or Unauthorized."""
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Unauthorized("missing bearer token; create one with 'edgeward-agent token add'")
+        rec = self.tokens.authenticate(authorization[7:].strip())
+        if rec is None:
+            raise Unauthorized("unknown or revoked token")
+        return rec
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            self._current(self.clock())
+        return {"status": "serving"}
+
+    def status(self, who: TokenRecord) -> dict[str, Any]:
+        if who.role != "admin":
+            raise Forbidden("the service status is for the admin role only")
+        return self.status_provider()
+
+    def predict(self, who: TokenRecord, body: bytes, content_type: str) -> dict[str, Any]:
+        """One query, start to end; raises the error the API maps to a status code."""
+        now = self.clock()
+        client = who.id
+        record: dict[str, Any] = {"event": "predict", "client": client, "role": who.role}
+        try:
+            if len(body) > self.config.max_request_bytes:
+                raise TooLarge(
+                    f"request body is {len(body)} bytes, "
+                    f"the limit is {self.config.max_request_bytes}"
+                )
+            with self._lock:
+                loaded = self._current(now)
+            feeds, batched = prepare_inputs(loaded.runner, decode_inputs(body, content_type))
+            first = next(iter(feeds.values()))
+            record["input"] = input_summary(first, self.audit.key)
+            rows = int(first.shape[0]) if first.ndim else 1
+            if rows > self.config.max_rows:
+                raise TooLarge(f"{rows} inputs in one request, the limit is {self.config.max_rows}")
+            with self._lock:
+                decision = self._throttle.decide(client, now, rows, self._detector.anomaly(client))
+                signals = [] if decision.allowed else self._detector.refused(client, now)
+            if not decision.allowed:
+                self._record(signals, now)
+                record["throttle"] = decision.reason
+                if decision.reason == "batch":
+                    raise TooLarge(f"{rows} inputs in one request exceed the rate limit's burst")
+                raise Throttled(
+                    f"over the {decision.reason.replace('_', ' ')} limit", decision.retry_after
+                )
+            outputs = loaded.runner.run(feeds)
+            try:
+                answer = shape_output(
+                    outputs, loaded.sidecar.task, loaded.sidecar.policy, who.role, batched
+                )
+            except UsageError as e:
+                raise Forbidden(str(e)) from e
+            if "outputs" in answer:  # raw outputs carry no label
+                labels: list[Any] = [None] * rows
+            else:
+                labels = (
+                    [r["label"] for r in answer["predictions"]] if batched else [answer["label"]]
+                )
+            with self._lock:
+                for i, label in enumerate(labels):
+                    signals += self._detector.observe(client, first[i], label, now)
+            self._record(signals, now)
+            record.update(status=200, rows=rows, detections=sorted({s.kind for s in signals}))
+            self._count("answered")
+            self._count("rows", rows)
+            return answer
+        except EdgeWardError as e:
+            record.update(status=http_status(e), error=type(e).__name__)
+            self._count(f"refused_{record['status']}")
+            raise
+        finally:
+            self._count("queries")
+            self.audit.append(record, now)
+
+    def _counters_copy(self) -> dict[str, int]:
+        with self._counter_lock:
+            return dict(sorted(self.counters.items()))
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[key] += n
+
+    def refused(self, who: TokenRecord | None, error: EdgeWardError) -> None:
+        """Audit a prediction request refused before its body was read (401, 413)."""
+        status = http_status(error)
+        self._count("queries")
+        self._count(f"refused_{status}")
+        record = {
+            "event": "predict",
+            "client": who.id if who else None,
+            "status": status,
+            "error": type(error).__name__,
+        }
+        self.audit.append(record, self.clock())
+
+    def _record(self, signals: list[Signal], now: float, severity: str = "warning") -> None:
+        when = datetime.fromtimestamp(now, UTC)
+        for s in signals:
+            self._count(f"detections_{s.kind}")
+            self.events.record(
+                s.kind,
+                when,
+                severity=severity,
+                client=s.client or None,
+                score=s.score,
+                evidence=s.evidence,
+            )
+
+
+def http_status(e: EdgeWardError) -> int:
+    """The HTTP status for an error raised on the query path."""
+    for cls, code in (
+        (Unauthorized, 401),
+        (Forbidden, 403),
+        (TooLarge, 413),
+        (Throttled, 429),
+        (NotInstalled, 503),
+        (Expired, 503),
+        (FormatError, 422),
+        (SecurityRefusal, 403),
+        (
+            UsageError,
+            503,
+        ),  # the board is set up wrongly (e.g. several models): not the caller's fault
+    ):
+        if isinstance(e, cls):
+            return code
+    return 500
+
+
+def load_config(path: str | None) -> ServeConfig:
+    if path is None:
+        return ServeConfig()
+    try:
+        return ServeConfig.from_json(json.loads(Path(path).read_text()))
+    except FileNotFoundError as e:
+        raise UsageError(f"config file {path} does not exist") from e
+    except ValueError as e:
+        raise UsageError(f"config file {path} is not JSON: {e}") from e

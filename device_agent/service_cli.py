@@ -1,0 +1,184 @@
+"""``edgeward-agent serve | token | audit | events``: the service's commands (registered by
+:func:`register` into the agent's CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from .errors import IntegrityError
+
+
+def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True) if getattr(args, "json", False) else text)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .agent import Agent
+    from .api import Server
+    from .serve import Service, load_config
+    from .store import KeySource
+
+    keys = KeySource.from_env(args.kek_file)
+    keys.require()  # fail at start (exit 2), not on the first query
+    agent = Agent(args.data_dir, keys)
+    socket_path = Path(args.socket) if args.socket else agent.store.path / "agent.sock"
+    service = Service(agent, load_config(args.config))
+    server = Server(service, socket_path, args.listen)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    with server:
+        where = [str(socket_path)] + ([f"{a[0]}:{a[1]}" for a in [server.tcp_address] if a])
+        print(f"serving on {', '.join(where)}", file=sys.stderr, flush=True)
+        done.wait()
+    return 0
+
+
+def _tokens(args: argparse.Namespace) -> Any:
+    from .store import DataDir
+    from .tokens import TokenStore
+
+    d = DataDir(args.data_dir)
+    d.require_provisioned()
+    return TokenStore(d.path / "tokens.json")
+
+
+def cmd_token_add(args: argparse.Namespace) -> int:
+    from .store import utcnow
+
+    rec, token = _tokens(args).add(args.role, utcnow())
+    doc = {"id": rec.id, "role": rec.role, "token": token}
+    _print(args, doc, f"token {rec.id} ({rec.role}); shown once, store it now:\n{token}")
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    recs = [r.to_json() for r in _tokens(args).list()]
+    for r in recs:
+        r.pop("sha256")
+    lines = [
+        f"{r['id']}  {r['role']:<8}  created {r['created']}  "
+        f"{'revoked ' + r['revoked'] if r['revoked'] else 'active'}"
+        for r in recs
+    ]
+    _print(args, recs, "\n".join(lines) or "no tokens")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from .store import utcnow
+
+    rec = _tokens(args).revoke(args.id, utcnow())
+    _print(args, {"id": rec.id, "revoked": True}, f"token {rec.id} revoked")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from .audit import verify
+
+    rep = verify(Path(args.data_dir) / "audit")
+    doc = rep.to_json()
+    text = (
+        f"audit log intact: {rep.records} records ({rep.first_seq}..{rep.last_seq}) "
+        f"in {rep.segments} segment(s)"
+        if rep.ok
+        else "audit log NOT intact:\n  " + "\n  ".join(rep.problems)
+    )
+    if not rep.ok and not args.json:
+        raise IntegrityError(text.replace("\n  ", "; "))
+    _print(args, doc, text)
+    return 0 if rep.ok else IntegrityError.exit_code
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from .events import EventStore
+    from .store import DataDir
+
+    d = DataDir(args.data_dir)
+    d.require_provisioned()
+    store = EventStore(d.events_file)
+    try:
+        events = [
+            e
+            for e in store.list(after_seq=args.after, limit=args.limit)
+            if not args.kind or e.kind == args.kind
+        ]
+    finally:
+        store.close()
+    docs = [e.to_json() for e in events]
+    lines = [
+        f"{e['seq']:>6} {e['time']} {e['kind']:<10} {e['severity']:<8} {e['client'] or '-':<10} "
+        f"{e['score'] if e['score'] is not None else '-'}  "
+        f"{json.dumps(e['evidence'], sort_keys=True)}"
+        for e in docs
+    ]
+    _print(args, docs, "\n".join(lines) or "no events")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the service's commands to the agent CLI's sub-parsers."""
+
+    def add(parent: Any, name: str, help_: str, fn: Any) -> argparse.ArgumentParser:
+        sp = parent.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--data-dir", required=True, help="the board's data directory")
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = add(
+        sub,
+        "serve",
+        "serve predictions on a local API (Unix socket; loopback TCP when asked)",
+        cmd_serve,
+    )
+    sp.add_argument("--socket", help="Unix socket path (default: DATA_DIR/agent.sock, mode 0660)")
+    sp.add_argument("--listen", help="also listen on loopback TCP, e.g. 127.0.0.1:8470")
+    sp.add_argument("--config", help="local service settings (JSON): limits can only be tightened")
+    sp.add_argument("--kek-file", help="32-byte key-encryption key file (instead of a passphrase)")
+
+    tok = sub.add_parser("token", help="manage API bearer tokens").add_subparsers(
+        dest="token_cmd", required=True
+    )
+    sp = add(
+        tok,
+        "add",
+        "create a token for a role; it is printed once and stored only as a hash",
+        cmd_token_add,
+    )
+    sp.add_argument("--role", required=True, choices=["user", "engineer", "admin"])
+    sp.add_argument("--json", action="store_true")
+    sp = add(tok, "list", "list tokens (ids and roles; never the tokens)", cmd_token_list)
+    sp.add_argument("--json", action="store_true")
+    sp = add(
+        tok,
+        "revoke",
+        "revoke a token by id (a running service stops accepting it at once)",
+        cmd_token_revoke,
+    )
+    sp.add_argument("id")
+    sp.add_argument("--json", action="store_true")
+
+    aud = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(
+        dest="audit_cmd", required=True
+    )
+    sp = add(
+        aud,
+        "verify",
+        "check every record, link and the checkpoint; exit 1 if tampered",
+        cmd_audit_verify,
+    )
+    sp.add_argument("--json", action="store_true")
+
+    sp = add(sub, "events", "list detections and refusals recorded on this board", cmd_events)
+    sp.add_argument("--after", type=int, default=0, help="only events after this sequence number")
+    sp.add_argument(
+        "--kind", help="only events of this kind (ood, extraction, probing, rate, integrity...)"
+    )
+    sp.add_argument("--limit", type=int, default=1000)
+    sp.add_argument("--json", action="store_true")

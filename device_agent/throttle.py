@@ -1,0 +1,127 @@
+"""Throttling decisions: token buckets per client and global, a daily budget per client.
+
+Pure code: every call takes ``now`` (seconds since the epoch) and returns a decision; nothing
+here reads a clock, a file or a socket. Label-only output does not stop extraction with natural
+data (DESIGN.md, pitfalls); budgets and rates do, by making it slow. A client whose anomaly
+score rises gets a proportionally slower bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .errors import FormatError
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class ThrottleConfig:
+    """Every throttling limit. Rates are rows per second; bursts and budgets are rows."""
+
+    client_rate: float = 20.0
+    client_burst: float = 40.0
+    global_rate: float = 200.0
+    global_burst: float = 400.0
+    daily_budget: int = 20000
+    # An anomaly score a in [0, 1] divides the client's rate by (1 + anomaly_slowdown * a).
+    anomaly_slowdown: float = 20.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if (
+                not isinstance(v, int | float)
+                or isinstance(v, bool)
+                or not math.isfinite(v)
+                or v <= 0
+            ):
+                raise FormatError(f"throttle limit {f.name} must be a positive number, got {v!r}")
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ThrottleConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise FormatError(f"unknown throttle limits: {', '.join(sorted(unknown))}")
+        return cls(**dict(raw))
+
+    def tightest(self, other: Mapping[str, Any]) -> ThrottleConfig:
+        """Combine with another source of limits (bundle policy vs local config): the stricter wins,
+        so neither the publisher nor the board's owner can loosen what the other set."""
+        other_cfg = ThrottleConfig.from_json(other)
+        merged = {}
+        for f in fields(self):
+            name = f.name
+            if name not in other:
+                continue
+            a, b = getattr(self, name), getattr(other_cfg, name)
+            # a larger slowdown is stricter; for every other field the smaller value is.
+            merged[name] = max(a, b) if name == "anomaly_slowdown" else min(a, b)
+        return replace(self, **merged)
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str  # "ok", "client_rate", "global_rate", "daily_budget", "batch" (can never pass)
+    retry_after: float = 0.0
+
+
+class _Bucket:
+    __slots__ = ("level", "stamp")
+
+    def __init__(self, level: float, stamp: float) -> None:
+        self.level = level
+        self.stamp = stamp
+
+    def refill(self, now: float, rate: float, burst: float) -> None:
+        # The board's clock may step backwards (no RTC): never refill on a negative interval.
+        self.level = min(burst, self.level + max(0.0, now - self.stamp) * rate)
+        self.stamp = max(self.stamp, now)
+
+
+class Throttle:
+    """The buckets and budgets of one service. Not thread-safe: the caller serialises."""
+
+    def __init__(self, config: ThrottleConfig) -> None:
+        self.config = config
+        self._global = _Bucket(config.global_burst, -math.inf)
+        self._clients: dict[str, _Bucket] = {}
+        self._used: dict[str, tuple[int, int]] = {}  # client -> (day number, rows used that day)
+
+    def client_rate(self, anomaly: float) -> float:
+        return self.config.client_rate / (
+            1.0 + self.config.anomaly_slowdown * min(1.0, max(0.0, anomaly))
+        )
+
+    def decide(self, client: str, now: float, rows: int = 1, anomaly: float = 0.0) -> Decision:
+        """Admit ``rows`` inputs from ``client`` at ``now``, or say why not and when to retry."""
+        c = self.config
+        day = int(now // DAY)
+        used_day, used = self._used.get(client, (day, 0))
+        if used_day != day:
+            used = 0
+        if used + rows > c.daily_budget:
+            return Decision(False, "daily_budget", (day + 1) * DAY - now)
+        rate = self.client_rate(anomaly)
+        bucket = self._clients.setdefault(client, _Bucket(c.client_burst, now))
+        bucket.refill(now, rate, c.client_burst)
+        self._global.refill(now, c.global_rate, c.global_burst)
+        if rows > c.client_burst or rows > c.global_burst:
+            return Decision(False, "batch", math.inf)
+        if bucket.level < rows:
+            return Decision(False, "client_rate", (rows - bucket.level) / rate)
+        if self._global.level < rows:
+            return Decision(False, "global_rate", (rows - self._global.level) / c.global_rate)
+        bucket.level -= rows
+        self._global.level -= rows
+        self._used[client] = (day, used + rows)
+        return Decision(True, "ok")
+
+    def used_today(self, client: str, now: float) -> int:
+        day, used = self._used.get(client, (-1, 0))
+        return used if day == int(now // DAY) else 0

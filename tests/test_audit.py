@@ -1,0 +1,159 @@
+"""The audit log: hash-chained, rotated, and any edit, removal or truncation detected."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent.audit import AuditConfig, AuditLog, input_summary, verify
+from device_agent.errors import IntegrityError
+
+T0 = 1_800_000_000.0
+
+
+def _log(d: Path, n: int, config: AuditConfig | None = None) -> AuditLog:
+    log = AuditLog(d, config or AuditConfig(checkpoint_every=1))
+    for i in range(n):
+        log.append({"event": "predict", "client": f"c{i % 3}", "status": 200}, T0 + i)
+    return log
+
+
+def _lines(d: Path) -> tuple[Path, list[bytes]]:
+    seg = sorted(d.glob("audit-*.jsonl"))[-1]
+    return seg, seg.read_bytes().splitlines(keepends=True)
+
+
+def test_an_untouched_log_verifies(tmp_path: Path) -> None:
+    _log(tmp_path, 20).close()
+    rep = verify(tmp_path)
+    assert rep.ok and rep.records == 20 and (rep.first_seq, rep.last_seq) == (1, 20)
+
+
+def test_an_edited_record_is_detected(tmp_path: Path) -> None:
+    _log(tmp_path, 10).close()
+    seg, lines = _lines(tmp_path)
+    lines[4] = lines[4].replace(b'"client":"c1"', b'"client":"cX"')
+    seg.write_bytes(b"".join(lines))
+    rep = verify(tmp_path)
+    assert not rep.ok and any("record edited" in p for p in rep.problems)
+
+
+def test_an_edit_with_a_recomputed_hash_breaks_the_chain(tmp_path: Path) -> None:
+    from device_agent.audit import record_hash
+    from device_agent.bundle import canonical_json
+
+    _log(tmp_path, 10).close()
+    seg, lines = _lines(tmp_path)
+    rec = json.loads(lines[4])
+    rec["status"] = 500
+    rec["hash"] = record_hash({k: v for k, v in rec.items() if k != "hash"})
+    lines[4] = canonical_json(rec) + b"\n"
+    seg.write_bytes(b"".join(lines))
+    rep = verify(tmp_path)
+    assert not rep.ok and any("chain broken" in p for p in rep.problems)
+
+
+def test_a_removed_record_is_detected(tmp_path: Path) -> None:
+    _log(tmp_path, 10).close()
+    seg, lines = _lines(tmp_path)
+    del lines[3]
+    seg.write_bytes(b"".join(lines))
+    rep = verify(tmp_path)
+    assert not rep.ok and any("sequence 5 follows 3" in p for p in rep.problems)
+
+
+def test_records_cut_off_the_end_are_detected(tmp_path: Path) -> None:
+    _log(tmp_path, 10).close()
+    seg, lines = _lines(tmp_path)
+    seg.write_bytes(b"".join(lines[:7]))
+    rep = verify(tmp_path)
+    assert not rep.ok and any("cut off the end" in p for p in rep.problems)
+
+
+def test_a_torn_last_record_is_reported_then_recovered(tmp_path: Path) -> None:
+    _log(tmp_path, 5).close()
+    seg, lines = _lines(tmp_path)
+    with seg.open("ab") as f:
+        f.write(b'{"event":"pre')
+    assert any("torn" in p for p in verify(tmp_path).problems)
+    log = AuditLog(
+        tmp_path
+    )  # restart after a power cut: the torn bytes are cut and the cut recorded
+    log.append({"event": "predict"}, T0 + 10)
+    log.close()
+    rep = verify(tmp_path)
+    assert rep.ok and rep.records == 7
+    assert json.loads(_lines(tmp_path)[1][5])["torn_bytes"] == len(b'{"event":"pre')
+
+
+def test_rotation_and_retention_keep_the_chain_verifiable(tmp_path: Path) -> None:
+    cfg = AuditConfig(max_segment_bytes=600, retention_days=1, checkpoint_every=1)
+    log = _log(tmp_path, 30, cfg)
+    segs = sorted(tmp_path.glob("audit-*.jsonl"))
+    assert len(segs) > 3
+    later = T0 + 30 + 86400  # a day after every record so far: all full segments have expired
+    current = segs[-1]
+    while (tmp_path / current.name).exists() and sorted(tmp_path.glob("audit-*.jsonl"))[
+        -1
+    ] == current:
+        log.append({"event": "predict"}, later)  # until the next rotation, which prunes
+    log.close()
+    remaining = sorted(tmp_path.glob("audit-*.jsonl"))
+    # Every segment whose last record is over a day old is gone; the one written "later" stays.
+    assert [p.name for p in remaining][-2:] == [current.name, remaining[-1].name] and len(
+        remaining
+    ) == 2
+    rep = verify(tmp_path)
+    assert rep.ok and rep.first_seq > 1, rep.problems
+
+
+def test_removing_a_retained_segment_is_detected(tmp_path: Path) -> None:
+    log = _log(tmp_path, 30, AuditConfig(max_segment_bytes=600, checkpoint_every=1))
+    log.close()
+    sorted(tmp_path.glob("audit-*.jsonl"))[1].unlink()
+    assert not verify(tmp_path).ok
+
+
+def test_input_summary_is_keyed_and_holds_no_values() -> None:
+    x = np.linspace(0, 1, 64, dtype=np.float32)[None, :]
+    a, b = input_summary(x, b"k" * 32), input_summary(x, b"j" * 32)
+    assert a["fp"] != b["fp"] and a["shape"] == [1, 64] and a["max"] == 1.0
+    assert len(json.dumps(a)) < 300
+
+
+def test_audit_verify_command_exit_codes(tmp_path: Path, make_board: object) -> None:
+    board = make_board()  # type: ignore[operator]
+    _log(board.data_dir / "audit", 5).close()
+    cmd = [
+        sys.executable,
+        "-m",
+        "device_agent.cli",
+        "audit",
+        "verify",
+        "--data-dir",
+        str(board.data_dir),
+    ]
+    ok = subprocess.run(cmd, capture_output=True, text=True)
+    assert ok.returncode == 0 and "intact: 5 records" in ok.stdout
+    seg, lines = _lines(board.data_dir / "audit")
+    seg.write_bytes(b"".join(lines[:2] + lines[3:]))
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    assert bad.returncode == IntegrityError.exit_code and "NOT intact" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    js = subprocess.run([*cmd, "--json"], capture_output=True, text=True)
+    assert js.returncode == 1 and json.loads(js.stdout)["ok"] is False
+
+
+def test_require_intact_raises(tmp_path: Path) -> None:
+    from device_agent.audit import require_intact
+
+    _log(tmp_path, 3).close()
+    seg, lines = _lines(tmp_path)
+    seg.write_bytes(lines[0] + lines[2])
+    with pytest.raises(IntegrityError):
+        require_intact(tmp_path)

@@ -1,0 +1,87 @@
+"""Throttling decisions: pure code, driven by ``now``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from device_agent.errors import FormatError
+from device_agent.throttle import DAY, Throttle, ThrottleConfig
+
+T0 = 1_800_000_000.0
+
+
+def test_client_bucket_bursts_then_refills_at_its_rate() -> None:
+    t = Throttle(ThrottleConfig(client_rate=2, client_burst=3))
+    assert [t.decide("a", T0).allowed for _ in range(3)] == [True, True, True]
+    d = t.decide("a", T0)
+    assert not d.allowed and d.reason == "client_rate" and d.retry_after == pytest.approx(0.5)
+    assert t.decide("a", T0 + 0.5).allowed
+    assert t.decide("b", T0).allowed  # another client has its own bucket
+
+
+def test_global_bucket_is_shared() -> None:
+    t = Throttle(ThrottleConfig(global_rate=1, global_burst=2))
+    assert t.decide("a", T0).allowed and t.decide("b", T0).allowed
+    d = t.decide("c", T0)
+    assert not d.allowed and d.reason == "global_rate" and d.retry_after == pytest.approx(1.0)
+
+
+def test_daily_budget_counts_rows_and_resets_at_midnight_utc() -> None:
+    t = Throttle(ThrottleConfig(daily_budget=10, client_burst=100, client_rate=100))
+    day_end = (T0 // DAY + 1) * DAY
+    assert t.decide("a", T0, rows=10).allowed
+    d = t.decide("a", T0 + 1)
+    assert (
+        not d.allowed
+        and d.reason == "daily_budget"
+        and d.retry_after == pytest.approx(day_end - T0 - 1)
+    )
+    assert t.used_today("a", T0) == 10
+    assert t.decide("a", day_end).allowed
+
+
+def test_refused_requests_do_not_spend_budget() -> None:
+    t = Throttle(ThrottleConfig(client_rate=1, client_burst=1, daily_budget=5))
+    assert t.decide("a", T0).allowed
+    for _ in range(10):
+        assert not t.decide("a", T0).allowed
+    assert t.used_today("a", T0) == 1
+
+
+def test_a_batch_larger_than_the_burst_can_never_pass() -> None:
+    d = Throttle(ThrottleConfig(client_burst=4)).decide("a", T0, rows=5)
+    assert not d.allowed and d.reason == "batch" and math.isinf(d.retry_after)
+
+
+def test_anomaly_slows_a_client_down() -> None:
+    t = Throttle(ThrottleConfig(client_rate=10, client_burst=1, anomaly_slowdown=9))
+    assert t.client_rate(0.0) == 10 and t.client_rate(1.0) == pytest.approx(1.0)
+    assert t.decide("a", T0, anomaly=1.0).allowed
+    d = t.decide("a", T0, anomaly=1.0)
+    assert d.retry_after == pytest.approx(1.0)  # ten times slower than a clean client
+
+
+def test_a_clock_stepping_back_never_refills() -> None:
+    t = Throttle(ThrottleConfig(client_rate=1, client_burst=1))
+    assert t.decide("a", T0).allowed
+    assert not t.decide("a", T0 - 3600).allowed
+    assert not t.decide("a", T0 + 0.5).allowed
+    assert t.decide("a", T0 + 1).allowed
+
+
+def test_the_stricter_of_policy_and_local_config_wins() -> None:
+    base = ThrottleConfig().tightest(
+        {"client_rate": 5, "daily_budget": 1000, "anomaly_slowdown": 2}
+    )
+    merged = base.tightest({"client_rate": 50, "daily_budget": 10, "anomaly_slowdown": 40})
+    assert (merged.client_rate, merged.daily_budget, merged.anomaly_slowdown) == (5, 10, 40)
+
+
+@pytest.mark.parametrize(
+    "raw", [{"client_rate": 0}, {"daily_budget": -1}, {"nope": 1}, {"client_rate": "fast"}]
+)
+def test_bad_limits_are_refused(raw: dict[str, object]) -> None:
+    with pytest.raises(FormatError):
+        ThrottleConfig.from_json(raw)
