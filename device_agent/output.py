@@ -89,28 +89,33 @@ def shape_output(
     """Turn raw model outputs into the answer one role may see."""
     if role not in ROLES:
         raise UsageError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
-    pol = {**DEFAULT_POLICY, **policy}
+    pol = DEFAULT_POLICY if not policy else {**DEFAULT_POLICY, **policy}
     view = pol["roles"].get(role, "label")
     decimals = int(pol["score_decimals"])
     kind = task.get("kind", "classifier")
     labels = task.get("labels")
-    idx = int(task.get("output", 0))
-    y = np.asarray(outputs[idx], dtype=np.float64)
+    y = np.asarray(outputs[int(task.get("output", 0))])
+    conf: Any = None
+    rows_scores: Any = None
+    # Scores are computed only for the roles that may see them: the default path is an argmax.
     if kind == "classifier":
         y = y.reshape(y.shape[0], -1)
-        probs = _softmax(y) if task.get("scores") == "logits" else y
-        top = probs.argmax(axis=1)
-        conf = probs[np.arange(len(top)), top]
-        names = [labels[i] if labels else int(i) for i in top]
-        rows_scores = np.round(probs, decimals).tolist()
+        top = y.argmax(axis=1)
+        if view != "label":
+            probs = _softmax(y.astype(np.float64)) if task.get("scores") == "logits" else y.astype(np.float64)
+            conf = probs[np.arange(len(top)), top]
+            if view == "scores":
+                rows_scores = np.round(probs, decimals).tolist()
+        names = [labels[i] for i in top] if labels else top.tolist()
     elif kind == "binary":
-        p = y.reshape(y.shape[0], -1)[:, 0]
-        threshold = float(task.get("threshold", 0.5))
+        p = y.reshape(y.shape[0], -1)[:, 0].astype(np.float64)
+        top = (p >= float(task.get("threshold", 0.5))).astype(int)
         names_pair = labels or [0, 1]
-        top = (p >= threshold).astype(int)
-        conf = np.where(top == 1, p, 1 - p)
         names = [names_pair[i] for i in top]
-        rows_scores = np.round(p, decimals).tolist()
+        if view != "label":
+            conf = np.where(top == 1, p, 1 - p)
+            if view == "scores":
+                rows_scores = np.round(p, decimals).tolist()
     elif kind == "raw":
         # Raw outputs have no label: every role but admin gets nothing it could fit a copy with.
         if view != "scores":
