@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import EdgeWardError, FormatError, UsageError
 from .limits import DEFAULT_LIMITS
+from .telemetry import register_cli as register_telemetry
 
 PROG = "edgeward-agent"
 
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("rollback", "serve the previous installed version again", cmd_rollback)
     sp.add_argument("--model")
     sp.add_argument("--json", action="store_true")
+    register_telemetry(sub)
     return p
 
 
