@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import EdgeWardError, FormatError, UsageError
+from fleet.cli import register as register_fleet
 
 PROG = "edgeward"
 
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("profiles", help="list the built-in board profiles")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_profiles)
+    register_fleet(sub)
     return p
 
 
