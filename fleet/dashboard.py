@@ -93,7 +93,9 @@ async function loadDevices() {
     cell(tr, d.events);
     cell(tr, d.flagged, d.flagged ? "critical" : "");
     cell(tr, counters((d.counters || {}).counters));
-    tr.addEventListener("click", () => { location.hash = "device=" + encodeURIComponent(d.device_id); });
+    tr.addEventListener("click", () => {
+      location.hash = "device=" + encodeURIComponent(d.device_id);
+    });
     body.appendChild(tr);
   }
 }
