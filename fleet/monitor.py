@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from device_agent.bundle import ID_RE
 from device_agent.errors import EdgeWardError, SecurityRefusal
 from device_agent.mqtt import Broker, Link, Session
 from device_agent.report import (
@@ -52,7 +52,6 @@ class MonitorConfig:
     batch: int = 1000  # reports verified and committed per transaction
     receive_maximum: int = 1000  # broker -> monitor in flight, acknowledged after commit
     session_expiry: int = 7 * 24 * 3600  # the broker queues for an absent monitor this long
-    key_reload_s: float = 5.0  # how soon a newly enrolled board is recognised
     group: str = "edgeward-monitors"
 
 
@@ -191,17 +190,16 @@ class Monitor:
         for f in topic_filters(config.group):
             self.link.subscribe(f)
         self._keys = home.device_keys()
-        self._keys_loaded = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgeward-monitor", daemon=True)
         self.processed = 0
 
     def _key_lookup(self, batch: list[tuple[str, bytes, int]]) -> Mapping[str, bytes]:
-        """Enrolled keys, re-read (rate-limited) when a batch names a device not yet known."""
-        stale = time.monotonic() - self._keys_loaded > self.config.key_reload_s
-        if stale and any(_device_of(t) not in self._keys for t, _, _ in batch):
+        """Enrolled keys, re-read when a batch names a device enrolled since they were loaded
+        (removing an enrolment takes effect when the monitor restarts)."""
+        new = {_device_of(t) for t, _, _ in batch} - set(self._keys)
+        if any(ID_RE.match(d) and (self.home.devices / f"{d}.json").exists() for d in new):
             self._keys = self.home.device_keys()
-            self._keys_loaded = time.monotonic()
         return self._keys
 
     def _run(self) -> None:
