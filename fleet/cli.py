@@ -102,14 +102,14 @@ def _operator_broker(args: argparse.Namespace, home: FleetHome) -> Any:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from .monitor import Monitor
+    from .monitor import Monitor, MonitorConfig
     from .store import MonitorStore
 
     home = _home(args)
     store = MonitorStore(args.db or home.monitor_db)
-    mon = Monitor(
-        home, store, _operator_broker(args, home), args.client_id or f"monitor-{args.operator}"
-    )
+    config = MonitorConfig(group=None if args.exclusive else args.group)
+    client_id = args.client_id or f"monitor-{args.operator}"
+    mon = Monitor(home, store, _operator_broker(args, home), client_id, config)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -253,6 +253,13 @@ def register(sub: Any) -> None:
     sp.add_argument("--db", help="monitor store (default: FLEET/monitor.db)")
     sp.add_argument(
         "--client-id", help="MQTT client id (default monitor-OPERATOR); one per monitor"
+    )
+    sp.add_argument("--group", default="edgeward-monitors", help="shared subscription group")
+    sp.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="plain persistent subscription instead of a shared one (a single monitor on "
+        "mosquitto: nothing is lost across a broker restart)",
     )
     sp.add_argument("--connect-timeout", type=float, default=10.0)
     sp.add_argument("--duration", type=float, help="stop after this many seconds")

@@ -52,7 +52,10 @@ class MonitorConfig:
     batch: int = 1000  # reports verified and committed per transaction
     receive_maximum: int = 1000  # broker -> monitor in flight, acknowledged after commit
     session_expiry: int = 7 * 24 * 3600  # the broker queues for an absent monitor this long
-    group: str = "edgeward-monitors"
+    # MQTT 5 shared subscription group (several monitors share the load). None: one plain
+    # persistent subscription -- mosquitto 2.0 does not keep shared subscriptions across a
+    # broker restart, so reports published before the monitor re-subscribes would be dropped.
+    group: str | None = "edgeward-monitors"
 
 
 DEFAULT_MONITOR = MonitorConfig()
@@ -153,10 +156,12 @@ def _device_of(topic_name: str) -> str:
     return parts[2] if len(parts) == 4 else ""
 
 
-def topic_filters(group: str) -> list[str]:
-    """The shared subscriptions a monitor takes: every report topic, never the command topics."""
-    levels = sorted({TOPIC_OF_KIND[k] for k in KINDS})
-    return [f"$share/{group}/{TOPIC_ROOT}/+/{level}" for level in levels]
+def topic_filters(group: str | None) -> list[str]:
+    """The subscriptions a monitor takes: every report topic, never the command topics."""
+    prefix = f"$share/{group}/" if group else ""
+    return [
+        f"{prefix}{TOPIC_ROOT}/+/{level}" for level in sorted({TOPIC_OF_KIND[k] for k in KINDS})
+    ]
 
 
 class Monitor:
