@@ -79,6 +79,7 @@ class Link:
         self._connected = threading.Event()
         self.last_error: str | None = None
         self._subscriptions: list[str] = []
+        self._awaiting: set[int] = set()
         self._will = will
         c = paho.Client(
             paho.CallbackAPIVersion.VERSION2,
@@ -103,6 +104,7 @@ class Link:
         c.reconnect_delay_set(*session.backoff)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
         if on_ack is not None:
             c.on_publish = lambda _c, _u, mid, rc, _p: on_ack(mid, not rc.is_failure)
         if on_message is not None:
@@ -120,9 +122,19 @@ class Link:
             self.last_error = f"broker refused the connection: {rc}"
             return
         self.last_error = None
-        for f in self._subscriptions:
-            client.subscribe(f, qos=QOS)
-        self._connected.set()
+        if not self._subscriptions:
+            self._connected.set()
+            return
+        # Ready only once the broker has granted every subscription (see _on_subscribe).
+        self._awaiting = {client.subscribe(f, qos=QOS)[1] for f in self._subscriptions}
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, codes: Any, _p: Any) -> None:
+        if any(rc.is_failure for rc in codes):
+            self.last_error = f"subscription refused by the broker: {codes}"
+            return
+        self._awaiting.discard(mid)
+        if not self._awaiting:
+            self._connected.set()
 
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, rc: Any, _props: Any) -> None:
         self._connected.clear()
@@ -153,6 +165,7 @@ class Link:
         self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
+        """True once connected and every subscription is granted."""
         return self._connected.wait(timeout)
 
     @property
@@ -169,10 +182,8 @@ class Link:
             )
 
     def subscribe(self, topic_filter: str) -> None:
-        """Subscribe now and again after every reconnect (QoS 1)."""
+        """Subscribe on every (re)connection, QoS 1; call before :meth:`start`."""
         self._subscriptions.append(topic_filter)
-        if self.connected:
-            self._client.subscribe(topic_filter, qos=QOS)
 
     def publish(self, topic_name: str, payload: bytes) -> int:
         """Hand one QoS 1 message to paho; returns its message id (acknowledged via on_ack)."""

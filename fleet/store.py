@@ -12,6 +12,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,15 +39,36 @@ CREATE TABLE IF NOT EXISTS security (
 """
 
 
+@dataclass
+class _DeviceDelta:
+    """What one batch changes for one device, written once at the end of the batch."""
+
+    received: int = 0
+    duplicates: int = 0
+    highest: int = 0
+    status: tuple[int, str, str] | None = None  # (seq, state, data) of the newest status
+    counters: tuple[int, str] | None = None  # (seq, data) of the newest telemetry
+    will: int = 0  # seq of a last will seen in this batch
+    will_last: bool = False  # the will arrived after the batch's status reports
+
+
 class Batch:
-    """One ingest transaction: the monitor's view of what is already stored, and its writes."""
+    """One ingest transaction: the monitor's view of what is already stored, and its writes
+    (buffered, then written with one statement per table and one update per device)."""
 
     def __init__(self, db: sqlite3.Connection, received: datetime) -> None:
         self._db = db
         self.received = format_time(received)
         self._highest: dict[str, int] = {}
+        self._new: dict[tuple[str, int], str] = {}
+        self._rows: list[tuple[Any, ...]] = []
+        self._flags: list[tuple[Any, ...]] = []
+        self._delta: dict[str, _DeviceDelta] = {}
 
     def seen(self, device_id: str, seq: int) -> str | None:
+        """The digest stored under (device, seq), if any (including this batch)."""
+        if (device_id, seq) in self._new:
+            return self._new[(device_id, seq)]
         row = self._db.execute(
             "SELECT digest FROM reports WHERE device_id = ? AND seq = ?", (device_id, seq)
         ).fetchone()
@@ -60,54 +82,30 @@ class Batch:
             self._highest[device_id] = int(row[0]) if row else 0
         return self._highest[device_id]
 
-    def _touch(self, device_id: str) -> None:
-        self._db.execute(
-            "INSERT INTO devices (device_id, first_seen, last_seen) VALUES (?, ?, ?) "
-            "ON CONFLICT(device_id) DO UPDATE SET last_seen = excluded.last_seen",
-            (device_id, self.received, self.received),
-        )
+    def _d(self, device_id: str) -> _DeviceDelta:
+        return self._delta.setdefault(device_id, _DeviceDelta())
 
     def accept(self, r: Report, digest: str) -> None:
         """Store a genuine report and move the device's state forward (never backward)."""
         data = json.dumps(r.data, sort_keys=True)
-        self._db.execute(
-            "INSERT INTO reports (device_id, seq, kind, time, received, digest, data) "
-            "VALUES (?,?,?,?,?,?,?)",
-            (r.device_id, r.seq, r.kind, format_time(r.time), self.received, digest, data),
-        )
-        self._touch(r.device_id)
+        key = (r.device_id, r.seq)
+        self._new[key] = digest
+        self._rows.append((*key, r.kind, format_time(r.time), self.received, digest, data))
         self._highest[r.device_id] = max(self.highest(r.device_id), r.seq)
-        d = r.device_id
-        self._db.execute(
-            "UPDATE devices SET received = received + 1, highest_seq = MAX(highest_seq, ?) "
-            "WHERE device_id = ?",
-            (r.seq, d),
-        )
-        if r.kind == "status":
-            self._db.execute(
-                "UPDATE devices SET state = ?, state_seq = ?, status = ? "
-                "WHERE device_id = ? AND state_seq < ?",
-                (str(r.data.get("state", "online"))[:16], r.seq, data, d, r.seq),
-            )
+        d = self._d(r.device_id)
+        d.received += 1
+        d.highest = max(d.highest, r.seq)
+        if r.kind == "status" and (d.status is None or r.seq > d.status[0]):
+            d.status = (r.seq, str(r.data.get("state", "online"))[:16], data)
+            d.will_last = False
+        elif r.kind == "telemetry" and (d.counters is None or r.seq > d.counters[0]):
+            d.counters = (r.seq, data)
         elif r.kind == "will":
-            # The will's number was reserved when the session began, so it is below that
-            # session's reports; the broker sends it only once the board is gone.
-            self._db.execute(
-                "UPDATE devices SET state = 'offline', state_seq = MAX(state_seq, ?) "
-                "WHERE device_id = ?",
-                (r.seq, d),
-            )
-        elif r.kind == "telemetry":
-            self._db.execute(
-                "UPDATE devices SET counters = ?, counters_seq = ? "
-                "WHERE device_id = ? AND counters_seq < ?",
-                (data, r.seq, d, r.seq),
-            )
+            d.will = max(d.will, r.seq)
+            d.will_last = True
 
     def duplicate(self, device_id: str) -> None:
-        self._db.execute(
-            "UPDATE devices SET duplicates = duplicates + 1 WHERE device_id = ?", (device_id,)
-        )
+        self._d(device_id).duplicates += 1
 
     def flag(
         self,
@@ -119,11 +117,61 @@ class Batch:
         seq: int | None,
         digest: str,
     ) -> None:
-        self._db.execute(
+        self._flags.append(
+            (self.received, device_id, kind, severity, detail[:500], topic[:200], seq, digest)
+        )
+
+    def _status(self, dev: str, d: _DeviceDelta) -> None:
+        if d.status is not None:
+            self._db.execute(
+                "UPDATE devices SET state_seq = ?, state = ?, status = ? "
+                "WHERE device_id = ? AND state_seq < ?",
+                (*d.status, dev, d.status[0]),
+            )
+
+    def _will(self, dev: str, d: _DeviceDelta) -> None:
+        # The will's number was reserved when the session began, so it is below that session's
+        # reports; the broker sends it only once the board is gone: it wins unless a status
+        # arrived after it.
+        if d.will:
+            self._db.execute(
+                "UPDATE devices SET state = 'offline', state_seq = MAX(state_seq, ?) "
+                "WHERE device_id = ?",
+                (d.will, dev),
+            )
+
+    def flush(self) -> None:
+        db = self._db
+        db.executemany(
+            "INSERT INTO reports (device_id, seq, kind, time, received, digest, data) "
+            "VALUES (?,?,?,?,?,?,?)",
+            self._rows,
+        )
+        db.executemany(
             "INSERT INTO security (received, device_id, kind, severity, detail, topic, seq, "
             "digest) VALUES (?,?,?,?,?,?,?,?)",
-            (self.received, device_id, kind, severity, detail[:500], topic[:200], seq, digest),
+            self._flags,
         )
+        for dev, d in self._delta.items():
+            db.execute(
+                "INSERT INTO devices (device_id, first_seen, last_seen) VALUES (?, ?, ?) "
+                "ON CONFLICT(device_id) DO UPDATE SET last_seen = excluded.last_seen",
+                (dev, self.received, self.received),
+            )
+            db.execute(
+                "UPDATE devices SET received = received + ?, duplicates = duplicates + ?, "
+                "highest_seq = MAX(highest_seq, ?) WHERE device_id = ?",
+                (d.received, d.duplicates, d.highest, dev),
+            )
+            order = (self._status, self._will) if d.will_last else (self._will, self._status)
+            for step in order:
+                step(dev, d)
+            if d.counters is not None:
+                db.execute(
+                    "UPDATE devices SET counters_seq = ?, counters = ? "
+                    "WHERE device_id = ? AND counters_seq < ?",
+                    (*d.counters, dev, d.counters[0]),
+                )
 
 
 class MonitorStore:
@@ -149,7 +197,9 @@ class MonitorStore:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    yield Batch(self._db, received)
+                    batch = Batch(self._db, received)
+                    yield batch
+                    batch.flush()
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")

@@ -190,6 +190,7 @@ def test_forged_replayed_and_unknown_reports_are_flagged_not_stored(
     mon = Monitor(fleet.home, store, fleet.operator, "mon-flag", MonitorConfig(redelivery_window=8))
     svc, events = telemetry(board, fleet)
     mon.start()
+    mon.link.require_connected(10)
     svc.start()
     for i in range(30):
         events.record("probing", datetime.now(UTC), evidence={"i": i})

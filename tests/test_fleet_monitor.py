@@ -69,6 +69,15 @@ def test_ingest_stores_each_report_once_and_tracks_state(tmp_path: Path) -> None
     assert [e["seq"] for e in store.events()] == [2, 3]
 
 
+def test_last_will_and_status_apply_in_arrival_order(tmp_path: Path) -> None:
+    store = MonitorStore(tmp_path / "m.db")
+    will = report(1, "will", {"state": "offline"})  # reserved when the session began
+    ingest(store, KEYS, [report(2, "status", {"state": "online"}), will], 8)
+    assert store.devices()[0]["state"] == "offline"  # the board went away after reporting
+    ingest(store, KEYS, [report(3, "will", {"state": "offline"}), report(4, "status", {})], 8)
+    assert store.devices()[0]["state"] == "online"  # and came back
+
+
 def test_reports_carry_summaries_never_inputs() -> None:
     with pytest.raises(FormatError, match="summaries"):
         Report("pi-1", 1, "events", NOW, {"input": list(range(784))})
