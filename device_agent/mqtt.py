@@ -108,7 +108,7 @@ class Link:
         if on_ack is not None:
             c.on_publish = lambda _c, _u, mid, rc, _p: on_ack(mid, not rc.is_failure)
         if on_message is not None:
-            c.on_message = lambda _c, _u, m: on_message(m.topic, m.payload, m.mid)
+            c.on_message = lambda _c, _u, m: on_message(m.topic, bytes(m.payload), m.mid)
         self._client = c
         self._set_will()
 
