@@ -268,3 +268,13 @@ def test_broker_unreachable_is_an_environment_fault(
     finally:
         del os.environ["EDGEWARD_DEVICE_PASSPHRASE"]
     assert "unreachable" in capsys.readouterr().err
+
+
+def test_monitor_exits_4_when_the_broker_is_unreachable(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.stop()
+    argv = ["fleet", "monitor", "--fleet-dir", str(fleet.home.path), "--operator", "ops"]
+    argv += ["--broker", f"127.0.0.1:{fleet.port}", "--connect-timeout", "1.5"]
+    assert edgeward(argv) == 4
+    assert "unreachable" in capsys.readouterr().err
