@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError
+from .errors import EdgeWardError, FormatError
 from .events import Event, EventStore
 from .mqtt import Broker, Link, Session
 from .outbox import HEARTBEAT, INFO_EVENT, SECURITY_EVENT, Item, Outbox
@@ -141,6 +141,7 @@ class TelemetryService:
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
         self.rejected = 0
+        self.last_error: str | None = None
 
     # --- reports -------------------------------------------------------------------------------
     def _item(
@@ -187,28 +188,37 @@ class TelemetryService:
         handed = 0
         next_beat = 0.0
         while not self._stop.is_set():
-            if time.monotonic() >= next_beat:
-                self.heartbeat()
-                next_beat = time.monotonic() + self.config.heartbeat_s
-            self._forward_events()
-            room = self.config.window - len(inflight)
-            for p in self.outbox.pending(handed, room) if room > 0 else []:
-                inflight[self.link.publish(p.topic, p.payload)] = p.seq
-                handed = p.seq
-            done = []
             try:
-                item: tuple[int, bool] | None = self._acks.get(timeout=self.config.poll_s)
-                while item is not None:
-                    mid, ok = item
-                    seq = inflight.pop(mid, None)
-                    if seq is not None:
-                        done.append(seq)
-                        if not ok:  # refused by the broker (ACL): resending cannot help
-                            self.rejected += 1
-                    item = self._acks.get_nowait()
-            except queue.Empty:
-                pass
-            self.outbox.acked(done)
+                if time.monotonic() >= next_beat:
+                    self.heartbeat()
+                    next_beat = time.monotonic() + self.config.heartbeat_s
+                self._forward_events()
+                room = self.config.window - len(inflight)
+                for p in self.outbox.pending(handed, room) if room > 0 else []:
+                    inflight[self.link.publish(p.topic, p.payload)] = p.seq
+                    handed = p.seq
+                self.outbox.acked(self._collect_acks(inflight))
+                self.last_error = None
+            except EdgeWardError as e:  # disk full, store locked: keep serving, retry later
+                self.last_error = str(e)
+                self._stop.wait(self.config.backoff[0])
+
+    def _collect_acks(self, inflight: dict[int, int]) -> list[int]:
+        """Wait up to poll_s for PUBACKs; the outbox seqs they acknowledge."""
+        done = []
+        try:
+            item: tuple[int, bool] | None = self._acks.get(timeout=self.config.poll_s)
+            while item is not None:
+                mid, ok = item
+                seq = inflight.pop(mid, None)
+                if seq is not None:
+                    done.append(seq)
+                    if not ok:  # refused by the broker (ACL): resending cannot help
+                        self.rejected += 1
+                item = self._acks.get_nowait()
+        except queue.Empty:
+            pass
+        return done
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued report has been acknowledged; False on timeout."""

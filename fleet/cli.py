@@ -10,6 +10,7 @@ import argparse
 import json
 import signal
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     try:
         mon.link.require_connected(args.connect_timeout)
         print(f"monitoring {args.broker} into {store.path} (Ctrl-C to stop)", flush=True)
-        done.wait(args.duration or None)
+        end = time.monotonic() + args.duration if args.duration else None
+        while not done.wait(0.5) and (end is None or time.monotonic() < end):
+            if mon.error is not None:
+                raise mon.error
     finally:
         mon.stop()
         store.close()

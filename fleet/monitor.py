@@ -198,6 +198,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgeward-monitor", daemon=True)
         self.processed = 0
+        self.error: EdgeWardError | None = None
 
     def _key_lookup(self, batch: list[tuple[str, bytes, int]]) -> Mapping[str, bytes]:
         """Enrolled keys, re-read when a batch names a device enrolled since they were loaded
@@ -219,7 +220,14 @@ class Monitor:
                 except queue.Empty:
                     break
             keys = self._key_lookup(batch)
-            ingest(self.store, keys, [(t, p) for t, p, _ in batch], self.config.redelivery_window)
+            messages = [(t, p) for t, p, _ in batch]
+            try:
+                ingest(self.store, keys, messages, self.config.redelivery_window)
+            except EdgeWardError as e:
+                # Not acknowledged: the broker delivers the batch again to the next monitor run.
+                self.error = e
+                self._stop.set()
+                return
             for _, _, mid in batch:
                 self.link.ack(mid)
             self.processed += len(batch)
