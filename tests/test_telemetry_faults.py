@@ -112,3 +112,31 @@ def test_agent_killed_with_sigkill_mid_burst(
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)
         events.close()
+
+
+def test_long_outage_fills_the_outbox_and_security_events_survive(
+    fleet: Fleet, monitor: Monitor, make_board: Callable[..., Board]
+) -> None:
+    """Hours without a broker, compressed: a tiny outbox, heartbeats every 10 ms."""
+    board = make_board("pi-001")
+    broker = fleet.enrol(board.enrolment)
+    fleet.stop()
+    events = EventStore(board.data_dir / "events.db")
+    config = TelemetryConfig(heartbeat_s=0.01, poll_s=0.01, max_outbox=100, backoff=(1, 1))
+    svc = TelemetryService(board.data_dir, board.keys, events, broker, config=config)
+    svc.start()
+    record(events, range(50))
+    wait_until(lambda: svc.outbox.stats()["dropped"] > 200, 30, "the outbox to overflow")
+    assert svc.outbox.stats()["queued"] == 100
+    fleet.start()
+    wait_until(lambda: len(event_numbers(monitor.store, "pi-001")) >= 50, 30, "the events")
+    assert event_numbers(monitor.store, "pi-001") == list(range(50))  # none of them dropped
+
+    def dropped() -> list[int]:
+        return [
+            r["data"]["outbox"]["dropped"] for r in monitor.store.reports("pi-001", "telemetry")
+        ]
+
+    wait_until(lambda: any(n > 0 for n in dropped()), 10, "the drop count reported")
+    svc.stop()
+    events.close()
