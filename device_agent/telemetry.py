@@ -243,16 +243,46 @@ class TelemetryService:
 # --- command line ---------------------------------------------------------------------------
 
 
+def add_broker_arguments(sp: argparse.ArgumentParser, required: bool = True) -> None:
+    """--broker/--ca/--cert/--key/--heartbeat: shared by ``telemetry`` and ``serve``."""
+    sp.add_argument("--broker", required=required, help="HOST:PORT of the fleet broker (TLS)")
+    sp.add_argument("--ca", required=required, help="fleet CA certificate (PEM)")
+    sp.add_argument("--cert", required=required, help="this board's client certificate (PEM)")
+    sp.add_argument("--key", required=required, help="this board's client private key (PEM)")
+    sp.add_argument(
+        "--heartbeat",
+        type=float,
+        default=DEFAULT_CONFIG.heartbeat_s,
+        help="seconds between status reports",
+    )
+
+
+def service_from_args(
+    args: argparse.Namespace,
+    events: EventStore,
+    status_provider: Callable[[], dict[str, Any]] | None = None,
+) -> TelemetryService | None:
+    """The telemetry service the command line asks for, or None when no --broker was given."""
+    if not args.broker:
+        return None
+    broker = Broker.parse(args.broker, args.ca, args.cert, args.key)
+    return TelemetryService(
+        args.data_dir,
+        KeySource.from_env(args.kek_file),
+        events,
+        broker,
+        status_provider=status_provider,
+        config=TelemetryConfig(heartbeat_s=args.heartbeat),
+    )
+
+
 def cmd_telemetry(args: argparse.Namespace) -> int:
     """Run telemetry for one board until SIGTERM / Ctrl-C."""
     store = DataDir(args.data_dir)
     store.require_provisioned()
-    broker = Broker.parse(args.broker, args.ca, args.cert, args.key)
     events = EventStore(store.events_file)
-    config = TelemetryConfig(heartbeat_s=args.heartbeat)
-    svc = TelemetryService(
-        store.path, KeySource.from_env(args.kek_file), events, broker, config=config
-    )
+    svc = service_from_args(args, events)
+    assert svc is not None  # --broker is required here
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -284,16 +314,7 @@ def register_cli(sub: Any) -> None:
     )
     sp.add_argument("--data-dir", required=True, help="the board's data directory")
     sp.add_argument("--kek-file", help="32-byte key-encryption key file (instead of a passphrase)")
-    sp.add_argument("--broker", required=True, help="HOST:PORT of the fleet broker (TLS)")
-    sp.add_argument("--ca", required=True, help="fleet CA certificate (PEM)")
-    sp.add_argument("--cert", required=True, help="this board's client certificate (PEM)")
-    sp.add_argument("--key", required=True, help="this board's client private key (PEM)")
-    sp.add_argument(
-        "--heartbeat",
-        type=float,
-        default=DEFAULT_CONFIG.heartbeat_s,
-        help="seconds between status reports",
-    )
+    add_broker_arguments(sp)
     sp.add_argument(
         "--connect-timeout",
         type=float,
