@@ -15,6 +15,7 @@ from . import service_cli
 from .cliutil import emit, run
 from .errors import FormatError, UsageError
 from .limits import DEFAULT_LIMITS
+from .telemetry import register_cli as register_telemetry
 
 PROG = "edgeward-agent"
 
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--yes", action="store_true", help="confirm without a prompt (scripts, CI)")
     sp.add_argument("--json", action="store_true")
     service_cli.register(sub)
+    register_telemetry(sub)
     return p
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from device_agent.cliutil import emit, run
 from device_agent.errors import EdgeWardError, FormatError, UsageError
+from fleet.cli import register as register_fleet
 
 from . import redteam
 from .harden.cli import add_options as add_hardening_options
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_profiles)
     redteam.register(sub)
+    register_fleet(sub)
     return p
 
 

@@ -12,5 +12,6 @@ for a in "$@"; do
 done
 ensure_venv
 ensure_mosquitto || true
+ensure_chromium || true
 ew_log "running the tests"
 exec "$EW_PY" -m pytest -q "${args[@]}"

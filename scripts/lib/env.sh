@@ -39,3 +39,16 @@ ensure_mosquitto() {
     return 1
   fi
 }
+
+# Headless Chromium and its WebDriver for the dashboard test (Debian packages).
+ensure_chromium() {
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    ew_log "installing chromium and chromium-driver (Debian packages)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "chromium is not installed: run 'sudo apt-get install chromium chromium-driver' (dashboard test needs it)" >&2
+    return 1
+  fi
+}

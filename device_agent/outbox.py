@@ -1,0 +1,170 @@
+"""The board's durable telemetry outbox: signed reports wait here until the broker's PUBACK.
+
+paho keeps its queue in memory, so a killed agent or a broker away for hours would lose reports.
+Every report is signed and written here first (SQLite, WAL, ``synchronous=FULL``: a committed
+row is on disk) and deleted only after the broker acknowledged it. The sequence number is
+allocated in the same transaction that stores the report, and -- for events -- in the same
+transaction that moves the event-store cursor, so after a SIGKILL an event is neither lost nor
+queued twice.
+
+Bounded (``max_messages``). Policy when full, documented in ``docs/telemetry.md``: the oldest
+report of the lowest priority present is dropped to make room -- heartbeats first, then
+informational events, and security events (warning/critical detections, refusals) last; a new
+report whose priority is below everything queued is itself dropped. Drops are counted and the
+count travels in the next telemetry report, so the fleet sees that something was lost.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EnvironmentFault
+
+HEARTBEAT = 0
+INFO_EVENT = 1
+SECURITY_EVENT = 2
+
+Build = Callable[[int], tuple[str, bytes]]
+"""Given the allocated sequence number, return (topic, signed payload)."""
+
+
+@dataclass(frozen=True)
+class Pending:
+    seq: int
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Item:
+    priority: int
+    build: Build
+
+
+class Outbox:
+    """A bounded, durable FIFO of signed reports, shared between threads of one process."""
+
+    def __init__(self, path: str | Path, max_messages: int) -> None:
+        self.path = Path(path)
+        self.max_messages = max_messages
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, "
+                "priority INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)"
+            )
+            self._db.execute("CREATE INDEX IF NOT EXISTS outbox_drop ON outbox (priority, seq)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+            )
+        except sqlite3.Error as e:
+            raise EnvironmentFault(f"cannot open the telemetry outbox {self.path}: {e}") from e
+
+    def _meta(self, name: str) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_meta(self, name: str, value: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+
+    def _make_room(self, priority: int) -> bool:
+        """Apply the full policy; False when the new report is the one to drop."""
+        (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        if count < self.max_messages:
+            return True
+        row = self._db.execute(
+            "SELECT priority, seq FROM outbox ORDER BY priority, seq LIMIT 1"
+        ).fetchone()
+        self._set_meta("dropped", self._meta("dropped") + 1)
+        if row is None or priority < row[0]:
+            return False
+        self._db.execute("DELETE FROM outbox WHERE seq = ?", (row[1],))
+        return True
+
+    def add(self, items: Iterable[Item], cursor: tuple[str, int] | None = None) -> list[int]:
+        """Sign and store ``items`` in one transaction (with an optional cursor move); returns
+        the sequence numbers given to the stored reports."""
+        seqs: list[int] = []
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    seq = self._meta("next_seq") or 1
+                    for item in items:
+                        if not self._make_room(item.priority):
+                            continue
+                        name, payload = item.build(seq)
+                        self._db.execute(
+                            "INSERT INTO outbox (seq, priority, topic, payload) VALUES (?,?,?,?)",
+                            (seq, item.priority, name, payload),
+                        )
+                        seqs.append(seq)
+                        seq += 1
+                    self._set_meta("next_seq", seq)
+                    if cursor is not None:
+                        self._set_meta(cursor[0], cursor[1])
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise EnvironmentFault(f"cannot write the telemetry outbox {self.path}: {e}") from e
+        return seqs
+
+    def reserve_seq(self) -> int:
+        """Allocate a sequence number without storing a report (the last will's)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            seq = self._meta("next_seq") or 1
+            self._set_meta("next_seq", seq + 1)
+            self._db.execute("COMMIT")
+        return seq
+
+    def cursor(self, name: str) -> int:
+        with self._lock:
+            return self._meta(name)
+
+    def pending(self, after_seq: int, limit: int) -> list[Pending]:
+        """Reports still waiting for a PUBACK, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, topic, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [Pending(r[0], r[1], bytes(r[2])) for r in rows]
+
+    def acked(self, seqs: Iterable[int]) -> None:
+        """Delete reports the broker has acknowledged (one transaction for the batch)."""
+        batch = [(s,) for s in seqs]
+        if not batch:
+            return
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("DELETE FROM outbox WHERE seq = ?", batch)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._db.execute("ROLLBACK")
+                raise EnvironmentFault(
+                    f"cannot update the telemetry outbox {self.path}: {e}"
+                ) from e
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            return {
+                "queued": int(count),
+                "dropped": self._meta("dropped"),
+                "capacity": self.max_messages,
+            }
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,157 @@
+"""The signed telemetry report: the one definition of what a board sends over MQTT.
+
+The board writes reports with :func:`encode_report`; the fleet monitor reads them with
+:func:`verify_report`, which checks the signature over the exact received bytes *before* a single
+field is parsed (invariant 1). Wire format (``docs/telemetry.md``)::
+
+    b"EWT1" || Ed25519 signature (64 bytes) || body (canonical JSON, UTF-8)
+
+The signature uses :func:`device_agent.crypto.sign` with :data:`DOMAIN`, so a report signature can
+never be confused with an enrolment or bundle signature. The body carries the device id (it
+must match the topic), a per-device sequence number that only moves forward, the kind (which is
+also the last topic level) and a small JSON ``data`` object: summaries only, never a raw input
+(invariant 8, enforced structurally by :func:`check_summary`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from . import crypto
+from .bundle import ID_RE, _int, _loads, _obj, _str, canonical_json, format_time, parse_time
+from .errors import FormatError
+
+SCHEMA = "edgeward.telemetry/1"
+DOMAIN = b"edgeward/telemetry/v1"
+MAGIC = b"EWT1"
+TOPIC_ROOT = "edgeward/v1"
+KINDS = ("status", "telemetry", "events", "will")
+# The last will is published by the broker on the status topic: the board is gone.
+TOPIC_OF_KIND = {"status": "status", "telemetry": "telemetry", "events": "events", "will": "status"}
+COMMAND_LEVEL = "commands"
+MAX_REPORT_BYTES = 16 * 1024
+MAX_SEQ = 2**53
+# Structural guard against raw inputs: summaries are small, shallow objects.
+MAX_DEPTH = 5
+MAX_LIST_ITEMS = 64
+MAX_STRING = 512
+
+
+def topic(device_id: str, kind: str) -> str:
+    """The MQTT topic a report of ``kind`` from ``device_id`` is published on."""
+    return f"{TOPIC_ROOT}/{device_id}/{TOPIC_OF_KIND[kind]}"
+
+
+def command_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/{device_id}/{COMMAND_LEVEL}"
+
+
+def split_topic(name: str) -> tuple[str, str]:
+    """``edgeward/v1/<device>/<level>`` -> (device id, level); anything else is malformed."""
+    parts = name.split("/")
+    if len(parts) != 4 or "/".join(parts[:2]) != TOPIC_ROOT or not ID_RE.match(parts[2]):
+        raise FormatError(f"topic {name[:120]!r} is not {TOPIC_ROOT}/<device-id>/<kind>")
+    return parts[2], parts[3]
+
+
+def check_summary(value: Any, depth: int = 0) -> None:
+    """Refuse anything shaped like a raw input: deep nesting, long arrays, long strings, bytes."""
+    if depth > MAX_DEPTH:
+        raise FormatError("report data is nested too deeply to be a summary")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str) or len(k) > 64:
+                raise FormatError("report data keys must be short strings")
+            check_summary(v, depth + 1)
+    elif isinstance(value, list):
+        if len(value) > MAX_LIST_ITEMS:
+            raise FormatError(
+                f"report data has a list of {len(value)} items: reports carry summaries, not inputs"
+            )
+        for v in value:
+            check_summary(v, depth + 1)
+    elif isinstance(value, str):
+        if len(value) > MAX_STRING:
+            raise FormatError("report data has an over-long string")
+    elif value is not None and not isinstance(value, bool | int | float):
+        raise FormatError(f"report data may not hold {type(value).__name__} values")
+
+
+@dataclass(frozen=True)
+class Report:
+    """One verified (or about to be signed) telemetry report."""
+
+    device_id: str
+    seq: int
+    kind: str
+    time: datetime
+    data: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if not ID_RE.match(self.device_id):
+            raise FormatError("report device id is not a valid id")
+        if not 1 <= self.seq < MAX_SEQ:
+            raise FormatError("report sequence number is out of range")
+        if self.kind not in KINDS:
+            raise FormatError(f"report kind must be one of {', '.join(KINDS)}")
+        check_summary(self.data)
+
+    @property
+    def topic(self) -> str:
+        return topic(self.device_id, self.kind)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "device_id": self.device_id,
+            "seq": self.seq,
+            "kind": self.kind,
+            "time": format_time(self.time),
+            "data": self.data,
+        }
+
+
+def encode_report(report: Report, signer: Any) -> bytes:
+    """Sign ``report`` with the board's identity key; returns the exact bytes to publish."""
+    body = canonical_json(report.body())
+    if len(body) + len(MAGIC) + crypto.SIGNATURE_BYTES > MAX_REPORT_BYTES:
+        raise FormatError(f"report is larger than {MAX_REPORT_BYTES} bytes; send less")
+    return MAGIC + crypto.sign(signer, DOMAIN, body) + body
+
+
+def digest(payload: bytes) -> str:
+    """The name of one exact payload (for de-duplication and evidence)."""
+    return hashlib.sha256(payload).hexdigest()
+
+
+def verify_report(payload: bytes, sign_public: bytes, topic_name: str) -> Report:
+    """Verify then parse a report received on ``topic_name``.
+
+    Raises :class:`FormatError` for malformed bytes and :class:`BadSignature` for a signature
+    that is not the device key's; the body must name the topic's device and kind.
+    """
+    head = len(MAGIC) + crypto.SIGNATURE_BYTES
+    if len(payload) > MAX_REPORT_BYTES or len(payload) <= head or payload[: len(MAGIC)] != MAGIC:
+        raise FormatError("payload is not an EdgeWard report (bad magic or length)")
+    body = payload[head:]
+    crypto.verify(sign_public, DOMAIN, body, payload[len(MAGIC) : head])
+    fields = {"schema", "device_id", "seq", "kind", "time", "data"}
+    doc = _obj(_loads(body, "report body"), "report body", fields, fields)
+    if doc["schema"] != SCHEMA:
+        raise FormatError(f"report schema is not {SCHEMA}")
+    if not isinstance(doc["data"], dict):
+        raise FormatError("report data must be an object")
+    report = Report(
+        device_id=_str(doc["device_id"], "device_id", ID_RE),
+        seq=_int(doc["seq"], "seq", 1, MAX_SEQ - 1),
+        kind=_str(doc["kind"], "kind"),
+        time=parse_time(doc["time"], "time"),
+        data=doc["data"],
+    )
+    device, level = split_topic(topic_name)
+    if device != report.device_id or level != TOPIC_OF_KIND.get(report.kind):
+        raise FormatError(f"report from {report.device_id} ({report.kind}) arrived on {topic_name}")
+    return report

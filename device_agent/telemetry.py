@@ -1,0 +1,324 @@
+"""Board telemetry: signed status, counters and events over MQTT 5, through a durable outbox.
+
+:class:`TelemetryService` runs one background thread that
+
+1. forwards new events from the :class:`~device_agent.events.EventStore` into the outbox (the
+   event-store cursor moves in the same transaction, so no event is lost or queued twice);
+2. every ``heartbeat_s`` queues a ``status`` report (state, uptime, installed model versions) and
+   a ``telemetry`` report (the serve loop's counters and the outbox's own numbers);
+3. hands queued reports to MQTT in sequence order, at most ``window`` unacknowledged at a time,
+   and deletes each from the outbox only when its PUBACK arrives.
+
+Every report is a :class:`~device_agent.report.Report` signed with the board's identity key.
+A signed last will (kind ``will``, on the status topic) tells the fleet the board went away.
+Reports carry summaries only, never an input (invariant 8). Topics: ``docs/telemetry.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeWardError, FormatError
+from .events import Event, EventStore
+from .mqtt import Broker, Link, Session
+from .outbox import HEARTBEAT, INFO_EVENT, SECURITY_EVENT, Item, Outbox
+from .report import Report, check_summary, encode_report, topic
+from .store import DataDir, KeySource, utcnow
+
+OUTBOX_FILE = "outbox.db"
+EVENTS_CURSOR = "events_cursor"
+MODEL_FIELDS = (
+    "model_id",
+    "version",
+    "previous_version",
+    "serving",
+    "runtime",
+    "profile",
+    "end_of_life",
+)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Every telemetry limit and period in one place."""
+
+    heartbeat_s: float = 30.0
+    poll_s: float = 0.2
+    window: int = 20  # reports handed to MQTT and not yet acknowledged
+    max_outbox: int = 20_000  # at most max_outbox * 16 KiB on disk
+    event_batch: int = 500
+    backoff: tuple[int, int] = (1, 30)
+    drain_s: float = 2.0  # how long stop() waits for queued reports to be acknowledged
+
+
+DEFAULT_CONFIG = TelemetryConfig()
+
+
+def event_data(event: Event) -> dict[str, Any]:
+    """An event as report data; evidence that does not look like a summary is withheld."""
+    doc = event.to_json()
+    try:
+        check_summary(doc)
+    except FormatError:
+        doc["evidence"] = {"withheld": "evidence did not look like a summary"}
+    return {"event": doc}
+
+
+def event_priority(event: Event) -> int:
+    return SECURITY_EVENT if event.severity in ("warning", "critical") else INFO_EVENT
+
+
+def status_data(status: dict[str, Any], state: str, uptime_s: float) -> dict[str, Any]:
+    """The heartbeat: state, uptime and the installed models' ids and versions."""
+    models = [{k: m.get(k) for k in MODEL_FIELDS if k in m} for m in status.get("models", [])]
+    return {"state": state, "uptime_s": round(uptime_s), "models": models}
+
+
+def telemetry_data(status: dict[str, Any], outbox: dict[str, int]) -> dict[str, Any]:
+    """Counters from the serve loop (numbers only) and the outbox's health."""
+    counters = {
+        str(k)[:64]: v
+        for k, v in status.get("counters", {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    return {"counters": counters, "outbox": outbox}
+
+
+def default_status_provider(data_dir: Path) -> Callable[[], dict[str, Any]]:
+    """Agent.status() of the board (public files only; no keys needed)."""
+    from .agent import Agent
+
+    agent = Agent(data_dir, KeySource())
+    return agent.status
+
+
+class TelemetryService:
+    """Publish the board's signed reports in a background thread (``start`` / ``stop``)."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        keys: KeySource,
+        events: EventStore,
+        broker: Broker,
+        *,
+        status_provider: Callable[[], dict[str, Any]] | None = None,
+        config: TelemetryConfig = DEFAULT_CONFIG,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = DataDir(data_dir)
+        self.store.require_provisioned()
+        self.device_id = self.store.identity().device_id
+        self.events = events
+        self.config = config
+        self._clock = clock
+        self._status = status_provider or default_status_provider(self.store.path)
+        dk = self.store.unlock(keys)
+        try:
+            # Best-effort hygiene: the key object lives in memory for the service's lifetime.
+            self._signer = dk.signer()
+        finally:
+            dk.wipe()
+        self.outbox = Outbox(self.store.path / OUTBOX_FILE, config.max_outbox)
+        self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        self.link = Link(
+            broker,
+            Session(client_id=self.device_id, max_inflight=config.window, backoff=config.backoff),
+            on_ack=lambda mid, ok: self._acks.put((mid, ok)),
+            will=self._will,
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = time.monotonic()
+        self.rejected = 0
+        self.last_error: str | None = None
+
+    # --- reports -------------------------------------------------------------------------------
+    def _item(
+        self, kind: str, data: dict[str, Any], priority: int, when: datetime | None = None
+    ) -> Item:
+        def build(seq: int) -> tuple[str, bytes]:
+            r = Report(self.device_id, seq, kind, when or self._clock(), data)
+            return r.topic, encode_report(r, self._signer)
+
+        return Item(priority, build)
+
+    def _will(self) -> tuple[str, bytes]:
+        r = Report(
+            self.device_id, self.outbox.reserve_seq(), "will", self._clock(), {"state": "offline"}
+        )
+        return topic(self.device_id, "will"), encode_report(r, self._signer)
+
+    def heartbeat(self, state: str = "online") -> None:
+        """Queue one status and one telemetry report now."""
+        status = self._status()
+        uptime = time.monotonic() - self._started
+        self.outbox.add(
+            [
+                self._item("status", status_data(status, state, uptime), HEARTBEAT),
+                self._item("telemetry", telemetry_data(status, self.outbox.stats()), HEARTBEAT),
+            ]
+        )
+
+    def _forward_events(self) -> None:
+        after = self.outbox.cursor(EVENTS_CURSOR)
+        batch = self.events.list(after_seq=after, limit=self.config.event_batch)
+        if batch:
+            items = [self._item("events", event_data(e), event_priority(e), e.time) for e in batch]
+            self.outbox.add(items, cursor=(EVENTS_CURSOR, batch[-1].seq))
+
+    # --- the loop ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.link.start()
+        self._thread = threading.Thread(target=self._run, name="edgeward-telemetry", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        inflight: dict[int, int] = {}  # paho message id -> outbox seq
+        handed = 0
+        next_beat = 0.0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() >= next_beat:
+                    self.heartbeat()
+                    next_beat = time.monotonic() + self.config.heartbeat_s
+                self._forward_events()
+                room = self.config.window - len(inflight)
+                for p in self.outbox.pending(handed, room) if room > 0 else []:
+                    inflight[self.link.publish(p.topic, p.payload)] = p.seq
+                    handed = p.seq
+                self.outbox.acked(self._collect_acks(inflight))
+                self.last_error = None
+            except EdgeWardError as e:  # disk full, store locked: keep serving, retry later
+                self.last_error = str(e)
+                self._stop.wait(self.config.backoff[0])
+
+    def _collect_acks(self, inflight: dict[int, int]) -> list[int]:
+        """Wait up to poll_s for PUBACKs; the outbox seqs they acknowledge."""
+        done = []
+        try:
+            item: tuple[int, bool] | None = self._acks.get(timeout=self.config.poll_s)
+            while item is not None:
+                mid, ok = item
+                seq = inflight.pop(mid, None)
+                if seq is not None:
+                    done.append(seq)
+                    if not ok:  # refused by the broker (ACL): resending cannot help
+                        self.rejected += 1
+                item = self._acks.get_nowait()
+        except queue.Empty:
+            pass
+        return done
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued report has been acknowledged; False on timeout."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.outbox.stats()["queued"] == 0:
+                return True
+            time.sleep(0.05)
+        return self.outbox.stats()["queued"] == 0
+
+    def stop(self) -> None:
+        """Say goodbye (a signed ``stopping`` status), drain briefly, disconnect cleanly."""
+        if self._thread is not None and self._thread.is_alive():
+            self.heartbeat("stopping")
+            self.flush(self.config.drain_s)
+            self._stop.set()
+            self._thread.join()
+        self.link.stop()
+        self.outbox.close()
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def add_broker_arguments(sp: argparse.ArgumentParser, required: bool = True) -> None:
+    """--broker/--ca/--cert/--key/--heartbeat: shared by ``telemetry`` and ``serve``."""
+    sp.add_argument("--broker", required=required, help="HOST:PORT of the fleet broker (TLS)")
+    sp.add_argument("--ca", required=required, help="fleet CA certificate (PEM)")
+    sp.add_argument("--cert", required=required, help="this board's client certificate (PEM)")
+    sp.add_argument("--key", required=required, help="this board's client private key (PEM)")
+    sp.add_argument(
+        "--heartbeat",
+        type=float,
+        default=DEFAULT_CONFIG.heartbeat_s,
+        help="seconds between status reports",
+    )
+
+
+def service_from_args(
+    args: argparse.Namespace,
+    events: EventStore,
+    status_provider: Callable[[], dict[str, Any]] | None = None,
+) -> TelemetryService | None:
+    """The telemetry service the command line asks for, or None when no --broker was given."""
+    if not args.broker:
+        return None
+    broker = Broker.parse(args.broker, args.ca, args.cert, args.key)
+    return TelemetryService(
+        args.data_dir,
+        KeySource.from_env(args.kek_file),
+        events,
+        broker,
+        status_provider=status_provider,
+        config=TelemetryConfig(heartbeat_s=args.heartbeat),
+    )
+
+
+def cmd_telemetry(args: argparse.Namespace) -> int:
+    """Run telemetry for one board until SIGTERM / Ctrl-C."""
+    store = DataDir(args.data_dir)
+    store.require_provisioned()
+    events = EventStore(store.events_file)
+    svc = service_from_args(args, events)
+    assert svc is not None  # --broker is required here
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    svc.start()
+    try:
+        if args.connect_timeout:
+            svc.link.require_connected(args.connect_timeout)
+        elif not svc.link.wait_connected(5):
+            print(
+                f"edgeward-agent: broker {args.broker} not reachable yet "
+                f"({svc.link.last_error or 'no answer'}); "
+                "reports wait in the outbox and are sent when it is",
+                file=sys.stderr,
+            )
+        print(f"telemetry for {svc.device_id} -> {args.broker} (Ctrl-C to stop)", flush=True)
+        done.wait()
+    finally:
+        svc.stop()
+        events.close()
+    return 0
+
+
+def register_cli(sub: Any) -> None:
+    """Add ``edgeward-agent telemetry`` to the agent's command line."""
+    sp = sub.add_parser(
+        "telemetry",
+        help="send this board's signed status, counters and events to the fleet broker",
+        description="Publish signed reports over MQTT 5 (TLS, client certificate) until stopped.",
+    )
+    sp.add_argument("--data-dir", required=True, help="the board's data directory")
+    sp.add_argument("--kek-file", help="32-byte key-encryption key file (instead of a passphrase)")
+    add_broker_arguments(sp)
+    sp.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=0,
+        help="exit 4 if the broker is not reached within this many seconds (default: retry)",
+    )
+    sp.set_defaults(func=cmd_telemetry)

@@ -1,0 +1,291 @@
+"""``edgeward fleet ...``: the operator's commands (CA, enrolment, broker set-up, monitor, views).
+
+Registered into the host CLI by :func:`register`; every command raises EdgeWardError subclasses
+and the host CLI turns them into one line and an exit code (4 when the broker is unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from device_agent.bundle import format_time
+from device_agent.errors import UsageError
+
+from .ca import FleetHome, default_fleet_dir
+from .views import STALE_AFTER_S, device_views, parse_since
+
+
+def _home(args: argparse.Namespace) -> FleetHome:
+    return FleetHome(args.fleet_dir or default_fleet_dir())
+
+
+def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True) if getattr(args, "json", False) else text)
+
+
+def table(heads: list[str], rows: list[list[Any]]) -> str:
+    """A plain aligned text table ('-' for missing values)."""
+    cells = [[("-" if v is None or v == "" else str(v)) for v in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    cert = _home(args).init_ca(args.name)
+    _print(args, {"ca": str(cert)}, f"fleet CA created: {cert}")
+    return 0
+
+
+def cmd_enrol(args: argparse.Namespace) -> int:
+    home = _home(args)
+    if args.operator:
+        issued = home.enrol_operator(args.operator)
+        kind, key_fpr = "operator", None
+    elif args.enrolment:
+        path = Path(args.enrolment)
+        if not path.is_file():
+            raise UsageError(f"enrolment {path} does not exist")
+        e, issued = home.enrol_device(path.read_bytes(), str(path))
+        kind, key_fpr = "device", e.sign_fingerprint
+    else:
+        raise UsageError("give a device ENROLMENT file or --operator ID")
+    doc = {"kind": kind, "id": issued.common_name, "cert": str(issued.cert), "key": str(issued.key)}
+    if key_fpr:
+        doc["identity_key"] = key_fpr
+    text = f"enrolled {kind} {issued.common_name}: {issued.cert} and {issued.key} (0600)"
+    if kind == "operator":
+        text += "\nre-run 'edgeward fleet broker-config' so the broker ACL lists the operator"
+    _print(args, doc, text)
+    return 0
+
+
+def _host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"{what} {text!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def cmd_broker_config(args: argparse.Namespace) -> int:
+    from .broker import write_broker_config
+
+    bind, port = _host_port(args.listen, "--listen")
+    files = write_broker_config(
+        _home(args),
+        Path(args.out),
+        bind=bind,
+        port=port,
+        server_names=args.server_name,
+        max_queued=args.max_queued,
+    )
+    doc = {k: str(v) for k, v in vars(files).items()}
+    _print(
+        args, doc, f"wrote {files.conf}, {files.acl}, {files.cert}\nrun: mosquitto -c {files.conf}"
+    )
+    return 0
+
+
+def _operator_broker(args: argparse.Namespace, home: FleetHome) -> Any:
+    from device_agent.mqtt import Broker
+
+    cert = args.cert or str(home.certs / f"{args.operator}.crt")
+    key = args.key or str(home.certs / f"{args.operator}.key")
+    return Broker.parse(args.broker, args.ca or str(home.ca_cert), cert, key)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from .monitor import Monitor, MonitorConfig
+    from .store import MonitorStore
+
+    home = _home(args)
+    store = MonitorStore(args.db or home.monitor_db)
+    config = MonitorConfig(group=None if args.exclusive else args.group)
+    client_id = args.client_id or f"monitor-{args.operator}"
+    mon = Monitor(home, store, _operator_broker(args, home), client_id, config)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    mon.start()
+    try:
+        mon.link.require_connected(args.connect_timeout)
+        print(f"monitoring {args.broker} into {store.path} (Ctrl-C to stop)", flush=True)
+        end = time.monotonic() + args.duration if args.duration else None
+        while not done.wait(0.5) and (end is None or time.monotonic() < end):
+            if mon.error is not None:
+                raise mon.error
+    finally:
+        mon.stop()
+        store.close()
+    return 0
+
+
+def _store(args: argparse.Namespace, home: FleetHome) -> Any:
+    from .store import MonitorStore
+
+    path = Path(args.db or home.monitor_db)
+    if not path.exists():
+        raise UsageError(f"no monitor store at {path}; run 'edgeward fleet monitor' first")
+    return MonitorStore(path)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    home = _home(args)
+    now = datetime.now(UTC)
+    views = device_views(home, _store(args, home), now, args.stale_after)
+    rows = [
+        [
+            v["device_id"],
+            v["liveness"],
+            v.get("last_seen"),
+            v.get("models"),
+            v.get("received"),
+            v.get("events"),
+            v.get("flagged"),
+            v.get("duplicates"),
+        ]
+        for v in views
+    ]
+    heads = ["DEVICE", "STATE", "LAST SEEN", "MODELS", "REPORTS", "EVENTS", "FLAGGED", "DUPLICATES"]
+    _print(
+        args,
+        {"now": format_time(now), "devices": views},
+        table(heads, rows) if rows else "no devices",
+    )
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    home = _home(args)
+    since = parse_since(args.since, datetime.now(UTC))
+    events = _store(args, home).events(since=since, device_id=args.device, limit=args.limit)
+    heads = ["TIME", "SOURCE", "DEVICE", "SEQ", "KIND", "SEVERITY", "DETAIL"]
+    rows = [
+        [
+            e["time"],
+            e["source"],
+            e["device_id"],
+            e["seq"],
+            e["kind"],
+            e["severity"],
+            e["detail"][:60],
+        ]
+        for e in events
+    ]
+    _print(args, events, table(heads, rows) if rows else "no events")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import serve
+
+    home = _home(args)
+    bind, port = _host_port(args.listen, "--listen")
+    serve(home, _store(args, home), bind, port, args.stale_after)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``edgeward fleet ...`` to the host command line."""
+    fleet = sub.add_parser("fleet", help="fleet CA, broker set-up, telemetry monitor and dashboard")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="FLEET_COMMAND")
+
+    def add(name: str, help_: str, fn: Any, parent: Any = fsub) -> argparse.ArgumentParser:
+        sp = parent.add_parser(name, help=help_, description=help_)
+        sp.add_argument(
+            "--fleet-dir", help="fleet home (default $EDGEWARD_FLEET_DIR or ./fleet-home)"
+        )
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(func=fn)
+        return sp
+
+    ca = fsub.add_parser("ca", help="the fleet certificate authority")
+    casub = ca.add_subparsers(dest="ca_command", required=True, metavar="CA_COMMAND")
+    sp = add(
+        "init",
+        "create the fleet CA (ca.key 0600; encrypted if EDGEWARD_PASSPHRASE is set)",
+        cmd_ca_init,
+        casub,
+    )
+    sp.add_argument("--name", default="EdgeWard fleet CA")
+
+    sp = add(
+        "enrol",
+        "enrol a board from its enrolment file (or an operator) and issue its client cert",
+        cmd_enrol,
+    )
+    sp.add_argument(
+        "enrolment", nargs="?", help="device enrolment JSON (edgeward-agent provision --export)"
+    )
+    sp.add_argument("--operator", help="issue an operator certificate with this id instead")
+
+    sp = add(
+        "broker-config",
+        "write a runnable mosquitto set-up (TLS, client certs, ACLs)",
+        cmd_broker_config,
+    )
+    sp.add_argument(
+        "--out", required=True, help="directory for mosquitto.conf, acl, certificates, data/"
+    )
+    sp.add_argument("--listen", default="0.0.0.0:8883", help="HOST:PORT of the TLS listener")  # noqa: S104
+    sp.add_argument("--server-name", action="append", help="broker DNS name or IP (repeatable)")
+    sp.add_argument(
+        "--max-queued", type=int, default=1_000_000, help="QoS 1 messages queued per client"
+    )
+
+    def broker_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--broker", required=True, help="HOST:PORT of the fleet broker")
+        sp.add_argument(
+            "--operator", default="operator", help="operator id whose certificate to use"
+        )
+        sp.add_argument("--ca", help="CA certificate (default: the fleet CA)")
+        sp.add_argument("--cert", help="client certificate (default: certs/OPERATOR.crt)")
+        sp.add_argument("--key", help="client key (default: certs/OPERATOR.key)")
+
+    sp = add(
+        "monitor", "verify and store every board report (MQTT 5 shared subscription)", cmd_monitor
+    )
+    broker_args(sp)
+    sp.add_argument("--db", help="monitor store (default: FLEET/monitor.db)")
+    sp.add_argument(
+        "--client-id", help="MQTT client id (default monitor-OPERATOR); one per monitor"
+    )
+    sp.add_argument("--group", default="edgeward-monitors", help="shared subscription group")
+    sp.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="plain persistent subscription instead of a shared one (a single monitor on "
+        "mosquitto: nothing is lost across a broker restart)",
+    )
+    sp.add_argument("--connect-timeout", type=float, default=10.0)
+    sp.add_argument("--duration", type=float, help="stop after this many seconds")
+
+    for name, help_, fn in (
+        ("status", "devices: state, last seen, model versions, counters", cmd_status),
+        ("events", "board events and monitor security events, oldest first", cmd_events),
+        ("dashboard", "serve the local fleet dashboard", cmd_dashboard),
+    ):
+        sp = add(name, help_, fn)
+        sp.add_argument("--db", help="monitor store (default: FLEET/monitor.db)")
+        if name != "events":
+            sp.add_argument(
+                "--stale-after", type=float, default=STALE_AFTER_S, help="seconds of silence: stale"
+            )
+        else:
+            sp.add_argument("--since", help="ISO 8601 time or an age such as 30m, 6h, 2d")
+            sp.add_argument("--device", help="only this device")
+            sp.add_argument("--limit", type=int, default=1000)
+        if name == "dashboard":
+            sp.add_argument(
+                "--listen",
+                default="127.0.0.1:8080",
+                help="HOST:PORT to serve on (local by default)",
+            )

@@ -1,0 +1,244 @@
+"""The fleet monitor: verify every report, judge its sequence number, store it once.
+
+The decision is pure (:func:`verify_message`, :func:`judge_sequence`): bytes, the enrolled keys
+and what the store already holds in; a verdict out. :class:`Monitor` is the thin adapter: an MQTT 5
+shared subscription (several monitors share the load), a worker thread that verifies and stores a
+batch in one transaction, and acknowledgements to the broker only after that commit -- so a
+monitor killed mid-batch loses nothing (the broker redelivers, the store de-duplicates).
+
+Verdicts (``docs/telemetry.md``):
+
+* accepted -- signature good, sequence number new: stored as genuine;
+* duplicate -- the same bytes again within the redelivery window (QoS 1 is at-least-once):
+  counted, not stored twice;
+* flagged -- a security event, never stored as genuine: ``unknown-device`` (no enrolment),
+  ``forged`` (bad signature, malformed, or body and topic disagree), ``replayed`` (a sequence
+  number seen before with other bytes, or an old report resent far behind the device's
+  sequence), ``out-of-sequence`` (a new report far behind the device's highest sequence number).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from device_agent.bundle import ID_RE
+from device_agent.errors import EdgeWardError, SecurityRefusal
+from device_agent.mqtt import Broker, Link, Session
+from device_agent.report import (
+    KINDS,
+    TOPIC_OF_KIND,
+    TOPIC_ROOT,
+    Report,
+    digest,
+    split_topic,
+    verify_report,
+)
+from device_agent.store import utcnow
+from device_agent.telemetry import DEFAULT_CONFIG as BOARD_DEFAULTS
+
+from .ca import FleetHome
+from .store import MonitorStore
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Every monitor limit in one place."""
+
+    # A board hands at most `window` unacknowledged reports to MQTT; only those can come twice.
+    redelivery_window: int = 4 * BOARD_DEFAULTS.window
+    batch: int = 1000  # reports verified and committed per transaction
+    receive_maximum: int = 1000  # broker -> monitor in flight, acknowledged after commit
+    session_expiry: int = 7 * 24 * 3600  # the broker queues for an absent monitor this long
+    # MQTT 5 shared subscription group (several monitors share the load). None: one plain
+    # persistent subscription -- mosquitto 2.0 does not keep shared subscriptions across a
+    # broker restart, so reports published before the monitor re-subscribes would be dropped.
+    group: str | None = "edgeward-monitors"
+
+
+DEFAULT_MONITOR = MonitorConfig()
+
+
+@dataclass(frozen=True)
+class Accepted:
+    report: Report
+    digest: str
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    device_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Flagged:
+    kind: str
+    severity: str
+    detail: str
+    device_id: str | None
+    seq: int | None
+    digest: str
+
+
+Verdict = Accepted | Duplicate | Flagged
+
+
+def verify_message(keys: Mapping[str, bytes], topic_name: str, payload: bytes) -> Report | Flagged:
+    """Signature first: the device named by the topic must be enrolled and must have signed it."""
+    d = digest(payload)
+    try:
+        device, _ = split_topic(topic_name)
+    except EdgeWardError as e:
+        return Flagged("forged", "critical", str(e), None, None, d)
+    key = keys.get(device)
+    if key is None:
+        return Flagged(
+            "unknown-device", "critical", f"report from unenrolled device {device}", device, None, d
+        )
+    try:
+        return verify_report(payload, key, topic_name)
+    except SecurityRefusal as e:
+        return Flagged("forged", "critical", f"signature: {e}", device, None, d)
+    except EdgeWardError as e:
+        return Flagged("forged", "critical", f"malformed report: {e}", device, None, d)
+
+
+def judge_sequence(report: Report, d: str, seen: str | None, highest: int, window: int) -> Verdict:
+    """Decide what a verified report is, given the digest already stored under its sequence
+    number (``seen``) and the device's highest sequence number so far."""
+    behind = report.seq <= highest - window and report.kind != "will"
+    if seen is not None:
+        if seen != d:
+            detail = f"sequence number {report.seq} reused with different content"
+            return Flagged("replayed", "critical", detail, report.device_id, report.seq, d)
+        if behind:
+            detail = (
+                f"report {report.seq} resent long after it was received (device is at {highest})"
+            )
+            return Flagged("replayed", "warning", detail, report.device_id, report.seq, d)
+        return Duplicate(report.device_id, report.seq)
+    if behind:
+        detail = f"report {report.seq} arrived far behind the device's sequence ({highest})"
+        return Flagged("out-of-sequence", "warning", detail, report.device_id, report.seq, d)
+    return Accepted(report, d)
+
+
+def ingest(
+    store: MonitorStore, keys: Mapping[str, bytes], messages: list[tuple[str, bytes]], window: int
+) -> dict[str, int]:
+    """Verify, judge and store a batch of (topic, payload) in one transaction; count verdicts."""
+    counts = {"accepted": 0, "duplicate": 0, "flagged": 0}
+    with store.batch(utcnow()) as tx:
+        for topic_name, payload in messages:
+            v: Report | Verdict = verify_message(keys, topic_name, payload)
+            if isinstance(v, Report):
+                d = digest(payload)
+                v = judge_sequence(
+                    v, d, tx.seen(v.device_id, v.seq), tx.highest(v.device_id), window
+                )
+            if isinstance(v, Accepted):
+                tx.accept(v.report, v.digest)
+                counts["accepted"] += 1
+            elif isinstance(v, Duplicate):
+                tx.duplicate(v.device_id)
+                counts["duplicate"] += 1
+            else:
+                tx.flag(v.kind, v.severity, v.detail, topic_name, v.device_id, v.seq, v.digest)
+                counts["flagged"] += 1
+    return counts
+
+
+def _device_of(topic_name: str) -> str:
+    parts = topic_name.split("/")
+    return parts[2] if len(parts) == 4 else ""
+
+
+def topic_filters(group: str | None) -> list[str]:
+    """The subscriptions a monitor takes: every report topic, never the command topics."""
+    prefix = f"$share/{group}/" if group else ""
+    return [
+        f"{prefix}{TOPIC_ROOT}/+/{level}" for level in sorted({TOPIC_OF_KIND[k] for k in KINDS})
+    ]
+
+
+class Monitor:
+    """Subscribe, verify, store. ``start`` / ``stop``; ``processed`` counts handled messages."""
+
+    def __init__(
+        self,
+        home: FleetHome,
+        store: MonitorStore,
+        broker: Broker,
+        client_id: str,
+        config: MonitorConfig = DEFAULT_MONITOR,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.home = home
+        self.store = store
+        self.config = config
+        self._on_batch = on_batch
+        self._inbox: queue.SimpleQueue[tuple[str, bytes, int]] = queue.SimpleQueue()
+        self.link = Link(
+            broker,
+            Session(
+                client_id=client_id,
+                clean_start=False,
+                session_expiry=config.session_expiry,
+                receive_maximum=config.receive_maximum,
+            ),
+            on_message=lambda t, p, mid: self._inbox.put((t, p, mid)),
+            manual_ack=True,
+        )
+        for f in topic_filters(config.group):
+            self.link.subscribe(f)
+        self._keys = home.device_keys()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgeward-monitor", daemon=True)
+        self.processed = 0
+        self.error: EdgeWardError | None = None
+
+    def _key_lookup(self, batch: list[tuple[str, bytes, int]]) -> Mapping[str, bytes]:
+        """Enrolled keys, re-read when a batch names a device enrolled since they were loaded
+        (removing an enrolment takes effect when the monitor restarts)."""
+        new = {_device_of(t) for t, _, _ in batch} - set(self._keys)
+        if any(ID_RE.match(d) and (self.home.devices / f"{d}.json").exists() for d in new):
+            self._keys = self.home.device_keys()
+        return self._keys
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = [self._inbox.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            while len(batch) < self.config.batch:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            keys = self._key_lookup(batch)
+            messages = [(t, p) for t, p, _ in batch]
+            try:
+                ingest(self.store, keys, messages, self.config.redelivery_window)
+            except EdgeWardError as e:
+                # Not acknowledged: the broker delivers the batch again to the next monitor run.
+                self.error = e
+                self._stop.set()
+                return
+            for _, _, mid in batch:
+                self.link.ack(mid)
+            self.processed += len(batch)
+            if self._on_batch is not None:
+                self._on_batch(self.processed)
+
+    def start(self) -> None:
+        self.link.start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.link.stop()

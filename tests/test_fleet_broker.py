@@ -1,0 +1,280 @@
+"""Integration: the generated mosquitto set-up, board telemetry and the fleet monitor, for real.
+
+TLS with client certificates, per-device ACLs, signed reports verified end to end, forged /
+replayed / unknown reports flagged and never stored as genuine, and the fleet CLI views.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device_agent.errors import EnvironmentFault
+from device_agent.events import EventStore
+from device_agent.mqtt import Broker, Link, Session
+from device_agent.report import Report, command_topic, encode_report, topic
+from device_agent.telemetry import TelemetryConfig, TelemetryService
+from fleet.ca import FleetHome
+from fleet.monitor import Monitor, MonitorConfig
+from fleet.store import MonitorStore
+from packager.cli import main as edgeward
+from tests.conftest import Board
+from tests.fixtures.fleet import Fleet, fleet_fixture, wait_until  # noqa: F401
+
+FAST = TelemetryConfig(heartbeat_s=0.5, poll_s=0.05, backoff=(1, 2))
+
+
+@pytest.fixture
+def monitor(fleet: Fleet, tmp_path: Path) -> Iterator[Monitor]:
+    store = MonitorStore(fleet.home.monitor_db)
+    mon = Monitor(fleet.home, store, fleet.operator, "mon-test", MonitorConfig(redelivery_window=8))
+    mon.start()
+    mon.link.require_connected(10)
+    yield mon
+    mon.stop()
+    store.close()
+
+
+def telemetry(board: Board, fleet: Fleet, **kw: object) -> tuple[TelemetryService, EventStore]:
+    events = EventStore(board.data_dir / "events.db")
+    svc = TelemetryService(
+        board.data_dir, board.keys, events, fleet.enrol(board.enrolment), config=FAST, **kw
+    )  # type: ignore[arg-type]
+    return svc, events
+
+
+def publish_as(fleet: Fleet, cn: str, messages: list[tuple[str, bytes]]) -> list[bool]:
+    """Publish raw messages with ``cn``'s certificate; return each PUBACK verdict (True: ok)."""
+    acks: list[bool] = []
+    link = Link(fleet.broker(cn), Session(f"{cn}-raw"), on_ack=lambda _m, ok: acks.append(ok))
+    link.start()
+    link.require_connected(10)
+    for name, payload in messages:
+        link.publish(name, payload)
+    wait_until(lambda: len(acks) == len(messages), 10, "every PUBACK")
+    link.stop()
+    return acks
+
+
+def stored(store: MonitorStore, device_id: str, kind: str) -> list[dict[str, object]]:
+    return store.reports(device_id, kind, limit=10_000)
+
+
+def test_tls_refuses_clients_without_a_fleet_certificate(fleet: Fleet, tmp_path: Path) -> None:
+    # No client certificate: the TLS handshake (or the first read) fails.
+    ctx = ssl.create_default_context(cafile=str(fleet.home.ca_cert))
+    with (
+        socket.create_connection(("127.0.0.1", fleet.port), 5) as raw,
+        pytest.raises((ssl.SSLError, ConnectionError, OSError)),
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"\x10\x00")
+        if not tls.recv(1):
+            raise ConnectionError("closed")
+    # A certificate from another CA is refused too.
+    rogue = FleetHome(tmp_path / "rogue")
+    rogue.init_ca()
+    rogue.enrol_operator("ops")
+    certs = rogue.certs
+    broker = Broker(
+        "127.0.0.1", fleet.port, fleet.home.ca_cert, certs / "ops.crt", certs / "ops.key"
+    )
+    link = Link(broker, Session("rogue"))
+    link.start()
+    with pytest.raises(EnvironmentFault, match="unreachable"):
+        link.require_connected(2)
+    link.stop()
+
+
+def test_board_cannot_publish_to_another_boards_topic(
+    fleet: Fleet,
+    monitor: Monitor,
+    make_board: Callable[..., Board],
+) -> None:
+    a, b = make_board("pi-a"), make_board("pi-b")
+    fleet.enrol(a.enrolment)
+    fleet.enrol(b.enrolment)
+    signer = b.agent().store.unlock(b.keys).signer()
+    genuine_b = encode_report(
+        Report("pi-b", 1, "status", datetime.now(UTC), {"state": "online"}), signer
+    )
+    acks = publish_as(
+        fleet,
+        "pi-a",
+        [
+            (topic("pi-b", "status"), genuine_b),  # even a genuine report: wrong sender
+            (command_topic("pi-a"), b"x"),  # a board never writes commands
+            (topic("pi-a", "status"), b"x"),  # its own topic: allowed (flagged as malformed)
+        ],
+    )
+    assert acks == [False, False, True]  # MQTT 5 reason code: not authorised
+    wait_until(lambda: monitor.processed >= 1, 5, "the monitor to see the allowed message")
+    assert stored(monitor.store, "pi-b", "status") == []
+
+
+def test_reports_are_verified_and_stored_and_cli_shows_them(
+    fleet: Fleet,
+    monitor: Monitor,
+    make_board: Callable[..., Board],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    board = make_board("pi-001")
+    svc, events = telemetry(
+        board,
+        fleet,
+        status_provider=lambda: {
+            "models": [{"model_id": "digits", "version": 3}],
+            "counters": {"queries": 7, "throttled": 1},
+        },
+    )
+    svc.start()
+    events.record(
+        "ood", datetime.now(UTC), severity="warning", score=0.93, evidence={"distance": 4.2}
+    )
+    wait_until(
+        lambda: len(stored(monitor.store, "pi-001", "events")) == 1, 10, "the event at the monitor"
+    )
+    wait_until(lambda: stored(monitor.store, "pi-001", "telemetry"), 10, "telemetry")
+    svc.stop()
+    events.close()
+    [ev] = stored(monitor.store, "pi-001", "events")
+    assert ev["data"]["event"]["kind"] == "ood" and ev["data"]["event"]["evidence"] == {
+        "distance": 4.2
+    }
+
+    assert edgeward(["fleet", "status", "--fleet-dir", str(fleet.home.path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    [dev] = doc["devices"]
+    assert dev["device_id"] == "pi-001" and dev["models"] == "digits v3"
+    assert dev["counters"]["counters"] == {"queries": 7, "throttled": 1}
+    assert dev["liveness"] == "stopping"  # the board said goodbye
+    assert (
+        edgeward(
+            ["fleet", "events", "--fleet-dir", str(fleet.home.path), "--since", "1h", "--json"]
+        )
+        == 0
+    )
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["source"], row["kind"], row["device_id"]) == ("board", "ood", "pi-001")
+    assert edgeward(["fleet", "events", "--fleet-dir", str(fleet.home.path)]) == 0
+    assert "ood" in capsys.readouterr().out
+
+
+def test_forged_replayed_and_unknown_reports_are_flagged_not_stored(
+    fleet: Fleet,
+    make_board: Callable[..., Board],
+    tmp_path: Path,
+) -> None:
+    board = make_board("pi-001")
+    ghost = make_board("pi-ghost")
+    fleet.enrol(ghost.enrolment)
+    (fleet.home.devices / "pi-ghost.json").unlink()  # it has a cert but is no longer enrolled
+    captured: list[bytes] = []
+    spy = Link(
+        fleet.operator,
+        Session("spy"),
+        on_message=lambda t, p, _m: captured.append(p) if t.endswith("/events") else None,
+    )
+    spy.subscribe("edgeward/v1/+/events")
+    spy.start()
+    spy.require_connected(10)
+
+    store = MonitorStore(tmp_path / "monitor.db")
+    mon = Monitor(fleet.home, store, fleet.operator, "mon-flag", MonitorConfig(redelivery_window=8))
+    svc, events = telemetry(board, fleet)
+    mon.start()
+    mon.link.require_connected(10)
+    svc.start()
+    for i in range(30):
+        events.record("probing", datetime.now(UTC), evidence={"i": i})
+    wait_until(lambda: len(stored(store, "pi-001", "events")) == 30, 15, "30 events")
+    svc.stop()
+    events.close()
+
+    keys = board.agent().store.unlock(board.keys)
+    wrong = encode_report(
+        Report("pi-001", 10_000, "events", datetime.now(UTC), {"event": {"kind": "x"}}),
+        Ed25519PrivateKey.generate(),
+    )
+    genuine = encode_report(
+        Report("pi-001", 10_001, "events", datetime.now(UTC), {"event": {"kind": "y"}}),
+        keys.signer(),
+    )
+    acks = publish_as(
+        fleet,
+        "pi-001",
+        [
+            (topic("pi-001", "events"), captured[0]),  # replay of an old genuine report
+            (topic("pi-001", "events"), wrong),  # forged: not the board's key
+            (topic("pi-001", "events"), genuine.replace(b'"y"', b'"z"')),  # tampered after signing
+            (topic("pi-001", "status"), b"not a report"),  # malformed
+        ],
+    )
+    ghost_sig = ghost.agent().store.unlock(ghost.keys).signer()
+    ghost_report = Report("pi-ghost", 1, "status", datetime.now(UTC), {})
+    acks += publish_as(
+        fleet, "pi-ghost", [(topic("pi-ghost", "status"), encode_report(ghost_report, ghost_sig))]
+    )
+    assert all(acks)  # the broker lets them through: the monitor is what catches them
+    wait_until(lambda: len(store.events()) == 30 + 5, 10, "five flagged reports")
+    mon.stop()
+    spy.stop()
+
+    flagged = [e for e in store.events() if e["source"] == "monitor"]
+    kinds = sorted(e["kind"] for e in flagged)
+    assert kinds == ["forged", "forged", "forged", "replayed", "unknown-device"], flagged
+    assert len(stored(store, "pi-001", "events")) == 30  # nothing flagged was stored as genuine
+    assert max(r["seq"] for r in store.reports("pi-001")) < 10_000
+    assert store.reports("pi-ghost") == []
+    store.close()
+
+
+def test_broker_unreachable_is_an_environment_fault(
+    fleet: Fleet, make_board: Callable[..., Board], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from device_agent.cli import main as agent
+
+    board = make_board("pi-001")
+    fleet.enrol(board.enrolment)
+    fleet.stop()
+    c = fleet.home.certs
+    argv = [
+        "telemetry",
+        "--data-dir",
+        str(board.data_dir),
+        "--broker",
+        f"127.0.0.1:{fleet.port}",
+        "--ca",
+        str(fleet.home.ca_cert),
+        "--cert",
+        str(c / "pi-001.crt"),
+        "--key",
+        str(c / "pi-001.key"),
+        "--connect-timeout",
+        "1.5",
+    ]
+    import os
+
+    os.environ["EDGEWARD_DEVICE_PASSPHRASE"] = board.keys.passphrase.decode()  # type: ignore[union-attr]
+    try:
+        assert agent(argv) == 4
+    finally:
+        del os.environ["EDGEWARD_DEVICE_PASSPHRASE"]
+    assert "unreachable" in capsys.readouterr().err
+
+
+def test_monitor_exits_4_when_the_broker_is_unreachable(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.stop()
+    argv = ["fleet", "monitor", "--fleet-dir", str(fleet.home.path), "--operator", "ops"]
+    argv += ["--broker", f"127.0.0.1:{fleet.port}", "--connect-timeout", "1.5"]
+    assert edgeward(argv) == 4
+    assert "unreachable" in capsys.readouterr().err

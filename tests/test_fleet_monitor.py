@@ -1,0 +1,87 @@
+"""The monitor's pure decisions and its store, without a broker: verify, judge, store once."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device_agent.crypto import ed25519_public_raw
+from device_agent.errors import FormatError
+from device_agent.events import Event
+from device_agent.report import Report, encode_report, topic, verify_report
+from device_agent.telemetry import event_data
+from fleet.monitor import Accepted, Duplicate, Flagged, ingest, judge_sequence, verify_message
+from fleet.store import MonitorStore
+
+KEY = Ed25519PrivateKey.generate()
+KEYS = {"pi-1": ed25519_public_raw(KEY)}
+NOW = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
+
+
+def report(
+    seq: int, kind: str = "events", data: dict[str, object] | None = None
+) -> tuple[str, bytes]:
+    r = Report("pi-1", seq, kind, NOW, data if data is not None else {"event": {"kind": "ood"}})
+    return r.topic, encode_report(r, KEY)
+
+
+def test_verify_message_verdicts() -> None:
+    t, p = report(1)
+    assert isinstance(verify_message(KEYS, t, p), Report)
+    assert verify_message({}, t, p).kind == "unknown-device"  # type: ignore[union-attr]
+    other = Report("pi-1", 1, "events", NOW, {})
+    forged = verify_message(KEYS, t, encode_report(other, Ed25519PrivateKey.generate()))
+    assert isinstance(forged, Flagged) and forged.kind == "forged"
+    wrong_topic = verify_message(KEYS, topic("pi-1", "telemetry"), p)  # body says events
+    assert isinstance(wrong_topic, Flagged) and "arrived on" in wrong_topic.detail
+    assert verify_message(KEYS, "edgeward/v1/../x", p).kind == "forged"  # type: ignore[union-attr]
+    assert verify_message(KEYS, t, p[:-1]).kind == "forged"  # type: ignore[union-attr]
+
+
+def test_judge_sequence() -> None:
+    t, p = report(50)
+    r = verify_report(p, KEYS["pi-1"], t)
+    d = "digest"
+    assert isinstance(judge_sequence(r, d, None, 10, 8), Accepted)
+    assert isinstance(judge_sequence(r, d, None, 55, 8), Accepted)  # late, within the window
+    assert judge_sequence(r, d, None, 100, 8).kind == "out-of-sequence"  # type: ignore[union-attr]
+    assert isinstance(judge_sequence(r, d, d, 52, 8), Duplicate)  # QoS 1 redelivery
+    assert judge_sequence(r, d, d, 100, 8).kind == "replayed"  # type: ignore[union-attr]
+    reused = judge_sequence(r, d, "other", 52, 8)
+    assert isinstance(reused, Flagged) and reused.severity == "critical"
+    wt, wp = report(5, "will", {"state": "offline"})
+    will = verify_report(wp, KEYS["pi-1"], wt)
+    assert isinstance(judge_sequence(will, d, None, 500, 8), Accepted)  # reserved at connect
+
+
+def test_ingest_stores_each_report_once_and_tracks_state(tmp_path: Path) -> None:
+    store = MonitorStore(tmp_path / "m.db")
+    msgs = [report(1, "status", {"state": "online", "models": []}), report(2), report(3)]
+    assert ingest(store, KEYS, msgs + msgs[1:], 8) == {"accepted": 3, "duplicate": 2, "flagged": 0}
+    assert ingest(store, KEYS, [report(4, "will", {"state": "offline"})], 8)["accepted"] == 1
+    [dev] = store.devices()
+    assert (dev["received"], dev["duplicates"], dev["events"], dev["state"]) == (4, 2, 2, "offline")
+    assert ingest(store, KEYS, [report(5, "status", {"state": "online"})], 8)["accepted"] == 1
+    assert store.devices()[0]["state"] == "online"
+    assert [e["seq"] for e in store.events()] == [2, 3]
+
+
+def test_last_will_and_status_apply_in_arrival_order(tmp_path: Path) -> None:
+    store = MonitorStore(tmp_path / "m.db")
+    will = report(1, "will", {"state": "offline"})  # reserved when the session began
+    ingest(store, KEYS, [report(2, "status", {"state": "online"}), will], 8)
+    assert store.devices()[0]["state"] == "offline"  # the board went away after reporting
+    ingest(store, KEYS, [report(3, "will", {"state": "offline"}), report(4, "status", {})], 8)
+    assert store.devices()[0]["state"] == "online"  # and came back
+
+
+def test_reports_carry_summaries_never_inputs() -> None:
+    with pytest.raises(FormatError, match="summaries"):
+        Report("pi-1", 1, "events", NOW, {"input": list(range(784))})
+    big = Event(1, NOW, "ood", "warning", None, 0.9, {"pixels": list(range(784))})
+    assert event_data(big)["event"]["evidence"] == {
+        "withheld": "evidence did not look like a summary"
+    }
