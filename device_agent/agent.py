@@ -8,6 +8,7 @@ leaves the data directory exactly as it was.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -22,16 +23,54 @@ from . import crypto
 from .bundle import ID_RE, Manifest, Sidecar, VerifiedBundle, format_time, verify_bundle
 from .enrolment import DOMAIN as ENROLMENT_DOMAIN
 from .enrolment import Enrolment
-from .errors import IntegrityError, NotInstalled, RollbackRefused, UsageError
+from .errors import (
+    FormatError,
+    InputMismatch,
+    IntegrityError,
+    NotInstalled,
+    RollbackRefused,
+    UsageError,
+)
 from .limits import DEFAULT_LIMITS, Limits
 from .output import prepare_inputs, shape_output
 from .preprocess import apply as preprocess
 from .runtime import Runner, load_runner
 from .sequence import decode_ctc
 from .store import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
+from .trust import check_install, check_serving_life, check_target, trusted_now
 from .wipe import complete as complete_wipe
 from .wipe import wipe_pending
-from .trust import check_install, check_serving_life, check_target, trusted_now
+
+_log = logging.getLogger(__name__)
+SEALED_MISMATCH = (
+    "input does not fit this model's sealed pre-processing; "
+    "send the raw input the application was built for"
+)
+
+
+def model_feeds(
+    loaded: LoadedModel,
+    inputs: np.ndarray | Mapping[str, np.ndarray],
+    role: str,
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[dict[str, np.ndarray], bool]:
+    """The caller's raw input through the sealed pre-processing into the model's feeds; returns
+    (feeds, whether the caller sent a batch).
+
+    When pre-processing is sealed, the application must not learn the model's input shape
+    (NCSC 3.3): a mismatch is reported generically except to the admin role; the detail goes to
+    the local log only.
+    """
+    spec = loaded.sidecar.preprocess
+    try:
+        x, single = preprocess(spec, inputs, limits.max_input_bytes // 4, limits)
+        feeds, batched = prepare_inputs(loaded.runner, x)
+    except InputMismatch as e:
+        if spec is None or role == "admin":
+            raise
+        _log.info("input refused by the sealed pre-processing: %s", e)
+        raise FormatError(SEALED_MISMATCH) from None
+    return feeds, batched and not single
 
 
 @dataclass
@@ -259,11 +298,10 @@ class Agent:
     ) -> dict[str, Any]:
         """Run the model on ``inputs`` and return what ``role`` may see (a label by default)."""
         loaded = self.model(model_id)
-        x, single = preprocess(loaded.sidecar.preprocess, inputs, self.limits.max_input_bytes // 4)
-        feeds, batched = prepare_inputs(loaded.runner, x)
+        feeds, batched = model_feeds(loaded, inputs, role, self.limits)
         outputs = loaded.runner.run(feeds)
         shape = decode_ctc if loaded.sidecar.task.get("kind") == "ctc" else shape_output
-        return shape(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched and not single)
+        return shape(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched)
 
     def wipe(self) -> dict[str, Any]:
         """Crypto-shred this board's keys and models (device_agent.wipe); returns the attestation."""

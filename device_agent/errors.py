@@ -54,6 +54,12 @@ class FormatError(EdgeWardError):
     exit_code = 3
 
 
+class InputMismatch(FormatError):
+    """The input does not fit the model or its sealed pre-processing. The message describes the
+    model (its shape, channels or crop); the agent replaces it with a generic one for callers
+    who may not learn that (NCSC 3.3)."""
+
+
 class EnvironmentFault(EdgeWardError):
     """The environment failed us: disk, permissions, broker unreachable."""
 

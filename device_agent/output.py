@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError, UsageError
+from .errors import FormatError, InputMismatch, UsageError
 from .runtime import Runner, TensorSpec
 
 ROLES = ("user", "engineer", "admin")
@@ -37,10 +37,12 @@ def _coerce(x: np.ndarray, spec: TensorSpec, what: str) -> tuple[np.ndarray, boo
         x = x[np.newaxis, ...]
         batched = False
     if spec.shape and x.ndim != len(spec.shape):
-        raise FormatError(f"{what}: expected {len(spec.shape)} dimensions, got {x.ndim}")
+        raise InputMismatch(f"{what}: expected {len(spec.shape)} dimensions, got {x.ndim}")
     for i, (have, need) in enumerate(zip(x.shape, spec.shape, strict=False)):
         if need is not None and have != need and not (i == 0 and len(spec.shape) > 1):
-            raise FormatError(f"{what}: dimension {i} is {have}, the model needs {need}")
+            raise InputMismatch(f"{what}: dimension {i} is {have}, the model needs {need}")
+    if not x.size:
+        raise FormatError(f"{what}: has an empty dimension; send data")
     return np.ascontiguousarray(x), batched
 
 
@@ -71,7 +73,8 @@ def prepare_inputs(runner: Runner, inputs: np.ndarray | Mapping[str, np.ndarray]
     return feeds, batched
 
 
-def _band(p: float, bands: list[list[Any]]) -> str:
+def band(p: float, bands: list[list[Any]]) -> str:
+    """The confidence band name for probability ``p`` (the policy's bands, highest first)."""
     for threshold, name in bands:
         if p >= float(threshold):
             return str(name)
@@ -122,7 +125,7 @@ def shape_output(
     for i, name in enumerate(names):
         row: dict[str, Any] = {"label": name}
         if view in ("band", "scores"):
-            row["confidence"] = _band(float(conf[i]), pol["bands"])
+            row["confidence"] = band(float(conf[i]), pol["bands"])
         if view == "scores":
             row["scores"] = rows_scores[i]
         rows.append(row)
