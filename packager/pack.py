@@ -38,6 +38,7 @@ from device_agent.fsutil import fsync_dir
 from . import __version__
 from .harden.modelcard import CardFacts
 from .harden.modelcard import build as build_card
+from .jsonfile import read_json_object
 from .modelfile import ModelFile
 from .profiles import Profile
 
@@ -245,16 +246,7 @@ def pack(
 def build_policy(policy_file: str | None, calibration_file: str | None) -> dict[str, Any]:
     """The sealed serving policy: a JSON file (roles, bands, throttle, audit retention) plus, from
     ``--calibrate-ood``, OoD and probing thresholds calibrated on validation inputs (``x``)."""
-    policy: dict[str, Any] = {}
-    if policy_file:
-        try:
-            policy = json.loads(Path(policy_file).read_text())
-        except FileNotFoundError as e:
-            raise UsageError(f"--policy {policy_file} does not exist") from e
-        except ValueError as e:
-            raise UsageError(f"--policy {policy_file} is not JSON: {e}") from e
-        if not isinstance(policy, dict):
-            raise UsageError(f"--policy {policy_file} must hold a JSON object")
+    policy: dict[str, Any] = read_json_object(policy_file, "--policy") or {}
     if calibration_file:
         import numpy as np
 

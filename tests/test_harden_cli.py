@@ -266,6 +266,7 @@ def test_harden_cli_silero_quantisation_skipped_no_traceback(
                 str(out),
                 "--quantise",
                 "dynamic",
+                "--no-accuracy-gate",  # three inputs: a single-array validation cannot feed it
             ]
         )
         == 0
@@ -315,6 +316,8 @@ def test_harden_cli_allow_list(tmp_path: Path, digits, capsys: pytest.CaptureFix
         str(tmp_path / "o"),
         "--allow-list",
         str(allow),
+        "--validation",
+        str(digits.test),
     ]
     assert main(base) == 1
     assert "not on the allow-list" in capsys.readouterr().err

@@ -17,12 +17,15 @@ silently.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from device_agent.errors import FormatError
 
 MIN_SECRET = 4
+# The names this module gives: positional, so they say nothing (and re-stripping may reuse them).
+POSITIONAL = re.compile(r"(?:[txyvF]\d+|N|local\.f\d+|g(?:_\d+_[A-Za-z_]+?\d*)*)")
 # Strings the runtime needs to run the model: they name the standard, not the model.
 STRUCTURAL = frozenset(
     {
@@ -291,7 +294,7 @@ def identifying_strings(model: Any) -> dict[str, str]:
     for where, text in _strings(model, skip_structural=True):
         for piece in (text, *text.splitlines()):
             piece = piece.strip()
-            if len(piece) >= MIN_SECRET:
+            if len(piece) >= MIN_SECRET and not POSITIONAL.fullmatch(piece):
                 found.setdefault(piece, where)
     return found
 

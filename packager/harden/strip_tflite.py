@@ -8,13 +8,15 @@ re-serialising through the object API drops. Weights and operators are untouched
 
 from __future__ import annotations
 
+from .tflite_util import read_tflite
+
 
 def strip_tflite(data: bytes) -> bytes:
     """Return the model rebuilt without names, description, metadata or signatures."""
     from ai_edge_litert import schema_py_generated as s
     from ai_edge_litert.tools import flatbuffer_utils
 
-    model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(data, 0))
+    model = read_tflite(data)
     model.description = None
     for md in model.metadata or []:
         model.buffers[md.buffer] = s.BufferT()
