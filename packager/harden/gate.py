@@ -30,6 +30,8 @@ def predict_outputs(
     model: bytes, runtime: str, spec: Mapping[str, Any] | None, x: np.ndarray, threads: int = 0
 ) -> list[np.ndarray]:
     """Every model output for raw inputs ``x`` (a batch), as the board would compute them."""
+    if not len(x):
+        raise FormatError("--validation x is empty; give at least one input")
     runner = load_runner(runtime, model, threads)
     parts: list[list[np.ndarray]] = []
     for start in range(0, len(x), BATCH):
