@@ -402,3 +402,38 @@ def test_harden_quantiser_failure_does_not_copy_tensor_names(
     with pytest.raises(Unquantisable) as e:
         quantise(digits_cnn().onnx.read_bytes(), "onnx", "dynamic", None)
     assert "acme" not in str(e.value) and "RuntimeError" in str(e.value)
+
+
+def test_harden_ml_classifier_string_labels_sealed_not_shipped(tmp_path) -> None:
+    """skl2onnx LogisticRegression with string classes: the names leave the model for the
+    sidecar; the board answers with them; the model bytes hold only indices."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    from device_agent.output import shape_output
+    from packager.harden.gate import predict_outputs
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((90, 4)).astype(np.float32)
+    names = np.array(["acme_defect_crack", "acme_defect_rust", "acme_ok"])
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5).astype(int)
+    m = to_onnx(
+        LogisticRegression().fit(x, names[y]),
+        x[:1],
+        options={"zipmap": False},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    path = tmp_path / "lr.onnx"
+    path.write_bytes(m.SerializeToString())
+    h = harden(
+        read_model(path),
+        load_profile("rpi4b"),
+        HardenOptions(quantise="none", validation=(x, y)),
+    )
+    assert h.task["labels"] == list(names) and h.task["kind"] == "classifier"
+    assert [n for n in names if n.encode() in h.model.data] == []
+    assert onnx_leaks(path.read_bytes(), h.model.data) == []
+    assert h.report["accuracy"]["agreement"] == 1.0
+    outputs = predict_outputs(h.model.data, "onnxruntime", None, x[:5])
+    answer = shape_output(outputs, h.task, {}, "user", True)["predictions"]
+    assert [a["label"] for a in answer] == list(names[outputs[1].argmax(axis=1)])
