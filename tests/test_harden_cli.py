@@ -738,3 +738,24 @@ def test_harden_pack_dir_refuses_tampered_output(
         assert main(_pack_args(d, board, publisher, tmp_path / f"o{i}")) == 1, d
         assert "not an untouched edgeward harden output" in capsys.readouterr().err
     assert main(_pack_args(pristine, board, publisher, tmp_path / "ok")) == 0
+
+
+def test_harden_pack_dir_accepts_untouched_tflite_output(
+    tmp_path: Path, make_board, publisher: Path
+) -> None:
+    """The re-checks (stripping idempotent, facts, task) pass for an honest TFLite output."""
+    cnn = digits_cnn()
+    _, nhwc = preprocess_files(tmp_path)
+    hardened = tmp_path / "h"
+    argv = ["harden", str(cnn.tflite), "--profile", "rpi-zero2w", "--out", str(hardened)]
+    argv += ["--calibration", str(cnn.calibration), "--validation", str(cnn.validation)]
+    assert main([*argv, "--preprocess", str(nhwc)]) == 0
+    board = make_board("pi-tfl")
+    out = tmp_path / "o"
+    pack = _pack_args(hardened, board, publisher, out)
+    pack[pack.index("rpi4b")] = "rpi-zero2w"
+    assert main(pack) == 0
+    agent = board.agent()
+    agent.install((out / "pi-tfl.ewb").read_bytes())
+    val = np.load(cnn.validation)
+    assert agent.predict(val["x"][0]) == {"label": int(val["y"][0])}
