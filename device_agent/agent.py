@@ -142,7 +142,9 @@ class Agent:
         signer = Ed25519PrivateKey.generate()
         dk = DeviceKeys(box_private, crypto.ed25519_private_raw(signer))
         try:
-            identity = DataDir(data_dir).create(device_id, dk, source, publishers, operators or [], now)
+            identity = DataDir(data_dir).create(
+                device_id, dk, source, publishers, operators or [], now
+            )
             enrolment = Enrolment(device_id, identity.box_public, identity.sign_public, now)
             sig = crypto.sign(signer, ENROLMENT_DOMAIN, _canonical(enrolment.body()))
             return enrolment.signed_bytes(sig)
@@ -175,7 +177,9 @@ class Agent:
             # Stored before decrypting (in place destroys the ciphertext); removed on any failure.
             self.store.store_bundle(m.bundle_id, data)
             try:
-                runner, sidecar = self._decrypt_and_load(vb, in_place=isinstance(data, bytearray), check_digest=True)
+                runner, sidecar = self._decrypt_and_load(
+                    vb, in_place=isinstance(data, bytearray), check_digest=True
+                )
                 new_state, dropped = record_install(state, m, len(data), now)
                 self.store.save_state(new_state)
             except BaseException:
@@ -186,28 +190,36 @@ class Agent:
             self._loaded[m.model_id] = LoadedModel(m, sidecar, runner)
         return m
 
-    def _decrypt_and_load(self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool) -> tuple[Runner, Sidecar]:
+    def _decrypt_and_load(
+        self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool
+    ) -> tuple[Runner, Sidecar]:
         """Decrypt in memory and load the runtime from bytes; every plaintext buffer is wiped."""
         keys = self.store.unlock(self._source)
         try:
-            contents = vb.decrypt(keys.box_private, self.limits, in_place=in_place, check_digest=check_digest)
+            contents = vb.decrypt(
+                keys.box_private, self.limits, in_place=in_place, check_digest=check_digest
+            )
         finally:
             keys.wipe()
         try:
-            # The runtimes take immutable bytes: one copy that cannot be wiped (docs/threat-model.md).
+            # The runtimes take immutable bytes: one copy that cannot be wiped
+            # (docs/threat-model.md).
             # The decrypted buffer is wiped before the runtime parses it, so the two never add up.
             model = bytes(contents.model)
         finally:
             contents.wipe()
         try:
-            runner = load_runner(vb.manifest.runtime, model, int(contents.sidecar.runtime.get("threads", 0)))
+            runner = load_runner(
+                vb.manifest.runtime, model, int(contents.sidecar.runtime.get("threads", 0))
+            )
         finally:
             del model
         return runner, contents.sidecar
 
     def rollback(self, model_id: str | None = None) -> Manifest:
         """Serve the previous version again (a local admin action; the highest accepted version
-        stays where it is, so the rolled-back-from version cannot be reinstalled: publish a new one)."""
+        stays where it is, so the rolled-back-from version cannot be reinstalled: publish a new
+        one)."""
         with self._lock, self.store.locked():
             state = self.store.state()
             mid = self._pick(state, model_id)
@@ -225,12 +237,17 @@ class Agent:
         installed = [k for k, s in state.models.items() if s.current is not None]
         if model_id is not None:
             if model_id not in installed:
-                raise NotInstalled(f"model {model_id!r} is not installed; installed: {', '.join(installed) or 'none'}")
+                raise NotInstalled(
+                    f"model {model_id!r} is not installed; "
+                    f"installed: {', '.join(installed) or 'none'}"
+                )
             return model_id
         if not installed:
             raise NotInstalled("no model is installed; run 'edgeward-agent install BUNDLE' first")
         if len(installed) > 1:
-            raise UsageError(f"several models are installed ({', '.join(installed)}); pick one with --model")
+            raise UsageError(
+                f"several models are installed ({', '.join(installed)}); pick one with --model"
+            )
         return installed[0]
 
     def _load(self, model_id: str, state: State) -> LoadedModel:
@@ -304,12 +321,15 @@ class Agent:
         return shape(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched)
 
     def wipe(self) -> dict[str, Any]:
-        """Crypto-shred this board's keys and models (device_agent.wipe); returns the attestation."""
+        """Crypto-shred this board's keys and models (device_agent.wipe); returns the
+        attestation."""
         from .wipe import wipe
 
         with self._lock:
             self._loaded.clear()
-            return wipe(self.store, self._source, trusted_now(self._clock(), self.store.state().clock_floor))
+            return wipe(
+                self.store, self._source, trusted_now(self._clock(), self.store.state().clock_floor)
+            )
 
     # --- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -330,7 +350,9 @@ class Agent:
             if cur is not None:
                 publishers, _ = self.store.trust()
                 try:
-                    m = verify_bundle(self.store.read_bundle(cur.bundle_id), publishers, self.limits).manifest
+                    m = verify_bundle(
+                        self.store.read_bundle(cur.bundle_id), publishers, self.limits
+                    ).manifest
                     entry.update(
                         profile=m.profile,
                         runtime=m.runtime,

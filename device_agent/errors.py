@@ -13,7 +13,8 @@ class EdgeWardError(Exception):
 
 
 class SecurityRefusal(EdgeWardError):
-    """Refused for security: bad signature, wrong device, rollback, expiry, revocation, throttling."""
+    """Refused for security: bad signature, wrong device, rollback, expiry, revocation,
+    throttling."""
 
     exit_code = 1
 

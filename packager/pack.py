@@ -82,7 +82,10 @@ def load_enrolments(files: Iterable[Path]) -> list[Enrolment]:
         except EdgeWardError as err:
             raise type(err)(f"{path}: {err}") from err
         if enrolment.device_id in seen:
-            raise UsageError(f"device {enrolment.device_id} is enrolled twice: {seen[enrolment.device_id]} and {path}")
+            raise UsageError(
+                f"device {enrolment.device_id} is enrolled twice: "
+                f"{seen[enrolment.device_id]} and {path}"
+            )
         seen[enrolment.device_id] = path
         out.append(enrolment)
     if not out:
@@ -90,7 +93,9 @@ def load_enrolments(files: Iterable[Path]) -> list[Enrolment]:
     return out
 
 
-def build_sidecar(model: ModelFile, profile: Profile, opts: PackOptions, model_card: dict[str, Any] | None) -> Sidecar:
+def build_sidecar(
+    model: ModelFile, profile: Profile, opts: PackOptions, model_card: dict[str, Any] | None
+) -> Sidecar:
     return Sidecar(
         model_format=model.format,
         model_sha256=model.sha256,
@@ -113,17 +118,29 @@ def seal(sidecar: Sidecar, model: bytes, compress: bool) -> tuple[bytes | bytear
     return contents, "none"
 
 
-def model_card(model: ModelFile, profile: Profile, opts: PackOptions, created: datetime) -> dict[str, Any]:
+def model_card(
+    model: ModelFile, profile: Profile, opts: PackOptions, created: datetime
+) -> dict[str, Any]:
     """A CycloneDX 1.6 ML-BOM describing the model as an asset (NCSC 2.5)."""
     facts = opts.card_facts or CardFacts(
-        input_sha256=model.sha256, input_name=model.path.name, input_bytes=len(model.data),
-        output_sha256=model.sha256, output_bytes=len(model.data), model_format=model.format,
+        input_sha256=model.sha256,
+        input_name=model.path.name,
+        input_bytes=len(model.data),
+        output_sha256=model.sha256,
+        output_bytes=len(model.data),
+        model_format=model.format,
         task=str(opts.task.get("kind", "classifier")),
     )
     return build_card(
-        facts, model_id=opts.model_id, model_version=opts.model_version, profile=profile.name,
-        runtime=profile.runtime, created=created, tool_version=__version__,
-        end_of_life=opts.end_of_life, expires=opts.expires,
+        facts,
+        model_id=opts.model_id,
+        model_version=opts.model_version,
+        profile=profile.name,
+        runtime=profile.runtime,
+        created=created,
+        tool_version=__version__,
+        end_of_life=opts.end_of_life,
+        expires=opts.expires,
     )
 
 
@@ -173,7 +190,7 @@ def pack(
             fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as f:
 
-                def write(chunk: bytes | memoryview, f: Any = f) -> None:
+                def write(chunk: bytes | memoryview, f: Any = f, digest: Any = digest) -> None:
                     nonlocal size
                     digest.update(chunk)
                     size += len(chunk)
@@ -285,4 +302,3 @@ def parse_cli_time(text: str | None, what: str) -> datetime | None:
         return parse_time(text, what)
     except FormatError as e:
         raise UsageError(f"{what}: {e} (example: 2027-01-31T00:00:00Z)") from e
-
