@@ -728,6 +728,11 @@ def test_harden_pack_dir_refuses_tampered_output(
             }
         ),
     ]
+    labels = tamper()
+    side = json.loads((labels / "sidecar.json").read_text())
+    side["task"]["labels"] = [str(i) for i in range(9)]  # the model has 10 classes
+    (labels / "sidecar.json").write_text(json.dumps(side))
+    cases.append(labels)
     facts_only = tamper()
     rep = json.loads((facts_only / "report.json").read_text())
     rep["card_facts"]["output_sha256"] = "0" * 64
