@@ -251,3 +251,22 @@ def test_harden_strip_ml_classifier_string_labels_move_to_sidecar() -> None:
         assert [names[i] for i in after[0]] == list(before[0])  # labels now indices
         if not zipmap:
             np.testing.assert_array_equal(before[1], after[1])
+
+
+def test_harden_strip_tflite_self_check_catches_survivors() -> None:
+    from packager.harden.strip_onnx import Unstrippable
+    from packager.harden.strip_tflite import check_stripped
+    from packager.harden.tflite_util import read_tflite
+
+    data = digits_cnn().tflite.read_bytes()
+    with pytest.raises(Unstrippable, match="survives stripping"):
+        check_stripped(read_tflite(data), data)  # the unstripped model fails its own check
+    check_stripped(read_tflite(data), strip_tflite(data))
+
+
+def test_harden_strip_corrupt_tflite_is_format_error() -> None:
+    from device_agent.errors import FormatError
+
+    data = bytearray(digits_cnn().tflite.read_bytes()[:64])
+    with pytest.raises(FormatError):
+        strip_tflite(bytes(data))
