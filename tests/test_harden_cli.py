@@ -764,3 +764,30 @@ def test_harden_pack_dir_accepts_untouched_tflite_output(
     agent.install((out / "pi-tfl.ewb").read_bytes())
     val = np.load(cnn.validation)
     assert agent.predict(val["x"][0]) == {"label": int(val["y"][0])}
+
+
+def test_harden_served_api_applies_sealed_preprocess_and_hides_the_shape(
+    make_board, pack_for
+) -> None:
+    """Over the local API too: raw input goes through the sealed spec, and a misfit is
+    answered without the model's shape except to admin (F9)."""
+    from tests.fixtures.cnn import PREPROCESS_NCHW
+    from tests.fixtures.serve import serve
+
+    cnn = digits_cnn()
+    board = make_board("pi-api")
+    out = pack_for(cnn.onnx, [board], preprocess=PREPROCESS_NCHW)
+    board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
+    served = serve(board)
+    try:
+        val = np.load(cnn.validation)
+        st, _, doc = served.client("user").predict(val["x"][0])  # a raw 8x8 image
+        assert st == 200 and doc == {"label": int(val["y"][0])}
+        misfit = np.zeros((8, 9), np.float32)
+        st, _, doc = served.client("user").predict(misfit)
+        assert st == 422 and "sealed pre-processing" in doc["error"]["message"]
+        assert "8" not in doc["error"]["message"]
+        st, _, doc = served.client("admin").predict(misfit)
+        assert st == 422 and "the model needs 8" in doc["error"]["message"]
+    finally:
+        served.server.stop()

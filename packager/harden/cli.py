@@ -182,11 +182,6 @@ def read_input(
     return model, external
 
 
-def read_for_profile(path: Path, expect_sha256: str | None, profile: Profile) -> ModelFile:
-    """Read and pin a model for ``profile`` (see :func:`read_input`)."""
-    return read_input(path, expect_sha256, None, profile)[0]
-
-
 def _check_hardened(out: Path, model: ModelFile, sidecar: Sidecar, facts: CardFacts) -> None:
     """Everything ``edgeward harden`` guarantees about its output, checked again: the directory
     may have been edited since (CI artefacts are writable by many)."""
