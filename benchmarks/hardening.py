@@ -1,29 +1,46 @@
 """Hardening figures for the digits CNN (NCSC 2.6): size and accuracy after int8 and auto-pruning.
 
 Targets: int8 size / fp32 size <= 0.35 with an accuracy drop <= 1 point; auto-prune + int8
-compressed payload size / fp32 size <= 0.25 within the same bound. Run:
-``python -m benchmarks.hardening [CACHE_DIR]`` (exit 1 if a target is missed).
+compressed payload size / fp32 size <= 0.25 within the same bound. The payload is measured
+exactly as ``edgeward pack`` seals it: the real sidecar (task, labels, pre-processing, policy and
+the CycloneDX model card, which is often larger than a small model) with the model, compressed
+only when that saves 5% (``packager.pack.seal``). The model's own compressed size is printed
+beside it. Run: ``python -m benchmarks.hardening [CACHE_DIR]`` (exit 1 if a target is missed).
 """
 
 from __future__ import annotations
 
 import sys
 import zlib
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from device_agent.bundle import Sidecar, pack_contents
-from packager.harden.pipeline import HardenOptions, harden
+from packager.harden.pipeline import Hardened, HardenOptions, harden
 from packager.modelfile import read_model
-from packager.profiles import load_profile
+from packager.pack import PackOptions, build_sidecar, model_card, seal
+from packager.profiles import Profile, load_profile
 from tests.fixtures.cnn import PREPROCESS_NCHW, PREPROCESS_NHWC, build_digits_cnn
 
+LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-def _payload(model: bytes, fmt: str, spec: dict) -> int:
-    """Bytes of the zlib-compressed sealed contents (sidecar + model), as ``pack`` encrypts them."""
-    sidecar = Sidecar(fmt, "0" * 64, len(model), {"kind": "classifier"}, preprocess=spec)
-    return len(zlib.compress(bytes(pack_contents(sidecar, model)), 6))
+
+def _payload(h: Hardened, profile: Profile) -> int:
+    """Bytes of the sealed contents exactly as ``pack`` encrypts them (sidecar with the model
+    card, the model, compressed when that pays)."""
+    opts = PackOptions(
+        model_id="digits",
+        model_version=1,
+        task={**h.task, "labels": LABELS},
+        preprocess=h.preprocess,
+        card_facts=h.facts,
+        hardening=h.report,
+        created=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    card = model_card(h.model, profile, opts, opts.created or datetime.now(UTC))
+    sealed, _ = seal(build_sidecar(h.model, profile, opts, card), h.model.data, True)
+    return len(sealed)
 
 
 def main(cache: Path) -> int:
@@ -35,17 +52,18 @@ def main(cache: Path) -> int:
         ("onnx", cnn.onnx, "rpi4b", PREPROCESS_NCHW),
         ("tflite", cnn.tflite, "rpi-zero2w", PREPROCESS_NHWC),
     ]
-    for fmt, path, profile, spec in cases:
-        model = read_model(path)
+    for fmt, path, name, spec in cases:
+        model, profile = read_model(path), load_profile(name)
         fp32 = len(model.data)
         for label, prune, target in (
-            ("int8", None, 0.35),
-            ("auto-prune + int8, compressed", "auto", 0.25),
+            ("int8 model", None, 0.35),
+            ("auto-prune + int8, sealed payload", "auto", 0.25),
         ):
             opts = HardenOptions(quantise="static", prune=prune, preprocess=spec, **base)
-            h = harden(model, load_profile(profile), opts)
+            h = harden(model, profile, opts)
             r = h.report
-            size = r["size_bytes"]["output"] if prune is None else _payload(h.model.data, fmt, spec)
+            model_z = len(zlib.compress(h.model.data, 6))
+            size = r["size_bytes"]["output"] if prune is None else _payload(h, profile)
             ratio, drop = size / fp32, r["accuracy"]["drop_points"]
             passed = ratio <= target and drop <= 1.0
             ok &= passed
@@ -55,6 +73,7 @@ def main(cache: Path) -> int:
                     label,
                     fp32,
                     size,
+                    model_z,
                     ratio,
                     target,
                     r["accuracy"]["input"],
@@ -65,14 +84,18 @@ def main(cache: Path) -> int:
                 )
             )
     print(
-        f"{'format':<7}{'case':<32}{'fp32 B':>8}{'out B':>8}{'ratio':>7}{'target':>7}"
-        f"{'acc fp32':>9}{'acc out':>8}{'drop pt':>8}{'sparsity':>9}  result"
+        f"{'format':<7}{'case':<36}{'fp32 B':>8}{'out B':>8}{'model.z':>8}{'ratio':>7}"
+        f"{'target':>7}{'acc fp32':>9}{'acc out':>8}{'drop pt':>8}{'sparsity':>9}  result"
     )
-    for f, c, a, b, ratio, t, ai, ao, d, s, res in rows:
+    for f, c, a, b, z, ratio, t, ai, ao, d, sp, res in rows:
         print(
-            f"{f:<7}{c:<32}{a:>8}{b:>8}{ratio:>7.3f}{t:>7.2f}{ai:>9.4f}{ao:>8.4f}{d:>8.2f}"
-            f"{s if s is not None else '-':>9}  {res}"
+            f"{f:<7}{c:<36}{a:>8}{b:>8}{z:>8}{ratio:>7.3f}{t:>7.2f}{ai:>9.4f}{ao:>8.4f}{d:>8.2f}"
+            f"{sp if sp is not None else '-':>9}  {res}"
         )
+    print(
+        "out B: the int8 model's bytes, or the whole sealed payload (sidecar with model card "
+        "+ model, compressed as pack does); model.z: the model alone, zlib -6"
+    )
     return 0 if ok else 1
 
 

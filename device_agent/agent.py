@@ -8,6 +8,7 @@ leaves the data directory exactly as it was.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -22,16 +23,54 @@ from . import crypto
 from .bundle import ID_RE, Manifest, Sidecar, VerifiedBundle, format_time, verify_bundle
 from .enrolment import DOMAIN as ENROLMENT_DOMAIN
 from .enrolment import Enrolment
-from .errors import IntegrityError, NotInstalled, RollbackRefused, UsageError
+from .errors import (
+    FormatError,
+    InputMismatch,
+    IntegrityError,
+    NotInstalled,
+    RollbackRefused,
+    UsageError,
+)
 from .limits import DEFAULT_LIMITS, Limits
 from .output import prepare_inputs, shape_output
 from .preprocess import apply as preprocess
 from .runtime import Runner, load_runner
 from .sequence import decode_ctc
 from .store import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
+from .trust import check_install, check_serving_life, check_target, trusted_now
 from .wipe import complete as complete_wipe
 from .wipe import wipe_pending
-from .trust import check_install, check_serving_life, check_target, trusted_now
+
+_log = logging.getLogger(__name__)
+SEALED_MISMATCH = (
+    "input does not fit this model's sealed pre-processing; "
+    "send the raw input the application was built for"
+)
+
+
+def model_feeds(
+    loaded: LoadedModel,
+    inputs: np.ndarray | Mapping[str, np.ndarray],
+    role: str,
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[dict[str, np.ndarray], bool]:
+    """The caller's raw input through the sealed pre-processing into the model's feeds; returns
+    (feeds, whether the caller sent a batch).
+
+    When pre-processing is sealed, the application must not learn the model's input shape
+    (NCSC 3.3): a mismatch is reported generically except to the admin role; the detail goes to
+    the local log only.
+    """
+    spec = loaded.sidecar.preprocess
+    try:
+        x, single = preprocess(spec, inputs, limits.max_input_bytes // 4, limits)
+        feeds, batched = prepare_inputs(loaded.runner, x)
+    except InputMismatch as e:
+        if spec is None or role == "admin":
+            raise
+        _log.info("input refused by the sealed pre-processing: %s", e)
+        raise FormatError(SEALED_MISMATCH) from None
+    return feeds, batched and not single
 
 
 @dataclass
@@ -103,7 +142,9 @@ class Agent:
         signer = Ed25519PrivateKey.generate()
         dk = DeviceKeys(box_private, crypto.ed25519_private_raw(signer))
         try:
-            identity = DataDir(data_dir).create(device_id, dk, source, publishers, operators or [], now)
+            identity = DataDir(data_dir).create(
+                device_id, dk, source, publishers, operators or [], now
+            )
             enrolment = Enrolment(device_id, identity.box_public, identity.sign_public, now)
             sig = crypto.sign(signer, ENROLMENT_DOMAIN, _canonical(enrolment.body()))
             return enrolment.signed_bytes(sig)
@@ -136,7 +177,9 @@ class Agent:
             # Stored before decrypting (in place destroys the ciphertext); removed on any failure.
             self.store.store_bundle(m.bundle_id, data)
             try:
-                runner, sidecar = self._decrypt_and_load(vb, in_place=isinstance(data, bytearray), check_digest=True)
+                runner, sidecar = self._decrypt_and_load(
+                    vb, in_place=isinstance(data, bytearray), check_digest=True
+                )
                 new_state, dropped = record_install(state, m, len(data), now)
                 self.store.save_state(new_state)
             except BaseException:
@@ -147,28 +190,36 @@ class Agent:
             self._loaded[m.model_id] = LoadedModel(m, sidecar, runner)
         return m
 
-    def _decrypt_and_load(self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool) -> tuple[Runner, Sidecar]:
+    def _decrypt_and_load(
+        self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool
+    ) -> tuple[Runner, Sidecar]:
         """Decrypt in memory and load the runtime from bytes; every plaintext buffer is wiped."""
         keys = self.store.unlock(self._source)
         try:
-            contents = vb.decrypt(keys.box_private, self.limits, in_place=in_place, check_digest=check_digest)
+            contents = vb.decrypt(
+                keys.box_private, self.limits, in_place=in_place, check_digest=check_digest
+            )
         finally:
             keys.wipe()
         try:
-            # The runtimes take immutable bytes: one copy that cannot be wiped (docs/threat-model.md).
+            # The runtimes take immutable bytes: one copy that cannot be wiped
+            # (docs/threat-model.md).
             # The decrypted buffer is wiped before the runtime parses it, so the two never add up.
             model = bytes(contents.model)
         finally:
             contents.wipe()
         try:
-            runner = load_runner(vb.manifest.runtime, model, int(contents.sidecar.runtime.get("threads", 0)))
+            runner = load_runner(
+                vb.manifest.runtime, model, int(contents.sidecar.runtime.get("threads", 0))
+            )
         finally:
             del model
         return runner, contents.sidecar
 
     def rollback(self, model_id: str | None = None) -> Manifest:
         """Serve the previous version again (a local admin action; the highest accepted version
-        stays where it is, so the rolled-back-from version cannot be reinstalled: publish a new one)."""
+        stays where it is, so the rolled-back-from version cannot be reinstalled: publish a new
+        one)."""
         with self._lock, self.store.locked():
             state = self.store.state()
             mid = self._pick(state, model_id)
@@ -186,12 +237,17 @@ class Agent:
         installed = [k for k, s in state.models.items() if s.current is not None]
         if model_id is not None:
             if model_id not in installed:
-                raise NotInstalled(f"model {model_id!r} is not installed; installed: {', '.join(installed) or 'none'}")
+                raise NotInstalled(
+                    f"model {model_id!r} is not installed; "
+                    f"installed: {', '.join(installed) or 'none'}"
+                )
             return model_id
         if not installed:
             raise NotInstalled("no model is installed; run 'edgeward-agent install BUNDLE' first")
         if len(installed) > 1:
-            raise UsageError(f"several models are installed ({', '.join(installed)}); pick one with --model")
+            raise UsageError(
+                f"several models are installed ({', '.join(installed)}); pick one with --model"
+            )
         return installed[0]
 
     def _load(self, model_id: str, state: State) -> LoadedModel:
@@ -259,19 +315,21 @@ class Agent:
     ) -> dict[str, Any]:
         """Run the model on ``inputs`` and return what ``role`` may see (a label by default)."""
         loaded = self.model(model_id)
-        x, single = preprocess(loaded.sidecar.preprocess, inputs, self.limits.max_input_bytes // 4)
-        feeds, batched = prepare_inputs(loaded.runner, x)
+        feeds, batched = model_feeds(loaded, inputs, role, self.limits)
         outputs = loaded.runner.run(feeds)
         shape = decode_ctc if loaded.sidecar.task.get("kind") == "ctc" else shape_output
-        return shape(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched and not single)
+        return shape(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched)
 
     def wipe(self) -> dict[str, Any]:
-        """Crypto-shred this board's keys and models (device_agent.wipe); returns the attestation."""
+        """Crypto-shred this board's keys and models (device_agent.wipe); returns the
+        attestation."""
         from .wipe import wipe
 
         with self._lock:
             self._loaded.clear()
-            return wipe(self.store, self._source, trusted_now(self._clock(), self.store.state().clock_floor))
+            return wipe(
+                self.store, self._source, trusted_now(self._clock(), self.store.state().clock_floor)
+            )
 
     # --- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -292,7 +350,9 @@ class Agent:
             if cur is not None:
                 publishers, _ = self.store.trust()
                 try:
-                    m = verify_bundle(self.store.read_bundle(cur.bundle_id), publishers, self.limits).manifest
+                    m = verify_bundle(
+                        self.store.read_bundle(cur.bundle_id), publishers, self.limits
+                    ).manifest
                     entry.update(
                         profile=m.profile,
                         runtime=m.runtime,

@@ -13,7 +13,8 @@ class EdgeWardError(Exception):
 
 
 class SecurityRefusal(EdgeWardError):
-    """Refused for security: bad signature, wrong device, rollback, expiry, revocation, throttling."""
+    """Refused for security: bad signature, wrong device, rollback, expiry, revocation,
+    throttling."""
 
     exit_code = 1
 
@@ -52,6 +53,12 @@ class FormatError(EdgeWardError):
     """Malformed input: truncated, oversized, unknown version, bad encoding."""
 
     exit_code = 3
+
+
+class InputMismatch(FormatError):
+    """The input does not fit the model or its sealed pre-processing. The message describes the
+    model (its shape, channels or crop); the agent replaces it with a generic one for callers
+    who may not learn that (NCSC 3.3)."""
 
 
 class EnvironmentFault(EdgeWardError):

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError, UsageError
+from .errors import FormatError, InputMismatch, UsageError
 from .runtime import Runner, TensorSpec
 
 ROLES = ("user", "engineer", "admin")
@@ -23,7 +23,9 @@ DEFAULT_POLICY: dict[str, Any] = {
 
 
 def _coerce(x: np.ndarray, spec: TensorSpec, what: str) -> tuple[np.ndarray, bool]:
-    """Cast to the model's dtype and add a batch axis for a single sample. Returns (array, batched)."""
+    """Cast to the model's dtype and add a batch axis for a single sample.
+
+    Returns (array, batched)."""
     if x.dtype == object or x.dtype.kind not in "biuf":
         raise FormatError(f"{what}: dtype {x.dtype} is not numeric")
     if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
@@ -37,25 +39,34 @@ def _coerce(x: np.ndarray, spec: TensorSpec, what: str) -> tuple[np.ndarray, boo
         x = x[np.newaxis, ...]
         batched = False
     if spec.shape and x.ndim != len(spec.shape):
-        raise FormatError(f"{what}: expected {len(spec.shape)} dimensions, got {x.ndim}")
+        raise InputMismatch(f"{what}: expected {len(spec.shape)} dimensions, got {x.ndim}")
     for i, (have, need) in enumerate(zip(x.shape, spec.shape, strict=False)):
         if need is not None and have != need and not (i == 0 and len(spec.shape) > 1):
-            raise FormatError(f"{what}: dimension {i} is {have}, the model needs {need}")
+            raise InputMismatch(f"{what}: dimension {i} is {have}, the model needs {need}")
+    if not x.size:
+        raise FormatError(f"{what}: has an empty dimension; send data")
     return np.ascontiguousarray(x), batched
 
 
-def prepare_inputs(runner: Runner, inputs: np.ndarray | Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
-    """Map the caller's arrays to the model's inputs; returns (feeds, whether the caller batched)."""
+def prepare_inputs(
+    runner: Runner, inputs: np.ndarray | Mapping[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], bool]:
+    """Map the caller's arrays to the model's inputs; returns (feeds, whether the caller
+    batched)."""
     specs = runner.inputs
     if isinstance(inputs, np.ndarray):
         if len(specs) != 1:
-            raise FormatError(f"the model takes {len(specs)} inputs; send an .npz with one array per input")
+            raise FormatError(
+                f"the model takes {len(specs)} inputs; send an .npz with one array per input"
+            )
         arrays = {specs[0].name: inputs}
     else:
         arrays = {}
         positional = [k for k in inputs if k.startswith("arr_")]
         for i, spec in enumerate(specs):
-            key = spec.name if spec.name in inputs else (f"arr_{i}" if f"arr_{i}" in inputs else None)
+            key = (
+                spec.name if spec.name in inputs else (f"arr_{i}" if f"arr_{i}" in inputs else None)
+            )
             if key is None:
                 raise FormatError(f"input {i} is missing; send it as arr_{i} (or by its name)")
             arrays[spec.name] = np.asarray(inputs[key])
@@ -71,7 +82,8 @@ def prepare_inputs(runner: Runner, inputs: np.ndarray | Mapping[str, np.ndarray]
     return feeds, batched
 
 
-def _band(p: float, bands: list[list[Any]]) -> str:
+def band(p: float, bands: list[list[Any]]) -> str:
+    """The confidence band name for probability ``p`` (the policy's bands, highest first)."""
     for threshold, name in bands:
         if p >= float(threshold):
             return str(name)
@@ -84,7 +96,11 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def shape_output(
-    outputs: list[np.ndarray], task: Mapping[str, Any], policy: Mapping[str, Any], role: str, batched: bool
+    outputs: list[np.ndarray],
+    task: Mapping[str, Any],
+    policy: Mapping[str, Any],
+    role: str,
+    batched: bool,
 ) -> dict[str, Any]:
     """Turn raw model outputs into the answer one role may see."""
     if role not in ROLES:
@@ -120,14 +136,18 @@ def shape_output(
         # Raw outputs have no label: every role but admin gets nothing it could fit a copy with.
         if view != "scores":
             raise UsageError("this model's policy shows raw outputs only to the admin role")
-        return {"outputs": [np.round(np.asarray(o, dtype=np.float64), decimals).tolist() for o in outputs]}
+        return {
+            "outputs": [
+                np.round(np.asarray(o, dtype=np.float64), decimals).tolist() for o in outputs
+            ]
+        }
     else:
         raise FormatError(f"unknown task kind {kind!r} in the sealed sidecar")
     rows: list[dict[str, Any]] = []
     for i, name in enumerate(names):
         row: dict[str, Any] = {"label": name}
         if view in ("band", "scores"):
-            row["confidence"] = _band(float(conf[i]), pol["bands"])
+            row["confidence"] = band(float(conf[i]), pol["bands"])
         if view == "scores":
             row["scores"] = rows_scores[i]
         rows.append(row)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import FormatError, UsageError
-from .output import DEFAULT_POLICY, ROLES, _band
+from .output import DEFAULT_POLICY, ROLES, band
 
 
 def decode_ctc(
@@ -41,6 +41,6 @@ def decode_ctc(
         keep = (idx != blank) & np.concatenate([[True], idx[1:] != idx[:-1]])
         row: dict[str, Any] = {"label": "".join(str(labels[i]) for i in idx[keep])}
         if view in ("band", "scores"):
-            row["confidence"] = _band(float(prob[keep].mean()) if keep.any() else 0.0, pol["bands"])
+            row["confidence"] = band(float(prob[keep].mean()) if keep.any() else 0.0, pol["bands"])
         rows.append(row)
     return {"predictions": rows} if batched else rows[0]

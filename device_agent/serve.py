@@ -23,12 +23,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .agent import Agent, LoadedModel
+from .agent import Agent, LoadedModel, model_feeds
 from .audit import AuditConfig, AuditLog, input_summary
 from .detect import Calibration, DetectConfig, Detector, Signal
 from .errors import EdgeWardError, Expired, FormatError, NotInstalled, SecurityRefusal, UsageError
 from .events import EventStore
-from .output import prepare_inputs, shape_output
+from .output import shape_output
 from .throttle import Throttle, ThrottleConfig
 from .tokens import TokenRecord, TokenStore
 
@@ -306,7 +306,9 @@ class Service:
                 )
             with self._lock:
                 loaded = self._current(now)
-            feeds, batched = prepare_inputs(loaded.runner, decode_inputs(body, content_type))
+            feeds, batched = model_feeds(
+                loaded, decode_inputs(body, content_type), who.role, self.agent.limits
+            )
             first = next(iter(feeds.values()))
             record["input"] = input_summary(first, self.audit.key)
             rows = int(first.shape[0]) if first.ndim else 1

@@ -31,7 +31,9 @@ class ModelFile:
         return "onnxruntime" if self.format == "onnx" else "litert"
 
 
-def read_model(path: Path, expect_sha256: str | None = None, max_bytes: int = 2**31 - 1) -> ModelFile:
+def read_model(
+    path: Path, expect_sha256: str | None = None, max_bytes: int = 2**31 - 1
+) -> ModelFile:
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         raise SecurityRefusal(
@@ -39,7 +41,9 @@ def read_model(path: Path, expect_sha256: str | None = None, max_bytes: int = 2*
             "export the model to ONNX or TFLite first"
         )
     if suffix not in ACCEPTED:
-        raise UsageError(f"{path.name}: unsupported model format {suffix or '(none)'}; use .onnx or .tflite")
+        raise UsageError(
+            f"{path.name}: unsupported model format {suffix or '(none)'}; use .onnx or .tflite"
+        )
     try:
         size = path.stat().st_size
     except FileNotFoundError as e:
@@ -76,13 +80,21 @@ def infer_task(model: ModelFile, override: dict[str, Any]) -> dict[str, Any]:
             task["output"] = 0
     out = runner.outputs[int(task["output"])]
     if kind == "auto":
-        task["kind"] = "classifier" if len(out.shape) == 2 and out.shape[1] not in (None, 1) else "raw"
+        task["kind"] = (
+            "classifier" if len(out.shape) == 2 and out.shape[1] not in (None, 1) else "raw"
+        )
     if task["kind"] == "classifier" and "scores" not in task:
         task["scores"] = "probabilities" if _ends_in_softmax(model, out.name) else "logits"
     labels = task.get("labels")
-    if labels is not None and out.shape and len(out.shape) == 2 and out.shape[1] and task["kind"] == "classifier":
-        if len(labels) != out.shape[1]:
-            raise UsageError(f"--labels has {len(labels)} labels, the model's output has {out.shape[1]} classes")
+    classes = None
+    if task["kind"] == "classifier" and out.shape and len(out.shape) == 2:
+        classes = out.shape[1]
+    elif task["kind"] == "ctc" and out.shape and len(out.shape) == 3:
+        classes = out.shape[2]  # (batch, steps, classes): one label per class, blank included
+    if labels is not None and classes and len(labels) != classes:
+        raise UsageError(
+            f"--labels has {len(labels)} labels, the model's output has {classes} classes"
+        )
     return task
 
 
@@ -97,7 +109,8 @@ def _ends_in_softmax(model: ModelFile, output_name: str) -> bool:
     for node in graph.node:
         if output_name in node.output:
             return node.op_type in ("Softmax", "Sigmoid", "ZipMap") or (
-                node.op_type == "Identity" and any(_producer_is_softmax(graph, i) for i in node.input)
+                node.op_type == "Identity"
+                and any(_producer_is_softmax(graph, i) for i in node.input)
             )
     return False
 

@@ -38,6 +38,7 @@ from device_agent.fsutil import fsync_dir
 from . import __version__
 from .harden.modelcard import CardFacts
 from .harden.modelcard import build as build_card
+from .jsonfile import read_json_object
 from .modelfile import ModelFile
 from .profiles import Profile
 
@@ -81,7 +82,10 @@ def load_enrolments(files: Iterable[Path]) -> list[Enrolment]:
         except EdgeWardError as err:
             raise type(err)(f"{path}: {err}") from err
         if enrolment.device_id in seen:
-            raise UsageError(f"device {enrolment.device_id} is enrolled twice: {seen[enrolment.device_id]} and {path}")
+            raise UsageError(
+                f"device {enrolment.device_id} is enrolled twice: "
+                f"{seen[enrolment.device_id]} and {path}"
+            )
         seen[enrolment.device_id] = path
         out.append(enrolment)
     if not out:
@@ -89,7 +93,9 @@ def load_enrolments(files: Iterable[Path]) -> list[Enrolment]:
     return out
 
 
-def build_sidecar(model: ModelFile, profile: Profile, opts: PackOptions, model_card: dict[str, Any] | None) -> Sidecar:
+def build_sidecar(
+    model: ModelFile, profile: Profile, opts: PackOptions, model_card: dict[str, Any] | None
+) -> Sidecar:
     return Sidecar(
         model_format=model.format,
         model_sha256=model.sha256,
@@ -112,17 +118,29 @@ def seal(sidecar: Sidecar, model: bytes, compress: bool) -> tuple[bytes | bytear
     return contents, "none"
 
 
-def model_card(model: ModelFile, profile: Profile, opts: PackOptions, created: datetime) -> dict[str, Any]:
+def model_card(
+    model: ModelFile, profile: Profile, opts: PackOptions, created: datetime
+) -> dict[str, Any]:
     """A CycloneDX 1.6 ML-BOM describing the model as an asset (NCSC 2.5)."""
     facts = opts.card_facts or CardFacts(
-        input_sha256=model.sha256, input_name=model.path.name, input_bytes=len(model.data),
-        output_sha256=model.sha256, output_bytes=len(model.data), model_format=model.format,
+        input_sha256=model.sha256,
+        input_name=model.path.name,
+        input_bytes=len(model.data),
+        output_sha256=model.sha256,
+        output_bytes=len(model.data),
+        model_format=model.format,
         task=str(opts.task.get("kind", "classifier")),
     )
     return build_card(
-        facts, model_id=opts.model_id, model_version=opts.model_version, profile=profile.name,
-        runtime=profile.runtime, created=created, tool_version=__version__,
-        end_of_life=opts.end_of_life, expires=opts.expires,
+        facts,
+        model_id=opts.model_id,
+        model_version=opts.model_version,
+        profile=profile.name,
+        runtime=profile.runtime,
+        created=created,
+        tool_version=__version__,
+        end_of_life=opts.end_of_life,
+        expires=opts.expires,
     )
 
 
@@ -172,7 +190,7 @@ def pack(
             fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as f:
 
-                def write(chunk: bytes | memoryview, f: Any = f) -> None:
+                def write(chunk: bytes | memoryview, f: Any = f, digest: Any = digest) -> None:
                     nonlocal size
                     digest.update(chunk)
                     size += len(chunk)
@@ -245,16 +263,7 @@ def pack(
 def build_policy(policy_file: str | None, calibration_file: str | None) -> dict[str, Any]:
     """The sealed serving policy: a JSON file (roles, bands, throttle, audit retention) plus, from
     ``--calibrate-ood``, OoD and probing thresholds calibrated on validation inputs (``x``)."""
-    policy: dict[str, Any] = {}
-    if policy_file:
-        try:
-            policy = json.loads(Path(policy_file).read_text())
-        except FileNotFoundError as e:
-            raise UsageError(f"--policy {policy_file} does not exist") from e
-        except ValueError as e:
-            raise UsageError(f"--policy {policy_file} is not JSON: {e}") from e
-        if not isinstance(policy, dict):
-            raise UsageError(f"--policy {policy_file} must hold a JSON object")
+    policy: dict[str, Any] = read_json_object(policy_file, "--policy") or {}
     if calibration_file:
         import numpy as np
 
@@ -293,4 +302,3 @@ def parse_cli_time(text: str | None, what: str) -> datetime | None:
         return parse_time(text, what)
     except FormatError as e:
         raise UsageError(f"{what}: {e} (example: 2027-01-31T00:00:00Z)") from e
-

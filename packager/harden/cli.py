@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
+import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,16 +14,38 @@ import numpy as np
 
 from device_agent.bundle import Sidecar
 from device_agent.cliutil import emit
-from device_agent.errors import FormatError, IntegrityError, UsageError
+from device_agent.errors import (
+    EdgeWardError,
+    FormatError,
+    IntegrityError,
+    SecurityRefusal,
+    UsageError,
+)
+from device_agent.fsutil import atomic_write
+from device_agent.preprocess import validate as validate_preprocess
 
+from ..jsonfile import read_json_object
 from ..modelfile import ModelFile, infer_task, read_model
 from ..profiles import Profile
 from .modelcard import CardFacts
 from .modelcard import build as build_card
-from .pipeline import Hardened, HardenOptions, harden, summary
+from .pipeline import NO_GATE, Hardened, HardenOptions, harden, summary
+from .strip_onnx import strip_onnx
+from .strip_tflite import strip_tflite
 from .supply import check_allowed, inline_external_data
 
 HARDENING_FLAGS = ("quantise", "prune", "calibration", "validation", "preprocess")
+# meaningful only while hardening runs: refused on plain `pack` and `pack DIR`
+HARDENING_ONLY = (
+    "max_accuracy_drop",
+    "max_disagreement",
+    "no_accuracy_gate",
+    "training_samples",
+    "training_data",
+    "intended_use",
+    "limitation",
+    "retention",
+)
 
 
 def _sparsity(text: str) -> float | str:
@@ -59,13 +82,25 @@ def add_options(p: argparse.ArgumentParser, *, for_pack: bool) -> None:
     )
     g.add_argument(
         "--validation",
-        help="FILE.npz with arrays x (raw inputs) and y (labels) for the accuracy gate",
+        help="FILE.npz with arrays x (raw inputs) and y (integer labels; strings for ctc; "
+        "not needed for raw) for the accuracy gate",
     )
     g.add_argument(
         "--max-accuracy-drop",
         type=float,
-        default=1.0,
-        help="refuse past this drop, in points (default 1.0)",
+        help="refuse past this accuracy drop, in points (default 1.0)",
+    )
+    g.add_argument(
+        "--max-disagreement",
+        type=float,
+        help="refuse when the hardened model answers differently from the original on more "
+        "than this many percent of the validation inputs (default 2.0)",
+    )
+    g.add_argument(
+        "--no-accuracy-gate",
+        action="store_true",
+        help="UNSAFE: quantise/prune without --validation; warns and records the limitation "
+        "in the model card",
     )
     g.add_argument("--preprocess", help="SPEC.json run on the board before the model (sealed)")
     g.add_argument("--allow-list", help="file of approved model SHA-256 digests (sha256sum format)")
@@ -83,7 +118,9 @@ def add_options(p: argparse.ArgumentParser, *, for_pack: bool) -> None:
     g.add_argument("--retention", help="retention statement for the model card")
 
 
-def _npz(path: str | None, what: str, arrays: tuple[str, ...]) -> tuple[np.ndarray, ...] | None:
+def _npz(
+    path: str | None, what: str, arrays: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, np.ndarray] | None:
     if path is None:
         return None
     try:
@@ -91,25 +128,11 @@ def _npz(path: str | None, what: str, arrays: tuple[str, ...]) -> tuple[np.ndarr
             missing = [a for a in arrays if a not in z.files]
             if missing:
                 raise FormatError(f"{what} {path} has no array {', '.join(missing)}")
-            return tuple(np.asarray(z[a]) for a in arrays)
+            return {a: np.asarray(z[a]) for a in (*arrays, *optional) if a in z.files}
     except FileNotFoundError as e:
         raise UsageError(f"{what} {path} does not exist") from e
-    except ValueError as e:  # pickled object arrays or not an npz
+    except (ValueError, OSError, zipfile.BadZipFile) as e:  # pickled arrays or not an npz
         raise FormatError(f"{what} {path} is not a numeric .npz file: {e}") from e
-
-
-def _json_file(path: str | None, what: str) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise UsageError(f"{what} {path} does not exist") from e
-    except ValueError as e:
-        raise FormatError(f"{what} {path} is not JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise FormatError(f"{what} {path} must hold a JSON object")
-    return doc
 
 
 def wants_hardening(args: argparse.Namespace) -> bool:
@@ -119,31 +142,81 @@ def wants_hardening(args: argparse.Namespace) -> bool:
     )
 
 
-def read_for_profile(path: Path, expect_sha256: str | None, profile: Profile) -> ModelFile:
-    """Read a model (pickle refused, digest pinned) and check the profile's runtime can run it."""
-    model = read_model(path, expect_sha256, profile.max_model_bytes)
+def _hardening_only_given(args: argparse.Namespace) -> list[str]:
+    """Options that only mean something when hardening runs now."""
+    given = [f for f in HARDENING_ONLY if getattr(args, f, None) not in (None, False, [])]
+    return ["--" + f.replace("_", "-") for f in given]
+
+
+def pin(model: ModelFile, expect_sha256: str | None, allow_list: str | None) -> None:
+    """The digest pins (--expect-sha256, --allow-list) on exactly the bytes that will be used."""
+    if expect_sha256 is not None and model.sha256 != expect_sha256.lower():
+        raise SecurityRefusal(
+            f"{model.path.name} has SHA-256 {model.sha256}, not the pinned {expect_sha256}; "
+            "the model is not the one you approved"
+        )
+    if allow_list:
+        check_allowed(model.sha256, model.path.name, Path(allow_list))
+
+
+def read_input(
+    path: Path, expect_sha256: str | None, allow_list: str | None, profile: Profile
+) -> tuple[ModelFile, list[str]]:
+    """Read a model once (pickle refused, size bounded), inline ONNX external data from the bytes
+    read, pin the result, and check the profile's runtime can run it.
+
+    Returns (model, external data file names). For a model with external data the pins cover
+    the inlined model (graph and every weight), never the small graph file alone.
+    """
+    model = read_model(path, None, profile.max_model_bytes)
+    external: list[str] = []
+    if model.format == "onnx":
+        data, external = inline_external_data(path, model.data, profile.max_model_bytes)
+        model = ModelFile(model.path, data, model.format)
+    pin(model, expect_sha256, allow_list)
     if model.runtime != profile.runtime:
         raise UsageError(
             f"profile {profile.name} runs {profile.runtime}, "
             f"but {model.path.name} is a {model.format} model"
         )
-    return model
+    return model, external
 
 
-def load_hardened(out: Path, expect_sha256: str | None, profile: Profile) -> Hardened:
-    """Read an ``edgeward harden`` output directory back, checking the model against its sidecar."""
+def _check_hardened(out: Path, model: ModelFile, sidecar: Sidecar, facts: CardFacts) -> None:
+    """Everything ``edgeward harden`` guarantees about its output, checked again: the directory
+    may have been edited since (CI artefacts are writable by many)."""
+    if facts.output_sha256 != model.sha256 or facts.output_bytes != len(model.data):
+        raise IntegrityError("its report.json card_facts describe another model")
+    if facts.model_format != model.format:
+        raise IntegrityError("its report.json card_facts give another model format")
+    if sidecar.preprocess is not None:
+        validate_preprocess(sidecar.preprocess)
+    task = infer_task(model, sidecar.task)
+    if task.get("kind") != sidecar.task.get("kind"):
+        raise IntegrityError("its sidecar task does not fit the model")
+    stripped = strip_onnx(model.data) if model.format == "onnx" else strip_tflite(model.data)
+    if stripped != model.data:
+        raise IntegrityError("its model still carries names or metadata that stripping removes")
+
+
+def load_hardened(
+    out: Path, expect_sha256: str | None, profile: Profile, allow_list: str | None = None
+) -> Hardened:
+    """Read an ``edgeward harden`` output directory back and check it as untrusted input: the
+    model against its sidecar and card facts, the sidecar's pre-processing and task, that the
+    model is stripped, and the pins (which cover the hardened model's bytes)."""
     models = [p for p in (out / "model.onnx", out / "model.tflite") if p.exists()]
     if len(models) != 1:
         raise UsageError(
             f"{out} is not an edgeward harden output: expected model.onnx or model.tflite"
         )
-    model = read_for_profile(models[0], expect_sha256, profile)
-    sidecar = Sidecar.from_json(_json_file(str(out / "sidecar.json"), "harden output"))
+    model, _ = read_input(models[0], expect_sha256, allow_list, profile)
+    sidecar = Sidecar.from_json(read_json_object(out / "sidecar.json", "harden output"))
     if sidecar.model_sha256 != model.sha256:
         raise IntegrityError(
             f"{models[0]} differs from {out}/sidecar.json; run edgeward harden again"
         )
-    report = _json_file(str(out / "report.json"), "harden output") or {}
+    report = read_json_object(out / "report.json", "harden output") or {}
     try:
         raw = dict(report["card_facts"])
         facts = CardFacts(**{**raw, "limitations": tuple(raw.get("limitations", ()))})
@@ -151,25 +224,39 @@ def load_hardened(out: Path, expect_sha256: str | None, profile: Profile) -> Har
         raise FormatError(
             f"{out}/report.json has no valid card_facts; run edgeward harden again"
         ) from e
+    try:
+        _check_hardened(out, model, sidecar, facts)
+    except EdgeWardError as e:
+        raise IntegrityError(
+            f"{out} is not an untouched edgeward harden output: {e}; run edgeward harden again"
+        ) from e
     return Hardened(model, sidecar.task, sidecar.preprocess, facts, report)
 
 
 def model_for_pack(
     args: argparse.Namespace, profile: Profile, task: dict[str, Any]
 ) -> tuple[ModelFile, dict[str, Any], dict[str, Any]]:
-    """What ``pack`` seals: a harden output directory as is, a model hardened now, or plain."""
+    """What ``pack`` seals: a harden output directory as is, a model hardened now, or plain.
+    The pins (--expect-sha256, --allow-list) apply on every path."""
     source = Path(args.model)
+    allow_list = getattr(args, "allow_list", None)
     if source.is_dir():
-        if wants_hardening(args) or task:
+        if wants_hardening(args) or task or _hardening_only_given(args):
             raise UsageError(
                 f"{source} is already hardened; give task and hardening options to harden"
             )
-        hardened = load_hardened(source, args.expect_sha256, profile)
+        hardened = load_hardened(source, args.expect_sha256, profile, allow_list)
     else:
-        model = read_for_profile(source, args.expect_sha256, profile)
-        if not wants_hardening(args):
+        hardening = wants_hardening(args)
+        if not hardening and _hardening_only_given(args):
+            raise UsageError(
+                f"{', '.join(_hardening_only_given(args))} only apply when hardening; "
+                "add --harden (or a hardening option) or drop them"
+            )
+        model, external = read_input(source, args.expect_sha256, allow_list, profile)
+        if not hardening:
             return model, infer_task(model, task), {}
-        hardened = run_from_args(args, model, profile, task)
+        hardened = run_from_args(args, model, profile, task, external)
     extra = {
         "preprocess": hardened.preprocess,
         "card_facts": hardened.facts,
@@ -179,25 +266,25 @@ def model_for_pack(
 
 
 def run_from_args(
-    args: argparse.Namespace, model: ModelFile, profile: Profile, task: dict[str, Any]
+    args: argparse.Namespace,
+    model: ModelFile,
+    profile: Profile,
+    task: dict[str, Any],
+    external: list[str],
 ) -> Hardened:
-    """Supply-chain checks, then the pipeline with the options on the command line."""
-    if args.allow_list:
-        check_allowed(model.sha256, model.path.name, Path(args.allow_list))
-    external: list[str] = []
-    if model.format == "onnx":
-        data, external = inline_external_data(model.path, model.data)
-        model = ModelFile(model.path, data, model.format)
+    """The pipeline with the options on the command line (the model already read and pinned)."""
     calibration = _npz(args.calibration, "--calibration", ("x",))
-    validation = _npz(args.validation, "--validation", ("x", "y"))
+    validation = _npz(args.validation, "--validation", ("x",), ("y",))
     opts = HardenOptions(
         quantise=args.quantise,
         prune=args.prune,
-        calibration=calibration[0] if calibration else None,
-        validation=(validation[0], validation[1]) if validation else None,
-        max_accuracy_drop=args.max_accuracy_drop,
+        calibration=calibration["x"] if calibration else None,
+        validation=(validation["x"], validation.get("y")) if validation else None,
+        max_accuracy_drop=1.0 if args.max_accuracy_drop is None else args.max_accuracy_drop,
+        max_disagreement=2.0 if args.max_disagreement is None else args.max_disagreement,
+        no_accuracy_gate=args.no_accuracy_gate,
         task=task,
-        preprocess=_json_file(args.preprocess, "--preprocess"),
+        preprocess=read_json_object(args.preprocess, "--preprocess"),
         training_samples=args.training_samples,
         training_data=args.training_data,
         intended_use=args.intended_use,
@@ -205,17 +292,14 @@ def run_from_args(
         retention=args.retention,
     )
     hardened = harden(model, profile, opts)
+    if hardened.report["accuracy"]["gate"] == "disabled":
+        print(f"edgeward: warning: {NO_GATE}", file=sys.stderr)
     hardened.report["model"]["input"]["external_data"] = external
     return hardened
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, data, 0o644)
 
 
 def cmd_harden(args: argparse.Namespace) -> int:
@@ -226,10 +310,10 @@ def cmd_harden(args: argparse.Namespace) -> int:
     from ..profiles import load_profile
 
     profile = load_profile(args.profile)
-    model = read_for_profile(Path(args.model), args.expect_sha256, profile)
+    model, external = read_input(Path(args.model), args.expect_sha256, args.allow_list, profile)
     labels = _labels(args.labels)
     task = {k: v for k, v in (("kind", args.task), ("labels", labels)) if v}
-    h = run_from_args(args, model, profile, task)
+    h = run_from_args(args, model, profile, task, external)
     card = build_card(
         h.facts,
         model_id=args.model_id,

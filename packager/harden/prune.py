@@ -31,6 +31,35 @@ class PruneOutcome:
     zero_fraction: float  # measured over all prunable weights
     units_removed: int
     parameters: int
+    prunable: int = 0  # weights the pruner could reach; 0 means pruning did nothing
+
+
+def fold_constant_weights(data: bytes) -> bytes:
+    """Turn top-level ``Constant`` nodes holding a tensor into initializers of the same name.
+
+    Some exporters (RapidOCR's PaddlePaddle models) keep every weight in ``Constant`` nodes,
+    where neither the pruner nor onnxruntime's quantiser looks. The arithmetic is unchanged.
+    """
+    import onnx
+
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    keep, folded = [], []
+    for node in graph.node:
+        attrs = [a.name for a in node.attribute]
+        if node.op_type == "Constant" and not node.domain and attrs == ["value"]:
+            t = onnx.TensorProto()
+            t.CopyFrom(node.attribute[0].t)
+            t.name = node.output[0]
+            folded.append(t)
+        else:
+            keep.append(node)
+    if not folded:
+        return data
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(folded)
+    return model.SerializeToString()
 
 
 def _magnitude_all(weights: dict[str, np.ndarray], sparsity: float) -> dict[str, np.ndarray]:
@@ -223,7 +252,8 @@ def prune_onnx(data: bytes, sparsity: float, calibration: np.ndarray | None) -> 
     weights = [after[n] for n in names]
     zero = sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.size for w in weights))
     params = sum(int(w.size) for w in after.values() if w.dtype.kind == "f")
-    return PruneOutcome(model.SerializeToString(), sparsity, zero, removed, params)
+    prunable = sum(int(inits[n].size) for n in names)
+    return PruneOutcome(model.SerializeToString(), sparsity, zero, removed, params, prunable)
 
 
 # --- TFLite ------------------------------------------------------------------------------
@@ -234,7 +264,9 @@ def prune_tflite(data: bytes, sparsity: float) -> PruneOutcome:
     from ai_edge_litert import schema_py_generated as s
     from ai_edge_litert.tools import flatbuffer_utils
 
-    model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(data, 0))
+    from .tflite_util import read_tflite
+
+    model = read_tflite(data)
     kinds = {
         s.BuiltinOperator.CONV_2D,
         s.BuiltinOperator.DEPTHWISE_CONV_2D,
@@ -262,7 +294,7 @@ def prune_tflite(data: bytes, sparsity: float) -> PruneOutcome:
     zeros = sum(int((w == 0).sum()) for w in pruned.values())
     total = sum(w.size for w in pruned.values())
     out = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-    return PruneOutcome(out, sparsity, zeros / max(1, total), 0, params)
+    return PruneOutcome(out, sparsity, zeros / max(1, total), 0, params, int(total))
 
 
 def prune(data: bytes, fmt: str, sparsity: float, calibration: np.ndarray | None) -> PruneOutcome:

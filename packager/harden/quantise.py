@@ -18,6 +18,8 @@ import numpy as np
 
 from device_agent.errors import FormatError
 
+from .tflite_util import read_tflite
+
 MODES = ("none", "dynamic", "static")
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 QUANTISABLE_ONNX = frozenset({"MatMul", "Gemm", "Conv"})
@@ -113,9 +115,8 @@ def quantise_onnx(data: bytes, mode: str, calibration: np.ndarray | None) -> byt
         except FormatError:
             raise
         except Exception as e:  # the quantiser raises whatever its passes raise
-            raise Unquantisable(
-                f"onnxruntime.quantization failed: {str(e).splitlines()[0][:200]}"
-            ) from e
+            # the message names the model's own tensors and nodes: not for the report or card
+            raise Unquantisable(f"onnxruntime.quantization failed ({type(e).__name__})") from e
         return dst.read_bytes()
 
 
@@ -145,7 +146,8 @@ def quantise_tflite(data: bytes, mode: str, calibration: np.ndarray | None) -> b
     except FormatError:
         raise
     except Exception as e:  # the quantiser raises whatever its passes raise
-        raise Unquantisable(f"ai-edge-quantizer failed: {str(e).splitlines()[0][:200]}") from e
+        # the message names the model's own tensors: not for the report or card
+        raise Unquantisable(f"ai-edge-quantizer failed ({type(e).__name__})") from e
     if not result.quantized_model:
         raise Unquantisable("ai-edge-quantizer returned no model")
     return bytes(result.quantized_model)
@@ -160,7 +162,7 @@ def _float_io(data: bytes) -> bytes:
     from ai_edge_litert import schema_py_generated as s
     from ai_edge_litert.tools import flatbuffer_utils
 
-    model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(data, 0))
+    model = read_tflite(data)
     sub = model.subgraphs[0]
     sub.inputs, sub.outputs = [int(i) for i in sub.inputs], [int(i) for i in sub.outputs]
 
@@ -203,9 +205,7 @@ def _float_io(data: bytes) -> bytes:
 
 def _tflite_signature_input(data: bytes) -> tuple[str, str]:
     """The first signature's key and its single input name (the calibrator feeds by signature)."""
-    from ai_edge_litert import schema_py_generated as s
-
-    model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(data, 0))
+    model = read_tflite(data)
     if not model.signatureDefs or len(model.signatureDefs[0].inputs or []) != 1:
         raise Unquantisable(
             "static TFLite quantisation needs a model with one signature and one input"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from typing import Any
 
 from device_agent.errors import FormatError, SecurityRefusal, UsageError
 
@@ -41,33 +43,109 @@ def check_allowed(sha256: str, name: str, allow_list: Path) -> None:
         )
 
 
-def inline_external_data(path: Path, data: bytes) -> tuple[bytes, list[str]]:
+def load_onnx(data: bytes, name: str) -> Any:
+    """Parse ONNX bytes; a corrupt file is malformed input (exit 3), not an internal error."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise FormatError(f"{name} is not a valid ONNX model: {e}; export it again") from e
+
+
+def _side_file(base: Path, location: str, name: str) -> Path:
+    """The external-data file ``location`` names, only inside the model's own directory."""
+    rel = Path(location)
+    if not location or rel.is_absolute() or ".." in rel.parts:
+        raise SecurityRefusal(
+            f"{name}: external data location {location[:80]!r} leaves the model's directory"
+        )
+    path = base / rel
+    try:
+        real = path.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise FormatError(f"{name}: its external data file {location[:80]} is missing") from e
+    if not real.is_relative_to(base.resolve()) or not real.is_file():
+        raise SecurityRefusal(
+            f"{name}: external data {location[:80]!r} is not a file in the model's directory"
+        )
+    return real
+
+
+def inline_external_data(path: Path, data: bytes, max_bytes: int) -> tuple[bytes, list[str]]:
     """Re-serialise an ONNX model that keeps tensors in side files into one self-contained file.
 
-    Returns (model bytes, external file names). The board loads models from bytes in memory, so
-    side files could never follow; onnx refuses locations outside the model's directory.
+    Returns (model bytes, external file names). The graph is parsed from the bytes already read
+    (and pinned by the caller only once inlined: the digest covers every weight); each side file
+    is read once, bounded by ``max_bytes`` in total, and only from the model's own directory.
+    The board loads models from bytes in memory, so side files could never follow.
     """
     import onnx
     from onnx.external_data_helper import uses_external_data
 
-    model = onnx.load_from_string(data)
-    external = [t for t in model.graph.initializer if uses_external_data(t)]
-    if not external:
+    model = load_onnx(data, path.name)
+    tensors = [
+        t
+        for g in _graphs(model.graph)
+        for t in (*g.initializer, *_constant_tensors(g))
+        if uses_external_data(t)
+    ]
+    if not tensors:
         return data, []
-    files = sorted({e.value for t in external for e in t.external_data if e.key == "location"})
+    total = len(data)
+    files: dict[str, Any] = {}
     try:
-        full = onnx.load(str(path), load_external_data=True)
-    except Exception as e:  # onnx raises ValidationError/OSError for missing or escaping files
-        raise FormatError(
-            f"{path.name}: cannot read its external data ({', '.join(files)}): {e}"
-        ) from e
-    for t in full.graph.initializer:
-        if uses_external_data(t):
+        for t in tensors:
+            info = {e.key: e.value for e in t.external_data}
+            location = info.get("location", "")
+            if location not in files:
+                files[location] = open(_side_file(path.parent, location, path.name), "rb")  # noqa: SIM115
+            f = files[location]
+            try:
+                offset = int(info.get("offset", 0))
+                length = int(info["length"]) if "length" in info else None
+            except ValueError as e:
+                raise FormatError(f"{path.name}: bad external data offset/length") from e
+            size = os.fstat(f.fileno()).st_size
+            want = size - offset if length is None else length
+            if not (0 <= offset <= size and 0 <= want <= size - offset):
+                raise FormatError(f"{path.name}: external data range is outside {location[:80]}")
+            total += want
+            if total > max_bytes:
+                raise FormatError(
+                    f"{path.name} is over {max_bytes} bytes with its external data; "
+                    "pick a larger board profile or a smaller model"
+                )
+            f.seek(offset)
+            raw = f.read(want)
+            if len(raw) != want:
+                raise FormatError(f"{path.name}: external data {location[:80]} is truncated")
+            t.raw_data = raw
             t.data_location = onnx.TensorProto.DEFAULT
             del t.external_data[:]
-    out = full.SerializeToString()
+    finally:
+        for f in files.values():
+            f.close()
+    out = model.SerializeToString()
     if len(out) >= 2**31 - 1:
         raise FormatError(
             f"{path.name} is 2 GB or more once inlined; ONNX cannot hold it in one file"
         )
-    return out, files
+    return out, sorted(files)
+
+
+def _graphs(graph: Any) -> list[Any]:
+    """The graph and every sub-graph under it."""
+    out = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                out += _graphs(attr.g)
+            for g in attr.graphs:
+                out += _graphs(g)
+    return out
+
+
+def _constant_tensors(graph: Any) -> list[Any]:
+    return [a.t for n in graph.node for a in n.attribute if a.HasField("t")]
