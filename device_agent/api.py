@@ -19,6 +19,7 @@ import os
 import socket
 import socketserver
 import stat
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -51,6 +52,7 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = READ_TIMEOUT
     service: Service  # set on the subclass made for each server
+    raw_requestline: bytes  # read by BaseHTTPRequestHandler.handle_one_request before parse_request
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         """Silent: every query is in the audit log instead."""
@@ -213,6 +215,13 @@ class _Bounded(socketserver.ThreadingMixIn):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-request is routine; anything else gets one line, no trace."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return
+        print(f"edgeward-agent: request handler failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 class _UnixServer(_Bounded, socketserver.UnixStreamServer):
