@@ -23,12 +23,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .api import Server
     from .serve import Service, load_config
     from .store import KeySource
+    from .telemetry import service_from_args
 
     keys = KeySource.from_env(args.kek_file)
     keys.require()  # fail at start (exit 2), not on the first query
     agent = Agent(args.data_dir, keys)
     socket_path = Path(args.socket) if args.socket else agent.store.path / "agent.sock"
     service = Service(agent, load_config(args.config))
+
+    def telemetry_status() -> dict[str, Any]:
+        """Heartbeat content: installed models and the service's counters (no clients, no inputs)."""
+        svc = service.status_provider()
+        counters = {**svc["counters"], "uptime_s": svc["uptime_s"], "integrity_ok": int(svc["integrity"] == "ok")}
+        return {"models": agent.status()["models"], "counters": counters}
+
+    telemetry = service_from_args(args, service.events, status_provider=telemetry_status)
+    if telemetry is not None:
+        service.attach(telemetry)  # started after the first integrity check, stopped before the audit log
     server = Server(service, socket_path, args.listen)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -140,6 +151,9 @@ def register(sub: Any) -> None:
     sp.add_argument("--socket", help="Unix socket path (default: DATA_DIR/agent.sock, mode 0660)")
     sp.add_argument("--listen", help="also listen on loopback TCP, e.g. 127.0.0.1:8470")
     sp.add_argument("--config", help="local service settings (JSON): limits can only be tightened")
+    from .telemetry import add_broker_arguments
+
+    add_broker_arguments(sp, required=False)  # with --broker, signed telemetry goes to the fleet
     sp.add_argument("--kek-file", help="32-byte key-encryption key file (instead of a passphrase)")
 
     tok = sub.add_parser("token", help="manage API bearer tokens").add_subparsers(

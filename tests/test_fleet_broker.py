@@ -26,20 +26,9 @@ from fleet.monitor import Monitor, MonitorConfig
 from fleet.store import MonitorStore
 from packager.cli import main as edgeward
 from tests.conftest import Board
-from tests.fixtures.fleet import Fleet, fleet_fixture, wait_until  # noqa: F401
+from tests.fixtures.fleet import Fleet, fleet_fixture, monitor_fixture, wait_until  # noqa: F401
 
 FAST = TelemetryConfig(heartbeat_s=0.5, poll_s=0.05, backoff=(1, 2))
-
-
-@pytest.fixture
-def monitor(fleet: Fleet, tmp_path: Path) -> Iterator[Monitor]:
-    store = MonitorStore(fleet.home.monitor_db)
-    mon = Monitor(fleet.home, store, fleet.operator, "mon-test", MonitorConfig(redelivery_window=8))
-    mon.start()
-    mon.link.require_connected(10)
-    yield mon
-    mon.stop()
-    store.close()
 
 
 def telemetry(board: Board, fleet: Fleet, **kw: object) -> tuple[TelemetryService, EventStore]:
