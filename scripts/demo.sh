@@ -27,8 +27,13 @@ step "1. A real model: an MLP trained on scikit-learn's bundled digits data, exp
 (cd "$EW_ROOT" && "$PY" -m tests.fixtures.models "$WORK/model")
 "$PY" - <<PY
 import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 z = np.load("$WORK/model/digits_test.npz")
 np.save("$WORK/sample.npy", z["x"][0]); np.save("$WORK/batch.npy", z["x"][:8])
+x, y = load_digits(return_X_y=True)   # the training split calibrates the board's OoD detector
+x_train, _, _, _ = train_test_split((x / 16.0).astype(np.float32), y, test_size=0.25, random_state=0, stratify=y)
+np.savez("$WORK/validation.npz", x=x_train)
 print("true labels of the batch:", z["y"][:8].tolist())
 PY
 
@@ -47,7 +52,7 @@ printf '%s\n' zero one two three four five six seven eight nine > labels.txt
 for v in 1 2; do
   show "$BIN/edgeward" pack model/digits_mlp.onnx --profile rpi4b --publisher-key keys/publisher.key \
        --devices-dir enrolments --model-id digits --model-version "$v" --labels labels.txt \
-       --end-of-life 2030-01-01T00:00:00Z --out "release-v$v" --quiet
+       --calibrate-ood validation.npz --end-of-life 2030-01-01T00:00:00Z --out "release-v$v" --quiet
 done
 ls -l release-v2
 
@@ -79,9 +84,19 @@ step "9. The board still serves v2, exactly as before"
 show "$BIN/edgeward-agent" status --data-dir boards/pi-kitchen
 show "$BIN/edgeward-agent" predict --data-dir boards/pi-kitchen --input sample.npy
 
-if [ -f "$EW_ROOT/scripts/lib/demo_fleet.sh" ]; then
-  source "$EW_ROOT/scripts/lib/demo_fleet.sh"
-  demo_fleet
-fi
+step "10. Fleet: a private mosquitto, the guarded service reporting to it, a real detection arriving"
+ensure_mosquitto
+source "$EW_ROOT/scripts/lib/demo_fleet.sh"
+BOARD_DIR="$WORK/boards/pi-kitchen" ENROLMENT="$WORK/enrolments/pi-kitchen.json" demo_fleet
+
+step "11. End of life: the board crypto-shreds its keys and models and signs an attestation"
+show "$BIN/edgeward-agent" install release-v2/pi-garage.ewb --data-dir boards/pi-garage
+show "$BIN/edgeward-agent" wipe --data-dir boards/pi-garage --yes
+"$PY" - <<PY
+import json
+doc = json.load(open("boards/pi-garage/wipe-attestation.json"))
+print("attestation:", json.dumps(doc["body"]["bundles_destroyed"]), "signed:", bool(doc["signature"]))
+PY
+refused "$BIN/edgeward-agent" status --data-dir boards/pi-garage
 
 printf '\n\033[1;32mDemo complete.\033[0m Artefacts in %s\n' "$WORK"

@@ -5,9 +5,10 @@
 #
 # Needs: WORK (scratch dir), PY (.venv/bin/python), BOARD_DIR (a provisioned board data dir),
 # ENROLMENT (that board's enrolment JSON), EDGEWARD_DEVICE_PASSPHRASE exported (or
-# EDGEWARD_DEVICE_KEK_FILE). Starts a private mosquitto from the generated configuration on a
-# free loopback port (a plain process), a monitor and the board's telemetry; records an anomaly
-# event on the board and shows it arriving, verified, at the monitor. Everything it starts is
+# EDGEWARD_DEVICE_KEK_FILE), and WORK/batch.npy (digit inputs). Starts a private mosquitto from
+# the generated configuration on a free loopback port (a plain process), a monitor and the
+# board's guarded service with telemetry; queries the service, whose OoD detector flags the
+# noise, and shows that detection arriving, verified, at the monitor. Everything it starts is
 # stopped when the function returns.
 
 demo_fleet() {
@@ -39,22 +40,34 @@ demo_fleet() {
     sleep 0.1
   done
 
-  ew_log "fleet: monitor (verifies every signature) and the board's telemetry"
+  ew_log "fleet: monitor (verifies every signature) and the board's guarded service with telemetry"
   "${ew[@]}" monitor --fleet-dir "$fleet" --broker "127.0.0.1:$port" --operator operator --exclusive &
   pids+=($!)
-  "${agent[@]}" telemetry --data-dir "$BOARD_DIR" --broker "127.0.0.1:$port" --ca "$fleet/ca.crt" \
-    --cert "$fleet/certs/$device.crt" --key "$fleet/certs/$device.key" --heartbeat 2 &
+  local token
+  token="$("${agent[@]}" token add --data-dir "$BOARD_DIR" --role user --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')"
+  "${agent[@]}" serve --data-dir "$BOARD_DIR" --socket "$WORK/agent.sock" --broker "127.0.0.1:$port" \
+    --ca "$fleet/ca.crt" --cert "$fleet/certs/$device.crt" --key "$fleet/certs/$device.key" --heartbeat 2 &
   pids+=($!)
 
-  ew_log "fleet: the board detects an anomaly (an out-of-distribution input) and records it"
-  "$PY" - "$BOARD_DIR" <<'PYEOF'
-import sys
-from device_agent.events import EventStore
-from device_agent.store import DataDir, utcnow
-store = EventStore(DataDir(sys.argv[1]).events_file)
-e = store.record("ood", utcnow(), severity="warning", client="demo-app", score=0.97,
-                 evidence={"detector": "mahalanobis", "distance": 7.4, "threshold": 3.1})
-print(f"board event {e.seq}: {e.kind} score {e.score} (summary only, never the input)")
+  ew_log "fleet: an application queries the local API; then someone sends noise (an extraction attempt)"
+  EW_TOKEN="$token" "$PY" - "$WORK/agent.sock" "$WORK/batch.npy" <<'PYEOF'
+import os, sys, time
+import numpy as np
+from device_agent.api import Client
+sock, batch = sys.argv[1], np.load(sys.argv[2])
+for _ in range(100):  # wait for the service to answer
+    try:
+        Client(None, sock).request("GET", "/v1/health"); break
+    except OSError:
+        time.sleep(0.1)
+client = Client(os.environ["EW_TOKEN"], sock)
+for row in batch[:3]:
+    status, _, body = client.predict(row)
+    print(f"  digit query -> {status} {body}")
+rng = np.random.default_rng(0)
+for _ in range(4):
+    status, headers, body = client.predict(rng.random(64).astype(np.float32))
+    print(f"  noise query -> {status} {body}")
 PYEOF
 
   local ok=1
@@ -68,5 +81,5 @@ PYEOF
   "${ew[@]}" events --fleet-dir "$fleet" --since 1h
   _demo_fleet_stop
   [ "$ok" = 0 ] || { echo "demo_fleet: the anomaly did not reach the monitor (see $WORK/mosquitto.log)" >&2; return 4; }
-  ew_log "fleet: the anomaly arrived signed, verified and stored once; broker, monitor and telemetry stopped"
+  ew_log "fleet: the detection arrived signed, verified and stored once; broker, monitor and service stopped"
 }
