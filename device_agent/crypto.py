@@ -22,9 +22,10 @@ import nacl.exceptions
 import nacl.pwhash
 import nacl.public
 import nacl.secret
+import nacl.signing
 import nacl.utils
-from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .errors import BadSignature, FormatError, IntegrityError, UsageError
@@ -91,9 +92,11 @@ def verify(public_key_raw: bytes, domain: bytes, message: bytes, signature: byte
     """Raise :class:`BadSignature` unless ``signature`` is the key's signature over ``message``."""
     if len(signature) != SIGNATURE_BYTES or len(public_key_raw) != KEY_BYTES:
         raise BadSignature("signature or key has the wrong length")
+    # libsodium (PyNaCl) verifies in about half the time of cryptography's Ed25519 here, and the
+    # fleet monitor verifies every report; both check the same RFC 8032 signatures.
     try:
-        Ed25519PublicKey.from_public_bytes(public_key_raw).verify(signature, _pae(domain, message))
-    except InvalidSignature as e:
+        nacl.signing.VerifyKey(public_key_raw).verify(_pae(domain, message), signature)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as e:
         raise BadSignature("signature does not verify") from e
 
 
