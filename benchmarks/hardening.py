@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run by path from benchmarks/run.sh
+
 from packager.harden.pipeline import Hardened, HardenOptions, harden
 from packager.modelfile import read_model
 from packager.pack import PackOptions, build_sidecar, model_card, seal
