@@ -73,7 +73,6 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_install(args: argparse.Namespace) -> int:
     from .bundle import format_time
-
     from .fsutil import read_into_bytearray
 
     try:

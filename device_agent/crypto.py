@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import nacl.exceptions
-import nacl.pwhash
 import nacl.public
+import nacl.pwhash
 import nacl.secret
 import nacl.signing
 import nacl.utils

@@ -35,7 +35,7 @@ from .fsutil import atomic_write, make_private_dir, read_into_bytearray
 from .trust import Identity
 
 STATE_SCHEMA = "edgeward.state/1"
-PASSPHRASE_ENV = "EDGEWARD_DEVICE_PASSPHRASE"
+PASSPHRASE_ENV = "EDGEWARD_DEVICE_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
 KEK_FILE_ENV = "EDGEWARD_DEVICE_KEK_FILE"
 
 

@@ -35,7 +35,10 @@ from .store import DataDir, KeySource
 DOMAIN = b"edgeward/wipe-attestation/v1"
 MARKER = "WIPING"
 ATTESTATION = "wipe-attestation.json"
-METHOD = "crypto-shred: device keys overwritten and deleted, bundles and state deleted (NIST SP 800-88 cryptographic erase)"
+METHOD = (
+    "crypto-shred: device keys overwritten and deleted, bundles and state deleted "
+    "(NIST SP 800-88 cryptographic erase)"
+)
 
 
 def wipe_pending(path: Path) -> bool:

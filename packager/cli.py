@@ -37,8 +37,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
     emit(
         args,
         doc,
-        lambda d: f"wrote {d['private']} (0600{', passphrase-encrypted' if d['encrypted'] else ', NOT encrypted: set EDGEWARD_PASSPHRASE to encrypt'})\n"
-        f"wrote {d['public']}\nfingerprint {d['fingerprint']}",
+        lambda d: f"wrote {d['private']} (0600, "
+        + ("passphrase-encrypted" if d["encrypted"] else "NOT encrypted: set EDGEWARD_PASSPHRASE to encrypt")
+        + f")\nwrote {d['public']}\nfingerprint {d['fingerprint']}",
     )
     return 0
 
@@ -204,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model-version", required=True, type=int, help="integer; boards accept only increasing versions")
     sp.add_argument("--expires", help="last time the bundle may be installed (ISO 8601, e.g. 2027-01-31T00:00:00Z)")
     sp.add_argument("--end-of-life", help="time after which the model stops serving (ISO 8601)")
-    sp.add_argument("--task", choices=["classifier", "binary", "raw", "ctc"], help="how outputs become answers (default: detected)")
+    sp.add_argument(
+        "--task", choices=["classifier", "binary", "raw", "ctc"], help="how outputs become answers (default: detected)"
+    )
     sp.add_argument("--threshold", type=float, help="decision threshold for --task binary")
     sp.add_argument("--output-index", type=int, help="which model output carries the scores")
     sp.add_argument("--labels", help="class labels: JSON list or one per line (sealed, never in the clear)")

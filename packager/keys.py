@@ -15,7 +15,7 @@ from device_agent.errors import FormatError, UsageError
 from device_agent.fsutil import atomic_write
 from device_agent.keyfiles import public_key_pem
 
-PASSPHRASE_ENV = "EDGEWARD_PASSPHRASE"
+PASSPHRASE_ENV = "EDGEWARD_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
 KINDS = ("publisher", "operator")
 
 

@@ -51,7 +51,8 @@ def test_silero_vad_from_its_wheel_serves_the_same_speech_probability(silero_pat
     """A real third-party stateful model (control flow, three inputs) through the whole path."""
     board = make_board()
     agent = board.agent()
-    out = pack_for(silero_path, [board], model_id="vad", task={"kind": "binary", "threshold": 0.5, "labels": ["silence", "speech"]})
+    task = {"kind": "binary", "threshold": 0.5, "labels": ["silence", "speech"]}
+    out = pack_for(silero_path, [board], model_id="vad", task=task)
     agent.install(_bundle(out))
     rng = np.random.default_rng(0)
     inputs = {
@@ -67,7 +68,9 @@ def test_silero_vad_from_its_wheel_serves_the_same_speech_probability(silero_pat
     assert set(agent.predict(inputs)["predictions"][0]) == {"label"}
 
 
-def test_refusals_change_nothing_and_the_previous_model_keeps_serving(digits, digits_test, make_board, pack_for, tmp_path):
+def test_refusals_change_nothing_and_the_previous_model_keeps_serving(
+    digits, digits_test, make_board, pack_for, tmp_path
+):
     x, _ = digits_test
     board, other = make_board("pi-001"), make_board("pi-002")
     agent = board.agent()

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from device_agent import Agent
-from device_agent.cli import main as agent_main
 from device_agent.store import KeySource
 from packager.cli import main as host_main
 
