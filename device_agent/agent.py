@@ -35,7 +35,6 @@ from .limits import DEFAULT_LIMITS, Limits
 from .output import prepare_inputs, shape_output
 from .preprocess import apply as preprocess
 from .runtime import Runner, load_runner
-from .sequence import decode_ctc
 from .store import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
 from .trust import check_install, check_serving_life, check_target, trusted_now
 from .wipe import complete as complete_wipe
@@ -317,8 +316,7 @@ class Agent:
         loaded = self.model(model_id)
         feeds, batched = model_feeds(loaded, inputs, role, self.limits)
         outputs = loaded.runner.run(feeds)
-        shape = decode_ctc if loaded.sidecar.task.get("kind") == "ctc" else shape_output
-        return shape(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched)
+        return shape_output(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched)
 
     def wipe(self) -> dict[str, Any]:
         """Crypto-shred this board's keys and models (device_agent.wipe); returns the

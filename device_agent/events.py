@@ -17,6 +17,7 @@ from typing import Any
 
 from .bundle import format_time, parse_time
 from .errors import EnvironmentFault, UsageError
+from .sqlitedb import open_durable
 
 SEVERITIES = ("info", "warning", "critical")
 # Kinds in use: ood, extraction, probing, rate, integrity, refusal, throttle, install, wipe.
@@ -52,13 +53,11 @@ class EventStore:
         self.path = Path(path)
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(
+            self._db = open_durable(
+                self.path,
                 "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                 "time TEXT NOT NULL, kind TEXT NOT NULL, severity TEXT NOT NULL, client TEXT, "
-                "score REAL, evidence TEXT NOT NULL)"
+                "score REAL, evidence TEXT NOT NULL)",
             )
         except sqlite3.Error as e:
             raise EnvironmentFault(f"cannot open the event store {self.path}: {e}") from e

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EnvironmentFault
+from .sqlitedb import open_durable
 
 HEARTBEAT = 0
 INFO_EVENT = 1
@@ -53,16 +54,12 @@ class Outbox:
         self.max_messages = max_messages
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(
+            self._db = open_durable(
+                self.path,
                 "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, "
-                "priority INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)"
-            )
-            self._db.execute("CREATE INDEX IF NOT EXISTS outbox_drop ON outbox (priority, seq)")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+                "priority INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)",
+                "CREATE INDEX IF NOT EXISTS outbox_drop ON outbox (priority, seq)",
+                "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
             )
         except sqlite3.Error as e:
             raise EnvironmentFault(f"cannot open the telemetry outbox {self.path}: {e}") from e

@@ -102,9 +102,13 @@ def shape_output(
     role: str,
     batched: bool,
 ) -> dict[str, Any]:
-    """Turn raw model outputs into the answer one role may see."""
+    """Turn raw model outputs into the answer one role may see (every task kind, every caller)."""
     if role not in ROLES:
         raise UsageError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+    if task.get("kind") == "ctc":
+        from .sequence import decode_ctc  # sequence builds on this module's helpers
+
+        return decode_ctc(outputs, task, policy, role, batched)
     pol = DEFAULT_POLICY if not policy else {**DEFAULT_POLICY, **policy}
     view = pol["roles"].get(role, "label")
     decimals = int(pol["score_decimals"])

@@ -203,3 +203,16 @@ def test_interrupted_install_leaves_no_trace_after_restart(digits, make_board, p
     agent.install(_bundle(pack_for(digits.onnx, [board], version=2)))
     agent.install(_bundle(pack_for(digits.onnx, [board], version=3)))
     assert not orphan.exists()
+
+
+def test_every_caller_gets_ctc_decoding_through_shape_output():
+    """The CLI, the Python API and the local API all shape answers with output.shape_output: a
+    text recogniser's sealed ctc task is decoded there, not by each caller."""
+    from device_agent.output import shape_output
+
+    labels = ["_", "E", "d", "g", "W"]
+    steps = [1, 1, 0, 2, 3, 3, 0, 1]  # E E _ d g g _ E -> "EdgE"
+    y = np.zeros((1, len(steps), len(labels)), np.float32)
+    y[0, np.arange(len(steps)), steps] = 5.0
+    task = {"kind": "ctc", "labels": labels, "blank": 0}
+    assert shape_output([y], task, {}, "user", False) == {"label": "EdgE"}
