@@ -15,6 +15,7 @@ also the last topic level) and a small JSON ``data`` object: summaries only, nev
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -133,13 +134,29 @@ def verify_report(payload: bytes, sign_public: bytes, topic_name: str) -> Report
     Raises :class:`FormatError` for malformed bytes and :class:`BadSignature` for a signature
     that is not the device key's; the body must name the topic's device and kind.
     """
-    head = len(MAGIC) + crypto.SIGNATURE_BYTES
-    if len(payload) > MAX_REPORT_BYTES or len(payload) <= head or payload[: len(MAGIC)] != MAGIC:
+    return parse_report(check_signature(payload, sign_public), topic_name)
+
+
+_HEAD = len(MAGIC) + crypto.SIGNATURE_BYTES
+_FIELDS = frozenset({"schema", "device_id", "seq", "kind", "time", "data"})
+
+
+def check_signature(payload: bytes, sign_public: bytes) -> bytes:
+    """The first half of :func:`verify_report`: check the framing and the signature over the
+    exact received bytes; returns the (still unparsed) body. Nothing is parsed before this."""
+    if len(payload) > MAX_REPORT_BYTES or len(payload) <= _HEAD or payload[: len(MAGIC)] != MAGIC:
         raise FormatError("payload is not an EdgeWard report (bad magic or length)")
-    body = payload[head:]
-    crypto.verify(sign_public, DOMAIN, body, payload[len(MAGIC) : head])
-    fields = {"schema", "device_id", "seq", "kind", "time", "data"}
-    doc = _obj(_loads(body, "report body"), "report body", fields, fields)
+    body = payload[_HEAD:]
+    crypto.verify(sign_public, DOMAIN, body, payload[len(MAGIC) : _HEAD])
+    return body
+
+
+def parse_report(body: bytes, topic_name: str) -> Report:
+    """The second half of :func:`verify_report`: parse a body whose signature was checked by
+    :func:`check_signature` (only ever call it with such a body)."""
+    doc = _loads(body, "report body")
+    if not isinstance(doc, dict) or doc.keys() != _FIELDS:
+        _obj(doc, "report body", set(_FIELDS), set(_FIELDS))  # raises the precise error
     if doc["schema"] != SCHEMA:
         raise FormatError(f"report schema is not {SCHEMA}")
     if not isinstance(doc["data"], dict):
@@ -148,10 +165,20 @@ def verify_report(payload: bytes, sign_public: bytes, topic_name: str) -> Report
         device_id=_str(doc["device_id"], "device_id", ID_RE),
         seq=_int(doc["seq"], "seq", 1, MAX_SEQ - 1),
         kind=_str(doc["kind"], "kind"),
-        time=parse_time(doc["time"], "time"),
+        time=_time(doc["time"]),
         data=doc["data"],
     )
     device, level = split_topic(topic_name)
     if device != report.device_id or level != TOPIC_OF_KIND.get(report.kind):
         raise FormatError(f"report from {report.device_id} ({report.kind}) arrived on {topic_name}")
     return report
+
+
+def _time(value: Any) -> datetime:
+    return _parse_time(value) if isinstance(value, str) else parse_time(value, "time")
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_time(text: str) -> datetime:
+    # Reports from one second share their time; datetimes are immutable. Errors are not cached.
+    return parse_time(text, "time")

@@ -23,6 +23,7 @@ import queue
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from device_agent.bundle import ID_RE
 from device_agent.errors import EdgeWardError, SecurityRefusal
@@ -32,9 +33,10 @@ from device_agent.report import (
     TOPIC_OF_KIND,
     TOPIC_ROOT,
     Report,
+    check_signature,
     digest,
+    parse_report,
     split_topic,
-    verify_report,
 )
 from device_agent.store import utcnow
 from device_agent.telemetry import DEFAULT_CONFIG as BOARD_DEFAULTS
@@ -59,6 +61,8 @@ class MonitorConfig:
 
 
 DEFAULT_MONITOR = MonitorConfig()
+# Messages the verifier thread takes at a time and hands on to the store thread as one piece.
+VERIFY_CHUNK = 100
 
 
 @dataclass(frozen=True)
@@ -86,24 +90,46 @@ class Flagged:
 Verdict = Accepted | Duplicate | Flagged
 
 
-def verify_message(keys: Mapping[str, bytes], topic_name: str, payload: bytes) -> Report | Flagged:
-    """Signature first: the device named by the topic must be enrolled and must have signed it."""
-    d = digest(payload)
+# What the first stage hands the second: the device and the body whose signature checked, or a
+# verdict already (no key, bad framing, bad signature).
+Checked = tuple[str, bytes] | Flagged
+
+
+def check_message(keys: Mapping[str, bytes], topic_name: str, payload: bytes) -> Checked:
+    """Signature first: the device named by the topic must be enrolled and must have signed the
+    exact received bytes. Returns (device, body) with the body not yet parsed."""
     try:
         device, _ = split_topic(topic_name)
     except EdgeWardError as e:
-        return Flagged("forged", "critical", str(e), None, None, d)
+        return Flagged("forged", "critical", str(e), None, None, digest(payload))
     key = keys.get(device)
     if key is None:
-        return Flagged(
-            "unknown-device", "critical", f"report from unenrolled device {device}", device, None, d
-        )
+        detail = f"report from unenrolled device {device}"
+        return Flagged("unknown-device", "critical", detail, device, None, digest(payload))
     try:
-        return verify_report(payload, key, topic_name)
+        return device, check_signature(payload, key)
     except SecurityRefusal as e:
-        return Flagged("forged", "critical", f"signature: {e}", device, None, d)
+        return Flagged("forged", "critical", f"signature: {e}", device, None, digest(payload))
+    except EdgeWardError as e:
+        return Flagged(
+            "forged", "critical", f"malformed report: {e}", device, None, digest(payload)
+        )
+
+
+def parse_checked(checked: Checked, topic_name: str, d: str) -> Report | Flagged:
+    """Parse what :func:`check_message` let through (``d``: the payload's digest)."""
+    if isinstance(checked, Flagged):
+        return checked
+    device, body = checked
+    try:
+        return parse_report(body, topic_name)
     except EdgeWardError as e:
         return Flagged("forged", "critical", f"malformed report: {e}", device, None, d)
+
+
+def verify_message(keys: Mapping[str, bytes], topic_name: str, payload: bytes) -> Report | Flagged:
+    """Verify then parse one message: :func:`check_message` then :func:`parse_checked`."""
+    return parse_checked(check_message(keys, topic_name, payload), topic_name, digest(payload))
 
 
 def judge_sequence(report: Report, d: str, seen: str | None, highest: int, window: int) -> Verdict:
@@ -130,25 +156,42 @@ def ingest(
     store: MonitorStore, keys: Mapping[str, bytes], messages: list[tuple[str, bytes]], window: int
 ) -> dict[str, int]:
     """Verify, judge and store a batch of (topic, payload) in one transaction; count verdicts."""
-    counts = {"accepted": 0, "duplicate": 0, "flagged": 0}
+    return store_checked(store, [(t, p, check_message(keys, t, p)) for t, p in messages], window)
+
+
+def store_checked(
+    store: MonitorStore, checked: list[tuple[str, bytes, Checked]], window: int
+) -> dict[str, int]:
+    """The second stage of :func:`ingest`: parse what passed the signature check, judge it against
+    the store and write the batch in one transaction; count verdicts."""
+    items: list[tuple[str, Report | Flagged, str]] = []
+    for topic_name, payload, c in checked:
+        if isinstance(c, Flagged):
+            items.append((topic_name, c, c.digest))
+        else:
+            d = digest(payload)
+            items.append((topic_name, parse_checked(c, topic_name, d), d))
+    accepted = duplicate = flagged = 0
     with store.batch(utcnow()) as tx:
-        for topic_name, payload in messages:
-            v: Report | Verdict = verify_message(keys, topic_name, payload)
-            if isinstance(v, Report):
-                d = digest(payload)
+        tx.prefetch((v.device_id, v.seq) for _, v, _ in items if isinstance(v, Report))
+        for topic_name, r, d in items:
+            v: Verdict
+            if isinstance(r, Report):
                 v = judge_sequence(
-                    v, d, tx.seen(v.device_id, v.seq), tx.highest(v.device_id), window
+                    r, d, tx.seen(r.device_id, r.seq), tx.highest(r.device_id), window
                 )
+            else:
+                v = r
             if isinstance(v, Accepted):
                 tx.accept(v.report, v.digest)
-                counts["accepted"] += 1
+                accepted += 1
             elif isinstance(v, Duplicate):
                 tx.duplicate(v.device_id)
-                counts["duplicate"] += 1
+                duplicate += 1
             else:
                 tx.flag(v.kind, v.severity, v.detail, topic_name, v.device_id, v.seq, v.digest)
-                counts["flagged"] += 1
-    return counts
+                flagged += 1
+    return {"accepted": accepted, "duplicate": duplicate, "flagged": flagged}
 
 
 def _device_of(topic_name: str) -> str:
@@ -196,6 +239,12 @@ class Monitor:
             self.link.subscribe(f)
         self._keys = home.device_keys()
         self._stop = threading.Event()
+        self._checked: queue.SimpleQueue[list[tuple[str, bytes, int, Checked]]] = (
+            queue.SimpleQueue()
+        )
+        self._verifier = threading.Thread(
+            target=self._verify_run, name="edgeward-verify", daemon=True
+        )
         self._thread = threading.Thread(target=self._run, name="edgeward-monitor", daemon=True)
         self.processed = 0
         self.error: EdgeWardError | None = None
@@ -203,32 +252,56 @@ class Monitor:
     def _key_lookup(self, batch: list[tuple[str, bytes, int]]) -> Mapping[str, bytes]:
         """Enrolled keys, re-read when a batch names a device enrolled since they were loaded
         (removing an enrolment takes effect when the monitor restarts)."""
-        new = {_device_of(t) for t, _, _ in batch} - set(self._keys)
+        new = {_device_of(t) for t, _, _ in batch} - self._keys.keys()
         if any(ID_RE.match(d) and (self.home.devices / f"{d}.json").exists() for d in new):
             self._keys = self.home.device_keys()
         return self._keys
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def _take(self, q: queue.SimpleQueue[Any], limit: int) -> list[Any]:
+        """Up to ``limit`` items: waits (briefly) for the first, never for the rest."""
+        try:
+            items = [q.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        while len(items) < limit:
             try:
-                batch = [self._inbox.get(timeout=0.1)]
+                items.append(q.get_nowait())
             except queue.Empty:
+                break
+        return items
+
+    def _verify_run(self) -> None:
+        """Stage 1, its own thread: signatures. libsodium runs without the GIL, so this overlaps
+        with paho's network loop and with the store thread (stage 2) on another core."""
+        while not self._stop.is_set():
+            batch = self._take(self._inbox, VERIFY_CHUNK)
+            if not batch:
                 continue
-            while len(batch) < self.config.batch:
-                try:
-                    batch.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            keys = self._key_lookup(batch)
-            messages = [(t, p) for t, p, _ in batch]
             try:
-                ingest(self.store, keys, messages, self.config.redelivery_window)
+                keys = self._key_lookup(batch)
+            except EdgeWardError as e:
+                self.error = e
+                self._stop.set()
+                return
+            self._checked.put([(t, p, mid, check_message(keys, t, p)) for t, p, mid in batch])
+
+    def _run(self) -> None:
+        """Stage 2: parse, judge and store a batch in one transaction; acknowledge after commit."""
+        while not self._stop.is_set():
+            chunks = self._take(self._checked, max(1, self.config.batch // VERIFY_CHUNK))
+            if not chunks:
+                continue
+            batch = [m for chunk in chunks for m in chunk]
+            try:
+                store_checked(
+                    self.store, [(t, p, c) for t, p, _, c in batch], self.config.redelivery_window
+                )
             except EdgeWardError as e:
                 # Not acknowledged: the broker delivers the batch again to the next monitor run.
                 self.error = e
                 self._stop.set()
                 return
-            for _, _, mid in batch:
+            for _, _, mid, _ in batch:
                 self.link.ack(mid)
             self.processed += len(batch)
             if self._on_batch is not None:
@@ -236,9 +309,11 @@ class Monitor:
 
     def start(self) -> None:
         self.link.start()
+        self._verifier.start()
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._verifier.join()
         self._thread.join()
         self.link.stop()
