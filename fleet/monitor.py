@@ -19,14 +19,17 @@ Verdicts (``docs/telemetry.md``):
 
 from __future__ import annotations
 
+import collections
+import multiprocessing
 import queue
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from device_agent.bundle import ID_RE
-from device_agent.errors import EdgeWardError, SecurityRefusal
+from device_agent.errors import EdgeWardError, EnvironmentFault, SecurityRefusal
 from device_agent.mqtt import Broker, Link, Session
 from device_agent.report import (
     KINDS,
@@ -156,21 +159,30 @@ def ingest(
     store: MonitorStore, keys: Mapping[str, bytes], messages: list[tuple[str, bytes]], window: int
 ) -> dict[str, int]:
     """Verify, judge and store a batch of (topic, payload) in one transaction; count verdicts."""
-    return store_checked(store, [(t, p, check_message(keys, t, p)) for t, p in messages], window)
+    return store_verified(store, [t for t, _ in messages], verify_batch(keys, messages), window)
 
 
-def store_checked(
-    store: MonitorStore, checked: list[tuple[str, bytes, Checked]], window: int
+def verify_batch(
+    keys: Mapping[str, bytes], messages: list[tuple[str, bytes]]
+) -> list[tuple[Report | Flagged, str]]:
+    """The first stage of :func:`ingest`: for each (topic, payload), the verified report or the
+    verdict, and the payload's digest. Pure (the monitor runs it in a helper process)."""
+    out: list[tuple[Report | Flagged, str]] = []
+    for topic_name, payload in messages:
+        d = digest(payload)
+        out.append((parse_checked(check_message(keys, topic_name, payload), topic_name, d), d))
+    return out
+
+
+def store_verified(
+    store: MonitorStore,
+    topics: list[str],
+    verified: list[tuple[Report | Flagged, str]],
+    window: int,
 ) -> dict[str, int]:
-    """The second stage of :func:`ingest`: parse what passed the signature check, judge it against
-    the store and write the batch in one transaction; count verdicts."""
-    items: list[tuple[str, Report | Flagged, str]] = []
-    for topic_name, payload, c in checked:
-        if isinstance(c, Flagged):
-            items.append((topic_name, c, c.digest))
-        else:
-            d = digest(payload)
-            items.append((topic_name, parse_checked(c, topic_name, d), d))
+    """The second stage of :func:`ingest`: judge what :func:`verify_batch` made of the messages
+    received on ``topics`` against the store and write the batch in one transaction."""
+    items = [(t, r, d) for t, (r, d) in zip(topics, verified, strict=True)]
     accepted = duplicate = flagged = 0
     with store.batch(utcnow()) as tx:
         tx.prefetch((v.device_id, v.seq) for _, v, _ in items if isinstance(v, Report))
@@ -207,6 +219,29 @@ def topic_filters(group: str | None) -> list[str]:
     ]
 
 
+_pool_lock = threading.Lock()
+_pool: ProcessPoolExecutor | None = None
+
+
+def _verifier_pool() -> ProcessPoolExecutor:
+    """The helper process that runs :func:`verify_batch` for every monitor of this process;
+    started (and waited for) once, before any monitor connects; replaced if it died."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            try:
+                _pool.submit(int).result(timeout=30)
+                return _pool
+            except (BrokenExecutor, RuntimeError, TimeoutError):
+                _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            _pool.submit(int).result(timeout=60)
+        except (BrokenExecutor, TimeoutError) as e:
+            raise EnvironmentFault(f"cannot start the monitor's verifier process: {e}") from e
+        return _pool
+
+
 class Monitor:
     """Subscribe, verify, store. ``start`` / ``stop``; ``processed`` counts handled messages."""
 
@@ -239,9 +274,10 @@ class Monitor:
             self.link.subscribe(f)
         self._keys = home.device_keys()
         self._stop = threading.Event()
-        self._checked: queue.SimpleQueue[list[tuple[str, bytes, int, Checked]]] = (
-            queue.SimpleQueue()
-        )
+        self._checked: queue.SimpleQueue[
+            tuple[list[tuple[str, int]], list[tuple[Report | Flagged, str]]]
+        ] = queue.SimpleQueue()
+        self._pool = _verifier_pool()
         self._verifier = threading.Thread(
             target=self._verify_run, name="edgeward-verify", daemon=True
         )
@@ -257,10 +293,10 @@ class Monitor:
             self._keys = self.home.device_keys()
         return self._keys
 
-    def _take(self, q: queue.SimpleQueue[Any], limit: int) -> list[Any]:
-        """Up to ``limit`` items: waits (briefly) for the first, never for the rest."""
+    def _take(self, q: queue.SimpleQueue[Any], limit: int, wait: float = 0.1) -> list[Any]:
+        """Up to ``limit`` items: waits up to ``wait`` seconds for the first, never for the rest."""
         try:
-            items = [q.get(timeout=0.1)]
+            items = [q.get(timeout=wait) if wait else q.get_nowait()]
         except queue.Empty:
             return []
         while len(items) < limit:
@@ -271,19 +307,38 @@ class Monitor:
         return items
 
     def _verify_run(self) -> None:
-        """Stage 1, its own thread: signatures. libsodium runs without the GIL, so this overlaps
-        with paho's network loop and with the store thread (stage 2) on another core."""
-        while not self._stop.is_set():
-            batch = self._take(self._inbox, VERIFY_CHUNK)
-            if not batch:
-                continue
-            try:
-                keys = self._key_lookup(batch)
-            except EdgeWardError as e:
-                self.error = e
-                self._stop.set()
-                return
-            self._checked.put([(t, p, mid, check_message(keys, t, p)) for t, p, mid in batch])
+        """Stage 1: signatures (then parsing) in a helper process, so that neither libsodium nor
+        the parser competes for this process's GIL with paho's network loop and the store thread.
+        Two chunks are in flight, so the helper never waits for this thread."""
+        pending: collections.deque[tuple[list[tuple[str, int]], Future[Any]]] = collections.deque()
+        try:
+            while not self._stop.is_set():
+                batch = []
+                if len(pending) < 2:
+                    batch = self._take(self._inbox, VERIFY_CHUNK, 0.0 if pending else 0.1)
+                if batch:
+                    keys = self._key_lookup(batch)
+                    wanted = {_device_of(t) for t, _, _ in batch}
+                    job = self._pool.submit(
+                        verify_batch,
+                        {d: keys[d] for d in wanted if d in keys},
+                        [(t, p) for t, p, _ in batch],
+                    )
+                    pending.append(([(t, mid) for t, _, mid in batch], job))
+                # Hand on finished work in order; wait for the oldest when there is nothing else.
+                while pending:
+                    meta, job = pending[0]
+                    if len(pending) < 2 and batch and not job.done():
+                        break
+                    try:
+                        verified = job.result(timeout=0.1)
+                    except TimeoutError:
+                        break
+                    pending.popleft()
+                    self._checked.put((meta, verified))
+        except (EdgeWardError, BrokenExecutor) as e:
+            self.error = e if isinstance(e, EdgeWardError) else EnvironmentFault(str(e))
+            self._stop.set()
 
     def _run(self) -> None:
         """Stage 2: parse, judge and store a batch in one transaction; acknowledge after commit."""
@@ -291,19 +346,20 @@ class Monitor:
             chunks = self._take(self._checked, max(1, self.config.batch // VERIFY_CHUNK))
             if not chunks:
                 continue
-            batch = [m for chunk in chunks for m in chunk]
+            meta = [m for chunk, _ in chunks for m in chunk]
+            verified = [v for _, chunk in chunks for v in chunk]
             try:
-                store_checked(
-                    self.store, [(t, p, c) for t, p, _, c in batch], self.config.redelivery_window
+                store_verified(
+                    self.store, [t for t, _ in meta], verified, self.config.redelivery_window
                 )
             except EdgeWardError as e:
                 # Not acknowledged: the broker delivers the batch again to the next monitor run.
                 self.error = e
                 self._stop.set()
                 return
-            for _, _, mid, _ in batch:
+            for _, mid in meta:
                 self.link.ack(mid)
-            self.processed += len(batch)
+            self.processed += len(meta)
             if self._on_batch is not None:
                 self._on_batch(self.processed)
 
