@@ -45,7 +45,7 @@ from device_agent.store import utcnow
 from device_agent.telemetry import DEFAULT_CONFIG as BOARD_DEFAULTS
 
 from .ca import FleetHome
-from .store import MonitorStore
+from .store import MonitorStore, Row
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,12 @@ class MonitorConfig:
 
 DEFAULT_MONITOR = MonitorConfig()
 # Messages the verifier thread takes at a time and hands on to the store thread as one piece.
-VERIFY_CHUNK = 100
+VERIFY_CHUNK = 250
 
 
 @dataclass(frozen=True)
 class Accepted:
-    report: Report
+    report: Report | Row
     digest: str
 
 
@@ -135,7 +135,9 @@ def verify_message(keys: Mapping[str, bytes], topic_name: str, payload: bytes) -
     return parse_checked(check_message(keys, topic_name, payload), topic_name, digest(payload))
 
 
-def judge_sequence(report: Report, d: str, seen: str | None, highest: int, window: int) -> Verdict:
+def judge_sequence(
+    report: Report | Row, d: str, seen: str | None, highest: int, window: int
+) -> Verdict:
     """Decide what a verified report is, given the digest already stored under its sequence
     number (``seen``) and the device's highest sequence number so far."""
     behind = report.seq <= highest - window and report.kind != "will"
@@ -164,31 +166,32 @@ def ingest(
 
 def verify_batch(
     keys: Mapping[str, bytes], messages: list[tuple[str, bytes]]
-) -> list[tuple[Report | Flagged, str]]:
-    """The first stage of :func:`ingest`: for each (topic, payload), the verified report or the
-    verdict, and the payload's digest. Pure (the monitor runs it in a helper process)."""
-    out: list[tuple[Report | Flagged, str]] = []
+) -> list[tuple[Row | Flagged, str]]:
+    """The first stage of :func:`ingest`: for each (topic, payload), the verified report (as it
+    will be stored) or the verdict, and the payload's digest. Pure (the monitor runs it in a
+    helper process)."""
+    out: list[tuple[Row | Flagged, str]] = []
     for topic_name, payload in messages:
         d = digest(payload)
-        out.append((parse_checked(check_message(keys, topic_name, payload), topic_name, d), d))
+        r = parse_checked(check_message(keys, topic_name, payload), topic_name, d)
+        out.append((r if isinstance(r, Flagged) else Row.of(r), d))
     return out
 
 
 def store_verified(
     store: MonitorStore,
     topics: list[str],
-    verified: list[tuple[Report | Flagged, str]],
+    verified: list[tuple[Row | Flagged, str]],
     window: int,
 ) -> dict[str, int]:
     """The second stage of :func:`ingest`: judge what :func:`verify_batch` made of the messages
     received on ``topics`` against the store and write the batch in one transaction."""
-    items = [(t, r, d) for t, (r, d) in zip(topics, verified, strict=True)]
     accepted = duplicate = flagged = 0
     with store.batch(utcnow()) as tx:
-        tx.prefetch((v.device_id, v.seq) for _, v, _ in items if isinstance(v, Report))
-        for topic_name, r, d in items:
+        tx.prefetch((r.device_id, r.seq) for r, _ in verified if isinstance(r, Row))
+        for topic_name, (r, d) in zip(topics, verified, strict=True):
             v: Verdict
-            if isinstance(r, Report):
+            if isinstance(r, Row):
                 v = judge_sequence(
                     r, d, tx.seen(r.device_id, r.seq), tx.highest(r.device_id), window
                 )
@@ -275,7 +278,7 @@ class Monitor:
         self._keys = home.device_keys()
         self._stop = threading.Event()
         self._checked: queue.SimpleQueue[
-            tuple[list[tuple[str, int]], list[tuple[Report | Flagged, str]]]
+            tuple[list[tuple[str, int]], list[tuple[Row | Flagged, str]]]
         ] = queue.SimpleQueue()
         self._pool = _verifier_pool()
         self._verifier = threading.Thread(

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from device_agent.bundle import format_time
 from device_agent.errors import EnvironmentFault
@@ -43,6 +43,22 @@ CREATE TABLE IF NOT EXISTS security (
 _data_json = json.JSONEncoder(sort_keys=True).encode
 # Reports of one second share their time text (datetimes are immutable).
 _time_text = functools.lru_cache(maxsize=1024)(format_time)
+
+
+class Row(NamedTuple):
+    """A verified report as it is stored (small and cheap to pass between processes)."""
+
+    device_id: str
+    seq: int
+    kind: str
+    time: str  # format_time of the report's time
+    data: str  # the data object as stored: JSON, sorted keys
+    state: str  # what a status report says the device's state is
+
+    @classmethod
+    def of(cls, r: Report) -> Row:
+        state = str(r.data.get("state", "online"))[:16] if r.kind == "status" else ""
+        return cls(r.device_id, r.seq, r.kind, _time_text(r.time), _data_json(r.data), state)
 
 
 @dataclass
@@ -110,18 +126,20 @@ class Batch:
     def _d(self, device_id: str) -> _DeviceDelta:
         return self._delta.setdefault(device_id, _DeviceDelta())
 
-    def accept(self, r: Report, digest: str) -> None:
+    def accept(self, r: Report | Row, digest: str) -> None:
         """Store a genuine report and move the device's state forward (never backward)."""
-        data = _data_json(r.data)
+        if isinstance(r, Report):
+            r = Row.of(r)
         key = (r.device_id, r.seq)
+        data = r.data
         self._new[key] = digest
-        self._rows.append((*key, r.kind, _time_text(r.time), self.received, digest, data))
+        self._rows.append((*key, r.kind, r.time, self.received, digest, data))
         self._highest[r.device_id] = max(self.highest(r.device_id), r.seq)
         d = self._d(r.device_id)
         d.received += 1
         d.highest = max(d.highest, r.seq)
         if r.kind == "status" and (d.status is None or r.seq > d.status[0]):
-            d.status = (r.seq, str(r.data.get("state", "online"))[:16], data)
+            d.status = (r.seq, r.state, data)
             d.will_last = False
         elif r.kind == "telemetry" and (d.counters is None or r.seq > d.counters[0]):
             d.counters = (r.seq, data)
