@@ -62,23 +62,39 @@ def check_summary(value: Any, depth: int = 0) -> None:
     """Refuse anything shaped like a raw input: deep nesting, long arrays, long strings, bytes."""
     if depth > MAX_DEPTH:
         raise FormatError("report data is nested too deeply to be a summary")
+    # Leaves of exactly str / int / float / bool / None are checked in line (the same checks the
+    # recursive call makes: most of a summary is leaves); anything else takes the recursive call.
+    leaf_ok = depth < MAX_DEPTH
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str) or len(k) > 64:
                 raise FormatError("report data keys must be short strings")
-            check_summary(v, depth + 1)
+            t = type(v)
+            if leaf_ok and t is str:
+                if len(v) > MAX_STRING:
+                    raise FormatError("report data has an over-long string")
+            elif not (leaf_ok and (v is None or t in _SCALARS)):
+                check_summary(v, depth + 1)
     elif isinstance(value, list):
         if len(value) > MAX_LIST_ITEMS:
             raise FormatError(
                 f"report data has a list of {len(value)} items: reports carry summaries, not inputs"
             )
         for v in value:
-            check_summary(v, depth + 1)
+            t = type(v)
+            if leaf_ok and t is str:
+                if len(v) > MAX_STRING:
+                    raise FormatError("report data has an over-long string")
+            elif not (leaf_ok and (v is None or t in _SCALARS)):
+                check_summary(v, depth + 1)
     elif isinstance(value, str):
         if len(value) > MAX_STRING:
             raise FormatError("report data has an over-long string")
     elif value is not None and not isinstance(value, bool | int | float):
         raise FormatError(f"report data may not hold {type(value).__name__} values")
+
+
+_SCALARS = frozenset({int, float, bool})
 
 
 @dataclass(frozen=True)
