@@ -2,9 +2,11 @@
 
 The decision is pure (:func:`verify_message`, :func:`judge_sequence`): bytes, the enrolled keys
 and what the store already holds in; a verdict out. :class:`Monitor` is the thin adapter: an MQTT 5
-shared subscription (several monitors share the load), a worker thread that verifies and stores a
-batch in one transaction, and acknowledgements to the broker only after that commit -- so a
-monitor killed mid-batch loses nothing (the broker redelivers, the store de-duplicates).
+shared subscription (several monitors share the load), a helper process that checks signatures and
+then parses (:func:`verify_batch`, in arrival order, off this process's GIL), a store thread that
+judges and stores a batch in one transaction, and acknowledgements to the broker only after that
+commit -- so a monitor killed mid-batch loses nothing (the broker redelivers, the store
+de-duplicates).
 
 Verdicts (``docs/telemetry.md``):
 
@@ -65,7 +67,7 @@ class MonitorConfig:
 
 
 DEFAULT_MONITOR = MonitorConfig()
-# Messages the verifier thread takes at a time and hands on to the store thread as one piece.
+# Messages handed to the helper process at a time (and on to the store thread as one piece).
 VERIFY_CHUNK = 250
 # Helper processes that verify and parse (about 70 us a report, 45 of them libsodium's); the
 # network loop and the store take about 50 us a report in the monitor's own process.
