@@ -233,9 +233,11 @@ _pool_lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
 
 
-def _verifier_pool() -> ProcessPoolExecutor:
+def _verifier_pool() -> ProcessPoolExecutor | None:
     """The helper process that runs :func:`verify_batch` for every monitor of this process;
-    started (and waited for) once, before any monitor connects; replaced if it died."""
+    started (and waited for) once, before any monitor connects; replaced if it died. None when
+    no helper can be started (e.g. a host program whose main module cannot be re-imported): the
+    monitor then verifies in its own process, slower but the same."""
     global _pool
     with _pool_lock:
         if _pool is not None:
@@ -248,8 +250,9 @@ def _verifier_pool() -> ProcessPoolExecutor:
         try:
             for job in [_pool.submit(time.sleep, 0.05) for _ in range(VERIFIERS)]:
                 job.result(timeout=60)
-        except (BrokenExecutor, TimeoutError) as e:
-            raise EnvironmentFault(f"cannot start the monitor's verifier process: {e}") from e
+        except (BrokenExecutor, TimeoutError, OSError):
+            _pool.shutdown(wait=False, cancel_futures=True)
+            _pool = None
         return _pool
 
 
@@ -331,6 +334,10 @@ class Monitor:
                 if batch:
                     keys = self._key_lookup(batch)
                     wanted = {_device_of(t) for t, _, _ in batch}
+                    if self._pool is None:
+                        verified = verify_batch(keys, [(t, p) for t, p, _ in batch])
+                        self._checked.put(([(t, mid) for t, _, mid in batch], verified))
+                        continue
                     job = self._pool.submit(
                         verify_batch,
                         {d: keys[d] for d in wanted if d in keys},
