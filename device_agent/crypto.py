@@ -11,6 +11,7 @@ are kept in ``bytearray`` objects that callers overwrite with :func:`wipe` when 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import hmac
 import os
@@ -95,9 +96,16 @@ def verify(public_key_raw: bytes, domain: bytes, message: bytes, signature: byte
     # libsodium (PyNaCl) verifies in about half the time of cryptography's Ed25519 here, and the
     # fleet monitor verifies every report; both check the same RFC 8032 signatures.
     try:
-        nacl.signing.VerifyKey(public_key_raw).verify(_pae(domain, message), signature)
+        _verify_key(bytes(public_key_raw)).verify(_pae(domain, message), signature)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as e:
         raise BadSignature("signature does not verify") from e
+
+
+@functools.lru_cache(maxsize=4096)
+def _verify_key(public_key_raw: bytes) -> nacl.signing.VerifyKey:
+    """One immutable VerifyKey per public key (the fleet monitor verifies with the same few keys
+    thousands of times a second; building the object each time is measurable)."""
+    return nacl.signing.VerifyKey(public_key_raw)
 
 
 def ed25519_public_raw(private_key: Ed25519PrivateKey) -> bytes:

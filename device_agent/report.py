@@ -15,6 +15,7 @@ also the last topic level) and a small JSON ``data`` object: summaries only, nev
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,23 +62,39 @@ def check_summary(value: Any, depth: int = 0) -> None:
     """Refuse anything shaped like a raw input: deep nesting, long arrays, long strings, bytes."""
     if depth > MAX_DEPTH:
         raise FormatError("report data is nested too deeply to be a summary")
+    # Leaves of exactly str / int / float / bool / None are checked in line (the same checks the
+    # recursive call makes: most of a summary is leaves); anything else takes the recursive call.
+    leaf_ok = depth < MAX_DEPTH
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str) or len(k) > 64:
                 raise FormatError("report data keys must be short strings")
-            check_summary(v, depth + 1)
+            t = type(v)
+            if leaf_ok and t is str:
+                if len(v) > MAX_STRING:
+                    raise FormatError("report data has an over-long string")
+            elif not (leaf_ok and (v is None or t in _SCALARS)):
+                check_summary(v, depth + 1)
     elif isinstance(value, list):
         if len(value) > MAX_LIST_ITEMS:
             raise FormatError(
                 f"report data has a list of {len(value)} items: reports carry summaries, not inputs"
             )
         for v in value:
-            check_summary(v, depth + 1)
+            t = type(v)
+            if leaf_ok and t is str:
+                if len(v) > MAX_STRING:
+                    raise FormatError("report data has an over-long string")
+            elif not (leaf_ok and (v is None or t in _SCALARS)):
+                check_summary(v, depth + 1)
     elif isinstance(value, str):
         if len(value) > MAX_STRING:
             raise FormatError("report data has an over-long string")
     elif value is not None and not isinstance(value, bool | int | float):
         raise FormatError(f"report data may not hold {type(value).__name__} values")
+
+
+_SCALARS = frozenset({int, float, bool})
 
 
 @dataclass(frozen=True)
@@ -133,13 +150,29 @@ def verify_report(payload: bytes, sign_public: bytes, topic_name: str) -> Report
     Raises :class:`FormatError` for malformed bytes and :class:`BadSignature` for a signature
     that is not the device key's; the body must name the topic's device and kind.
     """
-    head = len(MAGIC) + crypto.SIGNATURE_BYTES
-    if len(payload) > MAX_REPORT_BYTES or len(payload) <= head or payload[: len(MAGIC)] != MAGIC:
+    return parse_report(check_signature(payload, sign_public), topic_name)
+
+
+_HEAD = len(MAGIC) + crypto.SIGNATURE_BYTES
+_FIELDS = frozenset({"schema", "device_id", "seq", "kind", "time", "data"})
+
+
+def check_signature(payload: bytes, sign_public: bytes) -> bytes:
+    """The first half of :func:`verify_report`: check the framing and the signature over the
+    exact received bytes; returns the (still unparsed) body. Nothing is parsed before this."""
+    if len(payload) > MAX_REPORT_BYTES or len(payload) <= _HEAD or payload[: len(MAGIC)] != MAGIC:
         raise FormatError("payload is not an EdgeWard report (bad magic or length)")
-    body = payload[head:]
-    crypto.verify(sign_public, DOMAIN, body, payload[len(MAGIC) : head])
-    fields = {"schema", "device_id", "seq", "kind", "time", "data"}
-    doc = _obj(_loads(body, "report body"), "report body", fields, fields)
+    body = payload[_HEAD:]
+    crypto.verify(sign_public, DOMAIN, body, payload[len(MAGIC) : _HEAD])
+    return body
+
+
+def parse_report(body: bytes, topic_name: str) -> Report:
+    """The second half of :func:`verify_report`: parse a body whose signature was checked by
+    :func:`check_signature` (only ever call it with such a body)."""
+    doc = _loads(body, "report body")
+    if not isinstance(doc, dict) or doc.keys() != _FIELDS:
+        _obj(doc, "report body", set(_FIELDS), set(_FIELDS))  # raises the precise error
     if doc["schema"] != SCHEMA:
         raise FormatError(f"report schema is not {SCHEMA}")
     if not isinstance(doc["data"], dict):
@@ -148,10 +181,20 @@ def verify_report(payload: bytes, sign_public: bytes, topic_name: str) -> Report
         device_id=_str(doc["device_id"], "device_id", ID_RE),
         seq=_int(doc["seq"], "seq", 1, MAX_SEQ - 1),
         kind=_str(doc["kind"], "kind"),
-        time=parse_time(doc["time"], "time"),
+        time=_time(doc["time"]),
         data=doc["data"],
     )
     device, level = split_topic(topic_name)
     if device != report.device_id or level != TOPIC_OF_KIND.get(report.kind):
         raise FormatError(f"report from {report.device_id} ({report.kind}) arrived on {topic_name}")
     return report
+
+
+def _time(value: Any) -> datetime:
+    return _parse_time(value) if isinstance(value, str) else parse_time(value, "time")
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_time(text: str) -> datetime:
+    # Reports from one second share their time; datetimes are immutable. Errors are not cached.
+    return parse_time(text, "time")

@@ -8,14 +8,15 @@ report is stored at most once even with several monitors writing to the same fil
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from device_agent.bundle import format_time
 from device_agent.errors import EnvironmentFault
@@ -37,6 +38,27 @@ CREATE TABLE IF NOT EXISTS security (
   kind TEXT NOT NULL, severity TEXT NOT NULL, detail TEXT NOT NULL, topic TEXT NOT NULL,
   seq INTEGER, digest TEXT NOT NULL);
 """
+# Stored report data: the same text json.dumps(data, sort_keys=True) gives, without building an
+# encoder per report.
+_data_json = json.JSONEncoder(sort_keys=True).encode
+# Reports of one second share their time text (datetimes are immutable).
+_time_text = functools.lru_cache(maxsize=1024)(format_time)
+
+
+class Row(NamedTuple):
+    """A verified report as it is stored (small and cheap to pass between processes)."""
+
+    device_id: str
+    seq: int
+    kind: str
+    time: str  # format_time of the report's time
+    data: str  # the data object as stored: JSON, sorted keys
+    state: str  # what a status report says the device's state is
+
+    @classmethod
+    def of(cls, r: Report) -> Row:
+        state = str(r.data.get("state", "online"))[:16] if r.kind == "status" else ""
+        return cls(r.device_id, r.seq, r.kind, _time_text(r.time), _data_json(r.data), state)
 
 
 @dataclass
@@ -61,14 +83,33 @@ class Batch:
         self.received = format_time(received)
         self._highest: dict[str, int] = {}
         self._new: dict[tuple[str, int], str] = {}
+        self._stored: dict[tuple[str, int], str | None] = {}
         self._rows: list[tuple[Any, ...]] = []
         self._flags: list[tuple[Any, ...]] = []
         self._delta: dict[str, _DeviceDelta] = {}
 
+    def prefetch(self, wanted: Iterable[tuple[str, int]]) -> None:
+        """Look up what is stored under many (device, seq) with one query per device, so that
+        :meth:`seen` needs no query per report."""
+        by_device: dict[str, set[int]] = {}
+        for device_id, seq in wanted:
+            by_device.setdefault(device_id, set()).add(seq)
+        for device_id, seqs in by_device.items():
+            self._stored.update(((device_id, seq), None) for seq in seqs)
+            rows = self._db.execute(
+                "SELECT seq, digest FROM reports WHERE device_id = ? "
+                "AND seq IN (SELECT value FROM json_each(?))",
+                (device_id, json.dumps(sorted(seqs))),
+            )
+            self._stored.update(((device_id, seq), d) for seq, d in rows)
+
     def seen(self, device_id: str, seq: int) -> str | None:
         """The digest stored under (device, seq), if any (including this batch)."""
-        if (device_id, seq) in self._new:
-            return self._new[(device_id, seq)]
+        key = (device_id, seq)
+        if key in self._new:
+            return self._new[key]
+        if key in self._stored:
+            return self._stored[key]
         row = self._db.execute(
             "SELECT digest FROM reports WHERE device_id = ? AND seq = ?", (device_id, seq)
         ).fetchone()
@@ -85,18 +126,20 @@ class Batch:
     def _d(self, device_id: str) -> _DeviceDelta:
         return self._delta.setdefault(device_id, _DeviceDelta())
 
-    def accept(self, r: Report, digest: str) -> None:
+    def accept(self, r: Report | Row, digest: str) -> None:
         """Store a genuine report and move the device's state forward (never backward)."""
-        data = json.dumps(r.data, sort_keys=True)
+        if isinstance(r, Report):
+            r = Row.of(r)
         key = (r.device_id, r.seq)
+        data = r.data
         self._new[key] = digest
-        self._rows.append((*key, r.kind, format_time(r.time), self.received, digest, data))
+        self._rows.append((*key, r.kind, r.time, self.received, digest, data))
         self._highest[r.device_id] = max(self.highest(r.device_id), r.seq)
         d = self._d(r.device_id)
         d.received += 1
         d.highest = max(d.highest, r.seq)
         if r.kind == "status" and (d.status is None or r.seq > d.status[0]):
-            d.status = (r.seq, str(r.data.get("state", "online"))[:16], data)
+            d.status = (r.seq, r.state, data)
             d.will_last = False
         elif r.kind == "telemetry" and (d.counters is None or r.seq > d.counters[0]):
             d.counters = (r.seq, data)
