@@ -65,22 +65,19 @@ def check_summary(value: Any, depth: int = 0) -> None:
     # Leaves of exactly str / int / float / bool / None are checked in line (the same checks the
     # recursive call makes: most of a summary is leaves); anything else takes the recursive call.
     leaf_ok = depth < MAX_DEPTH
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str) or len(k) > 64:
-                raise FormatError("report data keys must be short strings")
-            t = type(v)
-            if leaf_ok and t is str:
-                if len(v) > MAX_STRING:
-                    raise FormatError("report data has an over-long string")
-            elif not (leaf_ok and (v is None or t in _SCALARS)):
-                check_summary(v, depth + 1)
-    elif isinstance(value, list):
-        if len(value) > MAX_LIST_ITEMS:
-            raise FormatError(
-                f"report data has a list of {len(value)} items: reports carry summaries, not inputs"
-            )
-        for v in value:
+    if isinstance(value, dict | list):
+        if isinstance(value, dict):
+            for k in value:
+                if not isinstance(k, str) or len(k) > 64:
+                    raise FormatError("report data keys must be short strings")
+            items: Any = value.values()
+        else:
+            if len(value) > MAX_LIST_ITEMS:
+                raise FormatError(
+                    f"report data has a list of {len(value)} items: reports carry summaries, not inputs"
+                )
+            items = value
+        for v in items:
             t = type(v)
             if leaf_ok and t is str:
                 if len(v) > MAX_STRING:

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError, UsageError
-from .output import DEFAULT_POLICY, ROLES, band
+from .errors import FormatError
+from .output import DEFAULT_POLICY, band
 
 
 def decode_ctc(
@@ -23,9 +23,8 @@ def decode_ctc(
     role: str,
     batched: bool,
 ) -> dict[str, Any]:
-    """Collapse repeats, drop blanks, map classes to the sealed labels; confidence by role."""
-    if role not in ROLES:
-        raise UsageError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+    """Collapse repeats, drop blanks, map classes to the sealed labels; confidence by role.
+    Called through :func:`output.shape_output`, which has checked ``role``."""
     labels = task.get("labels")
     y = np.asarray(outputs[int(task.get("output", 0))], dtype=np.float32)
     if not labels or y.ndim != 3 or y.shape[2] != len(labels):

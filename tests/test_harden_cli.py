@@ -484,20 +484,7 @@ def test_harden_pack_from_harden_dir_checks_it(
         == 0
     )
     board = make_board("pi-5")
-    base = [
-        "pack",
-        str(hardened),
-        "--profile",
-        "rpi4b",
-        "--publisher-key",
-        str(publisher / "publisher.key"),
-        "--device",
-        str(board.enrolment),
-        "--model-version",
-        "1",
-        "--quiet",
-    ]
-    assert main([*base, "--out", str(tmp_path / "o1")]) == 0
+    assert main(_pack_args(hardened, board, publisher, tmp_path / "o1")) == 0
     card = json.loads((tmp_path / "o1" / "model-card.cdx.json").read_text())
     _validate_cyclonedx(card)
     assert _props(card)["edgeward:training_samples"] == "1347"
@@ -505,12 +492,12 @@ def test_harden_pack_from_harden_dir_checks_it(
         card["components"][0]["hashes"][0]["content"]
         == hashlib.sha256((hardened / "model.onnx").read_bytes()).hexdigest()
     )
-    assert main([*base, "--out", str(tmp_path / "o2"), "--quantise", "static"]) == 2
+    assert main(_pack_args(hardened, board, publisher, tmp_path / "o2", "--quantise", "static")) == 2
     tampered = bytearray((hardened / "model.onnx").read_bytes())
     tampered[-1] ^= 1
     (hardened / "model.onnx").write_bytes(bytes(tampered))
     capsys.readouterr()
-    assert main([*base, "--out", str(tmp_path / "o3")]) == 1
+    assert main(_pack_args(hardened, board, publisher, tmp_path / "o3")) == 1
     assert "differs from" in capsys.readouterr().err
 
 
