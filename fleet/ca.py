@@ -30,11 +30,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from device_agent.bundle import ID_RE
 from device_agent.enrolment import Enrolment, load_enrolment
-from device_agent.errors import FormatError, UsageError
+from device_agent.errors import UsageError
 from device_agent.fsutil import atomic_write, make_private_dir
+from packager.keys import load_private_key_pem, private_key_pem
 
 FLEET_DIR_ENV = "EDGEWARD_FLEET_DIR"
-PASSPHRASE_ENV = "EDGEWARD_PASSPHRASE"  # noqa: S105 - a variable name
 CA_DAYS = 3650
 LEAF_DAYS = 825
 
@@ -48,20 +48,6 @@ class Issued:
     cert: Path
     key: Path
     common_name: str
-
-
-def _passphrase() -> bytes | None:
-    pw = os.environ.get(PASSPHRASE_ENV)
-    return pw.encode() if pw else None
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None) -> bytes:
-    enc: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption()
-    )
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
 
 
 def _now() -> dt.datetime:
@@ -126,7 +112,7 @@ class FleetHome:
             )
             .sign(key, hashes.SHA256())
         )
-        atomic_write(self.ca_key, _key_pem(key, _passphrase()), 0o600)
+        atomic_write(self.ca_key, private_key_pem(key)[0], 0o600)
         atomic_write(self.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return self.ca_cert
 
@@ -137,14 +123,7 @@ class FleetHome:
     def _load_ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         self.require_ca()
         cert = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
-        try:
-            key = serialization.load_pem_private_key(self.ca_key.read_bytes(), _passphrase())
-        except (TypeError, ValueError) as e:
-            raise UsageError(
-                f"cannot unlock {self.ca_key}: set {PASSPHRASE_ENV} to its passphrase"
-            ) from e
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise FormatError(f"{self.ca_key} is not an EC key")
+        key: ec.EllipticCurvePrivateKey = load_private_key_pem(self.ca_key, ec.EllipticCurvePrivateKey)
         return cert, key
 
     def _issue(self, cn: str, server_names: list[str] | None, out: Path) -> Issued:
@@ -183,7 +162,7 @@ class FleetHome:
         make_private_dir(out)
         issued = Issued(out / f"{cn}.crt", out / f"{cn}.key", cn)
         # Client keys are handed to a board or an operator's tool: unencrypted PEM, 0600.
-        atomic_write(issued.key, _key_pem(key, None), 0o600)
+        atomic_write(issued.key, private_key_pem(key, encrypt=False)[0], 0o600)
         atomic_write(issued.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return issued
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from device_agent import crypto
 from device_agent.errors import FormatError, UsageError
@@ -32,6 +34,17 @@ def _passphrase() -> bytes | None:
     return value.encode() if value else None
 
 
+def private_key_pem(key: PrivateKeyTypes, *, encrypt: bool = True) -> tuple[bytes, bool]:
+    """PKCS#8 PEM of ``key``, encrypted under ``EDGEWARD_PASSPHRASE`` when it is set and
+    ``encrypt`` is true. Returns the PEM and whether it is encrypted."""
+    passphrase = _passphrase() if encrypt else None
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    return pem, passphrase is not None
+
+
 def generate(kind: str, out_dir: Path, *, force: bool = False) -> KeyPairFiles:
     if kind not in KINDS:
         raise UsageError(f"key kind must be one of {', '.join(KINDS)}")
@@ -40,19 +53,16 @@ def generate(kind: str, out_dir: Path, *, force: bool = False) -> KeyPairFiles:
     if not force and (priv_path.exists() or pub_path.exists()):
         raise UsageError(f"{priv_path} already exists; refusing to overwrite a key (use --force)")
     key = Ed25519PrivateKey.generate()
-    passphrase = _passphrase()
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
-    )
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    pem, encrypted = private_key_pem(key)
     raw_pub = crypto.ed25519_public_raw(key)
     atomic_write(priv_path, pem, 0o600)
     atomic_write(pub_path, public_key_pem(raw_pub), 0o644)
-    return KeyPairFiles(priv_path, pub_path, crypto.fingerprint(raw_pub), passphrase is not None)
+    return KeyPairFiles(priv_path, pub_path, crypto.fingerprint(raw_pub), encrypted)
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
-    """Load a signing key; an encrypted one needs ``EDGEWARD_PASSPHRASE``."""
+def load_private_key_pem(path: Path, key_type: type) -> Any:
+    """Load a PEM private key of ``key_type`` (publisher, operator, fleet CA). An encrypted one
+    needs ``EDGEWARD_PASSPHRASE``; a file other users can read is refused."""
     try:
         data = path.read_bytes()
     except FileNotFoundError as e:
@@ -65,11 +75,16 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         key = serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
     except (ValueError, TypeError) as e:
         if encrypted:
-            raise UsageError(f"cannot decrypt {path}: wrong {PASSPHRASE_ENV}?") from e
+            raise UsageError(f"cannot unlock {path}: wrong {PASSPHRASE_ENV}?") from e
         raise FormatError(f"{path} is not a PEM private key: {e}") from e
-    if not isinstance(key, Ed25519PrivateKey):
-        raise FormatError(f"{path} is not an Ed25519 key")
-    mode = path.stat().st_mode & 0o077
-    if mode:
-        raise UsageError(f"{path} is readable by other users (mode {oct(path.stat().st_mode & 0o777)}); chmod 600 it")
+    if not isinstance(key, key_type):
+        raise FormatError(f"{path} is not a {key_type.__name__.removesuffix('PrivateKey')} key")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise UsageError(f"{path} is readable by other users (mode {oct(mode)}); chmod 600 it")
     return key
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """Load a publisher or operator signing key."""
+    return load_private_key_pem(path, Ed25519PrivateKey)
