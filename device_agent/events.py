@@ -57,7 +57,7 @@ class EventStore:
                 self.path,
                 "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                 "time TEXT NOT NULL, kind TEXT NOT NULL, severity TEXT NOT NULL, client TEXT, "
-                "score REAL, evidence TEXT NOT NULL)",
+                "score REAL, evidence TEXT NOT NULL);",
             )
         except sqlite3.Error as e:
             raise EnvironmentFault(f"cannot open the event store {self.path}: {e}") from e

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EnvironmentFault
-from .sqlitedb import open_durable
+from .sqlitedb import open_durable, transaction
 
 HEARTBEAT = 0
 INFO_EVENT = 1
@@ -57,9 +57,9 @@ class Outbox:
             self._db = open_durable(
                 self.path,
                 "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, "
-                "priority INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)",
-                "CREATE INDEX IF NOT EXISTS outbox_drop ON outbox (priority, seq)",
-                "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+                "priority INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);"
+                "CREATE INDEX IF NOT EXISTS outbox_drop ON outbox (priority, seq);"
+                "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
             )
         except sqlite3.Error as e:
             raise EnvironmentFault(f"cannot open the telemetry outbox {self.path}: {e}") from e
@@ -89,39 +89,28 @@ class Outbox:
         """Sign and store ``items`` in one transaction (with an optional cursor move); returns
         the sequence numbers given to the stored reports."""
         seqs: list[int] = []
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    seq = self._meta("next_seq") or 1
-                    for item in items:
-                        if not self._make_room(item.priority):
-                            continue
-                        name, payload = item.build(seq)
-                        self._db.execute(
-                            "INSERT INTO outbox (seq, priority, topic, payload) VALUES (?,?,?,?)",
-                            (seq, item.priority, name, payload),
-                        )
-                        seqs.append(seq)
-                        seq += 1
-                    self._set_meta("next_seq", seq)
-                    if cursor is not None:
-                        self._set_meta(cursor[0], cursor[1])
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as e:
-                raise EnvironmentFault(f"cannot write the telemetry outbox {self.path}: {e}") from e
+        with self._lock, transaction(self._db, f"the telemetry outbox {self.path}"):
+            seq = self._meta("next_seq") or 1
+            for item in items:
+                if not self._make_room(item.priority):
+                    continue
+                name, payload = item.build(seq)
+                self._db.execute(
+                    "INSERT INTO outbox (seq, priority, topic, payload) VALUES (?,?,?,?)",
+                    (seq, item.priority, name, payload),
+                )
+                seqs.append(seq)
+                seq += 1
+            self._set_meta("next_seq", seq)
+            if cursor is not None:
+                self._set_meta(cursor[0], cursor[1])
         return seqs
 
     def reserve_seq(self) -> int:
         """Allocate a sequence number without storing a report (the last will's)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._lock, transaction(self._db, f"the telemetry outbox {self.path}"):
             seq = self._meta("next_seq") or 1
             self._set_meta("next_seq", seq + 1)
-            self._db.execute("COMMIT")
         return seq
 
     def cursor(self, name: str) -> int:
@@ -142,16 +131,8 @@ class Outbox:
         batch = [(s,) for s in seqs]
         if not batch:
             return
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("DELETE FROM outbox WHERE seq = ?", batch)
-                self._db.execute("COMMIT")
-            except sqlite3.Error as e:
-                self._db.execute("ROLLBACK")
-                raise EnvironmentFault(
-                    f"cannot update the telemetry outbox {self.path}: {e}"
-                ) from e
+        with self._lock, transaction(self._db, f"the telemetry outbox {self.path}"):
+            self._db.executemany("DELETE FROM outbox WHERE seq = ?", batch)
 
     def stats(self) -> dict[str, int]:
         with self._lock:

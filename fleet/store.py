@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from device_agent.bundle import format_time
 from device_agent.errors import EnvironmentFault
 from device_agent.report import Report
+from device_agent.sqlitedb import open_durable, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -224,31 +225,18 @@ class MonitorStore:
         self.path = Path(path)
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=30
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            # Several monitors on one machine may share the store: wait for each other's writes.
+            self._db = open_durable(self.path, SCHEMA, timeout=30)
         except sqlite3.Error as e:
             raise EnvironmentFault(f"cannot open the monitor store {self.path}: {e}") from e
 
     @contextlib.contextmanager
     def batch(self, received: datetime) -> Iterator[Batch]:
         """One write transaction; committed on success, rolled back on any error."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    batch = Batch(self._db, received)
-                    yield batch
-                    batch.flush()
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as e:
-                raise EnvironmentFault(f"cannot write the monitor store {self.path}: {e}") from e
+        with self._lock, transaction(self._db, f"the monitor store {self.path}"):
+            batch = Batch(self._db, received)
+            yield batch
+            batch.flush()
 
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         with self._lock:
