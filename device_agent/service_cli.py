@@ -11,11 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from .cliutil import emit
 from .errors import IntegrityError
-
-
-def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
-    print(json.dumps(doc, indent=2, sort_keys=True) if getattr(args, "json", False) else text)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -65,7 +62,7 @@ def cmd_token_add(args: argparse.Namespace) -> int:
 
     rec, token = _tokens(args).add(args.role, utcnow())
     doc = {"id": rec.id, "role": rec.role, "token": token}
-    _print(args, doc, f"token {rec.id} ({rec.role}); shown once, store it now:\n{token}")
+    emit(args, doc, lambda _doc: f"token {rec.id} ({rec.role}); shown once, store it now:\n{token}")
     return 0
 
 
@@ -78,7 +75,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         f"{'revoked ' + r['revoked'] if r['revoked'] else 'active'}"
         for r in recs
     ]
-    _print(args, recs, "\n".join(lines) or "no tokens")
+    emit(args, recs, lambda _doc: "\n".join(lines) or "no tokens")
     return 0
 
 
@@ -86,7 +83,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     from .store import utcnow
 
     rec = _tokens(args).revoke(args.id, utcnow())
-    _print(args, {"id": rec.id, "revoked": True}, f"token {rec.id} revoked")
+    emit(args, {"id": rec.id, "revoked": True}, lambda _doc: f"token {rec.id} revoked")
     return 0
 
 
@@ -103,7 +100,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     )
     if not rep.ok and not args.json:
         raise IntegrityError(text.replace("\n  ", "; "))
-    _print(args, doc, text)
+    emit(args, doc, lambda _doc: text)
     return 0 if rep.ok else IntegrityError.exit_code
 
 
@@ -129,7 +126,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         f"{json.dumps(e['evidence'], sort_keys=True)}"
         for e in docs
     ]
-    _print(args, docs, "\n".join(lines) or "no events")
+    emit(args, docs, lambda _doc: "\n".join(lines) or "no events")
     return 0
 
 

@@ -359,23 +359,8 @@ def test_harden_cli_refuses_pickle(
 
 def test_harden_external_data_is_inlined(tmp_path: Path, digits, digits_test) -> None:
     import onnx
-    from onnx import numpy_helper
 
-    src = tmp_path / "ext" / "mlp.onnx"
-    src.parent.mkdir()
-    model = onnx.load(digits.onnx)
-    for (
-        init
-    ) in model.graph.initializer:  # skl2onnx writes typed fields; external data needs raw_data
-        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
-    onnx.save(
-        model,
-        str(src),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="weights.bin",
-        size_threshold=0,
-    )
+    src = _external_model(tmp_path, digits)
     assert (src.parent / "weights.bin").stat().st_size > 10_000 and src.stat().st_size < 5_000
     out = tmp_path / "o"
     assert (
