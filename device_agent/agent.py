@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import crypto
-from .bundle import ID_RE, Manifest, Sidecar, VerifiedBundle, format_time, verify_bundle
+from .bundle import ID_RE, Manifest, Sidecar, VerifiedBundle, format_time, verify_bundle, verify_head
 from .enrolment import DOMAIN as ENROLMENT_DOMAIN
 from .enrolment import Enrolment
 from .errors import (
@@ -334,6 +334,7 @@ class Agent:
         state = self.store.state()
         identity = self.store.identity()
         now = trusted_now(self._clock(), state.clock_floor)
+        publishers, _ = self.store.trust()
         models = []
         for mid, slot in sorted(state.models.items()):
             cur = slot.current
@@ -346,11 +347,11 @@ class Agent:
                 "highest_version": slot.highest_version,
             }
             if cur is not None:
-                publishers, _ = self.store.trust()
                 try:
-                    m = verify_bundle(
-                        self.store.read_bundle(cur.bundle_id), publishers, self.limits
-                    ).manifest
+                    # The signed head only: status runs on every telemetry heartbeat, and the
+                    # payload (checked when the model loads) may be hundreds of megabytes.
+                    head, length = self.store.read_bundle_head(cur.bundle_id)
+                    m, _, _ = verify_head(head, length, publishers, self.limits)
                     entry.update(
                         profile=m.profile,
                         runtime=m.runtime,

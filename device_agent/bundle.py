@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import crypto
 from .errors import BadSignature, FormatError, IntegrityError, UnknownPublisher
@@ -398,8 +398,9 @@ class VerifiedBundle:
             raise
 
 
-def read_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> tuple[int, bytes]:
-    """Check magic and format version; return (manifest length, publisher key id)."""
+def parse_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> tuple[int, bytes]:
+    """Check the fixed header (magic, format version, flags, bounded manifest length);
+    return (manifest length, publisher key id)."""
     if len(data) < HEADER_BYTES:
         raise FormatError(f"bundle is truncated: {len(data)} bytes is shorter than its header")
     magic, version, flags, manifest_len, kid = HEADER.unpack_from(data, 0)
@@ -414,25 +415,39 @@ def read_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_L
         raise FormatError(f"bundle header flags {flags:#x} are not defined in format version 1")
     if not 2 <= manifest_len <= limits.max_manifest_bytes:
         raise FormatError(f"manifest length {manifest_len} exceeds the limit of {limits.max_manifest_bytes}")
-    if len(data) < HEADER_BYTES + manifest_len + crypto.SIGNATURE_BYTES:
-        raise FormatError("bundle is truncated inside its manifest or signature")
     return manifest_len, bytes(kid)
 
 
-def verify_bundle(
-    data: bytes | bytearray | memoryview,
+def read_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> tuple[int, bytes]:
+    """:func:`parse_header`, and check that ``data`` holds the whole manifest and signature."""
+    manifest_len, kid = parse_header(data, limits)
+    if len(data) < HEADER_BYTES + manifest_len + crypto.SIGNATURE_BYTES:
+        raise FormatError("bundle is truncated inside its manifest or signature")
+    return manifest_len, kid
+
+
+def read_head(f: BinaryIO, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Read only the signed head of a bundle file (header, manifest, signature): enough for
+    :func:`verify_head`, without reading a payload that may be hundreds of megabytes."""
+    header = f.read(HEADER_BYTES)
+    manifest_len, _ = parse_header(header, limits)
+    return header + f.read(manifest_len + crypto.SIGNATURE_BYTES)
+
+
+def verify_head(
+    head: bytes | bytearray | memoryview,
+    file_length: int,
     trusted_publishers: Mapping[bytes, bytes] | list[bytes],
     limits: Limits = DEFAULT_LIMITS,
-) -> VerifiedBundle:
-    """Verify a bundle's signature against the trust anchors, then parse its manifest.
+) -> tuple[Manifest, bytes, int]:
+    """Steps 1-5 of the verification order on a bundle's signed head and its total length.
 
-    ``trusted_publishers`` is a list of raw Ed25519 public keys (or a map key id -> key).
-    Raises :class:`FormatError`, :class:`UnknownPublisher`, :class:`BadSignature` or
-    :class:`IntegrityError`; returns only a bundle whose manifest the publisher signed.
+    Returns (manifest, publisher key, payload offset). The payload itself is not looked at: a
+    caller that decrypts must use :func:`verify_bundle`, which checks the tags digest too.
     """
-    view = memoryview(data).cast("B")
-    if len(view) > limits.max_bundle_bytes:
-        raise FormatError(f"bundle is {len(view)} bytes, over the limit of {limits.max_bundle_bytes}")
+    view = memoryview(head).cast("B")
+    if file_length > limits.max_bundle_bytes:
+        raise FormatError(f"bundle is {file_length} bytes, over the limit of {limits.max_bundle_bytes}")
     manifest_len, kid = read_header(view, limits)
     keys = (
         dict(trusted_publishers)
@@ -461,14 +476,31 @@ def verify_bundle(
     if not crypto.constant_time_equal(manifest.publisher, crypto.fingerprint(publisher)):
         raise FormatError("manifest names a different publisher than the key that signed it")
     payload_offset = signed_end + crypto.SIGNATURE_BYTES
-    payload = view[payload_offset:]
-    if len(payload) < manifest.payload_length:
+    payload_length = file_length - payload_offset
+    if payload_length < manifest.payload_length:
         raise FormatError(
-            f"bundle is truncated: payload is {len(payload)} of {manifest.payload_length} bytes; "
+            f"bundle is truncated: payload is {payload_length} of {manifest.payload_length} bytes; "
             "copy the bundle again"
         )
-    if len(payload) > manifest.payload_length:
+    if payload_length > manifest.payload_length:
         raise FormatError("bundle has bytes appended after its payload")
+    return manifest, publisher, payload_offset
+
+
+def verify_bundle(
+    data: bytes | bytearray | memoryview,
+    trusted_publishers: Mapping[bytes, bytes] | list[bytes],
+    limits: Limits = DEFAULT_LIMITS,
+) -> VerifiedBundle:
+    """Verify a bundle's signature against the trust anchors, then parse its manifest.
+
+    ``trusted_publishers`` is a list of raw Ed25519 public keys (or a map key id -> key).
+    Raises :class:`FormatError`, :class:`UnknownPublisher`, :class:`BadSignature` or
+    :class:`IntegrityError`; returns only a bundle whose manifest the publisher signed.
+    """
+    view = memoryview(data).cast("B")
+    manifest, publisher, payload_offset = verify_head(view, len(view), trusted_publishers, limits)
+    payload = view[payload_offset:]
     return VerifiedBundle(manifest=manifest, payload=payload, payload_offset=payload_offset, publisher_key=publisher)
 
 

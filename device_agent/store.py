@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import crypto
-from .bundle import HEX32_RE, ID_RE, Manifest, format_time, parse_time
+from .bundle import HEX32_RE, ID_RE, Manifest, format_time, parse_time, read_head
 from .errors import EnvironmentFault, FormatError, NotInstalled, UsageError
 from .fsutil import atomic_write, make_private_dir, read_into_bytearray
 from .trust import Identity
@@ -302,6 +302,16 @@ class DataDir:
     def read_bundle(self, bundle_id: str, limit: int = 2**31) -> bytearray:
         try:
             return read_into_bytearray(self.bundle_path(bundle_id), limit)
+        except FileNotFoundError as e:
+            raise NotInstalled(
+                f"bundle {bundle_id} is recorded as installed but missing; reinstall the model"
+            ) from e
+
+    def read_bundle_head(self, bundle_id: str) -> tuple[bytes, int]:
+        """The signed head of a stored bundle and the file's length (no payload read)."""
+        try:
+            with open(self.bundle_path(bundle_id), "rb") as f:
+                return read_head(f), os.fstat(f.fileno()).st_size
         except FileNotFoundError as e:
             raise NotInstalled(
                 f"bundle {bundle_id} is recorded as installed but missing; reinstall the model"

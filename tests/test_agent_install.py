@@ -216,3 +216,25 @@ def test_every_caller_gets_ctc_decoding_through_shape_output():
     y[0, np.arange(len(steps)), steps] = 5.0
     task = {"kind": "ctc", "labels": labels, "blank": 0}
     assert shape_output([y], task, {}, "user", False) == {"label": "EdgE"}
+
+
+def test_status_checks_the_signed_head_of_each_stored_bundle(digits, make_board, pack_for):
+    """Status runs on every telemetry heartbeat, so it verifies the signed head and the file's
+    length without reading the payload; a tampered or cut stored bundle still shows up."""
+    from device_agent.bundle import HEADER_BYTES
+
+    board = make_board()
+    agent = board.agent()
+    agent.install(_bundle(pack_for(digits.onnx, [board])))
+    [entry] = agent.status()["models"]
+    assert entry["serving"] is True and "problem" not in entry
+    stored = board.data_dir / "bundles" / f"{entry['bundle_id']}.ewb"
+    good = stored.read_bytes()
+    stored.write_bytes(good[:-1])
+    [entry] = agent.status()["models"]
+    assert entry["serving"] is False and "truncated" in entry["problem"]
+    bad = bytearray(good)
+    bad[HEADER_BYTES + 5] ^= 1
+    stored.write_bytes(bytes(bad))
+    [entry] = agent.status()["models"]
+    assert entry["serving"] is False and "signature does not verify" in entry["problem"]
