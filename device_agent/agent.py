@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import crypto
-from .bundle import ID_RE, Manifest, Sidecar, VerifiedBundle, format_time, verify_bundle, verify_head
+from .bundle import ID_RE, Contents, Manifest, Sidecar, VerifiedBundle, format_time, verify_bundle, verify_head
 from .enrolment import DOMAIN as ENROLMENT_DOMAIN
 from .enrolment import Enrolment
 from .errors import (
@@ -189,17 +189,19 @@ class Agent:
             self._loaded[m.model_id] = LoadedModel(m, sidecar, runner)
         return m
 
+    def _open(self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool) -> Contents:
+        """Unlock the device key just long enough to decrypt ``vb``; the caller wipes the result."""
+        keys = self.store.unlock(self._source)
+        try:
+            return vb.decrypt(keys.box_private, self.limits, in_place=in_place, check_digest=check_digest)
+        finally:
+            keys.wipe()
+
     def _decrypt_and_load(
         self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool
     ) -> tuple[Runner, Sidecar]:
         """Decrypt in memory and load the runtime from bytes; every plaintext buffer is wiped."""
-        keys = self.store.unlock(self._source)
-        try:
-            contents = vb.decrypt(
-                keys.box_private, self.limits, in_place=in_place, check_digest=check_digest
-            )
-        finally:
-            keys.wipe()
+        contents = self._open(vb, in_place=in_place, check_digest=check_digest)
         try:
             # The runtimes take immutable bytes: one copy that cannot be wiped
             # (docs/threat-model.md).
@@ -289,16 +291,12 @@ class Agent:
         """Integrity monitoring hook: re-verify the stored bundle of a loaded model, decrypt it
         and check the model digest against the sealed sidecar of the model being served.
         Raises IntegrityError (or another SecurityRefusal) when anything differs."""
-        data = self.store.read_bundle(loaded.manifest.bundle_id)
+        data = self.store.read_bundle(loaded.manifest.bundle_id, self.limits.max_bundle_bytes)
         publishers, _ = self.store.trust()
         vb = verify_bundle(data, publishers, self.limits)
         if vb.manifest.bundle_id != loaded.manifest.bundle_id:
             raise IntegrityError("the stored bundle is not the one being served")
-        keys = self.store.unlock(self._source)
-        try:
-            contents = vb.decrypt(keys.box_private, self.limits)  # checks the model digest
-        finally:
-            keys.wipe()
+        contents = self._open(vb, in_place=True, check_digest=True)  # checks the model digest
         try:
             sealed, served = contents.sidecar.model_sha256, loaded.sidecar.model_sha256
             if not crypto.constant_time_equal(sealed, served):
