@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import threading
 import time
 import zipfile
@@ -68,7 +67,6 @@ class ServeConfig:
     max_request_bytes: int = 1024 * 1024
     max_rows: int = 32
     max_connections: int = 64  # each open connection holds a thread
-    model_refresh_seconds: float = 1.0
     integrity_seconds: float = 300.0
     throttle: Mapping[str, Any] = field(default_factory=dict)
     detect: DetectConfig = field(default_factory=DetectConfig)
@@ -80,7 +78,6 @@ class ServeConfig:
             "max_connections",
             "max_request_bytes",
             "max_rows",
-            "model_refresh_seconds",
             "integrity_seconds",
             "throttle",
             "detect",
@@ -165,9 +162,6 @@ class Service:
         self._detector = Detector(None, self.config.detect)
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
-        self._model_stamp: tuple[Any, ...] | None = None
-        self._state_path = str(data.state_file)
-        self._model_checked = -1e18
         self._integrity_failed: str | None = None
         self._background: list[Background] = []
         self._stop = threading.Event()
@@ -212,24 +206,15 @@ class Service:
             }
 
     # --- model and policy ---------------------------------------------------------------------
-    def _current(self, now: float) -> LoadedModel:
-        """The model to serve; re-read when the state file changes (an install by the CLI)."""
+    def _current(self) -> LoadedModel:
+        """The model to serve. Agent.model() re-reads the state only when state.json changes (an
+        install by the CLI) and checks end of life on every call; a new bundle brings its policy."""
         if self._integrity_failed:
             raise NotInstalled(f"serving stopped: {self._integrity_failed}; reinstall the model")
-        try:
-            st = os.stat(self._state_path)
-            stamp: tuple[Any, ...] = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except FileNotFoundError:
-            stamp = ()
-        if (
-            self._model is None
-            or stamp != self._model_stamp
-            or now - self._model_checked > self.config.model_refresh_seconds
-        ):
-            loaded = self.agent.model()  # checks end of life too
-            if self._model is None or loaded.manifest.bundle_id != self._model.manifest.bundle_id:
-                self._apply_policy(loaded)
-            self._model, self._model_stamp, self._model_checked = loaded, stamp, now
+        loaded = self.agent.model()
+        if self._model is None or loaded.manifest.bundle_id != self._model.manifest.bundle_id:
+            self._apply_policy(loaded)
+            self._model = loaded
         return self._model
 
     def _apply_policy(self, loaded: LoadedModel) -> None:
@@ -285,7 +270,7 @@ class Service:
 
     def health(self) -> dict[str, Any]:
         with self._lock:
-            self._current(self.clock())
+            self._current()
         return {"status": "serving"}
 
     def status(self, who: TokenRecord) -> dict[str, Any]:
@@ -305,7 +290,7 @@ class Service:
                     f"the limit is {self.config.max_request_bytes}"
                 )
             with self._lock:
-                loaded = self._current(now)
+                loaded = self._current()
             feeds, batched = model_feeds(
                 loaded, decode_inputs(body, content_type), who.role, self.agent.limits
             )
