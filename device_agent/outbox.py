@@ -7,6 +7,11 @@ allocated in the same transaction that stores the report, and -- for events -- i
 transaction that moves the event-store cursor, so after a SIGKILL an event is neither lost nor
 queued twice.
 
+Each report names the SHA-256 of the report stored before it (``prev``, the hash chain the fleet
+monitor uses to authenticate a burst with one signature check); the chain head is kept in the
+same transaction, so it survives a restart. A last will names the head but does not move it: it
+is only ever published if the board vanishes.
+
 Bounded (``max_messages``). Policy when full, documented in ``docs/telemetry.md``: the oldest
 report of the lowest priority present is dropped to make room -- heartbeats first, then
 informational events, and security events (warning/critical detections, refusals) last; a new
@@ -23,14 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EnvironmentFault
+from .report import NO_PREV, payload_digest
 from .sqlitedb import open_durable, transaction
 
 HEARTBEAT = 0
 INFO_EVENT = 1
 SECURITY_EVENT = 2
 
-Build = Callable[[int], tuple[str, bytes]]
-"""Given the allocated sequence number, return (topic, signed payload)."""
+Build = Callable[[int, bytes], tuple[str, bytes]]
+"""Given the allocated sequence number and the digest of the previous report, return (topic,
+signed payload)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,9 @@ class Outbox:
                 "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, "
                 "priority INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);"
                 "CREATE INDEX IF NOT EXISTS outbox_drop ON outbox (priority, seq);"
-                "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+                "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+                "CREATE TABLE IF NOT EXISTS chain (id INTEGER PRIMARY KEY CHECK (id = 1), "
+                "head BLOB NOT NULL);",
             )
         except sqlite3.Error as e:
             raise EnvironmentFault(f"cannot open the telemetry outbox {self.path}: {e}") from e
@@ -70,6 +79,10 @@ class Outbox:
 
     def _set_meta(self, name: str, value: int) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+
+    def _head(self) -> bytes:
+        row = self._db.execute("SELECT head FROM chain WHERE id = 1").fetchone()
+        return bytes(row[0]) if row else NO_PREV
 
     def _make_room(self, priority: int) -> bool:
         """Apply the full policy; False when the new report is the one to drop."""
@@ -91,27 +104,32 @@ class Outbox:
         seqs: list[int] = []
         with self._lock, transaction(self._db, f"the telemetry outbox {self.path}"):
             seq = self._meta("next_seq") or 1
+            prev = self._head()
             for item in items:
                 if not self._make_room(item.priority):
                     continue
-                name, payload = item.build(seq)
+                name, payload = item.build(seq, prev)
                 self._db.execute(
                     "INSERT INTO outbox (seq, priority, topic, payload) VALUES (?,?,?,?)",
                     (seq, item.priority, name, payload),
                 )
                 seqs.append(seq)
                 seq += 1
+                prev = payload_digest(payload)
             self._set_meta("next_seq", seq)
+            if seqs:
+                self._db.execute("INSERT OR REPLACE INTO chain (id, head) VALUES (1, ?)", (prev,))
             if cursor is not None:
                 self._set_meta(cursor[0], cursor[1])
         return seqs
 
-    def reserve_seq(self) -> int:
-        """Allocate a sequence number without storing a report (the last will's)."""
+    def reserve_seq(self) -> tuple[int, bytes]:
+        """Allocate a sequence number without storing a report (the last will's); returns it and
+        the chain head (the will names it, but does not become the head)."""
         with self._lock, transaction(self._db, f"the telemetry outbox {self.path}"):
             seq = self._meta("next_seq") or 1
             self._set_meta("next_seq", seq + 1)
-        return seq
+            return seq, self._head()
 
     def cursor(self, name: str) -> int:
         with self._lock:

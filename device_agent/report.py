@@ -4,10 +4,14 @@ The board writes reports with :func:`encode_report`; the fleet monitor reads the
 :func:`verify_report`, which checks the signature over the exact received bytes *before* a single
 field is parsed (invariant 1). Wire format (``docs/telemetry.md``)::
 
-    b"EWT1" || Ed25519 signature (64 bytes) || body (canonical JSON, UTF-8)
+    b"EWT2" || Ed25519 signature (64 bytes) || prev (32 bytes) || body (canonical JSON, UTF-8)
 
-The signature uses :func:`device_agent.crypto.sign` with :data:`DOMAIN`, so a report signature can
-never be confused with an enrolment or bundle signature. The body carries the device id (it
+The signature covers ``prev || body`` and uses :func:`device_agent.crypto.sign` with
+:data:`DOMAIN`, so a report signature can never be confused with an enrolment or bundle
+signature. ``prev`` is the SHA-256 of the board's previous report payload (zeros when there is
+none to name): a report whose signature checks vouches for the exact bytes of its predecessor, so
+the monitor can authenticate a burst of reports with one signature check (:func:`frame`,
+:func:`payload_digest`; ``docs/telemetry.md``, "Hash chain"). The body carries the device id (it
 must match the topic), a per-device sequence number that only moves forward, the kind (which is
 also the last topic level) and a small JSON ``data`` object: summaries only, never a raw input
 (invariant 8, enforced structurally by :func:`check_summary`).
@@ -26,8 +30,10 @@ from .bundle import ID_RE, _int, _loads, _obj, _str, canonical_json, format_time
 from .errors import FormatError
 
 SCHEMA = "edgeward.telemetry/1"
-DOMAIN = b"edgeward/telemetry/v1"
-MAGIC = b"EWT1"
+DOMAIN = b"edgeward/telemetry/v2"
+MAGIC = b"EWT2"
+DIGEST_BYTES = 32
+NO_PREV = bytes(DIGEST_BYTES)  # the first report, or one whose predecessor the board cannot name
 TOPIC_ROOT = "edgeward/v1"
 KINDS = ("status", "telemetry", "events", "will")
 # The last will is published by the broker on the status topic: the board is gone.
@@ -128,16 +134,24 @@ class Report:
         }
 
 
-def encode_report(report: Report, signer: Any) -> bytes:
-    """Sign ``report`` with the board's identity key; returns the exact bytes to publish."""
-    body = canonical_json(report.body())
-    if len(body) + len(MAGIC) + crypto.SIGNATURE_BYTES > MAX_REPORT_BYTES:
+def encode_report(report: Report, signer: Any, prev: bytes = NO_PREV) -> bytes:
+    """Sign ``report`` with the board's identity key, chained to the payload whose
+    :func:`payload_digest` is ``prev``; returns the exact bytes to publish."""
+    if len(prev) != DIGEST_BYTES:
+        raise FormatError(f"prev must be a {DIGEST_BYTES}-byte SHA-256 digest")
+    signed = prev + canonical_json(report.body())
+    if len(MAGIC) + crypto.SIGNATURE_BYTES + len(signed) > MAX_REPORT_BYTES:
         raise FormatError(f"report is larger than {MAX_REPORT_BYTES} bytes; send less")
-    return MAGIC + crypto.sign(signer, DOMAIN, body) + body
+    return MAGIC + crypto.sign(signer, DOMAIN, signed) + signed
+
+
+def payload_digest(payload: bytes) -> bytes:
+    """SHA-256 of one exact payload: what the next report names as ``prev``."""
+    return hashlib.sha256(payload).digest()
 
 
 def digest(payload: bytes) -> str:
-    """The name of one exact payload (for de-duplication and evidence)."""
+    """The name of one exact payload (for de-duplication and evidence): hex :func:`payload_digest`."""
     return hashlib.sha256(payload).hexdigest()
 
 
@@ -150,18 +164,40 @@ def verify_report(payload: bytes, sign_public: bytes, topic_name: str) -> Report
     return parse_report(check_signature(payload, sign_public), topic_name)
 
 
-_HEAD = len(MAGIC) + crypto.SIGNATURE_BYTES
+_SIGNED = len(MAGIC) + crypto.SIGNATURE_BYTES  # where the signed bytes (prev || body) start
+_HEAD = _SIGNED + DIGEST_BYTES
 _FIELDS = frozenset({"schema", "device_id", "seq", "kind", "time", "data"})
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A payload cut at its fixed offsets; nothing in it is parsed or trusted yet."""
+
+    signature: bytes
+    prev: bytes
+    body: bytes
+    signed: bytes  # prev || body: what the signature covers
+
+
+def frame(payload: bytes) -> Frame:
+    """Cut ``payload`` at its fixed offsets (magic, signature, prev, body); no field is parsed."""
+    if len(payload) > MAX_REPORT_BYTES or len(payload) <= _HEAD or payload[: len(MAGIC)] != MAGIC:
+        raise FormatError("payload is not an EdgeWard report (bad magic or length)")
+    return Frame(payload[len(MAGIC) : _SIGNED], payload[_SIGNED:_HEAD], payload[_HEAD:], payload[_SIGNED:])
+
+
+def verify_frame(f: Frame, sign_public: bytes) -> None:
+    """Raise :class:`BadSignature` unless the frame's signature is ``sign_public``'s over
+    ``prev || body``."""
+    crypto.verify(sign_public, DOMAIN, f.signed, f.signature)
 
 
 def check_signature(payload: bytes, sign_public: bytes) -> bytes:
     """The first half of :func:`verify_report`: check the framing and the signature over the
     exact received bytes; returns the (still unparsed) body. Nothing is parsed before this."""
-    if len(payload) > MAX_REPORT_BYTES or len(payload) <= _HEAD or payload[: len(MAGIC)] != MAGIC:
-        raise FormatError("payload is not an EdgeWard report (bad magic or length)")
-    body = payload[_HEAD:]
-    crypto.verify(sign_public, DOMAIN, body, payload[len(MAGIC) : _HEAD])
-    return body
+    f = frame(payload)
+    verify_frame(f, sign_public)
+    return f.body
 
 
 def parse_report(body: bytes, topic_name: str) -> Report:

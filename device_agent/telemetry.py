@@ -147,17 +147,16 @@ class TelemetryService:
     def _item(
         self, kind: str, data: dict[str, Any], priority: int, when: datetime | None = None
     ) -> Item:
-        def build(seq: int) -> tuple[str, bytes]:
+        def build(seq: int, prev: bytes) -> tuple[str, bytes]:
             r = Report(self.device_id, seq, kind, when or self._clock(), data)
-            return r.topic, encode_report(r, self._signer)
+            return r.topic, encode_report(r, self._signer, prev)
 
         return Item(priority, build)
 
     def _will(self) -> tuple[str, bytes]:
-        r = Report(
-            self.device_id, self.outbox.reserve_seq(), "will", self._clock(), {"state": "offline"}
-        )
-        return topic(self.device_id, "will"), encode_report(r, self._signer)
+        seq, prev = self.outbox.reserve_seq()
+        r = Report(self.device_id, seq, "will", self._clock(), {"state": "offline"})
+        return topic(self.device_id, "will"), encode_report(r, self._signer, prev)
 
     def heartbeat(self, state: str = "online") -> None:
         """Queue one status and one telemetry report now."""
