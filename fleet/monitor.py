@@ -1,16 +1,23 @@
-"""The fleet monitor: verify every report, judge its sequence number, store it once.
+"""The fleet monitor: authenticate every report, judge its sequence number, store it once.
 
-The decision is pure (:func:`verify_message`, :func:`judge_sequence`): bytes, the enrolled keys
-and what the store already holds in; a verdict out. :class:`Monitor` is the thin adapter: an MQTT 5
-shared subscription (several monitors share the load), a helper process that checks signatures and
-then parses (:func:`verify_batch`, in arrival order, off this process's GIL), a store thread that
-judges and stores a batch in one transaction, and acknowledgements to the broker only after that
-commit -- so a monitor killed mid-batch loses nothing (the broker redelivers, the store
-de-duplicates).
+The decision is pure (:func:`verify_message`, :func:`verify_batch`, :func:`judge_sequence`): bytes,
+the enrolled keys and what the store already holds in; a verdict out. :class:`Monitor` is the thin
+adapter: an MQTT 5 shared subscription (several monitors share the load) whose network thread only
+receives and acknowledges, and a helper process that authenticates, parses, judges and stores each
+chunk of messages in one transaction (:func:`ingest_at`, in arrival order, off this process's
+GIL). The broker gets its acknowledgements only after that commit -- so a monitor killed mid-chunk
+loses nothing (the broker redelivers, the store de-duplicates).
+
+Authentication (``docs/telemetry.md``, "Hash chain"): every report is signed by its board and names
+the SHA-256 of the board's previous report (``prev``). Within a chunk, newest first, a report whose
+exact bytes a later authenticated report of the same device names as ``prev`` is authenticated by
+that report's signature (it is byte for byte what the board signed for); every other report has
+its own signature checked. A burst from one board costs one signature check per chunk instead of
+one per report; a report that arrives alone is checked on its own signature, as before.
 
 Verdicts (``docs/telemetry.md``):
 
-* accepted -- signature good, sequence number new: stored as genuine;
+* accepted -- authenticated, sequence number new: stored as genuine;
 * duplicate -- the same bytes again within the redelivery window (QoS 1 is at-least-once):
   counted, not stored twice;
 * flagged -- a security event, never stored as genuine: ``unknown-device`` (no enrolment),
@@ -22,27 +29,29 @@ Verdicts (``docs/telemetry.md``):
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from device_agent.bundle import ID_RE
 from device_agent.errors import EdgeWardError, EnvironmentFault, SecurityRefusal
 from device_agent.mqtt import Broker, Link, Session
 from device_agent.report import (
     KINDS,
+    NO_PREV,
     TOPIC_OF_KIND,
     TOPIC_ROOT,
     Report,
-    check_signature,
-    digest,
+    frame,
     parse_report,
+    payload_digest,
     split_topic,
+    verify_frame,
 )
 from device_agent.store import utcnow
 from device_agent.telemetry import DEFAULT_CONFIG as BOARD_DEFAULTS
@@ -57,8 +66,10 @@ class MonitorConfig:
 
     # A board hands at most `window` unacknowledged reports to MQTT; only those can come twice.
     redelivery_window: int = 4 * BOARD_DEFAULTS.window
-    batch: int = 1000  # reports verified and committed per transaction
-    receive_maximum: int = 1000  # broker -> monitor in flight, acknowledged after commit
+    batch: int = 250  # reports authenticated, judged and committed per transaction
+    # broker -> monitor in flight, acknowledged after commit: room for the chunks in the helper
+    # (IN_FLIGHT) and the next ones arriving meanwhile.
+    receive_maximum: int = 1000
     session_expiry: int = 7 * 24 * 3600  # the broker queues for an absent monitor this long
     # MQTT 5 shared subscription group (several monitors share the load). None: one plain
     # persistent subscription -- mosquitto 2.0 does not keep shared subscriptions across a
@@ -67,12 +78,9 @@ class MonitorConfig:
 
 
 DEFAULT_MONITOR = MonitorConfig()
-# Messages handed to the helper process at a time (and on to the store thread as one piece).
-VERIFY_CHUNK = 250
-# Helper processes that verify and parse (about 70 us a report, 45 of them libsodium's); the
-# network loop and the store take about 50 us a report in the monitor's own process.
-VERIFIERS = 1
-IN_FLIGHT = 2 * VERIFIERS
+# Chunks handed to the helper process at a time: it works on one while the next waits, so it
+# never waits for this process.
+IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -100,37 +108,47 @@ class Flagged:
 Verdict = Accepted | Duplicate | Flagged
 
 
-# What the first stage hands the second: the device and the body whose signature checked, or a
-# verdict already (no key, bad framing, bad signature).
-Checked = tuple[str, bytes] | Flagged
+# What the first stage hands the second: the device, the body (not parsed yet) and the digest it
+# names as its predecessor, once the report is authenticated; or a verdict already (no key, bad
+# framing, bad signature).
+Checked = tuple[str, bytes, bytes] | Flagged
 
 
-def check_message(keys: Mapping[str, bytes], topic_name: str, payload: bytes) -> Checked:
-    """Signature first: the device named by the topic must be enrolled and must have signed the
-    exact received bytes. Returns (device, body) with the body not yet parsed."""
+def check_message(
+    keys: Mapping[str, bytes],
+    topic_name: str,
+    payload: bytes,
+    vouched: Collection[tuple[str, bytes]] = (),
+) -> Checked:
+    """Authenticate first: the device named by the topic must be enrolled, and either its key
+    signed the exact received bytes or ``(device, payload_digest(payload))`` is in ``vouched``
+    (a later report of that device, already authenticated, names these exact bytes as its
+    predecessor). Returns (device, body, prev) with the body not yet parsed."""
+    d = payload_digest(payload)
     try:
         device, _ = split_topic(topic_name)
     except EdgeWardError as e:
-        return Flagged("forged", "critical", str(e), None, None, digest(payload))
+        return Flagged("forged", "critical", str(e), None, None, d.hex())
     key = keys.get(device)
     if key is None:
         detail = f"report from unenrolled device {device}"
-        return Flagged("unknown-device", "critical", detail, device, None, digest(payload))
+        return Flagged("unknown-device", "critical", detail, device, None, d.hex())
     try:
-        return device, check_signature(payload, key)
+        f = frame(payload)
+        if (device, d) not in vouched:
+            verify_frame(f, key)
+        return device, f.body, f.prev
     except SecurityRefusal as e:
-        return Flagged("forged", "critical", f"signature: {e}", device, None, digest(payload))
+        return Flagged("forged", "critical", f"signature: {e}", device, None, d.hex())
     except EdgeWardError as e:
-        return Flagged(
-            "forged", "critical", f"malformed report: {e}", device, None, digest(payload)
-        )
+        return Flagged("forged", "critical", f"malformed report: {e}", device, None, d.hex())
 
 
 def parse_checked(checked: Checked, topic_name: str, d: str) -> Report | Flagged:
-    """Parse what :func:`check_message` let through (``d``: the payload's digest)."""
+    """Parse what :func:`check_message` let through (``d``: the payload's hex digest)."""
     if isinstance(checked, Flagged):
         return checked
-    device, body = checked
+    device, body, _ = checked
     try:
         return parse_report(body, topic_name)
     except EdgeWardError as e:
@@ -138,8 +156,8 @@ def parse_checked(checked: Checked, topic_name: str, d: str) -> Report | Flagged
 
 
 def verify_message(keys: Mapping[str, bytes], topic_name: str, payload: bytes) -> Report | Flagged:
-    """Verify then parse one message: :func:`check_message` then :func:`parse_checked`."""
-    return parse_checked(check_message(keys, topic_name, payload), topic_name, digest(payload))
+    """Authenticate one message on its own signature, then parse it."""
+    return parse_checked(check_message(keys, topic_name, payload), topic_name, payload_digest(payload).hex())
 
 
 def judge_sequence(
@@ -167,21 +185,31 @@ def judge_sequence(
 def ingest(
     store: MonitorStore, keys: Mapping[str, bytes], messages: list[tuple[str, bytes]], window: int
 ) -> dict[str, int]:
-    """Verify, judge and store a batch of (topic, payload) in one transaction; count verdicts."""
+    """Authenticate, judge and store a batch of (topic, payload) in one transaction; count
+    verdicts."""
     return store_verified(store, [t for t, _ in messages], verify_batch(keys, messages), window)
 
 
 def verify_batch(
     keys: Mapping[str, bytes], messages: list[tuple[str, bytes]]
 ) -> list[tuple[Row | Flagged, str]]:
-    """The first stage of :func:`ingest`: for each (topic, payload), the verified report (as it
-    will be stored) or the verdict, and the payload's digest. Pure (the monitor runs it in a
-    helper process)."""
-    out: list[tuple[Row | Flagged, str]] = []
-    for topic_name, payload in messages:
-        d = digest(payload)
-        r = parse_checked(check_message(keys, topic_name, payload), topic_name, d)
-        out.append((r if isinstance(r, Flagged) else Row.of(r), d))
+    """The first stage of :func:`ingest`: for each (topic, payload), the authenticated report (as
+    it will be stored) or the verdict, and the payload's hex digest. Newest first, so that each
+    well-formed authenticated report vouches for the predecessor it names (the hash chain)."""
+    out: list[tuple[Row | Flagged, str]] = [None] * len(messages)  # type: ignore[list-item]
+    vouched: set[tuple[str, bytes]] = set()
+    for i in range(len(messages) - 1, -1, -1):
+        topic_name, payload = messages[i]
+        d = payload_digest(payload).hex()
+        checked = check_message(keys, topic_name, payload, vouched)
+        r = parse_checked(checked, topic_name, d)
+        if isinstance(r, Flagged):
+            out[i] = (r, d)
+            continue
+        device, _, prev = checked  # type: ignore[misc]
+        if prev != NO_PREV:
+            vouched.add((device, prev))
+        out[i] = (Row.of(r), d)
     return out
 
 
@@ -216,6 +244,28 @@ def store_verified(
     return {"accepted": accepted, "duplicate": duplicate, "flagged": flagged}
 
 
+# The helper process's own connections to the stores it writes, by path.
+_helper_stores: dict[str, MonitorStore] = {}
+
+
+def ingest_at(
+    db: str, keys: Mapping[str, bytes], messages: list[tuple[str, bytes]], window: int
+) -> dict[str, int]:
+    """:func:`ingest` into the store at ``db`` (run in the helper process, which keeps one
+    connection per store until :func:`release_store`)."""
+    store = _helper_stores.get(db)
+    if store is None:
+        store = _helper_stores[db] = MonitorStore(db)
+    return ingest(store, keys, messages, window)
+
+
+def release_store(db: str) -> None:
+    """Close the helper process's connection to the store at ``db``, if it has one."""
+    store = _helper_stores.pop(db, None)
+    if store is not None:
+        store.close()
+
+
 def _device_of(topic_name: str) -> str:
     parts = topic_name.split("/")
     return parts[2] if len(parts) == 4 else ""
@@ -233,11 +283,11 @@ _pool_lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
 
 
-def _verifier_pool() -> ProcessPoolExecutor | None:
-    """The helper process that runs :func:`verify_batch` for every monitor of this process;
-    started (and waited for) once, before any monitor connects; replaced if it died. None when
-    no helper can be started (e.g. a host program whose main module cannot be re-imported): the
-    monitor then verifies in its own process, slower but the same."""
+def _helper_pool() -> ProcessPoolExecutor | None:
+    """The helper process that runs :func:`ingest_at` for every monitor of this process; started
+    (and waited for) once, before any monitor connects; replaced if it died. None when no helper
+    can be started (e.g. a host program whose main module cannot be re-imported): the monitor
+    then ingests in its own process, slower but the same."""
     global _pool
     with _pool_lock:
         if _pool is not None:
@@ -246,10 +296,10 @@ def _verifier_pool() -> ProcessPoolExecutor | None:
                 return _pool
             except (BrokenExecutor, RuntimeError, TimeoutError):
                 _pool.shutdown(wait=False, cancel_futures=True)
-        _pool = ProcessPoolExecutor(VERIFIERS, mp_context=multiprocessing.get_context("spawn"))
+        # One worker: it takes the chunks strictly in the order they were submitted.
+        _pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            for job in [_pool.submit(time.sleep, 0.05) for _ in range(VERIFIERS)]:
-                job.result(timeout=60)
+            _pool.submit(time.sleep, 0.05).result(timeout=60)
         except (BrokenExecutor, TimeoutError, OSError):
             _pool.shutdown(wait=False, cancel_futures=True)
             _pool = None
@@ -257,7 +307,7 @@ def _verifier_pool() -> ProcessPoolExecutor | None:
 
 
 class Monitor:
-    """Subscribe, verify, store. ``start`` / ``stop``; ``processed`` counts handled messages."""
+    """Subscribe, authenticate, store. ``start`` / ``stop``; ``processed`` counts handled messages."""
 
     def __init__(
         self,
@@ -288,13 +338,7 @@ class Monitor:
             self.link.subscribe(f)
         self._keys = home.device_keys()
         self._stop = threading.Event()
-        self._checked: queue.SimpleQueue[
-            tuple[list[tuple[str, int]], list[tuple[Row | Flagged, str]]]
-        ] = queue.SimpleQueue()
-        self._pool = _verifier_pool()
-        self._verifier = threading.Thread(
-            target=self._verify_run, name="edgeward-verify", daemon=True
-        )
+        self._pool = _helper_pool()
         self._thread = threading.Thread(target=self._run, name="edgeward-monitor", daemon=True)
         self.processed = 0
         self.error: EdgeWardError | None = None
@@ -307,88 +351,81 @@ class Monitor:
             self._keys = self.home.device_keys()
         return self._keys
 
-    def _take(self, q: queue.SimpleQueue[Any], limit: int, wait: float = 0.1) -> list[Any]:
-        """Up to ``limit`` items: waits up to ``wait`` seconds for the first, never for the rest."""
+    def _take(self, limit: int, wait: float) -> list[tuple[str, bytes, int]]:
+        """Up to ``limit`` messages: waits up to ``wait`` seconds for the first, never for the rest."""
         try:
-            items = [q.get(timeout=wait) if wait else q.get_nowait()]
+            items = [self._inbox.get(timeout=wait) if wait else self._inbox.get_nowait()]
         except queue.Empty:
             return []
         while len(items) < limit:
             try:
-                items.append(q.get_nowait())
+                items.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
         return items
 
-    def _verify_run(self) -> None:
-        """Stage 1: signatures (then parsing) in a helper process, so that neither libsodium nor
-        the parser competes for this process's GIL with paho's network loop and the store thread.
-        Two chunks per helper are in flight, so a helper never waits for this thread; results
-        are handed on in the order the messages arrived."""
-        pending: collections.deque[tuple[list[tuple[str, int]], Future[Any]]] = collections.deque()
+    def _submit(self, batch: list[tuple[str, bytes, int]]) -> Future[dict[str, int]]:
+        """Hand one chunk to the helper process (or ingest it here when there is none)."""
+        keys = self._key_lookup(batch)
+        wanted = {_device_of(t) for t, _, _ in batch}
+        args = (
+            str(self.store.path),
+            {d: keys[d] for d in wanted if d in keys},
+            [(t, p) for t, p, _ in batch],
+            self.config.redelivery_window,
+        )
+        if self._pool is not None:
+            return self._pool.submit(ingest_at, *args)
+        done: Future[dict[str, int]] = Future()
+        try:
+            done.set_result(ingest(self.store, *args[1:]))
+        except EdgeWardError as e:
+            done.set_exception(e)
+        return done
+
+    def _run(self) -> None:
+        """Hand chunks to the helper in arrival order, at most IN_FLIGHT at a time; acknowledge
+        each chunk to the broker once the helper has committed it, oldest first."""
+        pending: collections.deque[tuple[list[int], Future[dict[str, int]]]] = collections.deque()
         try:
             while not self._stop.is_set():
                 batch = []
                 if len(pending) < IN_FLIGHT:
-                    batch = self._take(self._inbox, VERIFY_CHUNK, 0.0 if pending else 0.1)
-                if batch:
-                    keys = self._key_lookup(batch)
-                    wanted = {_device_of(t) for t, _, _ in batch}
-                    if self._pool is None:
-                        verified = verify_batch(keys, [(t, p) for t, p, _ in batch])
-                        self._checked.put(([(t, mid) for t, _, mid in batch], verified))
-                        continue
-                    job = self._pool.submit(
-                        verify_batch,
-                        {d: keys[d] for d in wanted if d in keys},
-                        [(t, p) for t, p, _ in batch],
-                    )
-                    pending.append(([(t, mid) for t, _, mid in batch], job))
-                # Hand on finished work in order; wait for the oldest when there is nothing else.
+                    batch = self._take(self.config.batch, 0.0 if pending else 0.1)
+                    if batch:
+                        pending.append(([mid for _, _, mid in batch], self._submit(batch)))
+                # Acknowledge finished chunks; wait for the oldest when there is nothing to add.
                 while pending:
-                    meta, job = pending[0]
+                    mids, job = pending[0]
                     if len(pending) < IN_FLIGHT and batch and not job.done():
                         break
                     try:
-                        verified = job.result(timeout=0.1)
+                        job.result(timeout=0.1)
                     except TimeoutError:
                         break
                     pending.popleft()
-                    self._checked.put((meta, verified))
-        except (EdgeWardError, BrokenExecutor) as e:
-            self.error = e if isinstance(e, EdgeWardError) else EnvironmentFault(str(e))
+                    for mid in mids:
+                        self.link.ack(mid)
+                    self.processed += len(mids)
+                    if self._on_batch is not None:
+                        self._on_batch(self.processed)
+        except EdgeWardError as e:
+            # Not acknowledged: the broker delivers the chunk again to the next monitor run.
+            self.error = e
             self._stop.set()
-
-    def _run(self) -> None:
-        """Stage 2: parse, judge and store a batch in one transaction; acknowledge after commit."""
-        while not self._stop.is_set():
-            chunks = self._take(self._checked, max(1, self.config.batch // VERIFY_CHUNK))
-            if not chunks:
-                continue
-            meta = [m for chunk, _ in chunks for m in chunk]
-            verified = [v for _, chunk in chunks for v in chunk]
-            try:
-                store_verified(
-                    self.store, [t for t, _ in meta], verified, self.config.redelivery_window
-                )
-            except EdgeWardError as e:
-                # Not acknowledged: the broker delivers the batch again to the next monitor run.
-                self.error = e
-                self._stop.set()
-                return
-            for _, mid in meta:
-                self.link.ack(mid)
-            self.processed += len(meta)
-            if self._on_batch is not None:
-                self._on_batch(self.processed)
+        except BrokenExecutor as e:
+            self.error = EnvironmentFault(f"the monitor's helper process stopped: {e}")
+            self._stop.set()
 
     def start(self) -> None:
         self.link.start()
-        self._verifier.start()
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._verifier.join()
         self._thread.join()
         self.link.stop()
+        if self._pool is not None:
+            # A dead helper holds no connection to release.
+            with contextlib.suppress(BrokenExecutor, RuntimeError, TimeoutError):
+                self._pool.submit(release_store, str(self.store.path)).result(timeout=30)

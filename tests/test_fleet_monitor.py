@@ -11,9 +11,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from device_agent.crypto import ed25519_public_raw
 from device_agent.errors import FormatError
 from device_agent.events import Event
-from device_agent.report import Report, encode_report, topic, verify_report
+from device_agent.report import NO_PREV, Report, encode_report, payload_digest, topic, verify_report
 from device_agent.telemetry import event_data
-from fleet.monitor import Accepted, Duplicate, Flagged, ingest, judge_sequence, verify_message
+from fleet.monitor import (
+    Accepted,
+    Duplicate,
+    Flagged,
+    ingest,
+    judge_sequence,
+    verify_batch,
+    verify_message,
+)
 from fleet.store import MonitorStore
 
 KEY = Ed25519PrivateKey.generate()
@@ -39,6 +47,53 @@ def test_verify_message_verdicts() -> None:
     assert isinstance(wrong_topic, Flagged) and "arrived on" in wrong_topic.detail
     assert verify_message(KEYS, "edgeward/v1/../x", p).kind == "forged"  # type: ignore[union-attr]
     assert verify_message(KEYS, t, p[:-1]).kind == "forged"  # type: ignore[union-attr]
+
+
+def chain(n: int, key: Ed25519PrivateKey = KEY, device: str = "pi-1") -> list[tuple[str, bytes]]:
+    """n reports as a board sends them: each names the digest of the one before."""
+    out, prev = [], NO_PREV
+    for seq in range(1, n + 1):
+        r = Report(device, seq, "events", NOW, {"event": {"kind": "ood", "seq": seq}})
+        out.append((r.topic, encode_report(r, key, prev)))
+        prev = payload_digest(out[-1][1])
+    return out
+
+
+def test_a_chained_burst_is_authenticated_through_its_newest_signature() -> None:
+    msgs = chain(5)
+    assert all(not isinstance(r, Flagged) for r, _ in verify_batch(KEYS, msgs))
+    # A report whose own signature is not the device's is still authenticated when a later,
+    # authenticated report of the same device names its exact bytes: the board's key vouched
+    # for them. This is what lets a burst cost one signature check.
+    t, odd = report(1)
+    odd = odd[:4] + bytes(64) + odd[68:]  # its own signature: zeros
+    r2 = Report("pi-1", 2, "events", NOW, {"event": {"kind": "ood"}})
+    vouching = (r2.topic, encode_report(r2, KEY, payload_digest(odd)))
+    rows = verify_batch(KEYS, [(t, odd), vouching])
+    assert not isinstance(rows[0][0], Flagged) and not isinstance(rows[1][0], Flagged)
+    # Without a vouching report it is checked on its own signature, and fails.
+    assert verify_batch(KEYS, [(t, odd)])[0][0].kind == "forged"  # type: ignore[union-attr]
+    # A vouch counts only from an authenticated report of the same device, naming the exact bytes.
+    forged_vouch = (r2.topic, encode_report(r2, Ed25519PrivateKey.generate(), payload_digest(odd)))
+    assert [r.kind for r, _ in verify_batch(KEYS, [(t, odd), forged_vouch])] == ["forged", "forged"]  # type: ignore[union-attr]
+    other_key = Ed25519PrivateKey.generate()
+    r3 = Report("pi-2", 2, "events", NOW, {"event": {"kind": "ood"}})
+    other_device = (r3.topic, encode_report(r3, other_key, payload_digest(odd)))
+    keys = KEYS | {"pi-2": ed25519_public_raw(other_key)}
+    assert verify_batch(keys, [(t, odd), other_device])[0][0].kind == "forged"  # type: ignore[union-attr]
+
+
+def test_tampering_anywhere_in_a_chain_is_caught() -> None:
+    msgs = chain(4)
+    for i in range(4):
+        for offset in (10, 70, len(msgs[i][1]) - 3):  # signature, prev, body
+            tampered = bytearray(msgs[i][1])
+            tampered[offset] ^= 1
+            batch = msgs[:i] + [(msgs[i][0], bytes(tampered))] + msgs[i + 1 :]
+            kinds = [r.kind if isinstance(r, Flagged) else "ok" for r, _ in verify_batch(KEYS, batch)]
+            assert kinds[i] == "forged", (i, offset, kinds)
+            # The others are still authenticated, by their own signatures where the chain broke.
+            assert kinds[:i] + kinds[i + 1 :] == ["ok"] * 3, (i, offset, kinds)
 
 
 def test_judge_sequence() -> None:
