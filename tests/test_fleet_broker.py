@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from device_agent.errors import EnvironmentFault
 from device_agent.events import EventStore
 from device_agent.mqtt import Broker, Link, Session
-from device_agent.report import Report, command_topic, encode_report, topic
+from device_agent.report import NO_PREV, Report, command_topic, encode_report, frame, payload_digest, topic
 from device_agent.telemetry import TelemetryConfig, TelemetryService
 from fleet.ca import FleetHome
-from fleet.monitor import Monitor, MonitorConfig
+from fleet.monitor import Flagged, Monitor, MonitorConfig, verify_batch
 from fleet.store import MonitorStore
 from packager.cli import main as edgeward
 from tests.conftest import Board
@@ -154,6 +154,29 @@ def test_reports_are_verified_and_stored_and_cli_shows_them(
     assert (row["source"], row["kind"], row["device_id"]) == ("board", "ood", "pi-001")
     assert edgeward(["fleet", "events", "--fleet-dir", str(fleet.home.path)]) == 0
     assert "ood" in capsys.readouterr().out
+
+
+def test_board_reports_form_a_hash_chain_across_restarts(
+    fleet: Fleet, make_board: Callable[..., Board]
+) -> None:
+    board = make_board("pi-chain")
+    svc, events = telemetry(board, fleet)
+    svc.heartbeat()
+    events.record("ood", datetime.now(UTC), severity="warning", score=0.9, evidence={})
+    svc._forward_events()
+    first = svc.outbox.pending(0, 100)
+    svc.outbox.close()
+    events.close()
+    svc, events = telemetry(board, fleet)  # a restarted agent continues the chain
+    svc.heartbeat()
+    pending = first + svc.outbox.pending(first[-1].seq, 100)
+    svc.outbox.close()
+    events.close()
+    payloads = [p.payload for p in pending]
+    assert len(payloads) == 5  # status, telemetry, event; status, telemetry
+    assert [frame(p).prev for p in payloads] == [NO_PREV] + [payload_digest(p) for p in payloads[:-1]]
+    rows = verify_batch(fleet.home.device_keys(), [(p.topic, p.payload) for p in pending])
+    assert not [r for r, _ in rows if isinstance(r, Flagged)]
 
 
 def test_forged_replayed_and_unknown_reports_are_flagged_not_stored(
