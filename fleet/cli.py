@@ -114,8 +114,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    mon.start()
     try:
+        mon.start()
         mon.link.require_connected(args.connect_timeout)
         print(f"monitoring {args.broker} into {store.path} (Ctrl-C to stop)", flush=True)
         end = time.monotonic() + args.duration if args.duration else None

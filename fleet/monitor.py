@@ -4,8 +4,8 @@ The decision is pure (:func:`verify_message`, :func:`verify_batch`, :func:`judge
 the enrolled keys and what the store already holds in; a verdict out. :class:`Monitor` is the thin
 adapter: an MQTT 5 shared subscription (several monitors share the load) whose network thread only
 receives and acknowledges, and a helper process that authenticates, parses, judges and stores each
-chunk of messages in one transaction (:func:`ingest_at`, in arrival order, off this process's
-GIL). The broker gets its acknowledgements only after that commit -- so a monitor killed mid-chunk
+chunk of messages in one transaction (:func:`ingest`, in arrival order, off this process's GIL).
+The broker gets its acknowledgements only after that commit -- so a monitor killed mid-chunk
 loses nothing (the broker redelivers, the store de-duplicates).
 
 Authentication (``docs/telemetry.md``, "Hash chain"): every report is signed by its board and names
@@ -32,11 +32,11 @@ import collections
 import contextlib
 import multiprocessing
 import queue
+import signal
 import threading
-import time
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from device_agent.bundle import ID_RE
 from device_agent.errors import EdgeWardError, EnvironmentFault, SecurityRefusal
@@ -244,28 +244,6 @@ def store_verified(
     return {"accepted": accepted, "duplicate": duplicate, "flagged": flagged}
 
 
-# The helper process's own connections to the stores it writes, by path.
-_helper_stores: dict[str, MonitorStore] = {}
-
-
-def ingest_at(
-    db: str, keys: Mapping[str, bytes], messages: list[tuple[str, bytes]], window: int
-) -> dict[str, int]:
-    """:func:`ingest` into the store at ``db`` (run in the helper process, which keeps one
-    connection per store until :func:`release_store`)."""
-    store = _helper_stores.get(db)
-    if store is None:
-        store = _helper_stores[db] = MonitorStore(db)
-    return ingest(store, keys, messages, window)
-
-
-def release_store(db: str) -> None:
-    """Close the helper process's connection to the store at ``db``, if it has one."""
-    store = _helper_stores.pop(db, None)
-    if store is not None:
-        store.close()
-
-
 def _device_of(topic_name: str) -> str:
     parts = topic_name.split("/")
     return parts[2] if len(parts) == 4 else ""
@@ -279,35 +257,120 @@ def topic_filters(group: str | None) -> list[str]:
     ]
 
 
-_pool_lock = threading.Lock()
-_pool: ProcessPoolExecutor | None = None
+class _Helper:
+    """The spawned process that runs :func:`ingest` for one monitor: it owns its own connection
+    to the store and answers each chunk, in the order sent, over one pipe. No executor threads:
+    the monitor's own process keeps only receiving, handing over and acknowledging."""
 
+    def __init__(self, db: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_helper_main, args=(child, db), name="edgeward-monitor-helper", daemon=True
+        )
+        self._proc.start()
+        child.close()
 
-def _helper_pool() -> ProcessPoolExecutor | None:
-    """The helper process that runs :func:`ingest_at` for every monitor of this process; started
-    (and waited for) once, before any monitor connects; replaced if it died. None when no helper
-    can be started (e.g. a host program whose main module cannot be re-imported): the monitor
-    then ingests in its own process, slower but the same."""
-    global _pool
-    with _pool_lock:
-        if _pool is not None:
-            try:
-                _pool.submit(int).result(timeout=30)
-                return _pool
-            except (BrokenExecutor, RuntimeError, TimeoutError):
-                _pool.shutdown(wait=False, cancel_futures=True)
-        # One worker: it takes the chunks strictly in the order they were submitted.
-        _pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    def started(self, timeout: float) -> bool:
+        """True once the helper has opened the store and is ready; False if it never will be."""
         try:
-            _pool.submit(time.sleep, 0.05).result(timeout=60)
-        except (BrokenExecutor, TimeoutError, OSError):
-            _pool.shutdown(wait=False, cancel_futures=True)
-            _pool = None
-        return _pool
+            if not self._conn.poll(timeout):
+                return False
+            ok, value = self._conn.recv()
+        except (EOFError, OSError):
+            return False
+        if not ok:
+            raise value  # the store cannot be opened: the same error the monitor would give
+        return True
+
+    def send(self, chunk: tuple[Mapping[str, bytes], list[tuple[str, bytes]], int]) -> None:
+        try:
+            self._conn.send(chunk)
+        except OSError as e:
+            raise EnvironmentFault(f"the monitor's helper process stopped: {e}") from e
+
+    def answered(self, timeout: float) -> bool:
+        return self._conn.poll(timeout)
+
+    def result(self) -> dict[str, int]:
+        try:
+            ok, value = self._conn.recv()
+        except (EOFError, OSError) as e:
+            raise EnvironmentFault(
+                f"the monitor's helper process stopped (exit code {self._proc.exitcode})"
+            ) from e
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Let the helper finish the chunk in hand, close its store connection and exit."""
+        with contextlib.suppress(OSError):
+            self._conn.send(None)
+        self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()
+
+
+def _helper_main(conn: Any, db: str) -> None:
+    # Ctrl-C reaches the whole process group: the monitor decides when to stop (it sends None),
+    # so a chunk in hand is committed or rolled back whole, never cut off.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        store = MonitorStore(db)
+    except EdgeWardError as e:
+        conn.send((False, e))
+        return
+    try:
+        conn.send((True, None))
+        while (chunk := conn.recv()) is not None:
+            try:
+                conn.send((True, ingest(store, *chunk)))
+            except EdgeWardError as e:
+                conn.send((False, e))
+    except (EOFError, OSError):
+        pass  # the monitor is gone; an uncommitted chunk was never acknowledged
+    finally:
+        store.close()
+
+
+class _InProcess:
+    """The same interface as :class:`_Helper`, ingesting in the monitor's own process: used when
+    no helper process can be started (e.g. a host program whose main module cannot be
+    re-imported); slower, the same results."""
+
+    def __init__(self, store: MonitorStore) -> None:
+        self._store = store
+        self._done: collections.deque[dict[str, int] | EdgeWardError] = collections.deque()
+
+    def send(self, chunk: tuple[Mapping[str, bytes], list[tuple[str, bytes]], int]) -> None:
+        try:
+            self._done.append(ingest(self._store, *chunk))
+        except EdgeWardError as e:
+            self._done.append(e)
+
+    def answered(self, timeout: float) -> bool:
+        return bool(self._done)
+
+    def result(self) -> dict[str, int]:
+        r = self._done.popleft()
+        if isinstance(r, EdgeWardError):
+            raise r
+        return r
+
+    def close(self) -> None:
+        pass
+
+
+# How long a monitor waits for its helper process to import and open the store.
+HELPER_START_S = 60
 
 
 class Monitor:
-    """Subscribe, authenticate, store. ``start`` / ``stop``; ``processed`` counts handled messages."""
+    """Subscribe, authenticate, store. Constructing it starts its helper process; ``start`` connects;
+    ``stop`` ends both. ``processed`` counts handled messages."""
 
     def __init__(
         self,
@@ -338,10 +401,24 @@ class Monitor:
             self.link.subscribe(f)
         self._keys = home.device_keys()
         self._stop = threading.Event()
-        self._pool = _helper_pool()
+        self._helper = self._start_helper()
         self._thread = threading.Thread(target=self._run, name="edgeward-monitor", daemon=True)
         self.processed = 0
         self.error: EdgeWardError | None = None
+
+    def _start_helper(self) -> _Helper | _InProcess:
+        """Spawn the helper process and wait until it has opened the store (about half a second;
+        :meth:`stop` ends it); ingest in this process if it cannot start."""
+        helper = _Helper(str(self.store.path))
+        try:
+            started = helper.started(HELPER_START_S)
+        except BaseException:
+            helper.close()
+            raise
+        if started:
+            return helper
+        helper.close()
+        return _InProcess(self.store)
 
     def _key_lookup(self, batch: list[tuple[str, bytes, int]]) -> Mapping[str, bytes]:
         """Enrolled keys, re-read when a batch names a device enrolled since they were loaded
@@ -364,46 +441,34 @@ class Monitor:
                 break
         return items
 
-    def _submit(self, batch: list[tuple[str, bytes, int]]) -> Future[dict[str, int]]:
-        """Hand one chunk to the helper process (or ingest it here when there is none)."""
+    def _chunk(
+        self, batch: list[tuple[str, bytes, int]]
+    ) -> tuple[dict[str, bytes], list[tuple[str, bytes]], int]:
+        """What the helper needs for one chunk: the keys of its devices, the messages, the window."""
         keys = self._key_lookup(batch)
         wanted = {_device_of(t) for t, _, _ in batch}
-        args = (
-            str(self.store.path),
+        return (
             {d: keys[d] for d in wanted if d in keys},
             [(t, p) for t, p, _ in batch],
             self.config.redelivery_window,
         )
-        if self._pool is not None:
-            return self._pool.submit(ingest_at, *args)
-        done: Future[dict[str, int]] = Future()
-        try:
-            done.set_result(ingest(self.store, *args[1:]))
-        except EdgeWardError as e:
-            done.set_exception(e)
-        return done
 
     def _run(self) -> None:
         """Hand chunks to the helper in arrival order, at most IN_FLIGHT at a time; acknowledge
         each chunk to the broker once the helper has committed it, oldest first."""
-        pending: collections.deque[tuple[list[int], Future[dict[str, int]]]] = collections.deque()
+        helper = self._helper
+        sent: collections.deque[list[int]] = collections.deque()  # message ids, oldest first
         try:
             while not self._stop.is_set():
                 batch = []
-                if len(pending) < IN_FLIGHT:
-                    batch = self._take(self.config.batch, 0.0 if pending else 0.1)
+                if len(sent) < IN_FLIGHT:
+                    batch = self._take(self.config.batch, 0.0 if sent else 0.1)
                     if batch:
-                        pending.append(([mid for _, _, mid in batch], self._submit(batch)))
-                # Acknowledge finished chunks; wait for the oldest when there is nothing to add.
-                while pending:
-                    mids, job = pending[0]
-                    if len(pending) < IN_FLIGHT and batch and not job.done():
-                        break
-                    try:
-                        job.result(timeout=0.1)
-                    except TimeoutError:
-                        break
-                    pending.popleft()
+                        helper.send(self._chunk(batch))
+                        sent.append([mid for _, _, mid in batch])
+                if sent and helper.answered(0.0 if batch else 0.1):
+                    helper.result()
+                    mids = sent.popleft()
                     for mid in mids:
                         self.link.ack(mid)
                     self.processed += len(mids)
@@ -413,19 +478,16 @@ class Monitor:
             # Not acknowledged: the broker delivers the chunk again to the next monitor run.
             self.error = e
             self._stop.set()
-        except BrokenExecutor as e:
-            self.error = EnvironmentFault(f"the monitor's helper process stopped: {e}")
-            self._stop.set()
 
     def start(self) -> None:
         self.link.start()
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop receiving, let the helper finish the chunk in hand, disconnect; call it even when
+        :meth:`start` failed or was never called (it ends the helper process)."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         self.link.stop()
-        if self._pool is not None:
-            # A dead helper holds no connection to release.
-            with contextlib.suppress(BrokenExecutor, RuntimeError, TimeoutError):
-                self._pool.submit(release_store, str(self.store.path)).result(timeout=30)
+        self._helper.close()

@@ -7,6 +7,7 @@ replayed / unknown reports flagged and never stored as genuine, and the fleet CL
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import ssl
 from collections.abc import Callable
@@ -245,6 +246,17 @@ def test_forged_replayed_and_unknown_reports_are_flagged_not_stored(
     assert len(stored(store, "pi-001", "events")) == 30  # nothing flagged was stored as genuine
     assert max(r["seq"] for r in store.reports("pi-001")) < 10_000
     assert store.reports("pi-ghost") == []
+    store.close()
+
+
+def test_monitor_whose_helper_cannot_open_the_store_refuses_to_start(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    (tmp_path / "gone").mkdir()
+    store = MonitorStore(tmp_path / "gone" / "monitor.db")
+    shutil.rmtree(tmp_path / "gone")  # the helper process opens its own connection: it fails
+    with pytest.raises(EnvironmentFault, match="cannot open the monitor store"):
+        Monitor(fleet.home, store, fleet.operator, "mon-nostore")
     store.close()
 
 

@@ -140,3 +140,41 @@ def test_long_outage_fills_the_outbox_and_security_events_survive(
     wait_until(lambda: any(n > 0 for n in dropped()), 10, "the drop count reported")
     svc.stop()
     events.close()
+
+
+def test_monitor_helper_killed_mid_burst(fleet: Fleet, make_board: Callable[..., Board]) -> None:
+    """The process that authenticates and stores dies: the monitor stops with an error, nothing
+    uncommitted was acknowledged, and the next monitor run gets every event exactly once."""
+    board = make_board("pi-001")
+    events = EventStore(board.data_dir / "events.db")
+    svc = TelemetryService(
+        board.data_dir,
+        board.keys,
+        events,
+        fleet.enrol(board.enrolment),
+        config=TelemetryConfig(heartbeat_s=1, poll_s=0.05, backoff=(1, 2)),
+    )
+    store = MonitorStore(fleet.home.monitor_db)
+    config = MonitorConfig(group=None)
+    first = Monitor(fleet.home, store, fleet.operator, "mon-helper", config)
+    first.start()
+    first.link.require_connected(10)
+    svc.start()
+    try:
+        record(events, range(0, 600))
+        wait_until(lambda: len(event_numbers(store, "pi-001")) >= 100, 30, "some events through")
+        os.kill(first._helper._proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        record(events, range(600, BURST))
+        wait_until(lambda: first.error is not None, 30, "the monitor to notice")
+        assert "helper process stopped" in str(first.error)
+        first.stop()
+        second = Monitor(fleet.home, store, fleet.operator, "mon-helper", config)
+        second.start()
+        try:
+            assert_exactly_once(second, "pi-001")
+        finally:
+            second.stop()
+    finally:
+        svc.stop()
+        events.close()
+        store.close()
