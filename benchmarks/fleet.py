@@ -245,31 +245,22 @@ def main() -> int:
             board = Broker(
                 "127.0.0.1", port, home.ca_cert, c / f"{DEVICE}.crt", c / f"{DEVICE}.key"
             )
+            # (mode, how it is measured, workload): bare paho first, then the monitor.
+            plan = [
+                ("drain", drain_rate, payloads),
+                ("live", live_rate, payloads),
+                ("floor", drain_rate, unchained),
+            ]
             rates = {
-                "drain": (
-                    drain_rate(BareSubscriber(operator, "bare-drain"), board, payloads),
-                    drain_rate(
-                        MonitorSubscriber(home, operator, "monitor-drain", tmp / "drain.db"),
+                mode: (
+                    rate(BareSubscriber(operator, f"bare-{mode}"), board, work),
+                    rate(
+                        MonitorSubscriber(home, operator, f"monitor-{mode}", tmp / f"{mode}.db"),
                         board,
-                        payloads,
+                        work,
                     ),
-                ),
-                "live": (
-                    live_rate(BareSubscriber(operator, "bare-live"), board, payloads),
-                    live_rate(
-                        MonitorSubscriber(home, operator, "monitor-live", tmp / "live.db"),
-                        board,
-                        payloads,
-                    ),
-                ),
-                "floor": (
-                    drain_rate(BareSubscriber(operator, "bare-floor"), board, unchained),
-                    drain_rate(
-                        MonitorSubscriber(home, operator, "monitor-floor", tmp / "floor.db"),
-                        board,
-                        unchained,
-                    ),
-                ),
+                )
+                for mode, rate, work in plan
             }
         finally:
             proc.send_signal(signal.SIGTERM)

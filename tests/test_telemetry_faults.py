@@ -53,10 +53,8 @@ def record(events: EventStore, numbers: range) -> None:
         events.record("extraction", datetime.now(UTC), severity="warning", evidence={"i": i})
 
 
-def test_broker_restarted_during_a_burst(
-    fleet: Fleet, monitor: Monitor, make_board: Callable[..., Board]
-) -> None:
-    board = make_board("pi-001")
+def board_telemetry(board: Board, fleet: Fleet) -> tuple[TelemetryService, EventStore]:
+    """The board's telemetry in this process (not started), and its event store."""
     events = EventStore(board.data_dir / "events.db")
     svc = TelemetryService(
         board.data_dir,
@@ -65,6 +63,13 @@ def test_broker_restarted_during_a_burst(
         fleet.enrol(board.enrolment),
         config=TelemetryConfig(heartbeat_s=1, poll_s=0.05, backoff=(1, 2)),
     )
+    return svc, events
+
+
+def test_broker_restarted_during_a_burst(
+    fleet: Fleet, monitor: Monitor, make_board: Callable[..., Board]
+) -> None:
+    svc, events = board_telemetry(make_board("pi-001"), fleet)
     svc.start()
     record(events, range(0, 300))
     wait_until(
@@ -145,15 +150,7 @@ def test_long_outage_fills_the_outbox_and_security_events_survive(
 def test_monitor_helper_killed_mid_burst(fleet: Fleet, make_board: Callable[..., Board]) -> None:
     """The process that authenticates and stores dies: the monitor stops with an error, nothing
     uncommitted was acknowledged, and the next monitor run gets every event exactly once."""
-    board = make_board("pi-001")
-    events = EventStore(board.data_dir / "events.db")
-    svc = TelemetryService(
-        board.data_dir,
-        board.keys,
-        events,
-        fleet.enrol(board.enrolment),
-        config=TelemetryConfig(heartbeat_s=1, poll_s=0.05, backoff=(1, 2)),
-    )
+    svc, events = board_telemetry(make_board("pi-001"), fleet)
     store = MonitorStore(fleet.home.monitor_db)
     config = MonitorConfig(group=None)
     first = Monitor(fleet.home, store, fleet.operator, "mon-helper", config)
