@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,9 @@ class Link:
         self.last_error: str | None = None
         self._subscriptions: list[str] = []
         self._awaiting: set[int] = set()
+        self._subacked: set[int] = set()  # SUBACKs seen (message ids), for flush_acks
+        self._suback = threading.Event()
+        self._manual_ack = manual_ack
         self._will = will
         c = paho.Client(
             paho.CallbackAPIVersion.VERSION2,
@@ -129,6 +133,8 @@ class Link:
         self._awaiting = {client.subscribe(f, qos=QOS)[1] for f in self._subscriptions}
 
     def _on_subscribe(self, _c: Any, _u: Any, mid: int, codes: Any, _p: Any) -> None:
+        self._subacked.add(mid)
+        self._suback.set()
         if any(rc.is_failure for rc in codes):
             self.last_error = f"subscription refused by the broker: {codes}"
             return
@@ -193,7 +199,30 @@ class Link:
     def ack(self, mid: int) -> None:
         self._client.ack(mid, QOS)
 
+    def flush_acks(self, timeout: float) -> bool:
+        """Wait until the broker has read every acknowledgement sent so far; True if it has.
+
+        MQTT has no answer to a PUBACK, but a broker handles a client's packets in order: the
+        SUBACK to a repeated subscription (the same filter again: the session is unchanged)
+        proves it has read every PUBACK before it. Without this, disconnecting while messages
+        are still arriving resets the connection (unread data at close means a TCP RST), and the
+        broker may lose the acknowledgements it had not read yet and deliver them again."""
+        # Connected, not necessarily :attr:`connected`: a resumed session's queued messages can
+        # arrive before the broker has answered the subscriptions.
+        if not (self._manual_ack and self._subscriptions and self._client.is_connected()):
+            return True
+        _, mid = self._client.subscribe(self._subscriptions[0], qos=QOS)
+        end = time.monotonic() + timeout
+        while mid not in self._subacked:
+            if time.monotonic() >= end:
+                return False
+            self._suback.wait(0.05)
+            self._suback.clear()
+        return True
+
     def stop(self) -> None:
-        """Disconnect cleanly (no last will) and stop paho's thread."""
+        """Disconnect cleanly (no last will) and stop paho's thread; a client acknowledging by
+        hand first waits (briefly) until the broker has read its acknowledgements."""
+        self.flush_acks(5)
         self._client.disconnect()
         self._client.loop_stop()

@@ -2,11 +2,11 @@
 
 The decision is pure (:func:`verify_message`, :func:`verify_batch`, :func:`judge_sequence`): bytes,
 the enrolled keys and what the store already holds in; a verdict out. :class:`Monitor` is the thin
-adapter: an MQTT 5 shared subscription (several monitors share the load) whose network thread only
-receives and acknowledges, and a helper process that authenticates, parses, judges and stores each
-chunk of messages in one transaction (:func:`ingest`, in arrival order, off this process's GIL).
-The broker gets its acknowledgements only after that commit -- so a monitor killed mid-chunk
-loses nothing (the broker redelivers, the store de-duplicates).
+adapter: an MQTT 5 shared subscription (several monitors share the load), a hand-over thread that
+passes received messages on and acknowledges them, and a helper process that authenticates,
+parses, judges and stores each chunk of messages in one transaction (:func:`ingest`, in arrival
+order, off this process's GIL). The broker gets its acknowledgements only after that commit -- so
+a monitor killed mid-chunk loses nothing (the broker redelivers, the store de-duplicates).
 
 Authentication (``docs/telemetry.md``, "Hash chain"): every report is signed by its board and names
 the SHA-256 of the board's previous report (``prev``). Within a chunk, newest first, a report whose
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import multiprocessing
 import queue
 import signal
@@ -59,17 +60,25 @@ from device_agent.telemetry import DEFAULT_CONFIG as BOARD_DEFAULTS
 from .ca import FleetHome
 from .store import MonitorStore, Row
 
+_log = logging.getLogger(__name__)
+
+
+RECEIVE_MAXIMUM = 1000
+
 
 @dataclass(frozen=True)
 class MonitorConfig:
     """Every monitor limit in one place."""
 
-    # A board hands at most `window` unacknowledged reports to MQTT; only those can come twice.
-    redelivery_window: int = 4 * BOARD_DEFAULTS.window
+    # How far behind a device's highest sequence number the same bytes may legitimately come
+    # again: a board resends at most `window` unacknowledged reports, and the broker resends to a
+    # restarted monitor what it delivered but never saw acknowledged (at most RECEIVE_MAXIMUM, e.g.
+    # a monitor killed between a commit and its acknowledgements).
+    redelivery_window: int = RECEIVE_MAXIMUM + 4 * BOARD_DEFAULTS.window
     batch: int = 250  # reports authenticated, judged and committed per transaction
     # broker -> monitor in flight, acknowledged after commit: room for the chunks in the helper
     # (IN_FLIGHT) and the next ones arriving meanwhile.
-    receive_maximum: int = 1000
+    receive_maximum: int = RECEIVE_MAXIMUM
     session_expiry: int = 7 * 24 * 3600  # the broker queues for an absent monitor this long
     # MQTT 5 shared subscription group (several monitors share the load). None: one plain
     # persistent subscription -- mosquitto 2.0 does not keep shared subscriptions across a
@@ -79,8 +88,11 @@ class MonitorConfig:
 
 DEFAULT_MONITOR = MonitorConfig()
 # Chunks handed to the helper process at a time: it works on one while the next waits, so it
-# never waits for this process.
+# never waits for this process. Answers are a few bytes each, so with at most two outstanding the
+# helper never blocks writing one while this process blocks sending a chunk: no deadlock.
 IN_FLIGHT = 2
+# While the helper is busy, how often the hand-over thread looks for its answer or a full chunk.
+FILL_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -119,12 +131,15 @@ def check_message(
     topic_name: str,
     payload: bytes,
     vouched: Collection[tuple[str, bytes]] = (),
+    d: bytes | None = None,
 ) -> Checked:
     """Authenticate first: the device named by the topic must be enrolled, and either its key
     signed the exact received bytes or ``(device, payload_digest(payload))`` is in ``vouched``
     (a later report of that device, already authenticated, names these exact bytes as its
-    predecessor). Returns (device, body, prev) with the body not yet parsed."""
-    d = payload_digest(payload)
+    predecessor). ``d``: the payload's digest, if the caller has it. Returns (device, body, prev)
+    with the body not yet parsed."""
+    if d is None:
+        d = payload_digest(payload)
     try:
         device, _ = split_topic(topic_name)
     except EdgeWardError as e:
@@ -200,8 +215,9 @@ def verify_batch(
     vouched: set[tuple[str, bytes]] = set()
     for i in range(len(messages) - 1, -1, -1):
         topic_name, payload = messages[i]
-        d = payload_digest(payload).hex()
-        checked = check_message(keys, topic_name, payload, vouched)
+        raw = payload_digest(payload)
+        d = raw.hex()
+        checked = check_message(keys, topic_name, payload, vouched, raw)
         r = parse_checked(checked, topic_name, d)
         if isinstance(r, Flagged):
             out[i] = (r, d)
@@ -268,8 +284,13 @@ class _Helper:
         self._proc = ctx.Process(
             target=_helper_main, args=(child, db), name="edgeward-monitor-helper", daemon=True
         )
-        self._proc.start()
-        child.close()
+        try:
+            self._proc.start()
+        except BaseException:
+            self._conn.close()
+            raise
+        finally:
+            child.close()
 
     def started(self, timeout: float) -> bool:
         """True once the helper has opened the store and is ready; False if it never will be."""
@@ -296,6 +317,7 @@ class _Helper:
         try:
             ok, value = self._conn.recv()
         except (EOFError, OSError) as e:
+            self._proc.join(1)
             raise EnvironmentFault(
                 f"the monitor's helper process stopped (exit code {self._proc.exitcode})"
             ) from e
@@ -312,6 +334,8 @@ class _Helper:
             self._proc.kill()
             self._proc.join()
         self._conn.close()
+        with contextlib.suppress(ValueError):  # closed already
+            self._proc.close()
 
 
 def _helper_main(conn: Any, db: str) -> None:
@@ -330,6 +354,8 @@ def _helper_main(conn: Any, db: str) -> None:
                 conn.send((True, ingest(store, *chunk)))
             except EdgeWardError as e:
                 conn.send((False, e))
+            except Exception as e:  # a bug, not the environment: still name it to the monitor
+                conn.send((False, EnvironmentFault(f"the monitor's helper failed: {e!r}")))
     except (EOFError, OSError):
         pass  # the monitor is gone; an uncommitted chunk was never acknowledged
     finally:
@@ -337,9 +363,10 @@ def _helper_main(conn: Any, db: str) -> None:
 
 
 class _InProcess:
-    """The same interface as :class:`_Helper`, ingesting in the monitor's own process: used when
-    no helper process can be started (e.g. a host program whose main module cannot be
-    re-imported); slower, the same results."""
+    """The same interface as :class:`_Helper`, ingesting in the monitor's own process: used for an
+    in-memory store (a helper would open a database of its own) and when no helper process can
+    be started (e.g. a host program whose main module cannot be re-imported); slower, the same
+    results."""
 
     def __init__(self, store: MonitorStore) -> None:
         self._store = store
@@ -350,6 +377,8 @@ class _InProcess:
             self._done.append(ingest(self._store, *chunk))
         except EdgeWardError as e:
             self._done.append(e)
+        except Exception as e:
+            self._done.append(EnvironmentFault(f"the monitor's ingest failed: {e!r}"))
 
     def answered(self, timeout: float) -> bool:
         return bool(self._done)
@@ -409,7 +438,13 @@ class Monitor:
     def _start_helper(self) -> _Helper | _InProcess:
         """Spawn the helper process and wait until it has opened the store (about half a second;
         :meth:`stop` ends it); ingest in this process if it cannot start."""
-        helper = _Helper(str(self.store.path))
+        if str(self.store.path) == ":memory:":
+            return _InProcess(self.store)
+        try:
+            helper = _Helper(str(self.store.path))
+        except OSError as e:
+            _log.warning("monitor helper process not started (%s): ingesting in-process, slower", e)
+            return _InProcess(self.store)
         try:
             started = helper.started(HELPER_START_S)
         except BaseException:
@@ -418,6 +453,7 @@ class Monitor:
         if started:
             return helper
         helper.close()
+        _log.warning("monitor helper process did not start: ingesting in-process, slower")
         return _InProcess(self.store)
 
     def _key_lookup(self, batch: list[tuple[str, bytes, int]]) -> Mapping[str, bytes]:
@@ -454,19 +490,25 @@ class Monitor:
         )
 
     def _run(self) -> None:
-        """Hand chunks to the helper in arrival order, at most IN_FLIGHT at a time; acknowledge
-        each chunk to the broker once the helper has committed it, oldest first."""
+        """Hand chunks to the helper in arrival order and acknowledge each chunk to the broker
+        once the helper has committed it, oldest first. While the helper is busy, the next chunk
+        goes to it only when full; otherwise it grows until the helper answers (bigger chunks:
+        fewer commits, fewer signature checks). On stop, take nothing more but acknowledge every
+        chunk already handed over: committed and not acknowledged, it would come back."""
         helper = self._helper
         sent: collections.deque[list[int]] = collections.deque()  # message ids, oldest first
         try:
-            while not self._stop.is_set():
+            while sent or not self._stop.is_set():
                 batch = []
-                if len(sent) < IN_FLIGHT:
-                    batch = self._take(self.config.batch, 0.0 if sent else 0.1)
+                if not self._stop.is_set() and len(sent) < IN_FLIGHT:
+                    if not sent:
+                        batch = self._take(self.config.batch, 0.1)
+                    elif self._inbox.qsize() >= self.config.batch:
+                        batch = self._take(self.config.batch, 0.0)
                     if batch:
                         helper.send(self._chunk(batch))
                         sent.append([mid for _, _, mid in batch])
-                if sent and helper.answered(0.0 if batch else 0.1):
+                if sent and helper.answered(0.0 if batch else FILL_S):
                     helper.result()
                     mids = sent.popleft()
                     for mid in mids:
@@ -477,6 +519,9 @@ class Monitor:
         except EdgeWardError as e:
             # Not acknowledged: the broker delivers the chunk again to the next monitor run.
             self.error = e
+            self._stop.set()
+        except Exception as e:
+            self.error = EnvironmentFault(f"the monitor stopped on an unexpected error: {e!r}")
             self._stop.set()
 
     def start(self) -> None:
