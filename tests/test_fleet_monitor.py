@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+import fleet.monitor
 from device_agent.crypto import ed25519_public_raw
 from device_agent.errors import FormatError
 from device_agent.events import Event
-from device_agent.report import NO_PREV, Report, encode_report, payload_digest, topic, verify_report
+from device_agent.report import NO_PREV, Frame, Report, encode_report, payload_digest, topic, verify_report
 from device_agent.telemetry import event_data
 from fleet.monitor import (
     Accepted,
@@ -39,14 +40,14 @@ def report(
 def test_verify_message_verdicts() -> None:
     t, p = report(1)
     assert isinstance(verify_message(KEYS, t, p), Report)
-    assert verify_message({}, t, p).kind == "unknown-device"  # type: ignore[union-attr]
+    assert verify_message({}, t, p).kind == "unknown-device"
     other = Report("pi-1", 1, "events", NOW, {})
     forged = verify_message(KEYS, t, encode_report(other, Ed25519PrivateKey.generate()))
     assert isinstance(forged, Flagged) and forged.kind == "forged"
     wrong_topic = verify_message(KEYS, topic("pi-1", "telemetry"), p)  # body says events
     assert isinstance(wrong_topic, Flagged) and "arrived on" in wrong_topic.detail
-    assert verify_message(KEYS, "edgeward/v1/../x", p).kind == "forged"  # type: ignore[union-attr]
-    assert verify_message(KEYS, t, p[:-1]).kind == "forged"  # type: ignore[union-attr]
+    assert verify_message(KEYS, "edgeward/v1/../x", p).kind == "forged"
+    assert verify_message(KEYS, t, p[:-1]).kind == "forged"
 
 
 def chain(n: int, key: Ed25519PrivateKey = KEY, device: str = "pi-1") -> list[tuple[str, bytes]]:
@@ -72,15 +73,45 @@ def test_a_chained_burst_is_authenticated_through_its_newest_signature() -> None
     rows = verify_batch(KEYS, [(t, odd), vouching])
     assert not isinstance(rows[0][0], Flagged) and not isinstance(rows[1][0], Flagged)
     # Without a vouching report it is checked on its own signature, and fails.
-    assert verify_batch(KEYS, [(t, odd)])[0][0].kind == "forged"  # type: ignore[union-attr]
+    assert verify_batch(KEYS, [(t, odd)])[0][0].kind == "forged"
     # A vouch counts only from an authenticated report of the same device, naming the exact bytes.
     forged_vouch = (r2.topic, encode_report(r2, Ed25519PrivateKey.generate(), payload_digest(odd)))
-    assert [r.kind for r, _ in verify_batch(KEYS, [(t, odd), forged_vouch])] == ["forged", "forged"]  # type: ignore[union-attr]
+    assert [r.kind for r, _ in verify_batch(KEYS, [(t, odd), forged_vouch])] == ["forged", "forged"]
     other_key = Ed25519PrivateKey.generate()
     r3 = Report("pi-2", 2, "events", NOW, {"event": {"kind": "ood"}})
     other_device = (r3.topic, encode_report(r3, other_key, payload_digest(odd)))
     keys = KEYS | {"pi-2": ed25519_public_raw(other_key)}
-    assert verify_batch(keys, [(t, odd), other_device])[0][0].kind == "forged"  # type: ignore[union-attr]
+    assert verify_batch(keys, [(t, odd), other_device])[0][0].kind == "forged"
+
+
+def test_a_chunk_of_one_boards_burst_costs_one_signature_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[int] = []
+    real = fleet.monitor.verify_frame
+
+    def counted(f: Frame, key: bytes) -> None:
+        checks.append(1)
+        real(f, key)
+
+    monkeypatch.setattr(fleet.monitor, "verify_frame", counted)
+    assert not [r for r, _ in verify_batch(KEYS, chain(250)) if isinstance(r, Flagged)]
+    assert len(checks) == 1
+    checks.clear()
+    unchained = [report(seq) for seq in range(1, 11)]  # each names no predecessor
+    assert not [r for r, _ in verify_batch(KEYS, unchained) if isinstance(r, Flagged)]
+    assert len(checks) == 10
+
+
+def test_only_a_well_formed_report_on_its_own_topic_vouches_and_is_vouched_for() -> None:
+    t, odd = report(1)
+    odd = odd[:4] + bytes(64) + odd[68:]  # its own signature: zeros
+    # Signed by the device's key, but its body names another device: malformed, so no vouch.
+    r2 = Report("pi-2", 2, "events", NOW, {"event": {"kind": "ood"}})
+    malformed = (topic("pi-1", "events"), encode_report(r2, KEY, payload_digest(odd)))
+    assert [r.kind for r, _ in verify_batch(KEYS, [(t, odd), malformed])] == ["forged", "forged"]
+    # A vouched payload republished on another topic level still fails its topic check.
+    msgs = chain(2)
+    rows = verify_batch(KEYS, [(topic("pi-1", "status"), msgs[0][1]), msgs[1]])
+    assert isinstance(rows[0][0], Flagged) and "arrived on" in rows[0][0].detail
 
 
 def test_tampering_anywhere_in_a_chain_is_caught() -> None:

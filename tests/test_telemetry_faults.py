@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from device_agent.events import EventStore
+from device_agent.mqtt import Link, Session
+from device_agent.report import NO_PREV, Report, encode_report, payload_digest
 from device_agent.telemetry import TelemetryConfig, TelemetryService
 from fleet.monitor import Monitor, MonitorConfig
 from fleet.store import MonitorStore
@@ -160,7 +163,9 @@ def test_monitor_helper_killed_mid_burst(fleet: Fleet, make_board: Callable[...,
     try:
         record(events, range(0, 600))
         wait_until(lambda: len(event_numbers(store, "pi-001")) >= 100, 30, "some events through")
-        os.kill(first._helper._proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        helper_pid = first._helper._proc.pid  # type: ignore[union-attr]
+        assert helper_pid is not None
+        os.kill(helper_pid, signal.SIGKILL)
         record(events, range(600, BURST))
         wait_until(lambda: first.error is not None, 30, "the monitor to notice")
         assert "helper process stopped" in str(first.error)
@@ -174,4 +179,81 @@ def test_monitor_helper_killed_mid_burst(fleet: Fleet, make_board: Callable[...,
     finally:
         svc.stop()
         events.close()
+        store.close()
+
+
+def queue_for(fleet: Fleet, board: Board, client_id: str, config: MonitorConfig) -> None:
+    """A burst of BURST chained events from ``board``, queued by the broker for the persistent
+    session ``client_id`` while no monitor is connected."""
+    store = MonitorStore(fleet.home.monitor_db)
+    mon = Monitor(fleet.home, store, fleet.operator, client_id, config)
+    mon.start()
+    mon.link.require_connected(10)
+    mon.stop()  # the session (and its subscription) stays with the broker
+    store.close()
+    signer = board.agent().store.unlock(board.keys).signer()
+    acks: list[bool] = []
+    session = Session("burst", max_inflight=200)
+    link = Link(fleet.broker(board.device_id), session, on_ack=lambda _m, ok: acks.append(ok))
+    link.start()
+    link.require_connected(10)
+    prev = NO_PREV
+    for i in range(BURST):
+        r = Report(board.device_id, i + 1, "events", datetime.now(UTC), {"event": {"evidence": {"i": i}}})
+        payload = encode_report(r, signer, prev)
+        prev = payload_digest(payload)
+        link.publish(r.topic, payload)
+    wait_until(lambda: len(acks) == BURST, 30, "the burst at the broker")
+    link.stop()
+
+
+def test_monitor_stopped_mid_burst_acknowledges_what_it_committed(
+    fleet: Fleet, make_board: Callable[..., Board]
+) -> None:
+    """Stopping with chunks in the helper: each one committed is acknowledged before the monitor
+    disconnects, so the next run neither stores it twice nor flags it as a replay."""
+    board = make_board("pi-001")
+    fleet.enrol(board.enrolment)
+    config = MonitorConfig(group=None, redelivery_window=8)  # a resent report would be flagged
+    queue_for(fleet, board, "mon-stop", config)
+    store = MonitorStore(fleet.home.monitor_db)
+    partway = threading.Event()
+    first = Monitor(
+        fleet.home,
+        store,
+        fleet.operator,
+        "mon-stop",
+        config,
+        on_batch=lambda n: partway.set() if n >= 300 else None,
+    )
+    first.start()
+    try:
+        assert partway.wait(30)
+    finally:
+        first.stop()  # more chunks are with the helper at this point
+    assert first.error is None and first.processed < BURST
+    assert len(event_numbers(store, "pi-001")) == first.processed  # stored == acknowledged
+    second = Monitor(fleet.home, store, fleet.operator, "mon-stop", config)
+    second.start()
+    try:
+        assert_exactly_once(second, "pi-001")
+    finally:
+        second.stop()
+        store.close()
+
+
+def test_monitor_with_an_in_memory_store_ingests_in_process(
+    fleet: Fleet, make_board: Callable[..., Board]
+) -> None:
+    board = make_board("pi-001")
+    fleet.enrol(board.enrolment)
+    config = MonitorConfig(group=None)
+    queue_for(fleet, board, "mon-memory", config)
+    store = MonitorStore(":memory:")  # a helper process would open a database of its own
+    mon = Monitor(fleet.home, store, fleet.operator, "mon-memory", config)
+    mon.start()
+    try:
+        assert_exactly_once(mon, "pi-001")
+    finally:
+        mon.stop()
         store.close()
