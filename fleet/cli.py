@@ -110,10 +110,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     store = MonitorStore(args.db or home.monitor_db)
     config = MonitorConfig(group=None if args.exclusive else args.group)
     client_id = args.client_id or f"monitor-{args.operator}"
-    mon = Monitor(home, store, _operator_broker(args, home), client_id, config)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
+    mon = Monitor(home, store, _operator_broker(args, home), client_id, config)
     try:
         mon.start()
         mon.link.require_connected(args.connect_timeout)

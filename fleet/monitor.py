@@ -326,7 +326,9 @@ class _Helper:
         return value
 
     def close(self) -> None:
-        """Let the helper finish the chunk in hand, close its store connection and exit."""
+        """Let the helper finish the chunk in hand, close its store connection and exit (once)."""
+        if self._conn.closed:
+            return
         with contextlib.suppress(OSError):
             self._conn.send(None)
         self._proc.join(30)
