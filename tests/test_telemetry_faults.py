@@ -51,6 +51,17 @@ def assert_exactly_once(mon: Monitor, device_id: str) -> None:
     assert [e for e in mon.store.events() if e["source"] == "monitor"] == []
 
 
+def run_until_exactly_once(fleet: Fleet, store: MonitorStore, client_id: str, config: MonitorConfig) -> None:
+    """A monitor run on the persistent session ``client_id``: it must end with every event
+    exactly once and nothing flagged."""
+    mon = Monitor(fleet.home, store, fleet.operator, client_id, config)
+    mon.start()
+    try:
+        assert_exactly_once(mon, "pi-001")
+    finally:
+        mon.stop()
+
+
 def record(events: EventStore, numbers: range) -> None:
     for i in numbers:
         events.record("extraction", datetime.now(UTC), severity="warning", evidence={"i": i})
@@ -170,12 +181,7 @@ def test_monitor_helper_killed_mid_burst(fleet: Fleet, make_board: Callable[...,
         wait_until(lambda: first.error is not None, 30, "the monitor to notice")
         assert "helper process stopped" in str(first.error)
         first.stop()
-        second = Monitor(fleet.home, store, fleet.operator, "mon-helper", config)
-        second.start()
-        try:
-            assert_exactly_once(second, "pi-001")
-        finally:
-            second.stop()
+        run_until_exactly_once(fleet, store, "mon-helper", config)
     finally:
         svc.stop()
         events.close()
@@ -233,13 +239,8 @@ def test_monitor_stopped_mid_burst_acknowledges_what_it_committed(
         first.stop()  # more chunks are with the helper at this point
     assert first.error is None and first.processed < BURST
     assert len(event_numbers(store, "pi-001")) == first.processed  # stored == acknowledged
-    second = Monitor(fleet.home, store, fleet.operator, "mon-stop", config)
-    second.start()
-    try:
-        assert_exactly_once(second, "pi-001")
-    finally:
-        second.stop()
-        store.close()
+    run_until_exactly_once(fleet, store, "mon-stop", config)
+    store.close()
 
 
 def test_monitor_with_an_in_memory_store_ingests_in_process(
@@ -250,10 +251,5 @@ def test_monitor_with_an_in_memory_store_ingests_in_process(
     config = MonitorConfig(group=None)
     queue_for(fleet, board, "mon-memory", config)
     store = MonitorStore(":memory:")  # a helper process would open a database of its own
-    mon = Monitor(fleet.home, store, fleet.operator, "mon-memory", config)
-    mon.start()
-    try:
-        assert_exactly_once(mon, "pi-001")
-    finally:
-        mon.stop()
-        store.close()
+    run_until_exactly_once(fleet, store, "mon-memory", config)
+    store.close()
