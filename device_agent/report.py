@@ -201,8 +201,9 @@ def check_signature(payload: bytes, sign_public: bytes) -> bytes:
 
 
 def parse_report(body: bytes, topic_name: str) -> Report:
-    """The second half of :func:`verify_report`: parse a body whose signature was checked by
-    :func:`check_signature` (only ever call it with such a body)."""
+    """The second half of :func:`verify_report`: parse an authenticated body -- its signature
+    checked by :func:`check_signature`, or its payload vouched for by a later authenticated
+    report's ``prev`` (the fleet monitor's hash chain). Never call it with anything else."""
     doc = _loads(body, "report body")
     if not isinstance(doc, dict) or doc.keys() != _FIELDS:
         _obj(doc, "report body", set(_FIELDS), set(_FIELDS))  # raises the precise error
