@@ -211,21 +211,21 @@ def verify_batch(
     """The first stage of :func:`ingest`: for each (topic, payload), the authenticated report (as
     it will be stored) or the verdict, and the payload's hex digest. Newest first, so that each
     well-formed authenticated report vouches for the predecessor it names (the hash chain)."""
-    out: list[tuple[Row | Flagged, str]] = [None] * len(messages)  # type: ignore[list-item]
+    out: list[tuple[Row | Flagged, str]] = []
     vouched: set[tuple[str, bytes]] = set()
-    for i in range(len(messages) - 1, -1, -1):
-        topic_name, payload = messages[i]
+    for topic_name, payload in reversed(messages):
         raw = payload_digest(payload)
         d = raw.hex()
         checked = check_message(keys, topic_name, payload, vouched, raw)
         r = parse_checked(checked, topic_name, d)
         if isinstance(r, Flagged):
-            out[i] = (r, d)
+            out.append((r, d))
             continue
         device, _, prev = checked  # type: ignore[misc]
         if prev != NO_PREV:
             vouched.add((device, prev))
-        out[i] = (Row.of(r), d)
+        out.append((Row.of(r), d))
+    out.reverse()  # back to arrival order
     return out
 
 
@@ -458,10 +458,10 @@ class Monitor:
         _log.warning("monitor helper process did not start: ingesting in-process, slower")
         return _InProcess(self.store)
 
-    def _key_lookup(self, batch: list[tuple[str, bytes, int]]) -> Mapping[str, bytes]:
-        """Enrolled keys, re-read when a batch names a device enrolled since they were loaded
+    def _key_lookup(self, devices: set[str]) -> Mapping[str, bytes]:
+        """Enrolled keys, re-read when a chunk names a device enrolled since they were loaded
         (removing an enrolment takes effect when the monitor restarts)."""
-        new = {_device_of(t) for t, _, _ in batch} - self._keys.keys()
+        new = devices - self._keys.keys()
         if any(ID_RE.match(d) and (self.home.devices / f"{d}.json").exists() for d in new):
             self._keys = self.home.device_keys()
         return self._keys
@@ -483,8 +483,8 @@ class Monitor:
         self, batch: list[tuple[str, bytes, int]]
     ) -> tuple[dict[str, bytes], list[tuple[str, bytes]], int]:
         """What the helper needs for one chunk: the keys of its devices, the messages, the window."""
-        keys = self._key_lookup(batch)
         wanted = {_device_of(t) for t, _, _ in batch}
+        keys = self._key_lookup(wanted)
         return (
             {d: keys[d] for d in wanted if d in keys},
             [(t, p) for t, p, _ in batch],
