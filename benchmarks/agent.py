@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from device_agent import Agent  # noqa: E402
-from device_agent.api import Client  # noqa: E402
-from device_agent.keyfiles import load_public_key_file  # noqa: E402
-from device_agent.store import KeySource, utcnow  # noqa: E402
-from device_agent.tokens import TokenStore  # noqa: E402
+from device_agent.bundle.keyfiles import load_public_key_file  # noqa: E402
+from device_agent.service.http import Client  # noqa: E402
+from device_agent.service.tokens import TokenStore  # noqa: E402
+from device_agent.store.datadir import KeySource, utcnow  # noqa: E402
 from packager.keys import generate, load_private_key  # noqa: E402
 from packager.modelfile import infer_task, read_model  # noqa: E402
 from packager.pack import PackOptions, load_enrolments, pack  # noqa: E402

@@ -127,8 +127,8 @@ def child_open_memory(mode: str, target: str, keyfile: str) -> None:
     loaded through ``Agent.model()`` (runtime included)."""
     import gc
 
-    from device_agent.bundle import verify_bundle
-    from device_agent.fsutil import read_into_bytearray
+    from device_agent.bundle.format import verify_bundle
+    from device_agent.store.fsutil import read_into_bytearray
 
     keys = json.loads(Path(keyfile).read_text())
     keep: list[object] = []
@@ -150,7 +150,7 @@ def child_open_memory(mode: str, target: str, keyfile: str) -> None:
         import onnxruntime  # noqa: F401  -- imported before the baseline: library code, not model memory
 
         from device_agent.agent import Agent
-        from device_agent.store import KeySource
+        from device_agent.store.datadir import KeySource
 
         agent = Agent(target, KeySource(kek=bytes.fromhex(keys["kek"])))
         gc.collect()
@@ -231,7 +231,7 @@ def make_open_bundles(tmp: Path) -> dict:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from device_agent import crypto
-    from device_agent.enrolment import Enrolment
+    from device_agent.bundle.enrolment import Enrolment
     from packager.modelfile import ModelFile
     from packager.pack import PackOptions, pack
     from packager.profiles import load_profile
@@ -282,8 +282,8 @@ def make_agent_dir(tmp: Path) -> dict:
 
     from device_agent import crypto
     from device_agent.agent import Agent
-    from device_agent.enrolment import load_enrolment
-    from device_agent.store import KeySource
+    from device_agent.bundle.enrolment import load_enrolment
+    from device_agent.store.datadir import KeySource
     from packager.modelfile import ModelFile
     from packager.pack import PackOptions, pack
     from packager.profiles import load_profile
@@ -300,7 +300,7 @@ def make_agent_dir(tmp: Path) -> dict:
                        task={"kind": "raw", "output": 0})
     pack(model, load_profile("rpi4b"), signer, [enrolment], opts, tmp / "agent-pack")
     bundle = tmp / "agent-pack" / "bench-agent.ewb"
-    from device_agent.fsutil import read_into_bytearray
+    from device_agent.store.fsutil import read_into_bytearray
 
     data = read_into_bytearray(bundle, READ_LIMIT)  # what the CLI hands to Agent.install
     t0 = time.perf_counter()
@@ -317,8 +317,8 @@ def make_enrolments(d: Path, count: int) -> float:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from device_agent import crypto
-    from device_agent.bundle import canonical_json
-    from device_agent.enrolment import DOMAIN, Enrolment
+    from device_agent.bundle.enrolment import DOMAIN, Enrolment
+    from device_agent.wire import canonical_json
 
     t0 = time.perf_counter()
     d.mkdir(parents=True)
@@ -374,8 +374,8 @@ def open_one_suite(suite: str, path: Path, publishers: list[bytes], device_priva
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
     from device_agent import crypto
-    from device_agent.bundle import unpack_contents, verify_bundle
-    from device_agent.fsutil import read_into_bytearray
+    from device_agent.bundle.format import unpack_contents, verify_bundle
+    from device_agent.store.fsutil import read_into_bytearray
 
     read_times = []
     for _ in range(3):  # the agent's read (page cache warm): I/O, outside the ratio

@@ -4,8 +4,8 @@ This package never imports ``packager`` or ``fleet``: a board installs only it a
 dependency set (``pip install 'edgeward[device]'``).
 """
 
-from .agent import Agent
-from .errors import EdgeWardError
+from device_agent.agent import Agent
+from device_agent.errors import EdgeWardError
 
 __all__ = ["Agent", "EdgeWardError"]
 __version__ = "0.1.0"

@@ -19,26 +19,20 @@ from typing import Any
 
 import numpy as np
 
-from . import crypto
-from .bundle import ID_RE, Contents, Manifest, Sidecar, VerifiedBundle, format_time, verify_bundle, verify_head
-from .enrolment import DOMAIN as ENROLMENT_DOMAIN
-from .enrolment import Enrolment
-from .errors import (
-    FormatError,
-    InputMismatch,
-    IntegrityError,
-    NotInstalled,
-    RollbackRefused,
-    UsageError,
-)
-from .limits import DEFAULT_LIMITS, Limits
-from .output import prepare_inputs, shape_output
-from .preprocess import apply as preprocess
-from .runtime import Runner, load_runner
-from .store import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
-from .trust import check_install, check_serving_life, check_target, trusted_now
-from .wipe import complete as complete_wipe
-from .wipe import wipe_pending
+from device_agent import crypto
+from device_agent.bundle.enrolment import DOMAIN as ENROLMENT_DOMAIN
+from device_agent.bundle.enrolment import Enrolment
+from device_agent.bundle.format import Contents, Manifest, Sidecar, VerifiedBundle, verify_bundle, verify_head
+from device_agent.errors import FormatError, InputMismatch, IntegrityError, NotInstalled, RollbackRefused, UsageError
+from device_agent.limits import DEFAULT_LIMITS, Limits
+from device_agent.runtime.output import prepare_inputs, shape_output
+from device_agent.runtime.preprocess import apply as preprocess
+from device_agent.runtime.runners import Runner, load_runner
+from device_agent.store.datadir import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
+from device_agent.store.wipe import complete as complete_wipe
+from device_agent.store.wipe import wipe_pending
+from device_agent.trust.decisions import check_install, check_serving_life, check_target, trusted_now
+from device_agent.wire import ID_RE, format_time
 
 _log = logging.getLogger(__name__)
 SEALED_MISMATCH = (
@@ -80,7 +74,7 @@ class LoadedModel:
 
 
 def _canonical(obj: Any) -> bytes:
-    from .bundle import canonical_json
+    from device_agent.wire import canonical_json
 
     return canonical_json(obj)
 
@@ -319,7 +313,7 @@ class Agent:
     def wipe(self) -> dict[str, Any]:
         """Crypto-shred this board's keys and models (device_agent.wipe); returns the
         attestation."""
-        from .wipe import wipe
+        from device_agent.store.wipe import wipe
 
         with self._lock:
             self._loaded.clear()

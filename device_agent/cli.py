@@ -11,17 +11,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import service_cli
-from .cliutil import emit, run
-from .errors import FormatError, UsageError
-from .limits import DEFAULT_LIMITS
-from .telemetry import register_cli as register_telemetry
+from device_agent.cliutil import emit, run
+from device_agent.errors import FormatError, UsageError
+from device_agent.limits import DEFAULT_LIMITS
+from device_agent.service import cli as service_cli
+from device_agent.telemetry.service import register_cli as register_telemetry
 
 PROG = "edgeward-agent"
 
 
 def _pubkey(path: str) -> bytes:
-    from .keyfiles import load_public_key_file
+    from device_agent.bundle.keyfiles import load_public_key_file
 
     return load_public_key_file(Path(path))
 
@@ -40,16 +40,16 @@ def _read_file(path: str, limit: int, what: str) -> bytes:
 
 
 def _agent(args: argparse.Namespace) -> Any:
-    from .agent import Agent
-    from .store import KeySource
+    from device_agent.agent import Agent
+    from device_agent.store.datadir import KeySource
 
     return Agent(args.data_dir, KeySource.from_env(getattr(args, "kek_file", None)))
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from .agent import Agent
-    from .fsutil import atomic_write
-    from .store import KeySource
+    from device_agent.agent import Agent
+    from device_agent.store.datadir import KeySource
+    from device_agent.store.fsutil import atomic_write
 
     publishers = [_pubkey(p) for p in args.publisher_pub]
     operators = [_pubkey(p) for p in args.operator_pub or []]
@@ -72,8 +72,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from .bundle import format_time
-    from .fsutil import read_into_bytearray
+    from device_agent.store.fsutil import read_into_bytearray
+    from device_agent.wire import format_time
 
     try:
         data = read_into_bytearray(Path(args.bundle), DEFAULT_LIMITS.max_bundle_bytes)
@@ -133,8 +133,8 @@ def _status_table(doc: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .agent import Agent
-    from .store import KeySource
+    from device_agent.agent import Agent
+    from device_agent.store.datadir import KeySource
 
     # Status reads public files only: it needs no key source.
     doc = Agent(args.data_dir, KeySource()).status()
@@ -150,8 +150,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_wipe(args: argparse.Namespace) -> int:
-    from .store import DataDir
-    from .wipe import wipe_pending
+    from device_agent.store.datadir import DataDir
+    from device_agent.store.wipe import wipe_pending
 
     if not args.yes:
         if not sys.stdin.isatty():
@@ -159,8 +159,8 @@ def cmd_wipe(args: argparse.Namespace) -> int:
         if input(f"Destroy every key and model in {args.data_dir}? Type 'wipe': ").strip() != "wipe":
             raise UsageError("not confirmed; nothing was changed")
     if wipe_pending(DataDir(args.data_dir).path):
-        from .store import utcnow
-        from .wipe import complete
+        from device_agent.store.datadir import utcnow
+        from device_agent.store.wipe import complete
 
         doc = complete(DataDir(args.data_dir), utcnow())
     else:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import EdgeWardError
+from device_agent.errors import EdgeWardError
 
 
 def emit(args: argparse.Namespace, doc: Any, text: Callable[[Any], str]) -> None:

@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from .errors import BadSignature, FormatError, IntegrityError, UsageError
+from device_agent.errors import BadSignature, FormatError, IntegrityError, UsageError
 
 KEY_BYTES = 32
 TAG_BYTES = 16

@@ -12,8 +12,8 @@ import getpass
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_agent.fsutil import atomic_write, make_private_dir
-from device_agent.report import COMMAND_LEVEL, TOPIC_ROOT
+from device_agent.store.fsutil import atomic_write, make_private_dir
+from device_agent.telemetry.report import COMMAND_LEVEL, TOPIC_ROOT
 
 from .ca import FleetHome
 

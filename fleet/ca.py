@@ -28,10 +28,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from device_agent.bundle import ID_RE
-from device_agent.enrolment import Enrolment, load_enrolment
+from device_agent.bundle.enrolment import Enrolment, load_enrolment
 from device_agent.errors import UsageError
-from device_agent.fsutil import atomic_write, make_private_dir
+from device_agent.store.fsutil import atomic_write, make_private_dir
+from device_agent.wire import ID_RE
 from packager.keys import load_private_key_pem, private_key_pem
 
 FLEET_DIR_ENV = "EDGEWARD_FLEET_DIR"

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from device_agent.bundle import format_time
 from device_agent.errors import UsageError
+from device_agent.wire import format_time
 
 from .ca import FleetHome, default_fleet_dir
 from .views import STALE_AFTER_S, device_views, parse_since
@@ -95,7 +95,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
 
 
 def _operator_broker(args: argparse.Namespace, home: FleetHome) -> Any:
-    from device_agent.mqtt import Broker
+    from device_agent.telemetry.mqtt import Broker
 
     cert = args.cert or str(home.certs / f"{args.operator}.crt")
     key = args.key or str(home.certs / f"{args.operator}.key")

@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from device_agent.bundle import ID_RE
 from device_agent.errors import EdgeWardError, EnvironmentFault
+from device_agent.wire import ID_RE
 
 from .ca import FleetHome
 from .store import MonitorStore

@@ -39,10 +39,10 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from device_agent.bundle import ID_RE
 from device_agent.errors import EdgeWardError, EnvironmentFault, SecurityRefusal
-from device_agent.mqtt import Broker, Link, Session
-from device_agent.report import (
+from device_agent.store.datadir import utcnow
+from device_agent.telemetry.mqtt import Broker, Link, Session
+from device_agent.telemetry.report import (
     KINDS,
     NO_PREV,
     TOPIC_OF_KIND,
@@ -54,8 +54,8 @@ from device_agent.report import (
     split_topic,
     verify_frame,
 )
-from device_agent.store import utcnow
-from device_agent.telemetry import DEFAULT_CONFIG as BOARD_DEFAULTS
+from device_agent.telemetry.service import DEFAULT_CONFIG as BOARD_DEFAULTS
+from device_agent.wire import ID_RE
 
 from .ca import FleetHome
 from .store import MonitorStore, Row

@@ -18,10 +18,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from device_agent.bundle import format_time
 from device_agent.errors import EnvironmentFault
-from device_agent.report import Report
-from device_agent.sqlitedb import open_durable, transaction
+from device_agent.store.sqlitedb import open_durable, transaction
+from device_agent.telemetry.report import Report
+from device_agent.wire import format_time
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (

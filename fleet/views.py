@@ -6,7 +6,7 @@ import re
 from datetime import datetime, timedelta
 from typing import Any
 
-from device_agent.bundle import parse_time
+from device_agent.wire import parse_time
 
 from .ca import FleetHome
 from .store import MonitorStore

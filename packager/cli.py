@@ -115,7 +115,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _describe_unverified(data: bytes) -> dict[str, Any]:
-    from device_agent.bundle import HEADER_BYTES, read_header
+    from device_agent.bundle.format import HEADER_BYTES, read_header
 
     manifest_len, kid = read_header(data)
     try:
@@ -126,8 +126,8 @@ def _describe_unverified(data: bytes) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from device_agent.bundle import verify_bundle
-    from device_agent.keyfiles import load_public_key_file
+    from device_agent.bundle.format import verify_bundle
+    from device_agent.bundle.keyfiles import load_public_key_file
 
     try:
         data = Path(args.bundle).read_bytes()

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from device_agent import crypto
+from device_agent.bundle.keyfiles import public_key_pem
 from device_agent.errors import FormatError, UsageError
-from device_agent.fsutil import atomic_write
-from device_agent.keyfiles import public_key_pem
+from device_agent.store.fsutil import atomic_write
 
 PASSPHRASE_ENV = "EDGEWARD_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
 KINDS = ("publisher", "operator")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import FormatError, SecurityRefusal, UsageError
-from device_agent.runtime import load_runner
+from device_agent.runtime.runners import load_runner
 
 # Formats that execute code when loaded (pickle and its wrappers): never packed (NCSC 2.2).
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".joblib", ".ckpt", ".bin")

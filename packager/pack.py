@@ -23,17 +23,11 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_agent import crypto
-from device_agent.bundle import (
-    ID_RE,
-    SIGNING_DOMAIN,
-    Sidecar,
-    format_time,
-    pack_contents,
-    write_bundle,
-)
-from device_agent.enrolment import Enrolment, load_enrolment
+from device_agent.bundle.enrolment import Enrolment, load_enrolment
+from device_agent.bundle.format import SIGNING_DOMAIN, Sidecar, pack_contents, write_bundle
 from device_agent.errors import EdgeWardError, FormatError, UsageError
-from device_agent.fsutil import fsync_dir
+from device_agent.store.fsutil import fsync_dir
+from device_agent.wire import ID_RE, format_time
 
 from . import __version__
 from .harden.modelcard import CardFacts
@@ -267,7 +261,7 @@ def build_policy(policy_file: str | None, calibration_file: str | None) -> dict[
     if calibration_file:
         import numpy as np
 
-        from device_agent.detect import calibrate
+        from device_agent.service.detect import calibrate
 
         try:
             with np.load(calibration_file, allow_pickle=False) as z:
@@ -296,7 +290,7 @@ def discover_devices(files: list[str] | None, devices_dir: str | None) -> list[P
 def parse_cli_time(text: str | None, what: str) -> datetime | None:
     if text is None:
         return None
-    from device_agent.bundle import parse_time
+    from device_agent.wire import parse_time
 
     try:
         return parse_time(text, what)

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from device_agent import crypto
-from device_agent.bundle import ID_RE, RUNTIMES
+from device_agent.bundle.format import RUNTIMES
 from device_agent.errors import FormatError, UsageError
+from device_agent.wire import ID_RE
 
 ARCHES = ("aarch64", "armv7l", "x86_64")
 QUANTISATIONS = ("none", "dynamic", "static")

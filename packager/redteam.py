@@ -95,7 +95,7 @@ class AgentTarget:
     """Labels from the running agent, one request per input, through its HTTP API."""
 
     def __init__(self, env: Any, client_id: str, token: str, rate: float, max_wait: float) -> None:
-        from device_agent.api import Client
+        from device_agent.service.http import Client
 
         self.env = env
         self.client_id = client_id
@@ -147,7 +147,7 @@ class BareTarget:
     """The same model with no guard: every score, no limits, no detection."""
 
     def __init__(self, runner: Any, task: dict[str, Any]) -> None:
-        from device_agent.output import prepare_inputs, shape_output
+        from device_agent.runtime.output import prepare_inputs, shape_output
 
         self._prepare, self._shape = prepare_inputs, shape_output
         self.runner, self.task = runner, task
@@ -273,10 +273,10 @@ class AgentEnv:
 
     def __init__(self, model_path: Path, policy: dict[str, Any], workdir: Path) -> None:
         from device_agent import Agent
-        from device_agent.api import Server
-        from device_agent.events import EventStore
-        from device_agent.serve import Service
-        from device_agent.store import KeySource
+        from device_agent.service.events import EventStore
+        from device_agent.service.http import Server
+        from device_agent.service.service import Service
+        from device_agent.store.datadir import KeySource
 
         from .keys import generate, load_private_key
         from .modelfile import infer_task, read_model
@@ -292,7 +292,7 @@ class AgentEnv:
         keys = KeySource(passphrase=secrets.token_bytes(16).hex().encode())
         data = workdir / "board"
         pub = workdir / "publisher" / "publisher.pub"
-        from device_agent.keyfiles import load_public_key_file
+        from device_agent.bundle.keyfiles import load_public_key_file
 
         (workdir / "board.json").write_bytes(
             Agent.provision(data, "redteam-board", [load_public_key_file(pub)], [], keys)
@@ -317,7 +317,7 @@ class AgentEnv:
         self.runner = agent.model().runner
 
     def token(self) -> tuple[str, str]:
-        from device_agent.store import utcnow
+        from device_agent.store.datadir import utcnow
 
         rec, token = self.service.tokens.add("user", utcnow())
         return rec.id, token
@@ -335,7 +335,7 @@ class AgentEnv:
 
 def benign(env: AgentEnv, x: np.ndarray, cfg: RedteamConfig) -> dict[str, Any]:
     """The test split replayed in random order by several clients at a realistic rate."""
-    from device_agent.api import Client
+    from device_agent.service.http import Client
 
     rng = np.random.default_rng(cfg.seed)
     clients = [env.token() for _ in range(cfg.benign_clients)]
@@ -375,7 +375,7 @@ def run(
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Every attack against the agent and against the bare model; returns the report."""
-    from device_agent.detect import calibrate
+    from device_agent.service.detect import calibrate
 
     cfg = cfg or RedteamConfig()
     _art()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from device_agent import Agent
-from device_agent.store import KeySource
+from device_agent.store.datadir import KeySource
 from tests.fixtures.models import Digits, build_digits, silero_vad_onnx
 
 CACHE = Path(__file__).parent / ".fixtures-cache"
@@ -74,7 +74,7 @@ class Board:
 @pytest.fixture
 def make_board(tmp_path: Path, publisher: Path, keys: KeySource) -> Callable[..., Board]:
     """Provision a fresh board trusting the session publisher."""
-    from device_agent.keyfiles import load_public_key_file
+    from device_agent.bundle.keyfiles import load_public_key_file
 
     def make(device_id: str = "pi-001", key_source: KeySource | None = None) -> Board:
         d = tmp_path / f"board-{device_id}"

@@ -105,7 +105,7 @@ def test_refusals_change_nothing_and_the_previous_model_keeps_serving(
 
 
 def test_bundle_from_an_untrusted_publisher_is_refused(digits, make_board, pack_for, tmp_path, monkeypatch):
-    from device_agent.keyfiles import load_public_key_file
+    from device_agent.bundle.keyfiles import load_public_key_file
 
     board = make_board()
     out = pack_for(digits.onnx, [board])
@@ -208,7 +208,7 @@ def test_interrupted_install_leaves_no_trace_after_restart(digits, make_board, p
 def test_every_caller_gets_ctc_decoding_through_shape_output():
     """The CLI, the Python API and the local API all shape answers with output.shape_output: a
     text recogniser's sealed ctc task is decoded there, not by each caller."""
-    from device_agent.output import shape_output
+    from device_agent.runtime.output import shape_output
 
     labels = ["_", "E", "d", "g", "W"]
     steps = [1, 1, 0, 2, 3, 3, 0, 1]  # E E _ d g g _ E -> "EdgE"
@@ -221,7 +221,7 @@ def test_every_caller_gets_ctc_decoding_through_shape_output():
 def test_status_checks_the_signed_head_of_each_stored_bundle(digits, make_board, pack_for):
     """Status runs on every telemetry heartbeat, so it verifies the signed head and the file's
     length without reading the payload; a tampered or cut stored bundle still shows up."""
-    from device_agent.bundle import HEADER_BYTES
+    from device_agent.bundle.format import HEADER_BYTES
 
     board = make_board()
     agent = board.agent()

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.audit import AuditConfig, AuditLog, input_summary, verify
 from device_agent.errors import IntegrityError
+from device_agent.service.audit import AuditConfig, AuditLog, input_summary, verify
 
 T0 = 1_800_000_000.0
 
@@ -44,8 +44,8 @@ def test_an_edited_record_is_detected(tmp_path: Path) -> None:
 
 
 def test_an_edit_with_a_recomputed_hash_breaks_the_chain(tmp_path: Path) -> None:
-    from device_agent.audit import record_hash
-    from device_agent.bundle import canonical_json
+    from device_agent.service.audit import record_hash
+    from device_agent.wire import canonical_json
 
     _log(tmp_path, 10).close()
     seg, lines = _lines(tmp_path)
@@ -150,7 +150,7 @@ def test_audit_verify_command_exit_codes(tmp_path: Path, make_board: object) -> 
 
 
 def test_require_intact_raises(tmp_path: Path) -> None:
-    from device_agent.audit import require_intact
+    from device_agent.service.audit import require_intact
 
     _log(tmp_path, 3).close()
     seg, lines = _lines(tmp_path)

@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 
 from device_agent import crypto
-from device_agent.bundle import (
-    HEADER,
-    HEADER_BYTES,
-    MAGIC,
-    Manifest,
-    read_header,
-    verify_bundle,
-)
+from device_agent.bundle.format import HEADER, HEADER_BYTES, MAGIC, Manifest, read_header, verify_bundle
+from device_agent.bundle.keyfiles import load_public_key_file
 from device_agent.errors import (
     BadSignature,
     EdgeWardError,
@@ -26,8 +20,7 @@ from device_agent.errors import (
     SecurityRefusal,
     UnknownPublisher,
 )
-from device_agent.keyfiles import load_public_key_file
-from device_agent.store import KeySource
+from device_agent.store.datadir import KeySource
 from tests.conftest import tree_snapshot
 
 FAST_KEYS = KeySource(kek=bytes(range(32)))  # Argon2 would make thousands of refusals slow

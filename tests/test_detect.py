@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_agent.detect import Calibration, DetectConfig, Detector, calibrate, shapiro_w
-from device_agent.events import EventStore
-from device_agent.serve import Service
-from device_agent.tokens import TokenRecord
+from device_agent.service.detect import Calibration, DetectConfig, Detector, calibrate, shapiro_w
+from device_agent.service.events import EventStore
+from device_agent.service.service import Service
+from device_agent.service.tokens import TokenRecord
 from tests.fixtures.serve import T0, SimClock, calibration_policy, digits_validation
 
 

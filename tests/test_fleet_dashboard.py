@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device_agent.report import Report, encode_report
+from device_agent.telemetry.report import Report, encode_report
 from fleet.ca import FleetHome
 from fleet.dashboard import make_server
 from fleet.monitor import ingest

@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import fleet.monitor
 from device_agent.crypto import ed25519_public_raw
 from device_agent.errors import FormatError
-from device_agent.events import Event
-from device_agent.report import NO_PREV, Frame, Report, encode_report, payload_digest, topic, verify_report
-from device_agent.telemetry import event_data
+from device_agent.service.events import Event
+from device_agent.telemetry.report import NO_PREV, Frame, Report, encode_report, payload_digest, topic, verify_report
+from device_agent.telemetry.service import event_data
 from fleet.monitor import (
     Accepted,
     Duplicate,

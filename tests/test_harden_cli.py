@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.bundle import Sidecar
+from device_agent.bundle.format import Sidecar
 from device_agent.errors import FormatError
 from packager.cli import main
 from tests.fixtures.hardening import (
@@ -41,7 +41,7 @@ def _validate_cyclonedx(doc: dict) -> None:
 
 def _sealed_model(bundle: bytes, board) -> bytes:
     """The model bytes sealed in a bundle, decrypted with the board's own key."""
-    from device_agent.bundle import verify_bundle
+    from device_agent.bundle.format import verify_bundle
 
     agent = board.agent()
     publishers, _ = agent.store.trust()

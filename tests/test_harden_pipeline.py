@@ -304,7 +304,7 @@ def test_harden_ctc_model_gated_on_decoded_text(tmp_path) -> None:
             profile,
             HardenOptions(quantise="none", prune=0.9, validation=(x, None), task=task),
         )
-    from device_agent.sequence import decode_ctc
+    from device_agent.runtime.sequence import decode_ctc
     from packager.harden.gate import predict_outputs
 
     texts = [
@@ -410,7 +410,7 @@ def test_harden_ml_classifier_string_labels_sealed_not_shipped(tmp_path) -> None
     from skl2onnx import to_onnx
     from sklearn.linear_model import LogisticRegression
 
-    from device_agent.output import shape_output
+    from device_agent.runtime.output import shape_output
     from packager.harden.gate import predict_outputs
 
     rng = np.random.default_rng(0)

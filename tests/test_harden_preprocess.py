@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from device_agent.errors import FormatError
-from device_agent.preprocess import SCHEMA, apply, validate
+from device_agent.runtime.preprocess import SCHEMA, apply, validate
 from tests.fixtures.cnn import PREPROCESS_NCHW
 from tests.fixtures.hardening import RAPIDOCR_PREPROCESS
 
@@ -256,7 +256,7 @@ def test_harden_preprocess_limits_come_from_limits() -> None:
 def _conv_runner() -> object:
     from onnx import TensorProto, helper, numpy_helper
 
-    from device_agent.runtime import load_runner
+    from device_agent.runtime.runners import load_runner
 
     w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
     g = helper.make_graph(

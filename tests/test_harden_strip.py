@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.runtime import load_runner
+from device_agent.runtime.runners import load_runner
 from packager.harden.strip_onnx import strip_onnx
 from packager.harden.strip_tflite import strip_tflite
 from tests.fixtures.hardening import (

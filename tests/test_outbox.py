@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.outbox import HEARTBEAT, INFO_EVENT, SECURITY_EVENT, Item, Outbox
-from device_agent.report import NO_PREV, payload_digest
+from device_agent.telemetry.outbox import HEARTBEAT, INFO_EVENT, SECURITY_EVENT, Item, Outbox
+from device_agent.telemetry.report import NO_PREV, payload_digest
 
 
 def item(priority: int, name: str = "t") -> Item:
@@ -100,7 +100,7 @@ def test_a_committed_report_survives_sigkill(tmp_path: Path) -> None:
     code = textwrap.dedent(
         f"""
         import os, signal
-        from device_agent.outbox import Item, Outbox
+        from device_agent.telemetry.outbox import Item, Outbox
         box = Outbox({str(tmp_path / "o.db")!r}, 100)
         box.add([Item(2, lambda s, p: ("t", b"kept"))], cursor=("events_cursor", 1))
         os.kill(os.getpid(), signal.SIGKILL)

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_agent.api import Client, Server
 from device_agent.errors import UsageError
-from device_agent.serve import ServeConfig, Service
+from device_agent.service.http import Client, Server
+from device_agent.service.service import ServeConfig, Service
 from tests.fixtures.serve import Served, SimClock, serve, wait_until_serving
 
 
@@ -297,7 +297,7 @@ def test_socket_is_0660_and_tcp_is_loopback_only(served: Served, digits_test: An
 def test_every_query_and_decision_is_audited_without_raw_input(
     served: Served, digits_test: Any
 ) -> None:
-    from device_agent.audit import verify
+    from device_agent.service.audit import verify
 
     x, _ = digits_test
     served.client().predict(x[0])

@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from device_agent.store import utcnow
-from device_agent.tokens import TokenStore
+from device_agent.service.tokens import TokenStore
+from device_agent.store.datadir import utcnow
 from fleet.monitor import Monitor
 from tests.conftest import PASSPHRASE, Board
 from tests.fixtures.fleet import Fleet, fleet_fixture, monitor_fixture, wait_until  # noqa: F401
@@ -26,7 +26,7 @@ from tests.fixtures.serve import calibration_policy, wait_until_serving
 def test_serve_forwards_detections_and_counters_to_the_fleet(
     fleet: Fleet, monitor: Monitor, make_board: Callable[..., Board], pack_for, digits, digits_test
 ) -> None:
-    from device_agent.api import Client
+    from device_agent.service.http import Client
 
     board = make_board("pi-serve")
     out = pack_for(digits.onnx, [board], policy=calibration_policy())

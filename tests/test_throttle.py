@@ -7,7 +7,7 @@ import math
 import pytest
 
 from device_agent.errors import FormatError
-from device_agent.throttle import DAY, Throttle, ThrottleConfig
+from device_agent.service.throttle import DAY, Throttle, ThrottleConfig
 
 T0 = 1_800_000_000.0
 

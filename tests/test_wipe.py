@@ -8,8 +8,8 @@ import pytest
 
 from device_agent import Agent
 from device_agent.errors import BadSignature, UsageError
-from device_agent.store import utcnow
-from device_agent.wipe import ATTESTATION, MARKER, begin, verify_attestation
+from device_agent.store.datadir import utcnow
+from device_agent.store.wipe import ATTESTATION, MARKER, begin, verify_attestation
 
 
 def _installed(make_board, pack_for, digits):
@@ -64,8 +64,8 @@ def test_wipe_without_the_passphrase_still_destroys_everything(digits, make_boar
 def test_a_surviving_copy_of_the_bundle_is_useless_after_wipe(digits, make_board, pack_for, publisher):
     """Flash may keep the bundle's blocks; the only key that opened it is gone. Re-provisioned
     under the same device id, the board has a new key and refuses the old bundle."""
+    from device_agent.bundle.keyfiles import load_public_key_file
     from device_agent.errors import WrongDevice
-    from device_agent.keyfiles import load_public_key_file
 
     board, agent = _installed(make_board, pack_for, digits)
     bundle_id = agent.status()["models"][0]["bundle_id"]

@@ -12,17 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import Sidecar
+from device_agent.bundle.format import Sidecar
 from device_agent.cliutil import emit
-from device_agent.errors import (
-    EdgeWardError,
-    FormatError,
-    IntegrityError,
-    SecurityRefusal,
-    UsageError,
-)
-from device_agent.fsutil import atomic_write
-from device_agent.preprocess import validate as validate_preprocess
+from device_agent.errors import EdgeWardError, FormatError, IntegrityError, SecurityRefusal, UsageError
+from device_agent.runtime.preprocess import validate as validate_preprocess
+from device_agent.store.fsutil import atomic_write
 
 from ..jsonfile import read_json_object
 from ..modelfile import ModelFile, infer_task, read_model

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from device_agent.errors import AccuracyRefused, FormatError
-from device_agent.output import prepare_inputs
-from device_agent.preprocess import apply as preprocess
-from device_agent.runtime import load_runner
-from device_agent.sequence import decode_ctc
+from device_agent.runtime.output import prepare_inputs
+from device_agent.runtime.preprocess import apply as preprocess
+from device_agent.runtime.runners import load_runner
+from device_agent.runtime.sequence import decode_ctc
 
 BATCH = 256
 RAW_TOLERANCE = 0.05  # a raw output agrees when within 5% of the original's largest magnitude

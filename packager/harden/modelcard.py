@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from device_agent.bundle import format_time
+from device_agent.wire import format_time
 
 DESTRUCTION = (
     "crypto-shred: the device key that unseals the model is destroyed "

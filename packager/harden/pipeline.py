@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from device_agent.errors import UsageError
-from device_agent.preprocess import apply as preprocess
-from device_agent.preprocess import validate as validate_preprocess
+from device_agent.runtime.preprocess import apply as preprocess
+from device_agent.runtime.preprocess import validate as validate_preprocess
 
 from ..modelfile import ModelFile, infer_task
 from ..profiles import Profile

@@ -53,7 +53,7 @@ demo_fleet() {
   EW_TOKEN="$token" "$PY" - "$WORK/agent.sock" "$WORK/batch.npy" <<'PYEOF'
 import os, sys, time
 import numpy as np
-from device_agent.api import Client
+from device_agent.service.http import Client
 sock, batch = sys.argv[1], np.load(sys.argv[2])
 for _ in range(100):  # wait for the service to answer
     try:

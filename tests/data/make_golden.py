@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 from device_agent import Agent, crypto
-from device_agent.enrolment import load_enrolment
-from device_agent.keyfiles import public_key_pem
-from device_agent.store import KeySource
+from device_agent.bundle.enrolment import load_enrolment
+from device_agent.bundle.keyfiles import public_key_pem
+from device_agent.store.datadir import KeySource
 from packager.modelfile import ModelFile, infer_task
 from packager.pack import PackOptions, pack
 from packager.profiles import load_profile

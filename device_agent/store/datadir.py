@@ -28,11 +28,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import crypto
-from .bundle import HEX32_RE, ID_RE, Manifest, format_time, parse_time, read_head
-from .errors import EnvironmentFault, FormatError, NotInstalled, UsageError
-from .fsutil import atomic_write, make_private_dir, read_into_bytearray
-from .trust import Identity
+from device_agent import crypto
+from device_agent.bundle.format import Manifest, read_head
+from device_agent.errors import EnvironmentFault, FormatError, NotInstalled, UsageError
+from device_agent.store.fsutil import atomic_write, make_private_dir, read_into_bytearray
+from device_agent.trust.decisions import Identity
+from device_agent.wire import HEX32_RE, ID_RE, format_time, parse_time
 
 STATE_SCHEMA = "edgeward.state/1"
 PASSPHRASE_ENV = "EDGEWARD_DEVICE_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret

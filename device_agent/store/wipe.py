@@ -26,11 +26,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import crypto
-from .bundle import canonical_json, format_time
-from .errors import BadSignature, EdgeWardError
-from .fsutil import atomic_write, fsync_dir
-from .store import DataDir, KeySource
+from device_agent import crypto
+from device_agent.errors import BadSignature, EdgeWardError
+from device_agent.store.datadir import DataDir, KeySource
+from device_agent.store.fsutil import atomic_write, fsync_dir
+from device_agent.wire import canonical_json, format_time
 
 DOMAIN = b"edgeward/wipe-attestation/v1"
 MARKER = "WIPING"

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import EnvironmentFault, FormatError
+from device_agent.errors import EnvironmentFault, FormatError
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,

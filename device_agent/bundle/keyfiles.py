@@ -7,7 +7,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .errors import FormatError, UsageError
+from device_agent.errors import FormatError, UsageError
 
 MAX_KEY_FILE = 16 * 1024
 

@@ -25,8 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeWardError, EnvironmentFault, UsageError
-from .serve import Service, Throttled, TooLarge, http_status
+from device_agent.errors import EdgeWardError, EnvironmentFault, UsageError
+from device_agent.service.service import Service, Throttled, TooLarge, http_status
 
 READ_TIMEOUT = 30.0
 DRAIN_FACTOR = 16

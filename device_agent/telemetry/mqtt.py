@@ -20,7 +20,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .errors import EnvironmentFault, UsageError
+from device_agent.errors import EnvironmentFault, UsageError
 
 QOS = 1
 

@@ -22,14 +22,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .agent import Agent, LoadedModel, model_feeds
-from .audit import AuditConfig, AuditLog, input_summary
-from .detect import Calibration, DetectConfig, Detector, Signal
-from .errors import EdgeWardError, Expired, FormatError, NotInstalled, SecurityRefusal, UsageError
-from .events import EventStore
-from .output import shape_output
-from .throttle import Throttle, ThrottleConfig
-from .tokens import TokenRecord, TokenStore
+from device_agent.agent import Agent, LoadedModel, model_feeds
+from device_agent.errors import EdgeWardError, Expired, FormatError, NotInstalled, SecurityRefusal, UsageError
+from device_agent.runtime.output import shape_output
+from device_agent.service.audit import AuditConfig, AuditLog, input_summary
+from device_agent.service.detect import Calibration, DetectConfig, Detector, Signal
+from device_agent.service.events import EventStore
+from device_agent.service.throttle import Throttle, ThrottleConfig
+from device_agent.service.tokens import TokenRecord, TokenStore
 
 
 class Unauthorized(SecurityRefusal):

@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import canonical_json, format_time, parse_time
-from .errors import EnvironmentFault, IntegrityError
-from .fsutil import atomic_write, make_private_dir
+from device_agent.errors import EnvironmentFault, IntegrityError
+from device_agent.store.fsutil import atomic_write, make_private_dir
+from device_agent.wire import canonical_json, format_time, parse_time
 
 GENESIS = "0" * 64
 SEGMENT_RE = re.compile(r"^audit-(\d{8})\.jsonl$")

@@ -25,9 +25,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from . import crypto
-from .bundle import ID_RE, _int, _loads, _obj, _str, canonical_json, format_time, parse_time
-from .errors import FormatError
+from device_agent import crypto
+from device_agent.errors import FormatError
+from device_agent.wire import (
+    ID_RE,
+    canonical_json,
+    format_time,
+    int_field,
+    loads_json,
+    obj_fields,
+    parse_time,
+    str_field,
+)
 
 SCHEMA = "edgeward.telemetry/1"
 DOMAIN = b"edgeward/telemetry/v2"
@@ -204,17 +213,17 @@ def parse_report(body: bytes, topic_name: str) -> Report:
     """The second half of :func:`verify_report`: parse an authenticated body -- its signature
     checked by :func:`check_signature`, or its payload vouched for by a later authenticated
     report's ``prev`` (the fleet monitor's hash chain). Never call it with anything else."""
-    doc = _loads(body, "report body")
+    doc = loads_json(body, "report body")
     if not isinstance(doc, dict) or doc.keys() != _FIELDS:
-        _obj(doc, "report body", set(_FIELDS), set(_FIELDS))  # raises the precise error
+        obj_fields(doc, "report body", set(_FIELDS), set(_FIELDS))  # raises the precise error
     if doc["schema"] != SCHEMA:
         raise FormatError(f"report schema is not {SCHEMA}")
     if not isinstance(doc["data"], dict):
         raise FormatError("report data must be an object")
     report = Report(
-        device_id=_str(doc["device_id"], "device_id", ID_RE),
-        seq=_int(doc["seq"], "seq", 1, MAX_SEQ - 1),
-        kind=_str(doc["kind"], "kind"),
+        device_id=str_field(doc["device_id"], "device_id", ID_RE),
+        seq=int_field(doc["seq"], "seq", 1, MAX_SEQ - 1),
+        kind=str_field(doc["kind"], "kind"),
         time=_time(doc["time"]),
         data=doc["data"],
     )

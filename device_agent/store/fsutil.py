@@ -7,7 +7,7 @@ import errno
 import os
 from pathlib import Path
 
-from .errors import EnvironmentFault
+from device_agent.errors import EnvironmentFault
 
 
 def fsync_dir(path: Path) -> None:
@@ -50,7 +50,7 @@ def read_into_bytearray(path: Path, limit: int) -> bytearray:
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
-            from .errors import FormatError
+            from device_agent.errors import FormatError
 
             raise FormatError(f"{path} is {size} bytes, over the limit of {limit}")
         buf = bytearray(size)

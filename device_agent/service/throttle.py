@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from .errors import FormatError
+from device_agent.errors import FormatError
 
 DAY = 86400.0
 

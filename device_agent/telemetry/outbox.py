@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EnvironmentFault
-from .report import NO_PREV, payload_digest
-from .sqlitedb import open_durable, transaction
+from device_agent.errors import EnvironmentFault
+from device_agent.store.sqlitedb import open_durable, transaction
+from device_agent.telemetry.report import NO_PREV, payload_digest
 
 HEARTBEAT = 0
 INFO_EVENT = 1

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError, InputMismatch
-from .limits import DEFAULT_LIMITS, Limits
+from device_agent.errors import FormatError, InputMismatch
+from device_agent.limits import DEFAULT_LIMITS, Limits
 
 SCHEMA = "edgeward.preprocess/1"
 MAX_SIDE = DEFAULT_LIMITS.max_preprocess_side  # kept for callers; the bound lives in Limits

@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from . import crypto
-from .bundle import Manifest, format_time
-from .errors import Expired, RollbackRefused, WrongDevice
+from device_agent import crypto
+from device_agent.bundle.format import Manifest
+from device_agent.errors import Expired, RollbackRefused, WrongDevice
+from device_agent.wire import format_time
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeWardError, FormatError
-from .events import Event, EventStore
-from .mqtt import Broker, Link, Session
-from .outbox import HEARTBEAT, INFO_EVENT, SECURITY_EVENT, Item, Outbox
-from .report import Report, check_summary, encode_report, topic
-from .store import DataDir, KeySource, utcnow
+from device_agent.errors import EdgeWardError, FormatError
+from device_agent.service.events import Event, EventStore
+from device_agent.store.datadir import DataDir, KeySource, utcnow
+from device_agent.telemetry.mqtt import Broker, Link, Session
+from device_agent.telemetry.outbox import HEARTBEAT, INFO_EVENT, SECURITY_EVENT, Item, Outbox
+from device_agent.telemetry.report import Report, check_summary, encode_report, topic
 
 OUTBOX_FILE = "outbox.db"
 EVENTS_CURSOR = "events_cursor"
@@ -96,7 +96,7 @@ def telemetry_data(status: dict[str, Any], outbox: dict[str, int]) -> dict[str, 
 
 def default_status_provider(data_dir: Path) -> Callable[[], dict[str, Any]]:
     """Agent.status() of the board (public files only; no keys needed)."""
-    from .agent import Agent
+    from device_agent.agent import Agent
 
     agent = Agent(data_dir, KeySource())
     return agent.status

@@ -15,9 +15,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .bundle import format_time, parse_time
-from .errors import EnvironmentFault, UsageError
-from .sqlitedb import open_durable
+from device_agent.errors import EnvironmentFault, UsageError
+from device_agent.store.sqlitedb import open_durable
+from device_agent.wire import format_time, parse_time
 
 SEVERITIES = ("info", "warning", "critical")
 # Kinds in use: ood, extraction, probing, rate, integrity, refusal, throttle, install, wipe.

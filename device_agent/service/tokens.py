@@ -17,10 +17,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .bundle import format_time, parse_time
-from .errors import FormatError, UsageError
-from .fsutil import atomic_write
-from .output import ROLES
+from device_agent.errors import FormatError, UsageError
+from device_agent.runtime.output import ROLES
+from device_agent.store.fsutil import atomic_write
+from device_agent.wire import format_time, parse_time
 
 TOKENS_SCHEMA = "edgeward.tokens/1"
 PREFIX = "ewt_"

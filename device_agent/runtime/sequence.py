@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError
-from .output import DEFAULT_POLICY, band
+from device_agent.errors import FormatError
+from device_agent.runtime.output import DEFAULT_POLICY, band
 
 
 def decode_ctc(

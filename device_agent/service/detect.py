@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError
+from device_agent.errors import FormatError
 
 CALIBRATION_SCHEMA = "edgeward.ood/1"
 MAX_DIMS = 1024  # inputs larger than this are subsampled before distances are taken

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError, InputMismatch, UsageError
-from .runtime import Runner, TensorSpec
+from device_agent.errors import FormatError, InputMismatch, UsageError
+from device_agent.runtime.runners import Runner, TensorSpec
 
 ROLES = ("user", "engineer", "admin")
 DEFAULT_POLICY: dict[str, Any] = {
@@ -106,7 +106,7 @@ def shape_output(
     if role not in ROLES:
         raise UsageError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
     if task.get("kind") == "ctc":
-        from .sequence import decode_ctc  # sequence builds on this module's helpers
+        from device_agent.runtime.sequence import decode_ctc  # sequence builds on this module's helpers
 
         return decode_ctc(outputs, task, policy, role, batched)
     pol = DEFAULT_POLICY if not policy else {**DEFAULT_POLICY, **policy}

@@ -8,9 +8,9 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from . import crypto
-from .bundle import ID_RE, _obj, _str, canonical_json, format_time, parse_time
-from .errors import FormatError
+from device_agent import crypto
+from device_agent.errors import FormatError
+from device_agent.wire import ID_RE, canonical_json, format_time, obj_fields, parse_time, str_field
 
 SCHEMA = "edgeward.enrolment/1"
 DOMAIN = b"edgeward/enrolment/v1"
@@ -58,19 +58,19 @@ def load_enrolment(data: bytes, source: str = "enrolment") -> Enrolment:
         raise FormatError(f"{source} is not JSON: {e}") from e
     fields = {"schema", "device_id", "box_public", "sign_public", "box_fingerprint",
               "sign_fingerprint", "created", "signature"}
-    doc = _obj(raw, source, fields, fields)
+    doc = obj_fields(raw, source, fields, fields)
     if doc["schema"] != SCHEMA:
         raise FormatError(f"{source} schema is not {SCHEMA}")
     try:
-        box = base64.b64decode(_str(doc["box_public"], "box_public"), validate=True)
-        sign = base64.b64decode(_str(doc["sign_public"], "sign_public"), validate=True)
-        sig = base64.b64decode(_str(doc["signature"], "signature"), validate=True)
+        box = base64.b64decode(str_field(doc["box_public"], "box_public"), validate=True)
+        sign = base64.b64decode(str_field(doc["sign_public"], "sign_public"), validate=True)
+        sig = base64.b64decode(str_field(doc["signature"], "signature"), validate=True)
     except ValueError as e:
         raise FormatError(f"{source} has a field that is not base64") from e
     if len(box) != crypto.KEY_BYTES or len(sign) != crypto.KEY_BYTES:
         raise FormatError(f"{source} has a public key of the wrong length")
     enrolment = Enrolment(
-        device_id=_str(doc["device_id"], "device_id", ID_RE),
+        device_id=str_field(doc["device_id"], "device_id", ID_RE),
         box_public=box,
         sign_public=sign,
         created=parse_time(doc["created"], "created"),

@@ -14,18 +14,32 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import struct
 import uuid
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, BinaryIO
 
-from . import crypto
-from .errors import BadSignature, FormatError, IntegrityError, UnknownPublisher
-from .limits import DEFAULT_LIMITS, Limits
+from device_agent import crypto
+from device_agent.errors import BadSignature, FormatError, IntegrityError, UnknownPublisher
+from device_agent.limits import DEFAULT_LIMITS, Limits
+from device_agent.wire import (
+    FPR_RE,
+    HEX32_RE,
+    HEX64_RE,
+    ID_RE,
+    MAX_VERSION,
+    canonical_json,
+    choice_field,
+    format_time,
+    int_field,
+    loads_json,
+    obj_fields,
+    parse_time,
+    str_field,
+)
 
 MAGIC = b"\x89EWB\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -39,83 +53,6 @@ CONTENTS_MAGIC = b"EWC1"
 COMPRESSIONS = ("none", "zlib")
 RUNTIMES = ("onnxruntime", "litert")
 MODEL_FORMATS = ("onnx", "tflite")
-
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-HEX32_RE = re.compile(r"^[0-9a-f]{32}$")
-HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
-FPR_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-MAX_VERSION = 2**53
-
-
-# --- time -----------------------------------------------------------------------------------------
-
-
-def format_time(t: datetime) -> str:
-    """UTC, second precision, ``Z`` suffix: the only time format EdgeWard writes."""
-    if t.tzinfo is None:
-        raise ValueError("naive datetime")
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str, what: str) -> datetime:
-    """Parse an ISO 8601 time; a time without a zone is refused rather than guessed."""
-    if not isinstance(text, str) or len(text) > 40:
-        raise FormatError(f"{what} must be an ISO 8601 time string")
-    try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as e:
-        raise FormatError(f"{what} is not an ISO 8601 time: {text!r}") from e
-    if t.tzinfo is None:
-        raise FormatError(f"{what} has no time zone: {text!r}; add Z for UTC")
-    return t.astimezone(UTC)
-
-
-# --- strict field readers ---------------------------------------------------------------------------
-
-
-def _obj(value: Any, what: str, known: set[str], required: set[str]) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise FormatError(f"{what} must be an object")
-    unknown = set(value) - known
-    if unknown:
-        raise FormatError(f"{what} has unknown fields: {', '.join(sorted(unknown))}")
-    missing = required - set(value)
-    if missing:
-        raise FormatError(f"{what} is missing fields: {', '.join(sorted(missing))}")
-    return value
-
-
-def _str(value: Any, what: str, pattern: re.Pattern[str] | None = None, limit: int = 256) -> str:
-    if not isinstance(value, str) or not value or len(value) > limit:
-        raise FormatError(f"{what} must be a non-empty string of at most {limit} characters")
-    if pattern is not None and not pattern.match(value):
-        raise FormatError(f"{what} has an invalid value {value[:80]!r}")
-    return value
-
-
-def _int(value: Any, what: str, lo: int, hi: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise FormatError(f"{what} must be an integer in [{lo}, {hi}]")
-    return value
-
-
-def _choice(value: Any, what: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise FormatError(f"{what} must be one of {', '.join(choices)}; got {str(value)[:40]!r}")
-    return str(value)
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The one JSON encoding EdgeWard signs: sorted keys, no spaces, ASCII."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def _loads(data: bytes | memoryview, what: str) -> Any:
-    try:
-        return json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{what} is not valid UTF-8 JSON: {e}") from e
-
 
 # --- manifest ---------------------------------------------------------------------------------------
 
@@ -179,40 +116,40 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: Any, limits: Limits = DEFAULT_LIMITS) -> Manifest:
-        m = _obj(raw, "manifest", set(cls.FIELDS), set(cls.FIELDS))
+        m = obj_fields(raw, "manifest", set(cls.FIELDS), set(cls.FIELDS))
         if m["schema"] != MANIFEST_SCHEMA:
             raise FormatError(f"manifest schema {str(m['schema'])[:40]!r} is not {MANIFEST_SCHEMA}")
-        chunk_size = _int(m["chunk_size"], "chunk_size", limits.min_chunk_bytes, limits.max_chunk_bytes)
-        sealed_length = _int(m["sealed_length"], "sealed_length", 0, limits.max_bundle_bytes)
-        payload_length = _int(m["payload_length"], "payload_length", 0, limits.max_bundle_bytes)
+        chunk_size = int_field(m["chunk_size"], "chunk_size", limits.min_chunk_bytes, limits.max_chunk_bytes)
+        sealed_length = int_field(m["sealed_length"], "sealed_length", 0, limits.max_bundle_bytes)
+        payload_length = int_field(m["payload_length"], "payload_length", 0, limits.max_bundle_bytes)
         layout = crypto.ChunkLayout(sealed_length, chunk_size)
         if layout.payload_length != payload_length:
             raise FormatError("payload_length does not match sealed_length and chunk_size")
         try:
-            sealed_key = base64.b64decode(_str(m["sealed_key"], "sealed_key"), validate=True)
+            sealed_key = base64.b64decode(str_field(m["sealed_key"], "sealed_key"), validate=True)
         except ValueError as e:
             raise FormatError("sealed_key is not base64") from e
         return cls(
             schema=MANIFEST_SCHEMA,
-            bundle_id=_str(m["bundle_id"], "bundle_id", HEX32_RE),
-            model_id=_str(m["model_id"], "model_id", ID_RE),
-            model_version=_int(m["model_version"], "model_version", 1, MAX_VERSION),
+            bundle_id=str_field(m["bundle_id"], "bundle_id", HEX32_RE),
+            model_id=str_field(m["model_id"], "model_id", ID_RE),
+            model_version=int_field(m["model_version"], "model_version", 1, MAX_VERSION),
             created=parse_time(m["created"], "created"),
             expires=parse_time(m["expires"], "expires") if m["expires"] is not None else None,
             end_of_life=(
                 parse_time(m["end_of_life"], "end_of_life") if m["end_of_life"] is not None else None
             ),
-            device_id=_str(m["device_id"], "device_id", ID_RE),
-            device_key=_str(m["device_key"], "device_key", FPR_RE),
-            publisher=_str(m["publisher"], "publisher", FPR_RE),
-            profile=_str(m["profile"], "profile", ID_RE),
-            runtime=_choice(m["runtime"], "runtime", RUNTIMES),
-            cipher=_choice(m["cipher"], "cipher", crypto.SUITES),
-            compression=_choice(m["compression"], "compression", COMPRESSIONS),
+            device_id=str_field(m["device_id"], "device_id", ID_RE),
+            device_key=str_field(m["device_key"], "device_key", FPR_RE),
+            publisher=str_field(m["publisher"], "publisher", FPR_RE),
+            profile=str_field(m["profile"], "profile", ID_RE),
+            runtime=choice_field(m["runtime"], "runtime", RUNTIMES),
+            cipher=choice_field(m["cipher"], "cipher", crypto.SUITES),
+            compression=choice_field(m["compression"], "compression", COMPRESSIONS),
             chunk_size=chunk_size,
             sealed_length=sealed_length,
             payload_length=payload_length,
-            tags_sha256=_str(m["tags_sha256"], "tags_sha256", HEX64_RE),
+            tags_sha256=str_field(m["tags_sha256"], "tags_sha256", HEX64_RE),
             sealed_key=sealed_key,
         )
 
@@ -265,10 +202,10 @@ class Sidecar:
 
     @classmethod
     def from_json(cls, raw: Any) -> Sidecar:
-        s = _obj(raw, "sidecar", set(cls.FIELDS), {"schema", "model"})
+        s = obj_fields(raw, "sidecar", set(cls.FIELDS), {"schema", "model"})
         if s["schema"] != SIDECAR_SCHEMA:
             raise FormatError(f"sidecar schema {str(s['schema'])[:40]!r} is not {SIDECAR_SCHEMA}")
-        model = _obj(s["model"], "sidecar.model", {"format", "sha256", "length"}, {"format", "sha256", "length"})
+        model = obj_fields(s["model"], "sidecar.model", {"format", "sha256", "length"}, {"format", "sha256", "length"})
         def obj(name: str, nullable: bool) -> Any:
             value = s.get(name, None if nullable else {})
             if not isinstance(value, dict) and not (nullable and value is None):
@@ -276,9 +213,9 @@ class Sidecar:
             return value
 
         return cls(
-            model_format=_choice(model["format"], "sidecar.model.format", MODEL_FORMATS),
-            model_sha256=_str(model["sha256"], "sidecar.model.sha256", HEX64_RE),
-            model_length=_int(model["length"], "sidecar.model.length", 0, DEFAULT_LIMITS.max_bundle_bytes),
+            model_format=choice_field(model["format"], "sidecar.model.format", MODEL_FORMATS),
+            model_sha256=str_field(model["sha256"], "sidecar.model.sha256", HEX64_RE),
+            model_length=int_field(model["length"], "sidecar.model.length", 0, DEFAULT_LIMITS.max_bundle_bytes),
             task=obj("task", False),
             policy=obj("policy", False),
             runtime=obj("runtime", False),
@@ -329,7 +266,7 @@ def unpack_contents(
     (side_len,) = struct.unpack(">I", view[len(CONTENTS_MAGIC) : head])
     if side_len > limits.max_sidecar_bytes or head + side_len > len(view):
         raise FormatError(f"sidecar length {side_len} is out of bounds")
-    sidecar = Sidecar.from_json(_loads(view[head : head + side_len], "sidecar"))
+    sidecar = Sidecar.from_json(loads_json(view[head : head + side_len], "sidecar"))
     offset = head + side_len
     model = view[offset:]
     if len(model) != sidecar.model_length:
@@ -472,7 +409,7 @@ def verify_head(
             "the bundle was altered or corrupted; fetch it again from the publisher"
         ) from e
     # Verified: from here the manifest bytes are the publisher's.
-    manifest = Manifest.from_json(_loads(view[HEADER_BYTES:signed_end], "manifest"), limits)
+    manifest = Manifest.from_json(loads_json(view[HEADER_BYTES:signed_end], "manifest"), limits)
     if not crypto.constant_time_equal(manifest.publisher, crypto.fingerprint(publisher)):
         raise FormatError("manifest names a different publisher than the key that signed it")
     payload_offset = signed_end + crypto.SIGNATURE_BYTES

@@ -8,7 +8,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import EnvironmentFault
+from device_agent.errors import EnvironmentFault
 
 
 def open_durable(path: str | Path, schema: str, *, timeout: float = 5.0) -> sqlite3.Connection:

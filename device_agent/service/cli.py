@@ -11,16 +11,16 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .cliutil import emit
-from .errors import IntegrityError
+from device_agent.cliutil import emit
+from device_agent.errors import IntegrityError
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .agent import Agent
-    from .api import Server
-    from .serve import Service, load_config
-    from .store import KeySource
-    from .telemetry import service_from_args
+    from device_agent.agent import Agent
+    from device_agent.service.http import Server
+    from device_agent.service.service import Service, load_config
+    from device_agent.store.datadir import KeySource
+    from device_agent.telemetry.service import service_from_args
 
     keys = KeySource.from_env(args.kek_file)
     keys.require()  # fail at start (exit 2), not on the first query
@@ -49,8 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _tokens(args: argparse.Namespace) -> Any:
-    from .store import DataDir
-    from .tokens import TokenStore
+    from device_agent.service.tokens import TokenStore
+    from device_agent.store.datadir import DataDir
 
     d = DataDir(args.data_dir)
     d.require_provisioned()
@@ -58,7 +58,7 @@ def _tokens(args: argparse.Namespace) -> Any:
 
 
 def cmd_token_add(args: argparse.Namespace) -> int:
-    from .store import utcnow
+    from device_agent.store.datadir import utcnow
 
     rec, token = _tokens(args).add(args.role, utcnow())
     doc = {"id": rec.id, "role": rec.role, "token": token}
@@ -80,7 +80,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from .store import utcnow
+    from device_agent.store.datadir import utcnow
 
     rec = _tokens(args).revoke(args.id, utcnow())
     emit(args, {"id": rec.id, "revoked": True}, lambda _doc: f"token {rec.id} revoked")
@@ -88,7 +88,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .audit import verify
+    from device_agent.service.audit import verify
 
     rep = verify(Path(args.data_dir) / "audit")
     doc = rep.to_json()
@@ -105,8 +105,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from .events import EventStore
-    from .store import DataDir
+    from device_agent.service.events import EventStore
+    from device_agent.store.datadir import DataDir
 
     d = DataDir(args.data_dir)
     d.require_provisioned()
@@ -148,7 +148,7 @@ def register(sub: Any) -> None:
     sp.add_argument("--socket", help="Unix socket path (default: DATA_DIR/agent.sock, mode 0660)")
     sp.add_argument("--listen", help="also listen on loopback TCP, e.g. 127.0.0.1:8470")
     sp.add_argument("--config", help="local service settings (JSON): limits can only be tightened")
-    from .telemetry import add_broker_arguments
+    from device_agent.telemetry.service import add_broker_arguments
 
     add_broker_arguments(sp, required=False)  # with --broker, signed telemetry goes to the fleet
     sp.add_argument("--kek-file", help="32-byte key-encryption key file (instead of a passphrase)")
