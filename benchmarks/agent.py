@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from device_agent import Agent  # noqa: E402
 from device_agent.bundle.keyfiles import load_public_key_file  # noqa: E402
 from device_agent.service.http import Client  # noqa: E402
-from device_agent.service.tokens import TokenStore  # noqa: E402
-from device_agent.store.datadir import KeySource, utcnow  # noqa: E402
+from device_agent.store.datadir import utcnow  # noqa: E402
+from device_agent.store.keys import KeySource  # noqa: E402
 from packager.keys import generate, load_private_key  # noqa: E402
 from packager.modelfile import infer_task, read_model  # noqa: E402
 from packager.pack import PackOptions, load_enrolments, pack  # noqa: E402
@@ -128,7 +128,7 @@ def main() -> int:
 
         # The agent runs as it does on a board: its own process (no GIL shared with the client).
         sock = t / "agent.sock"
-        _, token = TokenStore(t / "board" / "tokens.json").add("user", utcnow())
+        _, token = agent.tokens().add("user", utcnow())
         env = {**os.environ, "EDGEWARD_DEVICE_PASSPHRASE": "benchmark"}
         proc = subprocess.Popen(
             [

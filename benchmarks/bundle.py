@@ -150,7 +150,7 @@ def child_open_memory(mode: str, target: str, keyfile: str) -> None:
         import onnxruntime  # noqa: F401  -- imported before the baseline: library code, not model memory
 
         from device_agent.agent import Agent
-        from device_agent.store.datadir import KeySource
+        from device_agent.store.keys import KeySource
 
         agent = Agent(target, KeySource(kek=bytes.fromhex(keys["kek"])))
         gc.collect()
@@ -283,7 +283,7 @@ def make_agent_dir(tmp: Path) -> dict:
     from device_agent import crypto
     from device_agent.agent import Agent
     from device_agent.bundle.enrolment import load_enrolment
-    from device_agent.store.datadir import KeySource
+    from device_agent.store.keys import KeySource
     from packager.modelfile import ModelFile
     from packager.pack import PackOptions, pack
     from packager.profiles import load_profile

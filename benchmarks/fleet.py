@@ -39,7 +39,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 
 from device_agent.agent import Agent  # noqa: E402
 from device_agent.crypto import ed25519_public_raw  # noqa: E402
-from device_agent.store.datadir import KeySource, utcnow  # noqa: E402
+from device_agent.store.datadir import utcnow  # noqa: E402
+from device_agent.store.keys import KeySource  # noqa: E402
 from device_agent.telemetry.mqtt import Broker, Link, Session  # noqa: E402
 from device_agent.telemetry.report import NO_PREV, Report, encode_report, payload_digest  # noqa: E402
 from fleet.broker import write_broker_config  # noqa: E402

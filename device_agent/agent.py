@@ -1,5 +1,8 @@
 """``device_agent.Agent``: the board's agent as a Python API (the CLI and the service call it).
 
+The agent loads what a decision needs (verified manifest, identity, authenticated state, trusted
+time), calls one pure decision from :mod:`device_agent.trust.decisions`, and persists the result.
+
 Installation order (docs/bundle-format.md, "Verification order"): verify signature -> parse
 manifest -> target device -> expiry and end of life -> anti-rollback -> decrypt and check the
 payload -> trial-load the model -> store the bundle -> commit state. A refusal at any step
@@ -23,16 +26,27 @@ from device_agent import crypto
 from device_agent.bundle.enrolment import DOMAIN as ENROLMENT_DOMAIN
 from device_agent.bundle.enrolment import Enrolment
 from device_agent.bundle.format import Contents, Manifest, Sidecar, VerifiedBundle, verify_bundle, verify_head
-from device_agent.errors import FormatError, InputMismatch, IntegrityError, NotInstalled, RollbackRefused, UsageError
+from device_agent.errors import (
+    EdgeWardError,
+    FormatError,
+    InputMismatch,
+    IntegrityError,
+    NotInstalled,
+    TamperedState,
+    UsageError,
+)
 from device_agent.limits import DEFAULT_LIMITS, Limits
 from device_agent.runtime.output import prepare_inputs, shape_output
 from device_agent.runtime.preprocess import apply as preprocess
 from device_agent.runtime.runners import Runner, load_runner
-from device_agent.store.datadir import DataDir, DeviceKeys, KeySource, State, record_install, utcnow
+from device_agent.store import upgrade
+from device_agent.store.datadir import DataDir, utcnow
+from device_agent.store.keys import DeviceKeys, KeySource
 from device_agent.store.wipe import complete as complete_wipe
 from device_agent.store.wipe import wipe_pending
-from device_agent.trust.decisions import check_install, check_serving_life, check_target, trusted_now
-from device_agent.wire import ID_RE, format_time
+from device_agent.trust.decisions import check_serving_life, decide_install, decide_rollback, decide_serve, trusted_now
+from device_agent.trust.state import State, TrustAnchors
+from device_agent.wire import ID_RE, canonical_json, format_time
 
 _log = logging.getLogger(__name__)
 SEALED_MISMATCH = (
@@ -73,16 +87,11 @@ class LoadedModel:
     runner: Runner
 
 
-def _canonical(obj: Any) -> bytes:
-    from device_agent.wire import canonical_json
-
-    return canonical_json(obj)
-
-
 class Agent:
     """One board's agent over its data directory.
 
-    ``keys`` unlocks the device's private keys (defaults to the environment); ``clock`` returns
+    ``keys`` unlocks the device's private keys (defaults to the environment): every operation
+    needs them, since the board's trusted state is sealed with a key they give. ``clock`` returns
     the system time and is injectable for tests; the trusted time never goes below the floor
     recorded in the state.
     """
@@ -105,7 +114,8 @@ class Agent:
         self._clock = clock
         self._loaded: dict[str, LoadedModel] = {}
         self._state_cache: tuple[tuple[int, int, int], State] | None = None
-        self._state_path = str(self.store.state_file)
+        self._kek_cache: dict[bytes, bytearray] = {}
+        self._seal_key: bytearray | None = None
         self._lock = threading.RLock()
 
     # --- provisioning ------------------------------------------------------------------------
@@ -129,24 +139,79 @@ class Agent:
         source = keys if keys is not None else KeySource.from_env()
         source.require()
         now = now or utcnow()
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        box_private, _ = crypto.new_box_keypair()
-        signer = Ed25519PrivateKey.generate()
-        dk = DeviceKeys(box_private, crypto.ed25519_private_raw(signer))
+        dk = DeviceKeys.generate()
         try:
-            identity = DataDir(data_dir).create(
-                device_id, dk, source, publishers, operators or [], now
-            )
+            anchors = TrustAnchors(tuple(publishers), tuple(operators or ()))
+            identity = DataDir(data_dir).create(device_id, dk, source, anchors, now)
             enrolment = Enrolment(device_id, identity.box_public, identity.sign_public, now)
-            sig = crypto.sign(signer, ENROLMENT_DOMAIN, _canonical(enrolment.body()))
+            sig = crypto.sign(dk.signer(), ENROLMENT_DOMAIN, canonical_json(enrolment.body()))
             return enrolment.signed_bytes(sig)
         finally:
             dk.wipe()
 
+    # --- keys and the trusted state --------------------------------------------------------------
+    def _unlock(self) -> DeviceKeys:
+        """The device keys, unwrapped for one operation (the caller wipes them)."""
+        return self.store.unlock(self._source, self._kek_cache)
+
+    def _key(self) -> bytearray:
+        """The key that seals this board's trusted files. The first call upgrades a data dir
+        written by release 0.1 (device_agent.store.upgrade); it must not run under the lock."""
+        if self._seal_key is None:
+            keys = self._unlock()
+            try:
+                if upgrade.needed(keys, self.store):
+                    keys.wipe()
+                    with self.store.locked():
+                        keys = upgrade.upgrade(self.store, self._source, self._kek_cache)
+                self._seal_key = self.store.sealing_key(keys)
+            finally:
+                keys.wipe()
+        return self._seal_key
+
+    def _trusted(self, read: Callable[[bytearray], Any]) -> Any:
+        """Read a sealed file; a failed check is recorded as a security event before it is raised."""
+        try:
+            return read(self._key())
+        except TamperedState as e:
+            self._record_tampering(e)
+            raise
+
+    def _record_tampering(self, e: TamperedState) -> None:
+        from device_agent.service.events import EventStore
+
+        try:
+            events = EventStore(self.store.events_file)
+            try:
+                events.record("tamper", self._clock(), severity="critical", evidence={"problem": str(e)[:300]})
+            finally:
+                events.close()
+        except Exception as fault:  # the refusal itself must still reach the caller
+            _log.warning("could not record the tampering event: %s", fault)
+
+    def state(self) -> State:
+        """The board's authenticated state (installed models, versions, clock floor)."""
+        return self._trusted(self.store.state)
+
+    def trust_anchors(self) -> TrustAnchors:
+        return self._trusted(self.store.trust)
+
+    def tokens(self) -> Any:
+        """The board's API tokens (a :class:`device_agent.service.tokens.TokenStore`)."""
+        from device_agent.service.tokens import TokenStore
+
+        key = self._key()
+        store = TokenStore(self.store, key)
+        try:
+            store.list()
+        except TamperedState as e:
+            self._record_tampering(e)
+            raise
+        return store
+
     # --- time ----------------------------------------------------------------------------------
     def now(self, state: State | None = None) -> datetime:
-        state = state or self.store.state()
+        state = state or self.state()
         return trusted_now(self._clock(), state.clock_floor)
 
     # --- install ---------------------------------------------------------------------------------
@@ -156,36 +221,36 @@ class Agent:
         Given a ``bytearray`` (as the CLI reads it), the bundle is decrypted in place after its
         encrypted bytes are stored, so installing never holds two copies of the model.
         """
-        publishers, _ = self.store.trust()
-        vb = verify_bundle(data, publishers, self.limits)
+        key = self._key()
+        publishers = self.trust_anchors().publishers
+        vb = verify_bundle(data, list(publishers), self.limits)
         m = vb.manifest
         identity = self.store.identity()
+        digest = crypto.sha256_hex(data)
         with self._lock, self.store.locked():
-            state = self.store.state()
+            state = self.state()
             now = trusted_now(self._clock(), state.clock_floor)
-            slot = state.models.get(m.model_id)
-            check_install(m, identity, slot.highest_version if slot else None, now)
-            if m.bundle_id in state.referenced_bundles():
-                raise RollbackRefused(f"bundle {m.bundle_id} is already installed")
+            decision = decide_install(m, digest, len(data), identity, state, now)
             # Stored before decrypting (in place destroys the ciphertext); removed on any failure.
             self.store.store_bundle(m.bundle_id, data)
             try:
+                # The trial load passes the same serving check as every later load.
+                decide_serve(m, digest, m.model_id, identity, decision.state, now)
                 runner, sidecar = self._decrypt_and_load(
                     vb, in_place=isinstance(data, bytearray), check_digest=True
                 )
-                new_state, dropped = record_install(state, m, len(data), now)
-                self.store.save_state(new_state)
+                self.store.save_state(decision.state, key)
             except BaseException:
                 self.store.discard_bundle(m.bundle_id)
                 raise
-            if dropped:
-                self.store.collect_garbage(new_state)
+            if decision.dropped:
+                self.store.collect_garbage(decision.state)
             self._loaded[m.model_id] = LoadedModel(m, sidecar, runner)
         return m
 
     def _open(self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool) -> Contents:
         """Unlock the device key just long enough to decrypt ``vb``; the caller wipes the result."""
-        keys = self.store.unlock(self._source)
+        keys = self._unlock()
         try:
             return vb.decrypt(keys.box_private, self.limits, in_place=in_place, check_digest=check_digest)
         finally:
@@ -215,17 +280,15 @@ class Agent:
         """Serve the previous version again (a local admin action; the highest accepted version
         stays where it is, so the rolled-back-from version cannot be reinstalled: publish a new
         one)."""
+        key = self._key()
         with self._lock, self.store.locked():
-            state = self.store.state()
+            state = self.state()
             mid = self._pick(state, model_id)
-            slot = state.models[mid]
-            if slot.previous is None:
-                raise RollbackRefused(f"model {mid} has no previous version kept to roll back to")
-            slot.current, slot.previous = slot.previous, None
-            self.store.save_state(state)
-            self.store.collect_garbage(state)
+            decision = decide_rollback(state, mid)
+            self.store.save_state(decision.state, key)
+            self.store.collect_garbage(decision.state)
             self._loaded.pop(mid, None)
-            return self._load(mid, state).manifest
+            return self._load(mid, decision.state).manifest
 
     # --- serving ---------------------------------------------------------------------------------
     def _pick(self, state: State, model_id: str | None) -> str:
@@ -245,32 +308,43 @@ class Agent:
             )
         return installed[0]
 
+    def _verified_stored(self, model_id: str, state: State) -> tuple[VerifiedBundle, bytearray]:
+        """The stored bundle of ``model_id``, verified as received and checked against the state:
+        the serving decision before a byte of it is decrypted."""
+        rec = state.models[model_id].current
+        assert rec is not None
+        data = self.store.read_bundle(rec.bundle_id, self.limits.max_bundle_bytes)
+        # Re-verified on every load: the stored file is as untrusted as the one received.
+        vb = verify_bundle(data, list(self.trust_anchors().publishers), self.limits)
+        decide_serve(
+            vb.manifest, crypto.sha256_hex(data), model_id, self.store.identity(), state,
+            trusted_now(self._clock(), state.clock_floor),
+        )
+        return vb, data
+
     def _load(self, model_id: str, state: State) -> LoadedModel:
         rec = state.models[model_id].current
         assert rec is not None
         cached = self._loaded.get(model_id)
         if cached is not None and cached.manifest.bundle_id == rec.bundle_id:
             return cached
-        data = self.store.read_bundle(rec.bundle_id, self.limits.max_bundle_bytes)
-        publishers, _ = self.store.trust()
-        # Re-verified on every load: the stored file is as untrusted as the one received.
-        vb = verify_bundle(data, publishers, self.limits)
-        check_target(vb.manifest, self.store.identity())
+        vb, _ = self._verified_stored(model_id, state)
         runner, sidecar = self._decrypt_and_load(vb, in_place=True, check_digest=False)
         loaded = LoadedModel(vb.manifest, sidecar, runner)
         self._loaded[model_id] = loaded
         return loaded
 
     def _serving_state(self) -> State:
-        """The state for the query path, re-read only when state.json changes (an install or
-        rollback by another process replaces the file, which changes its inode and mtime)."""
+        """The state for the query path, re-read and re-authenticated only when state.json
+        changes (an install or rollback by another process replaces the file, which changes its
+        inode and mtime)."""
         try:
-            st = os.stat(self._state_path)
+            st = os.stat(self.store.state_file)
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
-            return self.store.state()  # raises the store's own error
+            return self.state()  # raises the store's own error
         if self._state_cache is None or self._state_cache[0] != stamp:
-            self._state_cache = (stamp, self.store.state())
+            self._state_cache = (stamp, self.state())
         return self._state_cache[1]
 
     def model(self, model_id: str | None = None) -> LoadedModel:
@@ -282,12 +356,13 @@ class Agent:
             return loaded
 
     def recheck(self, loaded: LoadedModel) -> None:
-        """Integrity monitoring hook: re-verify the stored bundle of a loaded model, decrypt it
-        and check the model digest against the sealed sidecar of the model being served.
-        Raises IntegrityError (or another SecurityRefusal) when anything differs."""
-        data = self.store.read_bundle(loaded.manifest.bundle_id, self.limits.max_bundle_bytes)
-        publishers, _ = self.store.trust()
-        vb = verify_bundle(data, publishers, self.limits)
+        """Integrity monitoring hook: re-verify the stored bundle of a loaded model against the
+        state, decrypt it and check the model digest against the sealed sidecar of the model
+        being served. Raises IntegrityError (or another SecurityRefusal) when anything differs."""
+        state = self._serving_state()
+        if loaded.manifest.model_id not in state.models:
+            raise IntegrityError("the model being served is no longer installed")
+        vb, _ = self._verified_stored(loaded.manifest.model_id, state)
         if vb.manifest.bundle_id != loaded.manifest.bundle_id:
             raise IntegrityError("the stored bundle is not the one being served")
         contents = self._open(vb, in_place=True, check_digest=True)  # checks the model digest
@@ -311,22 +386,24 @@ class Agent:
         return shape_output(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched)
 
     def wipe(self) -> dict[str, Any]:
-        """Crypto-shred this board's keys and models (device_agent.wipe); returns the
+        """Crypto-shred this board's keys and models (device_agent.store.wipe); returns the
         attestation."""
         from device_agent.store.wipe import wipe
 
         with self._lock:
             self._loaded.clear()
-            return wipe(
-                self.store, self._source, trusted_now(self._clock(), self.store.state().clock_floor)
-            )
+            try:
+                floor = self.state().clock_floor
+            except EdgeWardError:
+                floor = None  # a wipe never depends on the state it destroys
+            return wipe(self.store, self._source, trusted_now(self._clock(), floor))
 
     # --- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        state = self.store.state()
+        state = self.state()
         identity = self.store.identity()
         now = trusted_now(self._clock(), state.clock_floor)
-        publishers, _ = self.store.trust()
+        publishers = list(self.trust_anchors().publishers)
         models = []
         for mid, slot in sorted(state.models.items()):
             cur = slot.current
@@ -344,6 +421,8 @@ class Agent:
                     # payload (checked when the model loads) may be hundreds of megabytes.
                     head, length = self.store.read_bundle_head(cur.bundle_id)
                     m, _, _ = verify_head(head, length, publishers, self.limits)
+                    if (m.bundle_id, m.model_id, m.model_version) != (cur.bundle_id, mid, cur.model_version):
+                        raise TamperedState("the stored bundle is not the one installed; reinstall the model")
                     entry.update(
                         profile=m.profile,
                         runtime=m.runtime,
@@ -361,4 +440,5 @@ class Agent:
             "now": format_time(now),
             "clock_floor": format_time(state.clock_floor) if state.clock_floor else None,
             "models": models,
+            "data_dir_problems": self.store.layout.problems(),
         }

@@ -41,15 +41,15 @@ def _read_file(path: str, limit: int, what: str) -> bytes:
 
 def _agent(args: argparse.Namespace) -> Any:
     from device_agent.agent import Agent
-    from device_agent.store.datadir import KeySource
+    from device_agent.store.keys import KeySource
 
     return Agent(args.data_dir, KeySource.from_env(getattr(args, "kek_file", None)))
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
     from device_agent.agent import Agent
-    from device_agent.store.datadir import KeySource
     from device_agent.store.fsutil import atomic_write
+    from device_agent.store.keys import KeySource
 
     publishers = [_pubkey(p) for p in args.publisher_pub]
     operators = [_pubkey(p) for p in args.operator_pub or []]
@@ -133,11 +133,8 @@ def _status_table(doc: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from device_agent.agent import Agent
-    from device_agent.store.datadir import KeySource
-
-    # Status reads public files only: it needs no key source.
-    doc = Agent(args.data_dir, KeySource()).status()
+    # The state is sealed with the board's keys: status checks it, so it needs them too.
+    doc = _agent(args).status()
     emit(args, doc, _status_table)
     return 0
 
@@ -206,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--role", default="user", choices=["user", "engineer", "admin"])
     sp.add_argument("--model", help="model id, when several are installed")
 
-    sp = add("status", "show the board's identity and installed models", cmd_status)
+    sp = add(
+        "status",
+        "show the board's identity and installed models (needs the device keys: the state it reads is "
+        "sealed with them)",
+        cmd_status,
+    )
     sp.add_argument("--json", action="store_true")
 
     sp = add("rollback", "serve the previous installed version again", cmd_rollback)

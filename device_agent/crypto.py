@@ -324,8 +324,17 @@ def wrap_secret(secret: bytes | bytearray, *, passphrase: bytes | None = None, k
         wipe(key)
 
 
-def unwrap_secret(blob: bytes, *, passphrase: bytes | None = None, kek: bytes | None = None) -> bytearray:
-    """Decrypt a secret written by :func:`wrap_secret`; one opaque error for every failure."""
+def unwrap_secret(
+    blob: bytes,
+    *,
+    passphrase: bytes | None = None,
+    kek: bytes | None = None,
+    kek_cache: dict[bytes, bytearray] | None = None,
+) -> bytearray:
+    """Decrypt a secret written by :func:`wrap_secret`; one opaque error for every failure.
+
+    ``kek_cache`` (salt -> derived key) spares a second Argon2id run for the same wrapped file
+    within one process, which already holds the passphrase itself."""
     head = len(WRAP_MAGIC) + 1 + nacl.pwhash.argon2id.SALTBYTES
     if len(blob) < head or not blob.startswith(WRAP_MAGIC):
         raise FormatError("key file is not an EdgeWard wrapped key")
@@ -334,7 +343,10 @@ def unwrap_secret(blob: bytes, *, passphrase: bytes | None = None, kek: bytes | 
     if mode == b"P":
         if passphrase is None:
             raise UsageError("the device keys are passphrase-protected: set EDGEWARD_DEVICE_PASSPHRASE")
-        key = kek_from_passphrase(passphrase, salt)
+        cached = kek_cache.get(salt) if kek_cache is not None else None
+        key = bytearray(cached) if cached is not None else kek_from_passphrase(passphrase, salt)
+        if kek_cache is not None and cached is None:
+            kek_cache[salt] = bytearray(key)
     elif mode == b"K":
         if kek is None or len(kek) != KEY_BYTES:
             raise UsageError(
@@ -349,3 +361,29 @@ def unwrap_secret(blob: bytes, *, passphrase: bytes | None = None, kek: bytes | 
         raise UsageError("cannot unlock the device keys: wrong passphrase or key file") from e
     finally:
         wipe(key)
+
+
+# --- the board's own files -------------------------------------------------------------------------
+
+
+def new_secret_key() -> bytearray:
+    """A fresh random 32-byte secret key."""
+    return bytearray(nacl.utils.random(KEY_BYTES))
+
+
+def derive_key(secret: bytes | bytearray, purpose: bytes) -> bytearray:
+    """A key for one purpose from a board secret (HKDF-SHA256); purposes never share a key."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return bytearray(HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=purpose).derive(bytes(secret)))
+
+
+def mac(key: bytes | bytearray, domain: bytes, message: bytes | bytearray | memoryview) -> bytes:
+    """HMAC-SHA256 over the same pre-authentication encoding as signatures."""
+    return hmac.new(bytes(key), _pae(domain, bytes(message)), hashlib.sha256).digest()
+
+
+def mac_ok(key: bytes | bytearray, domain: bytes, message: bytes | bytearray | memoryview, tag: bytes) -> bool:
+    """Whether ``tag`` is :func:`mac` of ``message``, compared in constant time."""
+    return hmac.compare_digest(mac(key, domain, message), tag)

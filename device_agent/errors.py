@@ -43,6 +43,11 @@ class IntegrityError(SecurityRefusal):
     """Authenticated data failed its check (AEAD tag, digest): tampering or corruption."""
 
 
+class TamperedState(SecurityRefusal):
+    """The board's trusted state (installed records, floors, trust anchors, tokens) or a stored
+    bundle does not match what the agent itself wrote: edited or replaced outside the agent."""
+
+
 class UsageError(EdgeWardError):
     """The command was called wrongly (missing option, unknown profile, missing passphrase)."""
 

@@ -276,7 +276,7 @@ class AgentEnv:
         from device_agent.service.events import EventStore
         from device_agent.service.http import Server
         from device_agent.service.service import Service
-        from device_agent.store.datadir import KeySource
+        from device_agent.store.keys import KeySource
 
         from .keys import generate, load_private_key
         from .modelfile import infer_task, read_model

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from device_agent import Agent
-from device_agent.store.datadir import KeySource
+from device_agent.store.keys import KeySource
 from tests.fixtures.models import Digits, build_digits, silero_vad_onnx
 
 CACHE = Path(__file__).parent / ".fixtures-cache"

@@ -20,7 +20,7 @@ from device_agent.errors import (
     SecurityRefusal,
     UnknownPublisher,
 )
-from device_agent.store.datadir import KeySource
+from device_agent.store.keys import KeySource
 from tests.conftest import tree_snapshot
 
 FAST_KEYS = KeySource(kek=bytes(range(32)))  # Argon2 would make thousands of refusals slow

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from device_agent import Agent
-from device_agent.store.datadir import KeySource
+from device_agent.store.keys import KeySource
 from packager.cli import main as host_main
 
 DATA = Path(__file__).parent / "data"

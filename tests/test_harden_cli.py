@@ -44,8 +44,7 @@ def _sealed_model(bundle: bytes, board) -> bytes:
     from device_agent.bundle.format import verify_bundle
 
     agent = board.agent()
-    publishers, _ = agent.store.trust()
-    vb = verify_bundle(bundle, publishers)
+    vb = verify_bundle(bundle, list(agent.trust_anchors().publishers))
     contents = vb.decrypt(agent.store.unlock(board.keys).box_private)
     try:
         return bytes(contents.model)

@@ -20,7 +20,10 @@ import pytest
 from device_agent.errors import UsageError
 from device_agent.service.http import Client, Server
 from device_agent.service.service import ServeConfig, Service
+from tests.conftest import PASSPHRASE
 from tests.fixtures.serve import Served, SimClock, serve, wait_until_serving
+
+KEYS_ENV = {**os.environ, "EDGEWARD_DEVICE_PASSPHRASE": PASSPHRASE.decode()}
 
 
 @pytest.fixture
@@ -89,6 +92,7 @@ def test_401_without_a_valid_token_and_after_revocation(served: Served, digits_t
         ],
         capture_output=True,
         text=True,
+        env=KEYS_ENV,  # the token list is sealed with the device keys
     )
     assert rc.returncode == 0, rc.stderr
     assert (
@@ -115,6 +119,7 @@ def test_tokens_are_stored_only_as_hashes(served: Served) -> None:
         capture_output=True,
         text=True,
         check=True,
+        env=KEYS_ENV,
     )
     listed = json.loads(out.stdout)
     assert {r["role"] for r in listed} == {"user", "engineer", "admin"} and all(
@@ -336,16 +341,17 @@ def test_serve_command_runs_and_stops_cleanly(
     out = pack_for(digits.onnx, [board])
     board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
     cli = [sys.executable, "-m", "device_agent.cli"]
+    env = {**os.environ, "EDGEWARD_DEVICE_PASSPHRASE": board.keys.passphrase.decode()}  # type: ignore[union-attr]
     tok = json.loads(
         subprocess.run(
             [*cli, "token", "add", "--role", "user", "--json", "--data-dir", str(board.data_dir)],
             capture_output=True,
             text=True,
             check=True,
+            env=env,
         ).stdout
     )
     sock = tmp_path / "api.sock"
-    env = {**os.environ, "EDGEWARD_DEVICE_PASSPHRASE": board.keys.passphrase.decode()}  # type: ignore[union-attr]
     proc = subprocess.Popen(
         [*cli, "serve", "--data-dir", str(board.data_dir), "--socket", str(sock)],
         env=env,

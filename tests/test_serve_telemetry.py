@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from device_agent.service.tokens import TokenStore
 from device_agent.store.datadir import utcnow
 from fleet.monitor import Monitor
 from tests.conftest import PASSPHRASE, Board
@@ -32,7 +31,7 @@ def test_serve_forwards_detections_and_counters_to_the_fleet(
     out = pack_for(digits.onnx, [board], policy=calibration_policy())
     board.agent().install((out / "pi-serve.ewb").read_bytes())
     broker = fleet.enrol(board.enrolment)
-    _, token = TokenStore(board.data_dir / "tokens.json").add("user", utcnow())
+    _, token = board.agent().tokens().add("user", utcnow())
     sock = board.data_dir / "agent.sock"
     env = {**os.environ, "EDGEWARD_DEVICE_PASSPHRASE": PASSPHRASE.decode()}
     proc = subprocess.Popen(

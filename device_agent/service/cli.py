@@ -19,13 +19,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from device_agent.agent import Agent
     from device_agent.service.http import Server
     from device_agent.service.service import Service, load_config
-    from device_agent.store.datadir import KeySource
+    from device_agent.store.keys import KeySource
     from device_agent.telemetry.service import service_from_args
 
     keys = KeySource.from_env(args.kek_file)
     keys.require()  # fail at start (exit 2), not on the first query
     agent = Agent(args.data_dir, keys)
-    socket_path = Path(args.socket) if args.socket else agent.store.path / "agent.sock"
+    socket_path = Path(args.socket) if args.socket else agent.store.socket_file
     service = Service(agent, load_config(args.config))
 
     def telemetry_status() -> dict[str, Any]:
@@ -49,12 +49,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _tokens(args: argparse.Namespace) -> Any:
-    from device_agent.service.tokens import TokenStore
-    from device_agent.store.datadir import DataDir
+    """The board's tokens; they are sealed with the device keys, so these commands need them."""
+    from device_agent.agent import Agent
+    from device_agent.store.keys import KeySource
 
-    d = DataDir(args.data_dir)
-    d.require_provisioned()
-    return TokenStore(d.path / "tokens.json")
+    return Agent(args.data_dir, KeySource.from_env(args.kek_file)).tokens()
 
 
 def cmd_token_add(args: argparse.Namespace) -> int:
@@ -89,8 +88,9 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from device_agent.service.audit import verify
+    from device_agent.store.datadir import DataDir
 
-    rep = verify(Path(args.data_dir) / "audit")
+    rep = verify(DataDir(args.data_dir).audit_dir)
     doc = rep.to_json()
     text = (
         f"audit log intact: {rep.records} records ({rep.first_seq}..{rep.last_seq}) "
@@ -153,9 +153,11 @@ def register(sub: Any) -> None:
     add_broker_arguments(sp, required=False)  # with --broker, signed telemetry goes to the fleet
     sp.add_argument("--kek-file", help="32-byte key-encryption key file (instead of a passphrase)")
 
-    tok = sub.add_parser("token", help="manage API bearer tokens").add_subparsers(
-        dest="token_cmd", required=True
-    )
+    tok = sub.add_parser(
+        "token",
+        help="manage API bearer tokens (needs the device keys: the token list is sealed with them)",
+    ).add_subparsers(dest="token_cmd", required=True)
+    kek_help = "32-byte key-encryption key file (instead of EDGEWARD_DEVICE_PASSPHRASE)"
     sp = add(
         tok,
         "add",
@@ -164,8 +166,10 @@ def register(sub: Any) -> None:
     )
     sp.add_argument("--role", required=True, choices=["user", "engineer", "admin"])
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--kek-file", help=kek_help)
     sp = add(tok, "list", "list tokens (ids and roles; never the tokens)", cmd_token_list)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--kek-file", help=kek_help)
     sp = add(
         tok,
         "revoke",
@@ -174,6 +178,7 @@ def register(sub: Any) -> None:
     )
     sp.add_argument("id")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--kek-file", help=kek_help)
 
     aud = sub.add_parser("audit", help="the tamper-evident audit log").add_subparsers(
         dest="audit_cmd", required=True

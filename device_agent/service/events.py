@@ -20,7 +20,7 @@ from device_agent.store.sqlitedb import open_durable
 from device_agent.wire import format_time, parse_time
 
 SEVERITIES = ("info", "warning", "critical")
-# Kinds in use: ood, extraction, probing, rate, integrity, refusal, throttle, install, wipe.
+# Kinds in use: ood, extraction, probing, rate, integrity, tamper, refusal, throttle, install, wipe.
 MAX_EVIDENCE_BYTES = 4096
 
 

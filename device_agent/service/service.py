@@ -155,9 +155,9 @@ class Service:
         self.config = config or ServeConfig()
         self.clock = clock
         data = agent.store
-        self.tokens = TokenStore(data.path / "tokens.json")
+        self.tokens: TokenStore = agent.tokens()
         self.events = events or EventStore(data.events_file)
-        self.audit = AuditLog(data.path / "audit", self.config.audit)
+        self.audit = AuditLog(data.audit_dir, self.config.audit)
         self._throttle = Throttle(ThrottleConfig().tightest(self.config.throttle))
         self._detector = Detector(None, self.config.detect)
         self._lock = threading.Lock()

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from device_agent.errors import FormatError, UsageError
 from device_agent.runtime.output import ROLES
-from device_agent.store.fsutil import atomic_write
-from device_agent.wire import format_time, parse_time
+from device_agent.store import layout
+from device_agent.store.datadir import DataDir
+from device_agent.trust.state import TOKENS_SCHEMA
+from device_agent.wire import HEX64_RE, format_time, obj_fields, parse_time, str_field
 
-TOKENS_SCHEMA = "edgeward.tokens/1"
 PREFIX = "ewt_"
 
 
@@ -54,23 +53,28 @@ class TokenRecord:
         }
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> TokenRecord:
+    def from_json(cls, raw: Any) -> TokenRecord:
+        fields = {"id", "role", "sha256", "created", "revoked"}
+        r = obj_fields(raw, "token record", fields, fields)
         return cls(
-            id=str(raw["id"]),
-            role=str(raw["role"]),
-            sha256=str(raw["sha256"]),
-            created=parse_time(raw["created"], "created"),
-            revoked=parse_time(raw["revoked"], "revoked") if raw.get("revoked") else None,
+            id=str_field(r["id"], "token id", limit=16),
+            role=str_field(r["role"], "token role", limit=16),
+            sha256=str_field(r["sha256"], "token digest", HEX64_RE),
+            created=parse_time(r["created"], "created"),
+            revoked=parse_time(r["revoked"], "revoked") if r["revoked"] is not None else None,
         )
 
 
 class TokenStore:
-    """``D/tokens.json`` (0600). Re-read when the file changes, so a revocation made with the CLI
-    takes effect in a running service at the next request."""
+    """``D/tokens.json`` (0600, sealed with the board's key: a token planted on the SD card is
+    refused). Re-read when the file changes, so a revocation made with the CLI takes effect in a
+    running service at the next request."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._stamp: tuple[int, int] | None = None
+    def __init__(self, data: DataDir, key: bytes | bytearray) -> None:
+        self._data = data
+        self.path = data.tokens_file
+        self._key = key
+        self._stamp: tuple[int, int, int] | None = None
         self._records: list[TokenRecord] = []
 
     def _load(self) -> list[TokenRecord]:
@@ -79,21 +83,19 @@ class TokenStore:
         except FileNotFoundError:
             self._stamp, self._records = None, []
             return self._records
-        stamp = (st.st_mtime_ns, st.st_size)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
-            try:
-                raw = json.loads(self.path.read_text())
-                if raw.get("schema") != TOKENS_SCHEMA:
-                    raise FormatError(f"{self.path} is not {TOKENS_SCHEMA}")
-                self._records = [TokenRecord.from_json(r) for r in raw["tokens"]]
-            except (ValueError, KeyError, TypeError) as e:
-                raise FormatError(f"{self.path} is corrupt: {e}; recreate the tokens") from e
+            raw = self._data.read_sealed(layout.TOKENS, self._key)  # TamperedState if edited
+            doc = obj_fields(raw, "tokens.json", {"schema", "tokens"}, {"schema", "tokens"})
+            if doc["schema"] != TOKENS_SCHEMA or not isinstance(doc["tokens"], list):
+                raise FormatError(f"{self.path} is not {TOKENS_SCHEMA}; recreate the tokens")
+            self._records = [TokenRecord.from_json(r) for r in doc["tokens"]]
             self._stamp = stamp
         return self._records
 
     def _save(self, records: list[TokenRecord]) -> None:
         doc = {"schema": TOKENS_SCHEMA, "tokens": [r.to_json() for r in records]}
-        atomic_write(self.path, json.dumps(doc, indent=2).encode(), 0o600)
+        self._data.write_sealed(layout.TOKENS, doc, self._key)
         self._stamp = None
 
     def add(self, role: str, now: datetime) -> tuple[TokenRecord, str]:

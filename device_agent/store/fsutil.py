@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from pathlib import Path
 
 from device_agent.errors import EnvironmentFault
@@ -65,3 +66,30 @@ def read_into_bytearray(path: Path, limit: int) -> bytearray:
     if got != size:
         del buf[got:]
     return buf
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """Read a small file whole, refusing anything that is not a regular file or is over ``limit``
+    bytes before a byte of it is read (a FIFO does not block: it is opened non-blocking)."""
+    from device_agent.errors import FormatError
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise FormatError(f"{path} is {st.st_size} bytes, over the limit of {limit}")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise FormatError(f"{path} grew past the limit of {limit} bytes while it was read")
+    return data

@@ -4,15 +4,18 @@ destroying keys), resumable after a power cut, with a signed attestation.
 Overwriting files on an SD card or eMMC does not reliably erase them (wear levelling keeps old
 blocks), so EdgeWard relies on what *can* be made unreadable: every stored bundle is encrypted to
 the board's X25519 key, and that key exists only inside ``keys.wrapped``. Destroying that file
-(and the passphrase or key file that unlocks it) makes every bundle undecryptable, wherever
-copies of its blocks survive. The bundles and state are then deleted too.
+(and the key file that unlocks it, when it lives in the data dir) makes every bundle
+undecryptable, wherever copies of its blocks survive. Everything else goes too.
 
-Order (each step idempotent, so an interrupted wipe resumes from the marker):
+What is shredded, deleted or kept comes from the data-directory layout
+(:mod:`device_agent.store.layout`), the one list of what the agent writes. Order (each step
+idempotent, so an interrupted wipe resumes from the marker):
 
 1. write ``WIPING`` atomically: the attestation body, signed with the identity key while it
    still exists (unsigned if the keys cannot be unlocked: a wipe never needs the passphrase);
-2. overwrite ``keys.wrapped`` with random bytes, fsync, unlink;
-3. delete bundles, state, events and trust anchors, then ``device.json``;
+2. shred every entry marked SHRED (random overwrite, fsync, unlink), and the key file when it
+   lives in the data dir;
+3. delete everything else but the entries marked KEEP, ``device.json`` last;
 4. write ``wipe-attestation.json`` and remove the marker.
 """
 
@@ -28,13 +31,15 @@ from typing import Any
 
 from device_agent import crypto
 from device_agent.errors import BadSignature, EdgeWardError
-from device_agent.store.datadir import DataDir, KeySource
+from device_agent.store import layout
+from device_agent.store.datadir import DataDir
 from device_agent.store.fsutil import atomic_write, fsync_dir
+from device_agent.store.keys import KeySource
 from device_agent.wire import canonical_json, format_time
 
 DOMAIN = b"edgeward/wipe-attestation/v1"
-MARKER = "WIPING"
-ATTESTATION = "wipe-attestation.json"
+MARKER = layout.WIPE_MARKER
+ATTESTATION = layout.ATTESTATION
 METHOD = (
     "crypto-shred: device keys overwritten and deleted, bundles and state deleted "
     "(NIST SP 800-88 cryptographic erase)"
@@ -59,15 +64,34 @@ def _shred(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def _attestation_body(store: DataDir, now: datetime) -> dict[str, Any]:
+def _kek_location(store: DataDir, source: KeySource) -> dict[str, Any]:
+    """Where the key-encryption key lives: a file in the data dir can be shredded; one outside
+    it (a systemd credential, a TPM-backed tmpfs) cannot be reached by the wipe."""
+    if source.kek_path is None:
+        return {"kind": "passphrase" if source.passphrase is not None else "unknown"}
+    root = store.path.resolve()
+    path = source.kek_path.resolve()
+    if path.is_relative_to(root):
+        return {"kind": "key file in the data dir", "path": path.relative_to(root).as_posix()}
+    return {"kind": "key file outside the data dir (not shredded by this wipe)"}
+
+
+def _attestation_body(store: DataDir, kek: dict[str, Any], now: datetime) -> dict[str, Any]:
     device = json.loads(store.device_file.read_bytes())
     bundles = sorted(p.stem for p in store.bundles.glob("*.ewb")) if store.bundles.exists() else []
+    found = store.layout.scan()
     return {
         "schema": "edgeward.wipe-attestation/1",
         "device_id": device["device_id"],
         "sign_fingerprint": crypto.fingerprint(base64.b64decode(device["sign_public"])),
         "box_fingerprint": crypto.fingerprint(base64.b64decode(device["box_public"])),
         "bundles_destroyed": bundles,
+        "files_shredded": sum(1 for f in found if f.entry and f.entry.fate is layout.Fate.SHRED)
+        + (1 if "path" in kek else 0),
+        "files_deleted": sum(
+            1 for f in found if f.kind != "dir" and (f.entry is None or f.entry.fate is layout.Fate.DELETE)
+        ),
+        "key_encryption_key": kek["kind"],
         "method": METHOD,
         "started": format_time(now),
     }
@@ -75,7 +99,8 @@ def _attestation_body(store: DataDir, now: datetime) -> dict[str, Any]:
 
 def begin(store: DataDir, source: KeySource, now: datetime) -> dict[str, Any]:
     """Step 1: record the intent, signed while the identity key still exists."""
-    body = _attestation_body(store, now)
+    kek = _kek_location(store, source)
+    body = _attestation_body(store, kek, now)
     doc: dict[str, Any] = {"body": body, "signature": None}
     try:
         keys = store.unlock(source)
@@ -86,22 +111,45 @@ def begin(store: DataDir, source: KeySource, now: datetime) -> dict[str, Any]:
             doc["signature"] = base64.b64encode(crypto.sign(keys.signer(), DOMAIN, canonical_json(body))).decode()
         finally:
             keys.wipe()
-    atomic_write(store.path / MARKER, json.dumps(doc, indent=2).encode(), 0o600)
+    marker = {**doc, "kek_path": kek.get("path")}
+    atomic_write(store.path / MARKER, json.dumps(marker, indent=2).encode(), 0o600)
     return doc
+
+
+def _inside(root: Path, rel: Any) -> Path | None:
+    """``rel`` from the marker as a path inside ``root``, or None (the marker is a file too)."""
+    if not isinstance(rel, str) or not rel:
+        return None
+    path = (root / rel).resolve()
+    return path if path.is_relative_to(root.resolve()) and path != root.resolve() else None
 
 
 def complete(store: DataDir, now: datetime) -> dict[str, Any]:
     """Steps 2-4; safe to run again after an interruption at any point."""
-    doc = json.loads((store.path / MARKER).read_bytes())
-    _shred(store.keys_file)
-    if store.bundles.exists():
-        for p in store.bundles.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        fsync_dir(store.bundles)
-    for name in ("state.json", "events.db", "events.db-wal", "events.db-shm", "trust.json", "device.json", ".lock"):
+    marker = json.loads((store.path / MARKER).read_bytes())
+    doc = {"body": marker["body"], "signature": marker["signature"]}
+    found = store.layout.scan()
+    for f in found:
+        if f.entry is not None and f.entry.fate is layout.Fate.SHRED:
+            _shred(store.path / f.rel)
+    kek = _inside(store.path, marker.get("kek_path"))
+    if kek is not None:
+        _shred(kek)
+    keep = {layout.WIPE_MARKER, layout.DEVICE}
+    # Deepest first, so directories are empty when their turn comes.
+    for f in sorted(found, key=lambda f: f.rel.count("/"), reverse=True):
+        if f.rel in keep or (f.entry is not None and f.entry.fate is layout.Fate.KEEP):
+            continue
+        path = store.path / f.rel
         with contextlib.suppress(FileNotFoundError):
-            (store.path / name).unlink()
+            if f.kind == "dir":
+                with contextlib.suppress(OSError):  # not empty: something appeared meanwhile
+                    path.rmdir()
+            else:
+                path.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        store.device_file.unlink()
+    fsync_dir(store.path)
     doc["completed"] = format_time(now)
     atomic_write(store.path / ATTESTATION, json.dumps(doc, indent=2).encode() + b"\n", 0o644)
     (store.path / MARKER).unlink()

@@ -30,12 +30,12 @@ from typing import Any
 
 from device_agent.errors import EdgeWardError, FormatError
 from device_agent.service.events import Event, EventStore
-from device_agent.store.datadir import DataDir, KeySource, utcnow
+from device_agent.store.datadir import DataDir, utcnow
+from device_agent.store.keys import KeySource
 from device_agent.telemetry.mqtt import Broker, Link, Session
 from device_agent.telemetry.outbox import HEARTBEAT, INFO_EVENT, SECURITY_EVENT, Item, Outbox
 from device_agent.telemetry.report import Report, check_summary, encode_report, topic
 
-OUTBOX_FILE = "outbox.db"
 EVENTS_CURSOR = "events_cursor"
 MODEL_FIELDS = (
     "model_id",
@@ -94,11 +94,11 @@ def telemetry_data(status: dict[str, Any], outbox: dict[str, int]) -> dict[str, 
     return {"counters": counters, "outbox": outbox}
 
 
-def default_status_provider(data_dir: Path) -> Callable[[], dict[str, Any]]:
-    """Agent.status() of the board (public files only; no keys needed)."""
+def default_status_provider(data_dir: Path, keys: KeySource) -> Callable[[], dict[str, Any]]:
+    """Agent.status() of the board."""
     from device_agent.agent import Agent
 
-    agent = Agent(data_dir, KeySource())
+    agent = Agent(data_dir, keys)
     return agent.status
 
 
@@ -122,14 +122,14 @@ class TelemetryService:
         self.events = events
         self.config = config
         self._clock = clock
-        self._status = status_provider or default_status_provider(self.store.path)
+        self._status = status_provider or default_status_provider(self.store.path, keys)
         dk = self.store.unlock(keys)
         try:
             # Best-effort hygiene: the key object lives in memory for the service's lifetime.
             self._signer = dk.signer()
         finally:
             dk.wipe()
-        self.outbox = Outbox(self.store.path / OUTBOX_FILE, config.max_outbox)
+        self.outbox = Outbox(self.store.outbox_file, config.max_outbox)
         self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         self.link = Link(
             broker,

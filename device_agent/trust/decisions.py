@@ -1,28 +1,20 @@
-"""The install and serve decisions as pure functions: a verified manifest, the board's identity
-and state and a trusted ``now`` in; a decision out, or a :class:`SecurityRefusal` raised."""
+"""The board's trust decisions as pure functions: a verified manifest, the board's identity, its
+trusted state and a reference time in; a new state out, or a :class:`SecurityRefusal` raised.
+
+The agent (``device_agent.agent``) only loads what these need, calls one of them and persists
+the result; nothing here reads a file, a clock or the network.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from device_agent import crypto
 from device_agent.bundle.format import Manifest
-from device_agent.errors import Expired, RollbackRefused, WrongDevice
+from device_agent.errors import Expired, NotInstalled, RollbackRefused, TamperedState, WrongDevice
+from device_agent.trust.state import Identity, InstalledRecord, ModelSlot, State
 from device_agent.wire import format_time
-
-
-@dataclass(frozen=True)
-class Identity:
-    """The public half of the board's identity (its private keys never leave the key store)."""
-
-    device_id: str
-    box_public: bytes
-    sign_public: bytes
-
-    @property
-    def box_fingerprint(self) -> str:
-        return crypto.fingerprint(self.box_public)
 
 
 def trusted_now(system_now: datetime, floor: datetime | None) -> datetime:
@@ -49,8 +41,17 @@ def check_serving_life(m: Manifest, now: datetime) -> None:
         raise Expired(f"model {m.model_id} v{m.model_version} reached end of life at {format_time(m.end_of_life)}")
 
 
-def check_install(m: Manifest, me: Identity, highest_version: int | None, now: datetime) -> None:
-    """Every check a verified bundle must pass before it may replace the installed model."""
+@dataclass(frozen=True)
+class Installed:
+    """The outcome of an accepted install: the new state, and the bundle no longer referenced."""
+
+    state: State
+    dropped: str | None
+
+
+def decide_install(m: Manifest, bundle_sha256: str, size: int, me: Identity, state: State, now: datetime) -> Installed:
+    """Every check a verified bundle must pass before it may replace the installed model, and the
+    state after it does: previous := current, current := the new bundle."""
     check_target(m, me)
     if m.expires is not None and now >= m.expires:
         raise Expired(
@@ -58,8 +59,55 @@ def check_install(m: Manifest, me: Identity, highest_version: int | None, now: d
             "ask the publisher for a fresh bundle"
         )
     check_serving_life(m, now)
-    if highest_version is not None and m.model_version <= highest_version:
+    slot = state.models.get(m.model_id)
+    if slot is not None and m.model_version <= slot.highest_version:
         raise RollbackRefused(
             f"model {m.model_id} version {m.model_version} is not newer than version "
-            f"{highest_version} already accepted; publish a higher --model-version"
+            f"{slot.highest_version} already accepted; publish a higher --model-version"
         )
+    if m.bundle_id in state.referenced_bundles():
+        raise RollbackRefused(f"bundle {m.bundle_id} is already installed")
+    new = InstalledRecord(m.bundle_id, m.model_version, now, size, bundle_sha256)
+    if slot is None:
+        new_slot, dropped = ModelSlot(current=new, previous=None, highest_version=m.model_version), None
+    else:
+        dropped = slot.previous.bundle_id if slot.previous else None
+        new_slot = ModelSlot(current=new, previous=slot.current, highest_version=m.model_version)
+    floor = max(t for t in (state.clock_floor, now, m.created) if t is not None)
+    return Installed(replace(state.with_slot(m.model_id, new_slot), clock_floor=floor), dropped)
+
+
+def decide_rollback(state: State, model_id: str) -> Installed:
+    """Serve the previous version again (an explicit admin action). The highest accepted version
+    stays where it is, so the version rolled back from can never be installed again."""
+    slot = state.models.get(model_id)
+    if slot is None or slot.current is None:
+        raise NotInstalled(f"model {model_id!r} is not installed")
+    if slot.previous is None:
+        raise RollbackRefused(f"model {model_id} has no previous version kept to roll back to")
+    new_slot = ModelSlot(current=slot.previous, previous=None, highest_version=slot.highest_version)
+    return Installed(state.with_slot(model_id, new_slot), slot.current.bundle_id)
+
+
+def decide_serve(m: Manifest, bundle_sha256: str, model_id: str, me: Identity, state: State, now: datetime) -> None:
+    """Whether the stored bundle ``m`` (whose file has digest ``bundle_sha256``) may serve as
+    ``model_id``: it must be exactly the bundle the state records as installed, for this board,
+    and within its life."""
+    slot = state.models.get(model_id)
+    rec = slot.current if slot is not None else None
+    if rec is None:
+        raise NotInstalled(f"model {model_id!r} is not installed")
+    check_target(m, me)
+    same = (
+        m.model_id == model_id
+        and m.bundle_id == rec.bundle_id
+        and m.model_version == rec.model_version
+        and crypto.constant_time_equal(bundle_sha256, rec.sha256)
+    )
+    if not same:
+        raise TamperedState(
+            f"the stored bundle for model {model_id} is not the one installed (version "
+            f"{rec.model_version}, bundle {rec.bundle_id}): it was replaced outside the agent. "
+            "Reinstall the model from its release"
+        )
+    check_serving_life(m, now)

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from device_agent import Agent, crypto
 from device_agent.bundle.enrolment import load_enrolment
 from device_agent.bundle.keyfiles import public_key_pem
-from device_agent.store.datadir import KeySource
+from device_agent.store.keys import KeySource
 from packager.modelfile import ModelFile, infer_task
 from packager.pack import PackOptions, pack
 from packager.profiles import load_profile
