@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,12 @@ class Entry:
     mode: int
     fate: Fate
     kind: str = "file"  # file, dir or socket
+    name_re: str | None = None  # when set, the exact form of the last name (stricter than the pattern)
 
     def matches(self, rel: str) -> bool:
-        return rel.count("/") == self.pattern.count("/") and fnmatch.fnmatchcase(rel, self.pattern)
+        if rel.count("/") != self.pattern.count("/") or not fnmatch.fnmatchcase(rel, self.pattern):
+            return False
+        return self.name_re is None or re.fullmatch(self.name_re, rel.rsplit("/", 1)[-1]) is not None
 
 
 DEVICE = "device.json"
@@ -67,7 +71,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(STATE, "installed records, highest accepted versions, the clock floor (sealed)", 0o600, Fate.DELETE),
     Entry(TOKENS, "local API tokens, as SHA-256 digests, with roles (sealed)", 0o600, Fate.DELETE),
     Entry(BUNDLES, "installed bundles", 0o700, Fate.DELETE, "dir"),
-    Entry(f"{BUNDLES}/*.ewb", "a bundle exactly as received: still encrypted to this device", 0o600, Fate.DELETE),
+    Entry(f"{BUNDLES}/*.ewb", "a bundle exactly as received: still encrypted to this device", 0o600, Fate.DELETE,
+          name_re=r"[0-9a-f]{32}\.ewb"),
     Entry(EVENTS, "detections and refusals (SQLite, WAL)", 0o600, Fate.DELETE),
     Entry(f"{EVENTS}-wal", "the event store's write-ahead log", 0o600, Fate.DELETE),
     Entry(f"{EVENTS}-shm", "the event store's shared-memory index", 0o600, Fate.DELETE),
@@ -155,3 +160,16 @@ class Layout:
             elif f.mode & ~f.entry.mode:
                 out.append(f"{f.rel} is mode {f.mode:o}, wider than {f.entry.mode:o}")
         return out
+
+    def tighten_modes(self) -> list[str]:
+        """Narrow every listed entry to its mode (files written by an older release, or copied
+        with wider modes); returns what changed. Nothing is ever widened."""
+        changed = []
+        for f in self.scan():
+            if f.entry is not None and f.kind == f.entry.kind and f.mode & ~f.entry.mode:
+                os.chmod(self.root / f.rel, f.mode & f.entry.mode, follow_symlinks=False)
+                changed.append(f.rel)
+        if self.root.is_dir() and stat.S_IMODE(self.root.stat().st_mode) & 0o077:
+            os.chmod(self.root, 0o700)
+            changed.append(".")
+        return changed

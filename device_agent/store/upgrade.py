@@ -7,7 +7,8 @@ after a power cut at any instant:
 2. ``state.json``, ``trust.json`` and ``tokens.json`` are rewritten sealed (state records gain
    the digest of their stored bundle, taken now: the upgrade is the moment the board starts
    vouching for its files);
-3. ``keys.wrapped.upgrade`` replaces ``keys.wrapped``.
+3. every file is narrowed to the mode the layout gives it, and ``keys.wrapped.upgrade``
+   replaces ``keys.wrapped``.
 
 Until step 3, ``keys.wrapped`` still holds release 0.1's keys, so a resumed upgrade finds the
 same board secret in step 1's file and the files it already sealed verify. After step 3, an
@@ -67,6 +68,7 @@ def upgrade(store: DataDir, source: KeySource, kek_cache: dict[bytes, bytearray]
         _seal(store, layout.TOKENS, key, _tokens_v2)
     finally:
         crypto.wipe(key)
+    store.layout.tighten_modes()  # release 0.1 left its SQLite stores at the umask's mode
     os.replace(staged, store.keys_file)
     fsync_dir(store.path)
     return new
