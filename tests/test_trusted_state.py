@@ -51,7 +51,9 @@ def tamper_events(capsys: pytest.CaptureFixture[str], board: Board) -> list[dict
     return [e for e in json.loads(out) if e["kind"] == "tamper"]
 
 
-def three_versions(make_board: Callable[..., Board], pack_for: Callable[..., Path], model: Path) -> tuple[Board, list[Path]]:
+def three_versions(
+    make_board: Callable[..., Board], pack_for: Callable[..., Path], model: Path
+) -> tuple[Board, list[Path]]:
     board = make_board()
     bundles = [pack_for(model, [board], version=v) / f"{board.device_id}.ewb" for v in (1, 2, 3)]
     for b in bundles:
@@ -71,7 +73,9 @@ def test_lowering_the_anti_rollback_floor_on_the_card_is_refused(make_board, pac
     assert tamper_events(capsys, board)
 
 
-def test_a_trust_anchor_planted_on_the_card_is_refused(make_board, pack_for, digits, publisher, tmp_path, capsys) -> None:
+def test_a_trust_anchor_planted_on_the_card_is_refused(
+    make_board, pack_for, digits, publisher, tmp_path, capsys
+) -> None:
     from packager.keys import generate
 
     board = make_board()
