@@ -41,6 +41,7 @@ MODEL_FIELDS = (
     "model_id",
     "version",
     "previous_version",
+    "highest_version",  # lets the fleet see a board's anti-rollback state go backwards
     "serving",
     "runtime",
     "profile",
