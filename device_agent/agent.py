@@ -23,8 +23,9 @@ from device_agent import crypto
 from device_agent.bundle.enrolment import DOMAIN as ENROLMENT_DOMAIN
 from device_agent.bundle.enrolment import Enrolment
 from device_agent.bundle.format import Contents, Manifest, Sidecar, VerifiedBundle, verify_bundle, verify_head
+from device_agent.config import DEFAULT_CONFIG, DEFAULT_LIMITS, AgentConfig
+from device_agent.config import BundleLimits as Limits
 from device_agent.errors import FormatError, InputMismatch, IntegrityError, NotInstalled, RollbackRefused, UsageError
-from device_agent.limits import DEFAULT_LIMITS, Limits
 from device_agent.runtime.output import prepare_inputs, shape_output
 from device_agent.runtime.preprocess import apply as preprocess
 from device_agent.runtime.runners import Runner, load_runner
@@ -92,7 +93,7 @@ class Agent:
         data_dir: str | Path,
         keys: KeySource | None = None,
         *,
-        limits: Limits = DEFAULT_LIMITS,
+        config: AgentConfig = DEFAULT_CONFIG,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = DataDir(data_dir)
@@ -101,7 +102,8 @@ class Agent:
             complete_wipe(self.store, clock())
         self.store.require_provisioned()
         self._source = keys if keys is not None else KeySource.from_env()
-        self.limits = limits
+        self.config = config  # every limit and default on the board, passed down from here
+        self.limits = config.bundle
         self._clock = clock
         self._loaded: dict[str, LoadedModel] = {}
         self._state_cache: tuple[tuple[int, int, int], State] | None = None
