@@ -56,12 +56,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from device_agent.config import DEFAULT_LIMITS  # noqa: E402
+
 MIB = 1024 * 1024
 OPEN_MODEL_BYTES = 100 * MIB
 ONNX_SIDE = 5000  # float32 [5000, 5000] initializer: 100,000,000 bytes
 PACK_MODEL_BYTES = 5 * MIB
 PACK_DEVICES = (1000, 100)
-READ_LIMIT = 2 * 1024**3  # DEFAULT_LIMITS.max_bundle_bytes, what Agent._load passes
+READ_LIMIT = DEFAULT_LIMITS.max_bundle_bytes  # what Agent._load passes
 
 TARGET_RATIO = 0.7
 TARGET_MEM = 1.5

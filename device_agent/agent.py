@@ -26,6 +26,7 @@ from device_agent import crypto
 from device_agent.bundle.enrolment import DOMAIN as ENROLMENT_DOMAIN
 from device_agent.bundle.enrolment import Enrolment
 from device_agent.bundle.format import Contents, Manifest, Sidecar, VerifiedBundle, verify_bundle, verify_head
+from device_agent.config import DEFAULT_CONFIG, DEFAULT_LIMITS, AgentConfig, BundleLimits
 from device_agent.errors import (
     EdgeWardError,
     FormatError,
@@ -35,7 +36,6 @@ from device_agent.errors import (
     TamperedState,
     UsageError,
 )
-from device_agent.limits import DEFAULT_LIMITS, Limits
 from device_agent.runtime.output import prepare_inputs, shape_output
 from device_agent.runtime.preprocess import apply as preprocess
 from device_agent.runtime.runners import Runner, load_runner
@@ -59,7 +59,7 @@ def model_feeds(
     loaded: LoadedModel,
     inputs: np.ndarray | Mapping[str, np.ndarray],
     role: str,
-    limits: Limits = DEFAULT_LIMITS,
+    limits: BundleLimits = DEFAULT_LIMITS,
 ) -> tuple[dict[str, np.ndarray], bool]:
     """The caller's raw input through the sealed pre-processing into the model's feeds; returns
     (feeds, whether the caller sent a batch).
@@ -101,16 +101,17 @@ class Agent:
         data_dir: str | Path,
         keys: KeySource | None = None,
         *,
-        limits: Limits = DEFAULT_LIMITS,
+        config: AgentConfig = DEFAULT_CONFIG,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self.store = DataDir(data_dir)
+        self.store = DataDir(data_dir, config.documents)
         if wipe_pending(self.store.path):
             # Invariant 4: a wipe interrupted by a power cut completes before anything else runs.
             complete_wipe(self.store, clock())
         self.store.require_provisioned()
         self._source = keys if keys is not None else KeySource.from_env()
-        self.limits = limits
+        self.config = config  # every limit and default on the board, passed down from here
+        self.limits = config.bundle
         self._clock = clock
         self._loaded: dict[str, LoadedModel] = {}
         self._state_cache: tuple[tuple[int, int, int], State] | None = None

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.cliutil import emit, run
+from device_agent.config import DEFAULT_LIMITS
 from device_agent.errors import FormatError, UsageError
-from device_agent.limits import DEFAULT_LIMITS
 from device_agent.service import cli as service_cli
 from device_agent.telemetry.service import register_cli as register_telemetry
 

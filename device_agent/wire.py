@@ -9,13 +9,14 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+from device_agent.config import DEFAULT_CONFIG
 from device_agent.errors import FormatError
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HEX32_RE = re.compile(r"^[0-9a-f]{32}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 FPR_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-MAX_VERSION = 2**53
+MAX_VERSION = 2**53  # the JSON integer range every reader holds exactly: part of every format
 
 
 # --- time -----------------------------------------------------------------------------------------
@@ -56,7 +57,12 @@ def obj_fields(value: Any, what: str, known: set[str], required: set[str]) -> di
     return value
 
 
-def str_field(value: Any, what: str, pattern: re.Pattern[str] | None = None, limit: int = 256) -> str:
+def str_field(
+    value: Any,
+    what: str,
+    pattern: re.Pattern[str] | None = None,
+    limit: int = DEFAULT_CONFIG.documents.max_string_field,
+) -> str:
     if not isinstance(value, str) or not value or len(value) > limit:
         raise FormatError(f"{what} must be a non-empty string of at most {limit} characters")
     if pattern is not None and not pattern.match(value):

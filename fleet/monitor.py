@@ -39,6 +39,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from device_agent.config import DEFAULT_CONFIG
 from device_agent.errors import EdgeWardError, EnvironmentFault, SecurityRefusal
 from device_agent.store.datadir import utcnow
 from device_agent.telemetry.mqtt import Broker, Link, Session
@@ -54,7 +55,6 @@ from device_agent.telemetry.report import (
     split_topic,
     verify_frame,
 )
-from device_agent.telemetry.service import DEFAULT_CONFIG as BOARD_DEFAULTS
 from device_agent.wire import ID_RE
 
 from .ca import FleetHome
@@ -74,7 +74,7 @@ class MonitorConfig:
     # again: a board resends at most `window` unacknowledged reports, and the broker resends to a
     # restarted monitor what it delivered but never saw acknowledged (at most RECEIVE_MAXIMUM, e.g.
     # a monitor killed between a commit and its acknowledgements).
-    redelivery_window: int = RECEIVE_MAXIMUM + 4 * BOARD_DEFAULTS.window
+    redelivery_window: int = RECEIVE_MAXIMUM + 4 * DEFAULT_CONFIG.telemetry.window
     batch: int = 250  # reports authenticated, judged and committed per transaction
     # broker -> monitor in flight, acknowledged after commit: room for the chunks in the helper
     # (IN_FLIGHT) and the next ones arriving meanwhile.

@@ -8,7 +8,7 @@ from typing import Any
 
 from device_agent.errors import FormatError, UsageError
 
-MAX_JSON_BYTES = 16 * 1024**2
+from .limits import HOST_LIMITS
 
 
 def read_json_object(path: str | Path | None, what: str) -> dict[str, Any] | None:
@@ -25,8 +25,8 @@ def read_json_object(path: str | Path | None, what: str) -> dict[str, Any] | Non
 
     p = Path(path)
     try:
-        if p.stat().st_size > MAX_JSON_BYTES:
-            raise FormatError(f"{what} {path} is over {MAX_JSON_BYTES} bytes")
+        if p.stat().st_size > HOST_LIMITS.max_json_bytes:
+            raise FormatError(f"{what} {path} is over {HOST_LIMITS.max_json_bytes} bytes")
         doc = json.loads(p.read_text(encoding="utf-8"), parse_constant=refuse_constant)
     except FileNotFoundError as e:
         raise UsageError(f"{what} {path} does not exist") from e

@@ -11,6 +11,8 @@ from typing import Any
 from device_agent.errors import FormatError, SecurityRefusal, UsageError
 from device_agent.runtime.runners import load_runner
 
+from .limits import HOST_LIMITS
+
 # Formats that execute code when loaded (pickle and its wrappers): never packed (NCSC 2.2).
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".joblib", ".ckpt", ".bin")
 ACCEPTED = {".onnx": "onnx", ".tflite": "tflite"}
@@ -32,7 +34,7 @@ class ModelFile:
 
 
 def read_model(
-    path: Path, expect_sha256: str | None = None, max_bytes: int = 2**31 - 1
+    path: Path, expect_sha256: str | None = None, max_bytes: int = HOST_LIMITS.max_model_bytes
 ) -> ModelFile:
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:

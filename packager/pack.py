@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from device_agent import crypto
 from device_agent.bundle.enrolment import Enrolment, load_enrolment
 from device_agent.bundle.format import SIGNING_DOMAIN, Sidecar, pack_contents, write_bundle
+from device_agent.config import DEFAULT_CONFIG
 from device_agent.errors import EdgeWardError, FormatError, UsageError
 from device_agent.store.fsutil import fsync_dir
 from device_agent.wire import ID_RE, format_time
@@ -63,16 +64,19 @@ class PackOptions:
 
 
 def load_enrolments(files: Iterable[Path]) -> list[Enrolment]:
-    """Read and verify every enrolment before anything is written; duplicates are refused."""
+    """Read and verify every enrolment before anything is written; duplicates are refused.
+    Enrolments are a board format: the board's limits bound them."""
+    limits = DEFAULT_CONFIG.documents
     seen: dict[str, Path] = {}
     out: list[Enrolment] = []
     for path in files:
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                data = f.read(limits.max_enrolment_bytes + 1)  # one byte over: load_enrolment refuses it
         except FileNotFoundError as e:
             raise UsageError(f"enrolment {path} does not exist") from e
         try:
-            enrolment = load_enrolment(data, str(path))
+            enrolment = load_enrolment(data, str(path), limits)
         except EdgeWardError as err:
             raise type(err)(f"{path}: {err}") from err
         if enrolment.device_id in seen:

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device_agent.config import AuditConfig
 from device_agent.errors import IntegrityError
-from device_agent.service.audit import AuditConfig, AuditLog, input_summary, verify
+from device_agent.service.audit import AuditLog, input_summary, verify
 
 T0 = 1_800_000_000.0
 

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_agent.service.detect import Calibration, DetectConfig, Detector, calibrate, shapiro_w
+from device_agent.config import DetectConfig
+from device_agent.service.detect import Calibration, Detector, calibrate, shapiro_w
 from device_agent.service.events import EventStore
 from device_agent.service.service import Service
 from device_agent.service.tokens import TokenRecord

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from device_agent.config import TelemetryConfig
 from device_agent.errors import EnvironmentFault
 from device_agent.service.events import EventStore
 from device_agent.telemetry.mqtt import Broker, Link, Session
 from device_agent.telemetry.report import NO_PREV, Report, command_topic, encode_report, frame, payload_digest, topic
-from device_agent.telemetry.service import TelemetryConfig, TelemetryService
+from device_agent.telemetry.service import TelemetryService
 from fleet.ca import FleetHome
 from fleet.monitor import Flagged, Monitor, MonitorConfig, verify_batch
 from fleet.store import MonitorStore

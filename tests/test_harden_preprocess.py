@@ -239,7 +239,7 @@ def test_harden_preprocess_nan_from_json_is_refused() -> None:
 def test_harden_preprocess_limits_come_from_limits() -> None:
     from dataclasses import replace
 
-    from device_agent.limits import DEFAULT_LIMITS
+    from device_agent.config import DEFAULT_LIMITS
 
     tight = replace(DEFAULT_LIMITS, max_preprocess_side=16, max_preprocess_steps=1)
     with pytest.raises(FormatError, match=r"\[1, 16\]"):

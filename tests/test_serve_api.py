@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from device_agent.config import ServeConfig
 from device_agent.errors import UsageError
 from device_agent.service.http import Client, Server
-from device_agent.service.service import ServeConfig, Service
+from device_agent.service.service import Service
 from tests.conftest import PASSPHRASE
 from tests.fixtures.serve import Served, SimClock, serve, wait_until_serving
 

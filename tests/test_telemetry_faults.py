@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from device_agent.config import TelemetryConfig
 from device_agent.service.events import EventStore
 from device_agent.telemetry.mqtt import Link, Session
 from device_agent.telemetry.report import NO_PREV, Report, encode_report, payload_digest
-from device_agent.telemetry.service import TelemetryConfig, TelemetryService
+from device_agent.telemetry.service import TelemetryService
 from fleet.monitor import Monitor, MonitorConfig
 from fleet.store import MonitorStore
 from tests.conftest import PASSPHRASE, Board

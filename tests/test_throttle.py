@@ -6,8 +6,9 @@ import math
 
 import pytest
 
+from device_agent.config import ThrottleConfig
 from device_agent.errors import FormatError
-from device_agent.service.throttle import DAY, Throttle, ThrottleConfig
+from device_agent.service.throttle import DAY, Throttle
 
 T0 = 1_800_000_000.0
 

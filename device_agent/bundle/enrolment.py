@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from device_agent import crypto
+from device_agent.config import DEFAULT_CONFIG, DocumentLimits
 from device_agent.errors import FormatError
 from device_agent.wire import ID_RE, canonical_json, format_time, obj_fields, parse_time, str_field
 
 SCHEMA = "edgeward.enrolment/1"
 DOMAIN = b"edgeward/enrolment/v1"
-MAX_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,13 @@ class Enrolment:
         return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
 
-def load_enrolment(data: bytes, source: str = "enrolment") -> Enrolment:
-    """Parse and verify an enrolment file; raises FormatError or BadSignature."""
-    if len(data) > MAX_BYTES:
-        raise FormatError(f"{source} is larger than {MAX_BYTES} bytes")
+def load_enrolment(
+    data: bytes, source: str = "enrolment", limits: DocumentLimits = DEFAULT_CONFIG.documents
+) -> Enrolment:
+    """Parse and verify an enrolment file (at most ``limits.max_enrolment_bytes``); raises
+    FormatError or BadSignature."""
+    if len(data) > limits.max_enrolment_bytes:
+        raise FormatError(f"{source} is larger than {limits.max_enrolment_bytes} bytes")
     try:
         raw = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -23,8 +23,8 @@ from datetime import datetime
 from typing import Any, BinaryIO
 
 from device_agent import crypto
+from device_agent.config import DEFAULT_LIMITS, BundleLimits
 from device_agent.errors import BadSignature, FormatError, IntegrityError, UnknownPublisher
-from device_agent.limits import DEFAULT_LIMITS, Limits
 from device_agent.wire import (
     FPR_RE,
     HEX32_RE,
@@ -115,7 +115,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, raw: Any, limits: Limits = DEFAULT_LIMITS) -> Manifest:
+    def from_json(cls, raw: Any, limits: BundleLimits = DEFAULT_LIMITS) -> Manifest:
         m = obj_fields(raw, "manifest", set(cls.FIELDS), set(cls.FIELDS))
         if m["schema"] != MANIFEST_SCHEMA:
             raise FormatError(f"manifest schema {str(m['schema'])[:40]!r} is not {MANIFEST_SCHEMA}")
@@ -201,7 +201,7 @@ class Sidecar:
         }
 
     @classmethod
-    def from_json(cls, raw: Any) -> Sidecar:
+    def from_json(cls, raw: Any, limits: BundleLimits = DEFAULT_LIMITS) -> Sidecar:
         s = obj_fields(raw, "sidecar", set(cls.FIELDS), {"schema", "model"})
         if s["schema"] != SIDECAR_SCHEMA:
             raise FormatError(f"sidecar schema {str(s['schema'])[:40]!r} is not {SIDECAR_SCHEMA}")
@@ -215,7 +215,7 @@ class Sidecar:
         return cls(
             model_format=choice_field(model["format"], "sidecar.model.format", MODEL_FORMATS),
             model_sha256=str_field(model["sha256"], "sidecar.model.sha256", HEX64_RE),
-            model_length=int_field(model["length"], "sidecar.model.length", 0, DEFAULT_LIMITS.max_bundle_bytes),
+            model_length=int_field(model["length"], "sidecar.model.length", 0, limits.max_bundle_bytes),
             task=obj("task", False),
             policy=obj("policy", False),
             runtime=obj("runtime", False),
@@ -251,7 +251,7 @@ class Contents:
 
 
 def unpack_contents(
-    buffer: bytearray, start: int, end: int, limits: Limits = DEFAULT_LIMITS, *, check_digest: bool = True
+    buffer: bytearray, start: int, end: int, limits: BundleLimits = DEFAULT_LIMITS, *, check_digest: bool = True
 ) -> Contents:
     """Parse the contents lying in ``buffer[start:end]``.
 
@@ -266,7 +266,7 @@ def unpack_contents(
     (side_len,) = struct.unpack(">I", view[len(CONTENTS_MAGIC) : head])
     if side_len > limits.max_sidecar_bytes or head + side_len > len(view):
         raise FormatError(f"sidecar length {side_len} is out of bounds")
-    sidecar = Sidecar.from_json(loads_json(view[head : head + side_len], "sidecar"))
+    sidecar = Sidecar.from_json(loads_json(view[head : head + side_len], "sidecar"), limits)
     offset = head + side_len
     model = view[offset:]
     if len(model) != sidecar.model_length:
@@ -291,7 +291,7 @@ class VerifiedBundle:
     def decrypt(
         self,
         device_private: bytearray,
-        limits: Limits = DEFAULT_LIMITS,
+        limits: BundleLimits = DEFAULT_LIMITS,
         *,
         in_place: bool = False,
         check_digest: bool = True,
@@ -335,7 +335,7 @@ class VerifiedBundle:
             raise
 
 
-def parse_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> tuple[int, bytes]:
+def parse_header(data: bytes | bytearray | memoryview, limits: BundleLimits = DEFAULT_LIMITS) -> tuple[int, bytes]:
     """Check the fixed header (magic, format version, flags, bounded manifest length);
     return (manifest length, publisher key id)."""
     if len(data) < HEADER_BYTES:
@@ -355,7 +355,7 @@ def parse_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_
     return manifest_len, bytes(kid)
 
 
-def read_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> tuple[int, bytes]:
+def read_header(data: bytes | bytearray | memoryview, limits: BundleLimits = DEFAULT_LIMITS) -> tuple[int, bytes]:
     """:func:`parse_header`, and check that ``data`` holds the whole manifest and signature."""
     manifest_len, kid = parse_header(data, limits)
     if len(data) < HEADER_BYTES + manifest_len + crypto.SIGNATURE_BYTES:
@@ -363,7 +363,7 @@ def read_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_L
     return manifest_len, kid
 
 
-def read_head(f: BinaryIO, limits: Limits = DEFAULT_LIMITS) -> bytes:
+def read_head(f: BinaryIO, limits: BundleLimits = DEFAULT_LIMITS) -> bytes:
     """Read only the signed head of a bundle file (header, manifest, signature): enough for
     :func:`verify_head`, without reading a payload that may be hundreds of megabytes."""
     header = f.read(HEADER_BYTES)
@@ -375,7 +375,7 @@ def verify_head(
     head: bytes | bytearray | memoryview,
     file_length: int,
     trusted_publishers: Mapping[bytes, bytes] | list[bytes],
-    limits: Limits = DEFAULT_LIMITS,
+    limits: BundleLimits = DEFAULT_LIMITS,
 ) -> tuple[Manifest, bytes, int]:
     """Steps 1-5 of the verification order on a bundle's signed head and its total length.
 
@@ -427,7 +427,7 @@ def verify_head(
 def verify_bundle(
     data: bytes | bytearray | memoryview,
     trusted_publishers: Mapping[bytes, bytes] | list[bytes],
-    limits: Limits = DEFAULT_LIMITS,
+    limits: BundleLimits = DEFAULT_LIMITS,
 ) -> VerifiedBundle:
     """Verify a bundle's signature against the trust anchors, then parse its manifest.
 

@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.config import DEFAULT_LIMITS, BundleLimits
 from device_agent.errors import FormatError, InputMismatch
-from device_agent.limits import DEFAULT_LIMITS, Limits
 
 SCHEMA = "edgeward.preprocess/1"
-MAX_SIDE = DEFAULT_LIMITS.max_preprocess_side  # kept for callers; the bound lives in Limits
 TOP_FIELDS = frozenset({"schema", "sample_rank", "steps"})
 OPS = ("resize", "crop", "pad", "scale", "normalize", "layout", "flatten", "dtype")
 DTYPES = ("float32", "float16", "uint8", "int8", "int32", "int64")
@@ -72,7 +71,7 @@ def _numbers(step: Mapping[str, Any], what: str, keys: tuple[tuple[str, float], 
             raise FormatError(f"preprocess {what}.{key} must be a finite number")
 
 
-def validate(spec: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+def validate(spec: Mapping[str, Any], limits: BundleLimits = DEFAULT_LIMITS) -> dict[str, Any]:
     """Check a spec strictly (known ops and fields, finite numbers, bounded sizes, step order)
     and return it as a plain dict."""
     if not isinstance(spec, Mapping) or spec.get("schema") != SCHEMA:
@@ -188,7 +187,7 @@ def _float32(x: np.ndarray) -> np.ndarray:
 
 
 def _step(
-    x: np.ndarray, step: Mapping[str, Any], image: bool, max_elements: int, owned: bool
+    x: np.ndarray, step: Mapping[str, Any], image: bool, max_elements: int, max_side: int, owned: bool
 ) -> np.ndarray:
     op = step["op"]
     if op in ("resize", "crop", "pad") and not image:
@@ -196,7 +195,7 @@ def _step(
     if op == "resize":
         h, w = x.shape[1:3]
         height = int(step["height"])
-        max_width = int(step.get("max_width", MAX_SIDE))
+        max_width = int(step.get("max_width", max_side))
         width = min(int(step.get("width") or math.ceil(height * w / h)), max_width)
         return _resize(x, height, width, max_elements)
     if op == "crop":
@@ -245,7 +244,7 @@ def apply(
     spec: Mapping[str, Any] | None,
     inputs: Any,
     max_elements: int | None = None,
-    limits: Limits = DEFAULT_LIMITS,
+    limits: BundleLimits = DEFAULT_LIMITS,
 ) -> tuple[Any, bool]:
     """Run the sealed spec on the caller's raw input; return (model input, single sample or not).
 
@@ -284,6 +283,6 @@ def apply(
     if rank == 2:
         x = x[..., np.newaxis]  # grey HxW -> HxWx1
     for step in spec["steps"]:
-        y = _step(x, step, image, max_elements, x is not inputs and x.base is None)
+        y = _step(x, step, image, max_elements, limits.max_preprocess_side, x is not inputs and x.base is None)
         x = y
     return np.ascontiguousarray(x), single

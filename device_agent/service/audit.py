@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.config import DEFAULT_CONFIG, AuditConfig
 from device_agent.errors import EnvironmentFault, IntegrityError
 from device_agent.store.fsutil import atomic_write, make_private_dir
 from device_agent.wire import canonical_json, format_time, parse_time
@@ -43,16 +44,6 @@ from device_agent.wire import canonical_json, format_time, parse_time
 GENESIS = "0" * 64
 SEGMENT_RE = re.compile(r"^audit-(\d{8})\.jsonl$")
 DAY = 86400.0
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    """Rotation, retention and checkpoint bounds of the audit log."""
-
-    max_segment_bytes: int = 4 * 1024**2
-    retention_days: float = 90.0
-    checkpoint_every: int = 256
-    checkpoint_seconds: float = 5.0
 
 
 def record_hash(body: dict[str, Any]) -> str:
@@ -105,9 +96,9 @@ class VerifyReport:
 class AuditLog:
     """Append-only, hash-chained, rotated audit log; safe to share between threads."""
 
-    def __init__(self, directory: str | Path, config: AuditConfig | None = None) -> None:
+    def __init__(self, directory: str | Path, config: AuditConfig = DEFAULT_CONFIG.serve.audit) -> None:
         self.dir = Path(directory)
-        self.config = config or AuditConfig()
+        self.config = config
         self._lock = threading.Lock()
         try:
             make_private_dir(self.dir)

@@ -16,7 +16,10 @@ from device_agent.errors import IntegrityError
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from device_agent.agent import Agent
+    from device_agent.config import DEFAULT_CONFIG
     from device_agent.service.http import Server
     from device_agent.service.service import Service, load_config
     from device_agent.store.keys import KeySource
@@ -24,9 +27,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     keys = KeySource.from_env(args.kek_file)
     keys.require()  # fail at start (exit 2), not on the first query
-    agent = Agent(args.data_dir, keys)
+    # The one configuration of this board: the defaults with the local --config settings.
+    config = replace(DEFAULT_CONFIG, serve=load_config(args.config))
+    agent = Agent(args.data_dir, keys, config=config)
     socket_path = Path(args.socket) if args.socket else agent.store.socket_file
-    service = Service(agent, load_config(args.config))
+    service = Service(agent)  # agent.config.serve
 
     def telemetry_status() -> dict[str, Any]:
         """Heartbeat content: installed models and the service's counters (no clients, no inputs)."""
@@ -34,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         counters = {**svc["counters"], "uptime_s": svc["uptime_s"], "integrity_ok": int(svc["integrity"] == "ok")}
         return {"models": agent.status()["models"], "counters": counters}
 
-    telemetry = service_from_args(args, service.events, status_provider=telemetry_status)
+    telemetry = service_from_args(args, service.events, status_provider=telemetry_status, config=config.telemetry)
     if telemetry is not None:
         service.attach(telemetry)  # started after the first integrity check, stopped before the audit log
     server = Server(service, socket_path, args.listen)

@@ -33,31 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.config import DEFAULT_CONFIG, DetectConfig
 from device_agent.errors import FormatError
 
 CALIBRATION_SCHEMA = "edgeward.ood/1"
-MAX_DIMS = 1024  # inputs larger than this are subsampled before distances are taken
-
-
-@dataclass(frozen=True)
-class DetectConfig:
-    """Every detection bound in one place."""
-
-    window: int = 50
-    ood_count: int = 3
-    probe_count: int = 5
-    history: int = 100  # recent distinct queries kept per client for distances
-    prada_window: int = 200  # distances kept per client for the normality test
-    per_label_history: int = 50  # PRADA's growing set, per predicted label
-    prada_min: int = 40  # distances needed before the normality test is trusted
-    prada_w: float = 0.85
-    prada_every: int = 5  # run the normality test every this many queries (it costs ~50 us)
-    rate_window: float = 60.0
-    rate_refusals: int = 10
-    cooldown: float = 60.0  # at most one event per kind and client in this many seconds
-    # Least recently seen clients are forgotten beyond this (clients are tokens, made by an admin);
-    # each costs up to ~2 MB with 1024-dim inputs, ~150 kB with the digits model.
-    max_clients: int = 64
+# Inputs larger than this are subsampled before distances are taken. Part of the edgeward.ood/1
+# format, not a board limit: the sealed calibration vectors have this many entries at most, and
+# the packager's calibrate() and the board's detectors must agree on it.
+MAX_DIMS = 1024
 
 
 @dataclass(frozen=True)
@@ -220,9 +203,9 @@ class _Client:
 class Detector:
     """Per-client detection state for one service. Not thread-safe: the caller serialises."""
 
-    def __init__(self, calibration: Calibration | None, config: DetectConfig | None = None) -> None:
+    def __init__(self, calibration: Calibration | None, config: DetectConfig = DEFAULT_CONFIG.serve.detect) -> None:
         self.calibration = calibration
-        self.config = config or DetectConfig()
+        self.config = config
         self._clients: OrderedDict[str, _Client] = OrderedDict()
 
     def _client(self, client: str, dim: int) -> _Client:

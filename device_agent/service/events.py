@@ -15,13 +15,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from device_agent.config import DEFAULT_CONFIG
 from device_agent.errors import EnvironmentFault, UsageError
 from device_agent.store.sqlitedb import open_durable
 from device_agent.wire import format_time, parse_time
 
 SEVERITIES = ("info", "warning", "critical")
 # Kinds in use: ood, extraction, probing, rate, integrity, tamper, refusal, throttle, install, wipe.
-MAX_EVIDENCE_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,14 @@ class Event:
 
 
 class EventStore:
-    """Append-only store of events, safe to share between threads of one process."""
+    """Append-only store of events, safe to share between threads of one process. Evidence
+    over ``max_evidence_bytes`` of JSON is replaced by its size."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, max_evidence_bytes: int = DEFAULT_CONFIG.serve.max_evidence_bytes
+    ) -> None:
         self.path = Path(path)
+        self.max_evidence_bytes = max_evidence_bytes
         self._lock = threading.Lock()
         try:
             self._db = open_durable(
@@ -75,7 +79,7 @@ class EventStore:
         if severity not in SEVERITIES:
             raise UsageError(f"severity must be one of {', '.join(SEVERITIES)}")
         body = json.dumps(evidence or {}, sort_keys=True)
-        if len(body) > MAX_EVIDENCE_BYTES:
+        if len(body) > self.max_evidence_bytes:
             body = json.dumps({"truncated": True, "bytes": len(body)})
         with self._lock:
             cur = self._db.execute(

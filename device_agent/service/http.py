@@ -23,15 +23,11 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from device_agent.errors import EdgeWardError, EnvironmentFault, UsageError
 from device_agent.service.service import Service, Throttled, TooLarge, http_status
 
-READ_TIMEOUT = 30.0
-DRAIN_FACTOR = 16
-MAX_HEADER_LINE = 8192
-MAX_HEADERS = 64
 # Headers that must not appear twice: two lengths or two tokens make a request ambiguous.
 SINGLE_HEADERS = frozenset({"content-length", "authorization", "content-type", "transfer-encoding"})
 
@@ -50,8 +46,8 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "edgeward-agent"
     sys_version = ""
-    timeout = READ_TIMEOUT
-    service: Service  # set on the subclass made for each server
+    service: Service  # set on the subclass made for each server, with its read timeout:
+    timeout: ClassVar[float]  # service.config.http.read_timeout, seconds a connection may stay silent
     raw_requestline: bytes  # read by BaseHTTPRequestHandler.handle_one_request before parse_request
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
@@ -61,9 +57,9 @@ class Handler(BaseHTTPRequestHandler):
         """Parse the request line and headers strictly and cheaply.
 
         Replaces BaseHTTPRequestHandler's parser, which goes through the ``email`` package and
-        costs more per request than the inference itself on a small model. Bounded: at most
-        MAX_HEADERS lines of MAX_HEADER_LINE bytes; no chunked bodies; no duplicate framing or
-        credential headers.
+        costs more per request than the inference itself on a small model. Bounded
+        (``service.config.http``): at most ``max_headers`` lines of ``max_header_line`` bytes; no
+        chunked bodies; no duplicate framing or credential headers.
         """
         self.command = None  # type: ignore[assignment]
         self.request_version = "HTTP/0.9"
@@ -75,9 +71,10 @@ class Handler(BaseHTTPRequestHandler):
             return False
         self.command, self.path, self.request_version = words
         fields: dict[str, str] = {}
-        for _ in range(MAX_HEADERS + 1):
-            line = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if len(line) > MAX_HEADER_LINE:
+        limits = self.service.config.http
+        for _ in range(limits.max_headers + 1):
+            line = self.rfile.readline(limits.max_header_line + 1)
+            if len(line) > limits.max_header_line:
                 self.send_error(431, "Request header line too long")
                 return False
             if line in (b"\r\n", b"\n", b""):
@@ -134,9 +131,10 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, {"error": {"status": status, "message": str(e)}}, headers)
 
     def _discard(self, length: int) -> None:
-        """Read and drop an oversized body (up to DRAIN_FACTOR times the limit) so the client
-        gets its 413; anything larger gets the 413 and a closed connection."""
-        if 0 <= length <= DRAIN_FACTOR * self.service.config.max_request_bytes:
+        """Read and drop an oversized body (up to ``http.drain_factor`` times the limit) so the
+        client gets its 413; anything larger gets the 413 and a closed connection."""
+        config = self.service.config
+        if 0 <= length <= config.http.drain_factor * config.max_request_bytes:
             while length > 0:
                 chunk = self.rfile.read(min(length, 65536))
                 if not chunk:
@@ -241,7 +239,9 @@ def _limit(server: _Bounded, service: Service) -> None:
 
 
 def _handler(service: Service) -> type[Handler]:
-    return type("BoundHandler", (Handler,), {"service": service})
+    return type(
+        "BoundHandler", (Handler,), {"service": service, "timeout": service.config.http.read_timeout}
+    )
 
 
 def bind_unix(service: Service, path: Path, mode: int = 0o660) -> socketserver.BaseServer:

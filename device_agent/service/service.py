@@ -14,8 +14,8 @@ import threading
 import time
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,12 +23,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from device_agent.agent import Agent, LoadedModel, model_feeds
+from device_agent.config import DEFAULT_CONFIG, ServeConfig, ThrottleConfig
 from device_agent.errors import EdgeWardError, Expired, FormatError, NotInstalled, SecurityRefusal, UsageError
 from device_agent.runtime.output import shape_output
-from device_agent.service.audit import AuditConfig, AuditLog, input_summary
-from device_agent.service.detect import Calibration, DetectConfig, Detector, Signal
+from device_agent.service.audit import AuditLog, input_summary
+from device_agent.service.detect import Calibration, Detector, Signal
 from device_agent.service.events import EventStore
-from device_agent.service.throttle import Throttle, ThrottleConfig
+from device_agent.service.throttle import Throttle
 from device_agent.service.tokens import TokenRecord, TokenStore
 
 
@@ -58,45 +59,6 @@ class Background(Protocol):
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Local bounds of the service; ``throttle`` can only tighten the bundle policy's limits."""
-
-    max_request_bytes: int = 1024 * 1024
-    max_rows: int = 32
-    max_connections: int = 64  # each open connection holds a thread
-    integrity_seconds: float = 300.0
-    throttle: Mapping[str, Any] = field(default_factory=dict)
-    detect: DetectConfig = field(default_factory=DetectConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> ServeConfig:
-        known = {
-            "max_connections",
-            "max_request_bytes",
-            "max_rows",
-            "integrity_seconds",
-            "throttle",
-            "detect",
-            "audit",
-        }
-        unknown = set(raw) - known
-        if unknown:
-            raise UsageError(f"unknown service settings: {', '.join(sorted(unknown))}")
-        try:
-            kw = {k: raw[k] for k in known & set(raw) - {"detect", "audit", "throttle"}}
-            ThrottleConfig.from_json(raw.get("throttle", {}))  # validate early
-            return cls(
-                **kw,
-                throttle=dict(raw.get("throttle", {})),
-                detect=DetectConfig(**raw.get("detect", {})),
-                audit=AuditConfig(**raw.get("audit", {})),
-            )
-        except TypeError as e:
-            raise UsageError(f"bad service settings: {e}") from e
 
 
 def decode_inputs(body: bytes, content_type: str) -> np.ndarray | dict[str, np.ndarray]:
@@ -140,7 +102,9 @@ def _json_array(raw: Any) -> np.ndarray:
 class Service:
     """One board's guarded prediction service over an :class:`Agent`.
 
-    ``clock`` returns seconds since the epoch; tests and the red team inject a simulated one.
+    ``config`` defaults to the agent's (``agent.config.serve``); the throttle starts from
+    ``agent.config.throttle`` where a bundle's sealed policy is silent. ``clock`` returns seconds
+    since the epoch; tests and the red team inject a simulated one.
     """
 
     def __init__(
@@ -152,13 +116,13 @@ class Service:
         events: EventStore | None = None,
     ) -> None:
         self.agent = agent
-        self.config = config or ServeConfig()
+        self.config = config or agent.config.serve
         self.clock = clock
         data = agent.store
         self.tokens: TokenStore = agent.tokens()
-        self.events = events or EventStore(data.events_file)
+        self.events = events or EventStore(data.events_file, self.config.max_evidence_bytes)
         self.audit = AuditLog(data.audit_dir, self.config.audit)
-        self._throttle = Throttle(ThrottleConfig().tightest(self.config.throttle))
+        self._throttle = Throttle(agent.config.throttle.tightest(self.config.throttle))
         self._detector = Detector(None, self.config.detect)
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
@@ -219,14 +183,20 @@ class Service:
 
     def _apply_policy(self, loaded: LoadedModel) -> None:
         policy = loaded.sidecar.policy
-        # The bundle policy sets the limits (defaults where silent); local config only tightens.
-        self._throttle.config = ThrottleConfig.from_json(policy.get("throttle", {})).tightest(
-            self.config.throttle
-        )
+        # The bundle policy sets the limits (the board's defaults where silent); local config only
+        # tightens.
+        self._throttle.config = ThrottleConfig.from_json(
+            policy.get("throttle", {}), self.agent.config.throttle
+        ).tightest(self.config.throttle)
         self._detector = Detector(Calibration.from_policy(policy), self.config.detect)
         retention = policy.get("audit", {}).get("retention_days")
         if retention is not None:
-            self.audit.config = replace(self.audit.config, retention_days=float(retention))
+            try:
+                self.audit.config = replace(self.audit.config, retention_days=float(retention))
+            except (TypeError, ValueError, UsageError) as e:
+                raise FormatError(
+                    f"sealed policy audit.retention_days must be a positive number, got {retention!r}"
+                ) from e
 
     def check_integrity(self) -> bool:
         """Re-check the served model against its sealed digest; on failure stop serving."""
@@ -396,8 +366,9 @@ def http_status(e: EdgeWardError) -> int:
 
 
 def load_config(path: str | None) -> ServeConfig:
+    """The local service settings in ``path`` (``--config``), the board's defaults without one."""
     if path is None:
-        return ServeConfig()
+        return DEFAULT_CONFIG.serve
     try:
         return ServeConfig.from_json(json.loads(Path(path).read_text()))
     except FileNotFoundError as e:

@@ -9,59 +9,11 @@ score rises gets a proportionally slower bucket.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass
 
-from device_agent.errors import FormatError
+from device_agent.config import ThrottleConfig
 
 DAY = 86400.0
-
-
-@dataclass(frozen=True)
-class ThrottleConfig:
-    """Every throttling limit. Rates are rows per second; bursts and budgets are rows."""
-
-    client_rate: float = 20.0
-    client_burst: float = 40.0
-    global_rate: float = 200.0
-    global_burst: float = 400.0
-    daily_budget: int = 20000
-    # An anomaly score a in [0, 1] divides the client's rate by (1 + anomaly_slowdown * a).
-    anomaly_slowdown: float = 20.0
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if (
-                not isinstance(v, int | float)
-                or isinstance(v, bool)
-                or not math.isfinite(v)
-                or v <= 0
-            ):
-                raise FormatError(f"throttle limit {f.name} must be a positive number, got {v!r}")
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> ThrottleConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise FormatError(f"unknown throttle limits: {', '.join(sorted(unknown))}")
-        return cls(**dict(raw))
-
-    def tightest(self, other: Mapping[str, Any]) -> ThrottleConfig:
-        """Combine with another source of limits (bundle policy vs local config): the stricter wins,
-        so neither the publisher nor the board's owner can loosen what the other set."""
-        other_cfg = ThrottleConfig.from_json(other)
-        merged = {}
-        for f in fields(self):
-            name = f.name
-            if name not in other:
-                continue
-            a, b = getattr(self, name), getattr(other_cfg, name)
-            # a larger slowdown is stricter; for every other field the smaller value is.
-            merged[name] = max(a, b) if name == "anomaly_slowdown" else min(a, b)
-        return replace(self, **merged)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 from device_agent import crypto
 from device_agent.bundle.format import read_head
+from device_agent.config import DEFAULT_CONFIG, DocumentLimits
 from device_agent.errors import FormatError, NotInstalled, UsageError
 from device_agent.store import layout
 from device_agent.store.fsutil import atomic_write, make_private_dir, read_bounded, read_into_bytearray
@@ -30,15 +31,15 @@ from device_agent.trust.state import Identity, State, TrustAnchors
 from device_agent.wire import format_time, parse_time
 
 DEVICE_SCHEMA = "edgeward.device/1"
-MAX_BOARD_FILE_BYTES = 4 * 1024**2  # device.json, the sealed files; a token list of ~10,000 entries
 
 
 class DataDir:
     """One board's data directory: its files, read and written under the layout's names."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], limits: DocumentLimits = DEFAULT_CONFIG.documents) -> None:
         self.path = Path(path)
         self.layout = layout.Layout(self.path)
+        self.limits = limits
 
     # paths ------------------------------------------------------------------------------------
     @property
@@ -130,7 +131,7 @@ class DataDir:
     def unlock(self, source: KeySource, kek_cache: dict[bytes, bytearray] | None = None,
                name: str = layout.KEYS) -> DeviceKeys:
         self.require_provisioned()
-        return source.unwrap(read_bounded(self.layout.path(name), MAX_BOARD_FILE_BYTES), kek_cache)
+        return source.unwrap(read_bounded(self.layout.path(name), self.limits.max_board_file_bytes), kek_cache)
 
     @staticmethod
     def sealing_key(keys: DeviceKeys) -> bytearray:
@@ -141,7 +142,7 @@ class DataDir:
     # public identity -------------------------------------------------------------------------------
     def _public_json(self, path: Path) -> Any:
         try:
-            return json.loads(read_bounded(path, MAX_BOARD_FILE_BYTES))
+            return json.loads(read_bounded(path, self.limits.max_board_file_bytes))
         except FileNotFoundError as e:
             raise UsageError(f"{path} is missing; is {self.path} a provisioned data dir?") from e
         except ValueError as e:
@@ -166,7 +167,7 @@ class DataDir:
     def read_sealed(self, name: str, key: bytes | bytearray) -> Any:
         """The document in sealed file ``name`` (a layout name), authenticated; None if absent."""
         try:
-            data = read_bounded(self.layout.path(name), MAX_BOARD_FILE_BYTES)
+            data = read_bounded(self.layout.path(name), self.limits.max_board_file_bytes)
         except FileNotFoundError:
             return None
         return sealed.unseal(key, name, data)

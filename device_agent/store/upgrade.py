@@ -27,7 +27,7 @@ from typing import Any
 from device_agent import crypto
 from device_agent.errors import FormatError, TamperedState
 from device_agent.store import layout
-from device_agent.store.datadir import MAX_BOARD_FILE_BYTES, DataDir
+from device_agent.store.datadir import DataDir
 from device_agent.store.fsutil import fsync_dir, read_bounded
 from device_agent.store.keys import DeviceKeys, KeySource
 from device_agent.trust import sealed
@@ -77,7 +77,7 @@ def upgrade(store: DataDir, source: KeySource, kek_cache: dict[bytes, bytearray]
 def _legacy(store: DataDir, name: str, key: bytearray) -> object | None:
     """The parsed release-0.1 document in ``name``, or None when it is absent or already sealed."""
     try:
-        data = read_bounded(store.layout.path(name), MAX_BOARD_FILE_BYTES)
+        data = read_bounded(store.layout.path(name), store.limits.max_board_file_bytes)
     except FileNotFoundError:
         return None
     if sealed.is_sealed(data):

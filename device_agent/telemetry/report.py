@@ -15,17 +15,21 @@ the monitor can authenticate a burst of reports with one signature check (:func:
 must match the topic), a per-device sequence number that only moves forward, the kind (which is
 also the last topic level) and a small JSON ``data`` object: summaries only, never a raw input
 (invariant 8, enforced structurally by :func:`check_summary`).
+
+The size and shape bounds are :class:`~device_agent.config.ReportLimits` (the board's
+``config.telemetry.report``); the fleet reads with the defaults.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from device_agent import crypto
+from device_agent.config import DEFAULT_CONFIG, ReportLimits
 from device_agent.errors import FormatError
 from device_agent.wire import (
     ID_RE,
@@ -48,12 +52,8 @@ KINDS = ("status", "telemetry", "events", "will")
 # The last will is published by the broker on the status topic: the board is gone.
 TOPIC_OF_KIND = {"status": "status", "telemetry": "telemetry", "events": "events", "will": "status"}
 COMMAND_LEVEL = "commands"
-MAX_REPORT_BYTES = 16 * 1024
-MAX_SEQ = 2**53
-# Structural guard against raw inputs: summaries are small, shallow objects.
-MAX_DEPTH = 5
-MAX_LIST_ITEMS = 64
-MAX_STRING = 512
+MAX_SEQ = 2**53  # the JSON integer range every reader holds exactly: part of the format
+DEFAULT_REPORT_LIMITS = DEFAULT_CONFIG.telemetry.report
 
 
 def topic(device_id: str, kind: str) -> str:
@@ -73,21 +73,21 @@ def split_topic(name: str) -> tuple[str, str]:
     return parts[2], parts[3]
 
 
-def check_summary(value: Any, depth: int = 0) -> None:
+def check_summary(value: Any, depth: int = 0, limits: ReportLimits = DEFAULT_REPORT_LIMITS) -> None:
     """Refuse anything shaped like a raw input: deep nesting, long arrays, long strings, bytes."""
-    if depth > MAX_DEPTH:
+    if depth > limits.max_depth:
         raise FormatError("report data is nested too deeply to be a summary")
     # Leaves of exactly str / int / float / bool / None are checked in line (the same checks the
     # recursive call makes: most of a summary is leaves); anything else takes the recursive call.
-    leaf_ok = depth < MAX_DEPTH
+    leaf_ok = depth < limits.max_depth
     if isinstance(value, dict | list):
         if isinstance(value, dict):
             for k in value:
-                if not isinstance(k, str) or len(k) > 64:
+                if not isinstance(k, str) or len(k) > limits.max_key_chars:
                     raise FormatError("report data keys must be short strings")
             items: Any = value.values()
         else:
-            if len(value) > MAX_LIST_ITEMS:
+            if len(value) > limits.max_list_items:
                 raise FormatError(
                     f"report data has a list of {len(value)} items: reports carry summaries, not inputs"
                 )
@@ -95,12 +95,12 @@ def check_summary(value: Any, depth: int = 0) -> None:
         for v in items:
             t = type(v)
             if leaf_ok and t is str:
-                if len(v) > MAX_STRING:
+                if len(v) > limits.max_string:
                     raise FormatError("report data has an over-long string")
             elif not (leaf_ok and (v is None or t in _SCALARS)):
-                check_summary(v, depth + 1)
+                check_summary(v, depth + 1, limits)
     elif isinstance(value, str):
-        if len(value) > MAX_STRING:
+        if len(value) > limits.max_string:
             raise FormatError("report data has an over-long string")
     elif value is not None and not isinstance(value, bool | int | float):
         raise FormatError(f"report data may not hold {type(value).__name__} values")
@@ -111,13 +111,15 @@ _SCALARS = frozenset({int, float, bool})
 
 @dataclass(frozen=True)
 class Report:
-    """One verified (or about to be signed) telemetry report."""
+    """One verified (or about to be signed) telemetry report; ``limits`` bound its data (and,
+    when it is signed, its size) and are not part of it."""
 
     device_id: str
     seq: int
     kind: str
     time: datetime
     data: dict[str, Any]
+    limits: ReportLimits = field(default=DEFAULT_REPORT_LIMITS, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not ID_RE.match(self.device_id):
@@ -126,7 +128,7 @@ class Report:
             raise FormatError("report sequence number is out of range")
         if self.kind not in KINDS:
             raise FormatError(f"report kind must be one of {', '.join(KINDS)}")
-        check_summary(self.data)
+        check_summary(self.data, limits=self.limits)
 
     @property
     def topic(self) -> str:
@@ -149,8 +151,9 @@ def encode_report(report: Report, signer: Any, prev: bytes = NO_PREV) -> bytes:
     if len(prev) != DIGEST_BYTES:
         raise FormatError(f"prev must be a {DIGEST_BYTES}-byte SHA-256 digest")
     signed = prev + canonical_json(report.body())
-    if len(MAGIC) + crypto.SIGNATURE_BYTES + len(signed) > MAX_REPORT_BYTES:
-        raise FormatError(f"report is larger than {MAX_REPORT_BYTES} bytes; send less")
+    most = report.limits.max_report_bytes
+    if len(MAGIC) + crypto.SIGNATURE_BYTES + len(signed) > most:
+        raise FormatError(f"report is larger than {most} bytes; send less")
     return MAGIC + crypto.sign(signer, DOMAIN, signed) + signed
 
 
@@ -164,13 +167,15 @@ def digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def verify_report(payload: bytes, sign_public: bytes, topic_name: str) -> Report:
+def verify_report(
+    payload: bytes, sign_public: bytes, topic_name: str, limits: ReportLimits = DEFAULT_REPORT_LIMITS
+) -> Report:
     """Verify then parse a report received on ``topic_name``.
 
     Raises :class:`FormatError` for malformed bytes and :class:`BadSignature` for a signature
     that is not the device key's; the body must name the topic's device and kind.
     """
-    return parse_report(check_signature(payload, sign_public), topic_name)
+    return parse_report(check_signature(payload, sign_public, limits), topic_name, limits)
 
 
 _SIGNED = len(MAGIC) + crypto.SIGNATURE_BYTES  # where the signed bytes (prev || body) start
@@ -188,9 +193,9 @@ class Frame:
     signed: bytes  # prev || body: what the signature covers
 
 
-def frame(payload: bytes) -> Frame:
+def frame(payload: bytes, limits: ReportLimits = DEFAULT_REPORT_LIMITS) -> Frame:
     """Cut ``payload`` at its fixed offsets (magic, signature, prev, body); no field is parsed."""
-    if len(payload) > MAX_REPORT_BYTES or len(payload) <= _HEAD or payload[: len(MAGIC)] != MAGIC:
+    if len(payload) > limits.max_report_bytes or len(payload) <= _HEAD or payload[: len(MAGIC)] != MAGIC:
         raise FormatError("payload is not an EdgeWard report (bad magic or length)")
     return Frame(payload[len(MAGIC) : _SIGNED], payload[_SIGNED:_HEAD], payload[_HEAD:], payload[_SIGNED:])
 
@@ -201,15 +206,15 @@ def verify_frame(f: Frame, sign_public: bytes) -> None:
     crypto.verify(sign_public, DOMAIN, f.signed, f.signature)
 
 
-def check_signature(payload: bytes, sign_public: bytes) -> bytes:
+def check_signature(payload: bytes, sign_public: bytes, limits: ReportLimits = DEFAULT_REPORT_LIMITS) -> bytes:
     """The first half of :func:`verify_report`: check the framing and the signature over the
     exact received bytes; returns the (still unparsed) body. Nothing is parsed before this."""
-    f = frame(payload)
+    f = frame(payload, limits)
     verify_frame(f, sign_public)
     return f.body
 
 
-def parse_report(body: bytes, topic_name: str) -> Report:
+def parse_report(body: bytes, topic_name: str, limits: ReportLimits = DEFAULT_REPORT_LIMITS) -> Report:
     """The second half of :func:`verify_report`: parse an authenticated body -- its signature
     checked by :func:`check_signature`, or its payload vouched for by a later authenticated
     report's ``prev`` (the fleet monitor's hash chain). Never call it with anything else."""
@@ -226,6 +231,7 @@ def parse_report(body: bytes, topic_name: str) -> Report:
         kind=str_field(doc["kind"], "kind"),
         time=_time(doc["time"]),
         data=doc["data"],
+        limits=limits,
     )
     device, level = split_topic(topic_name)
     if device != report.device_id or level != TOPIC_OF_KIND.get(report.kind):

@@ -23,11 +23,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from device_agent.config import DEFAULT_CONFIG, ReportLimits, TelemetryConfig
 from device_agent.errors import EdgeWardError, FormatError
 from device_agent.service.events import Event, EventStore
 from device_agent.store.datadir import DataDir, utcnow
@@ -49,27 +50,11 @@ MODEL_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
-class TelemetryConfig:
-    """Every telemetry limit and period in one place."""
-
-    heartbeat_s: float = 30.0
-    poll_s: float = 0.2
-    window: int = 20  # reports handed to MQTT and not yet acknowledged
-    max_outbox: int = 20_000  # at most max_outbox * 16 KiB on disk
-    event_batch: int = 500
-    backoff: tuple[int, int] = (1, 30)
-    drain_s: float = 2.0  # how long stop() waits for queued reports to be acknowledged
-
-
-DEFAULT_CONFIG = TelemetryConfig()
-
-
-def event_data(event: Event) -> dict[str, Any]:
+def event_data(event: Event, limits: ReportLimits = DEFAULT_CONFIG.telemetry.report) -> dict[str, Any]:
     """An event as report data; evidence that does not look like a summary is withheld."""
     doc = event.to_json()
     try:
-        check_summary(doc)
+        check_summary(doc, limits=limits)
     except FormatError:
         doc["evidence"] = {"withheld": "evidence did not look like a summary"}
     return {"event": doc}
@@ -85,10 +70,13 @@ def status_data(status: dict[str, Any], state: str, uptime_s: float) -> dict[str
     return {"state": state, "uptime_s": round(uptime_s), "models": models}
 
 
-def telemetry_data(status: dict[str, Any], outbox: dict[str, int]) -> dict[str, Any]:
-    """Counters from the serve loop (numbers only) and the outbox's health."""
+def telemetry_data(
+    status: dict[str, Any], outbox: dict[str, int], limits: ReportLimits = DEFAULT_CONFIG.telemetry.report
+) -> dict[str, Any]:
+    """Counters from the serve loop (numbers only, names cut to a report key) and the outbox's
+    health."""
     counters = {
-        str(k)[:64]: v
+        str(k)[: limits.max_key_chars]: v
         for k, v in status.get("counters", {}).items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
@@ -114,7 +102,7 @@ class TelemetryService:
         broker: Broker,
         *,
         status_provider: Callable[[], dict[str, Any]] | None = None,
-        config: TelemetryConfig = DEFAULT_CONFIG,
+        config: TelemetryConfig = DEFAULT_CONFIG.telemetry,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = DataDir(data_dir)
@@ -134,7 +122,12 @@ class TelemetryService:
         self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         self.link = Link(
             broker,
-            Session(client_id=self.device_id, max_inflight=config.window, backoff=config.backoff),
+            Session(
+                client_id=self.device_id,
+                max_inflight=config.window,
+                keepalive=config.keepalive_s,
+                backoff=config.backoff,
+            ),
             on_ack=lambda mid, ok: self._acks.put((mid, ok)),
             will=self._will,
         )
@@ -149,14 +142,14 @@ class TelemetryService:
         self, kind: str, data: dict[str, Any], priority: int, when: datetime | None = None
     ) -> Item:
         def build(seq: int, prev: bytes) -> tuple[str, bytes]:
-            r = Report(self.device_id, seq, kind, when or self._clock(), data)
+            r = Report(self.device_id, seq, kind, when or self._clock(), data, self.config.report)
             return r.topic, encode_report(r, self._signer, prev)
 
         return Item(priority, build)
 
     def _will(self) -> tuple[str, bytes]:
         seq, prev = self.outbox.reserve_seq()
-        r = Report(self.device_id, seq, "will", self._clock(), {"state": "offline"})
+        r = Report(self.device_id, seq, "will", self._clock(), {"state": "offline"}, self.config.report)
         return topic(self.device_id, "will"), encode_report(r, self._signer, prev)
 
     def heartbeat(self, state: str = "online") -> None:
@@ -166,7 +159,11 @@ class TelemetryService:
         self.outbox.add(
             [
                 self._item("status", status_data(status, state, uptime), HEARTBEAT),
-                self._item("telemetry", telemetry_data(status, self.outbox.stats()), HEARTBEAT),
+                self._item(
+                    "telemetry",
+                    telemetry_data(status, self.outbox.stats(), self.config.report),
+                    HEARTBEAT,
+                ),
             ]
         )
 
@@ -174,7 +171,10 @@ class TelemetryService:
         after = self.outbox.cursor(EVENTS_CURSOR)
         batch = self.events.list(after_seq=after, limit=self.config.event_batch)
         if batch:
-            items = [self._item("events", event_data(e), event_priority(e), e.time) for e in batch]
+            items = [
+                self._item("events", event_data(e, self.config.report), event_priority(e), e.time)
+                for e in batch
+            ]
             self.outbox.add(items, cursor=(EVENTS_CURSOR, batch[-1].seq))
 
     # --- the loop ------------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def add_broker_arguments(sp: argparse.ArgumentParser, required: bool = True) -> 
     sp.add_argument(
         "--heartbeat",
         type=float,
-        default=DEFAULT_CONFIG.heartbeat_s,
+        default=DEFAULT_CONFIG.telemetry.heartbeat_s,
         help="seconds between status reports",
     )
 
@@ -261,8 +261,10 @@ def service_from_args(
     args: argparse.Namespace,
     events: EventStore,
     status_provider: Callable[[], dict[str, Any]] | None = None,
+    config: TelemetryConfig = DEFAULT_CONFIG.telemetry,
 ) -> TelemetryService | None:
-    """The telemetry service the command line asks for, or None when no --broker was given."""
+    """The telemetry service the command line asks for (``config`` with its ``--heartbeat``), or
+    None when no --broker was given."""
     if not args.broker:
         return None
     broker = Broker.parse(args.broker, args.ca, args.cert, args.key)
@@ -272,7 +274,7 @@ def service_from_args(
         events,
         broker,
         status_provider=status_provider,
-        config=TelemetryConfig(heartbeat_s=args.heartbeat),
+        config=replace(config, heartbeat_s=args.heartbeat),
     )
 
 

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from device_agent import crypto
+from device_agent.config import DEFAULT_CONFIG
 from device_agent.errors import FormatError
 from device_agent.wire import (
     HEX32_RE,
@@ -31,7 +32,6 @@ TRUST_SCHEMA = "edgeward.trust/2"
 TRUST_SCHEMA_V1 = "edgeward.trust/1"
 TOKENS_SCHEMA = "edgeward.tokens/2"  # the body of tokens.json (device_agent.service.tokens)
 TOKENS_SCHEMA_V1 = "edgeward.tokens/1"
-MAX_ANCHORS = 16  # per kind; the bundle verifier bounds the publishers it tries the same way
 
 
 @dataclass(frozen=True)
@@ -182,9 +182,10 @@ class TrustAnchors:
     operators: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
+        most = DEFAULT_CONFIG.bundle.max_trusted_publishers  # the verifier tries no more than this
         for kind, keys in (("publisher", self.publishers), ("operator", self.operators)):
-            if len(keys) > MAX_ANCHORS:
-                raise FormatError(f"at most {MAX_ANCHORS} {kind} keys can be trusted")
+            if len(keys) > most:
+                raise FormatError(f"at most {most} {kind} keys can be trusted")
             if any(len(k) != crypto.KEY_BYTES for k in keys):
                 raise FormatError(f"a {kind} key is not a 32-byte Ed25519 public key")
 
@@ -202,8 +203,9 @@ class TrustAnchors:
             raise FormatError(f"trust anchors are {str(doc['schema'])[:40]!r}, not {schema}")
 
         def keys(value: Any, what: str) -> tuple[bytes, ...]:
-            if not isinstance(value, list) or len(value) > MAX_ANCHORS:
-                raise FormatError(f"{what} keys must be a list of at most {MAX_ANCHORS}")
+            most = DEFAULT_CONFIG.bundle.max_trusted_publishers
+            if not isinstance(value, list) or len(value) > most:
+                raise FormatError(f"{what} keys must be a list of at most {most}")
             try:
                 return tuple(base64.b64decode(str_field(k, f"{what} key", limit=64), validate=True) for k in value)
             except ValueError as e:

@@ -1,0 +1,381 @@
+"""Every limit and default of the board, in one frozen object validated once (python-tuf's
+``UpdaterConfig`` habit).
+
+:class:`AgentConfig` composes one group per part of the agent. Each group checks its own fields
+when it is made, so a bad value is refused (:class:`~device_agent.errors.UsageError` naming the
+field) before anything runs. The CLI builds one ``AgentConfig`` and passes it down:
+``Agent(config=...)`` keeps it as ``agent.config`` (its bundle limits as ``agent.limits``), the
+service takes ``config.serve`` and ``config.throttle``, telemetry ``config.telemetry``. Pure
+parsers that the fleet and the packager call as well (bundles, enrolments, key files, reports,
+pre-processing) take the group they need as a parameter defaulting to :data:`DEFAULT_CONFIG`'s.
+
+Wire-format constants (magic bytes, header layouts, schema names, signing domains, digest and
+key sizes, the 2**53 JSON integer range) are part of a format's definition, not limits: they stay
+with their format. ``tests/test_config.py`` checks that every field here is read somewhere and
+that no other board module defines a limit of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
+
+from device_agent.errors import FormatError, UsageError
+
+# --- field checks ----------------------------------------------------------------------------------
+
+
+def _refuse(group: Any, name: str, rule: str) -> UsageError:
+    return UsageError(f"{group.WHERE}.{name} must be {rule}, got {getattr(group, name)!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(group: Any, name: str, lo: int = 1, hi: int | None = None) -> None:
+    """``group.name`` is an integer in [lo, hi] (no upper end when ``hi`` is None)."""
+    v = getattr(group, name)
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        raise _refuse(group, name, f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]")
+
+
+def _positive(group: Any, name: str) -> None:
+    """``group.name`` is a finite number above zero (seconds, rates, days)."""
+    v = getattr(group, name)
+    if not _is_number(v) or v <= 0:
+        raise _refuse(group, name, "a positive number")
+
+
+def _not_negative(group: Any, name: str) -> None:
+    v = getattr(group, name)
+    if not _is_number(v) or v < 0:
+        raise _refuse(group, name, "a number >= 0")
+
+
+# --- bundles, inputs and small documents -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BundleLimits:
+    """Bounds checked while reading a bundle's untrusted bytes, and on the inputs it serves."""
+
+    WHERE: ClassVar[str] = "bundle"
+
+    max_manifest_bytes: int = 64 * 1024  # the signed manifest (the header's length field)
+    max_bundle_bytes: int = 2 * 1024**3  # a whole bundle file, and its decompressed contents
+    max_chunk_bytes: int = 16 * 1024**2  # largest payload chunk a manifest may declare
+    min_chunk_bytes: int = 4 * 1024  # smallest payload chunk a manifest may declare
+    max_sidecar_bytes: int = 16 * 1024**2  # the sealed sidecar inside the contents
+    max_trusted_publishers: int = 16  # publisher keys a bundle is checked against
+    max_input_bytes: int = 64 * 1024**2  # one input file or request array (float32: bytes / 4 elements)
+    max_preprocess_side: int = 8192  # any image side, in the input, the spec and every step
+    max_preprocess_elements: int = 16 * 1024**2  # any array a step makes, input to output
+    max_preprocess_steps: int = 32  # steps of a sealed pre-processing spec
+    max_preprocess_channels: int = 16  # normalize mean/std entries
+
+    def __post_init__(self) -> None:
+        # The manifest length is a 32-bit header field and at least "{}" long.
+        _int(self, "max_manifest_bytes", 2, 2**32 - 1)
+        for name in (
+            "max_bundle_bytes",
+            "max_chunk_bytes",
+            "max_sidecar_bytes",
+            "max_trusted_publishers",
+            "max_preprocess_side",
+            "max_preprocess_elements",
+            "max_preprocess_steps",
+            "max_preprocess_channels",
+        ):
+            _int(self, name)
+        _int(self, "min_chunk_bytes", 1, self.max_chunk_bytes)
+        _int(self, "max_input_bytes", 4)  # at least one float32 element
+
+
+@dataclass(frozen=True)
+class DocumentLimits:
+    """Bounds on the small documents the board and its hosts exchange."""
+
+    WHERE: ClassVar[str] = "documents"
+
+    max_enrolment_bytes: int = 16 * 1024  # a device's enrolment file (edgeward.enrolment/1)
+    max_key_file_bytes: int = 16 * 1024  # a PEM public key file
+    max_string_field: int = 256  # any string field of a signed document (wire.str_field)
+    max_board_file_bytes: int = 4 * 1024**2  # device.json, keys.wrapped and the sealed files (~10,000 tokens)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _int(self, f.name)
+
+
+# --- the local service --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThrottleConfig:
+    """Every throttling limit. Rates are rows per second; bursts and budgets are rows.
+
+    A bundle's sealed policy sets these (``from_json``), the board's ``AgentConfig.throttle``
+    where it is silent; the board's local ``serve.throttle`` can only tighten them (``tightest``).
+    """
+
+    WHERE: ClassVar[str] = "throttle"
+
+    client_rate: float = 20.0  # rows per second per client
+    client_burst: float = 40.0  # rows a client may send at once
+    global_rate: float = 200.0  # rows per second, all clients together
+    global_burst: float = 400.0  # rows all clients may send at once
+    daily_budget: int = 20000  # rows per client per UTC day
+    # An anomaly score a in [0, 1] divides the client's rate by (1 + anomaly_slowdown * a).
+    anomaly_slowdown: float = 20.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _positive(self, f.name)
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any], defaults: ThrottleConfig | None = None) -> ThrottleConfig:
+        """The limits a document (sealed policy, local config) sets, ``defaults`` where it is
+        silent; a malformed document is a :class:`FormatError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise FormatError(f"unknown throttle limits: {', '.join(sorted(unknown))}")
+        try:
+            return replace(defaults or cls(), **dict(raw))
+        except UsageError as e:
+            raise FormatError(str(e)) from None
+
+    def tightest(self, other: Mapping[str, Any]) -> ThrottleConfig:
+        """Combine with another source of limits (bundle policy vs local config): the stricter wins,
+        so neither the publisher nor the board's owner can loosen what the other set."""
+        other_cfg = ThrottleConfig.from_json(other)
+        merged = {}
+        for f in fields(self):
+            name = f.name
+            if name not in other:
+                continue
+            a, b = getattr(self, name), getattr(other_cfg, name)
+            # a larger slowdown is stricter; for every other field the smaller value is.
+            merged[name] = max(a, b) if name == "anomaly_slowdown" else min(a, b)
+        return replace(self, **merged)
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Every detection bound in one place."""
+
+    WHERE: ClassVar[str] = "serve.detect"
+
+    window: int = 50  # recent queries per client the ood and probing counts look at
+    ood_count: int = 3  # out-of-distribution inputs in the window that make an event
+    probe_count: int = 5  # near-duplicates in the window that make an event
+    history: int = 100  # recent distinct queries kept per client for distances
+    prada_window: int = 200  # distances kept per client for the normality test
+    per_label_history: int = 50  # PRADA's growing set, per predicted label
+    prada_min: int = 40  # distances needed before the normality test is trusted
+    prada_w: float = 0.85  # Shapiro-Wilk W below this is an extraction event
+    prada_every: int = 5  # run the normality test every this many queries (it costs ~50 us)
+    rate_window: float = 60.0  # seconds over which throttle refusals are counted
+    rate_refusals: int = 10  # refusals in rate_window that make a rate event
+    cooldown: float = 60.0  # at most one event per kind and client in this many seconds
+    # Least recently seen clients are forgotten beyond this (clients are tokens, made by an admin);
+    # each costs up to ~2 MB with 1024-dim inputs, ~150 kB with the digits model.
+    max_clients: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("window", "history", "per_label_history", "prada_every", "rate_refusals", "max_clients"):
+            _int(self, name)
+        _int(self, "ood_count", 1, self.window)
+        _int(self, "probe_count", 1, self.window)
+        _int(self, "prada_window", 3)  # Shapiro-Wilk needs three values
+        _int(self, "prada_min", 3, self.prada_window)
+        if not _is_number(self.prada_w) or not 0 < self.prada_w <= 1:
+            raise _refuse(self, "prada_w", "a number in (0, 1]")
+        _positive(self, "rate_window")
+        _not_negative(self, "cooldown")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Rotation, retention and checkpoint bounds of the audit log."""
+
+    WHERE: ClassVar[str] = "serve.audit"
+
+    max_segment_bytes: int = 4 * 1024**2  # a segment file, before the log rotates
+    retention_days: float = 90.0  # whole segments older than this are deleted (a sealed policy may set it)
+    checkpoint_every: int = 256  # records between fsync + head checkpoint
+    checkpoint_seconds: float = 5.0  # seconds between fsync + head checkpoint
+
+    def __post_init__(self) -> None:
+        _int(self, "max_segment_bytes")
+        _positive(self, "retention_days")
+        _int(self, "checkpoint_every")
+        _positive(self, "checkpoint_seconds")
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Bounds of the HTTP adapter, checked before a request body is read."""
+
+    WHERE: ClassVar[str] = "serve.http"
+
+    read_timeout: float = 30.0  # seconds a connection may stay silent (slow clients)
+    drain_factor: int = 16  # an oversized body up to this many times max_request_bytes is read and dropped
+    max_header_line: int = 8192  # bytes in one request header line
+    max_headers: int = 64  # request header lines
+
+    def __post_init__(self) -> None:
+        _positive(self, "read_timeout")
+        _int(self, "drain_factor", 0)  # 0: never drain, close the connection at once
+        _int(self, "max_header_line")
+        _int(self, "max_headers")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Local bounds of the service; ``throttle`` can only tighten the bundle policy's limits.
+
+    ``--config FILE`` sets the fields :meth:`from_json` knows; ``http`` and
+    ``max_evidence_bytes`` are not settable there.
+    """
+
+    WHERE: ClassVar[str] = "serve"
+
+    max_request_bytes: int = 1024 * 1024  # one request body
+    max_rows: int = 32  # inputs in one request
+    max_connections: int = 64  # each open connection holds a thread
+    integrity_seconds: float = 300.0  # seconds between re-checks of the served model
+    max_evidence_bytes: int = 4096  # an event's evidence JSON; larger evidence is replaced by its size
+    throttle: Mapping[str, Any] = field(default_factory=dict)  # local tightening of the throttle
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    http: HttpLimits = field(default_factory=HttpLimits)
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_rows", "max_connections", "max_evidence_bytes"):
+            _int(self, name)
+        _positive(self, "integrity_seconds")
+        if not isinstance(self.throttle, Mapping):
+            raise _refuse(self, "throttle", "an object of throttle limits")
+        try:
+            ThrottleConfig.from_json(self.throttle)
+        except FormatError as e:
+            raise UsageError(f"serve.throttle is not a valid throttle: {e}") from None
+        _group(self, "detect", DetectConfig)
+        _group(self, "audit", AuditConfig)
+        _group(self, "http", HttpLimits)
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ServeConfig:
+        known = {
+            "max_connections",
+            "max_request_bytes",
+            "max_rows",
+            "integrity_seconds",
+            "throttle",
+            "detect",
+            "audit",
+        }
+        unknown = set(raw) - known
+        if unknown:
+            raise UsageError(f"unknown service settings: {', '.join(sorted(unknown))}")
+        try:
+            kw = {k: raw[k] for k in known & set(raw) - {"detect", "audit", "throttle"}}
+            ThrottleConfig.from_json(raw.get("throttle", {}))  # validate early
+            return cls(
+                **kw,
+                throttle=dict(raw.get("throttle", {})),
+                detect=DetectConfig(**raw.get("detect", {})),
+                audit=AuditConfig(**raw.get("audit", {})),
+            )
+        except TypeError as e:
+            raise UsageError(f"bad service settings: {e}") from e
+
+
+# --- telemetry ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportLimits:
+    """Bounds of a signed telemetry report: what the board sends and the fleet accepts. Summaries
+    are small, shallow objects, a structural guard against raw inputs (invariant 8)."""
+
+    WHERE: ClassVar[str] = "telemetry.report"
+
+    max_report_bytes: int = 16 * 1024  # one signed report payload
+    max_depth: int = 5  # nesting of the report's data
+    max_list_items: int = 64  # items in any list of the data
+    max_string: int = 512  # characters in any string of the data
+    max_key_chars: int = 64  # characters in any object key of the data
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _int(self, f.name)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Every telemetry limit and period in one place."""
+
+    WHERE: ClassVar[str] = "telemetry"
+
+    heartbeat_s: float = 30.0  # seconds between status reports (--heartbeat)
+    poll_s: float = 0.2  # seconds the loop waits for acknowledgements
+    window: int = 20  # reports handed to MQTT and not yet acknowledged
+    max_outbox: int = 20_000  # at most max_outbox * max_report_bytes on disk
+    event_batch: int = 500  # events moved into the outbox per pass
+    backoff: tuple[int, int] = (1, 30)  # reconnect delay in seconds, doubling from min to max
+    drain_s: float = 2.0  # how long stop() waits for queued reports to be acknowledged
+    keepalive_s: int = 30  # MQTT keep-alive in seconds
+    report: ReportLimits = field(default_factory=ReportLimits)
+
+    def __post_init__(self) -> None:
+        _positive(self, "heartbeat_s")
+        _positive(self, "poll_s")
+        for name in ("window", "max_outbox", "event_batch", "keepalive_s"):
+            _int(self, name)
+        b = self.backoff
+        if not (isinstance(b, tuple) and len(b) == 2 and all(_is_int(s) for s in b) and 1 <= b[0] <= b[1]):
+            raise _refuse(self, "backoff", "a pair of whole seconds (min, max) with 1 <= min <= max")
+        _not_negative(self, "drain_s")
+        _group(self, "report", ReportLimits)
+
+
+# --- the whole board ----------------------------------------------------------------------------
+
+
+def _group(owner: Any, name: str, cls: type) -> None:
+    if not isinstance(getattr(owner, name), cls):
+        raise _refuse(owner, name, f"a {cls.__name__}")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Every limit and default on the board; each group is validated when it is made."""
+
+    WHERE: ClassVar[str] = "config"
+
+    bundle: BundleLimits = field(default_factory=BundleLimits)  # bundles read and inputs served
+    documents: DocumentLimits = field(default_factory=DocumentLimits)  # enrolments, key files, strings
+    serve: ServeConfig = field(default_factory=ServeConfig)  # the local API, detection and audit
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)  # where a sealed policy is silent
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # reports, outbox and MQTT
+
+    def __post_init__(self) -> None:
+        _group(self, "bundle", BundleLimits)
+        _group(self, "documents", DocumentLimits)
+        _group(self, "serve", ServeConfig)
+        _group(self, "throttle", ThrottleConfig)
+        _group(self, "telemetry", TelemetryConfig)
+
+
+DEFAULT_CONFIG = AgentConfig()
+# The bundle limits of DEFAULT_CONFIG: the default of the parsers that take only those.
+DEFAULT_LIMITS = DEFAULT_CONFIG.bundle
