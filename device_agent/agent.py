@@ -231,14 +231,14 @@ class Agent:
         with self._lock, self.store.locked():
             state = self.state()
             now = trusted_now(self._clock(), state.clock_floor)
-            decision = decide_install(m, digest, len(data), identity, state, now)
+            decision = decide_install(m, digest, len(data), identity, state, now, self.config.commands.beacon_hold_s)
             # Stored before decrypting (in place destroys the ciphertext); removed on any failure.
             self.store.store_bundle(m.bundle_id, data)
             try:
                 # The trial load passes the same serving check as every later load.
                 decide_serve(m, digest, m.model_id, identity, decision.state, now)
                 runner, sidecar = self._decrypt_and_load(
-                    vb, in_place=isinstance(data, bytearray), check_digest=True
+                    vb, in_place=isinstance(data, bytearray), check_digest=True, first=True
                 )
                 self.store.save_state(decision.state, key)
             except BaseException:
@@ -249,19 +249,33 @@ class Agent:
             self._loaded[m.model_id] = LoadedModel(m, sidecar, runner)
         return m
 
-    def _open(self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool) -> Contents:
-        """Unlock the device key just long enough to decrypt ``vb``; the caller wipes the result."""
+    def _open(self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool, first: bool = False) -> Contents:
+        """Unlock the keys just long enough to decrypt ``vb``; the caller wipes the result.
+
+        At install (``first``) the content key is opened with the board's encryption key and kept
+        sealed under the board secret (``bundles/<id>.key``); every later load uses that local key,
+        so that retiring a model can shred it and rotate the encryption key (device_agent.commands).
+        """
         keys = self._unlock()
         try:
-            return vb.decrypt(keys.box_private, self.limits, in_place=in_place, check_digest=check_digest)
+            bundle_id = vb.manifest.bundle_id
+            if first:
+                content_key = vb.open_key(keys.box_private)
+                self.store.write_bundle_key(bundle_id, content_key, keys)
+            else:
+                content_key = self.store.read_bundle_key(bundle_id, keys)
+            try:
+                return vb.decrypt_with(content_key, self.limits, in_place=in_place, check_digest=check_digest)
+            finally:
+                crypto.wipe(content_key)
         finally:
             keys.wipe()
 
     def _decrypt_and_load(
-        self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool
+        self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool, first: bool = False
     ) -> tuple[Runner, Sidecar]:
         """Decrypt in memory and load the runtime from bytes; every plaintext buffer is wiped."""
-        contents = self._open(vb, in_place=in_place, check_digest=check_digest)
+        contents = self._open(vb, in_place=in_place, check_digest=check_digest, first=first)
         try:
             # The runtimes take immutable bytes: one copy that cannot be wiped
             # (docs/threat-model.md).

@@ -348,6 +348,32 @@ class TelemetryConfig:
         _group(self, "report", ReportLimits)
 
 
+# --- remote commands and trusted time -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommandLimits:
+    """Bounds of signed commands, queues, beacons and results, and how the board judges their
+    times (``docs/commands.md``)."""
+
+    WHERE: ClassVar[str] = "commands"
+
+    max_command_bytes: int = 16 * 1024  # one signed command or time beacon
+    max_queue_items: int = 64  # commands (and beacons) in one board's retained queue
+    max_queue_bytes: int = 512 * 1024  # one retained queue message
+    max_result_bytes: int = 32 * 1024  # one signed command result
+    max_anchors: int = 16  # keys a rotate-key command may install for one role
+    future_skew_s: float = 300.0  # a command issued further ahead of the board's time is refused
+    beacon_hold_s: float = 3 * 86400.0  # a beacon further ahead of every other time source is held
+    wipe_publish_s: float = 10.0  # how long a decommission waits for the broker to take its result
+
+    def __post_init__(self) -> None:
+        for name in ("max_command_bytes", "max_queue_items", "max_queue_bytes", "max_result_bytes", "max_anchors"):
+            _int(self, name)
+        for name in ("future_skew_s", "beacon_hold_s", "wipe_publish_s"):
+            _positive(self, name)
+
+
 # --- the whole board ----------------------------------------------------------------------------
 
 
@@ -367,6 +393,7 @@ class AgentConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)  # the local API, detection and audit
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)  # where a sealed policy is silent
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # reports, outbox and MQTT
+    commands: CommandLimits = field(default_factory=CommandLimits)  # remote commands and time beacons
 
     def __post_init__(self) -> None:
         _group(self, "bundle", BundleLimits)
@@ -374,6 +401,7 @@ class AgentConfig:
         _group(self, "serve", ServeConfig)
         _group(self, "throttle", ThrottleConfig)
         _group(self, "telemetry", TelemetryConfig)
+        _group(self, "commands", CommandLimits)
 
 
 DEFAULT_CONFIG = AgentConfig()

@@ -387,3 +387,19 @@ def mac(key: bytes | bytearray, domain: bytes, message: bytes | bytearray | memo
 def mac_ok(key: bytes | bytearray, domain: bytes, message: bytes | bytearray | memoryview, tag: bytes) -> bool:
     """Whether ``tag`` is :func:`mac` of ``message``, compared in constant time."""
     return hmac.compare_digest(mac(key, domain, message), tag)
+
+
+def seal_local(key: bytes | bytearray, aad: bytes, plaintext: bytes | bytearray) -> bytes:
+    """Encrypt a small secret for this board's own storage (ChaCha20-Poly1305, random nonce)."""
+    nonce = os.urandom(12)
+    return nonce + ChaCha20Poly1305(bytes(key)).encrypt(nonce, bytes(plaintext), aad)
+
+
+def open_local(key: bytes | bytearray, aad: bytes, blob: bytes) -> bytearray:
+    """Decrypt what :func:`seal_local` wrote under the same key and ``aad``."""
+    if len(blob) < 12 + TAG_BYTES:
+        raise IntegrityError("a local key file is truncated")
+    try:
+        return bytearray(ChaCha20Poly1305(bytes(key)).decrypt(blob[:12], blob[12:], aad))
+    except InvalidTag as e:
+        raise IntegrityError("a local key file failed authentication: altered, or sealed by another board") from e

@@ -301,14 +301,29 @@ class VerifiedBundle:
         ``in_place`` decrypts inside the buffer the bundle was read into (it must be a
         ``bytearray``), which then holds the plaintext: the bundle object is used up.
         """
-        m = self.manifest
-        key = crypto.open_content_key(device_private, m.sealed_key)
+        key = self.open_key(device_private)
         try:
-            sealed = crypto.decrypt_payload(
-                m.cipher, key, m.payload_aad, self.payload, m.layout, m.tags_sha256, in_place=in_place
-            )
+            return self.decrypt_with(key, limits, in_place=in_place, check_digest=check_digest)
         finally:
             crypto.wipe(key)
+
+    def open_key(self, device_private: bytearray) -> bytearray:
+        """The content key, opened with the device's private key (the caller wipes it)."""
+        return crypto.open_content_key(device_private, self.manifest.sealed_key)
+
+    def decrypt_with(
+        self,
+        content_key: bytearray,
+        limits: BundleLimits = DEFAULT_LIMITS,
+        *,
+        in_place: bool = False,
+        check_digest: bool = True,
+    ) -> Contents:
+        """Decrypt the payload with its content key (as :meth:`decrypt` does after opening it)."""
+        m = self.manifest
+        sealed = crypto.decrypt_payload(
+            m.cipher, content_key, m.payload_aad, self.payload, m.layout, m.tags_sha256, in_place=in_place
+        )
         if isinstance(sealed, memoryview):
             buffer = sealed.obj
             if not isinstance(buffer, bytearray):

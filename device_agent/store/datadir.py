@@ -24,13 +24,14 @@ from device_agent.bundle.format import read_head
 from device_agent.config import DEFAULT_CONFIG, DocumentLimits
 from device_agent.errors import FormatError, NotInstalled, UsageError
 from device_agent.store import layout
-from device_agent.store.fsutil import atomic_write, make_private_dir, read_bounded, read_into_bytearray
+from device_agent.store.fsutil import atomic_write, make_private_dir, read_bounded, read_into_bytearray, shred_file
 from device_agent.store.keys import DeviceKeys, KeySource
 from device_agent.trust import sealed
 from device_agent.trust.state import Identity, State, TrustAnchors
 from device_agent.wire import format_time, parse_time
 
 DEVICE_SCHEMA = "edgeward.device/1"
+BUNDLE_KEYS_PURPOSE = b"edgeward/bundle-keys/v1"  # HKDF purpose of the key sealing local bundle keys
 
 
 class DataDir:
@@ -227,23 +228,79 @@ class DataDir:
         atomic_write(self.bundle_path(bundle_id), data, 0o600)
 
     def discard_bundle(self, bundle_id: str) -> None:
-        """Remove a stored bundle that never became part of the state (a failed install)."""
+        """Remove a stored bundle and its key that never became part of the state (a failed install)."""
+        self.shred_bundle(bundle_id)
+
+    def shred_bundle(self, bundle_id: str) -> None:
+        """Destroy a bundle's local key (shredded first: that is what makes every copy of the
+        bundle useless here), then delete the bundle."""
+        shred_file(self.bundle_key_path(bundle_id))
         with contextlib.suppress(FileNotFoundError):
             self.bundle_path(bundle_id).unlink()
 
     def collect_garbage(self, state: State) -> list[str]:
-        """Delete stored bundles no longer referenced (left by a crash between two steps)."""
+        """Shred stored bundles and keys no longer referenced (left by a crash between two steps,
+        or dropped by an install, a rollback or a retirement)."""
         keep = state.referenced_bundles()
         removed = []
-        for p in self.bundles.glob("*.ewb"):
-            if p.stem not in keep:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+        for p in sorted(self.bundles.glob("*.ewb")) + sorted(self.bundles.glob("*.key")):
+            if p.stem not in keep and layout.entry_for(f"{layout.BUNDLES}/{p.name}") is not None:
+                self.shred_bundle(p.stem)
                 removed.append(p.stem)
         for p in self.bundles.glob(".*.tmp-*"):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        return removed
+            shred_file(p)
+        return sorted(set(removed))
+
+    # local bundle keys ----------------------------------------------------------------------------
+    def bundle_key_path(self, bundle_id: str) -> Path:
+        return self.layout.bundle(bundle_id, ".key")
+
+    @staticmethod
+    def bundle_keys_key(keys: DeviceKeys) -> bytearray:
+        if keys.board_secret is None:
+            raise FormatError("these keys predate local bundle keys; the data dir must be upgraded first")
+        return crypto.derive_key(keys.board_secret, BUNDLE_KEYS_PURPOSE)
+
+    def write_bundle_key(self, bundle_id: str, content_key: bytearray, keys: DeviceKeys) -> None:
+        """Keep a bundle's content key sealed under the board secret, so that it opens without the
+        board's encryption key (which a retirement rotates)."""
+        k = self.bundle_keys_key(keys)
+        try:
+            blob = crypto.seal_local(k, bundle_id.encode(), content_key)
+        finally:
+            crypto.wipe(k)
+        make_private_dir(self.bundles)
+        atomic_write(self.bundle_key_path(bundle_id), blob, 0o600)
+
+    def read_bundle_key(self, bundle_id: str, keys: DeviceKeys) -> bytearray:
+        try:
+            blob = read_bounded(self.bundle_key_path(bundle_id), self.limits.max_board_file_bytes)
+        except FileNotFoundError as e:
+            raise NotInstalled(f"the key of bundle {bundle_id} is missing; reinstall the model") from e
+        k = self.bundle_keys_key(keys)
+        try:
+            return crypto.open_local(k, bundle_id.encode(), blob)
+        finally:
+            crypto.wipe(k)
+
+    def rotate_box_key(self, keys: DeviceKeys, source: KeySource) -> bytes:
+        """Replace the board's encryption key: bundles sealed to the old one (every copy kept
+        anywhere) no longer open here; installed ones open with their local keys. Returns the new
+        public key. ``keys`` is updated in place."""
+        new_private, new_public = crypto.new_box_keypair()
+        old = keys.box_private
+        keys.box_private = new_private
+        try:
+            self.write_keys(keys, source)
+        except BaseException:
+            keys.box_private = old
+            crypto.wipe(new_private)
+            raise
+        crypto.wipe(old)
+        device = self._public_json(self.device_file)
+        device["box_public"] = base64.b64encode(new_public).decode()
+        atomic_write(self.device_file, json.dumps(device, indent=2).encode(), 0o644)
+        return new_public
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

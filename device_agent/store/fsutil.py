@@ -93,3 +93,24 @@ def read_bounded(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise FormatError(f"{path} grew past the limit of {limit} bytes while it was read")
     return data
+
+
+def shred_file(path: Path) -> None:
+    """Overwrite a file in place with random bytes, fsync it, then unlink it (and fsync the
+    directory). On flash this is best-effort (docs/operations.md): what it destroys for certain
+    is the file at the filesystem level; the keys it holds are what a wipe relies on."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        left = max(size, 1)
+        while left > 0:
+            left -= os.write(fd, os.urandom(min(left, 1 << 20)))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fsync_dir(path.parent)

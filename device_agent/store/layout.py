@@ -73,6 +73,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(BUNDLES, "installed bundles", 0o700, Fate.DELETE, "dir"),
     Entry(f"{BUNDLES}/*.ewb", "a bundle exactly as received: still encrypted to this device", 0o600, Fate.DELETE,
           name_re=r"[0-9a-f]{32}\.ewb"),
+    Entry(f"{BUNDLES}/*.key", "the bundle's content key, sealed with a key from the board secret (per model: "
+          "retiring a model shreds it)", 0o600, Fate.SHRED, name_re=r"[0-9a-f]{32}\.key"),
     Entry(EVENTS, "detections and refusals (SQLite, WAL)", 0o600, Fate.DELETE),
     Entry(f"{EVENTS}-wal", "the event store's write-ahead log", 0o600, Fate.DELETE),
     Entry(f"{EVENTS}-shm", "the event store's shared-memory index", 0o600, Fate.DELETE),
@@ -122,10 +124,10 @@ class Layout:
             raise KeyError(f"{name} is not in the data-directory layout")
         return self.root / name
 
-    def bundle(self, bundle_id: str) -> Path:
-        if not HEX32_RE.fullmatch(bundle_id):
+    def bundle(self, bundle_id: str, suffix: str = ".ewb") -> Path:
+        if not HEX32_RE.fullmatch(bundle_id) or suffix not in (".ewb", ".key"):
             raise FormatError("invalid bundle id")
-        return self.root / BUNDLES / f"{bundle_id}.ewb"
+        return self.root / BUNDLES / f"{bundle_id}{suffix}"
 
     def scan(self) -> list[Found]:
         """Everything under the data dir (links are reported, never followed)."""

@@ -61,6 +61,7 @@ def upgrade(store: DataDir, source: KeySource, kek_cache: dict[bytes, bytearray]
             store.write_keys(new, source, layout.KEYS_UPGRADE)
     finally:
         old.wipe()
+    _local_bundle_keys(store, new)
     key = store.sealing_key(new)
     try:
         _seal_state(store, key)
@@ -109,3 +110,28 @@ def _tokens_v2(raw: object) -> dict[str, object]:
     if not isinstance(raw, dict) or raw.get("schema") != TOKENS_SCHEMA_V1 or not isinstance(raw.get("tokens"), list):
         raise FormatError(f"tokens.json is not {TOKENS_SCHEMA_V1}")
     return {"schema": TOKENS_SCHEMA, "tokens": raw["tokens"]}
+
+
+def _local_bundle_keys(store: DataDir, keys: DeviceKeys) -> None:
+    """Give every stored bundle its local key (release 0.1 opened them with the encryption key
+    each time); a bundle whose key cannot be opened is left for the serving check to refuse."""
+    from device_agent.bundle.format import HEADER_BYTES, Manifest, parse_header
+    from device_agent.errors import EdgeWardError
+    from device_agent.wire import loads_json
+
+    for path in sorted(store.bundles.glob("*.ewb")) if store.bundles.exists() else []:
+        bundle_id = path.stem
+        if store.bundle_key_path(bundle_id).exists() or layout.entry_for(f"{layout.BUNDLES}/{path.name}") is None:
+            continue
+        try:
+            head, _ = store.read_bundle_head(bundle_id)
+            manifest_len, _ = parse_header(head)
+            # Only the sealed key is read here; the serving check verifies the whole bundle later.
+            m = Manifest.from_json(loads_json(head[HEADER_BYTES : HEADER_BYTES + manifest_len], "manifest"))
+            content_key = crypto.open_content_key(keys.box_private, m.sealed_key)
+        except EdgeWardError:
+            continue
+        try:
+            store.write_bundle_key(bundle_id, content_key, keys)
+        finally:
+            crypto.wipe(content_key)

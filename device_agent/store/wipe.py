@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from device_agent import crypto
 from device_agent.errors import BadSignature, EdgeWardError
 from device_agent.store import layout
 from device_agent.store.datadir import DataDir
-from device_agent.store.fsutil import atomic_write, fsync_dir
+from device_agent.store.fsutil import atomic_write, fsync_dir, shred_file
 from device_agent.store.keys import KeySource
 from device_agent.wire import canonical_json, format_time
 
@@ -48,20 +47,6 @@ METHOD = (
 
 def wipe_pending(path: Path) -> bool:
     return (path / MARKER).exists()
-
-
-def _shred(path: Path) -> None:
-    """Overwrite a small secret file in place with random bytes, then delete it."""
-    with contextlib.suppress(FileNotFoundError):
-        size = path.stat().st_size
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-        try:
-            os.write(fd, os.urandom(max(size, 1)))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        path.unlink()
-    fsync_dir(path.parent)
 
 
 def _kek_location(store: DataDir, source: KeySource) -> dict[str, Any]:
@@ -131,10 +116,10 @@ def complete(store: DataDir, now: datetime) -> dict[str, Any]:
     found = store.layout.scan()
     for f in found:
         if f.entry is not None and f.entry.fate is layout.Fate.SHRED:
-            _shred(store.path / f.rel)
+            shred_file(store.path / f.rel)
     kek = _inside(store.path, marker.get("kek_path"))
     if kek is not None:
-        _shred(kek)
+        shred_file(kek)
     keep = {layout.WIPE_MARKER, layout.DEVICE}
     # Deepest first, so directories are empty when their turn comes.
     for f in sorted(found, key=lambda f: f.rel.count("/"), reverse=True):

@@ -8,7 +8,7 @@ the result; nothing here reads a file, a clock or the network.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from device_agent import crypto
 from device_agent.bundle.format import Manifest
@@ -49,10 +49,52 @@ class Installed:
     dropped: str | None
 
 
-def decide_install(m: Manifest, bundle_sha256: str, size: int, me: Identity, state: State, now: datetime) -> Installed:
+def advance_floor(state: State, signed_time: datetime, hold_s: float) -> State:
+    """The state after a *signed* time was seen (a bundle's creation, a command's issue time).
+    The floor only moves forward, and a held beacon that this time comes within ``hold_s`` of
+    is confirmed and applied. The board's unsigned system clock never moves the floor."""
+    floor = signed_time if state.clock_floor is None else max(state.clock_floor, signed_time)
+    held = state.held_beacon
+    if held is not None and signed_time >= held - timedelta(seconds=hold_s):
+        floor, held = max(floor, held), None
+    return replace(state, clock_floor=floor, held_beacon=held)
+
+
+def decide_beacon(beacon_time: datetime, state: State, system_now: datetime, hold_s: float) -> tuple[State, bool]:
+    """The state after a verified time beacon, and whether it was held. A beacon more than
+    ``hold_s`` ahead of both the system clock and the floor (a wrong fleet clock, a typo) is held
+    instead of applied, until another source comes within ``hold_s`` of it: the system clock
+    (:func:`confirm_held`), a signed bundle or command time (:func:`advance_floor`). Another
+    beacon never confirms a held one."""
+    ref = trusted_now(system_now, state.clock_floor)
+    if beacon_time > ref + timedelta(seconds=hold_s):
+        held = beacon_time if state.held_beacon is None else max(state.held_beacon, beacon_time)
+        return replace(state, held_beacon=held), True
+    floor = beacon_time if state.clock_floor is None else max(state.clock_floor, beacon_time)
+    return replace(state, clock_floor=floor), False
+
+
+def confirm_held(state: State, system_now: datetime, hold_s: float) -> State:
+    """Apply a held beacon once the system clock has come within ``hold_s`` of it."""
+    if state.held_beacon is not None and system_now >= state.held_beacon - timedelta(seconds=hold_s):
+        return advance_floor(state, system_now, hold_s)
+    return state
+
+
+def decide_install(
+    m: Manifest, bundle_sha256: str, size: int, me: Identity, state: State, now: datetime, hold_s: float = 0.0
+) -> Installed:
     """Every check a verified bundle must pass before it may replace the installed model, and the
-    state after it does: previous := current, current := the new bundle."""
+    state after it does: previous := current, current := the new bundle. ``now`` is the trusted
+    time (the later of the system clock and the floor); only the bundle's signed creation time
+    moves the floor."""
     check_target(m, me)
+    retired = state.retired.get(m.model_id)
+    if retired is not None:
+        raise RollbackRefused(
+            f"model {m.model_id} was retired ({retired.by}, {format_time(retired.at)}); "
+            "it is never installed again: publish under a new model id"
+        )
     if m.expires is not None and now >= m.expires:
         raise Expired(
             f"bundle expired at {format_time(m.expires)} (board time {format_time(now)}); "
@@ -60,7 +102,8 @@ def decide_install(m: Manifest, bundle_sha256: str, size: int, me: Identity, sta
         )
     check_serving_life(m, now)
     slot = state.models.get(m.model_id)
-    if slot is not None and m.model_version <= slot.highest_version:
+    permitted = state.rollback_permits.get(m.model_id) == m.model_version
+    if slot is not None and m.model_version <= slot.highest_version and not permitted:
         raise RollbackRefused(
             f"model {m.model_id} version {m.model_version} is not newer than version "
             f"{slot.highest_version} already accepted; publish a higher --model-version"
@@ -72,9 +115,13 @@ def decide_install(m: Manifest, bundle_sha256: str, size: int, me: Identity, sta
         new_slot, dropped = ModelSlot(current=new, previous=None, highest_version=m.model_version), None
     else:
         dropped = slot.previous.bundle_id if slot.previous else None
-        new_slot = ModelSlot(current=new, previous=slot.current, highest_version=m.model_version)
-    floor = max(t for t in (state.clock_floor, now, m.created) if t is not None)
-    return Installed(replace(state.with_slot(m.model_id, new_slot), clock_floor=floor), dropped)
+        new_slot = ModelSlot(
+            current=new, previous=slot.current, highest_version=max(slot.highest_version, m.model_version)
+        )
+    after = state.with_slot(m.model_id, new_slot)
+    if permitted:  # a signed rollback permit is used once
+        after = replace(after, rollback_permits={k: v for k, v in state.rollback_permits.items() if k != m.model_id})
+    return Installed(advance_floor(after, m.created, hold_s), dropped)
 
 
 def decide_rollback(state: State, model_id: str) -> Installed:

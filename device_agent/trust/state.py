@@ -88,16 +88,37 @@ class ModelSlot:
 
 
 @dataclass(frozen=True)
+class Retired:
+    """A model retired by a signed command or its end of life: it is never installed again."""
+
+    at: datetime
+    by: str  # "command #<seq>" or "end of life"
+
+
+_STATE_FIELDS = {"schema", "clock_floor", "models", "command_seq", "retired", "rollback_permits", "held_beacon"}
+
+
+@dataclass(frozen=True)
 class State:
-    """Installed models, the highest version ever accepted per model, and the clock floor."""
+    """Installed models, the highest version ever accepted per model, the clock floor, and what
+    signed commands have done: the highest command sequence number applied, retired models,
+    signed permits to install one lower version, and a time beacon held for confirmation."""
 
     clock_floor: datetime | None
     models: dict[str, ModelSlot] = field(default_factory=dict)
+    command_seq: int = 0
+    retired: dict[str, Retired] = field(default_factory=dict)
+    rollback_permits: dict[str, int] = field(default_factory=dict)
+    held_beacon: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": STATE_SCHEMA,
             "clock_floor": format_time(self.clock_floor) if self.clock_floor else None,
+            "command_seq": self.command_seq,
+            "retired": {m: {"at": format_time(r.at), "by": r.by} for m, r in sorted(self.retired.items())},
+            "rollback_permits": dict(sorted(self.rollback_permits.items())),
+            "held_beacon": format_time(self.held_beacon) if self.held_beacon else None,
             "models": {
                 mid: {
                     "current": s.current.to_json() if s.current else None,
@@ -110,7 +131,7 @@ class State:
 
     @classmethod
     def from_json(cls, raw: Any) -> State:
-        doc = obj_fields(raw, "state", {"schema", "clock_floor", "models"}, {"schema", "clock_floor", "models"})
+        doc = obj_fields(raw, "state", _STATE_FIELDS, _STATE_FIELDS)
         if doc["schema"] != STATE_SCHEMA:
             raise FormatError(f"state is {str(doc['schema'])[:40]!r}, not {STATE_SCHEMA}")
         if not isinstance(doc["models"], dict):
@@ -125,8 +146,26 @@ class State:
                 previous=InstalledRecord.from_json(s["previous"]) if s["previous"] is not None else None,
                 highest_version=int_field(s["highest_version"], "highest_version", 1, MAX_VERSION),
             )
-        floor = doc["clock_floor"]
-        return cls(clock_floor=parse_time(floor, "clock_floor") if floor is not None else None, models=models)
+        floor, held = doc["clock_floor"], doc["held_beacon"]
+        if not isinstance(doc["retired"], dict) or not isinstance(doc["rollback_permits"], dict):
+            raise FormatError("state retired and rollback_permits must be objects")
+        retired = {}
+        for mid, r in doc["retired"].items():
+            str_field(mid, "model id", ID_RE)
+            r = obj_fields(r, f"retirement of {mid}", {"at", "by"}, {"at", "by"})
+            retired[mid] = Retired(parse_time(r["at"], "retired at"), str_field(r["by"], "retired by", limit=64))
+        permits = {
+            str_field(mid, "model id", ID_RE): int_field(v, "rollback permit", 1, MAX_VERSION)
+            for mid, v in doc["rollback_permits"].items()
+        }
+        return cls(
+            clock_floor=parse_time(floor, "clock_floor") if floor is not None else None,
+            models=models,
+            command_seq=int_field(doc["command_seq"], "command_seq", 0, MAX_VERSION),
+            retired=retired,
+            rollback_permits=permits,
+            held_beacon=parse_time(held, "held_beacon") if held is not None else None,
+        )
 
     @classmethod
     def from_v1(cls, raw: Any, digests: dict[str, str]) -> State:
@@ -176,14 +215,16 @@ class State:
 
 @dataclass(frozen=True)
 class TrustAnchors:
-    """The keys the board trusts: publishers sign bundles, operators sign commands."""
+    """The keys the board trusts: publishers sign bundles, operators sign commands and time
+    beacons, and recovery keys (kept offline) sign only the rotation of the operator keys."""
 
     publishers: tuple[bytes, ...]
     operators: tuple[bytes, ...] = ()
+    recovery: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         most = DEFAULT_CONFIG.bundle.max_trusted_publishers  # the verifier tries no more than this
-        for kind, keys in (("publisher", self.publishers), ("operator", self.operators)):
+        for kind, keys in (("publisher", self.publishers), ("operator", self.operators), ("recovery", self.recovery)):
             if len(keys) > most:
                 raise FormatError(f"at most {most} {kind} keys can be trusted")
             if any(len(k) != crypto.KEY_BYTES for k in keys):
@@ -194,11 +235,13 @@ class TrustAnchors:
             "schema": TRUST_SCHEMA,
             "publishers": [base64.b64encode(k).decode() for k in self.publishers],
             "operators": [base64.b64encode(k).decode() for k in self.operators],
+            "recovery": [base64.b64encode(k).decode() for k in self.recovery],
         }
 
     @classmethod
     def from_json(cls, raw: Any, schema: str = TRUST_SCHEMA) -> TrustAnchors:
-        doc = obj_fields(raw, "trust anchors", {"schema", "publishers", "operators"}, {"schema", "publishers"})
+        known = {"schema", "publishers", "operators", "recovery"}
+        doc = obj_fields(raw, "trust anchors", known, {"schema", "publishers"})
         if doc["schema"] != schema:
             raise FormatError(f"trust anchors are {str(doc['schema'])[:40]!r}, not {schema}")
 
@@ -211,4 +254,8 @@ class TrustAnchors:
             except ValueError as e:
                 raise FormatError(f"a {what} key is not base64") from e
 
-        return cls(keys(doc["publishers"], "publisher"), keys(doc.get("operators", []), "operator"))
+        return cls(
+            keys(doc["publishers"], "publisher"),
+            keys(doc.get("operators", []), "operator"),
+            keys(doc.get("recovery", []), "recovery"),
+        )
