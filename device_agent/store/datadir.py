@@ -273,9 +273,6 @@ class DataDir:
             sign_public=base64.b64decode(d["sign_public"]),
         )
 
-    def provisioned_at(self) -> datetime:
-        return parse_time(self._json(self.device_file)["provisioned_at"], "provisioned_at")
-
     def trust(self) -> tuple[list[bytes], list[bytes]]:
         d = self._json(self.trust_file)
         return (
