@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from device_agent.errors import EnvironmentFault
 from device_agent.service.events import EventStore
 from device_agent.telemetry.mqtt import Broker, Link, Session
-from device_agent.telemetry.report import NO_PREV, Report, command_topic, encode_report, frame, payload_digest, topic
+from device_agent.telemetry.report import NO_PREV, Report, encode_report, frame, payload_digest, topic
 from device_agent.telemetry.service import TelemetryConfig, TelemetryService
 from fleet.ca import FleetHome
 from fleet.monitor import Flagged, Monitor, MonitorConfig, verify_batch
@@ -28,6 +28,7 @@ from fleet.store import MonitorStore
 from packager.cli import main as edgeward
 from tests.conftest import Board
 from tests.fixtures.fleet import Fleet, fleet_fixture, monitor_fixture, wait_until  # noqa: F401
+from tests.fixtures.reports import command_topic
 
 FAST = TelemetryConfig(heartbeat_s=0.5, poll_s=0.05, backoff=(1, 2))
 
