@@ -4,8 +4,8 @@
    same model bytes, interleaved so both see the same machine state (target: overhead <= 30 us
    at the median);
 2. the full API round trip over the Unix socket to ``edgeward-agent serve`` running in its own
-   process, from a keep-alive client: HTTP, token check, throttle, OoD/extraction/probing
-   detectors, audit record (target: <= 0.5 ms at the median).
+   process, from a keep-alive ``http.client`` connection: HTTP, token check, throttle,
+   OoD/extraction/probing detectors, audit record (target: <= 0.5 ms at the median).
 
 Run: .venv/bin/python benchmarks/agent.py [--n 5000] [--profile x86_64-dev]
 """
@@ -29,13 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 from device_agent import Agent  # noqa: E402
 from device_agent.bundle.keyfiles import load_public_key_file  # noqa: E402
-from device_agent.service.http import Client  # noqa: E402
 from device_agent.store.datadir import utcnow  # noqa: E402
 from device_agent.store.keys import KeySource  # noqa: E402
 from packager.keys import generate, load_private_key  # noqa: E402
 from packager.modelfile import infer_task, read_model  # noqa: E402
 from packager.pack import PackOptions, load_enrolments, pack  # noqa: E402
 from packager.profiles import load_profile  # noqa: E402
+from tests.fixtures.http import UnixConnection, request  # noqa: E402
 from tests.fixtures.models import build_digits  # noqa: E402
 from tests.fixtures.serve import calibration_policy, wait_until_serving  # noqa: E402
 
@@ -147,16 +147,16 @@ def main() -> int:
         rtt = []
         try:
             wait_until_serving(sock)
-            client = Client(token, sock)
+            conn = UnixConnection(sock)
             bodies = [json.dumps({"inputs": r.tolist()}).encode() for r in x]
             for i in range(args.n + 200):
                 t0 = time.perf_counter()
-                status, _, _ = client.request("POST", "/v1/predict", bodies[i % len(bodies)])
+                status, _, _ = request(conn, "POST", "/v1/predict", token, bodies[i % len(bodies)])
                 t1 = time.perf_counter()
                 assert status == 200, status
                 if i >= 200:
                     rtt.append(t1 - t0)
-            client.close()
+            conn.close()
         finally:
             proc.terminate()
             proc.wait(timeout=10)

@@ -1,12 +1,13 @@
 """The fleet monitor: authenticate every report, judge its sequence number, store it once.
 
-The decision is pure (:func:`verify_message`, :func:`verify_batch`, :func:`judge_sequence`): bytes,
-the enrolled keys and what the store already holds in; a verdict out. :class:`Monitor` is the thin
-adapter: an MQTT 5 shared subscription (several monitors share the load), a hand-over thread that
-passes received messages on and acknowledges them, and a helper process that authenticates,
-parses, judges and stores each chunk of messages in one transaction (:func:`ingest`, in arrival
-order, off this process's GIL). The broker gets its acknowledgements only after that commit -- so
-a monitor killed mid-chunk loses nothing (the broker redelivers, the store de-duplicates).
+The decision is pure (:func:`verify_batch`, built on :func:`check_message` and
+:func:`parse_checked`, and :func:`judge_sequence`): bytes, the enrolled keys and what the store
+already holds in; a verdict out. :class:`Monitor` is the thin adapter: an MQTT 5 shared
+subscription (several monitors share the load), a hand-over thread that passes received messages on
+and acknowledges them, and a helper process that authenticates, parses, judges and stores each
+chunk of messages in one transaction (:func:`ingest`, in arrival order, off this process's GIL).
+The broker gets its acknowledgements only after that commit -- so a monitor killed mid-chunk loses
+nothing (the broker redelivers, the store de-duplicates).
 
 Authentication (``docs/telemetry.md``, "Hash chain"): every report is signed by its board and names
 the SHA-256 of the board's previous report (``prev``). Within a chunk, newest first, a report whose
@@ -168,11 +169,6 @@ def parse_checked(checked: Checked, topic_name: str, d: str) -> Report | Flagged
         return parse_report(body, topic_name)
     except EdgeWardError as e:
         return Flagged("forged", "critical", f"malformed report: {e}", device, None, d)
-
-
-def verify_message(keys: Mapping[str, bytes], topic_name: str, payload: bytes) -> Report | Flagged:
-    """Authenticate one message on its own signature, then parse it."""
-    return parse_checked(check_message(keys, topic_name, payload), topic_name, payload_digest(payload).hex())
 
 
 def judge_sequence(

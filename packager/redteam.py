@@ -19,9 +19,11 @@ Attacks (ART, with scikit-learn surrogates; no deep-learning framework needed):
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import secrets
+import socket
 import tempfile
 import time
 import warnings
@@ -91,15 +93,55 @@ class SimClock:
         return self.t
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """The standard library's HTTP client over the agent's Unix socket."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class ApiCaller:
+    """One application on the board: its bearer token and a keep-alive connection to the API."""
+
+    def __init__(self, socket_path: Path, token: str) -> None:
+        self._conn = _UnixConnection(socket_path)
+        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def predict(self, inputs: Any) -> tuple[int, dict[str, str], Any]:
+        """``POST /v1/predict``; returns (status, lower-cased headers, decoded JSON body)."""
+        body = json.dumps({"inputs": np.asarray(inputs).tolist()}).encode()
+        try:
+            return self._post(body)
+        except ConnectionError:
+            self._conn.close()  # the agent closed an idle connection: reconnect once
+            return self._post(body)
+
+    def _post(self, body: bytes) -> tuple[int, dict[str, str], Any]:
+        self._conn.request("POST", "/v1/predict", body, self._headers)
+        resp = self._conn.getresponse()
+        data = resp.read()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        return resp.status, headers, json.loads(data) if data else None
+
+
 class AgentTarget:
     """Labels from the running agent, one request per input, through its HTTP API."""
 
     def __init__(self, env: Any, client_id: str, token: str, rate: float, max_wait: float) -> None:
-        from device_agent.service.http import Client
-
         self.env = env
         self.client_id = client_id
-        self.http = Client(token, env.socket)
+        self.http = ApiCaller(env.socket, token)
         self.gap = 1.0 / rate
         self.max_wait = max_wait
         self.tally = Tally(started=env.clock.t)
@@ -335,11 +377,9 @@ class AgentEnv:
 
 def benign(env: AgentEnv, x: np.ndarray, cfg: RedteamConfig) -> dict[str, Any]:
     """The test split replayed in random order by several clients at a realistic rate."""
-    from device_agent.service.http import Client
-
     rng = np.random.default_rng(cfg.seed)
     clients = [env.token() for _ in range(cfg.benign_clients)]
-    https = [Client(tok, env.socket) for _, tok in clients]
+    https = [ApiCaller(env.socket, tok) for _, tok in clients]
     per = cfg.benign_queries // cfg.benign_clients
     start = env.clock.t
     arrivals = sorted(

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from device_agent.config import AuditConfig
 from device_agent.errors import IntegrityError
@@ -148,13 +147,3 @@ def test_audit_verify_command_exit_codes(tmp_path: Path, make_board: object) -> 
     assert len(bad.stderr.strip().splitlines()) == 1
     js = subprocess.run([*cmd, "--json"], capture_output=True, text=True)
     assert js.returncode == 1 and json.loads(js.stdout)["ok"] is False
-
-
-def test_require_intact_raises(tmp_path: Path) -> None:
-    from device_agent.service.audit import require_intact
-
-    _log(tmp_path, 3).close()
-    seg, lines = _lines(tmp_path)
-    seg.write_bytes(lines[0] + lines[2])
-    with pytest.raises(IntegrityError):
-        require_intact(tmp_path)

@@ -237,8 +237,9 @@ def test_the_agents_config_reaches_the_service_and_its_http_adapter(make_board: 
 def test_the_boards_throttle_applies_where_the_sealed_policy_is_silent(
     make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any, digits_test: Any
 ) -> None:
-    from device_agent.service.http import Client, Server
+    from device_agent.service.http import Server
     from device_agent.service.service import Service
+    from tests.fixtures.http import UnixConnection, predict
 
     board = make_board()
     out = pack_for(digits.onnx, [board], policy={"throttle": {"client_rate": 100, "client_burst": 100}})
@@ -247,9 +248,10 @@ def test_the_boards_throttle_applies_where_the_sealed_policy_is_silent(
     service = Service(board.agent(config=config), clock=SimClock())
     sock = board.data_dir / "agent.sock"
     with Server(service, sock):
-        c = Client(service.tokens.add("user", _now())[1], sock)
-        assert [c.predict(digits_test[0][0])[0] for _ in range(3)] == [200, 200, 429]
-        c.close()
+        token = service.tokens.add("user", _now())[1]
+        conn = UnixConnection(sock)
+        assert [predict(conn, token, digits_test[0][0])[0] for _ in range(3)] == [200, 200, 429]
+        conn.close()
 
 
 def _now() -> Any:

@@ -12,7 +12,7 @@ import fleet.monitor
 from device_agent.crypto import ed25519_public_raw
 from device_agent.errors import FormatError
 from device_agent.service.events import Event
-from device_agent.telemetry.report import NO_PREV, Frame, Report, encode_report, payload_digest, topic, verify_report
+from device_agent.telemetry.report import NO_PREV, Frame, Report, encode_report, payload_digest, topic
 from device_agent.telemetry.service import event_data
 from fleet.monitor import (
     Accepted,
@@ -21,9 +21,9 @@ from fleet.monitor import (
     ingest,
     judge_sequence,
     verify_batch,
-    verify_message,
 )
 from fleet.store import MonitorStore
+from tests.fixtures.reports import verify_message, verify_report
 
 KEY = Ed25519PrivateKey.generate()
 KEYS = {"pi-1": ed25519_public_raw(KEY)}

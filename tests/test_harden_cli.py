@@ -743,6 +743,7 @@ def test_harden_served_api_applies_sealed_preprocess_and_hides_the_shape(
     """Over the local API too: raw input goes through the sealed spec, and a misfit is
     answered without the model's shape except to admin (F9)."""
     from tests.fixtures.cnn import PREPROCESS_NCHW
+    from tests.fixtures.http import predict
     from tests.fixtures.serve import serve
 
     cnn = digits_cnn()
@@ -752,13 +753,13 @@ def test_harden_served_api_applies_sealed_preprocess_and_hides_the_shape(
     served = serve(board)
     try:
         val = np.load(cnn.validation)
-        st, _, doc = served.client("user").predict(val["x"][0])  # a raw 8x8 image
+        st, _, doc = predict(served.connect(), served.tokens["user"], val["x"][0])  # a raw 8x8 image
         assert st == 200 and doc == {"label": int(val["y"][0])}
         misfit = np.zeros((8, 9), np.float32)
-        st, _, doc = served.client("user").predict(misfit)
+        st, _, doc = predict(served.connect(), served.tokens["user"], misfit)
         assert st == 422 and "sealed pre-processing" in doc["error"]["message"]
         assert "8" not in doc["error"]["message"]
-        st, _, doc = served.client("admin").predict(misfit)
+        st, _, doc = predict(served.connect(), served.tokens["admin"], misfit)
         assert st == 422 and "the model needs 8" in doc["error"]["message"]
     finally:
         served.server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import math
@@ -19,9 +20,10 @@ import pytest
 
 from device_agent.config import ServeConfig
 from device_agent.errors import UsageError
-from device_agent.service.http import Client, Server
+from device_agent.service.http import Server
 from device_agent.service.service import Service
 from tests.conftest import PASSPHRASE
+from tests.fixtures.http import UnixConnection, health, predict, request, status
 from tests.fixtures.serve import Served, SimClock, serve, wait_until_serving
 
 KEYS_ENV = {**os.environ, "EDGEWARD_DEVICE_PASSPHRASE": PASSPHRASE.decode()}
@@ -45,16 +47,16 @@ def test_each_role_sees_only_what_the_sealed_policy_allows(
     served: Served, digits_test: Any
 ) -> None:
     x, y = digits_test
-    st, _, user = served.client("user").predict(x[0])
+    st, _, user = predict(served.connect(), served.tokens["user"], x[0])
     assert st == 200 and user == {"label": int(y[0])}
-    st, _, eng = served.client("engineer").predict(x[0])
+    st, _, eng = predict(served.connect(), served.tokens["engineer"], x[0])
     assert st == 200 and set(eng) == {"label", "confidence"}
     assert eng["confidence"] in (
         "sure",
         "likely",
         "unsure",
     )  # bands from the bundle's sealed policy
-    st, _, adm = served.client("admin").predict(x[:3])
+    st, _, adm = predict(served.connect(), served.tokens["admin"], x[:3])
     assert st == 200 and len(adm["predictions"]) == 3
     assert len(adm["predictions"][0]["scores"]) == 10 and adm["predictions"][0]["label"] == int(
         y[0]
@@ -65,21 +67,22 @@ def test_npy_body_is_accepted_and_pickles_refused(served: Served, digits_test: A
     x, y = digits_test
     buf = io.BytesIO()
     np.save(buf, x[:2])
-    st, _, doc = served.client().request("POST", "/v1/predict", buf.getvalue(), "application/x-npy")
+    user = served.tokens["user"]
+    st, _, doc = request(served.connect(), "POST", "/v1/predict", user, buf.getvalue(), "application/x-npy")
     assert st == 200 and [p["label"] for p in doc["predictions"]] == [int(v) for v in y[:2]]
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    st, _, doc = served.client().request("POST", "/v1/predict", buf.getvalue(), "application/x-npy")
+    st, _, doc = request(served.connect(), "POST", "/v1/predict", user, buf.getvalue(), "application/x-npy")
     assert st == 422 and "pickles are refused" in doc["error"]["message"]
 
 
 def test_401_without_a_valid_token_and_after_revocation(served: Served, digits_test: Any) -> None:
     x, _ = digits_test
-    assert Client(None, served.socket).predict(x[0])[0] == 401
-    st, headers, _ = Client("ewt_not-a-token", served.socket).predict(x[0])
+    assert predict(served.connect(), None, x[0])[0] == 401
+    st, headers, _ = predict(served.connect(), "ewt_not-a-token", x[0])
     assert st == 401 and headers["www-authenticate"].startswith("Bearer")
     tid, token = served.add_token("user")
-    assert Client(token, served.socket).predict(x[0])[0] == 200
+    assert predict(served.connect(), token, x[0])[0] == 200
     rc = subprocess.run(
         [
             sys.executable,
@@ -97,7 +100,7 @@ def test_401_without_a_valid_token_and_after_revocation(served: Served, digits_t
     )
     assert rc.returncode == 0, rc.stderr
     assert (
-        Client(token, served.socket).predict(x[0])[0] == 401
+        predict(served.connect(), token, x[0])[0] == 401
     )  # the running service sees it at once
 
 
@@ -129,9 +132,9 @@ def test_tokens_are_stored_only_as_hashes(served: Served) -> None:
 
 
 def test_403_status_is_admin_only(served: Served) -> None:
-    assert served.client("user").request("GET", "/v1/status")[0] == 403
-    assert served.client("engineer").request("GET", "/v1/status")[0] == 403
-    st, _, doc = served.client("admin").request("GET", "/v1/status")
+    assert status(served.connect(), served.tokens["user"])[0] == 403
+    assert status(served.connect(), served.tokens["engineer"])[0] == 403
+    st, _, doc = status(served.connect(), served.tokens["admin"])
     assert st == 200 and doc["counters"]["queries"] >= 0 and doc["integrity"] == "ok"
 
 
@@ -143,8 +146,8 @@ def test_403_raw_outputs_only_for_admin(
     board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
     s = serve(board)
     try:
-        assert s.client("user").predict(digits_test[0][0])[0] == 403
-        assert s.client("admin").predict(digits_test[0][0])[0] == 200
+        assert predict(s.connect(), s.tokens["user"], digits_test[0][0])[0] == 403
+        assert predict(s.connect(), s.tokens["admin"], digits_test[0][0])[0] == 200
     finally:
         s.server.stop()
 
@@ -152,9 +155,9 @@ def test_403_raw_outputs_only_for_admin(
 def test_413_body_and_batch_bounds(served: Served, digits_test: Any) -> None:
     x, _ = digits_test
     big = b'{"inputs": [' + b"0," * 600_000 + b"0]}"
-    st, _, doc = served.client().request("POST", "/v1/predict", big)
+    st, _, doc = request(served.connect(), "POST", "/v1/predict", served.tokens["user"], big)
     assert st == 413 and "limit" in doc["error"]["message"]
-    st, _, doc = served.client().predict(x[:33])
+    st, _, doc = predict(served.connect(), served.tokens["user"], x[:33])
     assert st == 413 and "33 inputs" in doc["error"]["message"]
 
 
@@ -171,15 +174,15 @@ def test_413_body_and_batch_bounds(served: Served, digits_test: Any) -> None:
 )
 def test_422_with_a_clear_message(served: Served, body: dict[str, Any], needle: str) -> None:
     raw = json.dumps(body).encode()  # Python's json writes NaN and Infinity, as careless clients do
-    st, _, doc = served.client().request("POST", "/v1/predict", raw)
+    st, _, doc = request(served.connect(), "POST", "/v1/predict", served.tokens["user"], raw)
     assert st == 422 and needle in doc["error"]["message"], doc
 
 
 def test_503_when_no_model_is_installed(make_board: Callable[..., Any], digits_test: Any) -> None:
     s = serve(make_board())
     try:
-        assert s.client().request("GET", "/v1/health")[0] == 503
-        st, _, doc = s.client().predict(digits_test[0][0])
+        assert health(s.connect())[0] == 503
+        st, _, doc = predict(s.connect(), s.tokens["user"], digits_test[0][0])
         assert st == 503 and "no model is installed" in doc["error"]["message"]
     finally:
         s.server.stop()
@@ -206,17 +209,18 @@ def test_429_client_rate_with_retry_after(
     )
     x, _ = digits_test
     try:
-        c = s.client()
-        assert [c.predict(x[i])[0] for i in range(3)] == [200, 200, 200]
-        st, headers, doc = c.predict(x[3])
+        c, tok = s.connect(), s.tokens["user"]
+        assert [predict(c, tok, x[i])[0] for i in range(3)] == [200, 200, 200]
+        st, headers, doc = predict(c, tok, x[3])
         assert (
             st == 429 and headers["retry-after"] == "1" and "client rate" in doc["error"]["message"]
         )
-        assert s.client("engineer").predict(x[3])[0] == 200  # buckets are per client
-        st, _, doc = s.client("admin").predict(x[:4])  # more rows than the burst: can never pass
+        assert predict(s.connect(), s.tokens["engineer"], x[3])[0] == 200  # buckets are per client
+        # more rows than the burst: can never pass
+        st, _, doc = predict(s.connect(), s.tokens["admin"], x[:4])
         assert st == 413 and "burst" in doc["error"]["message"]
         clock.t += 0.5
-        assert c.predict(x[3])[0] == 200
+        assert predict(c, tok, x[3])[0] == 200
     finally:
         s.server.stop()
 
@@ -229,9 +233,9 @@ def test_429_global_rate(
     )
     x, _ = digits_test
     try:
-        assert s.client("user").predict(x[0])[0] == 200
-        assert s.client("engineer").predict(x[1])[0] == 200
-        st, _, doc = s.client("admin").predict(x[2])
+        assert predict(s.connect(), s.tokens["user"], x[0])[0] == 200
+        assert predict(s.connect(), s.tokens["engineer"], x[1])[0] == 200
+        st, _, doc = predict(s.connect(), s.tokens["admin"], x[2])
         assert st == 429 and "global rate" in doc["error"]["message"]
     finally:
         s.server.stop()
@@ -250,14 +254,14 @@ def test_429_daily_budget_until_the_next_day(
     )
     x, _ = digits_test
     try:
-        c = s.client()
-        assert c.predict(x[:5])[0] == 200
+        c, tok = s.connect(), s.tokens["user"]
+        assert predict(c, tok, x[:5])[0] == 200
         clock.t += 60
-        st, headers, doc = c.predict(x[5])
+        st, headers, doc = predict(c, tok, x[5])
         assert st == 429 and "daily budget" in doc["error"]["message"]
         assert int(headers["retry-after"]) == math.ceil(86400 - clock.t % 86400)
         clock.t += 86400
-        assert c.predict(x[5])[0] == 200
+        assert predict(c, tok, x[5])[0] == 200
     finally:
         s.server.stop()
 
@@ -271,10 +275,10 @@ def test_anomalous_client_is_slowed_further(
     s, clock = _served_with_clock(make_board(), pack_for, digits, policy)
     rng = np.random.default_rng(0)
     try:
-        c = s.client()
+        c, tok = s.connect(), s.tokens["user"]
         for _ in range(10):
-            assert c.predict(rng.random(64, dtype=np.float32))[0] == 200
-        st, headers, _ = c.predict(rng.random(64, dtype=np.float32))
+            assert predict(c, tok, rng.random(64, dtype=np.float32))[0] == 200
+        st, headers, _ = predict(c, tok, rng.random(64, dtype=np.float32))
         # A clean client waits 1/5 s for its next query; this one is flagged: 21 times longer.
         assert st == 429 and int(headers["retry-after"]) >= 4
     finally:
@@ -292,7 +296,8 @@ def test_socket_is_0660_and_tcp_is_loopback_only(served: Served, digits_test: An
 
         threading.Thread(target=s.serve_forever, daemon=True).start()
     try:
-        st, _, doc = Client(served.tokens["user"], tcp=(host, port)).predict(digits_test[0][0])
+        conn = http.client.HTTPConnection(host, port)
+        st, _, doc = predict(conn, served.tokens["user"], digits_test[0][0])
         assert st == 200 and doc["label"] == int(digits_test[1][0])
     finally:
         for s in tcp._servers:
@@ -306,8 +311,8 @@ def test_every_query_and_decision_is_audited_without_raw_input(
     from device_agent.service.audit import verify
 
     x, _ = digits_test
-    served.client().predict(x[0])
-    Client("ewt_bad", served.socket).predict(x[0])
+    predict(served.connect(), served.tokens["user"], x[0])
+    predict(served.connect(), "ewt_bad", x[0])
     served.service.audit.close()
     d = served.service.agent.store.path / "audit"
     lines = [
@@ -361,7 +366,7 @@ def test_serve_command_runs_and_stops_cleanly(
     )
     try:
         wait_until_serving(sock)
-        st, _, doc = Client(tok["token"], sock).predict(digits_test[0][0])
+        st, _, doc = predict(UnixConnection(sock), tok["token"], digits_test[0][0])
         assert st == 200 and doc == {"label": int(digits_test[1][0])}
     finally:
         proc.terminate()
@@ -436,15 +441,15 @@ def test_connections_beyond_the_limit_get_503(
     held = []
     try:
         for _ in range(2):
-            c = s.client()
-            assert c.predict(digits_test[0][0])[0] == 200  # keep-alive: the connection stays open
+            c = s.connect()
+            assert predict(c, s.tokens["user"], digits_test[0][0])[0] == 200  # keep-alive: stays open
             held.append(c)
         with socket.socket(socket.AF_UNIX) as raw:
             raw.connect(str(s.socket))
             assert raw.recv(100).startswith(b"HTTP/1.1 503")
         held.pop().close()
         time.sleep(0.2)  # the server notices the closed connection and frees its slot
-        assert s.client().predict(digits_test[0][0])[0] == 200
+        assert predict(s.connect(), s.tokens["user"], digits_test[0][0])[0] == 200
     finally:
         for c in held:
             c.close()

@@ -19,14 +19,13 @@ from device_agent.store.datadir import utcnow
 from fleet.monitor import Monitor
 from tests.conftest import PASSPHRASE, Board
 from tests.fixtures.fleet import Fleet, fleet_fixture, monitor_fixture, wait_until  # noqa: F401
+from tests.fixtures.http import UnixConnection, predict
 from tests.fixtures.serve import calibration_policy, wait_until_serving
 
 
 def test_serve_forwards_detections_and_counters_to_the_fleet(
     fleet: Fleet, monitor: Monitor, make_board: Callable[..., Board], pack_for, digits, digits_test
 ) -> None:
-    from device_agent.service.http import Client
-
     board = make_board("pi-serve")
     out = pack_for(digits.onnx, [board], policy=calibration_policy())
     board.agent().install((out / "pi-serve.ewb").read_bytes())
@@ -42,16 +41,16 @@ def test_serve_forwards_detections_and_counters_to_the_fleet(
     )
     try:
         wait_until_serving(sock)
-        client = Client(token, sock)
+        conn = UnixConnection(sock)
         x, _ = digits_test
         for row in x[:5]:
-            status, _, body = client.predict(row)
+            status, _, body = predict(conn, token, row)
             assert status == 200 and set(body) == {"label"}
         # A detector raises an OoD event after a few outlying queries from one client (ood_count).
         rng = np.random.default_rng(3)
         noise = rng.random((6, 64)).astype(np.float32)
         for row in noise:
-            status, _, _ = client.predict(row)
+            status, _, _ = predict(conn, token, row)
             assert status in (200, 429)
 
         def ood_arrived() -> bool:

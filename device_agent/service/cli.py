@@ -49,7 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with server:
         where = [str(socket_path)] + ([f"{a[0]}:{a[1]}" for a in [server.tcp_address] if a])
         print(f"serving on {', '.join(where)}", file=sys.stderr, flush=True)
-        done.wait()
+        while not done.wait(0.5):  # a bare wait() may miss a signal taken by another thread
+            pass
     return 0
 
 

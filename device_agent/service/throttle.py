@@ -73,7 +73,3 @@ class Throttle:
         self._global.level -= rows
         self._used[client] = (day, used + rows)
         return Decision(True, "ok")
-
-    def used_today(self, client: str, now: float) -> int:
-        day, used = self._used.get(client, (-1, 0))
-        return used if day == int(now // DAY) else 0

@@ -28,7 +28,7 @@ from device_agent.store.fsutil import atomic_write, make_private_dir, read_bound
 from device_agent.store.keys import DeviceKeys, KeySource
 from device_agent.trust import sealed
 from device_agent.trust.state import Identity, State, TrustAnchors
-from device_agent.wire import format_time, parse_time
+from device_agent.wire import format_time
 
 DEVICE_SCHEMA = "edgeward.device/1"
 BUNDLE_KEYS_PURPOSE = b"edgeward/bundle-keys/v1"  # HKDF purpose of the key sealing local bundle keys
@@ -160,9 +160,6 @@ class DataDir:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{self.device_file} is not a device identity: {e}") from e
-
-    def provisioned_at(self) -> datetime:
-        return parse_time(self._public_json(self.device_file)["provisioned_at"], "provisioned_at")
 
     # sealed files -------------------------------------------------------------------------------
     def read_sealed(self, name: str, key: bytes | bytearray) -> Any:

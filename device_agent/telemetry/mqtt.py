@@ -174,10 +174,6 @@ class Link:
         """True once connected and every subscription is granted."""
         return self._connected.wait(timeout)
 
-    @property
-    def connected(self) -> bool:
-        return self._connected.is_set()
-
     def require_connected(self, timeout: float) -> None:
         """Raise :class:`EnvironmentFault` unless connected within ``timeout`` seconds."""
         if not self.wait_connected(timeout):

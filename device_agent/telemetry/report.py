@@ -1,8 +1,9 @@
 """The signed telemetry report: the one definition of what a board sends over MQTT.
 
-The board writes reports with :func:`encode_report`; the fleet monitor reads them with
-:func:`verify_report`, which checks the signature over the exact received bytes *before* a single
-field is parsed (invariant 1). Wire format (``docs/telemetry.md``)::
+The board writes reports with :func:`encode_report`; the fleet monitor cuts a received payload
+with :func:`frame` and checks the signature over the exact received bytes with
+:func:`verify_frame` *before* a single field is parsed (invariant 1), then parses the
+authenticated body with :func:`parse_report`. Wire format (``docs/telemetry.md``)::
 
     b"EWT2" || Ed25519 signature (64 bytes) || prev (32 bytes) || body (canonical JSON, UTF-8)
 
@@ -62,6 +63,7 @@ def topic(device_id: str, kind: str) -> str:
 
 
 def command_topic(device_id: str) -> str:
+    """The topic a board's signed commands arrive on (boards may read it, never write it)."""
     return f"{TOPIC_ROOT}/{device_id}/{COMMAND_LEVEL}"
 
 
@@ -162,22 +164,6 @@ def payload_digest(payload: bytes) -> bytes:
     return hashlib.sha256(payload).digest()
 
 
-def digest(payload: bytes) -> str:
-    """The name of one exact payload (for de-duplication and evidence): hex :func:`payload_digest`."""
-    return hashlib.sha256(payload).hexdigest()
-
-
-def verify_report(
-    payload: bytes, sign_public: bytes, topic_name: str, limits: ReportLimits = DEFAULT_REPORT_LIMITS
-) -> Report:
-    """Verify then parse a report received on ``topic_name``.
-
-    Raises :class:`FormatError` for malformed bytes and :class:`BadSignature` for a signature
-    that is not the device key's; the body must name the topic's device and kind.
-    """
-    return parse_report(check_signature(payload, sign_public, limits), topic_name, limits)
-
-
 _SIGNED = len(MAGIC) + crypto.SIGNATURE_BYTES  # where the signed bytes (prev || body) start
 _HEAD = _SIGNED + DIGEST_BYTES
 _FIELDS = frozenset({"schema", "device_id", "seq", "kind", "time", "data"})
@@ -206,18 +192,11 @@ def verify_frame(f: Frame, sign_public: bytes) -> None:
     crypto.verify(sign_public, DOMAIN, f.signed, f.signature)
 
 
-def check_signature(payload: bytes, sign_public: bytes, limits: ReportLimits = DEFAULT_REPORT_LIMITS) -> bytes:
-    """The first half of :func:`verify_report`: check the framing and the signature over the
-    exact received bytes; returns the (still unparsed) body. Nothing is parsed before this."""
-    f = frame(payload, limits)
-    verify_frame(f, sign_public)
-    return f.body
-
-
 def parse_report(body: bytes, topic_name: str, limits: ReportLimits = DEFAULT_REPORT_LIMITS) -> Report:
-    """The second half of :func:`verify_report`: parse an authenticated body -- its signature
-    checked by :func:`check_signature`, or its payload vouched for by a later authenticated
-    report's ``prev`` (the fleet monitor's hash chain). Never call it with anything else."""
+    """The second half of reading a report: parse an authenticated body -- its signature checked
+    by :func:`verify_frame`, or its payload vouched for by a later authenticated report's ``prev``
+    (the fleet monitor's hash chain). Never call it with anything else. The body must name the
+    topic's device and kind."""
     doc = loads_json(body, "report body")
     if not isinstance(doc, dict) or doc.keys() != _FIELDS:
         obj_fields(doc, "report body", set(_FIELDS), set(_FIELDS))  # raises the precise error

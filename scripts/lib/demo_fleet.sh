@@ -51,23 +51,49 @@ demo_fleet() {
 
   ew_log "fleet: an application queries the local API; then someone sends noise (an extraction attempt)"
   EW_TOKEN="$token" "$PY" - "$WORK/agent.sock" "$WORK/batch.npy" <<'PYEOF'
-import os, sys, time
+import http.client, json, os, socket, sys, time
 import numpy as np
-from device_agent.service.http import Client
+
+class AgentConnection(http.client.HTTPConnection):
+    """The standard library's HTTP client, over the agent's Unix socket."""
+    def __init__(self, path):
+        super().__init__("localhost", timeout=30)
+        self.unix_path = path
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+def call(conn, method, path, token=None, inputs=None):
+    headers, body = {}, None
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if inputs is not None:
+        headers["Content-Type"] = "application/json"
+        body = json.dumps({"inputs": inputs.tolist()}).encode()
+    conn.request(method, path, body, headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    return resp.status, json.loads(data) if data else None
+
 sock, batch = sys.argv[1], np.load(sys.argv[2])
 for _ in range(100):  # wait for the service to answer
+    probe = AgentConnection(sock)
     try:
-        Client(None, sock).request("GET", "/v1/health"); break
+        call(probe, "GET", "/v1/health"); break
     except OSError:
         time.sleep(0.1)
-client = Client(os.environ["EW_TOKEN"], sock)
+    finally:
+        probe.close()
+conn, token = AgentConnection(sock), os.environ["EW_TOKEN"]
 for row in batch[:3]:
-    status, _, body = client.predict(row)
+    status, body = call(conn, "POST", "/v1/predict", token, row)
     print(f"  digit query -> {status} {body}")
 rng = np.random.default_rng(0)
 for _ in range(4):
-    status, headers, body = client.predict(rng.random(64).astype(np.float32))
+    status, body = call(conn, "POST", "/v1/predict", token, rng.random(64).astype(np.float32))
     print(f"  noise query -> {status} {body}")
+conn.close()
 PYEOF
 
   local ok=1
