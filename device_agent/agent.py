@@ -128,6 +128,8 @@ class Agent:
         operators: list[bytes] | None = None,
         keys: KeySource | None = None,
         now: datetime | None = None,
+        *,
+        recovery: list[bytes] | None = None,
     ) -> bytes:
         """Create the board's keys and trust anchors; return the signed public enrolment."""
         if not ID_RE.match(device_id):
@@ -142,7 +144,7 @@ class Agent:
         now = now or utcnow()
         dk = DeviceKeys.generate()
         try:
-            anchors = TrustAnchors(tuple(publishers), tuple(operators or ()))
+            anchors = TrustAnchors(tuple(publishers), tuple(operators or ()), tuple(recovery or ()))
             identity = DataDir(data_dir).create(device_id, dk, source, anchors, now)
             enrolment = Enrolment(device_id, identity.box_public, identity.sign_public, now)
             sig = crypto.sign(dk.signer(), ENROLMENT_DOMAIN, canonical_json(enrolment.body()))
@@ -179,16 +181,7 @@ class Agent:
             raise
 
     def _record_tampering(self, e: TamperedState) -> None:
-        from device_agent.service.events import EventStore
-
-        try:
-            events = EventStore(self.store.events_file)
-            try:
-                events.record("tamper", self._clock(), severity="critical", evidence={"problem": str(e)[:300]})
-            finally:
-                events.close()
-        except Exception as fault:  # the refusal itself must still reach the caller
-            _log.warning("could not record the tampering event: %s", fault)
+        self.record_event("tamper", "critical", {"problem": str(e)[:300]})
 
     def state(self) -> State:
         """The board's authenticated state (installed models, versions, clock floor)."""
@@ -400,9 +393,9 @@ class Agent:
         outputs = loaded.runner.run(feeds)
         return shape_output(outputs, loaded.sidecar.task, loaded.sidecar.policy, role, batched)
 
-    def wipe(self) -> dict[str, Any]:
+    def wipe(self, *, allow_unsigned: bool = False) -> dict[str, Any]:
         """Crypto-shred this board's keys and models (device_agent.store.wipe); returns the
-        attestation."""
+        attestation. Without the keys it refuses unless ``allow_unsigned``."""
         from device_agent.store.wipe import wipe
 
         with self._lock:
@@ -411,7 +404,39 @@ class Agent:
                 floor = self.state().clock_floor
             except EdgeWardError:
                 floor = None  # a wipe never depends on the state it destroys
-            return wipe(self.store, self._source, trusted_now(self._clock(), floor))
+            return wipe(self.store, self._source, trusted_now(self._clock(), floor), allow_unsigned=allow_unsigned)
+
+    # --- signed commands and trusted time ----------------------------------------------------------
+    def record_event(self, kind: str, severity: str, evidence: dict[str, Any]) -> None:
+        """Record a security event in the board's event store (telemetry forwards it)."""
+        from device_agent.service.events import EventStore
+
+        try:
+            events = EventStore(self.store.events_file, self.config.serve.max_evidence_bytes)
+            try:
+                events.record(kind, self._clock(), severity=severity, evidence=evidence)
+            finally:
+                events.close()
+        except Exception as fault:  # the decision itself must still reach the caller
+            _log.warning("could not record a %s event: %s", kind, fault)
+
+    def apply_commands(
+        self, payload: bytes, on_result: Callable[[bytes, Any], None] | None = None
+    ) -> list[bytes]:
+        """Verify and carry out a delivery of signed commands (one command, or a board's queue
+        with time beacons), in sequence order; returns the signed results of the commands this
+        board had not seen. ``on_result`` gets each signed result before a decommission completes
+        its wipe, so that it can still be sent (device_agent.commands)."""
+        from device_agent.commands import run
+
+        return run.apply(self, payload, on_result)
+
+    def sweep_end_of_life(self) -> list[str]:
+        """Retire every model whose end of life has passed at the trusted time (no command needed):
+        it stops serving, its bundles and keys are shredded, and an event reports it."""
+        from device_agent.commands import run
+
+        return run.sweep_end_of_life(self)
 
     # --- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -39,10 +39,33 @@ def _read_file(path: str, limit: int, what: str) -> bytes:
         raise UsageError(f"{what} {path} is a directory, not a file") from e
 
 
+def _decommissioned(data_dir: str) -> dict[str, Any] | None:
+    """The attestation of a wiped board, if this data dir is one (public, not verified here)."""
+    from device_agent.store.wipe import attestation
+
+    if (Path(data_dir) / "device.json").exists():
+        return None
+    return attestation(Path(data_dir))
+
+
+def _wiped_how(doc: dict[str, Any]) -> str:
+    by = doc["body"].get("by") or {}
+    if "command_seq" in by:
+        return f"by command #{by['command_seq']} from operator {str(by.get('operator'))[:19]}"
+    return "at the board"
+
+
 def _agent(args: argparse.Namespace) -> Any:
     from device_agent.agent import Agent
+    from device_agent.errors import SecurityRefusal
     from device_agent.store.keys import KeySource
 
+    doc = _decommissioned(args.data_dir)
+    if doc is not None:
+        raise SecurityRefusal(
+            f"this board was wiped {_wiped_how(doc)} at {doc.get('completed')}; it serves nothing. "
+            "Provision it again to reuse it"
+        )
     return Agent(args.data_dir, KeySource.from_env(getattr(args, "kek_file", None)))
 
 
@@ -53,11 +76,12 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
     publishers = [_pubkey(p) for p in args.publisher_pub]
     operators = [_pubkey(p) for p in args.operator_pub or []]
+    recovery = [_pubkey(p) for p in args.recovery_pub or []]
     export = Path(args.export)
     if not export.parent.is_dir():
         raise UsageError(f"cannot write the enrolment: directory {export.parent} does not exist")
     enrolment = Agent.provision(
-        args.data_dir, args.device_id, publishers, operators, KeySource.from_env(args.kek_file)
+        args.data_dir, args.device_id, publishers, operators, KeySource.from_env(args.kek_file), recovery=recovery
     )
     atomic_write(export, enrolment, 0o644)
     doc = json.loads(enrolment)
@@ -133,6 +157,21 @@ def _status_table(doc: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    wiped = _decommissioned(args.data_dir)
+    if wiped is not None:
+        body = wiped["body"]
+        doc = {
+            "device_id": body.get("device_id"),
+            "wiped": True,
+            "completed": wiped.get("completed"),
+            "by": body.get("by") or {},
+            "signed": bool(wiped.get("signature")),
+            "bundles_destroyed": body.get("bundles_destroyed", []),
+        }
+        emit(args, doc, lambda d: f"device {d['device_id']}: wiped {_wiped_how(wiped)}, completed {d['completed']}; "
+             f"{len(d['bundles_destroyed'])} bundle(s) destroyed; attestation "
+             f"{'signed' if d['signed'] else 'UNSIGNED'} in {Path(args.data_dir) / 'wipe-attestation.json'}")
+        return 0
     # The state is sealed with the board's keys: status checks it, so it needs them too.
     doc = _agent(args).status()
     emit(args, doc, _status_table)
@@ -161,7 +200,7 @@ def cmd_wipe(args: argparse.Namespace) -> int:
 
         doc = complete(DataDir(args.data_dir), utcnow())
     else:
-        doc = _agent(args).wipe()
+        doc = _agent(args).wipe(allow_unsigned=args.unsigned)
     emit(
         args,
         doc,
@@ -170,6 +209,27 @@ def cmd_wipe(args: argparse.Namespace) -> int:
         + ("" if d["signature"] else " (unsigned: the keys could not be unlocked)"),
     )
     return 0
+
+
+def cmd_command(args: argparse.Namespace) -> int:
+    from device_agent.commands.format import encode_queue, verify_result
+    from device_agent.store.fsutil import atomic_write
+
+    agent = _agent(args)
+    limits = agent.config.commands
+    payload = _read_file(args.file, limits.max_queue_bytes, "command file")
+    result_path = Path(args.result)
+    if not result_path.parent.is_dir():
+        raise UsageError(f"cannot write the result: directory {result_path.parent} does not exist")
+    sign_public = agent.store.identity().sign_public
+    results = agent.apply_commands(payload)
+    if results:
+        atomic_write(result_path, results[0] if len(results) == 1 else encode_queue(results, limits), 0o644)
+    docs = [verify_result(r, sign_public, limits).body() for r in results]
+    emit(args, docs, lambda ds: "\n".join(
+        f"#{d['seq']} {d['kind']}: {d['outcome']}: {d['detail']}" for d in ds
+    ) + (f"\nsigned result written to {result_path}" if ds else "nothing new to obey (already applied)"))
+    return 0 if all(d["outcome"] != "refused" for d in docs) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("provision", "create this board's keys and trust anchors; export its enrolment", cmd_provision)
     sp.add_argument("--device-id", required=True)
     sp.add_argument("--publisher-pub", required=True, action="append", help="publisher public key (repeatable)")
-    sp.add_argument("--operator-pub", action="append", help="operator public key (repeatable)")
+    sp.add_argument("--operator-pub", action="append", help="operator public key: signs commands (repeatable)")
+    sp.add_argument(
+        "--recovery-pub",
+        action="append",
+        help="recovery public key, kept offline: only it may rotate the operator keys (repeatable)",
+    )
     sp.add_argument("--export", required=True, help="where to write the public enrolment JSON")
     sp.add_argument("--json", action="store_true")
 
@@ -217,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("wipe", "crypto-shred this board's keys and models (end of life); writes a signed attestation", cmd_wipe)
     sp.add_argument("--yes", action="store_true", help="confirm without a prompt (scripts, CI)")
+    sp.add_argument(
+        "--unsigned",
+        action="store_true",
+        help="wipe even when the device keys cannot be unlocked; the attestation is then unsigned",
+    )
+    sp.add_argument("--json", action="store_true")
+    sp = add(
+        "command",
+        "obey signed fleet commands from a file (boards without a network); writes the signed result",
+        cmd_command,
+    )
+    sp.add_argument("file", help="a command or command queue file ('edgeward fleet ... --out FILE')")
+    sp.add_argument("--result", required=True, help="where to write the signed result(s), to bring back to "
+                    "'edgeward fleet import-result'")
     sp.add_argument("--json", action="store_true")
     service_cli.register(sub)
     register_telemetry(sub)
@@ -224,7 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser(), argv, PROG)
+    return run(build_parser(), argv, PROG, before=_finish_interrupted_wipe)
+
+
+def _finish_interrupted_wipe(args: argparse.Namespace) -> None:
+    """Invariant 4: a wipe cut off by a power cut completes before any command runs."""
+    from device_agent.store.datadir import DataDir, utcnow
+    from device_agent.store.wipe import complete, wipe_pending
+
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir and wipe_pending(Path(data_dir)):
+        complete(DataDir(data_dir), utcnow())
 
 
 if __name__ == "__main__":

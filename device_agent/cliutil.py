@@ -19,11 +19,18 @@ def emit(args: argparse.Namespace, doc: Any, text: Callable[[Any], str]) -> None
         print(text(doc))
 
 
-def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:
-    """Parse, dispatch to ``args.func`` and turn every failure into one stderr line and its
-    documented exit code (argparse itself exits 2 on usage errors)."""
+def run(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    prog: str,
+    before: Callable[[argparse.Namespace], None] | None = None,
+) -> int:
+    """Parse, dispatch to ``args.func`` (after ``before``, if given) and turn every failure into
+    one stderr line and its documented exit code (argparse itself exits 2 on usage errors)."""
     args = parser.parse_args(argv)
     try:
+        if before is not None:
+            before(args)
         return int(args.func(args))
     except EdgeWardError as e:
         print(f"{prog}: {e}", file=sys.stderr)

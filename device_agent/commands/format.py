@@ -56,6 +56,14 @@ KINDS = ("decommission", "retire", "rollback", "rotate-key", "cancel")
 ROLES = ("publisher", "operator")  # the anchors rotate-key may replace
 OUTCOMES = ("applied", "refused", "cancelled")
 _SIGNED_HEAD = len(COMMAND_MAGIC) + crypto.KEY_ID_BYTES + crypto.SIGNATURE_BYTES
+RESULTS_LEVEL = "results"  # a board publishes its signed results on edgeward/v1/<device>/results
+TIME_TOPIC = "edgeward/v1/_time"  # the fleet's retained time beacon (no device id starts with "_")
+
+
+def results_topic(device_id: str) -> str:
+    from device_agent.telemetry.report import TOPIC_ROOT
+
+    return f"{TOPIC_ROOT}/{device_id}/{RESULTS_LEVEL}"
 
 
 def _b64_key(value: Any, what: str) -> bytes:

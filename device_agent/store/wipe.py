@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent import crypto
-from device_agent.errors import BadSignature, EdgeWardError
+from device_agent.errors import BadSignature, EdgeWardError, SecurityRefusal
 from device_agent.store import layout
 from device_agent.store.datadir import DataDir
 from device_agent.store.fsutil import atomic_write, fsync_dir, shred_file
@@ -82,15 +82,41 @@ def _attestation_body(store: DataDir, kek: dict[str, Any], now: datetime) -> dic
     }
 
 
-def begin(store: DataDir, source: KeySource, now: datetime) -> dict[str, Any]:
-    """Step 1: record the intent, signed while the identity key still exists."""
-    kek = _kek_location(store, source)
-    body = _attestation_body(store, kek, now)
-    doc: dict[str, Any] = {"body": body, "signature": None}
+def _audit_head(store: DataDir) -> dict[str, Any] | None:
+    """The audit chain's last checkpoint (sequence number and hash over every record before it):
+    the digest kept of the log that the wipe deletes."""
+    try:
+        head = json.loads((store.audit_dir / "head.json").read_bytes())
+        return {"seq": int(head["seq"]), "hash": str(head["hash"])[:128]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def begin(
+    store: DataDir,
+    source: KeySource,
+    now: datetime,
+    *,
+    by: dict[str, Any] | None = None,
+    allow_unsigned: bool = False,
+) -> dict[str, Any]:
+    """Step 1: record the intent, signed while the identity key still exists. ``by`` names the
+    signed command that ordered the wipe (None: a technician at the board). Without the keys the
+    wipe is refused unless ``allow_unsigned``: a mistyped passphrase must not look like a wipe."""
     try:
         keys = store.unlock(source)
-    except EdgeWardError:
-        keys = None  # a wipe must never depend on the passphrase; the attestation is then unsigned
+    except EdgeWardError as e:
+        if not allow_unsigned:
+            raise SecurityRefusal(
+                f"cannot unlock the device keys ({e}), so the wipe could not be attested; "
+                "fix the passphrase or key file, or pass --unsigned to wipe without an attestation"
+            ) from e
+        keys = None
+    kek = _kek_location(store, source)
+    body = _attestation_body(store, kek, now)
+    body["by"] = by or {"local": True}
+    body["audit_head"] = _audit_head(store)
+    doc: dict[str, Any] = {"body": body, "signature": None}
     if keys is not None:
         try:
             doc["signature"] = base64.b64encode(crypto.sign(keys.signer(), DOMAIN, canonical_json(body))).decode()
@@ -99,6 +125,15 @@ def begin(store: DataDir, source: KeySource, now: datetime) -> dict[str, Any]:
     marker = {**doc, "kek_path": kek.get("path")}
     atomic_write(store.path / MARKER, json.dumps(marker, indent=2).encode(), 0o600)
     return doc
+
+
+def attestation(path: Path) -> dict[str, Any] | None:
+    """The attestation a completed wipe left in data dir ``path``, if any (public, unverified)."""
+    try:
+        doc = json.loads((path / ATTESTATION).read_bytes()[:65536])
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("body"), dict) else None
 
 
 def _inside(root: Path, rel: Any) -> Path | None:
@@ -142,11 +177,11 @@ def complete(store: DataDir, now: datetime) -> dict[str, Any]:
     return doc
 
 
-def wipe(store: DataDir, source: KeySource, now: datetime) -> dict[str, Any]:
+def wipe(store: DataDir, source: KeySource, now: datetime, *, allow_unsigned: bool = False) -> dict[str, Any]:
     """Wipe the board's models and keys; resumes an interrupted wipe instead of starting over."""
     if not wipe_pending(store.path):
         store.require_provisioned()
-        begin(store, source, now)
+        begin(store, source, now, allow_unsigned=allow_unsigned)
     return complete(store, now)
 
 

@@ -1,0 +1,248 @@
+"""Carrying out signed commands, time beacons and end of life on the board: the agent's side of
+``device_agent.commands``. Each step loads what the pure decision needs, calls it
+(:mod:`device_agent.commands.decide`, :mod:`device_agent.trust.decisions`), and persists the
+result; nothing here decides whether a command is obeyed.
+
+Every file-level effect is safe to repeat, and the command's sequence number is saved with the
+state only after its effects on keys are done, so a power cut at any instant leaves either the
+old state (the command is carried out again when it is delivered again) or the new one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from device_agent import crypto
+from device_agent.bundle.enrolment import DOMAIN as ENROLMENT_DOMAIN
+from device_agent.bundle.enrolment import Enrolment
+from device_agent.bundle.format import verify_head
+from device_agent.commands.decide import Accepted, check_signer, decide_command
+from device_agent.commands.format import (
+    COMMAND_MAGIC,
+    Beacon,
+    Command,
+    Result,
+    Signed,
+    decode_queue,
+    encode_result,
+    verify_signed,
+)
+from device_agent.errors import EdgeWardError, NotInstalled, SecurityRefusal
+from device_agent.trust.decisions import confirm_held, decide_beacon, trusted_now
+from device_agent.trust.state import Retired
+from device_agent.wire import canonical_json, format_time
+
+if TYPE_CHECKING:
+    from device_agent.agent import Agent
+
+_log = logging.getLogger(__name__)
+OnResult = Callable[[bytes, Result], None]
+
+
+def apply(agent: Agent, payload: bytes, on_result: OnResult | None = None) -> list[bytes]:
+    """Verify every item of a delivery, apply its beacons, then its commands in sequence order.
+
+    A delivery of one command (a file a technician brings, a single message) is strict: a command
+    already applied is refused as a replay. A board's retained queue holds commands it has
+    already carried out; those are skipped quietly."""
+    limits = agent.config.commands
+    single = payload[: len(COMMAND_MAGIC)] == COMMAND_MAGIC
+    items = decode_queue(payload, limits)
+    anchors = agent.trust_anchors()
+    trusted = list(anchors.operators) + list(anchors.recovery)
+    verified: list[Signed] = []
+    for raw in items:
+        try:
+            verified.append(verify_signed(raw, trusted, limits))
+        except EdgeWardError as e:
+            agent.record_event("command", "critical", {"refused": str(e)[:300], "sha256": crypto.sha256_hex(raw)})
+            if single:
+                raise
+    for sg in verified:
+        if isinstance(sg.item, Beacon):
+            apply_beacon(agent, sg.item)
+    commands = sorted((sg for sg in verified if isinstance(sg.item, Command)), key=_seq)
+    me = agent.store.identity()
+    cancelled = _cancelled(agent, commands, me.device_id)
+    results: list[bytes] = []
+    for sg in commands:
+        cmd = sg.item
+        assert isinstance(cmd, Command)
+        state = agent.state()
+        if not single and cmd.seq <= state.command_seq and cmd.device_id == me.device_id:
+            continue  # carried out before: the retained queue keeps it until the fleet drops it
+        try:
+            accepted = decide_command(
+                cmd, sg.signer, me, agent.trust_anchors(), state, agent._clock(),
+                skew_s=limits.future_skew_s, hold_s=limits.beacon_hold_s, cancelled=cmd.seq in cancelled,
+            )
+        except (SecurityRefusal, NotInstalled) as e:
+            agent.record_event("command", "critical" if isinstance(e, SecurityRefusal) else "warning",
+                               {"refused": cmd.describe(), "why": str(e)[:300], "sha256": sg.sha256})
+            if single:
+                raise
+            results.append(_sign(agent, cmd, sg.sha256, "refused", str(e), {}, on_result))
+            continue
+        results.append(_carry_out(agent, accepted, sg, on_result))
+        if accepted.wipe:
+            break  # nothing is left to obey anything else
+    return results
+
+
+def _seq(sg: Signed) -> int:
+    return sg.item.seq if isinstance(sg.item, Command) else 0
+
+
+def _cancelled(agent: Agent, commands: list[Signed], device_id: str) -> set[int]:
+    """Sequence numbers cancelled by a cancel in the same delivery that the board would obey."""
+    out = set()
+    now = trusted_now(agent._clock(), agent.state().clock_floor)
+    for sg in commands:
+        c = sg.item
+        if isinstance(c, Command) and c.kind == "cancel" and c.device_id == device_id and now < c.expires:
+            try:
+                check_signer(c, sg.signer, agent.trust_anchors())
+            except SecurityRefusal:
+                continue
+            if c.args["seq"] < c.seq:
+                out.add(c.args["seq"])
+    return out
+
+
+def _carry_out(agent: Agent, acc: Accepted, sg: Signed, on_result: OnResult | None) -> bytes:
+    cmd = acc.command
+    key = agent._key()
+    effects: dict[str, Any] = {}
+    if acc.wipe:
+        return _decommission(agent, acc, sg, on_result)
+    with agent._lock, agent.store.locked():
+        if acc.rotate_box_key:
+            effects.update(_rotate_box_key(agent))
+        if acc.anchors != agent.trust_anchors():
+            agent.store.save_trust(acc.anchors, key)
+        agent.store.save_state(acc.state, key)
+        agent._state_cache = None
+        if acc.shred:
+            agent.store.collect_garbage(acc.state)
+            effects["bundles_destroyed"] = sorted(acc.shred)
+        for mid in list(agent._loaded):
+            slot = acc.state.models.get(mid)
+            if slot is None or slot.current is None or slot.current.bundle_id != agent._loaded[mid].manifest.bundle_id:
+                agent._loaded.pop(mid)
+    if cmd.kind in ("retire", "rollback"):
+        effects["model_id"] = cmd.args["model_id"]
+    if cmd.kind == "rotate-key":
+        effects["role"] = cmd.args["role"]
+        effects["fingerprints"] = [crypto.fingerprint(base64.b64decode(k)) for k in cmd.args["keys"]]
+    outcome = "cancelled" if acc.detail.startswith("cancelled") else "applied"
+    agent.record_event("command", "info", {"applied": cmd.describe(), "outcome": outcome, "sha256": sg.sha256})
+    return _sign(agent, cmd, sg.sha256, outcome, acc.detail, effects, on_result)
+
+
+def _rotate_box_key(agent: Agent) -> dict[str, Any]:
+    """A new encryption key for the board, and its enrolment signed by the identity key, so the
+    fleet packs the next release for the new key."""
+    keys = agent._unlock()
+    try:
+        public = agent.store.rotate_box_key(keys, agent._source)
+        me = agent.store.identity()
+        enrolment = Enrolment(me.device_id, public, me.sign_public, agent._clock())
+        signed = enrolment.signed_bytes(crypto.sign(keys.signer(), ENROLMENT_DOMAIN, canonical_json(enrolment.body())))
+    finally:
+        keys.wipe()
+    return {"box_fingerprint": crypto.fingerprint(public), "enrolment": json.loads(signed)}
+
+
+def _decommission(agent: Agent, acc: Accepted, sg: Signed, on_result: OnResult | None) -> bytes:
+    from device_agent.store import wipe
+
+    cmd = acc.command
+    now = trusted_now(agent._clock(), acc.state.clock_floor)
+    by = {"command_seq": cmd.seq, "command_sha256": sg.sha256, "operator": crypto.fingerprint(sg.signer)}
+    with agent._lock:
+        agent._loaded.clear()
+        if not wipe.wipe_pending(agent.store.path):
+            wipe.begin(agent.store, agent._source, now, by=by)
+        doc = json.loads((agent.store.path / wipe.MARKER).read_bytes())
+        attestation = {"body": doc["body"], "signature": doc["signature"]}
+        # Signed, and handed to the caller to send, while the identity key still exists.
+        result = _sign(agent, cmd, sg.sha256, "applied", acc.detail, {"attestation": attestation}, on_result)
+        wipe.complete(agent.store, now)
+    return result
+
+
+def _sign(agent: Agent, cmd: Command, sha256: str, outcome: str, detail: str, effects: dict[str, Any],
+          on_result: OnResult | None) -> bytes:
+    result = Result(cmd.device_id, cmd.seq, cmd.kind, sha256, outcome, detail[:500], agent._clock(), effects)
+    keys = agent._unlock()
+    try:
+        data = encode_result(result, keys.signer())
+    finally:
+        keys.wipe()
+    if on_result is not None:
+        on_result(data, result)
+    return data
+
+
+def apply_beacon(agent: Agent, beacon: Beacon) -> bool:
+    """Move the clock floor to a verified beacon's time, or hold it (and report) when it is far
+    ahead of every other source; returns whether it was held."""
+    hold = agent.config.commands.beacon_hold_s
+    key = agent._key()
+    with agent._lock, agent.store.locked():
+        state = agent.state()
+        after, held = decide_beacon(beacon.time, state, agent._clock(), hold)
+        if after != state:
+            agent.store.save_state(after, key)
+            agent._state_cache = None
+    if held:
+        agent.record_event("time", "warning", {
+            "held_beacon": format_time(beacon.time),
+            "board_time": format_time(trusted_now(agent._clock(), state.clock_floor)),
+            "why": f"more than {int(hold)} s ahead of the board's clock and floor; applied once confirmed",
+        })
+    return held
+
+
+def sweep_end_of_life(agent: Agent) -> list[str]:
+    """Retire the models whose end of life has passed (trusted time); returns their ids."""
+    hold = agent.config.commands.beacon_hold_s
+    key = agent._key()
+    with agent._lock, agent.store.locked():
+        state = confirm_held(agent.state(), agent._clock(), hold)
+        now = trusted_now(agent._clock(), state.clock_floor)
+        publishers = list(agent.trust_anchors().publishers)
+        ended = []
+        for mid, slot in sorted(state.models.items()):
+            if slot.current is None:
+                continue
+            try:
+                head, length = agent.store.read_bundle_head(slot.current.bundle_id)
+                m, _, _ = verify_head(head, length, publishers, agent.limits)
+            except EdgeWardError:
+                continue  # the serving check refuses it; end of life needs a verified date
+            if m.end_of_life is not None and now >= m.end_of_life:
+                ended.append(mid)
+        if not ended and state == agent.state():
+            return []
+        after = replace(
+            state,
+            models={k: v for k, v in state.models.items() if k not in ended},
+            retired={**state.retired, **{m: Retired(now, "end of life") for m in ended}},
+        )
+        if ended:
+            _rotate_box_key(agent)
+        agent.store.save_state(after, key)
+        agent._state_cache = None
+        agent.store.collect_garbage(after)
+        for mid in ended:
+            agent._loaded.pop(mid, None)
+    for mid in ended:
+        agent.record_event("end-of-life", "warning", {"model_id": mid, "at": format_time(now),
+                                                     "action": "stopped serving, shredded, encryption key rotated"})
+    return ended
