@@ -47,18 +47,28 @@ def test_an_interrupted_wipe_completes_on_the_next_start(digits, make_board, pac
     assert sorted(p.name for p in board.data_dir.rglob("*")) == [ATTESTATION]
 
 
-def test_wipe_without_the_passphrase_still_destroys_everything(digits, make_board, pack_for, monkeypatch, capsys):
+def test_wipe_without_the_keys_refuses_unless_told_to_wipe_unsigned(digits, make_board, pack_for, monkeypatch, capsys):
+    """A mistyped passphrase must not look like a deliberate unsigned wipe: it refuses (exit 1)
+    and changes nothing; --unsigned wipes all the same and says the attestation is unsigned."""
     from device_agent.cli import main
+    from tests.conftest import tree_snapshot
 
     board, _ = _installed(make_board, pack_for, digits)
     monkeypatch.delenv("EDGEWARD_DEVICE_PASSPHRASE", raising=False)
     monkeypatch.setattr("sys.stdin.isatty", lambda: False)
     assert main(["wipe", "--data-dir", str(board.data_dir)]) == 2
     assert "pass --yes" in capsys.readouterr().err
-    assert (board.data_dir / "keys.wrapped").exists()
-    assert main(["wipe", "--data-dir", str(board.data_dir), "--yes", "--json"]) == 0
+    before = tree_snapshot(board.data_dir)
+    assert main(["wipe", "--data-dir", str(board.data_dir), "--yes"]) == 1
+    assert "--unsigned" in capsys.readouterr().err
+    assert tree_snapshot(board.data_dir) == before
+    monkeypatch.setenv("EDGEWARD_DEVICE_PASSPHRASE", "a typo")
+    assert main(["wipe", "--data-dir", str(board.data_dir), "--yes"]) == 1
+    assert tree_snapshot(board.data_dir) == before
+    assert main(["wipe", "--data-dir", str(board.data_dir), "--yes", "--unsigned", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["signature"] is None and not (board.data_dir / "keys.wrapped").exists()
+    assert sorted(p.name for p in board.data_dir.rglob("*")) == [ATTESTATION]
 
 
 def test_a_surviving_copy_of_the_bundle_is_useless_after_wipe(digits, make_board, pack_for, publisher):

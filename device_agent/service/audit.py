@@ -235,10 +235,12 @@ class AuditLog:
         self._since_checkpoint = 0
         self._checkpoint_at = time.monotonic()
 
-    def close(self) -> None:
+    def close(self, checkpoint: bool = True) -> None:
+        """Checkpoint and close; without ``checkpoint`` (the data dir was wiped) nothing is written."""
         with self._lock:
             if self._fd is not None:
-                self._checkpoint()
+                if checkpoint:
+                    self._checkpoint()
                 os.close(self._fd)
                 self._fd = None
 

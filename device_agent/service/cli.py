@@ -39,11 +39,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         counters = {**svc["counters"], "uptime_s": svc["uptime_s"], "integrity_ok": int(svc["integrity"] == "ok")}
         return {"models": agent.status()["models"], "counters": counters}
 
-    telemetry = service_from_args(args, service.events, status_provider=telemetry_status, config=config.telemetry)
+    done = threading.Event()
+    telemetry = service_from_args(
+        args, service.events, status_provider=telemetry_status, config=config.telemetry,
+        commands=agent.apply_commands, on_wiped=done.set, wipe_publish_s=config.commands.wipe_publish_s,
+    )
     if telemetry is not None:
         service.attach(telemetry)  # started after the first integrity check, stopped before the audit log
     server = Server(service, socket_path, args.listen)
-    done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     with server:
@@ -51,6 +54,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"serving on {', '.join(where)}", file=sys.stderr, flush=True)
         while not done.wait(0.5):  # a bare wait() may miss a signal taken by another thread
             pass
+    if not agent.store.is_provisioned():
+        print("decommissioned by a signed command: keys and models destroyed; see wipe-attestation.json",
+              file=sys.stderr, flush=True)
     return 0
 
 

@@ -140,6 +140,7 @@ class Service:
         self._background.append(service)
 
     def start(self) -> None:
+        self.end_of_life()
         self.check_integrity()
         self._integrity_thread = threading.Thread(
             target=self._integrity_loop, name="integrity", daemon=True
@@ -154,7 +155,8 @@ class Service:
             b.stop()
         if self._integrity_thread is not None:
             self._integrity_thread.join(timeout=5)
-        self.audit.close()
+        # After a decommission the data dir holds only the attestation: nothing more is written.
+        self.audit.close(checkpoint=self.agent.store.is_provisioned())
 
     def status_provider(self) -> dict[str, Any]:
         """Counters for telemetry and ``GET /v1/status``: no client ids, no inputs."""
@@ -226,7 +228,23 @@ class Service:
 
     def _integrity_loop(self) -> None:
         while not self._stop.wait(self.config.integrity_seconds):
+            self.end_of_life()
             self.check_integrity()
+
+    def end_of_life(self) -> list[str]:
+        """Retire models whose end of life has passed (trusted time): they stop serving at once."""
+        if not self.agent.store.is_provisioned():
+            return []
+        try:
+            ended = self.agent.sweep_end_of_life()
+        except EdgeWardError as e:
+            self.agent.record_event("end-of-life", "warning", {"problem": str(e)[:300]})
+            return []
+        if ended:
+            with self._lock:
+                if self._model is not None and self._model.manifest.model_id in ended:
+                    self._model = None
+        return ended
 
     # --- queries -------------------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> TokenRecord:

@@ -51,6 +51,7 @@ class Pending:
 class Item:
     priority: int
     build: Build
+    chained: bool = True  # a report in the hash chain; False for other signed messages (command results)
 
 
 class Outbox:
@@ -104,7 +105,7 @@ class Outbox:
         seqs: list[int] = []
         with self._lock, transaction(self._db, f"the telemetry outbox {self.path}"):
             seq = self._meta("next_seq") or 1
-            prev = self._head()
+            prev, moved = self._head(), False
             for item in items:
                 if not self._make_room(item.priority):
                     continue
@@ -115,9 +116,10 @@ class Outbox:
                 )
                 seqs.append(seq)
                 seq += 1
-                prev = payload_digest(payload)
+                if item.chained:
+                    prev, moved = payload_digest(payload), True
             self._set_meta("next_seq", seq)
-            if seqs:
+            if moved:
                 self._db.execute("INSERT OR REPLACE INTO chain (id, head) VALUES (1, ?)", (prev,))
             if cursor is not None:
                 self._set_meta(cursor[0], cursor[1])

@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from device_agent.commands.format import TIME_TOPIC, results_topic
 from device_agent.config import DEFAULT_CONFIG, ReportLimits, TelemetryConfig
 from device_agent.errors import EdgeWardError, FormatError
 from device_agent.service.events import Event, EventStore
@@ -35,7 +36,7 @@ from device_agent.store.datadir import DataDir, utcnow
 from device_agent.store.keys import KeySource
 from device_agent.telemetry.mqtt import Broker, Link, Session
 from device_agent.telemetry.outbox import HEARTBEAT, INFO_EVENT, SECURITY_EVENT, Item, Outbox
-from device_agent.telemetry.report import Report, check_summary, encode_report, topic
+from device_agent.telemetry.report import Report, check_summary, command_topic, encode_report, topic
 
 EVENTS_CURSOR = "events_cursor"
 MODEL_FIELDS = (
@@ -102,6 +103,9 @@ class TelemetryService:
         broker: Broker,
         *,
         status_provider: Callable[[], dict[str, Any]] | None = None,
+        commands: Callable[[bytes, Callable[[bytes, Any], None]], list[bytes]] | None = None,
+        on_wiped: Callable[[], None] | None = None,
+        wipe_publish_s: float = DEFAULT_CONFIG.commands.wipe_publish_s,
         config: TelemetryConfig = DEFAULT_CONFIG.telemetry,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
@@ -120,6 +124,13 @@ class TelemetryService:
             dk.wipe()
         self.outbox = Outbox(self.store.outbox_file, config.max_outbox)
         self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        # Signed commands and time beacons (device_agent.commands): delivered by the broker as
+        # one retained queue per board, handed to ``commands`` (the agent) from the loop thread.
+        self._commands = commands
+        self._on_wiped = on_wiped
+        self._wipe_publish_s = wipe_publish_s
+        self._inbox: queue.Queue[bytes] = queue.Queue(maxsize=16)
+        self._wiped = False
         self.link = Link(
             broker,
             Session(
@@ -129,8 +140,12 @@ class TelemetryService:
                 backoff=config.backoff,
             ),
             on_ack=lambda mid, ok: self._acks.put((mid, ok)),
+            on_message=self._on_message if commands is not None else None,
             will=self._will,
         )
+        if commands is not None:
+            self.link.subscribe(command_topic(self.device_id))
+            self.link.subscribe(TIME_TOPIC)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
@@ -177,6 +192,46 @@ class TelemetryService:
             ]
             self.outbox.add(items, cursor=(EVENTS_CURSOR, batch[-1].seq))
 
+    # --- commands ----------------------------------------------------------------------------------
+    def _on_message(self, _topic: str, payload: bytes, _mid: int) -> None:
+        """paho's thread: hand the delivery over, never block (a full inbox drops it; the
+        retained queue is delivered again at the next connection)."""
+        try:
+            self._inbox.put_nowait(payload)
+        except queue.Full:
+            self.last_error = "command inbox full; a delivery was dropped until the next connection"
+
+    def _obey(self, inflight: dict[int, int]) -> None:
+        """Carry out what arrived, from the loop thread (no paho lock is held here)."""
+        while self._commands is not None and not self._wiped:
+            try:
+                payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._commands(payload, lambda data, result: self._send_result(data, result, inflight))
+            except EdgeWardError as e:  # recorded as a security event by the agent; keep serving
+                self.last_error = f"command refused: {e}"
+            if self._wiped:
+                if self._on_wiped is not None:
+                    self._on_wiped()
+                return
+
+    def _send_result(self, data: bytes, result: Any, inflight: dict[int, int]) -> None:
+        """Queue a signed result (durably, outside the report chain). A decommission's result is
+        sent at once and waited for, since the wipe that follows removes the outbox."""
+        item = Item(SECURITY_EVENT, lambda _seq, _prev: (results_topic(self.device_id), data), chained=False)
+        self.outbox.add([item])
+        if result.kind == "decommission" and result.outcome == "applied":
+            end = time.monotonic() + self._wipe_publish_s
+            handed = max(inflight.values(), default=0)
+            while time.monotonic() < end and self.outbox.stats()["queued"]:
+                for p in self.outbox.pending(handed, self.config.window):
+                    inflight[self.link.publish(p.topic, p.payload)] = p.seq
+                    handed = p.seq
+                self.outbox.acked(self._collect_acks(inflight))
+            self._wiped = True
+
     # --- the loop ------------------------------------------------------------------------------
     def start(self) -> None:
         self.link.start()
@@ -192,6 +247,9 @@ class TelemetryService:
                 if time.monotonic() >= next_beat:
                     self.heartbeat()
                     next_beat = time.monotonic() + self.config.heartbeat_s
+                self._obey(inflight)
+                if self._wiped:
+                    return
                 self._forward_events()
                 room = self.config.window - len(inflight)
                 for p in self.outbox.pending(handed, room) if room > 0 else []:
@@ -231,10 +289,11 @@ class TelemetryService:
 
     def stop(self) -> None:
         """Say goodbye (a signed ``stopping`` status), drain briefly, disconnect cleanly."""
-        if self._thread is not None and self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive() and not self._wiped:
             self.heartbeat("stopping")
             self.flush(self.config.drain_s)
-            self._stop.set()
+        self._stop.set()
+        if self._thread is not None:
             self._thread.join()
         self.link.stop()
         self.outbox.close()
@@ -262,6 +321,9 @@ def service_from_args(
     events: EventStore,
     status_provider: Callable[[], dict[str, Any]] | None = None,
     config: TelemetryConfig = DEFAULT_CONFIG.telemetry,
+    commands: Callable[[bytes, Callable[[bytes, Any], None]], list[bytes]] | None = None,
+    on_wiped: Callable[[], None] | None = None,
+    wipe_publish_s: float = DEFAULT_CONFIG.commands.wipe_publish_s,
 ) -> TelemetryService | None:
     """The telemetry service the command line asks for (``config`` with its ``--heartbeat``), or
     None when no --broker was given."""
@@ -275,6 +337,9 @@ def service_from_args(
         broker,
         status_provider=status_provider,
         config=replace(config, heartbeat_s=args.heartbeat),
+        commands=commands,
+        on_wiped=on_wiped,
+        wipe_publish_s=wipe_publish_s,
     )
 
 
