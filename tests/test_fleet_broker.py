@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import ssl
 from collections.abc import Callable
@@ -23,7 +24,8 @@ from device_agent.service.events import EventStore
 from device_agent.telemetry.mqtt import Broker, Link, Session
 from device_agent.telemetry.report import NO_PREV, Report, command_topic, encode_report, frame, payload_digest, topic
 from device_agent.telemetry.service import TelemetryService
-from fleet.ca import FleetHome
+from fleet.broker import install_crl
+from fleet.ca import FleetHome, revoke
 from fleet.monitor import Flagged, Monitor, MonitorConfig, verify_batch
 from fleet.store import MonitorStore
 from packager.cli import main as edgeward
@@ -82,6 +84,70 @@ def test_tls_refuses_clients_without_a_fleet_certificate(fleet: Fleet, tmp_path:
     with pytest.raises(EnvironmentFault, match="unreachable"):
         link.require_connected(2)
     link.stop()
+
+
+def mqtt_connect(fleet: Fleet, cn: str, client_id: str) -> ssl.SSLSocket:
+    """A bare MQTT 3.1.1 CONNECT over TLS with ``cn``'s certificate; the socket once the broker
+    sent CONNACK 0. A certificate the broker refuses raises ssl.SSLError (its alert, or EOF): under
+    TLS 1.3 the client learns the broker's verdict on its certificate at the first read."""
+    ctx = ssl.create_default_context(cafile=str(fleet.home.ca_cert))
+    ctx.load_cert_chain(fleet.home.certs / f"{cn}.crt", fleet.home.certs / f"{cn}.key")
+    raw = socket.create_connection(("127.0.0.1", fleet.port), 5)
+    try:
+        tls = ctx.wrap_socket(raw, server_hostname="localhost")
+        cid = client_id.encode()
+        body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+        tls.sendall(bytes([0x10, len(body)]) + body)
+        ack = tls.recv(4)
+    except BaseException:
+        raw.close()
+        raise
+    assert ack == b"\x20\x02\x00\x00", ack
+    return tls
+
+
+def refused(fleet: Fleet, cn: str) -> bool:
+    try:
+        mqtt_connect(fleet, cn, f"{cn}-probe").close()
+    except (ssl.SSLError, ConnectionResetError):
+        return True
+    return False
+
+
+def test_a_revoked_board_is_refused_at_the_tls_handshake(
+    fleet: Fleet, make_board: Callable[..., Board]
+) -> None:
+    for board in (make_board("pi-a"), make_board("pi-b")):
+        fleet.enrol(board.enrolment)
+    mqtt_connect(fleet, "pi-a", "a-1").close()
+    mqtt_connect(fleet, "pi-b", "b-1").close()
+    acks: list[bool] = []
+    held = Link(fleet.broker("pi-a"), Session("pi-a-held"), on_ack=lambda _m, ok: acks.append(ok))
+    held.start()
+    held.require_connected(10)
+
+    revoke(fleet.home, "pi-a", "stolen", datetime.now(UTC))
+    assert install_crl(fleet.home, fleet.files.conf.parent) == fleet.files.crl
+    assert not refused(fleet, "pi-a")  # the broker has not read the new CRL yet
+
+    # SIGHUP: mosquitto 2.0.11 re-reads the CRL; new handshakes with the revoked certificate fail,
+    # the other board is unaffected...
+    assert fleet.proc is not None
+    fleet.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: refused(fleet, "pi-a"), 5, "the reloaded CRL to refuse pi-a")
+    mqtt_connect(fleet, "pi-b", "b-2").close()
+    # ...but the connection the revoked board already had stays open, and it still publishes.
+    assert held.connected
+    held.publish(topic("pi-a", "status"), b"still here")
+    wait_until(lambda: acks == [True], 5, "the PUBACK on the connection opened before the HUP")
+
+    # A restart drops that connection, and the board cannot come back; the other board can.
+    fleet.stop(signal.SIGTERM)
+    fleet.start()
+    assert refused(fleet, "pi-a")
+    assert not held.wait_connected(2.5)  # paho retried (back-off 1 s) and was refused
+    held.stop()
+    mqtt_connect(fleet, "pi-b", "b-3").close()
 
 
 def test_board_cannot_publish_to_another_boards_topic(

@@ -86,8 +86,14 @@ def test_broker_config_is_complete(tmp_path: Path) -> None:
         "persistence true",
         "max_queued_messages 1000000",
         "set_tcp_nodelay true",
+        f"crlfile {files.crl}",
     ):
         assert line in conf.splitlines()
+    # Nothing revoked yet: an empty but valid CRL, so mosquitto's crlfile always loads.
+    crl = x509.load_pem_x509_crl(files.crl.read_bytes())
+    ca = x509.load_pem_x509_certificate(home.ca_cert.read_bytes())
+    assert len(crl) == 0 and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    assert files.crl.read_bytes() == home.crl.read_bytes()
     assert "pattern write edgeward/v1/%u/events" in files.acl.read_text()
     assert cn(files.cert) == "edgeward-broker" and home.ca_cert.exists()
 
