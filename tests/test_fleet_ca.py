@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from device_agent.crypto import ed25519_public_raw
 from device_agent.errors import BadSignature, UsageError
 from fleet.broker import write_broker_config
 from fleet.ca import CRL_DAYS, FleetHome, revocations, revoke, revoked, write_crl
+from packager.cli import main as edgeward
 from tests.conftest import Board
 
 
@@ -177,3 +179,35 @@ def test_revoke_refuses_unknown_devices_and_operators(
             revoke(home, device, "", now)
         assert e.value.exit_code == 2
     assert revocations(home) == [] and revoked(home) == {} and not home.crl.exists()
+
+
+def test_fleet_revoke_command(
+    tmp_path: Path, make_board: Callable[..., Board], capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = FleetHome(tmp_path / "f")
+    home.init_ca()
+    home.enrol_device(make_board("pi-a").enrolment.read_bytes(), "pi-a.json")
+    broker = write_broker_config(home, tmp_path / "broker", bind="127.0.0.1", port=8883)
+    empty_crl = broker.crl.read_bytes()
+    fleet_dir = ["--fleet-dir", str(home.path)]
+    assert edgeward(["fleet", "revoke", "pi-nope", *fleet_dir]) == 2
+    assert "unknown device pi-nope" in capsys.readouterr().err
+    # A --broker-dir that broker-config did not write is refused before anything is revoked.
+    assert edgeward(["fleet", "revoke", "pi-a", *fleet_dir, "--broker-dir", str(tmp_path)]) == 2
+    assert "not a broker directory" in capsys.readouterr().err
+    assert revocations(home) == []
+
+    argv = ["fleet", "revoke", "pi-a", *fleet_dir, "--reason", "stolen", "--json"]
+    assert edgeward([*argv, "--broker-dir", str(broker.conf.parent)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["device_id"] == "pi-a" and doc["reason"] == "stolen"
+    assert doc["already_revoked"] is False and doc["crl_entries"] == 1
+    assert doc["serial"] == format(serial_of(home.certs / "pi-a.crt"), "x")
+    assert doc["broker_crl"] == str(broker.crl)
+    assert broker.crl.read_bytes() == home.crl.read_bytes() != empty_crl
+
+    assert edgeward(["fleet", "revoke", "pi-a", *fleet_dir]) == 0  # again: harmless, exit 0
+    out = capsys.readouterr().out
+    assert out.startswith("already revoked pi-a: certificate serial")
+    assert "copy " in out and "restart mosquitto" in out  # no --broker-dir: what to do next
+    assert len(crl_of(home)) == 1
