@@ -12,7 +12,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from device_agent.telemetry.mqtt import Broker, Link, Session
 from device_agent.telemetry.report import NO_PREV, Report, command_topic, encode_report, frame, payload_digest, topic
 from device_agent.telemetry.service import TelemetryService
 from fleet.broker import install_crl
-from fleet.ca import FleetHome, revoke
+from fleet.ca import CRL_DAYS, FleetHome, revoke, write_crl
 from fleet.monitor import Flagged, Monitor, MonitorConfig, verify_batch
 from fleet.store import MonitorStore
 from packager.cli import main as edgeward
@@ -148,6 +148,22 @@ def test_a_revoked_board_is_refused_at_the_tls_handshake(
     assert not held.wait_connected(2.5)  # paho retried (back-off 1 s) and was refused
     held.stop()
     mqtt_connect(fleet, "pi-b", "b-3").close()
+
+
+def test_an_expired_crl_locks_every_board_out_until_a_fresh_one_is_loaded(
+    fleet: Fleet, make_board: Callable[..., Board]
+) -> None:
+    fleet.enrol(make_board("pi-b").enrolment)
+    broker_dir = fleet.files.conf.parent
+    assert fleet.proc is not None
+    write_crl(fleet.home, datetime.now(UTC) - timedelta(days=CRL_DAYS + 1))  # next update passed
+    install_crl(fleet.home, broker_dir)
+    fleet.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: refused(fleet, "pi-b"), 5, "the expired CRL to refuse an unrevoked board")
+    write_crl(fleet.home, datetime.now(UTC))
+    install_crl(fleet.home, broker_dir)
+    fleet.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: not refused(fleet, "pi-b"), 5, "a fresh CRL to let the board in again")
 
 
 def test_board_cannot_publish_to_another_boards_topic(
