@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,7 +31,7 @@ from fleet.monitor import Flagged, Monitor, MonitorConfig, verify_batch
 from fleet.store import MonitorStore
 from packager.cli import main as edgeward
 from tests.conftest import Board
-from tests.fixtures.fleet import Fleet, fleet_fixture, monitor_fixture, wait_until  # noqa: F401
+from tests.fixtures.fleet import MOSQUITTO, Fleet, fleet_fixture, monitor_fixture, wait_until  # noqa: F401
 
 FAST = TelemetryConfig(heartbeat_s=0.5, poll_s=0.05, backoff=(1, 2))
 
@@ -164,6 +165,33 @@ def test_an_expired_crl_locks_every_board_out_until_a_fresh_one_is_loaded(
     install_crl(fleet.home, broker_dir)
     fleet.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: not refused(fleet, "pi-b"), 5, "a fresh CRL to let the board in again")
+
+
+def test_a_crl_unreadable_at_a_hup_readmits_revoked_boards_but_stops_a_restart(
+    fleet: Fleet, make_board: Callable[..., Board]
+) -> None:
+    """mosquitto 2.0.11, measured: a CRL it cannot read at SIGHUP (a half-copied file) is only
+    logged, and the listener then checks no CRL at all; at start the same file stops it."""
+    fleet.enrol(make_board("pi-a").enrolment)
+    revoke(fleet.home, "pi-a", "stolen", datetime.now(UTC))
+    install_crl(fleet.home, fleet.files.conf.parent)
+    fleet.stop(signal.SIGTERM)
+    fleet.start()
+    assert refused(fleet, "pi-a")
+    assert fleet.proc is not None
+    fleet.files.crl.write_bytes(fleet.home.crl.read_bytes()[:200])  # a copy cut short
+    fleet.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: not refused(fleet, "pi-a"), 5, "the broker to drop its CRL")
+    assert "Unable to load certificate revocation file" in fleet.log.read_text()
+    fleet.stop(signal.SIGTERM)
+    assert MOSQUITTO is not None
+    started = subprocess.run(
+        [MOSQUITTO, "-c", str(fleet.files.conf)], capture_output=True, timeout=10, check=False
+    )
+    assert started.returncode != 0 and b"Check crlfile" in started.stderr
+    install_crl(fleet.home, fleet.files.conf.parent)  # written whole (atomically): fine again
+    fleet.start()
+    assert refused(fleet, "pi-a")
 
 
 def test_board_cannot_publish_to_another_boards_topic(
