@@ -1,21 +1,28 @@
 """``edgeward fleet broker-config``: a complete, runnable mosquitto 2 set-up for the fleet.
 
 ``mosquitto -c DIR/mosquitto.conf`` then runs it as a plain process: one TLS listener that
-requires a client certificate signed by the fleet CA, the certificate's CN as the MQTT user
-name, per-device ACLs, persistence, queues big enough that QoS 1 reports are not dropped, and
-TCP_NODELAY (TLS connect ~46 ms -> ~3 ms, measured).
+requires a client certificate signed by the fleet CA and not revoked (``crlfile``), the
+certificate's CN as the MQTT user name, per-device ACLs, persistence, queues big enough that
+QoS 1 reports are not dropped, and TCP_NODELAY (TLS connect ~46 ms -> ~3 ms, measured).
+
+The broker directory holds copies: ``ca.crt`` and ``crl.pem`` come from the fleet home (which
+keeps the CA key and may live on another machine). ``edgeward fleet revoke --broker-dir DIR``
+updates the copy of the CRL. mosquitto 2.0.11 re-reads it on SIGHUP for new connections but keeps
+open ones; a restart drops those too (docs/operations.md, section 6).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
 from dataclasses import dataclass
 from pathlib import Path
 
+from device_agent.errors import UsageError
 from device_agent.store.fsutil import atomic_write, make_private_dir
 from device_agent.telemetry.report import COMMAND_LEVEL, TOPIC_ROOT
 
-from .ca import FleetHome
+from .ca import FleetHome, write_crl
 
 # The default of 1000 drops QoS 1 messages for a monitor that is away; size it for the fleet:
 # devices x reports per hour x hours a monitor may be down (1000 x 240 x 4 ~ 1M).
@@ -31,6 +38,10 @@ class BrokerFiles:
     cert: Path
     key: Path
     ca: Path
+    crl: Path
+
+
+CRL_NAME = "crl.pem"
 
 
 def acl_text(operators: list[str]) -> str:
@@ -81,6 +92,7 @@ def conf_text(
             f"listener {port} {bind}",
             "protocol mqtt",
             f"cafile {files.ca}",
+            f"crlfile {files.crl}",
             f"certfile {files.cert}",
             f"keyfile {files.key}",
             "tls_version tlsv1.2",
@@ -101,7 +113,9 @@ def write_broker_config(
     max_queued: int = DEFAULT_MAX_QUEUED,
     user: str | None = None,
 ) -> BrokerFiles:
-    """Write DIR/mosquitto.conf, DIR/acl, DIR/server.{crt,key}, DIR/ca.crt and DIR/data/."""
+    """Write DIR/mosquitto.conf, DIR/acl, DIR/server.{crt,key}, DIR/ca.crt, DIR/crl.pem and
+    DIR/data/. The CRL is signed afresh (empty but valid when nothing is revoked: mosquitto
+    refuses to start with a missing crlfile), so re-running this also renews its next update."""
     if not home.ca_cert.exists():
         home.init_ca()
     out = out.resolve()
@@ -110,10 +124,35 @@ def write_broker_config(
     make_private_dir(data)
     server = home.issue_server(server_names or ["localhost", "127.0.0.1", "::1"], out)
     files = BrokerFiles(
-        out / "mosquitto.conf", out / "acl", server.cert, server.key, out / "ca.crt"
+        out / "mosquitto.conf", out / "acl", server.cert, server.key, out / "ca.crt", out / CRL_NAME
     )
     atomic_write(files.ca, home.ca_cert.read_bytes(), 0o644)
+    write_crl(home, dt.datetime.now(dt.UTC))
+    atomic_write(files.crl, home.crl.read_bytes(), 0o644)
     atomic_write(files.acl, acl_text(home.operator_ids()).encode(), 0o600)
     text = conf_text(files, bind, port, data, max_queued, user or getpass.getuser())
     atomic_write(files.conf, text.encode(), 0o600)
     return files
+
+
+def broker_crl(broker_dir: Path) -> Path:
+    """``DIR/crl.pem`` of a directory written by ``broker-config`` (refused if its mosquitto.conf
+    does not load that file: written by an older release, or not a broker directory)."""
+    target = broker_dir.resolve() / CRL_NAME
+    conf = broker_dir / "mosquitto.conf"
+    if not conf.is_file() or f"crlfile {target}" not in conf.read_text().splitlines():
+        raise UsageError(
+            f"{broker_dir} is not a broker directory whose mosquitto.conf loads {CRL_NAME}; "
+            "run 'edgeward fleet broker-config --out DIR' (again) first"
+        )
+    return target
+
+
+def install_crl(home: FleetHome, broker_dir: Path) -> Path:
+    """Copy the fleet's current CRL into a directory written by ``broker-config``. mosquitto
+    uses it for new connections after SIGHUP; only a restart also drops a connected board."""
+    target = broker_crl(broker_dir)
+    if not home.crl.is_file():
+        raise UsageError(f"no CRL in {home.path}; run 'edgeward fleet broker-config' first")
+    atomic_write(target, home.crl.read_bytes(), 0o644)
+    return target

@@ -9,6 +9,9 @@ Layout of a fleet home directory (``--fleet-dir``, default ``$EDGEWARD_FLEET_DIR
       devices/<id>.json    enrolments (verified, self-signed by the board's identity key)
       operators/<id>       marker: an operator identity
       certs/<cn>.crt|.key  client certificates issued (CN = device id or operator id)
+      revoked.json         every revoked client certificate: device id, serial, time, reason
+      crl.pem              the CRL signed by ca.key, listing every serial in revoked.json
+      .revoke.lock         serialises writers of revoked.json and crl.pem
       monitor.db           the monitor's store (fleet.store)
 
 X.509 uses ECDSA P-256 for the widest TLS compatibility (mosquitto/OpenSSL, EMQX, HiveMQ);
@@ -17,26 +20,40 @@ report signatures stay Ed25519 (device_agent.crypto).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
+import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from device_agent.bundle.enrolment import Enrolment, load_enrolment
-from device_agent.errors import UsageError
-from device_agent.store.fsutil import atomic_write, make_private_dir
-from device_agent.wire import ID_RE
+from device_agent.errors import FormatError, UsageError
+from device_agent.store.fsutil import atomic_write, make_private_dir, read_bounded
+from device_agent.wire import ID_RE, format_time, loads_json, obj_fields, parse_time, str_field
 from packager.keys import load_private_key_pem, private_key_pem
 
 FLEET_DIR_ENV = "EDGEWARD_FLEET_DIR"
 CA_DAYS = 3650
 LEAF_DAYS = 825
+# A CRL past its next update makes OpenSSL (mosquitto) refuse *every* client certificate, so it
+# is signed a year ahead; each 'fleet revoke' and 'fleet broker-config' signs a fresh one.
+CRL_DAYS = 365
+# Issued certificates and CRLs start this far in the past, so a broker whose clock is a little
+# behind the CA's does not find them "not yet valid".
+BACKDATE = dt.timedelta(minutes=5)
+REVOKED_FORMAT = 1
+MAX_REVOKED_FILE = 16 * 1024 * 1024
+MAX_REASON = 200
 
 
 def default_fleet_dir() -> Path:
@@ -84,6 +101,14 @@ class FleetHome:
     def monitor_db(self) -> Path:
         return self.path / "monitor.db"
 
+    @property
+    def revocations(self) -> Path:
+        return self.path / "revoked.json"
+
+    @property
+    def crl(self) -> Path:
+        return self.path / "crl.pem"
+
     # --- CA --------------------------------------------------------------------------------------
     def init_ca(self, name: str = "EdgeWard fleet CA") -> Path:
         """Create the fleet CA; never overwrites one (every issued certificate depends on it)."""
@@ -100,7 +125,7 @@ class FleetHome:
             .issuer_name(subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_before(now - BACKDATE)
             .not_valid_after(now + dt.timedelta(days=CA_DAYS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
@@ -141,7 +166,7 @@ class FleetHome:
             .issuer_name(ca_cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_before(now - BACKDATE)
             .not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -209,3 +234,195 @@ class FleetHome:
 
     def operator_ids(self) -> list[str]:
         return sorted(p.name for p in self.operators.iterdir()) if self.operators.is_dir() else []
+
+
+# --- revocation ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One revoked client certificate, as kept in ``FLEET/revoked.json``."""
+
+    device_id: str
+    serial: int
+    revoked_at: dt.datetime
+    reason: str
+
+
+@contextlib.contextmanager
+def _revocation_lock(home: FleetHome) -> Iterator[None]:
+    """Serialise writers of revoked.json and crl.pem (a CLI and a command service may both revoke)."""
+    fd = os.open(home.path / ".revoke.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def revocations(home: FleetHome) -> list[Revocation]:
+    """Every revoked certificate, oldest first (empty when nothing was ever revoked)."""
+    path = home.revocations
+    if not path.exists():
+        return []
+    what = str(path)
+    top = {"format", "revoked"}
+    doc = obj_fields(loads_json(read_bounded(path, MAX_REVOKED_FILE), what), what, top, top)
+    if doc["format"] != REVOKED_FORMAT or not isinstance(doc["revoked"], list):
+        raise FormatError(f"{what}: unknown format (this release reads format {REVOKED_FORMAT})")
+    fields = {"device_id", "serial", "revoked_at", "reason"}
+    out = []
+    for i, item in enumerate(doc["revoked"]):
+        w = f"{what} entry {i}"
+        f = obj_fields(item, w, fields, fields)
+        serial = str_field(f["serial"], f"{w} serial", limit=64)
+        try:
+            number = int(serial, 16)
+        except ValueError as e:
+            raise FormatError(f"{w} serial is not hexadecimal: {serial!r}") from e
+        reason = f["reason"]
+        if not isinstance(reason, str) or len(reason) > MAX_REASON:
+            raise FormatError(f"{w} reason must be a string of at most {MAX_REASON} characters")
+        device_id = str_field(f["device_id"], f"{w} device_id", ID_RE)
+        out.append(Revocation(device_id, number, parse_time(f["revoked_at"], w), reason))
+    return out
+
+
+def _write_revocations(home: FleetHome, entries: list[Revocation]) -> None:
+    doc = {
+        "format": REVOKED_FORMAT,
+        "revoked": [
+            {
+                "device_id": r.device_id,
+                "serial": format(r.serial, "x"),
+                "revoked_at": format_time(r.revoked_at),
+                "reason": r.reason,
+            }
+            for r in entries
+        ],
+    }
+    atomic_write(home.revocations, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
+
+
+def _crl_number(home: FleetHome) -> int:
+    """One more than the current CRL's number (1 for the first CRL or an unreadable one)."""
+    try:
+        crl = x509.load_pem_x509_crl(home.crl.read_bytes())
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number) + 1
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return 1
+
+
+def _sign_crl(
+    home: FleetHome,
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    entries: list[Revocation],
+    now: dt.datetime,
+) -> Path:
+    if now.tzinfo is None:
+        raise ValueError("naive datetime")
+    ca_cert, ca_key = ca
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - BACKDATE)
+        .next_update(now + dt.timedelta(days=CRL_DAYS))
+        .add_extension(x509.CRLNumber(_crl_number(home)), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    for r in sorted({r.serial: r for r in entries}.values(), key=lambda r: r.serial):
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(r.serial)
+            .revocation_date(r.revoked_at)
+            .build()
+        )
+    crl = b.sign(ca_key, hashes.SHA256())
+    atomic_write(home.crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return home.crl
+
+
+def write_crl(home: FleetHome, now: dt.datetime) -> Path:
+    """Sign a fresh ``FLEET/crl.pem`` listing every revoked serial (an empty, valid CRL when
+    nothing is revoked), valid for CRL_DAYS from ``now``. Needs the CA key."""
+    ca = home._load_ca()
+    with _revocation_lock(home):
+        return _sign_crl(home, ca, revocations(home), now)
+
+
+def _device_cert(home: FleetHome, ca_cert: x509.Certificate, device_id: str) -> x509.Certificate:
+    """The device's current client certificate, checked to be this CA's and to name it."""
+    if not ID_RE.match(device_id):
+        raise UsageError(f"unknown device {device_id[:80]!r}: not a valid device id")
+    cert_path = home.certs / f"{device_id}.crt"
+    enrolled = (home.devices / f"{device_id}.json").exists()
+    if (home.operators / device_id).exists():
+        raise UsageError(f"{device_id} is an operator, not a device: 'fleet revoke' revokes boards")
+    if not cert_path.exists():
+        if enrolled:
+            raise UsageError(f"device {device_id} is enrolled but has no certificate at {cert_path}")
+        raise UsageError(
+            f"unknown device {device_id}: not enrolled in {home.path} and no certificate issued"
+        )
+    try:
+        cert = x509.load_pem_x509_certificate(read_bounded(cert_path, 64 * 1024))
+    except ValueError as e:
+        raise FormatError(f"{cert_path} is not a PEM certificate: {e}") from e
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature) as e:
+        raise UsageError(f"{cert_path} was not issued by this fleet's CA; nothing to revoke") from e
+    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [device_id]:
+        raise UsageError(f"{cert_path} names {names!r}, not {device_id}; nothing revoked")
+    return cert
+
+
+def revoke(home: FleetHome, device_id: str, reason: str, now: dt.datetime) -> Path:
+    """Revoke ``device_id``'s current client certificate (by serial) and sign a fresh CRL.
+
+    Returns ``FLEET/crl.pem``. The broker refuses the board at the TLS handshake once it has
+    loaded (its copy of) this CRL: mosquitto 2.0.11 re-reads it on SIGHUP for new connections, and
+    only a restart also drops a connection the board has open (docs/operations.md, section 6).
+    A revoked board cannot receive remote commands over MQTT any more. Revoking an already revoked
+    certificate changes nothing but re-signs the CRL (a fresh next update). An unknown device is
+    a UsageError. Needs the CA key (``EDGEWARD_PASSPHRASE`` when it is encrypted).
+    """
+    if now.tzinfo is None:
+        raise ValueError("naive datetime")
+    if len(reason) > MAX_REASON:
+        raise UsageError(f"the reason must be at most {MAX_REASON} characters")
+    ca = home._load_ca()  # first: a missing CA or a wrong passphrase changes nothing
+    cert = _device_cert(home, ca[0], device_id)
+    with _revocation_lock(home):
+        entries = revocations(home)
+        if cert.serial_number not in {r.serial for r in entries}:
+            entries.append(
+                Revocation(device_id, cert.serial_number, now.astimezone(dt.UTC), reason)
+            )
+            # The list is the record; the CRL is derived from it. Written first, a revocation
+            # whose CRL write fails is still in the next CRL signed (revoke again, broker-config).
+            _write_revocations(home, entries)
+        return _sign_crl(home, ca, entries, now)
+
+
+def revoked(home: FleetHome) -> dict[str, dt.datetime]:
+    """Devices whose current client certificate is revoked -> when it was revoked.
+
+    A device re-enrolled after its revocation has a new, valid certificate and is not listed;
+    one whose certificate file is gone stays listed.
+    """
+    out: dict[str, dt.datetime] = {}
+    for r in revocations(home):
+        path = home.certs / f"{r.device_id}.crt"
+        current = (
+            x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+            if path.exists()
+            else None
+        )
+        if current is None or current == r.serial:
+            out[r.device_id] = r.revoked_at
+    return out

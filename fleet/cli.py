@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from device_agent.errors import UsageError
 from device_agent.wire import format_time
 
@@ -89,8 +91,58 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     )
     doc = {k: str(v) for k, v in vars(files).items()}
     _print(
-        args, doc, f"wrote {files.conf}, {files.acl}, {files.cert}\nrun: mosquitto -c {files.conf}"
+        args,
+        doc,
+        f"wrote {files.conf}, {files.acl}, {files.cert}, {files.crl}\n"
+        f"run: mosquitto -c {files.conf}",
     )
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from .broker import broker_crl, install_crl
+    from .ca import revocations, revoke, revoked
+
+    home = _home(args)
+    if args.broker_dir:
+        broker_crl(Path(args.broker_dir))  # refuse a wrong --broker-dir before revoking anything
+    already = args.device in revoked(home)
+    crl_path = revoke(home, args.device, args.reason, datetime.now(UTC))
+    serial = x509.load_pem_x509_certificate((home.certs / f"{args.device}.crt").read_bytes())
+    entry = next(r for r in revocations(home) if r.serial == serial.serial_number)
+    crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    copied = install_crl(home, Path(args.broker_dir)) if args.broker_dir else None
+    next_update = crl.next_update_utc
+    doc = {
+        "device_id": entry.device_id,
+        "serial": format(entry.serial, "x"),
+        "revoked_at": format_time(entry.revoked_at),
+        "reason": entry.reason,
+        "already_revoked": already,
+        "crl": str(crl_path),
+        "crl_entries": len(crl),
+        "next_update": format_time(next_update) if next_update else None,
+        "broker_crl": str(copied) if copied else None,
+    }
+    reason = f", reason: {entry.reason}" if entry.reason else ""
+    lines = [
+        f"{'already revoked' if already else 'revoked'} {entry.device_id}: certificate serial "
+        f"{doc['serial']}, at {doc['revoked_at']}{reason}",
+        f"CRL signed: {crl_path} ({len(crl)} revoked, next update {doc['next_update']}: sign a "
+        "new one before then with 'fleet broker-config', or the broker refuses every board)",
+    ]
+    if copied:
+        lines.append(f"copied to {copied}")
+    else:
+        lines.append(
+            f"copy {crl_path} to the broker directory as crl.pem (or pass --broker-dir DIR, "
+            "or re-run 'edgeward fleet broker-config')"
+        )
+    lines.append(
+        "then restart mosquitto: only a restart disconnects the board if it is connected now "
+        "(kill -HUP refuses its new connections but keeps an open one)"
+    )
+    _print(args, doc, "\n".join(lines))
     return 0
 
 
@@ -239,6 +291,34 @@ def register(sub: Any) -> None:
     sp.add_argument("--server-name", action="append", help="broker DNS name or IP (repeatable)")
     sp.add_argument(
         "--max-queued", type=int, default=1_000_000, help="QoS 1 messages queued per client"
+    )
+
+    sp = add(
+        "revoke",
+        "revoke a board's client certificate (decommissioned or stolen): sign a fresh CRL so the "
+        "broker refuses the board at the TLS handshake once mosquitto has been restarted",
+        cmd_revoke,
+    )
+    sp.epilog = (
+        "The board's current certificate (FLEET/certs/DEVICE.crt) is added by serial to "
+        "FLEET/revoked.json and FLEET/crl.pem is signed afresh by the fleet CA (needs "
+        "EDGEWARD_PASSPHRASE if ca.key is encrypted); revoking again changes nothing. The broker "
+        "uses its own copy, BROKER_DIR/crl.pem: pass --broker-dir or copy it, then restart "
+        "mosquitto. A revoked board can no longer receive remote commands over MQTT: revoke "
+        "after a remote decommission has been confirmed, or at once for a stolen board. "
+        "Re-enrolling the board later issues it a new, valid certificate."
+    )
+    sp.add_argument("device", metavar="DEVICE", help="device id of the board to revoke")
+    sp.add_argument(
+        "--reason",
+        default="",
+        metavar="TEXT",
+        help="free text kept in FLEET/revoked.json (e.g. 'stolen', 'decommissioned')",
+    )
+    sp.add_argument(
+        "--broker-dir",
+        metavar="DIR",
+        help="a directory written by 'fleet broker-config': update its crl.pem too",
     )
 
     def broker_args(sp: argparse.ArgumentParser) -> None:

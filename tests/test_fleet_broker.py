@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import ssl
+import subprocess
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,12 +25,13 @@ from device_agent.service.events import EventStore
 from device_agent.telemetry.mqtt import Broker, Link, Session
 from device_agent.telemetry.report import NO_PREV, Report, command_topic, encode_report, frame, payload_digest, topic
 from device_agent.telemetry.service import TelemetryService
-from fleet.ca import FleetHome
+from fleet.broker import install_crl
+from fleet.ca import CRL_DAYS, FleetHome, revoke, write_crl
 from fleet.monitor import Flagged, Monitor, MonitorConfig, verify_batch
 from fleet.store import MonitorStore
 from packager.cli import main as edgeward
 from tests.conftest import Board
-from tests.fixtures.fleet import Fleet, fleet_fixture, monitor_fixture, wait_until  # noqa: F401
+from tests.fixtures.fleet import MOSQUITTO, Fleet, fleet_fixture, monitor_fixture, wait_until  # noqa: F401
 
 FAST = TelemetryConfig(heartbeat_s=0.5, poll_s=0.05, backoff=(1, 2))
 
@@ -82,6 +85,113 @@ def test_tls_refuses_clients_without_a_fleet_certificate(fleet: Fleet, tmp_path:
     with pytest.raises(EnvironmentFault, match="unreachable"):
         link.require_connected(2)
     link.stop()
+
+
+def mqtt_connect(fleet: Fleet, cn: str, client_id: str) -> ssl.SSLSocket:
+    """A bare MQTT 3.1.1 CONNECT over TLS with ``cn``'s certificate; the socket once the broker
+    sent CONNACK 0. A certificate the broker refuses raises ssl.SSLError (its alert, or EOF): under
+    TLS 1.3 the client learns the broker's verdict on its certificate at the first read."""
+    ctx = ssl.create_default_context(cafile=str(fleet.home.ca_cert))
+    ctx.load_cert_chain(fleet.home.certs / f"{cn}.crt", fleet.home.certs / f"{cn}.key")
+    raw = socket.create_connection(("127.0.0.1", fleet.port), 5)
+    try:
+        tls = ctx.wrap_socket(raw, server_hostname="localhost")
+        cid = client_id.encode()
+        body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+        tls.sendall(bytes([0x10, len(body)]) + body)
+        ack = tls.recv(4)
+    except BaseException:
+        raw.close()
+        raise
+    assert ack == b"\x20\x02\x00\x00", ack
+    return tls
+
+
+def refused(fleet: Fleet, cn: str) -> bool:
+    try:
+        mqtt_connect(fleet, cn, f"{cn}-probe").close()
+    except (ssl.SSLError, ConnectionResetError):
+        return True
+    return False
+
+
+def test_a_revoked_board_is_refused_at_the_tls_handshake(
+    fleet: Fleet, make_board: Callable[..., Board]
+) -> None:
+    for board in (make_board("pi-a"), make_board("pi-b")):
+        fleet.enrol(board.enrolment)
+    mqtt_connect(fleet, "pi-a", "a-1").close()
+    mqtt_connect(fleet, "pi-b", "b-1").close()
+    acks: list[bool] = []
+    held = Link(fleet.broker("pi-a"), Session("pi-a-held"), on_ack=lambda _m, ok: acks.append(ok))
+    held.start()
+    held.require_connected(10)
+
+    revoke(fleet.home, "pi-a", "stolen", datetime.now(UTC))
+    assert install_crl(fleet.home, fleet.files.conf.parent) == fleet.files.crl
+    assert not refused(fleet, "pi-a")  # the broker has not read the new CRL yet
+
+    # SIGHUP: mosquitto 2.0.11 re-reads the CRL; new handshakes with the revoked certificate fail,
+    # the other board is unaffected...
+    assert fleet.proc is not None
+    fleet.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: refused(fleet, "pi-a"), 5, "the reloaded CRL to refuse pi-a")
+    mqtt_connect(fleet, "pi-b", "b-2").close()
+    # ...but the connection the revoked board already had stays open, and it still publishes.
+    assert held.connected
+    held.publish(topic("pi-a", "status"), b"still here")
+    wait_until(lambda: acks == [True], 5, "the PUBACK on the connection opened before the HUP")
+
+    # A restart drops that connection, and the board cannot come back; the other board can.
+    fleet.stop(signal.SIGTERM)
+    fleet.start()
+    assert refused(fleet, "pi-a")
+    assert not held.wait_connected(2.5)  # paho retried (back-off 1 s) and was refused
+    held.stop()
+    mqtt_connect(fleet, "pi-b", "b-3").close()
+
+
+def test_an_expired_crl_locks_every_board_out_until_a_fresh_one_is_loaded(
+    fleet: Fleet, make_board: Callable[..., Board]
+) -> None:
+    fleet.enrol(make_board("pi-b").enrolment)
+    broker_dir = fleet.files.conf.parent
+    assert fleet.proc is not None
+    write_crl(fleet.home, datetime.now(UTC) - timedelta(days=CRL_DAYS + 1))  # next update passed
+    install_crl(fleet.home, broker_dir)
+    fleet.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: refused(fleet, "pi-b"), 5, "the expired CRL to refuse an unrevoked board")
+    write_crl(fleet.home, datetime.now(UTC))
+    install_crl(fleet.home, broker_dir)
+    fleet.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: not refused(fleet, "pi-b"), 5, "a fresh CRL to let the board in again")
+
+
+def test_a_crl_unreadable_at_a_hup_readmits_revoked_boards_but_stops_a_restart(
+    fleet: Fleet, make_board: Callable[..., Board]
+) -> None:
+    """mosquitto 2.0.11, measured: a CRL it cannot read at SIGHUP (a half-copied file) is only
+    logged, and the listener then checks no CRL at all; at start the same file stops it."""
+    fleet.enrol(make_board("pi-a").enrolment)
+    revoke(fleet.home, "pi-a", "stolen", datetime.now(UTC))
+    install_crl(fleet.home, fleet.files.conf.parent)
+    fleet.stop(signal.SIGTERM)
+    fleet.start()
+    assert refused(fleet, "pi-a")
+    assert fleet.proc is not None
+    fleet.files.crl.write_bytes(fleet.home.crl.read_bytes()[:200])  # a copy cut short
+    fleet.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: not refused(fleet, "pi-a"), 5, "the broker to drop its CRL")
+    assert "Unable to load certificate revocation file" in fleet.log.read_text()
+    fleet.stop(signal.SIGTERM)
+    assert MOSQUITTO is not None
+    started = subprocess.run(
+        [MOSQUITTO, "-c", str(fleet.files.conf)], capture_output=True, timeout=10, check=False
+    )
+    assert started.returncode != 0 and b"Check crlfile" in started.stderr
+    install_crl(fleet.home, fleet.files.conf.parent)  # written whole (atomically): fine again
+    fleet.start()
+    assert refused(fleet, "pi-a")
 
 
 def test_board_cannot_publish_to_another_boards_topic(
