@@ -75,9 +75,11 @@ def check_command(cmd: Command, signer: bytes, me: Identity, anchors: TrustAncho
 
 
 def decide_command(cmd: Command, signer: bytes, me: Identity, anchors: TrustAnchors, state: State,
-                   system_now: datetime, *, skew_s: float, hold_s: float, cancelled: bool = False) -> Accepted:
+                   system_now: datetime, *, skew_s: float, hold_s: float, cancelled: bool = False,
+                   skipped: frozenset[int] = frozenset()) -> Accepted:
     """Check ``cmd`` and decide its effect. ``cancelled``: a later verified command in the same
-    delivery cancels this one, which then only consumes its sequence number."""
+    delivery cancels this one, which then only consumes its sequence number; ``skipped``: the
+    numbers consumed that way, which a cancel may name."""
     now = check_command(cmd, signer, me, anchors, state, system_now, skew_s)
     after = advance_floor(replace(state, command_seq=cmd.seq), cmd.issued, hold_s)
     if cancelled:
@@ -95,7 +97,7 @@ def decide_command(cmd: Command, signer: bytes, me: Identity, anchors: TrustAnch
         after = replace(after, models=models, retired=retired, rollback_permits=permits)
         # Rotating the board's encryption key makes copies of the retired bundles kept anywhere
         # unopenable on this board; the models still installed open with their local keys.
-        return Accepted(cmd, after, anchors, shred=shred, rotate_box_key=True,
+        return Accepted(cmd, after, anchors, shred=shred, rotate_box_key=bool(shred),
                         detail=f"model {mid} retired; {len(shred)} bundle(s) shredded")
     if kind == "rollback":
         mid, to = args["model_id"], args["to_version"]
@@ -121,7 +123,7 @@ def decide_command(cmd: Command, signer: bytes, me: Identity, anchors: TrustAnch
         target = args["seq"]
         if target >= cmd.seq:
             raise RollbackRefused(f"cancel #{cmd.seq} may only cancel an earlier command, not #{target}")
-        if target <= state.command_seq:
+        if target <= state.command_seq and target not in skipped:
             raise RollbackRefused(f"command #{target} was already carried out; it cannot be cancelled")
         return Accepted(cmd, after, anchors, detail=f"command #{target} cancelled")
     raise SecurityRefusal(f"unknown command kind {kind!r}")  # the format refuses it before this

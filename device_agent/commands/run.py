@@ -80,6 +80,7 @@ def apply(agent: Agent, payload: bytes, on_result: OnResult | None = None) -> li
             accepted = decide_command(
                 cmd, sg.signer, me, agent.trust_anchors(), state, agent._clock(),
                 skew_s=limits.future_skew_s, hold_s=limits.beacon_hold_s, cancelled=cmd.seq in cancelled,
+                skipped=frozenset(cancelled),
             )
         except (SecurityRefusal, NotInstalled) as e:
             agent.record_event("command", "critical" if isinstance(e, SecurityRefusal) else "warning",
@@ -210,12 +211,19 @@ def apply_beacon(agent: Agent, beacon: Beacon) -> bool:
 
 
 def sweep_end_of_life(agent: Agent) -> list[str]:
-    """Retire the models whose end of life has passed (trusted time); returns their ids."""
+    """Retire the models whose end of life has passed; returns their ids.
+
+    A model stops *serving* once the trusted time (the later of the system clock and the floor)
+    passes its end of life (device_agent.trust.decisions.check_serving_life). It is *shredded*
+    only once the signed floor has passed it: a wrong forward jump of the unsigned system clock
+    pauses serving while it lasts, and ends no model's life for good."""
     hold = agent.config.commands.beacon_hold_s
     key = agent._key()
     with agent._lock, agent.store.locked():
         state = confirm_held(agent.state(), agent._clock(), hold)
-        now = trusted_now(agent._clock(), state.clock_floor)
+        if state.clock_floor is None:
+            return []
+        now = state.clock_floor
         publishers = list(agent.trust_anchors().publishers)
         ended = []
         for mid, slot in sorted(state.models.items()):

@@ -76,8 +76,10 @@ def decide_beacon(beacon_time: datetime, state: State, system_now: datetime, hol
 
 def confirm_held(state: State, system_now: datetime, hold_s: float) -> State:
     """Apply a held beacon once the system clock has come within ``hold_s`` of it."""
-    if state.held_beacon is not None and system_now >= state.held_beacon - timedelta(seconds=hold_s):
-        return advance_floor(state, system_now, hold_s)
+    held = state.held_beacon
+    if held is not None and system_now >= held - timedelta(seconds=hold_s):
+        floor = held if state.clock_floor is None else max(state.clock_floor, held)
+        return replace(state, clock_floor=floor, held_beacon=None)  # the beacon's signed time, not the clock's
     return state
 
 
@@ -88,13 +90,13 @@ def decide_install(
     state after it does: previous := current, current := the new bundle. ``now`` is the trusted
     time (the later of the system clock and the floor); only the bundle's signed creation time
     moves the floor."""
-    check_target(m, me)
     retired = state.retired.get(m.model_id)
     if retired is not None:
         raise RollbackRefused(
             f"model {m.model_id} was retired ({retired.by}, {format_time(retired.at)}); "
             "it is never installed again: publish under a new model id"
         )
+    check_target(m, me)
     if m.expires is not None and now >= m.expires:
         raise Expired(
             f"bundle expired at {format_time(m.expires)} (board time {format_time(now)}); "
@@ -144,7 +146,10 @@ def decide_serve(m: Manifest, bundle_sha256: str, model_id: str, me: Identity, s
     rec = slot.current if slot is not None else None
     if rec is None:
         raise NotInstalled(f"model {model_id!r} is not installed")
-    check_target(m, me)
+    # The full target check (device id and encryption key) ran at install; the key may have been
+    # rotated since (a retirement), and the recorded digest pins the exact bundle that passed it.
+    if not crypto.constant_time_equal(m.device_id, me.device_id):
+        raise WrongDevice(f"stored bundle is for device {m.device_id!r}, this board is {me.device_id!r}")
     same = (
         m.model_id == model_id
         and m.bundle_id == rec.bundle_id
