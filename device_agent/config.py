@@ -131,7 +131,9 @@ class ThrottleConfig:
     client_burst: float = 40.0  # rows a client may send at once
     global_rate: float = 200.0  # rows per second, all clients together
     global_burst: float = 400.0  # rows all clients may send at once
-    daily_budget: int = 20000  # rows per client per UTC day
+    # rows per client per budget window: serve.budget.window_seconds of boottime (a day by default),
+    # from the client's first query in the window
+    daily_budget: int = 20000
     # An anomaly score a in [0, 1] divides the client's rate by (1 + anomaly_slowdown * a).
     anomaly_slowdown: float = 20.0
 
@@ -221,6 +223,22 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """How daily budgets are timed (docs/agent-service.md).
+
+    Windows are counted on CLOCK_BOOTTIME, never the wall clock, so stepping the clock refills
+    nothing. Board-only: neither a sealed policy nor the local ``--config`` file sets these.
+    """
+
+    WHERE: ClassVar[str] = "serve.budget"
+
+    window_seconds: float = 86400.0  # seconds of boottime a client's daily budget runs for
+
+    def __post_init__(self) -> None:
+        _positive(self, "window_seconds")
+
+
+@dataclass(frozen=True)
 class HttpLimits:
     """Bounds of the HTTP adapter, checked before a request body is read."""
 
@@ -242,7 +260,7 @@ class HttpLimits:
 class ServeConfig:
     """Local bounds of the service; ``throttle`` can only tighten the bundle policy's limits.
 
-    ``--config FILE`` sets the fields :meth:`from_json` knows; ``http`` and
+    ``--config FILE`` sets the fields :meth:`from_json` knows; ``http``, ``budget`` and
     ``max_evidence_bytes`` are not settable there.
     """
 
@@ -257,6 +275,7 @@ class ServeConfig:
     detect: DetectConfig = field(default_factory=DetectConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     http: HttpLimits = field(default_factory=HttpLimits)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_rows", "max_connections", "max_evidence_bytes"):
@@ -271,6 +290,7 @@ class ServeConfig:
         _group(self, "detect", DetectConfig)
         _group(self, "audit", AuditConfig)
         _group(self, "http", HttpLimits)
+        _group(self, "budget", BudgetConfig)
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> ServeConfig:

@@ -6,11 +6,13 @@ import math
 
 import pytest
 
-from device_agent.config import ThrottleConfig
+from device_agent.config import BudgetConfig, ThrottleConfig
 from device_agent.errors import FormatError
-from device_agent.service.throttle import DAY, Throttle
+from device_agent.service.throttle import Throttle
 
 T0 = 1_800_000_000.0
+B0 = 1_000.0  # boottime: the budget's clock
+DAY = 86400.0
 
 
 def test_client_bucket_bursts_then_refills_at_its_rate() -> None:
@@ -29,18 +31,21 @@ def test_global_bucket_is_shared() -> None:
     assert not d.allowed and d.reason == "global_rate" and d.retry_after == pytest.approx(1.0)
 
 
-def test_daily_budget_counts_rows_and_resets_at_midnight_utc() -> None:
+def test_daily_budget_counts_rows_for_a_window_from_the_first_query() -> None:
     t = Throttle(ThrottleConfig(daily_budget=10, client_burst=100, client_rate=100))
-    day_end = (T0 // DAY + 1) * DAY
-    assert t.decide("a", T0, rows=10).allowed
-    d = t.decide("a", T0 + 1)
-    assert (
-        not d.allowed
-        and d.reason == "daily_budget"
-        and d.retry_after == pytest.approx(day_end - T0 - 1)
-    )
-    assert t.used_today("a", T0) == 10
-    assert t.decide("a", day_end).allowed
+    assert t.decide("a", B0, rows=10).allowed
+    d = t.decide("a", B0 + 1)
+    assert not d.allowed and d.reason == "daily_budget" and d.retry_after == pytest.approx(DAY - 1)
+    assert t.used("a", B0 + 1) == 10
+    assert not t.decide("a", B0 + DAY - 0.001).allowed
+    assert t.decide("a", B0 + DAY).allowed  # the next window opens
+    assert t.used("a", B0 + DAY) == 1
+
+
+def test_the_window_length_is_the_boards_setting() -> None:
+    t = Throttle(ThrottleConfig(daily_budget=1), BudgetConfig(window_seconds=60))
+    assert t.decide("a", B0).allowed and not t.decide("a", B0 + 59).allowed
+    assert t.decide("a", B0 + 60).allowed
 
 
 def test_refused_requests_do_not_spend_budget() -> None:
@@ -48,7 +53,7 @@ def test_refused_requests_do_not_spend_budget() -> None:
     assert t.decide("a", T0).allowed
     for _ in range(10):
         assert not t.decide("a", T0).allowed
-    assert t.used_today("a", T0) == 1
+    assert t.used("a", T0) == 1
 
 
 def test_a_batch_larger_than_the_burst_can_never_pass() -> None:
@@ -65,6 +70,7 @@ def test_anomaly_slows_a_client_down() -> None:
 
 
 def test_a_clock_stepping_back_never_refills() -> None:
+    # Boottime never steps back; an injected clock might: still no refill on a negative interval.
     t = Throttle(ThrottleConfig(client_rate=1, client_burst=1))
     assert t.decide("a", T0).allowed
     assert not t.decide("a", T0 - 3600).allowed
@@ -86,3 +92,4 @@ def test_the_stricter_of_policy_and_local_config_wins() -> None:
 def test_bad_limits_are_refused(raw: dict[str, object]) -> None:
     with pytest.raises(FormatError):
         ThrottleConfig.from_json(raw)
+

@@ -26,6 +26,7 @@ from device_agent.agent import Agent, LoadedModel, model_feeds
 from device_agent.config import DEFAULT_CONFIG, ServeConfig, ThrottleConfig
 from device_agent.errors import EdgeWardError, Expired, FormatError, NotInstalled, SecurityRefusal, UsageError
 from device_agent.runtime.output import shape_output
+from device_agent.service import clocks
 from device_agent.service.audit import AuditLog, input_summary
 from device_agent.service.detect import Calibration, Detector, Signal
 from device_agent.service.events import EventStore
@@ -103,8 +104,13 @@ class Service:
     """One board's guarded prediction service over an :class:`Agent`.
 
     ``config`` defaults to the agent's (``agent.config.serve``); the throttle starts from
-    ``agent.config.throttle`` where a bundle's sealed policy is silent. ``clock`` returns seconds
-    since the epoch; tests and the red team inject a simulated one.
+    ``agent.config.throttle`` where a bundle's sealed policy is silent.
+
+    Two clocks (:mod:`device_agent.service.clocks`): ``clock`` returns seconds since the epoch and
+    only stamps what an operator reads (audit records, events); ``monotonic`` returns boottime
+    seconds and times everything that grants or withholds (rate buckets, daily budgets, detector
+    windows and cool-downs), so stepping the wall clock refills nothing. Tests and the red team
+    inject simulated ones.
     """
 
     def __init__(
@@ -113,16 +119,18 @@ class Service:
         config: ServeConfig | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = clocks.boottime,
         events: EventStore | None = None,
     ) -> None:
         self.agent = agent
         self.config = config or agent.config.serve
         self.clock = clock
+        self.monotonic = monotonic
         data = agent.store
         self.tokens: TokenStore = agent.tokens()
         self.events = events or EventStore(data.events_file, self.config.max_evidence_bytes)
         self.audit = AuditLog(data.audit_dir, self.config.audit)
-        self._throttle = Throttle(agent.config.throttle.tightest(self.config.throttle))
+        self._throttle = Throttle(agent.config.throttle.tightest(self.config.throttle), self.config.budget)
         self._detector = Detector(None, self.config.detect)
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
@@ -250,7 +258,8 @@ class Service:
 
     def predict(self, who: TokenRecord, body: bytes, content_type: str) -> dict[str, Any]:
         """One query, start to end; raises the error the API maps to a status code."""
-        now = self.clock()
+        now = self.clock()  # wall: the audit record's and events' time
+        mono = self.monotonic()  # boottime: throttle and detector intervals
         client = who.id
         record: dict[str, Any] = {"event": "predict", "client": client, "role": who.role}
         try:
@@ -270,8 +279,8 @@ class Service:
             if rows > self.config.max_rows:
                 raise TooLarge(f"{rows} inputs in one request, the limit is {self.config.max_rows}")
             with self._lock:
-                decision = self._throttle.decide(client, now, rows, self._detector.anomaly(client))
-                signals = [] if decision.allowed else self._detector.refused(client, now)
+                decision = self._throttle.decide(client, mono, rows, self._detector.anomaly(client))
+                signals = [] if decision.allowed else self._detector.refused(client, mono)
             if not decision.allowed:
                 self._record(signals, now)
                 record["throttle"] = decision.reason
@@ -295,7 +304,7 @@ class Service:
                 )
             with self._lock:
                 for i, label in enumerate(labels):
-                    signals += self._detector.observe(client, first[i], label, now)
+                    signals += self._detector.observe(client, first[i], label, mono)
             self._record(signals, now)
             record.update(status=200, rows=rows, detections=sorted({s.kind for s in signals}))
             self._count("answered")
