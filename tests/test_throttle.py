@@ -93,3 +93,49 @@ def test_bad_limits_are_refused(raw: dict[str, object]) -> None:
     with pytest.raises(FormatError):
         ThrottleConfig.from_json(raw)
 
+
+# --- reservations: what budgets.json must say before an answer ------------------------------------
+
+
+def test_rows_are_reserved_on_disk_ahead_of_use_a_chunk_at_a_time() -> None:
+    t = Throttle(ThrottleConfig(daily_budget=100, client_burst=100, client_rate=100), BudgetConfig(reserve_rows=10))
+    assert not t.unsaved
+    assert t.decide("a", B0, rows=3).allowed and t.unsaved  # first rows of a window: write first
+    snap = t.snapshot(B0)
+    assert snap.clients == {"a": (13, DAY)}  # 3 used + 10 reserved ahead
+    t.saved(snap.generation)
+    for _ in range(10):
+        assert t.decide("a", B0).allowed and not t.unsaved  # within the reservation: no write
+    assert t.decide("a", B0).allowed and t.unsaved  # the 14th row goes beyond it
+    assert t.snapshot(B0 + 5).clients == {"a": (24, DAY - 5)}
+    assert t.snapshot(B0 + 5, clean=True).clients == {"a": (14, DAY - 5)}  # at stop: exact counts
+
+
+def test_a_reservation_never_goes_past_the_budget() -> None:
+    t = Throttle(ThrottleConfig(daily_budget=5, client_burst=100, client_rate=100), BudgetConfig(reserve_rows=256))
+    assert t.decide("a", B0).allowed
+    assert t.snapshot(B0).clients == {"a": (5, DAY)}
+
+
+def test_restored_windows_continue_and_count_as_fully_reserved() -> None:
+    t = Throttle(ThrottleConfig(daily_budget=10, client_burst=100, client_rate=100))
+    t.restore({"a": (10, 3600.0), "b": (4, 7200.0), "c": (9, 100.0)}, 0.0, now=5.0, elapsed=200.0)
+    assert not t.decide("a", 5.0).allowed and t.decide("a", 5.0).retry_after == pytest.approx(3400)
+    assert t.used("b", 5.0) == 4 and t.decide("b", 5.0, rows=6).allowed
+    assert t.used("c", 5.0) == 0  # its window ended while the agent was down (same boot)
+    longer = Throttle(ThrottleConfig(daily_budget=1), BudgetConfig(window_seconds=60))
+    longer.restore({"a": (1, 3600.0)}, 0.0, now=0.0, elapsed=0.0)
+    assert longer.decide("a", 0.0).retry_after == pytest.approx(60)  # cut to a shorter setting
+
+
+def test_a_lockout_refuses_everyone_for_one_window_and_is_kept() -> None:
+    t = Throttle(ThrottleConfig())
+    t.lock_out(B0)
+    assert t.unsaved and t.running(B0)
+    d = t.decide("anyone", B0 + 10)
+    assert not d.allowed and d.reason == "daily_budget" and d.retry_after == pytest.approx(DAY - 10)
+    snap = t.snapshot(B0 + 10)
+    assert snap.lockout == pytest.approx(DAY - 10)
+    again = Throttle(ThrottleConfig())
+    again.restore({}, snap.lockout, now=0.0, elapsed=0.0)
+    assert not again.decide("anyone", DAY - 11).allowed and again.decide("anyone", DAY - 10).allowed

@@ -12,12 +12,19 @@ slow. A client whose anomaly score rises gets a proportionally slower bucket.
 ``daily_budget``; the first query after it ends opens the next one. Windows are not aligned to
 UTC midnight: the board cannot trust its wall clock to say when midnight is.
 
-Daily budgets are kept in memory only.
+**Persistence.** The service keeps what :meth:`Throttle.snapshot` gives in ``budgets.json``
+(:mod:`device_agent.service.budgets`). Each window carries a *reservation*: rows already written
+to disk as spent. Admitting rows beyond it raises it by ``reserve_rows`` and marks the throttle
+:attr:`~Throttle.unsaved`; the service writes the file before it answers. The disk therefore
+never says less than was admitted: a power cut can over-charge a client (up to
+``reserve_rows`` rows) and never refills one. A clean stop writes the exact counts. Token buckets
+are not kept: a restart gives each client at most one burst.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from device_agent.config import DEFAULT_CONFIG, BudgetConfig, ThrottleConfig
@@ -28,6 +35,16 @@ class Decision:
     allowed: bool
     reason: str  # "ok", "client_rate", "global_rate", "daily_budget", "batch" (can never pass)
     retry_after: float = 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the disk must say: for each client with a running window, the rows to count as spent
+    and the seconds left in its window; the seconds left of a lockout (0: none)."""
+
+    clients: dict[str, tuple[int, float]]
+    lockout: float
+    generation: int  # pass to Throttle.saved() once this is on disk
 
 
 class _Bucket:
@@ -44,10 +61,11 @@ class _Bucket:
 
 
 class _Window:
-    __slots__ = ("ends", "used")
+    __slots__ = ("ends", "reserved", "used")
 
-    def __init__(self, used: int, ends: float) -> None:
+    def __init__(self, used: int, reserved: int, ends: float) -> None:
         self.used = used  # rows admitted in this window
+        self.reserved = reserved  # rows the disk counts as spent (>= used once saved)
         self.ends = ends  # boottime at which the window ends
 
 
@@ -60,6 +78,9 @@ class Throttle:
         self._global = _Bucket(config.global_burst, -math.inf)
         self._clients: dict[str, _Bucket] = {}
         self._windows: dict[str, _Window] = {}
+        self._lockout_ends = -math.inf  # every client is refused before this (an unreadable file)
+        self._generation = 0  # raised with every reservation or lockout the disk does not hold yet
+        self._saved = 0  # the generation on disk
 
     def client_rate(self, anomaly: float) -> float:
         return self.config.client_rate / (
@@ -68,8 +89,10 @@ class Throttle:
 
     def decide(self, client: str, now: float, rows: int = 1, anomaly: float = 0.0) -> Decision:
         """Admit ``rows`` inputs from ``client`` at boottime ``now``, or say why not and when to
-        retry."""
+        retry. After an admission, :attr:`unsaved` says whether the disk must be written first."""
         c = self.config
+        if now < self._lockout_ends:
+            return Decision(False, "daily_budget", self._lockout_ends - now)
         window = self._windows.get(client)
         if window is not None and now >= window.ends:
             window = None
@@ -90,11 +113,61 @@ class Throttle:
         bucket.level -= rows
         self._global.level -= rows
         if window is None:
-            window = self._windows[client] = _Window(0, now + self.budget.window_seconds)
+            window = self._windows[client] = _Window(0, 0, now + self.budget.window_seconds)
         window.used += rows
+        if window.used > window.reserved:
+            window.reserved = max(window.used, min(window.used + self.budget.reserve_rows, c.daily_budget))
+            self._generation += 1
         return Decision(True, "ok")
 
     def used(self, client: str, now: float) -> int:
         """Rows ``client`` has spent in its current window (0 when none runs)."""
         window = self._windows.get(client)
         return window.used if window is not None and now < window.ends else 0
+
+    # --- persistence (the service writes budgets.json) --------------------------------------------
+    @property
+    def unsaved(self) -> bool:
+        """True when a reservation or lockout is not on disk yet."""
+        return self._generation > self._saved
+
+    def running(self, now: float) -> bool:
+        """Whether any window or lockout is running (its countdown is worth saving)."""
+        return now < self._lockout_ends or any(now < w.ends for w in self._windows.values())
+
+    def snapshot(self, now: float, clean: bool = False) -> Snapshot:
+        """What to write to disk now. ``clean`` (the service is stopping: nothing more will be
+        admitted) writes the rows actually spent instead of the reservations. Windows that have
+        ended are forgotten here."""
+        clients = {}
+        for client, w in list(self._windows.items()):
+            left = w.ends - now
+            if left <= 0:
+                del self._windows[client]
+                continue
+            if clean:
+                w.reserved = w.used
+            clients[client] = (w.reserved, left)
+        return Snapshot(clients, max(0.0, self._lockout_ends - now), self._generation)
+
+    def saved(self, generation: int) -> None:
+        """The snapshot of ``generation`` is on disk."""
+        self._saved = max(self._saved, generation)
+
+    def restore(self, clients: Mapping[str, tuple[int, float]], lockout: float, now: float, elapsed: float) -> None:
+        """Take back what a snapshot said, ``elapsed`` seconds of boottime later (0 when unknown:
+        after a reboot). A window longer than ``window_seconds`` (the setting shrank) is cut to it."""
+        span = self.budget.window_seconds
+        for client, (used, left) in clients.items():
+            left = min(left, span) - elapsed
+            if left > 0:
+                self._windows[client] = _Window(used, used, now + left)
+        left = min(lockout, span) - elapsed
+        if left > 0:
+            self._lockout_ends = max(self._lockout_ends, now + left)
+
+    def lock_out(self, now: float) -> None:
+        """Refuse every client for one whole window from ``now``: the budgets on disk could not
+        be read, so how much each client spent is unknown (see budgets.py for why not refill)."""
+        self._lockout_ends = max(self._lockout_ends, now + self.budget.window_seconds)
+        self._generation += 1
