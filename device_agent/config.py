@@ -107,7 +107,8 @@ class DocumentLimits:
     max_enrolment_bytes: int = 16 * 1024  # a device's enrolment file (edgeward.enrolment/1)
     max_key_file_bytes: int = 16 * 1024  # a PEM public key file
     max_string_field: int = 256  # any string field of a signed document (wire.str_field)
-    max_board_file_bytes: int = 4 * 1024**2  # device.json, keys.wrapped and the sealed files (~10,000 tokens)
+    # device.json, keys.wrapped, the sealed files (~10,000 tokens) and budgets.json
+    max_board_file_bytes: int = 4 * 1024**2
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -131,7 +132,9 @@ class ThrottleConfig:
     client_burst: float = 40.0  # rows a client may send at once
     global_rate: float = 200.0  # rows per second, all clients together
     global_burst: float = 400.0  # rows all clients may send at once
-    daily_budget: int = 20000  # rows per client per UTC day
+    # rows per client per budget window: serve.budget.window_seconds of boottime (a day by default),
+    # from the client's first query in the window; kept across restarts and reboots (budgets.json)
+    daily_budget: int = 20000
     # An anomaly score a in [0, 1] divides the client's rate by (1 + anomaly_slowdown * a).
     anomaly_slowdown: float = 20.0
 
@@ -221,6 +224,30 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """How daily budgets are timed and kept on disk (``budgets.json``; docs/agent-service.md).
+
+    Windows are counted on CLOCK_BOOTTIME, never the wall clock, so stepping the clock refills
+    nothing. Board-only: neither a sealed policy nor the local ``--config`` file sets these.
+    """
+
+    WHERE: ClassVar[str] = "serve.budget"
+
+    window_seconds: float = 86400.0  # seconds of boottime a client's daily budget runs for
+    # Rows written to disk as spent ahead of use, per client: one durable write per this many rows.
+    # A power cut can charge a client up to this many rows it never used, and never gives any back.
+    reserve_rows: int = 256
+    # Seconds between saves of the windows' countdown while any runs. A power cut or reboot
+    # lengthens a running window by up to this plus the time the agent was down; never shortens it.
+    save_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "window_seconds")
+        _int(self, "reserve_rows")
+        _positive(self, "save_seconds")
+
+
+@dataclass(frozen=True)
 class HttpLimits:
     """Bounds of the HTTP adapter, checked before a request body is read."""
 
@@ -242,7 +269,7 @@ class HttpLimits:
 class ServeConfig:
     """Local bounds of the service; ``throttle`` can only tighten the bundle policy's limits.
 
-    ``--config FILE`` sets the fields :meth:`from_json` knows; ``http`` and
+    ``--config FILE`` sets the fields :meth:`from_json` knows; ``http``, ``budget`` and
     ``max_evidence_bytes`` are not settable there.
     """
 
@@ -257,6 +284,7 @@ class ServeConfig:
     detect: DetectConfig = field(default_factory=DetectConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     http: HttpLimits = field(default_factory=HttpLimits)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_rows", "max_connections", "max_evidence_bytes"):
@@ -271,6 +299,7 @@ class ServeConfig:
         _group(self, "detect", DetectConfig)
         _group(self, "audit", AuditConfig)
         _group(self, "http", HttpLimits)
+        _group(self, "budget", BudgetConfig)
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> ServeConfig:

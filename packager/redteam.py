@@ -353,7 +353,8 @@ class AgentEnv:
         agent.install((workdir / "out" / "redteam-board.ewb").read_bytes())
         self.clock = SimClock()
         self.events = EventStore(data / "events.db")
-        self.service = Service(agent, clock=self.clock, events=self.events)
+        # One simulated clock for both the timestamps and the throttle's boottime.
+        self.service = Service(agent, clock=self.clock, monotonic=self.clock, events=self.events)
         self.socket = workdir / "agent.sock"
         self.server = Server(self.service, self.socket).start()
         self.runner = agent.model().runner

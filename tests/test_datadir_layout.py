@@ -120,7 +120,7 @@ def test_a_full_life_leaves_only_listed_files_and_the_wipe_only_the_attestation(
     assert r.returncode == 0, r.stderr
 
     paths = listed(board.data_dir)
-    for name in (layout.DEVICE, layout.KEYS, layout.KEK, layout.TRUST, layout.STATE, layout.TOKENS,
+    for name in (layout.DEVICE, layout.KEYS, layout.KEK, layout.TRUST, layout.STATE, layout.TOKENS, layout.BUDGETS,
                  layout.EVENTS, layout.OUTBOX, f"{layout.AUDIT}/fingerprint.key", f"{layout.AUDIT}/head.json"):
         assert name in paths, f"a full life should have written {name}"
     assert sum(1 for p in paths.values() if p == f"{layout.BUNDLES}/*.ewb") == 1  # v1 again; v2 dropped

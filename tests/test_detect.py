@@ -122,7 +122,7 @@ def test_zero_detections_over_10000_benign_queries(
     (Poisson arrivals), through the whole service path with a simulated clock."""
     board = _installed(make_board, pack_for, digits, calibration_policy())
     clock = SimClock()
-    service = Service(board.agent(), clock=clock)
+    service = Service(board.agent(), clock=clock, monotonic=clock)  # the throttle runs on it too
     x, _ = digits_test
     rng = np.random.default_rng(7)
     arrivals = [(t, c) for c in range(10) for t in T0 + np.cumsum(rng.exponential(1.0, 1000))]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import math
 import os
 import stat
 import subprocess
@@ -198,7 +197,9 @@ def _served_with_clock(
     out = pack_for(digits.onnx, [board], policy=policy)
     board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
     clock = SimClock()
-    return serve(board, config, clock), clock
+    # One simulated clock drives both the wall time and the throttle's boottime here; the tests in
+    # test_budgets.py move them apart.
+    return serve(board, config, clock, monotonic=clock), clock
 
 
 def test_429_client_rate_with_retry_after(
@@ -241,10 +242,11 @@ def test_429_global_rate(
         s.server.stop()
 
 
-def test_429_daily_budget_until_the_next_day(
+def test_429_daily_budget_until_the_window_ends(
     make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any, digits_test: Any
 ) -> None:
     # The bundle allows 100 a day; the board's local config tightens it to 5: the stricter wins.
+    # The window opens at the client's first query and lasts a day of boottime.
     s, clock = _served_with_clock(
         make_board(),
         pack_for,
@@ -259,8 +261,10 @@ def test_429_daily_budget_until_the_next_day(
         clock.t += 60
         st, headers, doc = predict(c, tok, x[5])
         assert st == 429 and "daily budget" in doc["error"]["message"]
-        assert int(headers["retry-after"]) == math.ceil(86400 - clock.t % 86400)
-        clock.t += 86400
+        assert int(headers["retry-after"]) == 86400 - 60
+        clock.t += 86400 - 60 - 1
+        assert predict(c, tok, x[5])[0] == 429
+        clock.t += 1
         assert predict(c, tok, x[5])[0] == 200
     finally:
         s.server.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 import time
 import zipfile
@@ -24,13 +25,25 @@ import numpy as np
 
 from device_agent.agent import Agent, LoadedModel, model_feeds
 from device_agent.config import DEFAULT_CONFIG, ServeConfig, ThrottleConfig
-from device_agent.errors import EdgeWardError, Expired, FormatError, NotInstalled, SecurityRefusal, UsageError
+from device_agent.errors import (
+    EdgeWardError,
+    EnvironmentFault,
+    Expired,
+    FormatError,
+    NotInstalled,
+    SecurityRefusal,
+    UsageError,
+)
 from device_agent.runtime.output import shape_output
+from device_agent.service import clocks
 from device_agent.service.audit import AuditLog, input_summary
+from device_agent.service.budgets import BudgetFile, Saved
 from device_agent.service.detect import Calibration, Detector, Signal
 from device_agent.service.events import EventStore
 from device_agent.service.throttle import Throttle
 from device_agent.service.tokens import TokenRecord, TokenStore
+
+_log = logging.getLogger(__name__)
 
 
 class Unauthorized(SecurityRefusal):
@@ -103,8 +116,14 @@ class Service:
     """One board's guarded prediction service over an :class:`Agent`.
 
     ``config`` defaults to the agent's (``agent.config.serve``); the throttle starts from
-    ``agent.config.throttle`` where a bundle's sealed policy is silent. ``clock`` returns seconds
-    since the epoch; tests and the red team inject a simulated one.
+    ``agent.config.throttle`` where a bundle's sealed policy is silent.
+
+    Two clocks (:mod:`device_agent.service.clocks`): ``clock`` returns seconds since the epoch and
+    only stamps what an operator reads (audit records, events); ``monotonic`` returns boottime
+    seconds and times everything that grants or withholds (rate buckets, daily budgets, detector
+    windows and cool-downs), so stepping the wall clock refills nothing. ``boot_id`` names the
+    current boot (None: unknown), which tells a restart from a reboot when the budgets are loaded
+    from ``budgets.json``. Tests and the red team inject simulated ones.
     """
 
     def __init__(
@@ -113,16 +132,23 @@ class Service:
         config: ServeConfig | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = clocks.boottime,
+        boot_id: Callable[[], str | None] = clocks.boot_id,
         events: EventStore | None = None,
     ) -> None:
         self.agent = agent
         self.config = config or agent.config.serve
         self.clock = clock
+        self.monotonic = monotonic
         data = agent.store
         self.tokens: TokenStore = agent.tokens()
         self.events = events or EventStore(data.events_file, self.config.max_evidence_bytes)
         self.audit = AuditLog(data.audit_dir, self.config.audit)
-        self._throttle = Throttle(agent.config.throttle.tightest(self.config.throttle))
+        self._throttle = Throttle(agent.config.throttle.tightest(self.config.throttle), self.config.budget)
+        self._budgets = BudgetFile(data.budgets_file, data.limits.max_board_file_bytes)
+        self._boot_id = boot_id()
+        self._save_lock = threading.Lock()  # one budgets.json write at a time; taken before _lock
+        self._budget_thread: threading.Thread | None = None
         self._detector = Detector(None, self.config.detect)
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
@@ -133,6 +159,7 @@ class Service:
         self._started = time.monotonic()
         self.counters: Counter[str] = Counter(queries=0, answered=0, rows=0)
         self._counter_lock = threading.Lock()
+        self._load_budgets()
 
     # --- background services --------------------------------------------------------------------
     def attach(self, service: Background) -> None:
@@ -146,6 +173,8 @@ class Service:
             target=self._integrity_loop, name="integrity", daemon=True
         )
         self._integrity_thread.start()
+        self._budget_thread = threading.Thread(target=self._budget_loop, name="budgets", daemon=True)
+        self._budget_thread.start()
         for b in self._background:
             b.start()
 
@@ -153,10 +182,17 @@ class Service:
         self._stop.set()
         for b in reversed(self._background):
             b.stop()
-        if self._integrity_thread is not None:
-            self._integrity_thread.join(timeout=5)
+        for t in (self._integrity_thread, self._budget_thread):
+            if t is not None:
+                t.join(timeout=5)
         # After a decommission the data dir holds only the attestation: nothing more is written.
-        self.audit.close(checkpoint=self.agent.store.is_provisioned())
+        wiped = not self.agent.store.is_provisioned()
+        if not wiped:
+            try:
+                self.save_budgets(clean=True)  # exact counts: a clean restart over-charges nobody
+            except EdgeWardError as e:
+                _log.warning("could not save the budgets at stop: %s", e)
+        self.audit.close(checkpoint=not wiped)
 
     def status_provider(self) -> dict[str, Any]:
         """Counters for telemetry and ``GET /v1/status``: no client ids, no inputs."""
@@ -170,6 +206,55 @@ class Service:
                 "integrity": "failed" if self._integrity_failed else "ok",
                 "counters": self._counters_copy(),
             }
+
+    # --- budgets on disk (budgets.py says what a power cut or a reboot can lose) ----------------
+    def _load_budgets(self) -> None:
+        now = self.monotonic()
+        try:
+            saved = self._budgets.load()
+        except FormatError as e:
+            # Unknown spending is not no spending: every client waits one whole window.
+            with self._lock:
+                self._throttle.lock_out(now)
+            _log.error("%s; every client is refused for one budget window", e)
+            self.events.record(
+                "tamper",
+                datetime.fromtimestamp(self.clock(), UTC),
+                severity="critical",
+                evidence={"problem": f"budgets refused: {str(e)[:200]}",
+                          "every_client_refused_for_s": self.config.budget.window_seconds},
+            )
+            try:
+                self.save_budgets()
+            except EdgeWardError as fault:
+                _log.warning("could not save the budgets: %s", fault)
+            return
+        if saved is not None:
+            with self._lock:
+                self._throttle.restore(saved.clients, saved.lockout, now, saved.elapsed(self._boot_id, now))
+
+    def save_budgets(self, clean: bool = False) -> None:
+        """Write the budgets durably now (``clean``: exact counts, at stop). Raises
+        :class:`~device_agent.errors.EnvironmentFault` when the disk refuses."""
+        with self._save_lock:
+            with self._lock:
+                now = self.monotonic()
+                snap = self._throttle.snapshot(now, clean)
+            self._budgets.save(Saved(self._boot_id, now, snap.lockout, snap.clients))
+            with self._lock:
+                self._throttle.saved(snap.generation)
+
+    def _budget_loop(self) -> None:
+        """Save the windows' countdown while any runs: a power cut then lengthens a window by at
+        most ``save_seconds`` plus the time the board was off."""
+        while not self._stop.wait(self.config.budget.save_seconds):
+            with self._lock:
+                due = self._throttle.unsaved or self._throttle.running(self.monotonic())
+            if due:
+                try:
+                    self.save_budgets()
+                except EdgeWardError as e:
+                    _log.warning("could not save the budgets: %s", e)
 
     # --- model and policy ---------------------------------------------------------------------
     def _current(self) -> LoadedModel:
@@ -268,7 +353,8 @@ class Service:
 
     def predict(self, who: TokenRecord, body: bytes, content_type: str) -> dict[str, Any]:
         """One query, start to end; raises the error the API maps to a status code."""
-        now = self.clock()
+        now = self.clock()  # wall: the audit record's and events' time
+        mono = self.monotonic()  # boottime: throttle and detector intervals
         client = who.id
         record: dict[str, Any] = {"event": "predict", "client": client, "role": who.role}
         try:
@@ -288,8 +374,9 @@ class Service:
             if rows > self.config.max_rows:
                 raise TooLarge(f"{rows} inputs in one request, the limit is {self.config.max_rows}")
             with self._lock:
-                decision = self._throttle.decide(client, now, rows, self._detector.anomaly(client))
-                signals = [] if decision.allowed else self._detector.refused(client, now)
+                decision = self._throttle.decide(client, mono, rows, self._detector.anomaly(client))
+                signals = [] if decision.allowed else self._detector.refused(client, mono)
+                must_save = decision.allowed and self._throttle.unsaved
             if not decision.allowed:
                 self._record(signals, now)
                 record["throttle"] = decision.reason
@@ -298,6 +385,9 @@ class Service:
                 raise Throttled(
                     f"over the {decision.reason.replace('_', ' ')} limit", decision.retry_after
                 )
+            if must_save:
+                # The rows go beyond what budgets.json counts as spent: on disk before the answer.
+                self.save_budgets()
             outputs = loaded.runner.run(feeds)
             try:
                 answer = shape_output(
@@ -313,7 +403,7 @@ class Service:
                 )
             with self._lock:
                 for i, label in enumerate(labels):
-                    signals += self._detector.observe(client, first[i], label, now)
+                    signals += self._detector.observe(client, first[i], label, mono)
             self._record(signals, now)
             record.update(status=200, rows=rows, detections=sorted({s.kind for s in signals}))
             self._count("answered")
@@ -370,6 +460,7 @@ def http_status(e: EdgeWardError) -> int:
         (TooLarge, 413),
         (Throttled, 429),
         (NotInstalled, 503),
+        (EnvironmentFault, 503),  # e.g. the disk refused to keep the budgets
         (Expired, 503),
         (FormatError, 422),
         (SecurityRefusal, 403),

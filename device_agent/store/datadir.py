@@ -76,6 +76,10 @@ class DataDir:
         return self.layout.path(layout.TOKENS)
 
     @property
+    def budgets_file(self) -> Path:
+        return self.layout.path(layout.BUDGETS)
+
+    @property
     def socket_file(self) -> Path:
         return self.layout.path(layout.SOCKET)
 

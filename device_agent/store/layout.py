@@ -53,6 +53,7 @@ KEK = "kek.bin"
 TRUST = "trust.json"
 STATE = "state.json"
 TOKENS = "tokens.json"
+BUDGETS = "budgets.json"
 BUNDLES = "bundles"
 EVENTS = "events.db"
 OUTBOX = "outbox.db"
@@ -70,6 +71,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(TRUST, "trust anchors: publisher and operator public keys (sealed)", 0o600, Fate.DELETE),
     Entry(STATE, "installed records, highest accepted versions, the clock floor (sealed)", 0o600, Fate.DELETE),
     Entry(TOKENS, "local API tokens, as SHA-256 digests, with roles (sealed)", 0o600, Fate.DELETE),
+    Entry(BUDGETS, "daily query budgets: rows counted as spent and time left, per token (not sealed)",
+          0o600, Fate.DELETE),
     Entry(BUNDLES, "installed bundles", 0o700, Fate.DELETE, "dir"),
     Entry(f"{BUNDLES}/*.ewb", "a bundle exactly as received: still encrypted to this device", 0o600, Fate.DELETE,
           name_re=r"[0-9a-f]{32}\.ewb"),
