@@ -97,6 +97,7 @@ import json
 doc = json.load(open("boards/pi-garage/wipe-attestation.json"))
 print("attestation:", json.dumps(doc["body"]["bundles_destroyed"]), "signed:", bool(doc["signature"]))
 PY
-refused "$BIN/edgeward-agent" status --data-dir boards/pi-garage
+show "$BIN/edgeward-agent" status --data-dir boards/pi-garage
+refused "$BIN/edgeward-agent" predict --data-dir boards/pi-garage --input sample.npy
 
 printf '\n\033[1;32mDemo complete.\033[0m Artefacts in %s\n' "$WORK"
