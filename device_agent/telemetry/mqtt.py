@@ -187,9 +187,10 @@ class Link:
         """Subscribe on every (re)connection, QoS 1; call before :meth:`start`."""
         self._subscriptions.append(topic_filter)
 
-    def publish(self, topic_name: str, payload: bytes) -> int:
-        """Hand one QoS 1 message to paho; returns its message id (acknowledged via on_ack)."""
-        info = self._client.publish(topic_name, payload, qos=QOS)
+    def publish(self, topic_name: str, payload: bytes, retain: bool = False) -> int:
+        """Hand one QoS 1 message to paho; returns its message id (acknowledged via on_ack).
+        ``retain``: the broker keeps it for every later subscriber (a board's command queue)."""
+        info = self._client.publish(topic_name, payload, qos=QOS, retain=retain)
         return int(info.mid)
 
     def ack(self, mid: int) -> None:
