@@ -1,6 +1,6 @@
 """Fleet side of signed commands, for real: the ledger, the retained per-board queue on a real
-mosquitto, technician files, results from real provisioned boards (``edgeward-agent command``)
-and wipe attestations."""
+mosquitto, technician files, results from real provisioned boards (``edgeward-agent command``),
+wipe attestations, and the monitor recording results and flagging forged ones."""
 
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ from device_agent.telemetry.mqtt import Link, Session
 from device_agent.telemetry.report import command_topic
 from fleet.ca import FleetHome
 from fleet.commands import CommandLedger, parse_age
+from fleet.monitor import Monitor
 from packager.cli import main as edgeward
 from packager.keys import generate, load_private_key
 from tests.conftest import PASSPHRASE, Board
-from tests.fixtures.fleet import OPERATOR, Fleet, fleet_fixture, wait_until  # noqa: F401
+from tests.fixtures.fleet import OPERATOR, Fleet, fleet_fixture, monitor_fixture, wait_until  # noqa: F401
 from tests.test_fleet_broker import publish_as
 
 
@@ -405,3 +406,34 @@ def test_rotating_operator_keys_is_signed_by_the_recovery_key(
     assert fleet_cli(home, capsys, "import-result", str(tmp_path / "r.bin"))[0] == 0
     assert ledger_rows(home)[0]["state"] == "applied"
 
+
+# --- the monitor ---------------------------------------------------------------------------------
+
+
+def test_the_monitor_records_published_results_and_flags_forged_ones(
+    fleet: Fleet, monitor: Monitor, board_with_operator: Callable[[str], Board], operator_key: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    board = board_with_operator("pi-001")
+    fleet.enrol(board.enrolment)
+    key = ["--operator-key", str(operator_key / "operator.key")]
+    queue = tmp_path / "q.commands"
+    assert fleet_cli(fleet.home, capsys, "retire", "digits", "--device", "pi-001", *key, "--out", str(queue))[0] == 0
+    results: list[bytes] = []
+    board.agent().apply_commands(queue.read_bytes(), on_result=lambda data, _r: results.append(data))
+    [genuine] = results
+    forged = genuine.replace(b'"applied"', b'"refused"')
+    # Signed by the board itself, but for a command this fleet never issued.
+    stray = encode_result(Result("pi-001", 99, "retire", "0" * 64, "applied", "", utcnow(), {}),
+                          board.agent().store.unlock(board.keys).signer())
+    acks = publish_as(fleet, "pi-001", [(results_topic("pi-001"), forged), (results_topic("pi-001"), b"junk"),
+                                        (results_topic("pi-001"), stray), (results_topic("pi-001"), genuine)])
+    assert all(acks)
+    wait_until(lambda: ledger_rows(fleet.home)[0]["state"] == "applied", 10, "the result in the ledger")
+    wait_until(lambda: len(monitor.store.events(device_id="pi-001")) == 3, 10, "three flagged results")
+    flagged = monitor.store.events(device_id="pi-001")
+    assert sorted(e["kind"] for e in flagged) == ["forged", "forged", "unexpected-result"]
+    assert any("does not verify" in e["detail"] for e in flagged)
+    assert monitor.error is None and monitor.results_processed == 4
+    code, doc = fleet_cli(fleet.home, capsys, "status")
+    assert code == 0 and doc["devices"][0]["pending_commands"] == 0
