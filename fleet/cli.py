@@ -206,12 +206,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         ]
         for v in views
     ]
+    for row, v in zip(rows, views, strict=True):
+        row.append(v.get("pending_commands") or None)
     heads = ["DEVICE", "STATE", "LAST SEEN", "MODELS", "REPORTS", "EVENTS", "FLAGGED", "DUPLICATES"]
-    _print(
-        args,
-        {"now": format_time(now), "devices": views},
-        table(heads, rows) if rows else "no devices",
-    )
+    heads.append("PENDING CMDS")
+    text = table(heads, rows) if rows else "no devices"
+    for v in views:
+        w = v.get("wiped")
+        if w:
+            how = (
+                f"by command #{w['command_seq']} ({str(w['command_sha256'])[:16]})"
+                if w.get("command_seq") is not None
+                else "at the board"
+            )
+            text += f"\n{v['device_id']}: wiped {how}, started {w['started']}; attestation verified"
+    _print(args, {"now": format_time(now), "devices": views}, text)
     return 0
 
 
@@ -369,3 +378,7 @@ def register(sub: Any) -> None:
                 default="127.0.0.1:8080",
                 help="HOST:PORT to serve on (local by default)",
             )
+
+    from .commands_cli import register as register_commands
+
+    register_commands(fsub, add)

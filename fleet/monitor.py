@@ -16,6 +16,15 @@ that report's signature (it is byte for byte what the board signed for); every o
 its own signature checked. A burst from one board costs one signature check per chunk instead of
 one per report; a report that arrives alone is checked on its own signature, as before.
 
+Command results (``docs/commands.md``): the monitor also subscribes to every board's results
+topic. The few results are routed by topic as they arrive, before the report pipeline, to a
+thread of their own that verifies each against the board's enrolled key and records it in the
+command ledger in the fleet home (:meth:`fleet.commands.CommandLedger.record_result`), then
+acknowledges it. A forged or malformed result (``forged``), one from an unenrolled device
+(``unknown-device``) or a genuine one the ledger cannot accept, e.g. for a command this fleet did
+not issue (``unexpected-result``), becomes a security event in the monitor store, like a forged
+report, and the monitor goes on.
+
 Verdicts (``docs/telemetry.md``):
 
 * accepted -- authenticated, sequence number new: stored as genuine;
@@ -40,8 +49,10 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from device_agent.commands.format import RESULTS_LEVEL
 from device_agent.config import DEFAULT_CONFIG
-from device_agent.errors import EdgeWardError, EnvironmentFault, SecurityRefusal
+from device_agent.crypto import sha256_hex
+from device_agent.errors import BadSignature, EdgeWardError, EnvironmentFault, SecurityRefusal
 from device_agent.store.datadir import utcnow
 from device_agent.telemetry.mqtt import Broker, Link, Session
 from device_agent.telemetry.report import (
@@ -269,6 +280,15 @@ def topic_filters(group: str | None) -> list[str]:
     ]
 
 
+def results_filter(group: str | None) -> str:
+    """The subscription for every board's signed command results."""
+    prefix = f"$share/{group}/" if group else ""
+    return f"{prefix}{TOPIC_ROOT}/+/{RESULTS_LEVEL}"
+
+
+_RESULTS_SUFFIX = "/" + RESULTS_LEVEL
+
+
 class _Helper:
     """The spawned process that runs :func:`ingest` for one monitor: it owns its own connection
     to the store and answers each chunk, in the order sent, over one pipe. No executor threads:
@@ -421,17 +441,30 @@ class Monitor:
                 session_expiry=config.session_expiry,
                 receive_maximum=config.receive_maximum,
             ),
-            on_message=lambda t, p, mid: self._inbox.put((t, p, mid)),
+            on_message=self._receive,
             manual_ack=True,
         )
         for f in topic_filters(config.group):
             self.link.subscribe(f)
+        self.link.subscribe(results_filter(config.group))
+        self._results: queue.SimpleQueue[tuple[str, bytes, int]] = queue.SimpleQueue()
         self._keys = home.device_keys()
         self._stop = threading.Event()
         self._helper = self._start_helper()
         self._thread = threading.Thread(target=self._run, name="edgeward-monitor", daemon=True)
+        self._results_thread = threading.Thread(
+            target=self._run_results, name="edgeward-monitor-results", daemon=True
+        )
         self.processed = 0
+        self.results_processed = 0
         self.error: EdgeWardError | None = None
+
+    def _receive(self, topic_name: str, payload: bytes, mid: int) -> None:
+        """paho's thread: route by topic, nothing more (results are rare, reports are not)."""
+        if topic_name.endswith(_RESULTS_SUFFIX):
+            self._results.put((topic_name, payload, mid))
+        else:
+            self._inbox.put((topic_name, payload, mid))
 
     def _start_helper(self) -> _Helper | _InProcess:
         """Spawn the helper process and wait until it has opened the store (about half a second;
@@ -522,9 +555,71 @@ class Monitor:
             self.error = EnvironmentFault(f"the monitor stopped on an unexpected error: {e!r}")
             self._stop.set()
 
+    def _run_results(self) -> None:
+        """Verify and record each command result, flag what does not verify, acknowledge. A
+        result the ledger cannot take now (its file is locked or unwritable) is left
+        unacknowledged: the broker delivers it again on the next connection."""
+        from .commands import CommandLedger
+
+        ledger: CommandLedger | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    topic_name, payload, mid = self._results.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                try:
+                    if ledger is None:
+                        ledger = CommandLedger(self.home)
+                    self._record_result(ledger, topic_name, payload)
+                except EnvironmentFault as e:
+                    _log.warning("command result on %s not recorded now (%s); the broker keeps it", topic_name, e)
+                    continue
+                except Exception as e:  # a bug must not stop the monitor: say so, keep going
+                    _log.exception("command result on %s could not be handled", topic_name)
+                    try:
+                        self._flag_result(topic_name, None, sha256_hex(payload), "result-error", "warning",
+                                          f"the monitor could not handle this result: {e!r}")
+                    except EdgeWardError:
+                        continue
+                self.link.ack(mid)
+                self.results_processed += 1
+        finally:
+            if ledger is not None:
+                ledger.close()
+
+    def _record_result(self, ledger: Any, topic_name: str, payload: bytes) -> None:
+        d = sha256_hex(payload)
+        try:
+            device, _ = split_topic(topic_name)
+        except EdgeWardError as e:
+            self._flag_result(topic_name, None, d, "forged", "critical", f"command result: {e}")
+            return
+        key = self._key_lookup({device}).get(device)
+        if key is None:
+            self._flag_result(topic_name, device, d, "unknown-device", "critical",
+                              f"command result from unenrolled device {device}")
+            return
+        try:
+            ledger.record_result(payload, key, device_id=device, source="mqtt")
+        except BadSignature as e:
+            self._flag_result(topic_name, device, d, "forged", "critical", f"command result: {e}")
+        except SecurityRefusal as e:  # signed by the board, but not an answer the fleet can accept
+            self._flag_result(topic_name, device, d, "unexpected-result", "critical", f"command result: {e}")
+        except EdgeWardError as e:
+            if isinstance(e, EnvironmentFault):
+                raise
+            self._flag_result(topic_name, device, d, "forged", "critical", f"malformed command result: {e}")
+
+    def _flag_result(self, topic_name: str, device: str | None, digest: str, kind: str, severity: str,
+                     detail: str) -> None:
+        with self.store.batch(utcnow()) as tx:
+            tx.flag(kind, severity, detail, topic_name, device, None, digest)
+
     def start(self) -> None:
         self.link.start()
         self._thread.start()
+        self._results_thread.start()
 
     def stop(self) -> None:
         """Stop receiving, let the helper finish the chunk in hand, disconnect; call it even when
@@ -532,5 +627,7 @@ class Monitor:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        if self._results_thread.is_alive():
+            self._results_thread.join()
         self.link.stop()
         self._helper.close()

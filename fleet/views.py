@@ -26,17 +26,39 @@ def parse_since(text: str | None, now: datetime) -> datetime | None:
     return parse_time(text, "--since")
 
 
+def command_summary(
+    home: FleetHome, now: datetime
+) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """From the command ledger, if there is one: the boards that attested their wipe, and each
+    board's number of pending commands."""
+    from .commands import LEDGER_FILE, CommandLedger
+
+    if not (home.path / LEDGER_FILE).exists():
+        return {}, {}
+    ledger = CommandLedger(home)
+    try:
+        return ledger.wiped(), ledger.pending_counts(now)
+    finally:
+        ledger.close()
+
+
 def device_views(
     home: FleetHome, store: MonitorStore, now: datetime, stale_after: float
 ) -> list[dict[str, Any]]:
-    """Every enrolled or seen device with its liveness: online, stale, offline or never seen."""
+    """Every enrolled or seen device with its liveness: online, stale, offline, never seen, or
+    wiped (the board's signed attestation was received), and its pending commands."""
     seen = {d["device_id"]: d for d in store.devices()}
     enrolled = home.device_keys()
+    wiped, pending = command_summary(home, now)
     out = []
     for device_id in sorted(set(seen) | set(enrolled)):
         d = seen.get(device_id)
+        extra: dict[str, Any] = {"pending_commands": pending.get(device_id, 0)}
+        if device_id in wiped:
+            extra["wiped"] = wiped[device_id]
         if d is None:
-            out.append({"device_id": device_id, "liveness": "never seen", "enrolled": True})
+            live = "wiped" if device_id in wiped else "never seen"
+            out.append({"device_id": device_id, "liveness": live, "enrolled": True} | extra)
             continue
         age = (now - parse_time(d["last_seen"], "last_seen")).total_seconds()
         live = (
@@ -46,9 +68,10 @@ def device_views(
         out.append(
             d
             | {
-                "liveness": live,
+                "liveness": "wiped" if device_id in wiped else live,
                 "enrolled": device_id in enrolled,
                 "models": ", ".join(f"{m.get('model_id')} v{m.get('version')}" for m in models),
             }
+            | extra
         )
     return out
