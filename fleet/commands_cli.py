@@ -240,7 +240,18 @@ def _report(args: argparse.Namespace, issued: list[Issued], delivery: dict[str, 
 
 
 def cmd_decommission(args: argparse.Namespace) -> int:
-    return _issue_and_deliver(args, "decommission", {}, [args.device_id])
+    code = _issue_and_deliver(args, "decommission", {}, [args.device_id])
+    if code != 0 or args.dry_run or args.keep_certificate:
+        return code
+    from .ca import revoke
+
+    crl = revoke(_home(args), args.device_id, "decommissioned", utcnow())
+    if not args.json:
+        print(f"revoked {args.device_id}'s client certificate in {crl}. The broker enforces it once it loads this "
+              "CRL and restarts: do that after the board's result has arrived ('fleet status' shows it wiped) — "
+              "a board that cannot connect cannot receive the command — or at once for a stolen board "
+              "(then deliver the command with --out at the bench). See 'edgeward fleet revoke --help'.")
+    return 0
 
 
 def cmd_retire(args: argparse.Namespace) -> int:
@@ -566,6 +577,9 @@ def register(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
              "attestation, signed by its identity key before the key is destroyed; once recorded (by the monitor or "
              "'import-result') 'fleet status' shows the board as wiped." + delivery)
     sp.add_argument("device_id", metavar="DEVICE")
+    sp.add_argument("--keep-certificate", action="store_true",
+                    help="do not revoke the board's client certificate (by default the fleet CRL revokes it; the "
+                         "broker enforces that once it loads the CRL and restarts)")
     signing(sp)
 
     sp = sub("retire", "order boards to stop serving a model and shred it (their encryption key rotates)",

@@ -312,6 +312,9 @@ def test_cancel_and_decommission_from_files_then_status_shows_the_wiped_board(
     assert edgeward(["fleet", "cancel", "7", "--device", "pi-001", "--fleet-dir", str(home.path), *key,
                      "--out", str(queue)]) == 2
     assert fleet_cli(home, capsys, "decommission", "pi-001", *key, "--out", str(queue))[0] == 0
+    from fleet.ca import revoked
+
+    assert "pi-001" in revoked(home)  # the fleet CRL revokes the board's certificate with the order
     # Nothing may follow a pending decommission (it would never be obeyed).
     assert edgeward(["fleet", "retire", "m", "--device", "pi-001", "--fleet-dir", str(home.path), *key,
                      "--out", str(queue)]) == 2
