@@ -37,14 +37,15 @@ np.savez("$WORK/validation.npz", x=x_train)
 print("true labels of the batch:", z["y"][:8].tolist())
 PY
 
-step "2. The publisher's signing key (Ed25519, 0600, passphrase-encrypted)"
+step "2. The publisher's signing key and the security officer's operator key (Ed25519, 0600, passphrase-encrypted)"
 show "$BIN/edgeward" keys publisher --out keys
+show "$BIN/edgeward" keys operator --out keys
 
 step "3. Two boards provision themselves: keys made on the board, public enrolment exported"
 mkdir -p enrolments
 for dev in pi-kitchen pi-garage; do
   show "$BIN/edgeward-agent" provision --data-dir "boards/$dev" --device-id "$dev" \
-       --publisher-pub keys/publisher.pub --export "enrolments/$dev.json"
+       --publisher-pub keys/publisher.pub --operator-pub keys/operator.pub --export "enrolments/$dev.json"
 done
 
 step "4. Pack: one signed bundle per board, each encrypted to that board's key"
@@ -84,18 +85,21 @@ step "9. The board still serves v2, exactly as before"
 show "$BIN/edgeward-agent" status --data-dir boards/pi-kitchen
 show "$BIN/edgeward-agent" predict --data-dir boards/pi-kitchen --input sample.npy
 
-step "10. Fleet: a private mosquitto, the guarded service reporting to it, a real detection arriving"
+show "$BIN/edgeward-agent" install release-v2/pi-garage.ewb --data-dir boards/pi-garage
+
+step "10. Fleet: a private mosquitto, the guarded service reporting to it, a real detection arriving;
+    then a remote decommission of pi-garage, ordered while it is switched off, obeyed when it returns"
 ensure_mosquitto
 source "$EW_ROOT/scripts/lib/demo_fleet.sh"
-BOARD_DIR="$WORK/boards/pi-kitchen" ENROLMENT="$WORK/enrolments/pi-kitchen.json" demo_fleet
+BOARD_DIR="$WORK/boards/pi-kitchen" ENROLMENT="$WORK/enrolments/pi-kitchen.json" \
+  OFFLINE_BOARD_DIR="$WORK/boards/pi-garage" OFFLINE_ENROLMENT="$WORK/enrolments/pi-garage.json" \
+  OPERATOR_KEY="$WORK/keys/operator.key" demo_fleet
 
-step "11. End of life: the board crypto-shreds its keys and models and signs an attestation"
-show "$BIN/edgeward-agent" install release-v2/pi-garage.ewb --data-dir boards/pi-garage
-show "$BIN/edgeward-agent" wipe --data-dir boards/pi-garage --yes
+step "11. End of life: pi-garage crypto-shredded its keys and models and signed an attestation"
 "$PY" - <<PY
 import json
 doc = json.load(open("boards/pi-garage/wipe-attestation.json"))
-print("attestation:", json.dumps(doc["body"]["bundles_destroyed"]), "signed:", bool(doc["signature"]))
+print("attestation:", json.dumps(doc["body"]["bundles_destroyed"]), "by command", doc["body"]["by"], "signed:", bool(doc["signature"]))
 PY
 show "$BIN/edgeward-agent" status --data-dir boards/pi-garage
 refused "$BIN/edgeward-agent" predict --data-dir boards/pi-garage --input sample.npy

@@ -8,8 +8,10 @@
 # EDGEWARD_DEVICE_KEK_FILE), and WORK/batch.npy (digit inputs). Starts a private mosquitto from
 # the generated configuration on a free loopback port (a plain process), a monitor and the
 # board's guarded service with telemetry; queries the service, whose OoD detector flags the
-# noise, and shows that detection arriving, verified, at the monitor. Everything it starts is
-# stopped when the function returns.
+# noise, and shows that detection arriving, verified, at the monitor. With OFFLINE_BOARD_DIR,
+# OFFLINE_ENROLMENT and OPERATOR_KEY set, it then decommissions that board while it is off, starts
+# it, and shows the board obeying its retained command queue and the fleet verifying its signed
+# wipe attestation. Everything it starts is stopped when the function returns.
 
 demo_fleet() {
   local fleet="$WORK/fleet-home" broker="$WORK/broker" port device mosq pids=() i
@@ -105,7 +107,32 @@ PYEOF
   ew_log "fleet: what the monitor stored (signatures verified against the enrolled identity key)"
   "${ew[@]}" status --fleet-dir "$fleet"
   "${ew[@]}" events --fleet-dir "$fleet" --since 1h
+  [ "$ok" = 0 ] || { _demo_fleet_stop; echo "demo_fleet: the anomaly did not reach the monitor (see $WORK/mosquitto.log)" >&2; return 4; }
+  ew_log "fleet: the detection arrived signed, verified and stored once"
+
+  if [ -n "${OFFLINE_BOARD_DIR:-}" ]; then
+    local offline
+    offline="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["device_id"])' "$OFFLINE_ENROLMENT")"
+    ew_log "fleet: $offline is switched off; the security officer orders its decommission anyway"
+    "${ew[@]}" enrol --fleet-dir "$fleet" "$OFFLINE_ENROLMENT" >/dev/null
+    "${ew[@]}" time --fleet-dir "$fleet" --operator-key "$OPERATOR_KEY" --broker "127.0.0.1:$port" --operator operator
+    "${ew[@]}" decommission "$offline" --fleet-dir "$fleet" --operator-key "$OPERATOR_KEY" \
+      --broker "127.0.0.1:$port" --operator operator
+    "${ew[@]}" commands "$offline" --fleet-dir "$fleet"
+    ew_log "fleet: $offline comes back online; its retained command queue is waiting for it"
+    "${agent[@]}" serve --data-dir "$OFFLINE_BOARD_DIR" --socket "$WORK/offline.sock" --broker "127.0.0.1:$port" \
+      --ca "$fleet/ca.crt" --cert "$fleet/certs/$offline.crt" --key "$fleet/certs/$offline.key" --heartbeat 2 \
+      || { _demo_fleet_stop; echo "demo_fleet: $offline did not obey the decommission" >&2; return 4; }
+    local wiped=1
+    for i in $(seq 100); do
+      if "${ew[@]}" status --fleet-dir "$fleet" --json 2>/dev/null | grep -q '"liveness": "wiped"'; then wiped=0; break; fi
+      sleep 0.2
+    done
+    ew_log "fleet: the board's signed result arrived; the monitor verified its wipe attestation"
+    "${ew[@]}" status --fleet-dir "$fleet"
+    "${ew[@]}" verify-attestation "$OFFLINE_BOARD_DIR/wipe-attestation.json" --fleet-dir "$fleet"
+    [ "$wiped" = 0 ] || { _demo_fleet_stop; echo "demo_fleet: the fleet did not record $offline as wiped" >&2; return 4; }
+  fi
   _demo_fleet_stop
-  [ "$ok" = 0 ] || { echo "demo_fleet: the anomaly did not reach the monitor (see $WORK/mosquitto.log)" >&2; return 4; }
-  ew_log "fleet: the detection arrived signed, verified and stored once; broker, monitor and service stopped"
+  ew_log "fleet: broker, monitor and service stopped"
 }
