@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_test_the_docs_name_exists() -> None:
-    tests = {p.name: set(re.findall(r"^def (test_\w+)", p.read_text(), re.M)) for p in (ROOT / "tests").glob("test_*.py")}
+    tests = {
+        p.name: set(re.findall(r"^def (test_\w+)", p.read_text(), re.M)) for p in (ROOT / "tests").glob("test_*.py")
+    }
     missing, named = [], 0
     for doc in sorted((ROOT / "docs").glob("*.md")):
         for file, first, rest in re.findall(r"`(test_\w+\.py)::(test_\w+)`((?:, `::test_\w+`)*)", doc.read_text()):
