@@ -431,9 +431,13 @@ def test_after_a_wipe_no_key_and_no_model_plaintext_is_on_the_raw_disk(
     searched = aligned + windows(plaintext, [rng.randrange(len(plaintext) - 63) for _ in range(32)])
     found = [w for w in searched if w in haystack]
     assert not found, f"{len(found)} of {len(searched)} 64-byte windows of the model's plaintext are on the raw disk"
-    # Not asserted (deleting frees blocks, it does not erase them): how much of the deleted
-    # bundles' ciphertext is still on the raw disk, unreadable without the shredded keys.
+    # A second control, and the reason for a cryptographic erase: the bundles the wipe deleted
+    # are still on the raw disk (deleting frees blocks, it does not erase them), only unreadable.
     chunks = [data[i : i + 64] for data in old_bundles.values() for i in range(0, len(data) - 63, 4096)]
+    assert any(c in haystack for c in chunks), (
+        "control: none of the deleted bundles' ciphertext is on the raw disk; if the wipe now overwrites "
+        "bundles too, this control no longer applies"
+    )
     print(f"raw-disk scan of {len(raw) >> 20} MiB ({len(haystack) >> 10} KiB not zero) in "
           f"{time.monotonic() - started:.1f} s: {len(key_material)} keys, {len(shredded)} shredded files and "
           f"{len(searched)} plaintext windows absent; {sum(c in haystack for c in chunks)} of {len(chunks)} "
