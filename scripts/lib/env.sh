@@ -40,6 +40,23 @@ ensure_mosquitto() {
   fi
 }
 
+# mkfs.ext4 (e2fsprogs) and losetup/mount (mount) for the raw-disk wipe test (Debian packages);
+# the test itself needs root and a free loop device, and says so when it skips.
+ensure_loopfs() {
+  local missing=() dirs="/usr/sbin:/sbin:$PATH"
+  PATH="$dirs" command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+  PATH="$dirs" command -v losetup >/dev/null || missing+=(mount)
+  [ "${#missing[@]}" = 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    ew_log "installing ${missing[*]} (Debian packages)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "${missing[*]} not installed: run 'sudo apt-get install ${missing[*]}' (the raw-disk wipe test needs it)" >&2
+    return 1
+  fi
+}
+
 # Headless Chromium and its WebDriver for the dashboard test (Debian packages).
 ensure_chromium() {
   command -v chromium >/dev/null && command -v chromedriver >/dev/null && return 0
