@@ -398,12 +398,12 @@ class Agent:
         attestation. Without the keys it refuses unless ``allow_unsigned``."""
         from device_agent.store.wipe import wipe
 
-        with self._lock:
+        try:
+            floor = self.state().clock_floor
+        except EdgeWardError:
+            floor = None  # a wipe never depends on the state it destroys
+        with self._lock, self.store.locked():  # no install or command runs halfway through it
             self._loaded.clear()
-            try:
-                floor = self.state().clock_floor
-            except EdgeWardError:
-                floor = None  # a wipe never depends on the state it destroys
             return wipe(self.store, self._source, trusted_now(self._clock(), floor), allow_unsigned=allow_unsigned)
 
     # --- signed commands and trusted time ----------------------------------------------------------

@@ -165,7 +165,7 @@ def _decommission(agent: Agent, acc: Accepted, sg: Signed, on_result: OnResult |
     cmd = acc.command
     now = trusted_now(agent._clock(), acc.state.clock_floor)
     by = {"command_seq": cmd.seq, "command_sha256": sg.sha256, "operator": crypto.fingerprint(sg.signer)}
-    with agent._lock:
+    with agent._lock, agent.store.locked():
         agent._loaded.clear()
         if not wipe.wipe_pending(agent.store.path):
             wipe.begin(agent.store, agent._source, now, by=by)

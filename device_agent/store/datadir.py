@@ -305,10 +305,16 @@ class DataDir:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Serialise writers (install, rollback, wipe) on this data dir."""
-        fd = os.open(self.layout.path(layout.LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        """Serialise writers (install, rollback, commands, wipe) on this data dir. A writer that
+        waited while a wipe ran finds the board gone and stops without writing anything."""
+        path = self.layout.path(layout.LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            if not self.is_provisioned():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()  # the lock file this writer just made
+                raise UsageError(f"{self.path} was wiped while this command waited; nothing was changed")
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
