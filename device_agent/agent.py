@@ -368,8 +368,9 @@ class Agent:
         state, decrypt it and check the model digest against the sealed sidecar of the model
         being served. Raises IntegrityError (or another SecurityRefusal) when anything differs."""
         state = self._serving_state()
-        if loaded.manifest.model_id not in state.models:
-            raise IntegrityError("the model being served is no longer installed")
+        slot = state.models.get(loaded.manifest.model_id)
+        if slot is None or slot.current is None or slot.current.bundle_id != loaded.manifest.bundle_id:
+            return  # the sealed state moved on (an install, a rollback, a retirement): the next query loads it
         vb, _ = self._verified_stored(loaded.manifest.model_id, state)
         if vb.manifest.bundle_id != loaded.manifest.bundle_id:
             raise IntegrityError("the stored bundle is not the one being served")
@@ -439,7 +440,9 @@ class Agent:
         return run.sweep_end_of_life(self)
 
     # --- status ----------------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self, *, check_files: bool = True) -> dict[str, Any]:
+        """The board's identity, models and trusted time; ``check_files`` adds the data-dir check
+        (every file listed by the layout, no mode wider): a walk of the tree, left out of heartbeats."""
         state = self.state()
         identity = self.store.identity()
         now = trusted_now(self._clock(), state.clock_floor)
@@ -479,6 +482,7 @@ class Agent:
             "sign_fingerprint": crypto.fingerprint(identity.sign_public),
             "now": format_time(now),
             "clock_floor": format_time(state.clock_floor) if state.clock_floor else None,
+            "trust_fingerprint": crypto.sha256_hex(canonical_json(self.trust_anchors().to_json())),
             "models": models,
-            "data_dir_problems": self.store.layout.problems(),
+            "data_dir_problems": self.store.layout.problems() if check_files else None,
         }

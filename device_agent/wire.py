@@ -12,10 +12,10 @@ from typing import Any
 from device_agent.config import DEFAULT_CONFIG
 from device_agent.errors import FormatError
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-HEX32_RE = re.compile(r"^[0-9a-f]{32}$")
-HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
-FPR_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+HEX32_RE = re.compile(r"^[0-9a-f]{32}\Z")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
+FPR_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 MAX_VERSION = 2**53  # the JSON integer range every reader holds exactly: part of every format
 
 
@@ -35,11 +35,11 @@ def parse_time(text: str, what: str) -> datetime:
         raise FormatError(f"{what} must be an ISO 8601 time string")
     try:
         t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as e:
-        raise FormatError(f"{what} is not an ISO 8601 time: {text!r}") from e
-    if t.tzinfo is None:
-        raise FormatError(f"{what} has no time zone: {text!r}; add Z for UTC")
-    return t.astimezone(UTC)
+        if t.tzinfo is None:
+            raise FormatError(f"{what} has no time zone: {text!r}; add Z for UTC")
+        return t.astimezone(UTC)
+    except (ValueError, OverflowError) as e:  # 0001-01-01T00:00:00+01:00 overflows in UTC
+        raise FormatError(f"{what} is not an ISO 8601 time in range: {text!r}") from e
 
 
 # --- strict field readers ---------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def str_field(
 ) -> str:
     if not isinstance(value, str) or not value or len(value) > limit:
         raise FormatError(f"{what} must be a non-empty string of at most {limit} characters")
-    if pattern is not None and not pattern.match(value):
+    if pattern is not None and not pattern.fullmatch(value):
         raise FormatError(f"{what} has an invalid value {value[:80]!r}")
     return value
 

@@ -12,7 +12,7 @@ from .ca import FleetHome
 from .store import MonitorStore
 
 STALE_AFTER_S = 90.0  # three default heartbeats
-_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_RELATIVE = re.compile(r"^(\d+)([smhd])\Z")
 
 
 def parse_since(text: str | None, now: datetime) -> datetime | None:

@@ -320,13 +320,73 @@ def test_a_forward_jump_of_the_system_clock_ends_no_models_life(fleet: Fleet, pa
 
 def test_a_beacon_far_ahead_is_held_until_another_source_confirms_it(fleet: Fleet, pack_for, digits) -> None:
     install(fleet, pack_for, digits.onnx, 1, end_of_life=day(50))
+    x = np.zeros((1, 64), np.float32)
     fleet.clock.now = day(1)
-    fleet.agent().apply_commands(fleet.operator.beacon(day(400)))
+    fleet.agent().apply_commands(fleet.operator.beacon(day(400)))  # a mistyped fleet clock
     state = fleet.agent().state()
     assert state.held_beacon == day(400) and state.clock_floor < day(2)
-    assert events(fleet, "time") and fleet.agent().predict(np.zeros((1, 64), np.float32))["predictions"]
+    assert events(fleet, "time") and fleet.agent().predict(x)["predictions"]
     fleet.agent().apply_commands(fleet.operator.beacon(day(401)))  # beacons never confirm each other
     assert fleet.agent().state().clock_floor < day(2)
-    fleet.clock.now = day(399)  # the system clock agrees: the held time is applied
-    fleet.agent().sweep_end_of_life()
+    fleet.clock.now = day(399)  # nor does the unsigned system clock: a forward jump shreds nothing
+    assert fleet.agent().sweep_end_of_life() == [] and fleet.agent().state().clock_floor < day(2)
+    fleet.clock.now = day(1)
+    # A signed command issued near the held time confirms it: the floor moves and the model's life ends.
+    fleet.clock.now = day(400)
+    fleet.agent().apply_commands(fleet.operator.sign("retire", "pi-cmd", 1, issued=day(400), model_id="none"))
     assert fleet.agent().state().clock_floor == day(401)
+    assert fleet.agent().sweep_end_of_life() == ["digits"]
+
+
+def test_a_held_beacon_contradicted_by_the_fleet_is_dropped(fleet: Fleet, pack_for, digits) -> None:
+    install(fleet, pack_for, digits.onnx, 1, end_of_life=day(50))
+    fleet.clock.now = day(1)
+    fleet.agent().apply_commands(fleet.operator.beacon(day(3650)))  # ten years ahead: held
+    fleet.agent().apply_commands(fleet.operator.beacon(day(2)))  # the fleet's corrected clock
+    state = fleet.agent().state()
+    assert state.held_beacon is None and state.clock_floor == day(2)
+    fleet.clock.now = day(3649)  # a later forward excursion of the system clock...
+    assert fleet.agent().sweep_end_of_life() == []  # ...confirms nothing and ends nothing
+    fleet.clock.now = day(3)
+    assert fleet.agent().predict(np.zeros((1, 64), np.float32))["predictions"]
+
+
+def test_a_recovery_key_cannot_sign_time_beacons(fleet: Fleet, pack_for, digits) -> None:
+    install(fleet, pack_for, digits.onnx, 1)
+    floor = fleet.agent().state().clock_floor
+    fleet.agent().apply_commands(encode_queue([fleet.recovery.beacon(day(2))]))
+    assert fleet.agent().state().clock_floor == floor
+    assert any("operator key" in e["evidence"]["refused"] for e in events(fleet, "command"))
+
+
+def test_a_cancel_the_board_refuses_cancels_nothing(fleet: Fleet, pack_for, digits) -> None:
+    install(fleet, pack_for, digits.onnx, 1, model_id="kws")
+    queue = encode_queue([fleet.operator.sign("retire", "pi-cmd", 1, model_id="kws"),
+                          fleet.operator.sign("cancel", "pi-cmd", 2, issued=day(3), seq=1)])  # from the future
+    agent = fleet.agent()
+    results = [verify_result(r, agent.store.identity().sign_public) for r in agent.apply_commands(queue)]
+    assert [(r.seq, r.outcome) for r in results] == [(1, "applied"), (2, "refused")]
+    assert fleet.agent().state().retired.keys() == {"kws"}
+
+
+def test_end_of_life_keeps_the_board_reachable_for_the_next_release(fleet: Fleet, pack_for, digits) -> None:
+    install(fleet, pack_for, digits.onnx, 1, end_of_life=day(20))
+    fleet.clock.now = day(30)
+    fleet.agent().apply_commands(fleet.operator.beacon(day(30)))
+    assert fleet.agent().sweep_end_of_life() == ["digits"]
+    install(fleet, pack_for, digits.onnx, 1, model_id="digits-2")  # packed for the enrolment the fleet has
+
+
+def test_the_integrity_check_follows_an_install_made_while_serving(fleet: Fleet, pack_for, digits) -> None:
+    from device_agent.service.service import Service
+
+    install(fleet, pack_for, digits.onnx, 1)
+    service = Service(fleet.agent())
+    body = json.dumps({"inputs": np.zeros(64).tolist()}).encode()
+    who = service.tokens.add("user", DAY0)[0]
+    service.predict(who, body, "application/json")
+    install(fleet, pack_for, digits.onnx, 2)  # another process installs a new version
+    assert service.check_integrity()  # the state moved on: not tampering
+    service.predict(who, body, "application/json")
+    assert service.status_provider()["model"]["version"] == 2
+    assert not events(fleet, "integrity")

@@ -85,3 +85,48 @@ def test_a_surviving_copy_of_the_bundle_is_useless_after_wipe(digits, make_board
     Agent.provision(board.data_dir, "pi-001", [load_public_key_file(publisher / "publisher.pub")], [], board.keys)
     with pytest.raises(WrongDevice, match="sealed to another key"):
         Agent(board.data_dir, board.keys).install(copy)
+
+
+@pytest.mark.parametrize("plant", ["symlink", "directory", "fifo"])
+def test_a_wipe_completes_past_entries_planted_in_place_of_secrets(
+    digits, make_board, pack_for, tmp_path, plant
+) -> None:
+    """Someone with the card plants a link, a directory or a FIFO where the wipe shreds a key: the
+    wipe still destroys every key, deletes everything and says what it found."""
+    import os
+
+    board, agent = _installed(make_board, pack_for, digits)
+    target = board.data_dir / "kek.bin"
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the board's")
+    if plant == "symlink":
+        target.symlink_to(outside)
+    elif plant == "directory":
+        (target / "inner").mkdir(parents=True)
+    else:
+        os.mkfifo(target)
+    doc = agent.wipe()
+    assert sorted(p.name for p in board.data_dir.iterdir()) == [ATTESTATION]
+    assert doc["signature"] is not None
+    assert outside.read_text() == "not the board's"  # nothing outside the data dir is touched
+
+
+def test_a_planted_journal_cannot_point_the_wipe_outside_the_data_dir(digits, make_board, pack_for, tmp_path) -> None:
+    board, agent = _installed(make_board, pack_for, digits)
+    begin(agent.store, board.keys, utcnow())
+    marker = json.loads((board.data_dir / MARKER).read_text())
+    outside = tmp_path / "precious"
+    outside.write_text("x")
+    for path in (str(outside), "../precious", "bundles"):
+        marker["kek_path"] = path
+        (board.data_dir / MARKER).write_text(json.dumps(marker))
+        from device_agent.store.datadir import DataDir
+        from device_agent.store.wipe import shred_secrets
+
+        shred_secrets(DataDir(board.data_dir))
+    assert outside.read_text() == "x"
+    (board.data_dir / MARKER).write_bytes(b"\x00garbage")  # a damaged journal still completes
+    from device_agent.cli import main
+
+    assert main(["status", "--data-dir", str(board.data_dir)]) == 0
+    assert sorted(p.name for p in board.data_dir.iterdir()) == [ATTESTATION]

@@ -21,7 +21,7 @@ from device_agent import crypto
 from device_agent.bundle.enrolment import DOMAIN as ENROLMENT_DOMAIN
 from device_agent.bundle.enrolment import Enrolment
 from device_agent.bundle.format import verify_head
-from device_agent.commands.decide import Accepted, check_signer, decide_command
+from device_agent.commands.decide import Accepted, check_command, decide_command
 from device_agent.commands.format import (
     COMMAND_MAGIC,
     Beacon,
@@ -33,8 +33,8 @@ from device_agent.commands.format import (
     verify_signed,
 )
 from device_agent.errors import EdgeWardError, NotInstalled, SecurityRefusal
-from device_agent.trust.decisions import confirm_held, decide_beacon, trusted_now
-from device_agent.trust.state import Retired
+from device_agent.trust.decisions import decide_beacon, trusted_now
+from device_agent.trust.state import Identity, Retired
 from device_agent.wire import canonical_json, format_time
 
 if TYPE_CHECKING:
@@ -58,7 +58,11 @@ def apply(agent: Agent, payload: bytes, on_result: OnResult | None = None) -> li
     verified: list[Signed] = []
     for raw in items:
         try:
-            verified.append(verify_signed(raw, trusted, limits))
+            sg = verify_signed(raw, trusted, limits)
+            operator = any(crypto.constant_time_equal(sg.signer, k) for k in anchors.operators)
+            if isinstance(sg.item, Beacon) and not operator:
+                raise SecurityRefusal("a time beacon must be signed by an operator key (not a recovery key)")
+            verified.append(sg)
         except EdgeWardError as e:
             agent.record_event("command", "critical", {"refused": str(e)[:300], "sha256": crypto.sha256_hex(raw)})
             if single:
@@ -67,31 +71,38 @@ def apply(agent: Agent, payload: bytes, on_result: OnResult | None = None) -> li
         if isinstance(sg.item, Beacon):
             apply_beacon(agent, sg.item)
     commands = sorted((sg for sg in verified if isinstance(sg.item, Command)), key=_seq)
+    if not commands:
+        return []
     me = agent.store.identity()
-    cancelled = _cancelled(agent, commands, me.device_id)
+    key = agent._key()  # before the lock: the first unlock may upgrade the data dir, which locks
     results: list[bytes] = []
-    for sg in commands:
-        cmd = sg.item
-        assert isinstance(cmd, Command)
-        state = agent.state()
-        if not single and cmd.seq <= state.command_seq and cmd.device_id == me.device_id:
-            continue  # carried out before: the retained queue keeps it until the fleet drops it
-        try:
-            accepted = decide_command(
-                cmd, sg.signer, me, agent.trust_anchors(), state, agent._clock(),
-                skew_s=limits.future_skew_s, hold_s=limits.beacon_hold_s, cancelled=cmd.seq in cancelled,
-                skipped=frozenset(cancelled),
-            )
-        except (SecurityRefusal, NotInstalled) as e:
-            agent.record_event("command", "critical" if isinstance(e, SecurityRefusal) else "warning",
-                               {"refused": cmd.describe(), "why": str(e)[:300], "sha256": sg.sha256})
-            if single:
-                raise
-            results.append(_sign(agent, cmd, sg.sha256, "refused", str(e), {}, on_result))
-            continue
-        results.append(_carry_out(agent, accepted, sg, on_result))
-        if accepted.wipe:
-            break  # nothing is left to obey anything else
+    # Read, decide and persist under the data-dir lock: an install or another command cannot
+    # change the state between the decision and its effect.
+    with agent._lock, agent.store.locked():
+        cancelled = _cancelled(agent, commands, me, limits)
+        for sg in commands:
+            cmd = sg.item
+            assert isinstance(cmd, Command)
+            state = agent.state()
+            if not single and cmd.seq <= state.command_seq and cmd.device_id == me.device_id:
+                continue  # carried out before: the retained queue keeps it until the fleet drops it
+            try:
+                accepted = decide_command(
+                    cmd, sg.signer, me, agent.trust_anchors(), state, agent._clock(),
+                    skew_s=limits.future_skew_s, hold_s=limits.beacon_hold_s, cancelled=cmd.seq in cancelled,
+                    skipped=frozenset(cancelled),
+                )
+            except (SecurityRefusal, NotInstalled) as e:
+                agent.record_event("command", "critical" if isinstance(e, SecurityRefusal) else "warning",
+                                   {"refused": cmd.describe(), "why": str(e)[:300], "sha256": sg.sha256})
+                if single:
+                    raise
+                results.append(_send(on_result, *_sign(agent, cmd, sg.sha256, "refused", str(e), {})))
+                continue
+            if accepted.wipe:
+                results.append(_decommission(agent, accepted, sg, on_result))
+                break  # nothing is left to obey anything else
+            results.append(_carry_out(agent, accepted, sg, key, on_result))
     return results
 
 
@@ -99,50 +110,60 @@ def _seq(sg: Signed) -> int:
     return sg.item.seq if isinstance(sg.item, Command) else 0
 
 
-def _cancelled(agent: Agent, commands: list[Signed], device_id: str) -> set[int]:
-    """Sequence numbers cancelled by a cancel in the same delivery that the board would obey."""
+def _cancelled(agent: Agent, commands: list[Signed], me: Identity, limits: Any) -> set[int]:
+    """Sequence numbers cancelled by a cancel in the same delivery that the board would obey:
+    one that passes every check a command must pass, and names an earlier, unapplied number."""
     out = set()
-    now = trusted_now(agent._clock(), agent.state().clock_floor)
+    state = agent.state()
     for sg in commands:
         c = sg.item
-        if isinstance(c, Command) and c.kind == "cancel" and c.device_id == device_id and now < c.expires:
-            try:
-                check_signer(c, sg.signer, agent.trust_anchors())
-            except SecurityRefusal:
-                continue
-            if c.args["seq"] < c.seq:
-                out.add(c.args["seq"])
+        if not (isinstance(c, Command) and c.kind == "cancel" and c.seq > state.command_seq):
+            continue
+        try:
+            check_command(c, sg.signer, me, agent.trust_anchors(), state, agent._clock(), limits.future_skew_s)
+        except SecurityRefusal:
+            continue
+        if state.command_seq < c.args["seq"] < c.seq:
+            out.add(c.args["seq"])
     return out
 
 
-def _carry_out(agent: Agent, acc: Accepted, sg: Signed, on_result: OnResult | None) -> bytes:
+def _send(on_result: OnResult | None, data: bytes, result: Result) -> bytes:
+    if on_result is not None:
+        on_result(data, result)
+    return data
+
+
+def _carry_out(agent: Agent, acc: Accepted, sg: Signed, key: bytearray, on_result: OnResult | None) -> bytes:
+    """Carry out an accepted command (the caller holds the locks). The result is signed and
+    handed on before the new state is saved: a power cut between the two repeats the command
+    when the queue comes again, and its repeat answers again, rather than losing the answer."""
     cmd = acc.command
-    key = agent._key()
     effects: dict[str, Any] = {}
-    if acc.wipe:
-        return _decommission(agent, acc, sg, on_result)
-    with agent._lock, agent.store.locked():
-        if acc.rotate_box_key:
-            effects.update(_rotate_box_key(agent))
-        if acc.anchors != agent.trust_anchors():
-            agent.store.save_trust(acc.anchors, key)
-        agent.store.save_state(acc.state, key)
-        agent._state_cache = None
-        if acc.shred:
-            agent.store.collect_garbage(acc.state)
-            effects["bundles_destroyed"] = sorted(acc.shred)
-        for mid in list(agent._loaded):
-            slot = acc.state.models.get(mid)
-            if slot is None or slot.current is None or slot.current.bundle_id != agent._loaded[mid].manifest.bundle_id:
-                agent._loaded.pop(mid)
+    if acc.rotate_box_key:
+        effects.update(_rotate_box_key(agent))
+    if acc.shred:
+        effects["bundles_destroyed"] = sorted(acc.shred)
     if cmd.kind in ("retire", "rollback"):
         effects["model_id"] = cmd.args["model_id"]
     if cmd.kind == "rotate-key":
         effects["role"] = cmd.args["role"]
         effects["fingerprints"] = [crypto.fingerprint(base64.b64decode(k)) for k in cmd.args["keys"]]
     outcome = "cancelled" if acc.detail.startswith("cancelled") else "applied"
+    signed = _sign(agent, cmd, sg.sha256, outcome, acc.detail, effects)
+    _send(on_result, *signed)
+    if acc.anchors != agent.trust_anchors():
+        agent.store.save_trust(acc.anchors, key)
+    agent.store.save_state(acc.state, key)
+    agent._state_cache = None
+    if acc.shred:
+        agent.store.collect_garbage(acc.state)
+    for mid in list(agent._loaded):
+        slot = acc.state.models.get(mid)
+        if slot is None or slot.current is None or slot.current.bundle_id != agent._loaded[mid].manifest.bundle_id:
+            agent._loaded.pop(mid)
     agent.record_event("command", "info", {"applied": cmd.describe(), "outcome": outcome, "sha256": sg.sha256})
-    return _sign(agent, cmd, sg.sha256, outcome, acc.detail, effects, on_result)
+    return signed[0]
 
 
 def _rotate_box_key(agent: Agent) -> dict[str, Any]:
@@ -160,34 +181,34 @@ def _rotate_box_key(agent: Agent) -> dict[str, Any]:
 
 
 def _decommission(agent: Agent, acc: Accepted, sg: Signed, on_result: OnResult | None) -> bytes:
+    """The wipe, ordered by a command (the caller holds the locks). The result is signed while
+    the identity key exists, sent only once every key is shredded (so "applied" is true when
+    the fleet reads it), and the rest of the wipe completes after it was sent."""
     from device_agent.store import wipe
 
     cmd = acc.command
     now = trusted_now(agent._clock(), acc.state.clock_floor)
     by = {"command_seq": cmd.seq, "command_sha256": sg.sha256, "operator": crypto.fingerprint(sg.signer)}
-    with agent._lock, agent.store.locked():
-        agent._loaded.clear()
-        if not wipe.wipe_pending(agent.store.path):
-            wipe.begin(agent.store, agent._source, now, by=by)
-        doc = json.loads((agent.store.path / wipe.MARKER).read_bytes())
-        attestation = {"body": doc["body"], "signature": doc["signature"]}
-        # Signed, and handed to the caller to send, while the identity key still exists.
-        result = _sign(agent, cmd, sg.sha256, "applied", acc.detail, {"attestation": attestation}, on_result)
+    agent._loaded.clear()
+    doc = wipe.begin(agent.store, agent._source, now, by=by) if not wipe.wipe_pending(agent.store.path) else None
+    attestation = {"body": doc["body"], "signature": doc["signature"]} if doc else {}
+    data, result = _sign(agent, cmd, sg.sha256, "applied", acc.detail, {"attestation": attestation})
+    try:
+        wipe.shred_secrets(agent.store)
+        _send(on_result, data, result)
+    finally:
         wipe.complete(agent.store, now)
-    return result
+    return data
 
 
-def _sign(agent: Agent, cmd: Command, sha256: str, outcome: str, detail: str, effects: dict[str, Any],
-          on_result: OnResult | None) -> bytes:
+def _sign(agent: Agent, cmd: Command, sha256: str, outcome: str, detail: str,
+          effects: dict[str, Any]) -> tuple[bytes, Result]:
     result = Result(cmd.device_id, cmd.seq, cmd.kind, sha256, outcome, detail[:500], agent._clock(), effects)
     keys = agent._unlock()
     try:
-        data = encode_result(result, keys.signer())
+        return encode_result(result, keys.signer()), result
     finally:
         keys.wipe()
-    if on_result is not None:
-        on_result(data, result)
-    return data
 
 
 def apply_beacon(agent: Agent, beacon: Beacon) -> bool:
@@ -216,11 +237,12 @@ def sweep_end_of_life(agent: Agent) -> list[str]:
     A model stops *serving* once the trusted time (the later of the system clock and the floor)
     passes its end of life (device_agent.trust.decisions.check_serving_life). It is *shredded*
     only once the signed floor has passed it: a wrong forward jump of the unsigned system clock
-    pauses serving while it lasts, and ends no model's life for good."""
-    hold = agent.config.commands.beacon_hold_s
+    pauses serving while it lasts, and ends no model's life for good. Its bundles and local keys
+    are shredded; the board's encryption key is not rotated here (that would leave the fleet
+    without the board's new enrolment): a copy of the bundle is past its end of life everywhere."""
     key = agent._key()
     with agent._lock, agent.store.locked():
-        state = confirm_held(agent.state(), agent._clock(), hold)
+        state = agent.state()
         if state.clock_floor is None:
             return []
         now = state.clock_floor
@@ -236,15 +258,13 @@ def sweep_end_of_life(agent: Agent) -> list[str]:
                 continue  # the serving check refuses it; end of life needs a verified date
             if m.end_of_life is not None and now >= m.end_of_life:
                 ended.append(mid)
-        if not ended and state == agent.state():
+        if not ended:
             return []
         after = replace(
             state,
             models={k: v for k, v in state.models.items() if k not in ended},
             retired={**state.retired, **{m: Retired(now, "end of life") for m in ended}},
         )
-        if ended:
-            _rotate_box_key(agent)
         agent.store.save_state(after, key)
         agent._state_cache = None
         agent.store.collect_garbage(after)
@@ -252,5 +272,5 @@ def sweep_end_of_life(agent: Agent) -> list[str]:
             agent._loaded.pop(mid, None)
     for mid in ended:
         agent.record_event("end-of-life", "warning", {"model_id": mid, "at": format_time(now),
-                                                     "action": "stopped serving, shredded, encryption key rotated"})
+                                                     "action": "stopped serving; bundles and keys shredded"})
     return ended

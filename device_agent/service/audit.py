@@ -42,7 +42,7 @@ from device_agent.store.fsutil import atomic_write, make_private_dir
 from device_agent.wire import canonical_json, format_time, parse_time
 
 GENESIS = "0" * 64
-SEGMENT_RE = re.compile(r"^audit-(\d{8})\.jsonl$")
+SEGMENT_RE = re.compile(r"^audit-(\d{8})\.jsonl\Z")
 DAY = 86400.0
 
 

@@ -37,7 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         """Heartbeat content: installed models and the service's counters (no clients, no inputs)."""
         svc = service.status_provider()
         counters = {**svc["counters"], "uptime_s": svc["uptime_s"], "integrity_ok": int(svc["integrity"] == "ok")}
-        return {"models": agent.status()["models"], "counters": counters}
+        status = agent.status(check_files=False)
+        return {**{k: status[k] for k in ("models", "box_fingerprint", "trust_fingerprint")}, "counters": counters}
 
     done = threading.Event()
     telemetry = service_from_args(

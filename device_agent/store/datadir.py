@@ -291,12 +291,21 @@ class DataDir:
         new_private, new_public = crypto.new_box_keypair()
         old = keys.box_private
         keys.box_private = new_private
+        # The old file is replaced by a rename, which frees its blocks without overwriting them:
+        # keep a handle on it and overwrite it once the new one is in place.
+        old_fd = os.open(self.keys_file, os.O_RDWR | os.O_NOFOLLOW)
         try:
-            self.write_keys(keys, source)
-        except BaseException:
-            keys.box_private = old
-            crypto.wipe(new_private)
-            raise
+            try:
+                self.write_keys(keys, source)
+            except BaseException:
+                keys.box_private = old
+                crypto.wipe(new_private)
+                raise
+            size = os.fstat(old_fd).st_size
+            os.pwrite(old_fd, os.urandom(max(size, 1)), 0)
+            os.fsync(old_fd)
+        finally:
+            os.close(old_fd)
         crypto.wipe(old)
         device = self._public_json(self.device_file)
         device["box_public"] = base64.b64encode(new_public).decode()

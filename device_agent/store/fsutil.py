@@ -100,9 +100,19 @@ def shred_file(path: Path) -> None:
     directory). On flash this is best-effort (docs/operations.md): what it destroys for certain
     is the file at the filesystem level; the keys it holds are what a wipe relies on."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        st = os.lstat(path)
     except FileNotFoundError:
         return
+    if not stat.S_ISREG(st.st_mode):  # a link, FIFO or socket planted in a secret's place: just remove it
+        if stat.S_ISDIR(st.st_mode):
+            import shutil
+
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        fsync_dir(path.parent)
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         size = os.fstat(fd).st_size
         left = max(size, 1)

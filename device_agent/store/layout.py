@@ -93,8 +93,11 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(LOCK, "serialises writers (install, rollback, wipe)", 0o600, Fate.DELETE),
     Entry(WIPE_MARKER, "transient: a wipe in progress (resumed at the next start)", 0o600, Fate.DELETE),
     Entry(ATTESTATION, "the signed wipe attestation", 0o644, Fate.KEEP),
-    # atomic_write's temporary files, left only by a power cut in the middle of a write
+    # atomic_write's temporary files, left only by a power cut in the middle of a write; those
+    # of key files hold key material and are shredded like the keys
+    Entry(f".{KEYS}*.tmp-*", "transient: the wrapped keys being replaced", 0o600, Fate.SHRED),
     Entry(".*.tmp-*", "transient: a file being replaced atomically", 0o600, Fate.DELETE),
+    Entry(f"{BUNDLES}/.*.key.tmp-*", "transient: a bundle's local key being stored", 0o600, Fate.SHRED),
     Entry(f"{BUNDLES}/.*.tmp-*", "transient: a bundle being stored", 0o600, Fate.DELETE),
     Entry(f"{AUDIT}/.*.tmp-*", "transient: an audit checkpoint being replaced", 0o600, Fate.DELETE),
 )
@@ -140,7 +143,10 @@ class Layout:
         for dirpath, dirnames, filenames in os.walk(self.root):
             for name in sorted(dirnames) + sorted(filenames):
                 p = Path(dirpath) / name
-                st = p.lstat()
+                try:
+                    st = p.lstat()
+                except FileNotFoundError:
+                    continue  # replaced or removed since it was listed (an atomic write, a wipe)
                 kind = (
                     "dir" if stat.S_ISDIR(st.st_mode)
                     else "socket" if stat.S_ISSOCK(st.st_mode)

@@ -12,8 +12,13 @@ after a power cut at any instant:
 
 Until step 3, ``keys.wrapped`` still holds release 0.1's keys, so a resumed upgrade finds the
 same board secret in step 1's file and the files it already sealed verify. After step 3, an
-unsealed file is refused as tampering: nobody without the keys can take a board back to 0.1's
-unsealed format, short of putting back a whole copy of the data dir taken before the upgrade.
+unsealed file is refused as tampering.
+
+What this cannot stop (docs/threat-model.md): someone who kept a copy of the board's 0.1
+``keys.wrapped`` from before the upgrade can put it back with unsealed files *of their choosing*
+(a publisher key of their own, an empty state), and the next start seals them, because a 0.1
+board's files carry no authentication to check. The fleet sees it: heartbeats carry the
+fingerprint of the board's trust anchors and its versions.
 """
 
 from __future__ import annotations
@@ -61,9 +66,9 @@ def upgrade(store: DataDir, source: KeySource, kek_cache: dict[bytes, bytearray]
             store.write_keys(new, source, layout.KEYS_UPGRADE)
     finally:
         old.wipe()
-    _local_bundle_keys(store, new)
     key = store.sealing_key(new)
     try:
+        _local_bundle_keys(store, new, list(_anchors(store, key).publishers))
         _seal_state(store, key)
         _seal(store, layout.TRUST, key, lambda raw: TrustAnchors.from_json(raw, TRUST_SCHEMA_V1).to_json())
         _seal(store, layout.TOKENS, key, _tokens_v2)
@@ -112,22 +117,32 @@ def _tokens_v2(raw: object) -> dict[str, object]:
     return {"schema": TOKENS_SCHEMA, "tokens": raw["tokens"]}
 
 
-def _local_bundle_keys(store: DataDir, keys: DeviceKeys) -> None:
-    """Give every stored bundle its local key (release 0.1 opened them with the encryption key
-    each time); a bundle whose key cannot be opened is left for the serving check to refuse."""
-    from device_agent.bundle.format import HEADER_BYTES, Manifest, parse_header
-    from device_agent.errors import EdgeWardError
-    from device_agent.wire import loads_json
+def _anchors(store: DataDir, key: bytearray) -> TrustAnchors:
+    """The publishers the board trusted: release 0.1's trust.json, or the sealed one when a
+    resumed upgrade already sealed it."""
+    data = read_bounded(store.layout.path(layout.TRUST), store.limits.max_board_file_bytes)
+    if sealed.is_sealed(data):
+        return TrustAnchors.from_json(sealed.unseal(key, layout.TRUST, data))
+    try:
+        return TrustAnchors.from_json(json.loads(data), TRUST_SCHEMA_V1)
+    except ValueError as e:
+        raise FormatError(f"trust.json from release 0.1 is not JSON: {e}") from e
 
-    for path in sorted(store.bundles.glob("*.ewb")) if store.bundles.exists() else []:
+
+def _local_bundle_keys(store: DataDir, keys: DeviceKeys, publishers: list[bytes]) -> None:
+    """Give every stored bundle its local key (release 0.1 opened them with the encryption key
+    each time). The bundle's signed head is verified first; a bundle that fails is left without
+    a key, for the serving check to refuse."""
+    from device_agent.bundle.format import verify_head
+    from device_agent.errors import EdgeWardError
+
+    for path in sorted(store.bundles.glob("*.ewb")) if store.bundles.is_dir() else []:
         bundle_id = path.stem
         if store.bundle_key_path(bundle_id).exists() or layout.entry_for(f"{layout.BUNDLES}/{path.name}") is None:
             continue
         try:
-            head, _ = store.read_bundle_head(bundle_id)
-            manifest_len, _ = parse_header(head)
-            # Only the sealed key is read here; the serving check verifies the whole bundle later.
-            m = Manifest.from_json(loads_json(head[HEADER_BYTES : HEADER_BYTES + manifest_len], "manifest"))
+            head, length = store.read_bundle_head(bundle_id)
+            m, _, _ = verify_head(head, length, publishers)
             content_key = crypto.open_content_key(keys.box_private, m.sealed_key)
         except EdgeWardError:
             continue

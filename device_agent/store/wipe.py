@@ -22,17 +22,18 @@ idempotent, so an interrupted wipe resumes from the marker):
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from device_agent import crypto
+from device_agent.config import DEFAULT_CONFIG
 from device_agent.errors import BadSignature, EdgeWardError, SecurityRefusal
 from device_agent.store import layout
 from device_agent.store.datadir import DataDir
-from device_agent.store.fsutil import atomic_write, fsync_dir, shred_file
+from device_agent.store.fsutil import atomic_write, fsync_dir, read_bounded, shred_file
 from device_agent.store.keys import KeySource
 from device_agent.wire import canonical_json, format_time
 
@@ -61,15 +62,32 @@ def _kek_location(store: DataDir, source: KeySource) -> dict[str, Any]:
     return {"kind": "key file outside the data dir (not shredded by this wipe)"}
 
 
+def _small_json(path: Path, limit: int = DEFAULT_CONFIG.documents.max_board_file_bytes) -> Any:
+    """A small board file as JSON, or None when it is missing, oversized, not a file or not JSON:
+    a wipe never depends on the files it destroys."""
+    try:
+        return json.loads(read_bounded(path, limit))
+    except (OSError, ValueError, EdgeWardError):
+        return None
+
+
+def _fingerprint(device: Any, field: str) -> str | None:
+    try:
+        return crypto.fingerprint(base64.b64decode(device[field], validate=True))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _attestation_body(store: DataDir, kek: dict[str, Any], now: datetime) -> dict[str, Any]:
-    device = json.loads(store.device_file.read_bytes())
-    bundles = sorted(p.stem for p in store.bundles.glob("*.ewb")) if store.bundles.exists() else []
+    device = _small_json(store.device_file)
+    device = device if isinstance(device, dict) else {}
+    bundles = sorted(p.stem for p in store.bundles.glob("*.ewb")) if store.bundles.is_dir() else []
     found = store.layout.scan()
     return {
         "schema": "edgeward.wipe-attestation/1",
-        "device_id": device["device_id"],
-        "sign_fingerprint": crypto.fingerprint(base64.b64decode(device["sign_public"])),
-        "box_fingerprint": crypto.fingerprint(base64.b64decode(device["box_public"])),
+        "device_id": str(device.get("device_id", ""))[:64],
+        "sign_fingerprint": _fingerprint(device, "sign_public"),
+        "box_fingerprint": _fingerprint(device, "box_public"),
         "bundles_destroyed": bundles,
         "files_shredded": sum(1 for f in found if f.entry and f.entry.fate is layout.Fate.SHRED)
         + (1 if "path" in kek else 0),
@@ -85,10 +103,10 @@ def _attestation_body(store: DataDir, kek: dict[str, Any], now: datetime) -> dic
 def _audit_head(store: DataDir) -> dict[str, Any] | None:
     """The audit chain's last checkpoint (sequence number and hash over every record before it):
     the digest kept of the log that the wipe deletes."""
+    head = _small_json(store.audit_dir / "head.json")
     try:
-        head = json.loads((store.audit_dir / "head.json").read_bytes())
         return {"seq": int(head["seq"]), "hash": str(head["hash"])[:128]}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 
@@ -129,50 +147,81 @@ def begin(
 
 def attestation(path: Path) -> dict[str, Any] | None:
     """The attestation a completed wipe left in data dir ``path``, if any (public, unverified)."""
-    try:
-        doc = json.loads((path / ATTESTATION).read_bytes()[:65536])
-    except (OSError, ValueError):
-        return None
+    doc = _small_json(path / ATTESTATION)
     return doc if isinstance(doc, dict) and isinstance(doc.get("body"), dict) else None
 
 
 def _inside(root: Path, rel: Any) -> Path | None:
-    """``rel`` from the marker as a path inside ``root``, or None (the marker is a file too)."""
-    if not isinstance(rel, str) or not rel:
+    """``rel`` from the marker as a path inside ``root``, or None (the marker is a file on the
+    card too: only a plain relative path that stays inside the data dir is taken)."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in Path(rel).parts:
         return None
-    path = (root / rel).resolve()
-    return path if path.is_relative_to(root.resolve()) and path != root.resolve() else None
+    path = root / rel
+    return path if path.resolve().is_relative_to(root.resolve()) and path.resolve() != root.resolve() else None
+
+
+def _marker(store: DataDir) -> dict[str, Any]:
+    """The wipe's journal. Unreadable (cut, planted, damaged) it still completes the wipe, with
+    an attestation that says so."""
+    doc = _small_json(store.path / MARKER)
+    if not isinstance(doc, dict) or not isinstance(doc.get("body"), dict):
+        return {"body": {"problem": "the wipe journal was unreadable"}, "signature": None}
+    return doc
+
+
+def _remove(path: Path, problems: list[str], root: Path) -> None:
+    """Delete one entry whatever it is (a planted directory, link or FIFO included), recording
+    what could not be removed instead of stopping the wipe."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        problems.append(f"{path.relative_to(root).as_posix()}: {e.strerror}")
+
+
+def shred_secrets(store: DataDir) -> list[str]:
+    """Step 2: destroy every secret the layout marks for shredding (and the key file, when it is
+    in the data dir). After it, nothing on the board opens a bundle. Returns what it could not do."""
+    marker = _marker(store)
+    problems: list[str] = []
+    targets = [
+        store.path / f.rel for f in store.layout.scan() if f.entry is not None and f.entry.fate is layout.Fate.SHRED
+    ]
+    kek = _inside(store.path, marker.get("kek_path"))
+    if kek is not None:
+        targets.append(kek)
+    for path in targets:
+        try:
+            shred_file(path)
+        except OSError as e:
+            problems.append(f"{path.relative_to(store.path).as_posix()}: {e.strerror}")
+            _remove(path, problems, store.path)
+    return problems
 
 
 def complete(store: DataDir, now: datetime) -> dict[str, Any]:
-    """Steps 2-4; safe to run again after an interruption at any point."""
-    marker = json.loads((store.path / MARKER).read_bytes())
-    doc = {"body": marker["body"], "signature": marker["signature"]}
-    found = store.layout.scan()
-    for f in found:
-        if f.entry is not None and f.entry.fate is layout.Fate.SHRED:
-            shred_file(store.path / f.rel)
-    kek = _inside(store.path, marker.get("kek_path"))
-    if kek is not None:
-        shred_file(kek)
+    """Steps 2-4; safe to run again after an interruption at any point, and it carries on past
+    any single entry it cannot remove (the attestation lists those)."""
+    marker = _marker(store)
+    doc: dict[str, Any] = {"body": marker["body"], "signature": marker.get("signature")}
+    problems = shred_secrets(store)
     keep = {layout.WIPE_MARKER, layout.DEVICE}
     # Deepest first, so directories are empty when their turn comes.
-    for f in sorted(found, key=lambda f: f.rel.count("/"), reverse=True):
+    for f in sorted(store.layout.scan(), key=lambda f: f.rel.count("/"), reverse=True):
         if f.rel in keep or (f.entry is not None and f.entry.fate is layout.Fate.KEEP):
             continue
-        path = store.path / f.rel
-        with contextlib.suppress(FileNotFoundError):
-            if f.kind == "dir":
-                with contextlib.suppress(OSError):  # not empty: something appeared meanwhile
-                    path.rmdir()
-            else:
-                path.unlink()
-    with contextlib.suppress(FileNotFoundError):
-        store.device_file.unlink()
+        _remove(store.path / f.rel, problems, store.path)
+    _remove(store.device_file, problems, store.path)
     fsync_dir(store.path)
     doc["completed"] = format_time(now)
+    if problems:
+        doc["problems"] = problems[:64]
     atomic_write(store.path / ATTESTATION, json.dumps(doc, indent=2).encode() + b"\n", 0o644)
-    (store.path / MARKER).unlink()
+    _remove(store.path / MARKER, problems, store.path)
     fsync_dir(store.path)
     return doc
 

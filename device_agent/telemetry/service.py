@@ -17,6 +17,7 @@ Reports carry summaries only, never an input (invariant 8). Topics: ``docs/telem
 from __future__ import annotations
 
 import argparse
+import logging
 import queue
 import signal
 import sys
@@ -38,6 +39,7 @@ from device_agent.telemetry.mqtt import Broker, Link, Session
 from device_agent.telemetry.outbox import HEARTBEAT, INFO_EVENT, SECURITY_EVENT, Item, Outbox
 from device_agent.telemetry.report import Report, check_summary, command_topic, encode_report, topic
 
+_log = logging.getLogger(__name__)
 EVENTS_CURSOR = "events_cursor"
 MODEL_FIELDS = (
     "model_id",
@@ -68,7 +70,12 @@ def event_priority(event: Event) -> int:
 def status_data(status: dict[str, Any], state: str, uptime_s: float) -> dict[str, Any]:
     """The heartbeat: state, uptime and the installed models' ids and versions."""
     models = [{k: m.get(k) for k in MODEL_FIELDS if k in m} for m in status.get("models", [])]
-    return {"state": state, "uptime_s": round(uptime_s), "models": models}
+    doc: dict[str, Any] = {"state": state, "uptime_s": round(uptime_s), "models": models}
+    # What the fleet compares between heartbeats to see the board's keys or anchors change.
+    for k in ("box_fingerprint", "trust_fingerprint"):
+        if isinstance(status.get(k), str):
+            doc[k] = status[k]
+    return doc
 
 
 def telemetry_data(
@@ -89,7 +96,7 @@ def default_status_provider(data_dir: Path, keys: KeySource) -> Callable[[], dic
     from device_agent.agent import Agent
 
     agent = Agent(data_dir, keys)
-    return agent.status
+    return lambda: agent.status(check_files=False)
 
 
 class TelemetryService:
@@ -212,6 +219,9 @@ class TelemetryService:
                 self._commands(payload, lambda data, result: self._send_result(data, result, inflight))
             except EdgeWardError as e:  # recorded as a security event by the agent; keep serving
                 self.last_error = f"command refused: {e}"
+            except Exception as e:  # never let one delivery stop the board's reports and commands
+                _log.exception("carrying out a command delivery failed")
+                self.last_error = f"command delivery failed: {type(e).__name__}: {e}"
             if self._wiped:
                 if self._on_wiped is not None:
                     self._on_wiped()
@@ -259,6 +269,10 @@ class TelemetryService:
                 self.last_error = None
             except EdgeWardError as e:  # disk full, store locked: keep serving, retry later
                 self.last_error = str(e)
+                self._stop.wait(self.config.backoff[0])
+            except Exception as e:  # a bug or a race must not end telemetry and commands for good
+                _log.exception("telemetry loop failed; retrying")
+                self.last_error = f"{type(e).__name__}: {e}"
                 self._stop.wait(self.config.backoff[0])
 
     def _collect_acks(self, inflight: dict[int, int]) -> list[int]:

@@ -63,24 +63,19 @@ def advance_floor(state: State, signed_time: datetime, hold_s: float) -> State:
 def decide_beacon(beacon_time: datetime, state: State, system_now: datetime, hold_s: float) -> tuple[State, bool]:
     """The state after a verified time beacon, and whether it was held. A beacon more than
     ``hold_s`` ahead of both the system clock and the floor (a wrong fleet clock, a typo) is held
-    instead of applied, until another source comes within ``hold_s`` of it: the system clock
-    (:func:`confirm_held`), a signed bundle or command time (:func:`advance_floor`). Another
-    beacon never confirms a held one."""
+    instead of applied, until a signed bundle or command time comes within ``hold_s`` of it
+    (:func:`advance_floor`); a later beacon that is applied and contradicts it (more than
+    ``hold_s`` behind it) drops it. Neither the unsigned system clock nor another held beacon
+    ever confirms one."""
     ref = trusted_now(system_now, state.clock_floor)
     if beacon_time > ref + timedelta(seconds=hold_s):
-        held = beacon_time if state.held_beacon is None else max(state.held_beacon, beacon_time)
-        return replace(state, held_beacon=held), True
+        ahead = beacon_time if state.held_beacon is None else max(state.held_beacon, beacon_time)
+        return replace(state, held_beacon=ahead), True
     floor = beacon_time if state.clock_floor is None else max(state.clock_floor, beacon_time)
-    return replace(state, clock_floor=floor), False
-
-
-def confirm_held(state: State, system_now: datetime, hold_s: float) -> State:
-    """Apply a held beacon once the system clock has come within ``hold_s`` of it."""
-    held = state.held_beacon
-    if held is not None and system_now >= held - timedelta(seconds=hold_s):
-        floor = held if state.clock_floor is None else max(state.clock_floor, held)
-        return replace(state, clock_floor=floor, held_beacon=None)  # the beacon's signed time, not the clock's
-    return state
+    held: datetime | None = state.held_beacon
+    if held is not None and beacon_time < held - timedelta(seconds=hold_s):
+        held = None  # the fleet's clock says otherwise now: the held beacon was wrong
+    return replace(state, clock_floor=floor, held_beacon=held), False
 
 
 def decide_install(
