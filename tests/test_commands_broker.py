@@ -91,6 +91,21 @@ class Operator:
         self.link.stop()
 
 
+def until_wiped(proc: subprocess.Popen[str], op: Operator, results: list[bytes]) -> str:
+    """Wait for ``serve`` to exit (it does once the board is wiped) and its result to arrive;
+    returns what it printed. The process is stopped whatever happens."""
+    try:
+        proc.wait(timeout=60)
+        wait_until(lambda: bool(results), 20, "the board's signed result at the operator")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        op.stop()
+    assert proc.returncode == 0, err
+    return err
+
+
 def decommission(seq: int = 1) -> bytes:
     now = datetime.now(UTC)
     cmd = Command("decommission", "pi-remote", seq, now, now + timedelta(days=30))
@@ -117,14 +132,9 @@ def test_decommission_reaches_an_online_board_which_reports_before_it_wipes(
     try:
         wait_until_serving(board.data_dir / layout.SOCKET)
         op.publish_retained(command_topic("pi-remote"), encode_queue([decommission()]))
-        proc.wait(timeout=60)  # serve exits once the board is wiped
-        wait_until(lambda: bool(results), 20, "the board's signed result at the operator")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        op.stop()
-    assert proc.returncode == 0 and "decommissioned" in err, err
+        err = until_wiped(proc, op, results)
+    assert "decommissioned" in err, err
     assert_wiped_with_a_verified_result(board, results)
 
 
@@ -143,16 +153,7 @@ def test_decommission_issued_while_a_board_is_offline_reaches_it_when_it_reconne
     fleet.stop(signal.SIGTERM)  # even a broker restart in between loses nothing (persistence)
     fleet.start()
     op.link.require_connected(10)
-    proc = serve(board, env, fleet)
-    try:
-        proc.wait(timeout=60)
-        wait_until(lambda: bool(results), 20, "the board's signed result at the operator")
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        op.stop()
-    assert proc.returncode == 0, err
+    until_wiped(serve(board, env, fleet), op, results)
     assert_wiped_with_a_verified_result(board, results)
 
 
