@@ -176,3 +176,42 @@ def test_the_fleets_time_beacon_moves_the_board_clock_floor(
         _, err = proc.communicate(timeout=30)
         op.stop()
     assert proc.returncode == 0, err
+
+
+def test_forged_and_replayed_commands_over_the_broker_change_nothing(
+    tmp_path: Path, publisher: Path, fleet: Fleet, pack_for, digits
+) -> None:
+    """A queue on the board's topic holding a forged decommission (another key), one for another
+    board and an expired one is refused item by item: the board keeps serving, records each
+    refusal, and still obeys the genuine command that comes next."""
+    from device_agent.service.events import EventStore
+
+    board, env = board_with_model(tmp_path, publisher, pack_for, digits.onnx)
+    fleet.enrol(board.enrolment)
+    results: list[bytes] = []
+    op = Operator(fleet, results)
+    now = datetime.now(UTC)
+    thief = Ed25519PrivateKey.generate()
+    forged = encode_command(Command("decommission", "pi-remote", 1, now, now + timedelta(days=1)), thief,
+                            crypto.ed25519_public_raw(thief))
+    elsewhere = encode_command(Command("decommission", "pi-other", 1, now, now + timedelta(days=1)),
+                               OPERATOR, OPERATOR_PUB)
+    expired = encode_command(Command("decommission", "pi-remote", 1, now - timedelta(days=9), now - timedelta(days=8)),
+                             OPERATOR, OPERATOR_PUB)
+    proc = serve(board, env, fleet)
+    try:
+        wait_until_serving(board.data_dir / layout.SOCKET)
+        op.publish_retained(command_topic("pi-remote"), encode_queue([forged, elsewhere, expired]))
+
+        def refused() -> int:
+            return sum(1 for e in EventStore(board.data_dir / layout.EVENTS).list() if e.kind == "command")
+
+        wait_until(lambda: refused() >= 3, 20, "three refusals recorded")
+        assert proc.poll() is None and (board.data_dir / layout.KEYS).exists()
+        assert board.agent().state().command_seq == 0
+        op.publish_retained(command_topic("pi-remote"), encode_queue([decommission()]))
+    finally:
+        until_wiped(proc, op, results)
+    outcomes = sorted(verify_result(r, base64.b64decode(json.loads(board.enrolment.read_text())["sign_public"])).outcome
+                      for r in results)
+    assert "applied" in outcomes

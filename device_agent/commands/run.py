@@ -203,7 +203,10 @@ def _decommission(agent: Agent, acc: Accepted, sg: Signed, on_result: OnResult |
 
 def _sign(agent: Agent, cmd: Command, sha256: str, outcome: str, detail: str,
           effects: dict[str, Any]) -> tuple[bytes, Result]:
-    result = Result(cmd.device_id, cmd.seq, cmd.kind, sha256, outcome, detail[:500], agent._clock(), effects)
+    # Always this board's id: a refused command may name another board, and the fleet checks a
+    # result against the key of the board it names.
+    me = agent.store.identity().device_id
+    result = Result(me, cmd.seq, cmd.kind, sha256, outcome, detail[:500], agent._clock(), effects)
     keys = agent._unlock()
     try:
         return encode_result(result, keys.signer()), result
