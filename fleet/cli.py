@@ -180,11 +180,13 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace, home: FleetHome) -> Any:
+def _store(args: argparse.Namespace, home: FleetHome, required: bool = True) -> Any:
     from .store import MonitorStore
 
     path = Path(args.db or home.monitor_db)
     if not path.exists():
+        if not required:  # a fleet without a network: no reports, but the ledger still knows
+            return MonitorStore(":memory:")
         raise UsageError(f"no monitor store at {path}; run 'edgeward fleet monitor' first")
     return MonitorStore(path)
 
@@ -192,7 +194,7 @@ def _store(args: argparse.Namespace, home: FleetHome) -> Any:
 def cmd_status(args: argparse.Namespace) -> int:
     home = _home(args)
     now = datetime.now(UTC)
-    views = device_views(home, _store(args, home), now, args.stale_after)
+    views = device_views(home, _store(args, home, required=False), now, args.stale_after)
     rows = [
         [
             v["device_id"],

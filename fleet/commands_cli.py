@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,7 @@ def _report(args: argparse.Namespace, issued: list[Issued], delivery: dict[str, 
                      + f", expiring {format_time(c.expires)}, sha256 {i.sha256[:16]}")
     for device, d in delivery.get("files", {}).items():
         lines.append(f"wrote {device}'s queue ({d['pending']} pending command(s) and a time beacon) to {d['file']}; "
-                     f"at the board: edgeward-agent command {Path(d['file']).name} --result RESULT")
+                     f"at the board: edgeward-agent command {Path(d['file']).name} --data-dir DATA_DIR --result RESULT")
     for device, d in delivery.get("topics", {}).items():
         lines.append(f"published {device}'s queue ({d['pending']} pending command(s) and a time beacon) retained "
                      f"on {d['topic']}; the broker acknowledged it")
@@ -240,18 +241,26 @@ def _report(args: argparse.Namespace, issued: list[Issued], delivery: dict[str, 
 
 
 def cmd_decommission(args: argparse.Namespace) -> int:
-    code = _issue_and_deliver(args, "decommission", {}, [args.device_id])
-    if code != 0 or args.dry_run or args.keep_certificate:
-        return code
-    from .ca import revoke
+    """Sign the order and revoke the board's certificate in the fleet CRL. The revocation comes
+    first: it needs the CA key, and a CA key that cannot be unlocked then stops the command
+    before anything is signed."""
+    if not args.dry_run and not args.keep_certificate:
+        from .broker import broker_crl, install_crl
+        from .ca import revoke
 
-    crl = revoke(_home(args), args.device_id, "decommissioned", utcnow())
-    if not args.json:
-        print(f"revoked {args.device_id}'s client certificate in {crl}. The broker enforces it once it loads this "
-              "CRL and restarts: do that after the board's result has arrived ('fleet status' shows it wiped) — "
-              "a board that cannot connect cannot receive the command — or at once for a stolen board "
-              "(then deliver the command with --out at the bench). See 'edgeward fleet revoke --help'.")
-    return 0
+        home = _home(args)
+        if args.broker_dir:
+            broker_crl(Path(args.broker_dir))  # a wrong --broker-dir is refused before anything changes
+        crl = revoke(home, args.device_id, "decommissioned", utcnow())
+        copied = install_crl(home, Path(args.broker_dir)) if args.broker_dir else None
+        where = f"copied to {copied}" if copied else (
+            f"copy {crl} to the broker directory as crl.pem (or pass --broker-dir, or re-run 'edgeward fleet "
+            "broker-config')")
+        print(f"revoked {args.device_id}'s client certificate in the fleet CRL ({where}). The broker enforces it "
+              "once it restarts with that CRL: restart it after the board's result has arrived ('fleet status' "
+              "shows it wiped) — a board that cannot connect cannot receive the order — or at once for a stolen "
+              "board (then deliver the order with --out at the bench).", file=sys.stderr)
+    return _issue_and_deliver(args, "decommission", {}, [args.device_id])
 
 
 def cmd_retire(args: argparse.Namespace) -> int:
@@ -578,8 +587,10 @@ def register(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
              "'import-result') 'fleet status' shows the board as wiped." + delivery)
     sp.add_argument("device_id", metavar="DEVICE")
     sp.add_argument("--keep-certificate", action="store_true",
-                    help="do not revoke the board's client certificate (by default the fleet CRL revokes it; the "
-                         "broker enforces that once it loads the CRL and restarts)")
+                    help="do not revoke the board's client certificate (by default the fleet CRL revokes it, "
+                         "which needs the fleet CA key; the broker enforces it once it loads the CRL and restarts)")
+    sp.add_argument("--broker-dir", metavar="DIR",
+                    help="the broker directory written by 'fleet broker-config': the new CRL is copied there")
     signing(sp)
 
     sp = sub("retire", "order boards to stop serving a model and shred it (their encryption key rotates)",

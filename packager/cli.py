@@ -183,8 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sp = sub.add_parser("keys", help="create a publisher or operator Ed25519 key pair")
-    sp.add_argument("kind", choices=["publisher", "operator"])
+    sp = sub.add_parser(
+        "keys",
+        help="create a publisher, operator or recovery Ed25519 key pair",
+        description="publisher: signs bundles (edgeward pack). operator: signs fleet commands and time "
+        "beacons (edgeward fleet ...). recovery: kept offline, the only key a board accepts to rotate its "
+        "operator keys (edgeward fleet rotate-key --role operator --recovery-key). Give the .pub files to "
+        "edgeward-agent provision (--publisher-pub, --operator-pub, --recovery-pub).",
+    )
+    sp.add_argument("kind", choices=["publisher", "operator", "recovery"])
     sp.add_argument("--out", required=True, help="directory for KIND.key (0600) and KIND.pub")
     sp.add_argument("--force", action="store_true", help="overwrite existing key files")
     sp.add_argument("--json", action="store_true")

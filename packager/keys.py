@@ -18,7 +18,7 @@ from device_agent.errors import FormatError, UsageError
 from device_agent.store.fsutil import atomic_write
 
 PASSPHRASE_ENV = "EDGEWARD_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
-KINDS = ("publisher", "operator")
+KINDS = ("publisher", "operator", "recovery")
 
 
 @dataclass(frozen=True)

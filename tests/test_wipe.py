@@ -7,7 +7,7 @@ import json
 import pytest
 
 from device_agent import Agent
-from device_agent.errors import BadSignature, UsageError
+from device_agent.errors import BadSignature, SecurityRefusal
 from device_agent.store.datadir import utcnow
 from device_agent.store.wipe import ATTESTATION, MARKER, begin, verify_attestation
 
@@ -28,7 +28,7 @@ def test_wipe_destroys_keys_and_bundles_and_signs_an_attestation(digits, make_bo
     body = verify_attestation(json.loads((board.data_dir / ATTESTATION).read_text()), sign_public)
     assert body["bundles_destroyed"] == [bundle_id] and body["device_id"] == "pi-001"
     assert doc["completed"] >= body["started"]
-    with pytest.raises(UsageError, match="not a provisioned data dir"):
+    with pytest.raises(SecurityRefusal, match="was wiped"):
         board.agent()
     forged = dict(doc, body=dict(body, bundles_destroyed=[]))
     with pytest.raises(BadSignature):
@@ -40,7 +40,7 @@ def test_an_interrupted_wipe_completes_on_the_next_start(digits, make_board, pac
     board, agent = _installed(make_board, pack_for, digits)
     begin(agent.store, board.keys, utcnow())
     assert (board.data_dir / MARKER).exists()
-    with pytest.raises(UsageError):
+    with pytest.raises(SecurityRefusal, match="was wiped"):
         Agent(board.data_dir, board.keys)
     assert not (board.data_dir / MARKER).exists()
     assert not (board.data_dir / "keys.wrapped").exists()

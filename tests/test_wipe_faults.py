@@ -34,7 +34,7 @@ import pytest
 from device_agent import Agent, crypto
 from device_agent.bundle.format import verify_bundle
 from device_agent.bundle.keyfiles import load_public_key_file
-from device_agent.errors import EdgeWardError, UsageError
+from device_agent.errors import EdgeWardError, SecurityRefusal
 from device_agent.service.audit import AuditLog
 from device_agent.store import layout
 from device_agent.store.datadir import BUNDLE_KEYS_PURPOSE, DataDir, utcnow
@@ -383,7 +383,7 @@ def test_after_a_wipe_no_key_and_no_model_plaintext_is_on_the_raw_disk(
             "board", f"board/{layout.ATTESTATION}"]
 
         # Nothing that survives opens the old bundles: no keys.wrapped, even for the key file's holder...
-        with pytest.raises(UsageError, match="not a provisioned data dir"):
+        with pytest.raises(SecurityRefusal, match="was wiped"):
             store.unlock(board.keys)
         # ... and no 32 bytes of the surviving file (raw, or a base64 field decoded) is a key that
         # opens a bundle's sealed content key, as the board's box key or its board secret.

@@ -65,7 +65,10 @@ def check_command(cmd: Command, signer: bytes, me: Identity, anchors: TrustAncho
         )
     now = trusted_now(system_now, state.clock_floor)
     if now >= cmd.expires:
-        raise Expired(f"command #{cmd.seq} expired at {format_time(cmd.expires)} (board time {format_time(now)})")
+        raise Expired(
+            f"command #{cmd.seq} expired at {format_time(cmd.expires)} (board time {format_time(now)}); "
+            "issue it again with a longer --expires-in"
+        )
     if cmd.issued > now + timedelta(seconds=skew_s):
         raise SecurityRefusal(
             f"command #{cmd.seq} was issued at {format_time(cmd.issued)}, more than {int(skew_s)} s "

@@ -53,11 +53,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with server:
         where = [str(socket_path)] + ([f"{a[0]}:{a[1]}" for a in [server.tcp_address] if a])
         print(f"serving on {', '.join(where)}", file=sys.stderr, flush=True)
-        while not done.wait(0.5):  # a bare wait() may miss a signal taken by another thread
+        # A bare wait() may miss a signal taken by another thread; a wipe made by another process
+        # (edgeward-agent wipe) ends the service too.
+        while not done.wait(0.5) and agent.store.is_provisioned():
             pass
     if not agent.store.is_provisioned():
-        print("decommissioned by a signed command: keys and models destroyed; see wipe-attestation.json",
-              file=sys.stderr, flush=True)
+        print("the board was wiped: keys and models destroyed; see wipe-attestation.json and "
+              "'edgeward-agent status'", file=sys.stderr, flush=True)
     return 0
 
 

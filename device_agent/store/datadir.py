@@ -92,6 +92,13 @@ class DataDir:
 
     def require_provisioned(self) -> None:
         if not self.is_provisioned():
+            if self.layout.path(layout.ATTESTATION).exists():
+                from device_agent.errors import SecurityRefusal
+
+                raise SecurityRefusal(
+                    f"{self.path} was wiped (see wipe-attestation.json and 'edgeward-agent status'); it serves "
+                    "nothing. Provision it again to reuse the board"
+                )
             raise UsageError(
                 f"{self.path} is not a provisioned data dir; run 'edgeward-agent provision' first"
             )

@@ -42,7 +42,7 @@ MARKER = layout.WIPE_MARKER
 ATTESTATION = layout.ATTESTATION
 METHOD = (
     "crypto-shred: device keys overwritten and deleted, bundles and state deleted "
-    "(NIST SP 800-88 cryptographic erase)"
+    "(NIST SP 800-88r2 cryptographic erase)"
 )
 
 
@@ -126,7 +126,7 @@ def begin(
     except EdgeWardError as e:
         if not allow_unsigned:
             raise SecurityRefusal(
-                f"cannot unlock the device keys ({e}), so the wipe could not be attested; "
+                f"{e}: the wipe would not be attested, so nothing was wiped; "
                 "fix the passphrase or key file, or pass --unsigned to wipe without an attestation"
             ) from e
         keys = None

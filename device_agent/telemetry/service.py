@@ -258,6 +258,8 @@ class TelemetryService:
                     self.heartbeat()
                     next_beat = time.monotonic() + self.config.heartbeat_s
                 self._obey(inflight)
+                if not self._wiped and not self.store.is_provisioned():
+                    self._wiped = True  # wiped by another process: nothing left to report from
                 if self._wiped:
                     return
                 self._forward_events()
