@@ -116,7 +116,7 @@ PYEOF
     ew_log "fleet: $offline is switched off; the security officer orders its decommission anyway"
     "${ew[@]}" enrol --fleet-dir "$fleet" "$OFFLINE_ENROLMENT" >/dev/null
     "${ew[@]}" time --fleet-dir "$fleet" --operator-key "$OPERATOR_KEY" --broker "127.0.0.1:$port" --operator operator
-    "${ew[@]}" decommission "$offline" --fleet-dir "$fleet" --operator-key "$OPERATOR_KEY" \
+    "${ew[@]}" decommission "$offline" --fleet-dir "$fleet" --operator-key "$OPERATOR_KEY" --broker-dir "$broker" \
       --broker "127.0.0.1:$port" --operator operator
     "${ew[@]}" commands "$offline" --fleet-dir "$fleet"
     ew_log "fleet: $offline comes back online; its retained command queue is waiting for it"
