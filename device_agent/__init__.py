@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from device_agent.errors import EdgeWardError
 
 __all__ = ["Agent", "EdgeWardError"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str) -> Any:

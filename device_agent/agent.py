@@ -235,7 +235,7 @@ class Agent:
                 )
                 self.store.save_state(decision.state, key)
             except BaseException:
-                self.store.discard_bundle(m.bundle_id)
+                self.store.shred_bundle(m.bundle_id)  # a failed install leaves nothing
                 raise
             if decision.dropped:
                 self.store.collect_garbage(decision.state)
@@ -483,6 +483,7 @@ class Agent:
             "now": format_time(now),
             "clock_floor": format_time(state.clock_floor) if state.clock_floor else None,
             "trust_fingerprint": crypto.sha256_hex(canonical_json(self.trust_anchors().to_json())),
+            "retired": {m: {"at": format_time(r.at), "by": r.by} for m, r in sorted(state.retired.items())},
             "models": models,
             "data_dir_problems": self.store.layout.problems() if check_files else None,
         }

@@ -142,8 +142,11 @@ def _status_table(doc: dict[str, Any]) -> str:
         f"device     {doc['device_id']}",
         f"enc key    {doc['box_fingerprint']}",
         f"board time {doc['now']}",
-        "",
+        f"clock floor {doc['clock_floor'] or '-'}  (signed times only: bundles, commands, the fleet's beacon)",
     ]
+    retired = doc.get("retired", {})
+    lines += [f"retired    {m} ({r['by']}, {r['at']}): never installed again" for m, r in retired.items()]
+    lines.append("")
     if not doc["models"]:
         lines.append("no model installed")
         return "\n".join(lines)

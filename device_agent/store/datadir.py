@@ -235,10 +235,6 @@ class DataDir:
         make_private_dir(self.bundles)
         atomic_write(self.bundle_path(bundle_id), data, 0o600)
 
-    def discard_bundle(self, bundle_id: str) -> None:
-        """Remove a stored bundle and its key that never became part of the state (a failed install)."""
-        self.shred_bundle(bundle_id)
-
     def shred_bundle(self, bundle_id: str) -> None:
         """Destroy a bundle's local key (shredded first: that is what makes every copy of the
         bundle useless here), then delete the bundle."""
