@@ -224,7 +224,9 @@ class Agent:
         with self._lock, self.store.locked():
             state = self.state()
             now = trusted_now(self._clock(), state.clock_floor)
-            decision = decide_install(m, digest, len(data), identity, state, now, self.config.commands.beacon_hold_s)
+            trusted = frozenset(crypto.fingerprint(k) for k in publishers)
+            decision = decide_install(m, digest, len(data), identity, state, now, self.config.commands.beacon_hold_s,
+                                      trusted)
             # Stored before decrypting (in place destroys the ciphertext); removed on any failure.
             self.store.store_bundle(m.bundle_id, data)
             try:

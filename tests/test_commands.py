@@ -390,3 +390,41 @@ def test_the_integrity_check_follows_an_install_made_while_serving(fleet: Fleet,
     service.predict(who, body, "application/json")
     assert service.status_provider()["model"]["version"] == 2
     assert not events(fleet, "integrity")
+
+
+def test_a_model_id_belongs_to_the_publisher_that_first_installed_it(
+    fleet: Fleet, pack_for, digits, publisher: Path, tmp_path: Path
+) -> None:
+    """Two trusted publishers: the second cannot replace the first one's model, nor push its
+    version out of reach (fast-forward); once the owner's key is rotated out, the model moves on."""
+    from device_agent.bundle.keyfiles import load_public_key_file
+    from packager.keys import generate, load_private_key
+    from packager.modelfile import infer_task, read_model
+    from packager.pack import PackOptions, load_enrolments, pack
+    from packager.profiles import load_profile
+
+    other = tmp_path / "other-publisher"
+    generate("publisher", other)
+    other_pub = load_public_key_file(other / "publisher.pub")
+    ours = load_public_key_file(publisher / "publisher.pub")
+    fleet.agent().apply_commands(fleet.operator.sign("rotate-key", "pi-cmd", 1, role="publisher",
+                                                     keys=[base64.b64encode(k).decode() for k in (ours, other_pub)]))
+    install(fleet, pack_for, digits.onnx, 1, model_id="kws")
+    m = read_model(digits.onnx)
+
+    def by_other(version: int) -> bytes:
+        out = tmp_path / f"other-{version}"
+        pack(m, load_profile("rpi4b"), load_private_key(other / "publisher.key"),
+             load_enrolments([fleet.board.enrolment]),
+             PackOptions(model_id="kws", model_version=version, task=infer_task(m, {}), created=DAY0), out)
+        return (out / "pi-cmd.ewb").read_bytes()
+
+    with pytest.raises(SecurityRefusal, match="belongs to publisher"):
+        fleet.agent().install(by_other(2**40))
+    install(fleet, pack_for, digits.onnx, 2, model_id="kws")  # the owner's next release still goes in
+    assert fleet.agent().status()["models"][0]["version"] == 2
+    # The owner's key is rotated out: the model moves on to the publisher the operators now trust.
+    fleet.agent().apply_commands(fleet.operator.sign("rotate-key", "pi-cmd", 2, role="publisher",
+                                                     keys=[base64.b64encode(other_pub).decode()]))
+    fleet.agent().install(by_other(3))
+    assert fleet.agent().status()["models"][0]["version"] == 3

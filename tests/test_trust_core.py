@@ -187,3 +187,14 @@ def test_the_trust_core_imports_and_calls_nothing_that_does_io() -> None:
                 f = node.func
                 name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
                 assert name not in IO_CALLS | IO_ATTRS, f"{path.name}:{node.lineno} calls {name}()"
+
+
+def test_another_trusted_publisher_cannot_take_a_model_over() -> None:
+    theirs = crypto.fingerprint(b"\x04" * 32)
+    s = install(State(None), manifest(1))
+    owner = s.models["kws"].publisher
+    both = frozenset({owner or "", theirs})
+    with pytest.raises(RollbackRefused, match="belongs to publisher"):
+        decide_install(manifest(2**40, publisher=theirs), "0" * 64, 1, ME, s, T0, 0.0, both)
+    moved = decide_install(manifest(2, publisher=theirs), "0" * 64, 1, ME, s, T0, 0.0, frozenset({theirs}))
+    assert moved.state.models["kws"].publisher == theirs  # the owner's key left the anchors

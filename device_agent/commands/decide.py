@@ -24,7 +24,7 @@ from device_agent import crypto
 from device_agent.commands.format import Command
 from device_agent.errors import BadSignature, Expired, NotInstalled, RollbackRefused, SecurityRefusal, WrongDevice
 from device_agent.trust.decisions import advance_floor, trusted_now
-from device_agent.trust.state import Identity, ModelSlot, Retired, State, TrustAnchors
+from device_agent.trust.state import Identity, Retired, State, TrustAnchors
 from device_agent.wire import format_time
 
 
@@ -110,7 +110,7 @@ def decide_command(cmd: Command, signer: bytes, me: Identity, anchors: TrustAnch
         if slot.current.model_version == to:
             return Accepted(cmd, after, anchors, detail=f"model {mid} already serves version {to}")
         if slot.previous is not None and slot.previous.model_version == to:
-            swapped = ModelSlot(current=slot.previous, previous=None, highest_version=slot.highest_version)
+            swapped = replace(slot, current=slot.previous, previous=None)
             return Accepted(cmd, after.with_slot(mid, swapped), anchors, shred=(slot.current.bundle_id,),
                             detail=f"model {mid} rolled back to version {to}")
         permits = {**after.rollback_permits, mid: to}

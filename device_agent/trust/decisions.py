@@ -79,12 +79,18 @@ def decide_beacon(beacon_time: datetime, state: State, system_now: datetime, hol
 
 
 def decide_install(
-    m: Manifest, bundle_sha256: str, size: int, me: Identity, state: State, now: datetime, hold_s: float = 0.0
+    m: Manifest, bundle_sha256: str, size: int, me: Identity, state: State, now: datetime, hold_s: float = 0.0,
+    trusted_publishers: frozenset[str] | None = None,
 ) -> Installed:
     """Every check a verified bundle must pass before it may replace the installed model, and the
     state after it does: previous := current, current := the new bundle. ``now`` is the trusted
     time (the later of the system clock and the floor); only the bundle's signed creation time
-    moves the floor."""
+    moves the floor.
+
+    A model id belongs to the publisher key that first installed it (TUF's delegated roles, in
+    their simplest form): another trusted publisher cannot replace it or push its version out of
+    reach. ``trusted_publishers`` (fingerprints of the current anchors) lets a model move on to
+    the next publisher once its owner's key was rotated out of the anchors."""
     retired = state.retired.get(m.model_id)
     if retired is not None:
         raise RollbackRefused(
@@ -99,6 +105,13 @@ def decide_install(
         )
     check_serving_life(m, now)
     slot = state.models.get(m.model_id)
+    owner = slot.publisher if slot is not None else None
+    owner_trusted = owner is not None and (trusted_publishers is None or owner in trusted_publishers)
+    if owner_trusted and not crypto.constant_time_equal(owner or "", m.publisher):
+        raise RollbackRefused(
+            f"model {m.model_id} belongs to publisher {owner}, and this bundle is signed by {m.publisher}; "
+            "only the publisher that owns a model id may release it (publish under your own model id)"
+        )
     permitted = state.rollback_permits.get(m.model_id) == m.model_version
     if slot is not None and m.model_version <= slot.highest_version and not permitted:
         raise RollbackRefused(
@@ -109,11 +122,13 @@ def decide_install(
         raise RollbackRefused(f"bundle {m.bundle_id} is already installed")
     new = InstalledRecord(m.bundle_id, m.model_version, now, size, bundle_sha256)
     if slot is None:
-        new_slot, dropped = ModelSlot(current=new, previous=None, highest_version=m.model_version), None
+        new_slot = ModelSlot(current=new, previous=None, highest_version=m.model_version, publisher=m.publisher)
+        dropped = None
     else:
         dropped = slot.previous.bundle_id if slot.previous else None
         new_slot = ModelSlot(
-            current=new, previous=slot.current, highest_version=max(slot.highest_version, m.model_version)
+            current=new, previous=slot.current, highest_version=max(slot.highest_version, m.model_version),
+            publisher=m.publisher,
         )
     after = state.with_slot(m.model_id, new_slot)
     if permitted:  # a signed rollback permit is used once
@@ -129,7 +144,7 @@ def decide_rollback(state: State, model_id: str) -> Installed:
         raise NotInstalled(f"model {model_id!r} is not installed")
     if slot.previous is None:
         raise RollbackRefused(f"model {model_id} has no previous version kept to roll back to")
-    new_slot = ModelSlot(current=slot.previous, previous=None, highest_version=slot.highest_version)
+    new_slot = replace(slot, current=slot.previous, previous=None)
     return Installed(state.with_slot(model_id, new_slot), slot.current.bundle_id)
 
 

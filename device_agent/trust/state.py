@@ -15,6 +15,7 @@ from device_agent import crypto
 from device_agent.config import DEFAULT_CONFIG
 from device_agent.errors import FormatError
 from device_agent.wire import (
+    FPR_RE,
     HEX32_RE,
     HEX64_RE,
     ID_RE,
@@ -85,6 +86,9 @@ class ModelSlot:
     current: InstalledRecord | None
     previous: InstalledRecord | None
     highest_version: int
+    # The fingerprint of the publisher key that owns this model id: the one that first installed
+    # it (None: not bound yet, as after an upgrade from release 0.1).
+    publisher: str | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class State:
                     "current": s.current.to_json() if s.current else None,
                     "previous": s.previous.to_json() if s.previous else None,
                     "highest_version": s.highest_version,
+                    "publisher": s.publisher,
                 }
                 for mid, s in sorted(self.models.items())
             },
@@ -139,12 +144,13 @@ class State:
         models = {}
         for mid, raw_slot in doc["models"].items():
             str_field(mid, "model id", ID_RE)
-            s = obj_fields(raw_slot, f"state of model {mid}", {"current", "previous", "highest_version"},
-                           {"current", "previous", "highest_version"})
+            slot_fields = {"current", "previous", "highest_version", "publisher"}
+            s = obj_fields(raw_slot, f"state of model {mid}", slot_fields, slot_fields)
             models[mid] = ModelSlot(
                 current=InstalledRecord.from_json(s["current"]) if s["current"] is not None else None,
                 previous=InstalledRecord.from_json(s["previous"]) if s["previous"] is not None else None,
                 highest_version=int_field(s["highest_version"], "highest_version", 1, MAX_VERSION),
+                publisher=str_field(s["publisher"], "publisher", FPR_RE) if s["publisher"] is not None else None,
             )
         floor, held = doc["clock_floor"], doc["held_beacon"]
         if not isinstance(doc["retired"], dict) or not isinstance(doc["rollback_permits"], dict):
