@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from device_agent import crypto
+from device_agent.bundle import reading
 from device_agent.bundle.enrolment import DOMAIN as ENROLMENT_DOMAIN
 from device_agent.bundle.enrolment import Enrolment
 from device_agent.bundle.format import Contents, Manifest, Sidecar, VerifiedBundle, verify_bundle, verify_head
@@ -209,15 +210,30 @@ class Agent:
         return trusted_now(self._clock(), state.clock_floor)
 
     # --- install ---------------------------------------------------------------------------------
-    def install(self, data: bytes | bytearray) -> Manifest:
-        """Verify, check and store a bundle; on any refusal nothing on disk changes.
+    def install_file(self, path: str | Path) -> Manifest:
+        """Install the bundle at ``path``, read in bounded steps (device_agent.bundle.reading):
+        the header is checked before the device keys are unlocked, the signature and the file's
+        length before a byte of the payload is read, and the payload is read once, into the
+        buffer it is decrypted in."""
+        with reading.open_bundle(path, self.limits) as f:
+            publishers = self.trust_anchors().publishers
+            data, vb = f.verify(list(publishers), self.limits)
+        return self._install(data, vb)
 
-        Given a ``bytearray`` (as the CLI reads it), the bundle is decrypted in place after its
-        encrypted bytes are stored, so installing never holds two copies of the model.
+    def install(self, data: bytes | bytearray) -> Manifest:
+        """Verify, check and store a bundle held in memory; on any refusal nothing on disk changes.
+
+        Given a ``bytearray``, the bundle is decrypted in place after its encrypted bytes are
+        stored, so installing never holds two copies of the model. A bundle in a file is
+        installed with :meth:`install_file`, which reads no more than each step needs.
         """
-        key = self._key()
         publishers = self.trust_anchors().publishers
-        vb = verify_bundle(data, list(publishers), self.limits)
+        return self._install(data, verify_bundle(data, list(publishers), self.limits))
+
+    def _install(self, data: bytes | bytearray, vb: VerifiedBundle) -> Manifest:
+        """Everything after the signature and length checks: target, time, anti-rollback,
+        payload, trial load, then the bundle and the state are stored."""
+        key = self._key()
         m = vb.manifest
         identity = self.store.identity()
         digest = crypto.sha256_hex(data)

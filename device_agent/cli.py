@@ -96,14 +96,9 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from device_agent.store.fsutil import read_into_bytearray
     from device_agent.wire import format_time
 
-    try:
-        data = read_into_bytearray(Path(args.bundle), DEFAULT_LIMITS.max_bundle_bytes)
-    except (FileNotFoundError, IsADirectoryError) as e:
-        raise UsageError(f"bundle {args.bundle} does not exist or is not a file") from e
-    m = _agent(args).install(data)
+    m = _agent(args).install_file(Path(args.bundle))
     doc = {
         "installed": True,
         "model_id": m.model_id,

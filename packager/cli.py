@@ -114,32 +114,33 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe_unverified(data: bytes) -> dict[str, Any]:
+def _describe_unverified(head: bytes) -> dict[str, Any]:
     from device_agent.bundle.format import HEADER_BYTES, read_header
 
-    manifest_len, kid = read_header(data)
+    manifest_len, kid = read_header(head)
     try:
-        manifest = json.loads(data[HEADER_BYTES : HEADER_BYTES + manifest_len])
+        manifest = json.loads(head[HEADER_BYTES : HEADER_BYTES + manifest_len])
     except ValueError as e:
         raise FormatError(f"manifest is not JSON: {e}") from e
     return {"publisher_key_id": kid.hex(), "manifest": manifest}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from device_agent.bundle.format import verify_bundle
+    from device_agent.bundle.format import verify_head
     from device_agent.bundle.keyfiles import load_public_key_file
+    from device_agent.bundle.reading import open_bundle
 
-    try:
-        data = Path(args.bundle).read_bytes()
-    except FileNotFoundError as e:
-        raise UsageError(f"bundle {args.bundle} does not exist") from e
-    doc = _describe_unverified(data)
-    doc["file_bytes"] = len(data)
+    publishers = [load_public_key_file(Path(args.publisher_pub))] if args.publisher_pub else None
+    # Only the signed head is read: the signature and the length checks need no payload byte.
+    with open_bundle(Path(args.bundle)) as f:
+        head, length = f.head, f.length
+    doc = _describe_unverified(head)
+    doc["file_bytes"] = length
     code = 0
-    if args.publisher_pub:
+    if publishers is not None:
         try:
-            vb = verify_bundle(data, [load_public_key_file(Path(args.publisher_pub))])
-            doc["manifest"] = vb.manifest.to_json()
+            manifest, _, _ = verify_head(head, length, publishers)
+            doc["manifest"] = manifest.to_json()
             doc["verified"] = True
         except EdgeWardError as e:
             doc["verified"] = False
