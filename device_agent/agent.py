@@ -240,7 +240,7 @@ class Agent:
         with self._lock, self.store.locked():
             state = self.state()
             now = trusted_now(self._clock(), state.clock_floor)
-            trusted = frozenset(crypto.fingerprint(k) for k in publishers)
+            trusted = frozenset(crypto.fingerprint(k) for k in self.trust_anchors().publishers)
             decision = decide_install(m, digest, len(data), identity, state, now, self.config.commands.beacon_hold_s,
                                       trusted)
             # Stored before decrypting (in place destroys the ciphertext); removed on any failure.
