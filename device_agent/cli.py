@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,17 +111,12 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def _load_inputs(path: str) -> Any:
-    import numpy as np
+    from device_agent.runtime.arrays import load_arrays
 
     raw = _read_file(path, DEFAULT_LIMITS.max_input_bytes, "input")
-    import io
-
     try:
-        if path.endswith(".npz"):
-            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        return np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        return load_arrays(raw, DEFAULT_LIMITS)
+    except FormatError as e:
         raise FormatError(f"input {path} is not a readable .npy/.npz array file (pickles are refused): {e}") from e
 
 

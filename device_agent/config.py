@@ -75,6 +75,7 @@ class BundleLimits:
     max_sidecar_bytes: int = 16 * 1024**2  # the sealed sidecar inside the contents
     max_trusted_publishers: int = 16  # publisher keys a bundle is checked against
     max_input_bytes: int = 64 * 1024**2  # one input file or request array (float32: bytes / 4 elements)
+    max_input_arrays: int = 16  # arrays (members) in one .npz input
     max_preprocess_side: int = 8192  # any image side, in the input, the spec and every step
     max_preprocess_elements: int = 16 * 1024**2  # any array a step makes, input to output
     max_preprocess_steps: int = 32  # steps of a sealed pre-processing spec
@@ -88,6 +89,7 @@ class BundleLimits:
             "max_chunk_bytes",
             "max_sidecar_bytes",
             "max_trusted_publishers",
+            "max_input_arrays",
             "max_preprocess_side",
             "max_preprocess_elements",
             "max_preprocess_steps",

@@ -8,12 +8,10 @@ listeners) attach with :meth:`Service.attach` and read counters from
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import threading
 import time
-import zipfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from device_agent.agent import Agent, LoadedModel, model_feeds
-from device_agent.config import DEFAULT_CONFIG, ServeConfig, ThrottleConfig
+from device_agent.config import DEFAULT_CONFIG, DEFAULT_LIMITS, BundleLimits, ServeConfig, ThrottleConfig
 from device_agent.errors import (
     EdgeWardError,
     EnvironmentFault,
@@ -34,6 +32,7 @@ from device_agent.errors import (
     SecurityRefusal,
     UsageError,
 )
+from device_agent.runtime.arrays import load_arrays
 from device_agent.runtime.output import shape_output
 from device_agent.service import clocks
 from device_agent.service.audit import AuditLog, input_summary
@@ -74,8 +73,11 @@ class Background(Protocol):
     def stop(self) -> None: ...
 
 
-def decode_inputs(body: bytes, content_type: str) -> np.ndarray | dict[str, np.ndarray]:
-    """A request body as arrays: JSON ``{"inputs": ...}`` or an ``.npy``/``.npz`` (no pickles)."""
+def decode_inputs(
+    body: bytes, content_type: str, limits: BundleLimits = DEFAULT_LIMITS
+) -> np.ndarray | dict[str, np.ndarray]:
+    """A request body as arrays: JSON ``{"inputs": ...}`` or an ``.npy``/``.npz`` (no pickles),
+    read by :func:`~device_agent.runtime.arrays.load_arrays` within ``limits``."""
     ctype = content_type.split(";")[0].strip().lower()
     if ctype == "application/json":
         try:
@@ -88,12 +90,8 @@ def decode_inputs(body: bytes, content_type: str) -> np.ndarray | dict[str, np.n
         return _json_array(raw)
     if ctype in ("application/x-npy", "application/octet-stream", "application/x-npz"):
         try:
-            loaded = np.load(io.BytesIO(body), allow_pickle=False)
-            if isinstance(loaded, np.lib.npyio.NpzFile):
-                with loaded:
-                    return {k: loaded[k] for k in loaded.files}
-            return np.asarray(loaded)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            return load_arrays(body, limits)
+        except FormatError as e:
             raise FormatError(
                 f"the body is not a readable .npy/.npz array (pickles are refused): {e}"
             ) from e
@@ -366,7 +364,7 @@ class Service:
             with self._lock:
                 loaded = self._current()
             feeds, batched = model_feeds(
-                loaded, decode_inputs(body, content_type), who.role, self.agent.limits
+                loaded, decode_inputs(body, content_type, self.agent.limits), who.role, self.agent.limits
             )
             first = next(iter(feeds.values()))
             record["input"] = input_summary(first, self.audit.key)
