@@ -26,16 +26,19 @@ def _pubkey(path: str) -> bytes:
 
 
 def _read_file(path: str, limit: int, what: str) -> bytes:
+    """A whole input or command file, bounded before it is read; a FIFO or device is refused at
+    once rather than waited on."""
+    from device_agent.store.fsutil import read_bounded
+
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > limit:
-            raise FormatError(f"{what} {path} is {size} bytes, over the limit of {limit}")
-        return p.read_bytes()
+        if p.is_dir():
+            raise UsageError(f"{what} {path} is a directory, not a file")
+        return read_bounded(p, limit)
     except FileNotFoundError as e:
         raise UsageError(f"{what} {path} does not exist") from e
-    except IsADirectoryError as e:
-        raise UsageError(f"{what} {path} is a directory, not a file") from e
+    except FormatError as e:
+        raise FormatError(f"{what}: {e}") from e
 
 
 def _decommissioned(data_dir: str) -> dict[str, Any] | None:

@@ -253,3 +253,23 @@ def test_fuzz_mutated_npy_and_npz_decode_or_are_refused(seed: bytes, flips: list
 @given(st.lists(st.integers(-3, 2**62), max_size=5), st.sampled_from(["<f4", ">i8", "|b1", "<c8", "|O", "<U3", "|V8"]))
 def test_fuzz_declared_npy_headers_decode_or_are_refused(shape: list[int], descr: str) -> None:
     _decode_or_refuse(_npy_header(tuple(shape), descr) + bytes(64))
+
+
+def test_a_fifo_as_the_predict_input_is_refused_at_once(tmp_path, make_board) -> None:
+    """`predict --input` and `command FILE` read through one bounded reader that refuses a FIFO
+    (which would otherwise block with no writer) instead of waiting on it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import PASSPHRASE
+
+    board = make_board()
+    fifo = tmp_path / "input.npy"
+    os.mkfifo(fifo)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWARD_")}
+    env["EDGEWARD_DEVICE_PASSPHRASE"] = PASSPHRASE.decode()
+    for argv in (["predict", "--input", str(fifo)], ["command", str(fifo), "--result", str(tmp_path / "r")]):
+        r = subprocess.run([sys.executable, "-m", "device_agent.cli", *argv, "--data-dir", str(board.data_dir)],
+                           capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, env=env)
+        assert r.returncode == 3 and "not a regular file" in r.stderr, r.stderr
