@@ -206,6 +206,7 @@ class Agent:
 
     # --- time ----------------------------------------------------------------------------------
     def now(self, state: State | None = None) -> datetime:
+        """The board's trusted time: the later of the system clock and the signed clock floor."""
         state = state or self.state()
         return trusted_now(self._clock(), state.clock_floor)
 
@@ -464,7 +465,8 @@ class Agent:
         state = self.state()
         identity = self.store.identity()
         now = trusted_now(self._clock(), state.clock_floor)
-        publishers = list(self.trust_anchors().publishers)
+        anchors = self.trust_anchors()  # read and authenticated once per status (every heartbeat)
+        publishers = list(anchors.publishers)
         models = []
         for mid, slot in sorted(state.models.items()):
             cur = slot.current
@@ -500,7 +502,7 @@ class Agent:
             "sign_fingerprint": crypto.fingerprint(identity.sign_public),
             "now": format_time(now),
             "clock_floor": format_time(state.clock_floor) if state.clock_floor else None,
-            "trust_fingerprint": crypto.sha256_hex(canonical_json(self.trust_anchors().to_json())),
+            "trust_fingerprint": crypto.sha256_hex(canonical_json(anchors.to_json())),
             "retired": {m: {"at": format_time(r.at), "by": r.by} for m, r in sorted(state.retired.items())},
             "models": models,
             "data_dir_problems": self.store.layout.problems() if check_files else None,

@@ -198,3 +198,9 @@ def test_another_trusted_publisher_cannot_take_a_model_over() -> None:
         decide_install(manifest(2**40, publisher=theirs), "0" * 64, 1, ME, s, T0, 0.0, both)
     moved = decide_install(manifest(2, publisher=theirs), "0" * 64, 1, ME, s, T0, 0.0, frozenset({theirs}))
     assert moved.state.models["kws"].publisher == theirs  # the owner's key left the anchors
+
+
+def test_a_bundle_from_a_publisher_rotated_out_since_it_was_verified_is_refused() -> None:
+    m = manifest(1)
+    with pytest.raises(SecurityRefusal, match="no longer trusts"):
+        decide_install(m, digest_of(m), 1, ME, State(None), T0, 0.0, frozenset({crypto.fingerprint(b"\x05" * 32)}))

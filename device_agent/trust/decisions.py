@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from device_agent import crypto
 from device_agent.bundle.format import Manifest
-from device_agent.errors import Expired, NotInstalled, RollbackRefused, TamperedState, WrongDevice
+from device_agent.errors import Expired, NotInstalled, RollbackRefused, TamperedState, UnknownPublisher, WrongDevice
 from device_agent.trust.state import Identity, InstalledRecord, ModelSlot, State
 from device_agent.wire import format_time
 
@@ -104,6 +104,9 @@ def decide_install(
             "ask the publisher for a fresh bundle"
         )
     check_serving_life(m, now)
+    if trusted_publishers is not None and m.publisher not in trusted_publishers:
+        # Verified against anchors a rotate-key command replaced in the meantime.
+        raise UnknownPublisher(f"bundle is signed by publisher {m.publisher}, which this board no longer trusts")
     slot = state.models.get(m.model_id)
     owner = slot.publisher if slot is not None else None
     owner_trusted = owner is not None and (trusted_publishers is None or owner in trusted_publishers)
