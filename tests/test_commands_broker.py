@@ -42,7 +42,10 @@ OPERATOR = Ed25519PrivateKey.generate()
 OPERATOR_PUB = crypto.ed25519_public_raw(OPERATOR)
 
 
-def board_with_model(tmp_path: Path, publisher: Path, pack_for: Callable[..., Path], model: Path) -> tuple[Board, dict]:
+def board_with_model(
+    tmp_path: Path, publisher: Path, pack_for: Callable[..., Path], model: Path, fleet: Fleet
+) -> tuple[Board, dict]:
+    """A board with a model installed, trusting OPERATOR, enrolled in ``fleet``; and its env."""
     from device_agent.bundle.keyfiles import load_public_key_file
 
     kek = tmp_path / "kek.bin"
@@ -56,6 +59,7 @@ def board_with_model(tmp_path: Path, publisher: Path, pack_for: Callable[..., Pa
     board.agent().install((pack_for(model, [board]) / "pi-remote.ewb").read_bytes())
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEWARD_")}
     env["EDGEWARD_DEVICE_KEK_FILE"] = str(kek)
+    fleet.enrol(board.enrolment)
     return board, env
 
 
@@ -124,8 +128,7 @@ def assert_wiped_with_a_verified_result(board: Board, results: list[bytes]) -> N
 def test_decommission_reaches_an_online_board_which_reports_before_it_wipes(
     tmp_path: Path, publisher: Path, fleet: Fleet, pack_for, digits
 ) -> None:
-    board, env = board_with_model(tmp_path, publisher, pack_for, digits.onnx)
-    fleet.enrol(board.enrolment)
+    board, env = board_with_model(tmp_path, publisher, pack_for, digits.onnx, fleet)
     results: list[bytes] = []
     op = Operator(fleet, results)
     proc = serve(board, env, fleet)
@@ -141,8 +144,7 @@ def test_decommission_reaches_an_online_board_which_reports_before_it_wipes(
 def test_decommission_issued_while_a_board_is_offline_reaches_it_when_it_reconnects(
     tmp_path: Path, publisher: Path, fleet: Fleet, pack_for, digits
 ) -> None:
-    board, env = board_with_model(tmp_path, publisher, pack_for, digits.onnx)
-    fleet.enrol(board.enrolment)
+    board, env = board_with_model(tmp_path, publisher, pack_for, digits.onnx, fleet)
     results: list[bytes] = []
     op = Operator(fleet, results)
     now = datetime.now(UTC)
@@ -160,8 +162,7 @@ def test_decommission_issued_while_a_board_is_offline_reaches_it_when_it_reconne
 def test_the_fleets_time_beacon_moves_the_board_clock_floor(
     tmp_path: Path, publisher: Path, fleet: Fleet, pack_for, digits
 ) -> None:
-    board, env = board_with_model(tmp_path, publisher, pack_for, digits.onnx)
-    fleet.enrol(board.enrolment)
+    board, env = board_with_model(tmp_path, publisher, pack_for, digits.onnx, fleet)
     floor_before = board.agent().state().clock_floor
     assert floor_before is not None
     t = floor_before + timedelta(hours=12)
@@ -186,8 +187,7 @@ def test_forged_and_replayed_commands_over_the_broker_change_nothing(
     refusal, and still obeys the genuine command that comes next."""
     from device_agent.service.events import EventStore
 
-    board, env = board_with_model(tmp_path, publisher, pack_for, digits.onnx)
-    fleet.enrol(board.enrolment)
+    board, env = board_with_model(tmp_path, publisher, pack_for, digits.onnx, fleet)
     results: list[bytes] = []
     op = Operator(fleet, results)
     now = datetime.now(UTC)
