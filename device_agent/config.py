@@ -111,10 +111,19 @@ class DocumentLimits:
     max_string_field: int = 256  # any string field of a signed document (wire.str_field)
     # device.json, keys.wrapped, the sealed files (~10,000 tokens) and budgets.json
     max_board_file_bytes: int = 4 * 1024**2
+    # Every JSON document is read through wire.loads_json, bounded before the parser recurses or
+    # converts: arrays/objects nested at most this deep (Python's own json recursion limit is
+    # ~1000 and raises RecursionError) ...
+    max_json_depth: int = 64
+    # ... and numbers of at most this many characters (a 5,000-digit integer costs a quadratic
+    # conversion and Python refuses over 4,300 digits with a ValueError; 2**64 has 20 digits).
+    max_json_number_chars: int = 40
 
     def __post_init__(self) -> None:
         for f in fields(self):
             _int(self, f.name)
+        _int(self, "max_json_depth", 1, 500)  # well inside Python's recursion limit
+        _int(self, "max_json_number_chars", 1, 4300)  # inside Python's int digit limit
 
 
 # --- the local service --------------------------------------------------------------------------

@@ -12,7 +12,6 @@ broker's acknowledgement). Exit codes: 0 done, 1 refused for security, 2 usage, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from device_agent.errors import EdgeWardError, FormatError, SecurityRefusal, Usa
 from device_agent.store.datadir import utcnow
 from device_agent.store.fsutil import atomic_write
 from device_agent.telemetry.report import command_topic
-from device_agent.wire import ID_RE, format_time
+from device_agent.wire import ID_RE, format_time, loads_json
 
 from .ca import FleetHome
 from .commands import (
@@ -414,10 +413,7 @@ def cmd_verify_attestation(args: argparse.Namespace) -> int:
     from device_agent.bundle.enrolment import load_enrolment
 
     data = _read(args.file, 64 * 1024, "attestation")
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{args.file} is not JSON: {e}") from e
+    doc = loads_json(data, str(args.file))
     body = doc.get("body") if isinstance(doc, dict) else None
     device = body.get("device_id") if isinstance(body, dict) else None
     if not isinstance(device, str) or not ID_RE.match(device):

@@ -11,7 +11,7 @@ from datetime import datetime
 from device_agent import crypto
 from device_agent.config import DEFAULT_CONFIG, DocumentLimits
 from device_agent.errors import FormatError
-from device_agent.wire import ID_RE, canonical_json, format_time, obj_fields, parse_time, str_field
+from device_agent.wire import ID_RE, canonical_json, format_time, loads_json, obj_fields, parse_time, str_field
 
 SCHEMA = "edgeward.enrolment/1"
 DOMAIN = b"edgeward/enrolment/v1"
@@ -55,10 +55,7 @@ def load_enrolment(
     FormatError or BadSignature."""
     if len(data) > limits.max_enrolment_bytes:
         raise FormatError(f"{source} is larger than {limits.max_enrolment_bytes} bytes")
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{source} is not JSON: {e}") from e
+    raw = loads_json(data, source, limits)
     fields = {"schema", "device_id", "box_public", "sign_public", "box_fingerprint",
               "sign_fingerprint", "created", "signature"}
     doc = obj_fields(raw, source, fields, fields)
