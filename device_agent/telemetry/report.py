@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -76,7 +77,10 @@ def split_topic(name: str) -> tuple[str, str]:
 
 
 def check_summary(value: Any, depth: int = 0, limits: ReportLimits = DEFAULT_REPORT_LIMITS) -> None:
-    """Refuse anything shaped like a raw input: deep nesting, long arrays, long strings, bytes."""
+    """Refuse anything shaped like a raw input (deep nesting, long arrays, long strings, bytes)
+    and anything the fleet's JSON reader refuses (NaN and infinities, integers longer than its
+    number bound, strings that are not Unicode), so that a board never signs what the monitor
+    would have to flag."""
     if depth > limits.max_depth:
         raise FormatError("report data is nested too deeply to be a summary")
     # Leaves of exactly str / int / float / bool / None are checked in line (the same checks the
@@ -87,6 +91,7 @@ def check_summary(value: Any, depth: int = 0, limits: ReportLimits = DEFAULT_REP
             for k in value:
                 if not isinstance(k, str) or len(k) > limits.max_key_chars:
                     raise FormatError("report data keys must be short strings")
+                _unicode(k)
             items: Any = value.values()
         else:
             if len(value) > limits.max_list_items:
@@ -99,16 +104,32 @@ def check_summary(value: Any, depth: int = 0, limits: ReportLimits = DEFAULT_REP
             if leaf_ok and t is str:
                 if len(v) > limits.max_string:
                     raise FormatError("report data has an over-long string")
-            elif not (leaf_ok and (v is None or t in _SCALARS)):
+                _unicode(v)
+            elif not (leaf_ok and (v is None or t is bool or (t is int and -_INT_BOUND < v < _INT_BOUND)
+                                   or (t is float and math.isfinite(v)))):
                 check_summary(v, depth + 1, limits)
     elif isinstance(value, str):
         if len(value) > limits.max_string:
             raise FormatError("report data has an over-long string")
+        _unicode(value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise FormatError("report data holds NaN or an infinity: JSON readers refuse them")
+    elif isinstance(value, int) and not isinstance(value, bool) and not -_INT_BOUND < value < _INT_BOUND:
+        raise FormatError("report data holds an integer too long for the fleet's JSON reader")
     elif value is not None and not isinstance(value, bool | int | float):
         raise FormatError(f"report data may not hold {type(value).__name__} values")
 
 
-_SCALARS = frozenset({int, float, bool})
+# Integers whose text (sign included) fits the fleet's number bound (wire.loads_json).
+_INT_BOUND = 10 ** (DEFAULT_CONFIG.documents.max_json_number_chars - 1)
+
+
+def _unicode(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise FormatError("report data has a string that is not Unicode (a lone surrogate)") from e
 
 
 @dataclass(frozen=True)
