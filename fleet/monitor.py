@@ -208,8 +208,28 @@ def ingest(
     store: MonitorStore, keys: Mapping[str, bytes], messages: list[tuple[str, bytes]], window: int
 ) -> dict[str, int]:
     """Authenticate, judge and store a batch of (topic, payload) in one transaction; count
-    verdicts."""
-    return store_verified(store, [t for t, _ in messages], verify_batch(keys, messages), window)
+    verdicts. Should storing the batch fail for any reason but the environment (the store
+    itself), each message is stored in a transaction of its own, and one that still fails is
+    recorded as an ``unjudgeable`` security event: one message never holds up the others."""
+    topics = [t for t, _ in messages]
+    verified = verify_batch(keys, messages)
+    try:
+        return store_verified(store, topics, verified, window)
+    except EnvironmentFault:
+        raise  # the store, not a message: nothing committed, nothing acknowledged, delivered again
+    except Exception:  # noqa: BLE001
+        _log.exception("a batch of %d messages could not be stored; storing them one by one", len(messages))
+    counts = dict.fromkeys(("accepted", "duplicate", "flagged"), 0)
+    for topic_name, (r, d) in zip(topics, verified, strict=True):
+        try:
+            one = store_verified(store, [topic_name], [(r, d)], window)
+        except EnvironmentFault:
+            raise
+        except Exception as e:  # noqa: BLE001
+            one = store_verified(store, [topic_name], [(unjudgeable(topic_name, d, "report", e), d)], window)
+        for k, n in one.items():
+            counts[k] += n
+    return counts
 
 
 def verify_batch(
@@ -223,17 +243,31 @@ def verify_batch(
     for topic_name, payload in reversed(messages):
         raw = payload_digest(payload)
         d = raw.hex()
-        checked = check_message(keys, topic_name, payload, vouched, raw)
-        r = parse_checked(checked, topic_name, d)
-        if isinstance(r, Flagged):
-            out.append((r, d))
+        try:
+            checked = check_message(keys, topic_name, payload, vouched, raw)
+            r = parse_checked(checked, topic_name, d)
+            if isinstance(r, Flagged):
+                out.append((r, d))
+                continue
+            device, _, prev = checked  # type: ignore[misc]
+            row = Row.of(r)
+        except Exception as e:  # noqa: BLE001 -- a report no rule can judge is an event, not a stop
+            out.append((unjudgeable(topic_name, d, "report", e), d))
             continue
-        device, _, prev = checked  # type: ignore[misc]
         if prev != NO_PREV:
             vouched.add((device, prev))
-        out.append((Row.of(r), d))
+        out.append((row, d))
     out.reverse()  # back to arrival order
     return out
+
+
+def unjudgeable(topic_name: str, d: str, what: str, e: BaseException) -> Flagged:
+    """The verdict on a message that raised where every refusal is a FormatError or a
+    SecurityRefusal: a security event about the device its topic names, never a stopped monitor
+    (``docs/telemetry.md``, "Poison messages")."""
+    device = _device_of(topic_name)
+    detail = f"the monitor could not judge this {what}: {ascii(e)[:300]}"
+    return Flagged("unjudgeable", "critical", detail, device if ID_RE.match(device) else None, None, d)
 
 
 def store_verified(
@@ -577,9 +611,9 @@ class Monitor:
                     continue
                 except Exception as e:  # a bug must not stop the monitor: say so, keep going
                     _log.exception("command result on %s could not be handled", topic_name)
+                    v = unjudgeable(topic_name, sha256_hex(payload), "command result", e)
                     try:
-                        self._flag_result(topic_name, None, sha256_hex(payload), "result-error", "warning",
-                                          f"the monitor could not handle this result: {e!r}")
+                        self._flag_result(topic_name, v.device_id, v.digest, v.kind, v.severity, v.detail)
                     except EdgeWardError:
                         continue
                 self.link.ack(mid)

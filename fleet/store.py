@@ -46,6 +46,13 @@ _data_json = json.JSONEncoder(sort_keys=True).encode
 _time_text = functools.lru_cache(maxsize=1024)(format_time)
 
 
+def _text(value: str, most: int) -> str:
+    """At most ``most`` characters of text any store can write: whatever a message carried (a
+    lone surrogate cannot be encoded as UTF-8) is shown escaped instead of failing the batch."""
+    value = value[:most]
+    return value if value.isascii() else value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class Row(NamedTuple):
     """A verified report as it is stored (small and cheap to pass between processes)."""
 
@@ -162,7 +169,7 @@ class Batch:
         digest: str,
     ) -> None:
         self._flags.append(
-            (self.received, device_id, kind, severity, detail[:500], topic[:200], seq, digest)
+            (self.received, device_id, kind, severity, _text(detail, 500), _text(topic, 200), seq, digest)
         )
 
     def _status(self, dev: str, d: _DeviceDelta) -> None:
@@ -286,7 +293,9 @@ class MonitorStore:
         )
         out = []
         for r in board:
-            ev = json.loads(r["data"]).get("event", {})
+            ev = json.loads(r["data"]).get("event")
+            if not isinstance(ev, dict):  # a board's signed summary, not necessarily this shape
+                ev = {}
             out.append(
                 {
                     "time": r["time"],

@@ -64,7 +64,8 @@ def device_views(
         live = (
             d["state"] if d["state"] != "online" else ("online" if age <= stale_after else "stale")
         )
-        models = d["status"].get("models", [])
+        models = d["status"].get("models")  # a board's signed summary, not necessarily this shape
+        models = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
         out.append(
             d
             | {
