@@ -20,6 +20,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.commands.format import results_topic
 from device_agent.crypto import ed25519_public_raw
+from device_agent.errors import FormatError
 from device_agent.telemetry.mqtt import Link, Session
 from device_agent.telemetry.report import Report, encode_report, topic
 from device_agent.wire import loads_json
@@ -352,3 +353,85 @@ def test_a_poison_last_will_is_flagged_and_the_monitor_goes_on(
     running_until(monitor, lambda: len(monitor.store.reports("pi-good")) == 1, "the good board's report")
     (event,) = flagged(monitor.store, "pi-bad")
     assert event["kind"] == "forged" and "a number of more than" in event["detail"]
+
+
+# --- the bounded reader, the board's side, and the last-resort net ------------------------------
+
+
+def test_the_json_reader_bounds_depth_and_numbers_before_parsing() -> None:
+    assert loads_json(b"[" * 64 + b"]" * 64, "doc") == eval("[" * 64 + "]" * 64)  # noqa: S307
+    for text, reason in [
+        (b"[" * 65 + b"]" * 65, "nested more than 64"),
+        (b"[" * 100_000, "brackets do not match"),
+        (b'{"a":' * 70 + b"1" + b"}" * 70, "nested more than 64"),
+        (b"[" * 70 + b"}" * 70, "brackets do not match"),
+        (b"9" * 41, "more than 40 characters"),
+        (b"0." + b"1" * 39, "more than 40 characters"),
+        (b"[1e309]", "not a finite number"),
+        (b'{"a":NaN}', "not a finite number"),
+        (b'{"a":1,"b":{"c":1,"c":1}}', "the key 'c' twice"),
+        (b'["\\ud800"]', "lone surrogate"),
+        (b'["\\udc00\\ud800"]', "lone surrogate"),  # a low then a high half: no pair
+        (b"\xff", "not valid UTF-8"),
+    ]:
+        with pytest.raises(FormatError, match=reason):
+            loads_json(text, "doc")
+    # Brackets inside strings are not nesting; a surrogate pair is one character; bounds are inclusive.
+    assert loads_json(b'["' + b"[{" * 5000 + b'\\"]"]', "doc") == ["[{" * 5000 + '"]']
+    assert loads_json(b'["\\ud83d\\ude00"]', "doc") == ["\U0001f600"]
+    assert loads_json(b"9" * 40, "doc") == int("9" * 40)
+    assert loads_json(b"[-1.5e308, 0.1, -0]", "doc") == [-1.5e308, 0.1, 0]
+
+
+def test_a_board_never_signs_data_the_fleet_would_refuse() -> None:
+    for data in [{"x": float("nan")}, {"x": [float("inf")]}, {"x": 10**39}, {"x": -(10**39)},
+                 {"x": "\ud800"}, {"\udc00": 1}, {"x": {"y": ["\udfff"]}}]:
+        with pytest.raises(FormatError):
+            Report("pi-1", 1, "events", NOW, data)
+    fine = Report("pi-1", 1, "events", NOW, {"x": 10**39 - 1, "y": -(10**39) + 1, "z": 1e308, "s": "\U0001f600"})
+    store = MonitorStore(":memory:")
+    assert ingest(store, KEYS, [(fine.topic, encode_report(fine, KEY))], 8)["accepted"] == 1
+    store.close()
+
+
+def test_a_message_no_rule_can_judge_is_an_event_about_its_board(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every known refusal is a FormatError or a SecurityRefusal; should judging still raise
+    anything else (a bug), the message becomes an ``unjudgeable`` event about the topic's board."""
+    import fleet.monitor
+
+    real = fleet.monitor.parse_report
+
+    def parse(body: bytes, topic_name: str) -> Report:
+        if b'"boom"' in body:
+            raise RuntimeError("a bug")
+        return real(body, topic_name)
+
+    monkeypatch.setattr(fleet.monitor, "parse_report", parse)
+    store = MonitorStore(":memory:")
+    bad = Report("pi-1", 1, "events", NOW, {"x": "boom"})
+    counts = ingest(store, KEYS, [good("pi-2", 1), (bad.topic, encode_report(bad, KEY)), good("pi-2", 2)], 8)
+    assert counts == {"accepted": 2, "duplicate": 0, "flagged": 1}
+    (event,) = store.events()
+    assert (event["kind"], event["device_id"], event["severity"]) == ("unjudgeable", "pi-1", "critical")
+    assert "RuntimeError('a bug')" in event["detail"]
+    store.close()
+
+
+def test_a_batch_that_cannot_be_stored_is_stored_one_message_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fleet.monitor
+
+    real = fleet.monitor.judge_sequence
+
+    def judge(report: Any, *args: Any) -> Any:
+        if report.device_id == "pi-1":
+            raise ValueError("a bug")
+        return real(report, *args)
+
+    monkeypatch.setattr(fleet.monitor, "judge_sequence", judge)
+    store = MonitorStore(":memory:")
+    bad = Report("pi-1", 1, "events", NOW, {})
+    counts = ingest(store, KEYS, [good("pi-2", 1), (bad.topic, encode_report(bad, KEY)), good("pi-2", 2)], 8)
+    assert counts == {"accepted": 2, "duplicate": 0, "flagged": 1}
+    assert [r["seq"] for r in store.reports("pi-2")] == [2, 1] and store.reports("pi-1") == []
+    assert [(e["kind"], e["device_id"]) for e in store.events()] == [("unjudgeable", "pi-1")]
+    store.close()
