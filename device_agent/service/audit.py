@@ -38,7 +38,7 @@ import numpy as np
 
 from device_agent.config import DEFAULT_CONFIG, AuditConfig
 from device_agent.errors import EnvironmentFault
-from device_agent.store.fsutil import atomic_write, make_private_dir
+from device_agent.store.fsutil import atomic_write, fsync_dir, make_private_dir
 from device_agent.wire import canonical_json, format_time, parse_time
 
 GENESIS = "0" * 64
@@ -126,6 +126,7 @@ class AuditLog:
     def _resume(self) -> tuple[int, str]:
         """Continue the chain after the last complete record; a torn last line (power cut while
         writing) is cut off and the cut itself is recorded."""
+        self._finish_prune()
         segs = self.segments()
         if not segs:
             anchor = self._read_json("anchor.json")
@@ -152,6 +153,18 @@ class AuditLog:
             self.append({"event": "recovered", "torn_bytes": torn}, time.time())
         return self._seq, self._hash
 
+    def _finish_prune(self) -> None:
+        """Complete a prune cut short between moving the anchor and deleting the segments before
+        it (a kill or a power cut): the chain starts where the anchor says."""
+        anchor = self._read_json("anchor.json")
+        segs = self.segments()
+        first = str(anchor.get("segment", "")) if anchor else ""
+        stale = [s for s in segs if s.name < first]
+        if stale and any(s.name == first for s in segs):
+            for s in stale:
+                s.unlink()
+            fsync_dir(self.dir)
+
     def _resume_before(self, segs: list[Path]) -> tuple[int, str]:
         for seg in reversed(segs[:-1]):
             lines = seg.read_bytes().splitlines()
@@ -171,7 +184,10 @@ class AuditLog:
         if self._fd is not None:
             os.fsync(self._fd)
             os.close(self._fd)
+        created = not os.path.lexists(path)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if created:  # the new segment's name must be on disk before a checkpoint can name its records
+            fsync_dir(self.dir)
         self._segment = path
         self._size = os.fstat(self._fd).st_size
 
@@ -193,7 +209,7 @@ class AuditLog:
             first = json.loads(nxt.read_bytes().split(b"\n", 1)[0])
             anchor = {"seq": int(first["seq"]), "prev": str(first["prev"]), "segment": nxt.name}
             atomic_write(self.dir / "anchor.json", json.dumps(anchor).encode(), 0o600)
-            old.unlink()
+            old.unlink()  # a segment back after a power cut is deleted again when the log opens (_finish_prune)
 
     # --- writing -------------------------------------------------------------------------------
     def append(self, fields: dict[str, Any], now: float) -> int:

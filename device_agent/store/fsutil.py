@@ -42,8 +42,18 @@ def atomic_write(path: Path, data: bytes | bytearray | memoryview, mode: int = 0
 
 
 def make_private_dir(path: Path) -> None:
+    """Create ``path`` (0700) and any missing parents; each directory created is made durable
+    (its parent fsynced), or a power cut could take it, and every file written in it, away."""
+    path = Path(path)
+    created = []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        created.append(p)
+        p = p.parent
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
+    for d in reversed(created):
+        fsync_dir(d.parent)
 
 
 def read_into_bytearray(path: Path, limit: int) -> bytearray:
