@@ -322,7 +322,8 @@ class Agent:
         installed = [k for k, s in state.models.items() if s.current is not None]
         if model_id is not None:
             if model_id not in installed:
-                raise NotInstalled(
+                # The caller named a model this board does not have: a usage error (exit 2).
+                raise UsageError(
                     f"model {model_id!r} is not installed; "
                     f"installed: {', '.join(installed) or 'none'}"
                 )

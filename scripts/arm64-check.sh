@@ -200,7 +200,7 @@ export EDGEWARD_DEVICE_KEK_FILE="$WORK/kek"
 DEV=pi4-arm64
 
 ew_log "host: publisher key and the digits model (tests.fixtures.models)"
-"$BIN/edgeward" keys publisher --out keys >/dev/null
+"$BIN/edgeward" keys publisher --out keys --insecure-unencrypted-key >/dev/null
 (cd "$EW_ROOT" && "$EW_PY" -m tests.fixtures.models "$WORK/model" >/dev/null)
 "$EW_PY" - <<'PY'
 import json, time

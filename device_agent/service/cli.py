@@ -102,11 +102,19 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from device_agent.service.audit import verify
+    from device_agent.service.audit import VerifyReport, verify
     from device_agent.store.datadir import DataDir
 
-    rep = verify(DataDir(args.data_dir).audit_dir)
-    doc = rep.to_json()
+    d = DataDir(args.data_dir)
+    d.require_provisioned()
+    if not d.audit_dir.exists():
+        # The service creates the log when it first starts: a board that never served has none.
+        doc = {**VerifyReport(ok=True).to_json(), "started": False}
+        emit(args, doc, lambda _doc: f"no audit log yet in {d.audit_dir}: the service has not served on this board "
+             "(edgeward-agent serve starts the log). If it has served, the whole log was removed")
+        return 0
+    rep = verify(d.audit_dir)
+    doc = {**rep.to_json(), "started": True}
     text = (
         f"audit log intact: {rep.records} records ({rep.first_seq}..{rep.last_seq}) "
         f"in {rep.segments} segment(s)"
