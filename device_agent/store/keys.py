@@ -22,6 +22,8 @@ from device_agent.errors import FormatError, UsageError
 
 PASSPHRASE_ENV = "EDGEWARD_DEVICE_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
 KEK_FILE_ENV = "EDGEWARD_DEVICE_KEK_FILE"
+PASSPHRASE_FILE_ENV = "EDGEWARD_DEVICE_PASSPHRASE_FILE"  # noqa: S105 - e.g. a systemd credential
+MAX_PASSPHRASE_FILE_BYTES = 4096
 SECRET_V1_BYTES = 2 * crypto.KEY_BYTES
 SECRET_BYTES = 3 * crypto.KEY_BYTES
 
@@ -46,6 +48,9 @@ class KeySource:
             if len(kek) != crypto.KEY_BYTES:
                 raise UsageError(f"key file {path} must hold exactly 32 bytes (e.g. head -c32 /dev/urandom)")
             return cls(kek=kek, kek_path=Path(path).resolve())
+        pw_file = os.environ.get(PASSPHRASE_FILE_ENV)
+        if pw_file:
+            return cls(passphrase=_read_passphrase_file(Path(pw_file)))
         pw = os.environ.get(PASSPHRASE_ENV)
         return cls(passphrase=pw.encode() if pw else None)
 
@@ -103,3 +108,19 @@ class DeviceKeys:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         return Ed25519PrivateKey.from_private_bytes(bytes(self.sign_seed))
+
+
+def _read_passphrase_file(path: Path) -> bytes:
+    """The passphrase kept in a file (a systemd credential): its bytes without one trailing newline."""
+    from device_agent.store.fsutil import read_bounded
+
+    try:
+        data = read_bounded(path, MAX_PASSPHRASE_FILE_BYTES)
+    except OSError as e:
+        raise UsageError(f"cannot read {PASSPHRASE_FILE_ENV} {path}: {e.strerror}") from e
+    except FormatError as e:
+        raise UsageError(f"{PASSPHRASE_FILE_ENV}: {e}") from e
+    data = data[:-1] if data.endswith(b"\n") else data
+    if not data:
+        raise UsageError(f"{PASSPHRASE_FILE_ENV} {path} is empty")
+    return data
