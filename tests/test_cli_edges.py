@@ -165,3 +165,23 @@ def test_the_fleet_ca_key_follows_the_same_rule(tmp_path, monkeypatch, capsys) -
     home = FleetHome(tmp_path / "fleet2")
     home.init_ca()
     assert b"ENCRYPTED PRIVATE KEY" in home.ca_key.read_bytes()
+
+
+def test_the_device_passphrase_can_come_from_a_file(make_board, tmp_path, monkeypatch) -> None:
+    """EDGEWARD_DEVICE_PASSPHRASE_FILE: the passphrase as a systemd credential (deploy/systemd/)."""
+    from device_agent.errors import UsageError
+    from device_agent.store.keys import KeySource
+
+    board = make_board()
+    f = tmp_path / "passphrase"
+    f.write_bytes(board.keys.passphrase + b"\n")  # as `echo` writes it
+    monkeypatch.delenv("EDGEWARD_DEVICE_PASSPHRASE", raising=False)
+    monkeypatch.setenv("EDGEWARD_DEVICE_PASSPHRASE_FILE", str(f))
+    src = KeySource.from_env()
+    assert src.passphrase == board.keys.passphrase
+    from device_agent.agent import Agent
+
+    assert Agent(board.data_dir, src).status()["device_id"] == "pi-001"
+    f.write_bytes(b"")
+    with pytest.raises(UsageError, match="is empty"):
+        KeySource.from_env()

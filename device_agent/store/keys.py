@@ -23,7 +23,6 @@ from device_agent.errors import FormatError, UsageError
 PASSPHRASE_ENV = "EDGEWARD_DEVICE_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
 KEK_FILE_ENV = "EDGEWARD_DEVICE_KEK_FILE"
 PASSPHRASE_FILE_ENV = "EDGEWARD_DEVICE_PASSPHRASE_FILE"  # noqa: S105 - e.g. a systemd credential
-MAX_PASSPHRASE_FILE_BYTES = 4096
 SECRET_V1_BYTES = 2 * crypto.KEY_BYTES
 SECRET_BYTES = 3 * crypto.KEY_BYTES
 
@@ -50,7 +49,10 @@ class KeySource:
             return cls(kek=kek, kek_path=Path(path).resolve())
         pw_file = os.environ.get(PASSPHRASE_FILE_ENV)
         if pw_file:
-            return cls(passphrase=_read_passphrase_file(Path(pw_file)))
+            from device_agent.config import DEFAULT_CONFIG
+
+            limit = DEFAULT_CONFIG.documents.max_passphrase_file_bytes
+            return cls(passphrase=_read_passphrase_file(Path(pw_file), limit))
         pw = os.environ.get(PASSPHRASE_ENV)
         return cls(passphrase=pw.encode() if pw else None)
 
@@ -110,12 +112,12 @@ class DeviceKeys:
         return Ed25519PrivateKey.from_private_bytes(bytes(self.sign_seed))
 
 
-def _read_passphrase_file(path: Path) -> bytes:
+def _read_passphrase_file(path: Path, limit: int) -> bytes:
     """The passphrase kept in a file (a systemd credential): its bytes without one trailing newline."""
     from device_agent.store.fsutil import read_bounded
 
     try:
-        data = read_bounded(path, MAX_PASSPHRASE_FILE_BYTES)
+        data = read_bounded(path, limit)
     except OSError as e:
         raise UsageError(f"cannot read {PASSPHRASE_FILE_ENV} {path}: {e.strerror}") from e
     except FormatError as e:
