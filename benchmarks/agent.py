@@ -83,7 +83,7 @@ def main() -> int:
     x = np.load(digits.test)["x"]
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        generate("publisher", t / "pub")
+        generate("publisher", t / "pub", unencrypted=True)
         keys = KeySource(passphrase=b"benchmark")
         (t / "board.json").write_bytes(
             Agent.provision(

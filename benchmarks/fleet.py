@@ -220,7 +220,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edgeward-bench-") as tmp_s:
         tmp = Path(tmp_s)
         home = FleetHome(tmp / "fleet")
-        home.init_ca()
+        home.init_ca(unencrypted=True)
         home.enrol_operator("ops")
         port = free_port()
         files = write_broker_config(home, tmp / "broker", bind="127.0.0.1", port=port)

@@ -322,10 +322,14 @@ class Agent:
         installed = [k for k, s in state.models.items() if s.current is not None]
         if model_id is not None:
             if model_id not in installed:
-                raise NotInstalled(
-                    f"model {model_id!r} is not installed; "
-                    f"installed: {', '.join(installed) or 'none'}"
-                )
+                where = f"installed: {', '.join(installed) or 'none'}"
+                if model_id in state.retired:
+                    r = state.retired[model_id]
+                    raise NotInstalled(f"model {model_id!r} was retired ({r.by}); it never serves again; {where}")
+                if model_id in state.models:
+                    raise NotInstalled(f"model {model_id!r} is not installed any more; {where}")
+                # A model id this board has never had: the caller named it wrongly (usage, exit 2).
+                raise UsageError(f"model {model_id!r} is not installed; {where}")
             return model_id
         if not installed:
             raise NotInstalled("no model is installed; run 'edgeward-agent install BUNDLE' first")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from device_agent.cliutil import emit, run
+from device_agent.cliutil import add_version, emit, run
 from device_agent.config import DEFAULT_LIMITS
 from device_agent.errors import FormatError, UsageError
 from device_agent.service import cli as service_cli
@@ -125,7 +125,8 @@ def _load_inputs(path: str) -> Any:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     result = _agent(args).predict(_load_inputs(args.input), role=args.role, model_id=args.model)
-    print(json.dumps(result, sort_keys=True))
+    # Always JSON: one line by default (scripts compare it), indented with --json like every command.
+    emit(args, result, lambda d: json.dumps(d, sort_keys=True))
     return 0
 
 
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="EdgeWard board agent: provision the board, install signed bundles, predict.",
         epilog="Device keys are unlocked with EDGEWARD_DEVICE_PASSPHRASE or EDGEWARD_DEVICE_KEK_FILE.",
     )
+    add_version(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -262,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--input", required=True, help="input array (.npy) or arrays (.npz)")
     sp.add_argument("--role", default="user", choices=["user", "engineer", "admin"])
     sp.add_argument("--model", help="model id, when several are installed")
+    sp.add_argument("--json", action="store_true", help="indented JSON (the output is JSON either way)")
 
     sp = add(
         "status",

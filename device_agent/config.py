@@ -108,6 +108,7 @@ class DocumentLimits:
 
     max_enrolment_bytes: int = 16 * 1024  # a device's enrolment file (edgeward.enrolment/1)
     max_key_file_bytes: int = 16 * 1024  # a PEM public key file
+    max_passphrase_file_bytes: int = 4096  # EDGEWARD_DEVICE_PASSPHRASE_FILE (a systemd credential)
     max_string_field: int = 256  # any string field of a signed document (wire.str_field)
     # device.json, keys.wrapped, the sealed files (~10,000 tokens) and budgets.json
     max_board_file_bytes: int = 4 * 1024**2

@@ -118,12 +118,14 @@ def write_broker_config(
     server_names: list[str] | None = None,
     max_queued: int = DEFAULT_MAX_QUEUED,
     user: str | None = None,
+    unencrypted_ca_key: bool = False,
 ) -> BrokerFiles:
     """Write DIR/mosquitto.conf, DIR/acl, DIR/server.{crt,key}, DIR/ca.crt, DIR/crl.pem and
     DIR/data/. The CRL is signed afresh (empty but valid when nothing is revoked: mosquitto
-    refuses to start with a missing crlfile), so re-running this also renews its next update."""
+    refuses to start with a missing crlfile), so re-running this also renews its next update.
+    Without a fleet CA it creates one, under the host's passphrase rule (``unencrypted_ca_key``)."""
     if not home.ca_cert.exists():
-        home.init_ca()
+        home.init_ca(unencrypted=unencrypted_ca_key)
     out = out.resolve()
     make_private_dir(out)
     data = out / "data"

@@ -4,7 +4,8 @@ Layout of a fleet home directory (``--fleet-dir``, default ``$EDGEWARD_FLEET_DIR
 ``./fleet-home``)::
 
     FLEET/                 0700
-      ca.key               CA private key (P-256), 0600, encrypted when EDGEWARD_PASSPHRASE is set
+      ca.key               CA private key (P-256), 0600, encrypted under EDGEWARD_PASSPHRASE (or
+                           in the clear only with --insecure-unencrypted-key)
       ca.crt               CA certificate: the broker and every client trust this
       devices/<id>.json    enrolments (verified, self-signed by the board's identity key)
       operators/<id>       marker: an operator identity
@@ -40,7 +41,7 @@ from device_agent.bundle.enrolment import Enrolment, load_enrolment
 from device_agent.errors import FormatError, UsageError
 from device_agent.store.fsutil import atomic_write, make_private_dir, read_bounded
 from device_agent.wire import ID_RE, format_time, loads_json, obj_fields, parse_time, str_field
-from packager.keys import load_private_key_pem, private_key_pem
+from packager.keys import kept_key_passphrase, load_private_key_pem, private_key_pem
 
 FLEET_DIR_ENV = "EDGEWARD_FLEET_DIR"
 CA_DAYS = 3650
@@ -110,10 +111,12 @@ class FleetHome:
         return self.path / "crl.pem"
 
     # --- CA --------------------------------------------------------------------------------------
-    def init_ca(self, name: str = "EdgeWard fleet CA") -> Path:
-        """Create the fleet CA; never overwrites one (every issued certificate depends on it)."""
+    def init_ca(self, name: str = "EdgeWard fleet CA", *, unencrypted: bool = False) -> Path:
+        """Create the fleet CA; never overwrites one (every issued certificate depends on it). Its
+        key follows the host's one passphrase rule (:func:`packager.keys.kept_key_passphrase`)."""
         if self.ca_cert.exists():
             raise UsageError(f"{self.ca_cert} exists already; the fleet has a CA")
+        passphrase = kept_key_passphrase(self.ca_key, unencrypted=unencrypted)
         for d in (self.path, self.devices, self.operators, self.certs):
             make_private_dir(d)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -137,7 +140,7 @@ class FleetHome:
             )
             .sign(key, hashes.SHA256())
         )
-        atomic_write(self.ca_key, private_key_pem(key)[0], 0o600)
+        atomic_write(self.ca_key, private_key_pem(key, passphrase), 0o600)
         atomic_write(self.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return self.ca_cert
 
@@ -186,8 +189,9 @@ class FleetHome:
         cert = b.sign(ca_key, hashes.SHA256())
         make_private_dir(out)
         issued = Issued(out / f"{cn}.crt", out / f"{cn}.key", cn)
-        # Client keys are handed to a board or an operator's tool: unencrypted PEM, 0600.
-        atomic_write(issued.key, private_key_pem(key, encrypt=False)[0], 0o600)
+        # TLS keys are handed to a daemon that opens them unattended (the board's agent, an
+        # operator's tool, mosquitto): unencrypted PEM, 0600 (docs/operations.md, "Private keys").
+        atomic_write(issued.key, private_key_pem(key, None), 0o600)
         atomic_write(issued.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return issued
 

@@ -42,8 +42,15 @@ def table(heads: list[str], rows: list[list[Any]]) -> str:
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
-    cert = _home(args).init_ca(args.name)
-    _print(args, {"ca": str(cert)}, f"fleet CA created: {cert}")
+    home = _home(args)
+    cert = home.init_ca(args.name, unencrypted=args.insecure_unencrypted_key)
+    encrypted = b"ENCRYPTED" in home.ca_key.read_bytes()
+    _print(
+        args,
+        {"ca": str(cert), "key": str(home.ca_key), "encrypted": encrypted},
+        f"fleet CA created: {cert}\nCA key {home.ca_key} (0600, "
+        + ("passphrase-encrypted)" if encrypted else "NOT encrypted: --insecure-unencrypted-key)"),
+    )
     return 0
 
 
@@ -88,6 +95,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         port=port,
         server_names=args.server_name,
         max_queued=args.max_queued,
+        unencrypted_ca_key=args.insecure_unencrypted_key,
     )
     doc = {k: str(v) for k, v in vars(files).items()}
     _print(
@@ -274,11 +282,16 @@ def register(sub: Any) -> None:
     casub = ca.add_subparsers(dest="ca_command", required=True, metavar="CA_COMMAND")
     sp = add(
         "init",
-        "create the fleet CA (ca.key 0600; encrypted if EDGEWARD_PASSPHRASE is set)",
+        "create the fleet CA (ca.key 0600, encrypted under EDGEWARD_PASSPHRASE)",
         cmd_ca_init,
         casub,
     )
     sp.add_argument("--name", default="EdgeWard fleet CA")
+    sp.add_argument(
+        "--insecure-unencrypted-key",
+        action="store_true",
+        help="without EDGEWARD_PASSPHRASE, write ca.key in the clear instead of refusing (test rigs only)",
+    )
 
     sp = add(
         "enrol",
@@ -302,6 +315,12 @@ def register(sub: Any) -> None:
     sp.add_argument("--server-name", action="append", help="broker DNS name or IP (repeatable)")
     sp.add_argument(
         "--max-queued", type=int, default=1_000_000, help="QoS 1 messages queued per client"
+    )
+    sp.add_argument(
+        "--insecure-unencrypted-key",
+        action="store_true",
+        help="if this creates the fleet CA: without EDGEWARD_PASSPHRASE, write ca.key in the clear "
+        "instead of refusing (test rigs only)",
     )
 
     sp = add(

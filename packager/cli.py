@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from device_agent.cliutil import emit, run
+from device_agent.cliutil import add_version, emit, run
 from device_agent.errors import EdgeWardError, FormatError, UsageError
 from fleet.cli import register as register_fleet
 
@@ -27,7 +27,7 @@ PROG = "edgeward"
 def cmd_keys(args: argparse.Namespace) -> int:
     from .keys import generate
 
-    files = generate(args.kind, Path(args.out), force=args.force)
+    files = generate(args.kind, Path(args.out), force=args.force, unencrypted=args.insecure_unencrypted_key)
     doc = {
         "private": str(files.private),
         "public": str(files.public),
@@ -38,7 +38,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         args,
         doc,
         lambda d: f"wrote {d['private']} (0600, "
-        + ("passphrase-encrypted" if d["encrypted"] else "NOT encrypted: set EDGEWARD_PASSPHRASE to encrypt")
+        + ("passphrase-encrypted" if d["encrypted"] else "NOT encrypted: --insecure-unencrypted-key")
         + f")\nwrote {d['public']}\nfingerprint {d['fingerprint']}",
     )
     return 0
@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="EdgeWard host tools: keys, packing signed per-device bundles, inspection."
     )
+    add_version(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sp = sub.add_parser(
@@ -195,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("kind", choices=["publisher", "operator", "recovery"])
     sp.add_argument("--out", required=True, help="directory for KIND.key (0600) and KIND.pub")
     sp.add_argument("--force", action="store_true", help="overwrite existing key files")
+    sp.add_argument(
+        "--insecure-unencrypted-key",
+        action="store_true",
+        help="without EDGEWARD_PASSPHRASE, write KIND.key in the clear instead of refusing (test rigs, "
+        "keys kept in a secret store that encrypts them)",
+    )
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_keys)
 

@@ -1,5 +1,7 @@
-"""Publisher and operator signing keys: Ed25519, private file 0600, passphrase-wrapped when
-``EDGEWARD_PASSPHRASE`` is set (PKCS#8 with the best encryption ``cryptography`` offers)."""
+"""Publisher, operator and recovery signing keys: Ed25519, private file 0600, and the host's one
+rule for every private key it keeps (these and the fleet CA key, docs/operations.md): encrypted
+under ``EDGEWARD_PASSPHRASE`` (PKCS#8 with the best encryption ``cryptography`` offers), or, without
+a passphrase, refused unless ``--insecure-unencrypted-key`` says to write it in the clear."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from device_agent.errors import FormatError, UsageError
 from device_agent.store.fsutil import atomic_write
 
 PASSPHRASE_ENV = "EDGEWARD_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
+UNENCRYPTED_OPTION = "--insecure-unencrypted-key"
 KINDS = ("publisher", "operator", "recovery")
 
 
@@ -34,30 +37,43 @@ def _passphrase() -> bytes | None:
     return value.encode() if value else None
 
 
-def private_key_pem(key: PrivateKeyTypes, *, encrypt: bool = True) -> tuple[bytes, bool]:
-    """PKCS#8 PEM of ``key``, encrypted under ``EDGEWARD_PASSPHRASE`` when it is set and
-    ``encrypt`` is true. Returns the PEM and whether it is encrypted."""
-    passphrase = _passphrase() if encrypt else None
+def private_key_pem(key: PrivateKeyTypes, passphrase: bytes | None) -> bytes:
+    """PKCS#8 PEM of ``key``: encrypted under ``passphrase``, or in the clear when it is None."""
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-    return pem, passphrase is not None
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
 
-def generate(kind: str, out_dir: Path, *, force: bool = False) -> KeyPairFiles:
+def kept_key_passphrase(path: Path, *, unencrypted: bool) -> bytes | None:
+    """The one rule for a private key the host keeps: the passphrase to encrypt it under
+    (``EDGEWARD_PASSPHRASE``), or None when there is none and ``unencrypted`` (the caller's
+    explicitly named option) says to write it in the clear; otherwise a refusal, before anything
+    is made or written."""
+    passphrase = _passphrase()
+    if passphrase is None and not unencrypted:
+        raise UsageError(
+            f"refusing to write the private key {path} unencrypted: set {PASSPHRASE_ENV} to encrypt it, "
+            f"or pass {UNENCRYPTED_OPTION} to write it in the clear (0600)"
+        )
+    return passphrase
+
+
+def generate(kind: str, out_dir: Path, *, force: bool = False, unencrypted: bool = False) -> KeyPairFiles:
+    """A new key pair ``out_dir/KIND.key`` (0600) + ``KIND.pub``, under the one passphrase rule
+    (:func:`kept_key_passphrase`)."""
     if kind not in KINDS:
         raise UsageError(f"key kind must be one of {', '.join(KINDS)}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     priv_path, pub_path = out_dir / f"{kind}.key", out_dir / f"{kind}.pub"
+    passphrase = kept_key_passphrase(priv_path, unencrypted=unencrypted)
     if not force and (priv_path.exists() or pub_path.exists()):
         raise UsageError(f"{priv_path} already exists; refusing to overwrite a key (use --force)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    pem, encrypted = private_key_pem(key)
     raw_pub = crypto.ed25519_public_raw(key)
-    atomic_write(priv_path, pem, 0o600)
+    atomic_write(priv_path, private_key_pem(key, passphrase), 0o600)
     atomic_write(pub_path, public_key_pem(raw_pub), 0o644)
-    return KeyPairFiles(priv_path, pub_path, crypto.fingerprint(raw_pub), encrypted)
+    return KeyPairFiles(priv_path, pub_path, crypto.fingerprint(raw_pub), passphrase is not None)
 
 
 def load_private_key_pem(path: Path, key_type: type) -> Any:

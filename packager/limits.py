@@ -18,6 +18,8 @@ class HostLimits:
 
     max_json_bytes: int = 16 * 1024**2  # a JSON document given to the CLI (--policy, --preprocess, harden outputs)
     max_model_bytes: int = 2**31 - 1  # a model file read without a profile's own max_model_bytes
+    max_array_file_bytes: int = 1024**3  # an .npz of calibration, validation or test data
+    max_array_file_members: int = 64  # arrays in one such .npz
 
     def __post_init__(self) -> None:
         for f in fields(self):

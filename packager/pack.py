@@ -263,17 +263,14 @@ def build_policy(policy_file: str | None, calibration_file: str | None) -> dict[
     ``--calibrate-ood``, OoD and probing thresholds calibrated on validation inputs (``x``)."""
     policy: dict[str, Any] = read_json_object(policy_file, "--policy") or {}
     if calibration_file:
-        import numpy as np
-
         from device_agent.service.detect import calibrate
 
-        try:
-            with np.load(calibration_file, allow_pickle=False) as z:
-                x = z["x"] if "x" in z.files else z[z.files[0]]
-        except (OSError, ValueError, KeyError, IndexError) as e:
-            raise UsageError(
-                f"--calibrate-ood {calibration_file}: need an .npz with validation inputs x: {e}"
-            ) from e
+        from .arrays import load_npz
+
+        z = load_npz(calibration_file, "--calibrate-ood")
+        if not z:
+            raise FormatError(f"--calibrate-ood {calibration_file}: need an .npz with validation inputs x")
+        x = z["x"] if "x" in z else next(iter(z.values()))
         policy["ood"] = calibrate(x)
     return policy
 

@@ -327,7 +327,7 @@ class AgentEnv:
 
         saved = os.environ.pop("EDGEWARD_PASSPHRASE", None)
         try:
-            generate("publisher", workdir / "publisher")
+            generate("publisher", workdir / "publisher", unencrypted=True)
         finally:
             if saved is not None:
                 os.environ["EDGEWARD_PASSPHRASE"] = saved
@@ -472,14 +472,13 @@ def run(
 
 
 def _load(path: Path, need_y: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            x = z["x"].astype(np.float32)
-            y = z["y"].astype(np.int64) if "y" in z.files else None
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(
-            f"{path}: need an .npz with arrays x (inputs){' and y (labels)' if need_y else ''}: {e}"
-        ) from e
+    from .arrays import load_npz
+
+    z = load_npz(path, "data file")
+    if "x" not in z:
+        raise UsageError(f"{path}: need an .npz with arrays x (inputs){' and y (labels)' if need_y else ''}")
+    x = z["x"].astype(np.float32)
+    y = z["y"].astype(np.int64) if "y" in z else None
     if need_y and y is None:
         raise UsageError(f"{path}: the test data needs labels y")
     return x.reshape(len(x), -1), y

@@ -192,7 +192,7 @@ echo "arm64 root: $SETUP_STATE in ${T_SETUP}s ($(du -sh "$ROOT" | cut -f1)); $(g
 # --- the end-to-end check --------------------------------------------------------------------
 if [ -z "$WORK" ]; then WORK="$(mktemp -d -t edgeward-arm64.XXXXXX)"; else mkdir -p "$WORK"; WORK="$(cd "$WORK" && pwd)"; fi
 cd "$WORK"
-rm -rf board enrolments release keys model kek ./*.json ./*.npy ./*.ewb ./*.py
+rm -rf board enrolments release keys model kek venv wheelhouse piptool ./*.json ./*.npy ./*.ewb ./*.py ./*.txt
 unset EDGEWARD_PASSPHRASE EDGEWARD_DEVICE_PASSPHRASE
 # Device keys wrapped under a key file: Argon2id (the passphrase KDF) is very slow under emulation.
 head -c 32 /dev/urandom > kek && chmod 600 kek
@@ -200,7 +200,7 @@ export EDGEWARD_DEVICE_KEK_FILE="$WORK/kek"
 DEV=pi4-arm64
 
 ew_log "host: publisher key and the digits model (tests.fixtures.models)"
-"$BIN/edgeward" keys publisher --out keys >/dev/null
+"$BIN/edgeward" keys publisher --out keys --insecure-unencrypted-key >/dev/null
 (cd "$EW_ROOT" && "$EW_PY" -m tests.fixtures.models "$WORK/model" >/dev/null)
 "$EW_PY" - <<'PY'
 import json, time
@@ -237,6 +237,39 @@ T0=$(now)
 arm64_py -m device_agent.cli install "release/$DEV.ewb" --data-dir board ||
   fail "install under emulation failed (exit $?)"
 T_INST=$(secs "$T0" "$(now)")
+
+# --- the board's install path (README.md "Install"): a wheelhouse built here, installed offline -----
+ew_log "host: scripts/wheelhouse.sh (aarch64, Python 3.11, glibc 2.36; the host venv's versions)"
+T0=$(now)
+printf '%s\n' "${PINS[@]}" | grep -F '==' > constraints.txt || true
+EDGEWARD_PYTHON="$EW_PY" bash "$EW_ROOT/scripts/wheelhouse.sh" --out wheelhouse --constraint constraints.txt >/dev/null ||
+  fail "scripts/wheelhouse.sh could not build the aarch64 wheelhouse" 4
+# pip itself (pure Python) to run on the board: ensurepip would start a child python3.11, which
+# needs binfmt_misc under emulation; a real board's 'python3 -m venv' brings its own pip.
+ew_pip download --quiet --no-deps --only-binary=:all: --dest piptool pip >/dev/null ||
+  fail "could not download a pip wheel for the emulated board" 4
+board_venv() {  # the agent exactly as pip installed it on the board: no repository on the path
+  env -u PYTHONHOME -u VIRTUAL_ENV -u PYTHONSTARTUP -u PYTHONPATH OPENSSL_armcap=0x1 \
+    QEMU_CPU=cortex-a72 PYTHONNOUSERSITE=1 PYTHONDONTWRITEBYTECODE=1 "$QEMU" -L "$ROOT" "$WORK/venv/bin/python3.11" "$@"
+}
+ew_log "board (arm64, emulated): python3.11 -m venv; pip install --no-index --find-links wheelhouse 'edgeward[device]'"
+rm -rf venv
+arm64_py -m venv --without-pip --copies venv || fail "python3.11 -m venv failed under emulation"
+(cd / && board_venv "$(echo "$WORK"/piptool/pip-*.whl)/pip" install --quiet --disable-pip-version-check \
+  --no-index --find-links "$WORK/wheelhouse" 'edgeward[device]') || fail "offline pip install from the wheelhouse failed"
+WANT_VERSION="edgeward-agent $("$EW_PY" -c 'import device_agent; print(device_agent.__version__)')"
+GOT_VERSION="$(cd / && board_venv "$WORK/venv/bin/edgeward-agent" --version)" || fail "edgeward-agent --version failed"
+[ "$GOT_VERSION" = "$WANT_VERSION" ] || fail "edgeward-agent --version printed '$GOT_VERSION', expected '$WANT_VERSION'"
+echo "  ok   $GOT_VERSION, installed from $(ls wheelhouse/*.whl | wc -l) wheels ($(du -sh wheelhouse | cut -f1)) into venv/"
+WHERE="$(cd / && board_venv -c 'import device_agent, onnxruntime; print(device_agent.__file__)')"
+case "$WHERE" in "$WORK/venv/"*) ;; *) fail "the installed agent was imported from $WHERE, not from the venv" ;; esac
+INSTALLED_OUT="$(cd / && board_venv "$WORK/venv/bin/edgeward-agent" predict --data-dir "$WORK/board" --input "$WORK/sample.npy")" ||
+  fail "predict with the agent installed from the wheelhouse failed"
+INSTALLED_WANT="$("$EW_PY" -c 'import json; print(json.load(open("host.json"))["labels"][0])')"
+[ "$INSTALLED_OUT" = "{\"label\": $INSTALLED_WANT}" ] ||
+  fail "the installed agent predicted $INSTALLED_OUT, expected {\"label\": $INSTALLED_WANT}"
+echo "  ok   installed edgeward-agent predict -> $INSTALLED_OUT"
+T_WHEELS=$(secs "$T0" "$(now)")
 
 cat > board_predict.py <<'PY'
 """Runs on the (emulated) board: the real Agent API over the whole digits test split."""
@@ -329,6 +362,7 @@ echo
 echo "timings (seconds, wall clock; each emulated step includes starting python3.11 and its imports under qemu)"
 printf '  %-34s %6s\n' "arm64 root set-up ($SETUP_STATE)" "$T_SETUP" \
   "emulated provision (KEK file)" "$T_PROV" "emulated install" "$T_INST" \
+  "wheelhouse + emulated pip install" "$T_WHEELS" \
   "emulated predict (Agent API)" "$T_PRED" "emulated refused install" "$T_REF" "whole check" "$T_ALL"
 if [ "$KEEP" = 1 ]; then echo "work dir kept: $WORK"; else cd /; rm -rf "$WORK"; fi
 echo "arm64 check: PASS"

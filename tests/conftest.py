@@ -51,7 +51,7 @@ def publisher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     d = tmp_path_factory.mktemp("publisher")
     os.environ.pop("EDGEWARD_PASSPHRASE", None)
-    generate("publisher", d)
+    generate("publisher", d, unencrypted=True)
     return d
 
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from device_agent import Agent
-from device_agent.errors import Expired, NotInstalled, RollbackRefused, UnknownPublisher, WrongDevice
+from device_agent.errors import Expired, NotInstalled, RollbackRefused, UnknownPublisher, UsageError, WrongDevice
 from tests.conftest import tree_snapshot
 
 
@@ -81,7 +81,7 @@ def test_refusals_change_nothing_and_the_previous_model_keeps_serving(
     from packager.keys import generate
 
     rogue_dir = tmp_path / "rogue"
-    generate("publisher", rogue_dir)
+    generate("publisher", rogue_dir, unencrypted=True)
     cases = [
         (_bundle(pack_for(digits.onnx, [other], version=6), "pi-002"), WrongDevice, "for device 'pi-002'"),
         (_bundle(pack_for(digits.onnx, [board], version=5)), RollbackRefused, "not newer than version 5"),
@@ -112,7 +112,7 @@ def test_bundle_from_an_untrusted_publisher_is_refused(digits, make_board, pack_
     # A second board that trusts only some other publisher.
     from packager.keys import generate
 
-    generate("publisher", tmp_path / "other")
+    generate("publisher", tmp_path / "other", unencrypted=True)
     stranger = tmp_path / "stranger"
     Agent.provision(stranger, "pi-001", [load_public_key_file(tmp_path / "other/publisher.pub")], [], board.keys)
     with pytest.raises(UnknownPublisher):
@@ -128,7 +128,7 @@ def test_previous_version_is_kept_and_rollback_serves_it(digits, make_board, pac
     assert (status["version"], status["previous_version"], status["highest_version"]) == (3, 2, 3)
     assert len(list((board.data_dir / "bundles").glob("*.ewb"))) == 2  # v1 was removed
     assert agent.rollback().model_version == 2
-    with pytest.raises(RollbackRefused, match="no previous version"):
+    with pytest.raises(UsageError, match="no previous version"):  # nothing to roll back: usage, exit 2
         agent.rollback()
     # The highest accepted version does not move back: v3 cannot be installed again.
     with pytest.raises(RollbackRefused):

@@ -1,6 +1,7 @@
 """The real board agent on aarch64: scripts/arm64-check.sh under QEMU user-mode emulation.
 
-Slow (about 45 s the first time, while it builds .arm64-root/, then about 30 s), and it needs a
+Slow (about 100 s the first time, while it builds .arm64-root/, then about 80 s: the offline
+install from a wheelhouse under emulation takes about 40 s of it), and it needs a
 Debian host where it can run apt-get as root the first time: run with EDGEWARD_SLOW=1
 (scripts/test.sh --slow). docs/arm64.md says what it checks.
 """
@@ -43,3 +44,5 @@ def test_agent_runs_on_arm64_under_emulation() -> None:
     assert lines and lines[-1] == "arm64 check: PASS", tail
     assert "batch labels identical to host onnxruntime" in proc.stdout, tail
     assert "exit code 1:" in proc.stdout, tail
+    # The README's install path: a wheelhouse, an offline pip install on the board, --version, a prediction.
+    assert "ok   edgeward-agent " in proc.stdout and "installed edgeward-agent predict -> {" in proc.stdout, tail

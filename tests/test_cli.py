@@ -218,7 +218,7 @@ def test_console_scripts_lifecycle_with_exit_codes(digits, digits_test, tmp_path
     r = run("edgeward", "inspect", v2, "--publisher-pub", str(publisher / "publisher.pub"), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["verified"] is True
     other = tmp_path / "other"
-    assert run("edgeward", "keys", "publisher", "--out", str(other)).returncode == 0
+    assert run("edgeward", "keys", "publisher", "--out", str(other), "--insecure-unencrypted-key").returncode == 0
     r = run("edgeward", "inspect", v2, "--publisher-pub", str(other / "publisher.pub"))
     assert r.returncode == 1 and "REFUSED" in r.stdout
     r = run("edgeward-agent", "install", v2, "--data-dir", str(tmp_path / "nowhere"))

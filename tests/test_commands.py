@@ -214,7 +214,7 @@ def test_publisher_keys_rotate_by_operator_and_operator_keys_only_by_recovery(
 
     install(fleet, pack_for, digits.onnx, 1)
     new = tmp_path / "new-publisher"
-    generate("publisher", new)
+    generate("publisher", new, unencrypted=True)
     from device_agent.bundle.keyfiles import load_public_key_file
 
     new_pub = base64.b64encode(load_public_key_file(new / "publisher.pub")).decode()
@@ -404,7 +404,7 @@ def test_a_model_id_belongs_to_the_publisher_that_first_installed_it(
     from packager.profiles import load_profile
 
     other = tmp_path / "other-publisher"
-    generate("publisher", other)
+    generate("publisher", other, unencrypted=True)
     other_pub = load_public_key_file(other / "publisher.pub")
     ours = load_public_key_file(publisher / "publisher.pub")
     fleet.agent().apply_commands(fleet.operator.sign("rotate-key", "pi-cmd", 1, role="publisher",

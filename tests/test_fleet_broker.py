@@ -74,7 +74,7 @@ def test_tls_refuses_clients_without_a_fleet_certificate(fleet: Fleet, tmp_path:
             raise ConnectionError("closed")
     # A certificate from another CA is refused too.
     rogue = FleetHome(tmp_path / "rogue")
-    rogue.init_ca()
+    rogue.init_ca(unencrypted=True)
     rogue.enrol_operator("ops")
     certs = rogue.certs
     broker = Broker(

@@ -46,7 +46,7 @@ def test_device_certificate_names_the_device_and_is_signed_by_the_ca(
     tmp_path: Path, make_board: Callable[..., Board]
 ) -> None:
     home = FleetHome(tmp_path / "f")
-    home.init_ca()
+    home.init_ca(unencrypted=True)
     board = make_board("pi-007")
     e, issued = home.enrol_device(board.enrolment.read_bytes(), "pi-007.json")
     assert cn(issued.cert) == "pi-007" and stat.S_IMODE(issued.key.stat().st_mode) == 0o600
@@ -60,7 +60,7 @@ def test_device_certificate_names_the_device_and_is_signed_by_the_ca(
 
 def test_enrolment_rules(tmp_path: Path, make_board: Callable[..., Board]) -> None:
     home = FleetHome(tmp_path / "f")
-    home.init_ca()
+    home.init_ca(unencrypted=True)
     board = make_board("pi-001")
     data = board.enrolment.read_bytes()
     tampered = data.replace(b'"device_id": "pi-001"', b'"device_id": "pi-002"')
@@ -78,7 +78,7 @@ def test_enrolment_rules(tmp_path: Path, make_board: Callable[..., Board]) -> No
 
 def test_broker_config_is_complete(tmp_path: Path) -> None:
     home = FleetHome(tmp_path / "f")  # no CA yet: broker-config creates it
-    files = write_broker_config(home, tmp_path / "b", bind="127.0.0.1", port=8883)
+    files = write_broker_config(home, tmp_path / "b", bind="127.0.0.1", port=8883, unencrypted_ca_key=True)
     conf = files.conf.read_text()
     for line in (
         "listener 8883 127.0.0.1",
@@ -167,7 +167,7 @@ def test_revoke_refuses_unknown_devices_and_operators(
     tmp_path: Path, make_board: Callable[..., Board]
 ) -> None:
     home = FleetHome(tmp_path / "f")
-    home.init_ca()
+    home.init_ca(unencrypted=True)
     home.enrol_operator("alice")
     now = datetime.now(UTC)
     for device, message in (
@@ -185,7 +185,7 @@ def test_fleet_revoke_command(
     tmp_path: Path, make_board: Callable[..., Board], capsys: pytest.CaptureFixture[str]
 ) -> None:
     home = FleetHome(tmp_path / "f")
-    home.init_ca()
+    home.init_ca(unencrypted=True)
     home.enrol_device(make_board("pi-a").enrolment.read_bytes(), "pi-a.json")
     broker = write_broker_config(home, tmp_path / "broker", bind="127.0.0.1", port=8883)
     empty_crl = broker.crl.read_bytes()

@@ -46,14 +46,14 @@ from tests.test_fleet_broker import publish_as
 def operator_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("EDGEWARD_PASSPHRASE", raising=False)
     d = tmp_path / "operator"
-    generate("operator", d)
+    generate("operator", d, unencrypted=True)
     return d
 
 
 @pytest.fixture
 def recovery_key(tmp_path: Path) -> Path:
     d = tmp_path / "recovery"
-    generate("operator", d)  # a recovery key is an Ed25519 key like an operator's, kept offline
+    generate("operator", d, unencrypted=True)  # a recovery key is an Ed25519 key like an operator's, kept offline
     return d
 
 
@@ -129,7 +129,7 @@ def test_issuing_assigns_increasing_sequence_numbers_per_device(
     tmp_path: Path, board_with_operator: Callable[[str], Board], operator_key: Path
 ) -> None:
     home = FleetHome(tmp_path / "fleet-home")
-    home.init_ca()
+    home.init_ca(unencrypted=True)
     for d in ("pi-a", "pi-b"):
         home.enrol_device(board_with_operator(d).enrolment.read_bytes(), d)
     signer = load_private_key(operator_key / "operator.key")
@@ -211,7 +211,7 @@ def test_dry_run_signs_records_and_publishes_nothing(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     home = FleetHome(tmp_path / "fleet-home")
-    home.init_ca()
+    home.init_ca(unencrypted=True)
     for d in ("pi-a", "pi-b", "pi-c"):
         home.enrol_device(board_with_operator(d).enrolment.read_bytes(), d)
     (home.path / "groups").mkdir()
@@ -245,7 +245,7 @@ def test_a_queue_file_is_obeyed_by_the_board_and_its_result_imported(
     board = board_with_operator("pi-001")
     board.agent().install((pack_for(digits.onnx, [board]) / "pi-001.ewb").read_bytes())
     home = FleetHome(tmp_path / "fleet-home")
-    home.init_ca()
+    home.init_ca(unencrypted=True)
     home.enrol_device(board.enrolment.read_bytes(), "pi-001")
     before = load_enrolment((home.devices / "pi-001.json").read_bytes())
     key = ["--operator-key", str(operator_key / "operator.key")]
@@ -299,7 +299,7 @@ def test_cancel_and_decommission_from_files_then_status_shows_the_wiped_board(
 
     board = board_with_operator("pi-001")
     home = FleetHome(tmp_path / "fleet-home")
-    home.init_ca()
+    home.init_ca(unencrypted=True)
     home.enrol_device(board.enrolment.read_bytes(), "pi-001")
     key = ["--operator-key", str(operator_key / "operator.key")]
     queue = tmp_path / "q.commands"
@@ -355,7 +355,7 @@ def test_verify_attestation_of_a_board_wiped_at_the_bench(
 ) -> None:
     board, other = board_with_operator("pi-001"), board_with_operator("pi-002")
     home = FleetHome(tmp_path / "fleet-home")
-    home.init_ca()
+    home.init_ca(unencrypted=True)
     home.enrol_device(board.enrolment.read_bytes(), "pi-001")
     assert agent_cli(["wipe", "--data-dir", str(board.data_dir), "--yes"]) == 0
     capsys.readouterr()
@@ -391,10 +391,10 @@ def test_rotating_operator_keys_is_signed_by_the_recovery_key(
 ) -> None:
     board = board_with_operator("pi-001")
     home = FleetHome(tmp_path / "fleet-home")
-    home.init_ca()
+    home.init_ca(unencrypted=True)
     home.enrol_device(board.enrolment.read_bytes(), "pi-001")
     new = tmp_path / "new-operator"
-    generate("operator", new)
+    generate("operator", new, unencrypted=True)
     queue = tmp_path / "q.commands"
     code, doc = fleet_cli(home, capsys, "rotate-key", "--role", "operator", "--new-pub", str(new / "operator.pub"),
                           "--device", "pi-001", "--recovery-key", str(recovery_key / "operator.key"), "--out",

@@ -37,7 +37,7 @@ HOSTILE = "<img src=x onerror=\"document.body.dataset.pwned='1'\">"
 def dashboard(tmp_path: Path, make_board: Any) -> Iterator[str]:
     """A fleet with one enrolled board whose signed reports are in the store; the server URL."""
     home = FleetHome(tmp_path / "fleet-home")
-    home.init_ca()
+    home.init_ca(unencrypted=True)
     board = make_board("pi-001")
     home.enrol_device(board.enrolment.read_bytes(), "pi-001")
     signer = board.agent().store.unlock(board.keys).signer()

@@ -18,7 +18,15 @@ from hypothesis import strategies as st
 
 from device_agent import crypto
 from device_agent.bundle.format import Manifest
-from device_agent.errors import Expired, NotInstalled, RollbackRefused, SecurityRefusal, TamperedState, WrongDevice
+from device_agent.errors import (
+    Expired,
+    NotInstalled,
+    RollbackRefused,
+    SecurityRefusal,
+    TamperedState,
+    UsageError,
+    WrongDevice,
+)
 from device_agent.trust.decisions import decide_install, decide_rollback, decide_serve, trusted_now
 from device_agent.trust.state import Identity, State
 
@@ -63,7 +71,7 @@ def test_install_then_serve_then_rollback() -> None:
     decide_serve(v1, digest_of(v1), "kws", ME, back.state, T0)
     with pytest.raises(RollbackRefused):
         install(back.state, manifest(2))  # the version rolled back from never comes back
-    with pytest.raises(RollbackRefused, match="no previous version"):
+    with pytest.raises(UsageError, match="no previous version"):
         decide_rollback(back.state, "kws")
 
 
@@ -142,7 +150,7 @@ def test_versions_and_floor_only_move_forward_and_nothing_past_its_life_serves(s
                     # Served: so it is within its life at the trusted time.
                     assert m.end_of_life is None or now < m.end_of_life
                     assert m.model_version == rec.model_version
-        except (SecurityRefusal, NotInstalled):
+        except (SecurityRefusal, NotInstalled, UsageError):
             assert state is before  # a refusal changes nothing
         # The clock floor never moves back.
         if before.clock_floor is not None:

@@ -80,7 +80,7 @@ def test_a_trust_anchor_planted_on_the_card_is_refused(
 
     board = make_board()
     attacker = tmp_path / "attacker"
-    generate("publisher", attacker)
+    generate("publisher", attacker, unencrypted=True)
     theirs = base64.b64encode(load_public_key_file(attacker / "publisher.pub")).decode().encode()
     ours = base64.b64encode(load_public_key_file(publisher / "publisher.pub")).decode().encode()
     edit(board.data_dir / "trust.json", ours, theirs)

@@ -5,14 +5,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import stat
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from device_agent.cliutil import emit
-from device_agent.errors import IntegrityError
+from device_agent.errors import IntegrityError, UsageError
+
+RUNTIME_DIRECTORY_ENV = "RUNTIME_DIRECTORY"  # set by systemd's RuntimeDirectory= (deploy/systemd/)
+
+
+def default_socket(data_dir_socket: Path, environ: Mapping[str, str]) -> Path:
+    """Where ``serve`` listens without ``--socket``: ``agent.sock`` in the service's runtime
+    directory (``$RUNTIME_DIRECTORY``, which systemd makes for the unit, group-readable for the
+    client applications' group), else in the data directory, which only its owner can enter.
+    A runtime directory that others may write to is refused: anyone could plant the socket."""
+    runtime = environ.get(RUNTIME_DIRECTORY_ENV, "").split(":")[0]
+    if not runtime:
+        return data_dir_socket
+    d = Path(runtime)
+    try:
+        st = d.stat()
+    except OSError as e:
+        raise UsageError(f"{RUNTIME_DIRECTORY_ENV}={runtime} cannot be used: {e.strerror}; "
+                         "create it (systemd's RuntimeDirectory= does) or pass --socket") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{RUNTIME_DIRECTORY_ENV}={runtime} is not a directory; pass --socket")
+    if st.st_mode & stat.S_IWOTH:
+        raise UsageError(f"{RUNTIME_DIRECTORY_ENV}={runtime} is writable by every user (mode "
+                         f"{oct(stat.S_IMODE(st.st_mode))}); use a directory only the agent can write")
+    return d / data_dir_socket.name
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -30,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The one configuration of this board: the defaults with the local --config settings.
     config = replace(DEFAULT_CONFIG, serve=load_config(args.config))
     agent = Agent(args.data_dir, keys, config=config)
-    socket_path = Path(args.socket) if args.socket else agent.store.socket_file
+    socket_path = Path(args.socket) if args.socket else default_socket(agent.store.socket_file, os.environ)
     service = Service(agent)  # agent.config.serve
 
     def telemetry_status() -> dict[str, Any]:
@@ -102,11 +129,19 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from device_agent.service.audit import verify
+    from device_agent.service.audit import VerifyReport, verify
     from device_agent.store.datadir import DataDir
 
-    rep = verify(DataDir(args.data_dir).audit_dir)
-    doc = rep.to_json()
+    d = DataDir(args.data_dir)
+    d.require_provisioned()
+    if not d.audit_dir.exists():
+        # The service creates the log when it first starts: a board that never served has none.
+        doc = {**VerifyReport(ok=True).to_json(), "started": False}
+        emit(args, doc, lambda _doc: f"no audit log yet in {d.audit_dir}: the service has not served on this board "
+             "(edgeward-agent serve starts the log). If it has served, the whole log was removed")
+        return 0
+    rep = verify(d.audit_dir)
+    doc = {**rep.to_json(), "started": True}
     text = (
         f"audit log intact: {rep.records} records ({rep.first_seq}..{rep.last_seq}) "
         f"in {rep.segments} segment(s)"
@@ -160,7 +195,11 @@ def register(sub: Any) -> None:
         "serve predictions on a local API (Unix socket; loopback TCP when asked)",
         cmd_serve,
     )
-    sp.add_argument("--socket", help="Unix socket path (default: DATA_DIR/agent.sock, mode 0660)")
+    sp.add_argument(
+        "--socket",
+        help="Unix socket path, mode 0660 (default: $RUNTIME_DIRECTORY/agent.sock when systemd gives the "
+        "service a runtime directory, else DATA_DIR/agent.sock, which only the agent's user can reach)",
+    )
     sp.add_argument("--listen", help="also listen on loopback TCP, e.g. 127.0.0.1:8470")
     sp.add_argument("--config", help="local service settings (JSON): limits can only be tightened")
     from device_agent.telemetry.service import add_broker_arguments

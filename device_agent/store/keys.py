@@ -22,6 +22,7 @@ from device_agent.errors import FormatError, UsageError
 
 PASSPHRASE_ENV = "EDGEWARD_DEVICE_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
 KEK_FILE_ENV = "EDGEWARD_DEVICE_KEK_FILE"
+PASSPHRASE_FILE_ENV = "EDGEWARD_DEVICE_PASSPHRASE_FILE"  # noqa: S105 - e.g. a systemd credential
 SECRET_V1_BYTES = 2 * crypto.KEY_BYTES
 SECRET_BYTES = 3 * crypto.KEY_BYTES
 
@@ -46,6 +47,12 @@ class KeySource:
             if len(kek) != crypto.KEY_BYTES:
                 raise UsageError(f"key file {path} must hold exactly 32 bytes (e.g. head -c32 /dev/urandom)")
             return cls(kek=kek, kek_path=Path(path).resolve())
+        pw_file = os.environ.get(PASSPHRASE_FILE_ENV)
+        if pw_file:
+            from device_agent.config import DEFAULT_CONFIG
+
+            limit = DEFAULT_CONFIG.documents.max_passphrase_file_bytes
+            return cls(passphrase=_read_passphrase_file(Path(pw_file), limit))
         pw = os.environ.get(PASSPHRASE_ENV)
         return cls(passphrase=pw.encode() if pw else None)
 
@@ -103,3 +110,19 @@ class DeviceKeys:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         return Ed25519PrivateKey.from_private_bytes(bytes(self.sign_seed))
+
+
+def _read_passphrase_file(path: Path, limit: int) -> bytes:
+    """The passphrase kept in a file (a systemd credential): its bytes without one trailing newline."""
+    from device_agent.store.fsutil import read_bounded
+
+    try:
+        data = read_bounded(path, limit)
+    except OSError as e:
+        raise UsageError(f"cannot read {PASSPHRASE_FILE_ENV} {path}: {e.strerror}") from e
+    except FormatError as e:
+        raise UsageError(f"{PASSPHRASE_FILE_ENV}: {e}") from e
+    data = data[:-1] if data.endswith(b"\n") else data
+    if not data:
+        raise UsageError(f"{PASSPHRASE_FILE_ENV} {path} is empty")
+    return data

@@ -89,7 +89,7 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(f"{AUDIT}/fingerprint.key", "the key that fingerprints inputs in the audit log", 0o600, Fate.SHRED),
     Entry(f"{AUDIT}/head.json", "the audit chain's last checkpoint", 0o600, Fate.DELETE),
     Entry(f"{AUDIT}/anchor.json", "where the retained audit chain starts", 0o600, Fate.DELETE),
-    Entry(SOCKET, "the local API's Unix socket (default place)", 0o660, Fate.DELETE, "socket"),
+    Entry(SOCKET, "the local API's Unix socket, without a runtime directory", 0o660, Fate.DELETE, "socket"),
     Entry(LOCK, "serialises writers (install, rollback, wipe)", 0o600, Fate.DELETE),
     Entry(WIPE_MARKER, "transient: a wipe in progress (resumed at the next start)", 0o600, Fate.DELETE),
     Entry(ATTESTATION, "the signed wipe attestation", 0o644, Fate.KEEP),

@@ -12,7 +12,15 @@ from datetime import datetime, timedelta
 
 from device_agent import crypto
 from device_agent.bundle.format import Manifest
-from device_agent.errors import Expired, NotInstalled, RollbackRefused, TamperedState, UnknownPublisher, WrongDevice
+from device_agent.errors import (
+    Expired,
+    NotInstalled,
+    RollbackRefused,
+    TamperedState,
+    UnknownPublisher,
+    UsageError,
+    WrongDevice,
+)
 from device_agent.trust.state import Identity, InstalledRecord, ModelSlot, State
 from device_agent.wire import format_time
 
@@ -146,7 +154,10 @@ def decide_rollback(state: State, model_id: str) -> Installed:
     if slot is None or slot.current is None:
         raise NotInstalled(f"model {model_id!r} is not installed")
     if slot.previous is None:
-        raise RollbackRefused(f"model {model_id} has no previous version kept to roll back to")
+        # Nothing was refused: there is nothing to go back to (a usage error, exit 2).
+        raise UsageError(
+            f"model {model_id} has no previous version kept to roll back to; install a newer version instead"
+        )
     new_slot = replace(slot, current=slot.previous, previous=None)
     return Installed(state.with_slot(model_id, new_slot), slot.current.bundle_id)
 

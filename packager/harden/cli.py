@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -117,16 +116,13 @@ def _npz(
 ) -> dict[str, np.ndarray] | None:
     if path is None:
         return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [a for a in arrays if a not in z.files]
-            if missing:
-                raise FormatError(f"{what} {path} has no array {', '.join(missing)}")
-            return {a: np.asarray(z[a]) for a in (*arrays, *optional) if a in z.files}
-    except FileNotFoundError as e:
-        raise UsageError(f"{what} {path} does not exist") from e
-    except (ValueError, OSError, zipfile.BadZipFile) as e:  # pickled arrays or not an npz
-        raise FormatError(f"{what} {path} is not a numeric .npz file: {e}") from e
+    from ..arrays import load_npz
+
+    z = load_npz(path, what)
+    missing = [a for a in arrays if a not in z]
+    if missing:
+        raise FormatError(f"{what} {path} has no array {', '.join(missing)}")
+    return {a: np.asarray(z[a]) for a in (*arrays, *optional) if a in z}
 
 
 def wants_hardening(args: argparse.Namespace) -> bool:
