@@ -209,20 +209,29 @@ class DetectConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """Rotation, retention and checkpoint bounds of the audit log."""
+    """Rotation, retention, size and checkpoint bounds of the audit log."""
 
     WHERE: ClassVar[str] = "serve.audit"
 
     max_segment_bytes: int = 4 * 1024**2  # a segment file, before the log rotates
+    # All segments together: past it the oldest are deleted before their retention (and that is recorded)
+    max_total_bytes: int = 256 * 1024**2
     retention_days: float = 90.0  # whole segments older than this are deleted (a sealed policy may set it)
     checkpoint_every: int = 256  # records between fsync + head checkpoint
     checkpoint_seconds: float = 5.0  # seconds between fsync + head checkpoint
+    # Refusals of requests without a valid token are counted, one record per status per this many seconds
+    summary_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         _int(self, "max_segment_bytes")
+        _int(self, "max_total_bytes")
         _positive(self, "retention_days")
         _int(self, "checkpoint_every")
         _positive(self, "checkpoint_seconds")
+        _positive(self, "summary_seconds")
+        if self.max_total_bytes < 2 * self.max_segment_bytes:
+            # the current segment and the newest closed one are never deleted
+            raise _refuse(self, "max_total_bytes", "at least twice max_segment_bytes")
 
 
 @dataclass(frozen=True)
