@@ -260,18 +260,31 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class HttpLimits:
-    """Bounds of the HTTP adapter, checked before a request body is read."""
+    """Bounds of the HTTP adapter, checked before a request body is read (docs/agent-service.md,
+    "HTTP framing and connection limits")."""
 
     WHERE: ClassVar[str] = "serve.http"
 
-    read_timeout: float = 30.0  # seconds a connection may stay silent (slow clients)
-    drain_factor: int = 16  # an oversized body up to this many times max_request_bytes is read and dropped
-    max_header_line: int = 8192  # bytes in one request header line
+    read_timeout: float = 30.0  # seconds a connection may stay silent (idle keep-alive, a stalled read or write)
+    # Seconds from a request's first byte until its line, headers and body have all arrived: a
+    # client that trickles bytes gets a 408 and a closed connection
+    request_timeout: float = 10.0
+    # Connections that have not yet presented a valid token (at most serve.max_connections); past it
+    # the oldest of them is closed to make room for a new connection
+    max_unauthenticated: int = 16
+    drain_factor: int = 16  # an unread body up to this many times max_request_bytes is read and dropped
+    # Seconds a closing TCP connection keeps reading and dropping what the client still sends, so
+    # the kernel does not reset it before the client has read the answer (Unix sockets need none)
+    linger_seconds: float = 1.0
+    max_header_line: int = 8192  # bytes in the request line and in each header line
     max_headers: int = 64  # request header lines
 
     def __post_init__(self) -> None:
         _positive(self, "read_timeout")
+        _positive(self, "request_timeout")
+        _int(self, "max_unauthenticated")
         _int(self, "drain_factor", 0)  # 0: never drain, close the connection at once
+        _positive(self, "linger_seconds")
         _int(self, "max_header_line")
         _int(self, "max_headers")
 

@@ -199,3 +199,50 @@ def test_anonymous_refusals_are_counted_per_window_not_written_one_by_one(tmp_pa
     ]
     assert records[1]["client"] is None and records[1]["first"] < records[1]["last"]
     assert verify(tmp_path).ok
+
+
+def test_a_flood_of_unauthenticated_requests_grows_the_log_by_a_bounded_amount(
+    make_board: object, pack_for: object, digits: object, digits_test: object
+) -> None:
+    """Each anonymous refusal used to be one record: one client on the socket grew the log by
+    gigabytes a day. Now anonymous refusals are counted per window; what a token holder did is
+    still recorded one by one, and the whole chain verifies."""
+    from tests.fixtures.http import parse_responses, predict, raw_exchange
+    from tests.fixtures.serve import SimClock, serve
+
+    board = make_board()  # type: ignore[operator]
+    out = pack_for(digits.onnx, [board])  # type: ignore[operator, attr-defined]
+    board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
+    clock = SimClock()
+    s = serve(board, clock=clock)
+    x, _ = digits_test  # type: ignore[misc]
+    audit_dir = board.data_dir / "audit"
+    junk = [
+        b"POST /v1/predict HTTP/1.1\r\nContent-Length: 0\r\n\r\n",  # no token
+        b"POST /v1/predict HTTP/1.1\r\nAuthorization: Bearer ewt_guess\r\nContent-Length: 0\r\n\r\n",
+        b"GET /v1/status HTTP/1.1\r\nAuthorization: Bearer ewt_guess\r\n\r\n",
+        b"GET /admin HTTP/1.1\r\n\r\n",
+    ]
+    n = 0
+    try:
+        conn = s.connect()
+        assert predict(conn, s.tokens["user"], x[0])[0] == 200
+        before = _segment_bytes(audit_dir)
+        for _window in range(3):
+            for _ in range(2):
+                stream = b"".join(junk) * 250
+                answers = parse_responses(raw_exchange(s.socket, stream))
+                assert sorted({a[0] for a in answers}) == [401, 404] and len(answers) == 1000
+                n += len(answers)
+            clock.t += 61  # the next summary window
+        assert predict(conn, s.tokens["user"], x[1])[0] == 200
+        conn.close()
+    finally:
+        s.server.stop()
+    grown = _segment_bytes(audit_dir) - before
+    records = [json.loads(line) for p in sorted(audit_dir.glob("audit-*.jsonl"))
+               for line in p.read_bytes().splitlines()]  # fmt: skip
+    assert grown < 3 * 2 * 400 + 1000, grown  # a few summaries per window, whatever n is (6,000 here)
+    assert sum(r["count"] for r in records if r["event"] == "anonymous") == n
+    assert [r["status"] for r in records if r["event"] == "predict"] == [200, 200]
+    assert verify(audit_dir).ok
