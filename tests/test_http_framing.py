@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,33 @@ SMUGGLED = b"GET /v1/health HTTP/1.1\r\nHost: agent\r\n\r\n"
 HEALTH = b"GET /v1/health HTTP/1.1\r\nHost: agent\r\n\r\n"
 
 
-@pytest.fixture
-def served(make_board: Callable[..., Any], pack_for: Callable[..., Path], digits: Any) -> Iterator[Served]:
-    board = make_board()
-    out = pack_for(digits.onnx, [board])
-    board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, publisher: Path, digits: Any) -> Iterator[Served]:
+    """One board for the module (hypothesis runs many examples in one test call), with a throttle
+    loose enough that fuzzed bodies reach the decoder instead of a 429."""
+    from device_agent import Agent
+    from device_agent.bundle.keyfiles import load_public_key_file
+    from device_agent.store.keys import KeySource
+    from packager.keys import load_private_key
+    from packager.modelfile import infer_task, read_model
+    from packager.pack import PackOptions, load_enrolments, pack
+    from packager.profiles import load_profile
+    from tests.conftest import PASSPHRASE, Board
+
+    d = tmp_path_factory.mktemp("fuzz-board")
+    keys = KeySource(passphrase=PASSPHRASE)
+    enrolment = d / "pi-fuzz.json"
+    enrolment.write_bytes(Agent.provision(d / "data", "pi-fuzz", [load_public_key_file(publisher / "publisher.pub")],
+                                          [], keys))
+    board = Board(d / "data", enrolment, "pi-fuzz", keys)
+    loose = {"client_rate": 1e6, "client_burst": 1e6, "global_rate": 1e6, "global_burst": 1e6,
+             "daily_budget": 10**9}
+    model = read_model(digits.onnx)
+    pack(model, load_profile("rpi4b"), load_private_key(publisher / "publisher.key"),
+         load_enrolments([enrolment]),
+         PackOptions(model_id="digits", model_version=1, task=infer_task(model, {}), policy={"throttle": loose}),
+         d / "out")  # fmt: skip
+    board.agent().install((d / "out" / "pi-fuzz.ewb").read_bytes())
     s = serve(board)
     yield s
     s.server.stop()
@@ -163,6 +185,13 @@ def test_connection_close_is_honoured(served: Served) -> None:
     assert [s for s, _, _ in got] == [200] and got[0][1]["connection"] == "close"
 
 
+def test_an_answer_to_head_has_no_content(served: Served) -> None:
+    """A client reads no body after an answer to HEAD: one here would be read as the next answer."""
+    got = _exchange(served, b"HEAD /v1/health HTTP/1.1\r\n\r\n" + HEALTH)
+    assert [(s, h["content-length"], b) for s, h, b in got][0] == (405, "0", b"") and got[1][0] == 200
+    assert json.loads(got[1][2]) == {"status": "serving"} and len(got) == 2
+
+
 def test_expect_100_continue_is_sent_only_when_the_body_is_wanted(served: Served, digits_test: Any) -> None:
     body = json.dumps({"inputs": digits_test[0][0].tolist()}).encode()
     got = _exchange(served, _req("POST", "/v1/predict", body, served.tokens["user"], "Expect: 100-continue\r\n"))
@@ -179,38 +208,6 @@ FUZZ = settings(
     max_examples=200, deadline=10_000,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def fuzz_served(tmp_path_factory: pytest.TempPathFactory, publisher: Path, digits: Any) -> Iterator[Served]:
-    """One board for every fuzz example (hypothesis runs many examples in one test call), with a
-    throttle loose enough that bodies reach the decoder instead of a 429."""
-    from device_agent import Agent
-    from device_agent.bundle.keyfiles import load_public_key_file
-    from device_agent.store.keys import KeySource
-    from packager.keys import load_private_key
-    from packager.modelfile import infer_task, read_model
-    from packager.pack import PackOptions, load_enrolments, pack
-    from packager.profiles import load_profile
-    from tests.conftest import PASSPHRASE, Board
-
-    d = tmp_path_factory.mktemp("fuzz-board")
-    keys = KeySource(passphrase=PASSPHRASE)
-    enrolment = d / "pi-fuzz.json"
-    enrolment.write_bytes(Agent.provision(d / "data", "pi-fuzz", [load_public_key_file(publisher / "publisher.pub")],
-                                          [], keys))
-    board = Board(d / "data", enrolment, "pi-fuzz", keys)
-    loose = {"client_rate": 1e6, "client_burst": 1e6, "global_rate": 1e6, "global_burst": 1e6,
-             "daily_budget": 10**9}
-    model = read_model(digits.onnx)
-    pack(model, load_profile("rpi4b"), load_private_key(publisher / "publisher.key"),
-         load_enrolments([enrolment]),
-         PackOptions(model_id="digits", model_version=1, task=infer_task(model, {}), policy={"throttle": loose}),
-         d / "out")  # fmt: skip
-    board.agent().install((d / "out" / "pi-fuzz.ewb").read_bytes())
-    s = serve(board)
-    yield s
-    s.server.stop()
 
 
 def _well_formed(got: bytes) -> list[RawResponse]:
@@ -277,24 +274,24 @@ def raw_request(draw: st.DrawFn, token: str) -> bytes:
 @FUZZ
 @given(data=st.data())
 def test_fuzz_request_streams_get_well_formed_answers_or_a_closed_connection(
-    fuzz_served: Served, digits_test: Any, data: st.DataObject
+    served: Served, digits_test: Any, data: st.DataObject
 ) -> None:
-    token = fuzz_served.tokens["admin"]
+    token = served.tokens["admin"]
     stream = b"".join(data.draw(st.lists(raw_request(token), min_size=1, max_size=3)))
     if data.draw(st.booleans()):
         stream += HEALTH  # a well-formed request pipelined behind the junk
-    _well_formed(raw_exchange(fuzz_served.socket, stream))
-    _still_serving(fuzz_served, digits_test)
+    _well_formed(raw_exchange(served.socket, stream))
+    _still_serving(served, digits_test)
 
 
 @FUZZ
 @given(data=st.data())
 def test_fuzz_well_framed_requests_get_at_most_one_answer_each(
-    fuzz_served: Served, digits_test: Any, data: st.DataObject
+    served: Served, digits_test: Any, data: st.DataObject
 ) -> None:
     """Whatever the method, path, token and body (even a body that is itself a request), N
     correctly framed requests get N answers, or fewer ending in ``Connection: close``."""
-    tokens = [None, "ewt_bad", *fuzz_served.tokens.values()]
+    tokens = [None, "ewt_bad", *served.tokens.values()]
     reqs = data.draw(st.lists(st.tuples(
         st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
         st.sampled_from(["/v1/health", "/v1/status", "/v1/predict", "/v2/x"]),
@@ -302,10 +299,10 @@ def test_fuzz_well_framed_requests_get_at_most_one_answer_each(
         st.one_of(st.binary(max_size=200), st.just(SMUGGLED), st.just(SMUGGLED * 3)),
     ), min_size=1, max_size=5))  # fmt: skip
     stream = b"".join(_req(m, p, b, t) for m, p, t, b in reqs)
-    got = _well_formed(raw_exchange(fuzz_served.socket, stream))
+    got = _well_formed(raw_exchange(served.socket, stream))
     assert len(got) <= len(reqs), [g[:2] for g in got]
     assert len(got) == len(reqs) or (got and got[-1][1].get("connection") == "close")
-    _still_serving(fuzz_served, digits_test)
+    _still_serving(served, digits_test)
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -364,20 +361,20 @@ def body_of_every_type(draw: st.DrawFn) -> tuple[bytes, str]:
        path=st.sampled_from(["/v1/predict", "/v1/predict", "/v1/predict", "/v1/status", "/v1/health"]),
        role=st.sampled_from(["user", "engineer", "admin"]))
 def test_fuzz_every_body_type_to_every_endpoint(
-    fuzz_served: Served, digits_test: Any, body: tuple[bytes, str], path: str, role: str
+    served: Served, digits_test: Any, body: tuple[bytes, str], path: str, role: str
 ) -> None:
     raw, ctype = body
     method = "POST" if path == "/v1/predict" else "GET"
-    conn = fuzz_served.connect()
+    conn = served.connect()
     try:
-        status, headers, doc = request(conn, method, path, fuzz_served.tokens[role], raw, ctype)
+        status, headers, doc = request(conn, method, path, served.tokens[role], raw, ctype)
     finally:
         conn.close()
     assert status in DOCUMENTED and status != 500, (status, doc)
     assert headers["content-type"] == "application/json"
     if status >= 400:
         assert doc["error"]["status"] == status and doc["error"]["message"]
-    _still_serving(fuzz_served, digits_test)
+    _still_serving(served, digits_test)
 
 
 def test_a_zip_that_is_not_an_npz_is_a_422_and_the_service_keeps_serving(served: Served, digits_test: Any) -> None:

@@ -50,6 +50,7 @@ from device_agent.service.tokens import TokenRecord
 # The endpoints and the one method each answers; anything else is a 404 or a 405.
 ROUTES = {"/v1/health": "GET", "/v1/status": "GET", "/v1/predict": "POST"}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+PHRASES = {s.value: s.phrase for s in HTTPStatus}
 
 
 def _busy() -> bytes:
@@ -82,6 +83,7 @@ class Reader:
         self._sock = sock
         self._read_timeout = read_timeout
         self._buf = bytearray()
+        self._chunk = memoryview(bytearray(65536))
         self.deadline = math.inf
 
     def _recv(self) -> None:
@@ -90,16 +92,16 @@ class Reader:
             raise _Late
         self._sock.settimeout(min(self._read_timeout, left))
         try:
-            chunk = self._sock.recv(65536)
+            n = self._sock.recv_into(self._chunk)
         except TimeoutError:
             if time.monotonic() >= self.deadline:
                 raise _Late from None
             raise _Gone from None
         except OSError as e:
             raise _Gone from e
-        if not chunk:
+        if not n:
             raise _Gone
-        self._buf += chunk
+        self._buf += self._chunk[:n]
 
     def wait(self) -> None:
         """Wait (idle) for the first byte of the next request."""
@@ -297,8 +299,10 @@ class Handler(socketserver.BaseRequestHandler):
         """Finish the request's body (read and drop it, or close), then send one answer."""
         self._finish_body()
         body = json.dumps(doc, separators=(",", ":")).encode()
+        if self.head is not None and self.head.method == "HEAD":
+            body = b""  # an answer to HEAD never has content (RFC 9110 9.3.2)
         lines = [
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+            f"HTTP/1.1 {status} {PHRASES[status]}",
             "Content-Type: application/json",
             f"Content-Length: {len(body)}",
             *(f"{k}: {v}" for k, v in (headers or {}).items()),
