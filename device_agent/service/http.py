@@ -316,8 +316,8 @@ class Handler(socketserver.BaseRequestHandler):
         """The framing rule's last step: a body nobody read is read and dropped when it is within
         the drain bound and the client was not told to wait (``Expect: 100-continue``); otherwise
         the connection closes after the answer."""
-        if self.body_read or not self.length or self.close:
-            return
+        if self.body_read or not self.length:
+            return  # closing or not, a client still sending gets to finish and read its answer
         limits, cap = self.service.config.http, self.service.config.max_request_bytes
         if self.continued or (self.head is not None and self.head.expects_continue):
             self.close = True  # the client may or may not send the body now: never read it as a request

@@ -450,7 +450,7 @@ class Service:
         self._count("queries")
         self._count(f"refused_{status}")
         if who is None:
-            self.audit.refused_anonymous(status, self.clock())
+            self._tally(status)
             return
         record = {"event": "predict", "client": who.id, "status": status, "error": type(error).__name__}
         self.audit.append(record, self.clock())
@@ -462,7 +462,13 @@ class Service:
         socket can cause these by the million, so the audit log gets a count per status per
         window, never a record each. ``counter`` names the status counter (``refused_<status>``)."""
         self._count(counter or f"refused_{status}")
-        self.audit.refused_anonymous(status, self.clock())
+        self._tally(status)
+
+    def _tally(self, status: int) -> None:
+        try:
+            self.audit.refused_anonymous(status, self.clock())
+        except EdgeWardError as e:  # a full disk must not stop the door from answering
+            _log.warning("could not write the audit log's anonymous summary: %s", e)
 
     def _record(self, signals: list[Signal], now: float, severity: str = "warning") -> None:
         when = datetime.fromtimestamp(now, UTC)
