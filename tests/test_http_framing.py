@@ -381,7 +381,8 @@ def test_a_zip_that_is_not_an_npz_is_a_422_and_the_service_keeps_serving(served:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("../../etc/passwd.npy", b"\x93NUMPY")
-    st_, _, doc = request(served.connect(), "POST", "/v1/predict", served.tokens["user"], buf.getvalue(),
-                          "application/x-npz")
+    conn = served.connect()
+    st_, _, doc = request(conn, "POST", "/v1/predict", served.tokens["user"], buf.getvalue(), "application/x-npz")
+    conn.close()
     assert st_ == 422, doc
     _still_serving(served, digits_test)
