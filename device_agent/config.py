@@ -219,20 +219,29 @@ class DetectConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """Rotation, retention and checkpoint bounds of the audit log."""
+    """Rotation, retention, size and checkpoint bounds of the audit log."""
 
     WHERE: ClassVar[str] = "serve.audit"
 
     max_segment_bytes: int = 4 * 1024**2  # a segment file, before the log rotates
+    # All segments together: past it the oldest are deleted before their retention (and that is recorded)
+    max_total_bytes: int = 256 * 1024**2
     retention_days: float = 90.0  # whole segments older than this are deleted (a sealed policy may set it)
     checkpoint_every: int = 256  # records between fsync + head checkpoint
     checkpoint_seconds: float = 5.0  # seconds between fsync + head checkpoint
+    # Refusals of requests without a valid token are counted, one record per status per this many seconds
+    summary_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         _int(self, "max_segment_bytes")
+        _int(self, "max_total_bytes")
         _positive(self, "retention_days")
         _int(self, "checkpoint_every")
         _positive(self, "checkpoint_seconds")
+        _positive(self, "summary_seconds")
+        if self.max_total_bytes < 2 * self.max_segment_bytes:
+            # the current segment and the newest closed one are never deleted
+            raise _refuse(self, "max_total_bytes", "at least twice max_segment_bytes")
 
 
 @dataclass(frozen=True)
@@ -261,18 +270,31 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class HttpLimits:
-    """Bounds of the HTTP adapter, checked before a request body is read."""
+    """Bounds of the HTTP adapter, checked before a request body is read (docs/agent-service.md,
+    "HTTP framing and connection limits")."""
 
     WHERE: ClassVar[str] = "serve.http"
 
-    read_timeout: float = 30.0  # seconds a connection may stay silent (slow clients)
-    drain_factor: int = 16  # an oversized body up to this many times max_request_bytes is read and dropped
-    max_header_line: int = 8192  # bytes in one request header line
+    read_timeout: float = 30.0  # seconds a connection may stay silent (idle keep-alive, a stalled read or write)
+    # Seconds from a request's first byte until its line, headers and body have all arrived: a
+    # client that trickles bytes gets a 408 and a closed connection
+    request_timeout: float = 10.0
+    # Connections that have not yet presented a valid token (at most serve.max_connections); past it
+    # the oldest of them is closed to make room for a new connection
+    max_unauthenticated: int = 16
+    drain_factor: int = 16  # an unread body up to this many times max_request_bytes is read and dropped
+    # Seconds a closing TCP connection keeps reading and dropping what the client still sends, so
+    # the kernel does not reset it before the client has read the answer (Unix sockets need none)
+    linger_seconds: float = 1.0
+    max_header_line: int = 8192  # bytes in the request line and in each header line
     max_headers: int = 64  # request header lines
 
     def __post_init__(self) -> None:
         _positive(self, "read_timeout")
+        _positive(self, "request_timeout")
+        _int(self, "max_unauthenticated")
         _int(self, "drain_factor", 0)  # 0: never drain, close the connection at once
+        _positive(self, "linger_seconds")
         _int(self, "max_header_line")
         _int(self, "max_headers")
 

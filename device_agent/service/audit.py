@@ -13,10 +13,18 @@ chain, and cutting records off the end leaves the chain short of the checkpoint 
 ``head.json``. Records carry a keyed fingerprint and summary statistics of the input, never the
 raw input (invariant 8); the key stops anyone with the log from confirming a guessed input.
 
+Bounded: a segment holds at most ``max_segment_bytes`` (a single larger record gets a segment of
+its own) and all segments together at most ``max_total_bytes``; past that the oldest segments are
+deleted before their retention, the anchor moving first, and an ``audit-pruned`` record says so.
+What a token holder does is one record each; refusals of requests that carried no valid token
+(anyone who can reach the socket can send millions) are counted instead, one ``anonymous``
+record per status per ``summary_seconds`` window, written when the window ends, by
+:meth:`AuditLog.flush` and at close.
+
 Durability: each record is written with one ``write`` call; the file is fsynced and the head
 checkpointed every ``checkpoint_every`` records, every ``checkpoint_seconds`` and on close.
 Records after the last checkpoint can be lost in a power cut (and cut off undetected), which is
-the price of a sub-millisecond query path on an SD card.
+the price of a sub-millisecond query path on an SD card; so can an open summary window.
 """
 
 from __future__ import annotations
@@ -111,6 +119,8 @@ class AuditLog:
         self._since_checkpoint = 0
         self._checkpoint_at = time.monotonic()
         self._seq, self._hash = 0, GENESIS
+        self._tally: dict[int, list[float]] = {}  # status -> [count, first, last] in the open window
+        self._tally_start = 0.0
         self._seq, self._hash = self._resume()
 
     # --- files ---------------------------------------------------------------------------------
@@ -191,57 +201,110 @@ class AuditLog:
         self._segment = path
         self._size = os.fstat(self._fd).st_size
 
-    def _rotate(self, now: float) -> None:
+    def _rotate(self, now: float) -> dict[str, Any] | None:
         segs = self.segments()
         n = int(SEGMENT_RE.match(segs[-1].name).group(1)) + 1 if segs else 1  # type: ignore[union-attr]
         self._open(self.dir / f"audit-{n:08d}.jsonl")
-        self._prune(now)
+        return self._prune(now)
 
-    def _prune(self, now: float) -> None:
-        """Delete whole segments older than the retention; the anchor moves first."""
+    def _prune(self, now: float) -> dict[str, Any] | None:
+        """Delete whole segments, oldest first, while they are older than the retention or the
+        log would pass ``max_total_bytes`` with a full current segment; the anchor moves first.
+        Returns what a size deletion dropped (an ``audit-pruned`` record), else None."""
         segs = self.segments()
         horizon = now - self.config.retention_days * DAY
+        closed = sum(p.stat().st_size for p in segs if p != self._segment)
+        budget = self.config.max_total_bytes - self.config.max_segment_bytes
+        dropped, first_seq = 0, None
         for old, nxt in zip(segs, segs[1:], strict=False):
             if nxt == self._segment and self._size == 0:
                 break  # the next segment is still empty: nothing to anchor on yet
-            if _last_time(old) >= horizon:
+            over = closed > budget
+            if not over and _last_time(old) >= horizon:
                 break
             first = json.loads(nxt.read_bytes().split(b"\n", 1)[0])
             anchor = {"seq": int(first["seq"]), "prev": str(first["prev"]), "segment": nxt.name}
             atomic_write(self.dir / "anchor.json", json.dumps(anchor).encode(), 0o600)
+            closed -= old.stat().st_size
             old.unlink()  # a segment back after a power cut is deleted again when the log opens (_finish_prune)
+            if over:
+                dropped, first_seq = dropped + 1, anchor["seq"]
+        if not dropped:
+            return None
+        return {"event": "audit-pruned", "reason": "size", "segments": dropped, "first_seq": first_seq,
+                "max_total_bytes": self.config.max_total_bytes}
 
     # --- writing -------------------------------------------------------------------------------
     def append(self, fields: dict[str, Any], now: float) -> int:
         """Append one record and return its sequence number."""
         with self._lock:
-            if self._fd is None or self._size >= self.config.max_segment_bytes:
-                self._rotate(now)
-            body = {
-                **fields,
-                "seq": self._seq + 1,
-                "time": format_time(datetime.fromtimestamp(now, UTC)),
-                "prev": self._hash,
-            }
-            encoded = canonical_json(body)
-            h = hashlib.sha256(encoded).hexdigest()
-            # verify() re-canonicalises the record without "hash", so the key's position is free
-            line = encoded[:-1] + b',"hash":"' + h.encode() + b'"}\n'
-            try:
-                os.write(self._fd, line)  # type: ignore[arg-type]
-            except OSError as e:
-                raise EnvironmentFault(
-                    f"cannot write the audit log: {e.strerror}; free space"
-                ) from e
-            self._size += len(line)
-            self._seq, self._hash = self._seq + 1, h
-            self._since_checkpoint += 1
-            if (
-                self._since_checkpoint >= self.config.checkpoint_every
-                or time.monotonic() - self._checkpoint_at >= self.config.checkpoint_seconds
-            ):
-                self._checkpoint()
-            return self._seq
+            return self._append(fields, now)
+
+    def _append(self, fields: dict[str, Any], now: float) -> int:
+        body = {
+            **fields,
+            "seq": self._seq + 1,
+            "time": format_time(datetime.fromtimestamp(now, UTC)),
+            "prev": self._hash,
+        }
+        encoded = canonical_json(body)
+        h = hashlib.sha256(encoded).hexdigest()
+        # verify() re-canonicalises the record without "hash", so the key's position is free
+        line = encoded[:-1] + b',"hash":"' + h.encode() + b'"}\n'
+        pruned = None
+        if self._fd is None or (self._size and self._size + len(line) > self.config.max_segment_bytes):
+            pruned = self._rotate(now)
+        try:
+            os.write(self._fd, line)  # type: ignore[arg-type]
+        except OSError as e:
+            raise EnvironmentFault(f"cannot write the audit log: {e.strerror}; free space") from e
+        self._size += len(line)
+        self._seq, self._hash = self._seq + 1, h
+        self._since_checkpoint += 1
+        if (
+            self._since_checkpoint >= self.config.checkpoint_every
+            or time.monotonic() - self._checkpoint_at >= self.config.checkpoint_seconds
+        ):
+            self._checkpoint()
+        seq = self._seq
+        if pruned is not None:
+            self._append(pruned, now)  # the first record in a fresh segment: never rotates again
+        return seq
+
+    def refused_anonymous(self, status: int, now: float) -> None:
+        """Count a refusal of a request that carried no valid token (no record of its own)."""
+        with self._lock:
+            self._flush_tally(now, force=False)
+            if not self._tally:
+                self._tally_start = now
+            entry = self._tally.setdefault(status, [0, now, now])
+            entry[0] += 1
+            entry[2] = now
+
+    def flush(self, now: float) -> None:
+        """Write the counted refusals if their window has ended (called periodically)."""
+        with self._lock:
+            self._flush_tally(now, force=False)
+
+    def _flush_tally(self, now: float, force: bool) -> None:
+        if not self._tally:
+            return
+        window = self.config.summary_seconds
+        if not force and self._tally_start <= now < self._tally_start + window:
+            return
+        tally, self._tally = self._tally, {}
+        for status, (count, first, last) in sorted(tally.items()):
+            self._append(
+                {
+                    "event": "anonymous",
+                    "client": None,
+                    "status": status,
+                    "count": int(count),
+                    "first": format_time(datetime.fromtimestamp(first, UTC)),
+                    "last": format_time(datetime.fromtimestamp(last, UTC)),
+                },
+                now,
+            )
 
     def _checkpoint(self) -> None:
         if self._fd is not None:
@@ -251,9 +314,15 @@ class AuditLog:
         self._since_checkpoint = 0
         self._checkpoint_at = time.monotonic()
 
-    def close(self, checkpoint: bool = True) -> None:
-        """Checkpoint and close; without ``checkpoint`` (the data dir was wiped) nothing is written."""
+    def close(self, checkpoint: bool = True, now: float | None = None) -> None:
+        """Write the open summary window, checkpoint and close (``now`` stamps the summary: by
+        default the time of its last refusal); without ``checkpoint`` (the data dir was wiped)
+        nothing is written."""
         with self._lock:
+            if checkpoint and self._tally:
+                last = max(v[2] for v in self._tally.values())
+                self._flush_tally(last if now is None else max(now, last), force=True)
+            self._tally = {}
             if self._fd is not None:
                 if checkpoint:
                     self._checkpoint()

@@ -147,6 +147,7 @@ class Service:
         self._boot_id = boot_id()
         self._save_lock = threading.Lock()  # one budgets.json write at a time; taken before _lock
         self._budget_thread: threading.Thread | None = None
+        self._audit_thread: threading.Thread | None = None
         self._detector = Detector(None, self.config.detect)
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
@@ -173,6 +174,8 @@ class Service:
         self._integrity_thread.start()
         self._budget_thread = threading.Thread(target=self._budget_loop, name="budgets", daemon=True)
         self._budget_thread.start()
+        self._audit_thread = threading.Thread(target=self._audit_loop, name="audit", daemon=True)
+        self._audit_thread.start()
         for b in self._background:
             b.start()
 
@@ -180,7 +183,7 @@ class Service:
         self._stop.set()
         for b in reversed(self._background):
             b.stop()
-        for t in (self._integrity_thread, self._budget_thread):
+        for t in (self._integrity_thread, self._budget_thread, self._audit_thread):
             if t is not None:
                 t.join(timeout=5)
         # After a decommission the data dir holds only the attestation: nothing more is written.
@@ -190,7 +193,7 @@ class Service:
                 self.save_budgets(clean=True)  # exact counts: a clean restart over-charges nobody
             except EdgeWardError as e:
                 _log.warning("could not save the budgets at stop: %s", e)
-        self.audit.close(checkpoint=not wiped)
+        self.audit.close(checkpoint=not wiped, now=self.clock())
 
     def status_provider(self) -> dict[str, Any]:
         """Counters for telemetry and ``GET /v1/status``: no client ids, no inputs."""
@@ -253,6 +256,14 @@ class Service:
                     self.save_budgets()
                 except EdgeWardError as e:
                     _log.warning("could not save the budgets: %s", e)
+
+    def _audit_loop(self) -> None:
+        """Write the counted anonymous refusals once their window has ended, even if none follow."""
+        while not self._stop.wait(self.audit.config.summary_seconds / 4):
+            try:
+                self.audit.flush(self.clock())
+            except EdgeWardError as e:
+                _log.warning("could not write the audit log: %s", e)
 
     # --- model and policy ---------------------------------------------------------------------
     def _current(self) -> LoadedModel:
@@ -345,9 +356,18 @@ class Service:
         return {"status": "serving"}
 
     def status(self, who: TokenRecord) -> dict[str, Any]:
-        if who.role != "admin":
-            raise Forbidden("the service status is for the admin role only")
-        return self.status_provider()
+        """The counters, for the admin role; every call is audited."""
+        record: dict[str, Any] = {"event": "status", "client": who.id, "role": who.role, "status": 200}
+        try:
+            if who.role != "admin":
+                raise Forbidden("the service status is for the admin role only")
+            return self.status_provider()
+        except EdgeWardError as e:
+            record.update(status=http_status(e), error=type(e).__name__)
+            self._count(f"refused_{record['status']}")
+            raise
+        finally:
+            self.audit.append(record, self.clock())
 
     def predict(self, who: TokenRecord, body: bytes, content_type: str) -> dict[str, Any]:
         """One query, start to end; raises the error the API maps to a status code."""
@@ -424,17 +444,31 @@ class Service:
             self.counters[key] += n
 
     def refused(self, who: TokenRecord | None, error: EdgeWardError) -> None:
-        """Audit a prediction request refused before its body was read (401, 413)."""
+        """Audit a prediction request refused before its body was read (401, 413): one record
+        for a token holder, a count in the anonymous summary without a valid token."""
         status = http_status(error)
         self._count("queries")
         self._count(f"refused_{status}")
-        record = {
-            "event": "predict",
-            "client": who.id if who else None,
-            "status": status,
-            "error": type(error).__name__,
-        }
+        if who is None:
+            self._tally(status)
+            return
+        record = {"event": "predict", "client": who.id, "status": status, "error": type(error).__name__}
         self.audit.append(record, self.clock())
+
+    def refused_request(self, status: int, counter: str | None = None) -> None:
+        """Count a request or connection refused without a valid token checked: bad framing, no
+        such endpoint or method, too slow, a 401 outside predict, no free connection (503; a
+        connection closed to make room for another counts as one too). Anyone who can reach the
+        socket can cause these by the million, so the audit log gets a count per status per
+        window, never a record each. ``counter`` names the status counter (``refused_<status>``)."""
+        self._count(counter or f"refused_{status}")
+        self._tally(status)
+
+    def _tally(self, status: int) -> None:
+        try:
+            self.audit.refused_anonymous(status, self.clock())
+        except EdgeWardError as e:  # a full disk must not stop the door from answering
+            _log.warning("could not write the audit log's anonymous summary: %s", e)
 
     def _record(self, signals: list[Signal], now: float, severity: str = "warning") -> None:
         when = datetime.fromtimestamp(now, UTC)

@@ -85,7 +85,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(f"{OUTBOX}-wal", "the outbox's write-ahead log", 0o600, Fate.DELETE),
     Entry(f"{OUTBOX}-shm", "the outbox's shared-memory index", 0o600, Fate.DELETE),
     Entry(AUDIT, "the hash-chained audit log", 0o700, Fate.DELETE, "dir"),
-    Entry(f"{AUDIT}/audit-*.jsonl", "audit segments: one record per query (no raw inputs)", 0o600, Fate.DELETE),
+    Entry(f"{AUDIT}/audit-*.jsonl", "audit segments: one record per authenticated query, counted summaries of "
+          "anonymous refusals, no raw inputs; at most serve.audit.max_total_bytes together", 0o600, Fate.DELETE),
     Entry(f"{AUDIT}/fingerprint.key", "the key that fingerprints inputs in the audit log", 0o600, Fate.SHRED),
     Entry(f"{AUDIT}/head.json", "the audit chain's last checkpoint", 0o600, Fate.DELETE),
     Entry(f"{AUDIT}/anchor.json", "where the retained audit chain starts", 0o600, Fate.DELETE),
