@@ -164,7 +164,8 @@ class OnnxRunner:
 
     def __del__(self) -> None:
         if getattr(self, "_owned", None) is not None:
-            self.close()
+            with contextlib.suppress(Exception):  # at interpreter exit the modules may be gone
+                self.close()
 
 
 def _aligned(address: int, position: int, align: int) -> int:
