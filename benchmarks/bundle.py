@@ -21,10 +21,12 @@ What it measures, each figure printed next to its target with PASS/MISS:
    RSS, reset through /proc/self/clear_refs just before) minus VmRSS before, divided by the model
    size. Target case: the agent's open path (``read_into_bytearray`` + ``verify_bundle`` +
    in-place ``decrypt``), holding the ``Contents`` at the end. Target: <= 1.5x the model size.
-   Informational row: the full load through ``device_agent.Agent`` (``Agent.model()`` on a data
-   directory provisioned with a key-file KEK, where a real ~95 MiB ONNX model -- one MatMul with a
-   float32 [5000, 5000] initializer -- was installed with ``Agent.install(bytearray)``). That
-   row includes ``bytes(contents.model)`` for the runtime and onnxruntime's own session memory.
+   Model load rows, target <= 2x the model size: the whole load through ``device_agent.Agent``
+   (``Agent.model()``: read, verify, decrypt and the runtime's session) on a data directory
+   provisioned with a key-file KEK, where a real ~95 MiB model was installed with
+   ``Agent.install(bytearray)``: an ONNX model (one MatMul with a float32 [5000, 5000]
+   initializer) packed without and with compression, and the same weights as a TFLite
+   FULLY_CONNECTED model on LiteRT.
 3. ``packager.pack.pack`` of a 5 MiB model for 1,000 devices (target < 60 s on 2 cores) and for
    100 devices, each in its own subprocess, with peak extra RSS for both (target: memory does not
    grow with the device count: the 900 extra bundles, 4.7 GB, may add less than one bundle's size
@@ -67,6 +69,7 @@ READ_LIMIT = DEFAULT_LIMITS.max_bundle_bytes  # what Agent._load passes
 
 TARGET_RATIO = 0.7
 TARGET_MEM = 1.5
+TARGET_LOAD = 2.0
 TARGET_PACK_S = 60.0
 
 
@@ -149,12 +152,14 @@ def child_open_memory(mode: str, target: str, keyfile: str) -> None:
         model_len = len(contents.model)
         keep += [data, vb, contents]
     elif mode == "agent_load":
-        import onnxruntime  # noqa: F401  -- imported before the baseline: library code, not model memory
+        import ai_edge_litert.interpreter  # noqa: F401  -- imported before the baseline: library
+        import onnxruntime  # noqa: F401  -- code, not model memory
 
         from device_agent.agent import Agent
         from device_agent.store.keys import KeySource
 
         agent = Agent(target, KeySource(kek=bytes.fromhex(keys["kek"])))
+        warm_runtimes()  # code pages and one-time global state: library memory, not model memory
         gc.collect()
         before = proc_status()
         reset = reset_peak()
@@ -180,6 +185,28 @@ def child_open_memory(mode: str, target: str, keyfile: str) -> None:
             }
         )
     )
+
+
+def warm_runtimes() -> None:
+    """Create and drop one tiny session on each runtime, so that the runtimes' code pages and
+    one-time global state (onnxruntime's environment, about 10 MB) are in the baseline."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from device_agent.runtime.runners import load_runner
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["X"], ["Y"])], "warm",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    runner = load_runner("onnxruntime", model.SerializeToString())
+    runner.run({"X": np.ones((1, 4), np.float32)})
+    runner.close()
+    del onnx
 
 
 def child_pack(devices_dir: str, count: int, out_dir: str) -> None:
@@ -278,8 +305,38 @@ def make_onnx_model() -> bytes:
     return model.SerializeToString()
 
 
-def make_agent_dir(tmp: Path) -> dict:
-    """Provision a data directory (key-file KEK), pack a real ONNX model for it, install it."""
+def make_tflite_model() -> bytes:
+    """A real, loadable TFLite model of ~95 MiB: Y = FULLY_CONNECTED(X[1, 5000], W[5000, 5000])."""
+    import flatbuffers  # noqa: F401  -- ai-edge-litert's dependency
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as s
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    w = np.random.default_rng(0).standard_normal((ONNX_SIDE, ONNX_SIDE), dtype=np.float32)
+    model = s.ModelT()
+    model.version = 3
+    model.buffers = [s.BufferT(), s.BufferT(), s.BufferT(), s.BufferT()]
+    model.buffers[2].data = np.frombuffer(w.tobytes(), np.uint8)
+    code = s.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.FULLY_CONNECTED
+    model.operatorCodes = [code]
+    tensors = []
+    for i, (shape, buf) in enumerate((([1, ONNX_SIDE], 1), ([ONNX_SIDE, ONNX_SIDE], 2), ([1, ONNX_SIDE], 3))):
+        t = s.TensorT()
+        t.shape, t.type, t.buffer, t.name = np.array(shape, np.int32), s.TensorType.FLOAT32, buf, f"t{i}"
+        tensors.append(t)
+    op = s.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, np.array([0, 1, -1], np.int32), np.array([2], np.int32)
+    op.builtinOptionsType = s.BuiltinOptions.FullyConnectedOptions
+    op.builtinOptions = s.FullyConnectedOptionsT()
+    sub = s.SubGraphT()
+    sub.tensors, sub.inputs, sub.outputs, sub.operators = tensors, [0], [2], [op]
+    model.subgraphs = [sub]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def make_agent_dir(tmp: Path, fmt: str = "onnx", compress: bool = False) -> dict:
+    """Provision a data directory (key-file KEK), pack a real ~95 MiB model for it, install it."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from device_agent import crypto
@@ -293,22 +350,23 @@ def make_agent_dir(tmp: Path) -> dict:
     kek = os.urandom(32)
     keys = KeySource(kek=kek)
     signer = Ed25519PrivateKey.generate()
-    data_dir = tmp / "agent-data"
+    name = f"agent-{fmt}-{'zlib' if compress else 'plain'}"
+    data_dir = tmp / name
     publisher = crypto.ed25519_public_raw(signer)
     enrolment = load_enrolment(Agent.provision(data_dir, "bench-agent", [publisher], [], keys))
-    onnx_bytes = make_onnx_model()
-    model = ModelFile(Path("bench.onnx"), onnx_bytes, "onnx")
-    opts = PackOptions(model_id="bench", model_version=1, compress=False,
+    onnx_bytes = make_onnx_model() if fmt == "onnx" else make_tflite_model()
+    model = ModelFile(Path(f"bench.{fmt}"), onnx_bytes, fmt)
+    opts = PackOptions(model_id="bench", model_version=1, compress=compress,
                        task={"kind": "raw", "output": 0})
-    pack(model, load_profile("rpi4b"), signer, [enrolment], opts, tmp / "agent-pack")
-    bundle = tmp / "agent-pack" / "bench-agent.ewb"
+    pack(model, load_profile("rpi4b"), signer, [enrolment], opts, tmp / f"{name}-pack")
+    bundle = tmp / f"{name}-pack" / "bench-agent.ewb"
     from device_agent.store.fsutil import read_into_bytearray
 
     data = read_into_bytearray(bundle, READ_LIMIT)  # what the CLI hands to Agent.install
     t0 = time.perf_counter()
     Agent(data_dir, keys).install(data)
     install_s = time.perf_counter() - t0
-    keyfile = tmp / "agent-keys.json"
+    keyfile = tmp / f"{name}-keys.json"
     keyfile.write_text(json.dumps({"kek": kek.hex()}))
     return {"data_dir": data_dir, "keyfile": keyfile, "model_bytes": len(onnx_bytes),
             "bundle_bytes": bundle.stat().st_size, "install_s": install_s}
@@ -537,21 +595,21 @@ def main() -> int:
         # 2. memory -------------------------------------------------------------------------------
         print("\n2. Peak extra memory opening a ~100 MB model "
               "(fresh subprocess each, VmHWM - VmRSS before)")
-        print(f"   {'path':64} {'extra peak':>10} {'x model':>8}  {'target':>7}  result"
+        print(f"   {'path':72} {'extra peak':>10} {'x model':>8}  {'target':>7}  result"
               "   anon/file at end")
         suite = next(iter(setup["bundles"]))  # ChaCha20 (rpi4b), the Pi default
 
-        def mem_row(label: str, res: dict, is_target: bool) -> int:
+        def mem_row(label: str, res: dict, is_target: bool, limit: float = TARGET_MEM) -> int:
             x = res["extra_peak"] / res["model_bytes"]
             missed = 0
             if is_target:
-                ok = x <= TARGET_MEM
+                ok = x <= limit
                 missed = int(not ok)
-                result, target = verdict(ok), f"<= {TARGET_MEM}x"
+                result, target = verdict(ok), f"<= {limit}x"
             else:
                 result, target = "info", ""
             note = "" if res["hwm_reset"] else "  (VmHWM reset unavailable: ru_maxrss used)"
-            print(f"   {label:64} {res['extra_peak'] / MIB:6.0f} MiB {x:7.2f}x  {target:>7}"
+            print(f"   {label:72} {res['extra_peak'] / MIB:6.0f} MiB {x:7.2f}x  {target:>7}"
                   f"  {result:7}  {res['extra_anon_end'] / MIB:.0f}"
                   f"/{res['extra_file_end'] / MIB:.0f} MiB"
                   f" ({res['seconds']:.2f} s){note}")
@@ -561,26 +619,31 @@ def main() -> int:
                          str(setup["keyfile"])])
         label = "agent open: read_into_bytearray + verify + in-place decrypt"
         failures += mem_row(label, res, True)
-        try:
-            t0 = time.perf_counter()
-            agent_setup = make_agent_dir(tmp)
-            agent_note = (f"{agent_setup['model_bytes'] / MIB:.0f} MiB ONNX MatMul model, "
-                          "installed with Agent.install(bytearray) in "
-                          f"{agent_setup['install_s']:.1f} s (store + in-place decrypt + "
-                          f"SHA-256 + trial load); set-up {time.perf_counter() - t0:.1f} s")
-        except ImportError as e:
-            agent_setup, agent_note = None, f"skipped: {e} (pip install 'edgeward[device]' onnx)"
-        if agent_setup is not None:
+        loads = (("onnx", False, "onnx, no compression"), ("onnx", True, "onnx, zlib"),
+                 ("tflite", False, "tflite on LiteRT"))
+        for fmt, compress, what in loads:
+            try:
+                t0 = time.perf_counter()
+                agent_setup = make_agent_dir(tmp, fmt, compress)
+            except ImportError as e:
+                print(f"   Agent.model() {what}: skipped: {e} (pip install 'edgeward[device,tflite]' onnx)")
+                continue
             res = run_child(["--child", "open", "agent_load", str(agent_setup["data_dir"]),
                              str(agent_setup["keyfile"])])
-            mem_row("Agent.model(): open + bytes(model) + onnxruntime session (info)", res, False)
-        print(f"   agent row: {agent_note}")
+            # LiteRT's XNNPACK delegate keeps its own packed copy of the weights beside the
+            # model bytes the interpreter needs: about 2x is the floor there (information row).
+            failures += mem_row(f"Agent.model(): read + verify + decrypt + session ({what})", res,
+                                fmt == "onnx", TARGET_LOAD)
+            print(f"     {agent_setup['model_bytes'] / MIB:.0f} MiB model, bundle "
+                  f"{agent_setup['bundle_bytes'] / MIB:.0f} MiB, installed with Agent.install(bytearray) in "
+                  f"{agent_setup['install_s']:.1f} s; set-up {time.perf_counter() - t0:.1f} s")
+            shutil.rmtree(agent_setup["data_dir"], ignore_errors=True)
         print(f"   cipher {suite}; 'anon/file at end' = RssAnon/RssFile growth while the result "
               "is still held.")
-        print("   The Agent row peaks with the decrypted bundle buffer, bytes(contents.model) and\n"
-              "   onnxruntime's parse all alive; at the end it still holds bytes(contents.model):\n"
-              "   onnxruntime's InferenceSession keeps the bytes it was given (_model_bytes) for\n"
-              "   the session's life.")
+        print("   The onnx rows serve the weights from the decrypted buffer (SessionOptions.add_initializer\n"
+              "   over arrays that view it): the buffer is the model's memory for the session's life.\n"
+              "   The tflite row copies the model once into the bytes LiteRT needs and frees the buffer\n"
+              "   before the interpreter is built.")
 
         # 3. pack ---------------------------------------------------------------------------------
         counts = [c for c in PACK_DEVICES if not (a.quick and c == 1000)]

@@ -39,7 +39,7 @@ from device_agent.errors import (
 )
 from device_agent.runtime.output import prepare_inputs, shape_output
 from device_agent.runtime.preprocess import apply as preprocess
-from device_agent.runtime.runners import Runner, load_runner
+from device_agent.runtime.runners import Runner, load_from_buffer
 from device_agent.store import upgrade
 from device_agent.store.datadir import DataDir, utcnow
 from device_agent.store.keys import DeviceKeys, KeySource
@@ -286,21 +286,20 @@ class Agent:
     def _decrypt_and_load(
         self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool, first: bool = False
     ) -> tuple[Runner, Sidecar]:
-        """Decrypt in memory and load the runtime from bytes; every plaintext buffer is wiped."""
+        """Decrypt in memory and load the runtime from the decrypted buffer itself: the runner
+        takes the buffer over (its weights are served from it, docs/agent-service.md "Memory")
+        and wipes it when the model is unloaded."""
         contents = self._open(vb, in_place=in_place, check_digest=check_digest, first=first)
+        # The bundle's view of its payload would keep a wiped buffer allocated: let it go.
+        vb.payload.release()
         try:
-            # The runtimes take immutable bytes: one copy that cannot be wiped
-            # (docs/threat-model.md).
-            # The decrypted buffer is wiped before the runtime parses it, so the two never add up.
-            model = bytes(contents.model)
-        finally:
-            contents.wipe()
-        try:
-            runner = load_runner(
-                vb.manifest.runtime, model, int(contents.sidecar.runtime.get("threads", 0))
+            runner = load_from_buffer(
+                vb.manifest.runtime, contents.buffer, contents.model_offset, contents.model_length,
+                int(contents.sidecar.runtime.get("threads", 0)),
             )
-        finally:
-            del model
+        except BaseException:
+            contents.wipe()
+            raise
         return runner, contents.sidecar
 
     def rollback(self, model_id: str | None = None) -> Manifest:

@@ -53,6 +53,44 @@ def wipe(buf: bytearray | memoryview | None) -> None:
         view.release()
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4  # Linux
+
+
+@functools.cache
+def _madvise() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def discard(buf: bytearray, start: int, end: int) -> None:
+    """Wipe ``buf[start:end]`` and give the whole memory pages inside it back to the system, so
+    that a large buffer consumed piece by piece (a compressed payload being inflated) does not
+    add up with what is made from it. The range reads as zeros afterwards, as after :func:`wipe`;
+    where pages cannot be returned (not Linux), it is only wiped."""
+    if end <= start:
+        return
+    view = memoryview(buf)[start:end]
+    try:
+        address = ctypes.addressof((ctypes.c_char * len(view)).from_buffer(view))
+        first = address + (-address) % _PAGE
+        last = (address + len(view)) // _PAGE * _PAGE
+        madvise = _madvise()
+        # MADV_DONTNEED on private anonymous memory: the pages are freed and read back as zeros.
+        if madvise is None or last <= first or madvise(first, last - first, _MADV_DONTNEED) != 0:
+            first = last = address
+        ctypes.memset(address, 0, first - address)
+        ctypes.memset(max(last, address), 0, address + len(view) - max(last, address))
+    finally:
+        view.release()
+
+
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -87,6 +87,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         task["threshold"] = args.threshold
     if args.output_index is not None:
         task["output"] = args.output_index
+    if args.scores:
+        task["scores"] = args.scores
     labels = _labels(args.labels)
     if labels:
         task["labels"] = labels
@@ -162,6 +164,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return code
 
 
+def _runtimes(p: dict[str, Any]) -> str:
+    """The board's runtimes, the preferred one first and starred."""
+    rest = [r for r in p["runtimes"] if r != p["preferred_runtime"]]
+    return ",".join([p["preferred_runtime"] + "*", *rest])
+
+
 def cmd_profiles(args: argparse.Namespace) -> int:
     from .profiles import builtin_profiles
 
@@ -171,7 +179,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
         args,
         doc,
         lambda d: "\n".join(
-            f"{n:<16} {p['arch']:<8} {p['ram_mb']:>5} MB  {p['runtime']:<12} {p['cipher']:<28} {p['description']}"
+            f"{n:<16} {p['arch']:<8} {p['ram_mb']:>5} MB  {_runtimes(p):<20} {p['cipher']:<28} {p['description']}"
             for n, p in d.items()
         ),
     )
@@ -224,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", choices=["classifier", "binary", "raw", "ctc"], help="how outputs become answers (default: detected)"
     )
     sp.add_argument("--threshold", type=float, help="decision threshold for --task binary")
+    sp.add_argument(
+        "--scores", choices=["probabilities", "logits"],
+        help="a classifier's output is already probabilities, or logits the agent softmaxes "
+        "(default: decided from the model's graph; sealed, and on the model card)",
+    )
     sp.add_argument("--output-index", type=int, help="which model output carries the scores")
     sp.add_argument("--labels", help="class labels: JSON list or one per line (sealed, never in the clear)")
     sp.add_argument("--expect-sha256", help="refuse the model unless its SHA-256 is this")

@@ -12,10 +12,12 @@ from device_agent.errors import FormatError, SecurityRefusal, UsageError
 from device_agent.runtime.runners import load_runner
 
 from .limits import HOST_LIMITS
+from .scores import output_is_probability
 
 # Formats that execute code when loaded (pickle and its wrappers): never packed (NCSC 2.2).
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".joblib", ".ckpt", ".bin")
 ACCEPTED = {".onnx": "onnx", ".tflite": "tflite"}
+SCORES = ("probabilities", "logits")  # what a classifier's output is (packager.scores)
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,13 @@ def infer_task(model: ModelFile, override: dict[str, Any]) -> dict[str, Any]:
         task["kind"] = (
             "classifier" if len(out.shape) == 2 and out.shape[1] not in (None, 1) else "raw"
         )
+    if "scores" in task and task["kind"] != "classifier":
+        raise UsageError(f"--scores applies to classifiers; this model's task is {task['kind']}")
+    if "scores" in task and task["scores"] not in SCORES:
+        raise UsageError(f"--scores must be one of {', '.join(SCORES)}")
     if task["kind"] == "classifier" and "scores" not in task:
-        task["scores"] = "probabilities" if _ends_in_softmax(model, out.name) else "logits"
+        probability = output_is_probability(model.data, model.format, out.name, int(task["output"]))
+        task["scores"] = "probabilities" if probability else "logits"
     labels = task.get("labels")
     classes = None
     if task["kind"] == "classifier" and out.shape and len(out.shape) == 2:
@@ -98,24 +105,3 @@ def infer_task(model: ModelFile, override: dict[str, Any]) -> dict[str, Any]:
             f"--labels has {len(labels)} labels, the model's output has {classes} classes"
         )
     return task
-
-
-def _ends_in_softmax(model: ModelFile, output_name: str) -> bool:
-    if model.format != "onnx":
-        return False
-    try:
-        import onnx
-    except ImportError:
-        return False
-    graph = onnx.load_from_string(model.data).graph
-    for node in graph.node:
-        if output_name in node.output:
-            return node.op_type in ("Softmax", "Sigmoid", "ZipMap") or (
-                node.op_type == "Identity"
-                and any(_producer_is_softmax(graph, i) for i in node.input)
-            )
-    return False
-
-
-def _producer_is_softmax(graph: Any, name: str) -> bool:
-    return any(name in n.output and n.op_type == "Softmax" for n in graph.node)

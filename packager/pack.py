@@ -128,13 +128,14 @@ def model_card(
         output_bytes=len(model.data),
         model_format=model.format,
         task=str(opts.task.get("kind", "classifier")),
+        scores=opts.task.get("scores"),
     )
     return build_card(
         facts,
         model_id=opts.model_id,
         model_version=opts.model_version,
         profile=profile.name,
-        runtime=profile.runtime,
+        runtime=profile.runtime_for(model.format),
         created=created,
         tool_version=__version__,
         end_of_life=opts.end_of_life,
@@ -167,6 +168,7 @@ def pack(
             f"model is {len(model.data)} bytes, over profile {profile.name}'s limit of "
             f"{profile.max_model_bytes}; quantise or prune it, or pick a larger board"
         )
+    runtime = profile.runtime_for(model.format)
     created = opts.created or now or datetime.now().astimezone()
     card = model_card(model, profile, opts, created)
     sidecar = build_sidecar(model, profile, opts, card)
@@ -207,7 +209,7 @@ def pack(
                     expires=opts.expires,
                     end_of_life=opts.end_of_life,
                     profile=profile.name,
-                    runtime=profile.runtime,
+                    runtime=runtime,
                     cipher=profile.cipher,
                     compression=compression,
                     chunk_size=CHUNK_SIZE,
@@ -238,7 +240,7 @@ def pack(
                 "compression": compression,
             },
             "profile": profile.name,
-            "runtime": profile.runtime,
+            "runtime": runtime,
             "cipher": profile.cipher,
             "publisher": crypto.fingerprint(publisher_public),
             "expires": format_time(opts.expires) if opts.expires else None,

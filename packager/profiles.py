@@ -1,4 +1,10 @@
-"""Firmware profiles: validated per-board facts that choose the cipher, runtime and limits."""
+"""Firmware profiles: validated per-board facts that choose the cipher, runtime and limits.
+
+A profile lists every runtime the board has (``runtimes``) and the one to convert to when there
+is a choice (``preferred_runtime``); the model's format picks the runtime a bundle uses
+(:meth:`Profile.runtime_for`). Profiles written for release 0.1 name one ``runtime``: they are
+read as a board with that runtime only.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent import crypto
-from device_agent.bundle.format import RUNTIMES
+from device_agent.bundle.format import RUNTIME_OF_FORMAT, RUNTIMES
 from device_agent.errors import FormatError, UsageError
 from device_agent.wire import ID_RE
 
@@ -27,7 +33,8 @@ class Profile:
     cores: int
     ram_mb: int
     has_aes: bool
-    runtime: str
+    runtimes: tuple[str, ...]
+    preferred_runtime: str
     threads: int
     quantisation: str
     max_model_bytes: int
@@ -42,13 +49,20 @@ class Profile:
             raise bad("name", "must be a simple identifier")
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "runtimes":
+                if not isinstance(value, tuple) or not value or not all(isinstance(v, str) for v in value):
+                    raise bad("runtimes", "must be a non-empty list of runtime names")
+                continue
             want = {"int": int, "bool": bool, "str": str}[str(f.type)]
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise bad(f.name, f"must be {f.type}")
         if self.arch not in ARCHES:
             raise bad("arch", f"must be one of {', '.join(ARCHES)}")
-        if self.runtime not in RUNTIMES:
-            raise bad("runtime", f"must be one of {', '.join(RUNTIMES)}")
+        unknown = [r for r in self.runtimes if r not in RUNTIMES]
+        if unknown or len(set(self.runtimes)) != len(self.runtimes):
+            raise bad("runtimes", f"must be distinct names among {', '.join(RUNTIMES)}")
+        if self.preferred_runtime not in self.runtimes:
+            raise bad("preferred_runtime", f"must be one of its runtimes ({', '.join(self.runtimes)})")
         if self.quantisation not in QUANTISATIONS:
             raise bad("quantisation", f"must be one of {', '.join(QUANTISATIONS)}")
         if self.storage not in STORAGE:
@@ -65,8 +79,21 @@ class Profile:
         """AES-GCM only where the CPU has AES instructions; ChaCha20-Poly1305 everywhere else."""
         return crypto.AES256GCM if self.has_aes else crypto.CHACHA20
 
+    def runtime_for(self, model_format: str) -> str:
+        """The runtime that runs a ``model_format`` model on this board, or a UsageError when the
+        board does not have it."""
+        runtime = RUNTIME_OF_FORMAT[model_format]
+        if runtime not in self.runtimes:
+            preferred = next(f for f, r in RUNTIME_OF_FORMAT.items() if r == self.preferred_runtime)
+            raise UsageError(
+                f"profile {self.name} has {' and '.join(self.runtimes)}, not {runtime} "
+                f"that a {model_format} model needs; convert the model to {preferred} "
+                "or pick a profile with that runtime"
+            )
+        return runtime
+
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
 
 def _parse(data: bytes, source: str) -> Profile:
@@ -74,6 +101,12 @@ def _parse(data: bytes, source: str) -> Profile:
         raw = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise FormatError(f"profile {source} is not valid TOML: {e}") from e
+    if isinstance(raw.get("runtimes"), list):
+        raw["runtimes"] = tuple(raw["runtimes"])
+    if "runtime" in raw and "runtimes" not in raw and "preferred_runtime" not in raw:
+        # A release 0.1 profile: one runtime, which is then also the preferred one.
+        raw["runtimes"] = (raw["runtime"],)
+        raw["preferred_runtime"] = raw.pop("runtime")
     names = {f.name for f in fields(Profile)}
     unknown, missing = set(raw) - names, names - set(raw)
     if unknown or missing:

@@ -66,8 +66,11 @@ def test_bad_profile_file_is_refused_with_the_field_named(tmp_path):
 
     text = (Path(__file__).parents[1] / "firmware_profiles" / "rpi4b.toml").read_text()
     bad = tmp_path / "bad.toml"
-    bad.write_text(text.replace('runtime = "onnxruntime"', 'runtime = "tensorflow"'))
-    with pytest.raises(FormatError, match="runtime must be one of"):
+    bad.write_text(text.replace('runtimes = ["onnxruntime", "litert"]', 'runtimes = ["onnxruntime", "tensorflow"]'))
+    with pytest.raises(FormatError, match="runtimes must be distinct names among onnxruntime, litert"):
+        load_profile(str(bad))
+    bad.write_text(text.replace('preferred_runtime = "onnxruntime"', 'preferred_runtime = "tensorflow"'))
+    with pytest.raises(FormatError, match="preferred_runtime must be one of its runtimes"):
         load_profile(str(bad))
 
 

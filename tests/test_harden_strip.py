@@ -256,12 +256,11 @@ def test_harden_strip_ml_classifier_string_labels_move_to_sidecar() -> None:
 def test_harden_strip_tflite_self_check_catches_survivors() -> None:
     from packager.harden.strip_onnx import Unstrippable
     from packager.harden.strip_tflite import check_stripped
-    from packager.harden.tflite_util import read_tflite
 
     data = digits_cnn().tflite.read_bytes()
     with pytest.raises(Unstrippable, match="survives stripping"):
-        check_stripped(read_tflite(data), data)  # the unstripped model fails its own check
-    check_stripped(read_tflite(data), strip_tflite(data))
+        check_stripped(data, data)  # the unstripped model fails its own check
+    check_stripped(data, strip_tflite(data))
 
 
 def test_harden_strip_corrupt_tflite_is_format_error() -> None:
@@ -270,3 +269,65 @@ def test_harden_strip_corrupt_tflite_is_format_error() -> None:
     data = bytearray(digits_cnn().tflite.read_bytes()[:64])
     with pytest.raises(FormatError):
         strip_tflite(bytes(data))
+
+
+VENDOR_BLOB = (
+    b"\x00\x01/home/vendor-ci/build/acme_meter_reader_v3/export\x00converter_flags=--optimize=latency"
+    b" --target=armv8\x00model_name=acme-secret-meter-net\x00"
+)
+
+
+def _with_unreferenced_buffer(data: bytes, blob: bytes) -> bytes:
+    """The model with one more buffer that no tensor and no metadata entry references."""
+    from ai_edge_litert import schema_py_generated as s
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from packager.harden.tflite_util import read_tflite
+
+    model = read_tflite(data)
+    extra = s.BufferT()
+    extra.data = np.frombuffer(blob, np.uint8)
+    model.buffers.append(extra)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def test_harden_strip_tflite_drops_buffers_no_tensor_references() -> None:
+    from packager.harden.tflite_util import read_tflite
+
+    cnn = digits_cnn()
+    data = _with_unreferenced_buffer(cnn.tflite.read_bytes(), VENDOR_BLOB)
+    assert b"acme-secret-meter-net" in data
+    stripped = strip_tflite(data)
+    for needle in (b"/home/vendor-ci/build", b"converter_flags", b"acme-secret-meter-net", b"acme_meter"):
+        assert needle not in stripped
+    model = read_tflite(stripped)
+    used = {t.buffer for sub in model.subgraphs for t in sub.tensors}
+    assert set(range(1, len(model.buffers))) <= used  # every buffer but the empty one is used
+    x = (np.load(cnn.validation)["x"] / 16).astype(np.float32)[..., None]
+    np.testing.assert_array_equal(
+        _run_all(cnn.tflite.read_bytes(), "litert", [x[:1]])[0], _run_all(stripped, "litert", [x[:1]])[0]
+    )
+
+
+def test_harden_strip_tflite_self_check_scans_every_byte_of_the_output() -> None:
+    """A result that kept the unreferenced vendor buffer (what removing metadata entries alone
+    leaves) is refused by the self-check: it looks at the bytes, not only at the strings the
+    schema knows."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from packager.harden.strip_onnx import Unstrippable
+    from packager.harden.strip_tflite import check_stripped
+    from packager.harden.tflite_util import read_tflite
+
+    data = _with_unreferenced_buffer(digits_cnn().tflite.read_bytes(), VENDOR_BLOB)
+    model = read_tflite(data)
+    model.description = model.metadata = model.metadataBuffer = model.signatureDefs = None
+    for sub in model.subgraphs:
+        sub.name = None
+        for i, t in enumerate(sub.tensors):
+            t.name = f"t{i}"
+    kept_blob = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    assert b"acme-secret-meter-net" in kept_blob
+    with pytest.raises(Unstrippable, match="printable string of the original"):
+        check_stripped(data, kept_blob)
+    check_stripped(data, strip_tflite(data))

@@ -53,6 +53,8 @@ CONTENTS_MAGIC = b"EWC1"
 COMPRESSIONS = ("none", "zlib")
 RUNTIMES = ("onnxruntime", "litert")
 MODEL_FORMATS = ("onnx", "tflite")
+# The runtime that runs each model format: a bundle's runtime follows from its model.
+RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
 
 # --- manifest ---------------------------------------------------------------------------------------
 
@@ -333,21 +335,42 @@ class VerifiedBundle:
             buffer, start = sealed, 0
         end = start + m.sealed_length
         if m.compression == "zlib":
-            try:
-                d = zlib.decompressobj()
-                plain = bytearray(d.decompress(memoryview(buffer)[start:end], limits.max_bundle_bytes))
-                if d.unconsumed_tail or not d.eof:
-                    raise FormatError("compressed contents exceed the size limit or are incomplete")
-            except zlib.error as e:
-                raise FormatError(f"compressed contents are corrupt: {e}") from e
-            finally:
-                crypto.wipe(memoryview(buffer)[start:end])
+            plain = _inflate(buffer, start, end, limits.max_bundle_bytes)
             buffer, start, end = plain, 0, len(plain)
         try:
             return unpack_contents(buffer, start, end, limits, check_digest=check_digest)
         except Exception:
             crypto.wipe(buffer)
             raise
+
+
+INFLATE_STEP = 1 << 20  # compressed bytes inflated, then discarded, at a time
+
+
+def _inflate(buffer: bytearray, start: int, end: int, limit: int) -> bytearray:
+    """Inflate ``buffer[start:end]`` into a new buffer of at most ``limit`` bytes. Each compressed
+    step is discarded (wiped, its pages returned) once inflated, so the two buffers never add up:
+    the peak is the inflated contents plus one step."""
+    d = zlib.decompressobj()
+    plain = bytearray()
+    pos = start
+    try:
+        for pos in range(start, end, INFLATE_STEP):
+            step = min(end, pos + INFLATE_STEP)
+            with memoryview(buffer)[pos:step] as view:
+                plain += d.decompress(view, limit + 1 - len(plain))
+            if d.unconsumed_tail or len(plain) > limit:
+                raise FormatError("compressed contents exceed the size limit")
+            crypto.discard(buffer, pos, step)
+        if not d.eof:
+            raise FormatError("compressed contents are incomplete")
+    except BaseException as e:
+        crypto.wipe(plain)
+        crypto.discard(buffer, pos, end)
+        if isinstance(e, zlib.error):
+            raise FormatError(f"compressed contents are corrupt: {e}") from e
+        raise
+    return plain
 
 
 def parse_header(data: bytes | bytearray | memoryview, limits: BundleLimits = DEFAULT_LIMITS) -> tuple[int, bytes]:

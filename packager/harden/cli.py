@@ -164,11 +164,7 @@ def read_input(
         data, external = inline_external_data(path, model.data, profile.max_model_bytes)
         model = ModelFile(model.path, data, model.format)
     pin(model, expect_sha256, allow_list)
-    if model.runtime != profile.runtime:
-        raise UsageError(
-            f"profile {profile.name} runs {profile.runtime}, "
-            f"but {model.path.name} is a {model.format} model"
-        )
+    profile.runtime_for(model.format)  # the board must have the runtime the model's format needs
     return model, external
 
 
@@ -302,14 +298,14 @@ def cmd_harden(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     model, external = read_input(Path(args.model), args.expect_sha256, args.allow_list, profile)
     labels = _labels(args.labels)
-    task = {k: v for k, v in (("kind", args.task), ("labels", labels)) if v}
+    task = {k: v for k, v in (("kind", args.task), ("labels", labels), ("scores", args.scores)) if v}
     h = run_from_args(args, model, profile, task, external)
     card = build_card(
         h.facts,
         model_id=args.model_id,
         model_version=args.model_version,
         profile=profile.name,
-        runtime=profile.runtime,
+        runtime=profile.runtime_for(h.model.format),
         created=datetime.now(UTC),
         tool_version=__version__,
         end_of_life=parse_cli_time(args.end_of_life, "--end-of-life"),
@@ -357,6 +353,11 @@ def register_harden(sub: Any) -> None:
     )
     sp.add_argument(
         "--task", choices=["classifier", "binary", "raw", "ctc"], help="how outputs become answers"
+    )
+    sp.add_argument(
+        "--scores", choices=["probabilities", "logits"],
+        help="a classifier's output is already probabilities, or logits the agent softmaxes "
+        "(default: decided from the model's graph; sealed, and on the model card)",
     )
     sp.add_argument("--expect-sha256", help="refuse the model unless its SHA-256 is this")
     sp.add_argument("--model-id", default="model", help="model id for the model card")

@@ -32,6 +32,7 @@ class CardFacts:
     output_bytes: int
     model_format: str
     task: str
+    scores: str | None = None  # a classifier's output: "probabilities" or "logits" (packager.scores)
     parameters_before: int | None = None
     parameters_after: int | None = None
     accuracy_before: float | None = None
@@ -81,6 +82,8 @@ def build(
     ]
     if model_version is not None:
         props.append({"name": "edgeward:model_version", "value": version})
+    if facts.scores is not None:
+        props.append({"name": "edgeward:scores", "value": facts.scores})
     if expires:
         props.append({"name": "edgeward:bundle_expires", "value": format_time(expires)})
     props += [

@@ -118,7 +118,7 @@ def harden(model: ModelFile, profile: Profile, opts: HardenOptions) -> Hardened:
         seconds[stage] = round(seconds.get(stage, 0.0) + now - clock, 4)
         clock = now
 
-    fmt, runtime, spec = model.format, profile.runtime, opts.preprocess
+    fmt, runtime, spec = model.format, profile.runtime_for(model.format), opts.preprocess
     task = _labels_into_task(model, infer_task(model, opts.task))
     mode = opts.quantise or profile.quantisation
     calibration = preprocess(spec, opts.calibration)[0] if opts.calibration is not None else None
@@ -247,6 +247,7 @@ def harden(model: ModelFile, profile: Profile, opts: HardenOptions) -> Hardened:
         output_bytes=len(out),
         model_format=fmt,
         task=str(task.get("kind")),
+        scores=task.get("scores"),
         parameters_before=params_before,
         parameters_after=params_after,
         accuracy_before=before,
