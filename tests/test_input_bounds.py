@@ -273,3 +273,21 @@ def test_a_fifo_as_the_predict_input_is_refused_at_once(tmp_path, make_board) ->
         r = subprocess.run([sys.executable, "-m", "device_agent.cli", *argv, "--data-dir", str(board.data_dir)],
                            capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, env=env)
         assert r.returncode == 3 and "not a regular file" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "have", "want"),
+    [(1e39, np.float64, np.float32), (7e4, np.float32, np.float16), (300, np.int64, np.uint8),
+     (-1, np.int32, np.uint8), (2**40, np.int64, np.int32)],
+)
+def test_a_value_outside_the_models_dtype_is_refused_not_cast_to_inf_or_wrapped(
+    value: float, have: Any, want: Any
+) -> None:
+    from device_agent.runtime.output import _coerce
+    from device_agent.runtime.runners import TensorSpec
+
+    x = np.array([[0, value]], dtype=have)
+    with pytest.raises(FormatError, match="range"):
+        _coerce(x, TensorSpec("x", want, (None, 2)), "input 0")
+    ok, _ = _coerce(np.array([[0, 1]], dtype=have), TensorSpec("x", want, (None, 2)), "input 0")
+    assert ok.dtype == np.dtype(want)

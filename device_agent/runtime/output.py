@@ -33,7 +33,14 @@ def _coerce(x: np.ndarray, spec: TensorSpec, what: str) -> tuple[np.ndarray, boo
     want = np.dtype(spec.dtype)
     if want.kind in "iu" and x.dtype.kind == "f":
         raise FormatError(f"{what}: the model takes integers, got {x.dtype}")
-    x = x.astype(want, copy=False)
+    if want.kind in "iu" and x.dtype.kind in "iu" and x.size:
+        info = np.iinfo(want)
+        if x.min() < info.min or x.max() > info.max:
+            raise FormatError(f"{what}: values outside {want}'s range {info.min}..{info.max}")
+    with np.errstate(over="ignore"):
+        x = x.astype(want, copy=False)
+    if want.kind == "f" and not np.all(np.isfinite(x)):
+        raise FormatError(f"{what}: values too large for the model's {want}; send numbers in its range")
     batched = True
     if spec.shape and x.ndim == len(spec.shape) - 1:
         x = x[np.newaxis, ...]
