@@ -37,6 +37,7 @@ from device_agent.errors import (
     TamperedState,
     UsageError,
 )
+from device_agent.runtime import settings
 from device_agent.runtime.output import prepare_inputs, shape_output
 from device_agent.runtime.preprocess import apply as preprocess
 from device_agent.runtime.runners import Runner, load_runner
@@ -296,11 +297,12 @@ class Agent:
         finally:
             contents.wipe()
         try:
-            runner = load_runner(
-                vb.manifest.runtime, model, int(contents.sidecar.runtime.get("threads", 0))
-            )
+            # Sealed settings are checked like any other input (device_agent.runtime.settings):
+            # the thread count before the runtime sees it, the rest against the loaded model.
+            runner = load_runner(vb.manifest.runtime, model, settings.threads(contents.sidecar.runtime, self.limits))
         finally:
             del model
+        settings.check(contents.sidecar, runner.outputs, self.limits)
         return runner, contents.sidecar
 
     def rollback(self, model_id: str | None = None) -> Manifest:

@@ -27,6 +27,7 @@ from device_agent.bundle.enrolment import Enrolment, load_enrolment
 from device_agent.bundle.format import SIGNING_DOMAIN, Sidecar, pack_contents, write_bundle
 from device_agent.config import DEFAULT_CONFIG
 from device_agent.errors import EdgeWardError, FormatError, UsageError
+from device_agent.runtime import settings as sealed_settings
 from device_agent.store.fsutil import fsync_dir
 from device_agent.wire import ID_RE, format_time
 
@@ -170,6 +171,10 @@ def pack(
     created = opts.created or now or datetime.now().astimezone()
     card = model_card(model, profile, opts, created)
     sidecar = build_sidecar(model, profile, opts, card)
+    try:  # the board refuses these at install: never write a bundle it would refuse
+        sealed_settings.check(sidecar, None)
+    except FormatError as e:
+        raise UsageError(f"{e} (from --task, --labels, --policy or the pre-processing)") from e
     sealed, compression = seal(sidecar, model.data, opts.compress)
     publisher_public = crypto.ed25519_public_raw(signer)
 
