@@ -48,7 +48,7 @@ def private_key_pem(key: PrivateKeyTypes, *, encrypt: bool = True) -> tuple[byte
 def generate(kind: str, out_dir: Path, *, force: bool = False) -> KeyPairFiles:
     if kind not in KINDS:
         raise UsageError(f"key kind must be one of {', '.join(KINDS)}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # explicit: the umask may be 000
     priv_path, pub_path = out_dir / f"{kind}.key", out_dir / f"{kind}.pub"
     if not force and (priv_path.exists() or pub_path.exists()):
         raise UsageError(f"{priv_path} already exists; refusing to overwrite a key (use --force)")
