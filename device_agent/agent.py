@@ -37,6 +37,7 @@ from device_agent.errors import (
     TamperedState,
     UsageError,
 )
+from device_agent.runtime import settings
 from device_agent.runtime.output import prepare_inputs, shape_output
 from device_agent.runtime.preprocess import apply as preprocess
 from device_agent.runtime.runners import Runner, load_from_buffer
@@ -293,12 +294,19 @@ class Agent:
         # The bundle's view of its payload would keep a wiped buffer allocated: let it go.
         vb.payload.release()
         try:
+            # Sealed settings are checked like any other input (device_agent.runtime.settings):
+            # the thread count before the runtime sees it, the rest against the loaded model.
             runner = load_from_buffer(
                 vb.manifest.runtime, contents.buffer, contents.model_offset, contents.model_length,
-                int(contents.sidecar.runtime.get("threads", 0)),
+                settings.threads(contents.sidecar.runtime, self.limits),
             )
         except BaseException:
             contents.wipe()
+            raise
+        try:
+            settings.check(contents.sidecar, runner.outputs, self.limits)
+        except BaseException:
+            runner.close()
             raise
         return runner, contents.sidecar
 

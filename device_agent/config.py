@@ -80,6 +80,12 @@ class BundleLimits:
     max_preprocess_elements: int = 16 * 1024**2  # any array a step makes, input to output
     max_preprocess_steps: int = 32  # steps of a sealed pre-processing spec
     max_preprocess_channels: int = 16  # normalize mean/std entries
+    # sealed settings (device_agent/runtime/settings.py), checked at install and every load
+    max_runtime_threads: int = 64  # the sealed runtime thread count (0: the runtime's default)
+    max_sealed_labels: int = 65536  # labels of a sealed task (a text recogniser's dictionary)
+    max_label_chars: int = 256  # one sealed label or confidence band name
+    max_score_decimals: int = 12  # the sealed policy's score precision
+    max_policy_bands: int = 16  # confidence bands of a sealed policy
 
     def __post_init__(self) -> None:
         # The manifest length is a 32-bit header field and at least "{}" long.
@@ -94,10 +100,15 @@ class BundleLimits:
             "max_preprocess_elements",
             "max_preprocess_steps",
             "max_preprocess_channels",
+            "max_runtime_threads",
+            "max_sealed_labels",
+            "max_label_chars",
+            "max_policy_bands",
         ):
             _int(self, name)
         _int(self, "min_chunk_bytes", 1, self.max_chunk_bytes)
         _int(self, "max_input_bytes", 4)  # at least one float32 element
+        _int(self, "max_score_decimals", 0)
 
 
 @dataclass(frozen=True)

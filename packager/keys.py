@@ -68,7 +68,7 @@ def generate(kind: str, out_dir: Path, *, force: bool = False, unencrypted: bool
     passphrase = kept_key_passphrase(priv_path, unencrypted=unencrypted)
     if not force and (priv_path.exists() or pub_path.exists()):
         raise UsageError(f"{priv_path} already exists; refusing to overwrite a key (use --force)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # explicit: the umask may be 000
     key = Ed25519PrivateKey.generate()
     raw_pub = crypto.ed25519_public_raw(key)
     atomic_write(priv_path, private_key_pem(key, passphrase), 0o600)

@@ -27,7 +27,8 @@ from device_agent.bundle.enrolment import Enrolment, load_enrolment
 from device_agent.bundle.format import SIGNING_DOMAIN, Sidecar, pack_contents, write_bundle
 from device_agent.config import DEFAULT_CONFIG
 from device_agent.errors import EdgeWardError, FormatError, UsageError
-from device_agent.store.fsutil import fsync_dir
+from device_agent.runtime import settings as sealed_settings
+from device_agent.store.fsutil import atomic_write, fsync_dir
 from device_agent.wire import ID_RE, format_time
 
 from . import __version__
@@ -172,13 +173,17 @@ def pack(
     created = opts.created or now or datetime.now().astimezone()
     card = model_card(model, profile, opts, created)
     sidecar = build_sidecar(model, profile, opts, card)
+    try:  # the board refuses these at install: never write a bundle it would refuse
+        sealed_settings.check(sidecar, None)
+    except FormatError as e:
+        raise UsageError(f"{e} (from --task, --labels, --policy or the pre-processing)") from e
     sealed, compression = seal(sidecar, model.data, opts.compress)
     publisher_public = crypto.ed25519_public_raw(signer)
 
     def sign_manifest(msg: bytes) -> bytes:
         return crypto.sign(signer, SIGNING_DOMAIN, msg)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o755)  # explicit: the umask may be 000
     staging = Path(tempfile.mkdtemp(prefix=".edgeward-staging-", dir=out_dir))
     records: list[dict[str, Any]] = []
     try:
@@ -249,8 +254,8 @@ def pack(
             "hardening": opts.hardening,
             "seconds": {"prepare": round(t1 - t0, 4), "bundles": round(t2 - t1, 4)},
         }
-        (staging / "model-card.cdx.json").write_text(json.dumps(card, indent=2) + "\n")
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write(staging / "model-card.cdx.json", (json.dumps(card, indent=2) + "\n").encode(), 0o644)
+        atomic_write(staging / "report.json", (json.dumps(report, indent=2) + "\n").encode(), 0o644)
         fsync_dir(staging)
         for entry in sorted(staging.iterdir()):
             os.replace(entry, out_dir / entry.name)

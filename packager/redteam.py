@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.errors import EnvironmentFault, UsageError
+from device_agent.store.fsutil import atomic_write
 
 T0 = 1_800_000_000.0
 
@@ -554,6 +555,6 @@ def cmd_redteam(args: Any) -> int:
         cfg,
         log=lambda m: print(f"redteam: {m}", file=sys.stderr, flush=True),
     )
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(Path(args.out), (json.dumps(report, indent=2) + "\n").encode(), 0o644)
     print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0

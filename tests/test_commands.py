@@ -11,63 +11,26 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_agent import Agent, crypto
 from device_agent.bundle.enrolment import load_enrolment
 from device_agent.bundle.format import verify_bundle
 from device_agent.cli import main
 from device_agent.commands.format import (
-    Beacon,
-    Command,
-    encode_beacon,
-    encode_command,
     encode_queue,
     verify_result,
 )
 from device_agent.errors import EdgeWardError, Expired, IntegrityError, NotInstalled, SecurityRefusal
 from device_agent.store.keys import KeySource
 from device_agent.store.wipe import ATTESTATION, verify_attestation
-from tests.conftest import Board, tree_snapshot
-
-DAY0 = datetime(2027, 1, 1, tzinfo=UTC)
-
-
-def day(n: float) -> datetime:
-    return DAY0 + timedelta(days=n)
-
-
-@dataclass
-class Clock:
-    """The board's system clock, set by the test (a Pi has no RTC: anyone may set it)."""
-
-    now: datetime = DAY0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@dataclass
-class Operator:
-    key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
-
-    @property
-    def public(self) -> bytes:
-        return crypto.ed25519_public_raw(self.key)
-
-    def sign(self, kind: str, device: str, n: int, issued: datetime = DAY0, days: float = 30, **args: Any) -> bytes:
-        cmd = Command(kind, device, n, issued, issued + timedelta(days=days), args)
-        return encode_command(cmd, self.key, self.public)
-
-    def beacon(self, t: datetime) -> bytes:
-        return encode_beacon(Beacon(t), self.key, self.public)
+from tests.conftest import Board
+from tests.fixtures.trusted import DAY0, Clock, Operator, day, trusted_snapshot
 
 
 @dataclass
@@ -100,10 +63,6 @@ def install(fleet: Fleet, pack_for: Callable[..., Path], model: Path, version: i
     return bundle
 
 
-def not_events(root: Path) -> dict[str, tuple[int, bytes]]:
-    return {k: v for k, v in tree_snapshot(root).items() if not k.startswith("events.db")}
-
-
 def events(fleet: Fleet, kind: str) -> list[dict]:
     from device_agent.service.events import EventStore
 
@@ -132,14 +91,14 @@ def test_forged_replayed_expired_future_and_misdirected_commands_change_nothing(
     }
     cases["tampered"][-3] ^= 1  # type: ignore[index]
     for name, payload in cases.items():
-        before = not_events(fleet.board.data_dir)
+        before = trusted_snapshot(fleet.board.data_dir)
         f = tmp_path / f"{name}.cmd"
         f.write_bytes(bytes(payload))
         code = main(["command", str(f), "--data-dir", str(fleet.board.data_dir), "--result", str(tmp_path / "r"),
                      "--kek-file", str(_kek(fleet, tmp_path))])
         err = capsys.readouterr().err
         assert code in (1, 3), (name, code, err)
-        assert not_events(fleet.board.data_dir) == before, name
+        assert trusted_snapshot(fleet.board.data_dir) == before, name
         assert not (tmp_path / "r").exists()
     assert len(events(fleet, "command")) >= len(cases)
     assert fleet.agent().predict(np.zeros((1, 64), np.float32))["predictions"]  # still serving

@@ -1,5 +1,5 @@
-"""The docs name the tests that show each claim (docs/principles.md, docs/threat-model.md): every
-test they name must exist, or a claim points at nothing."""
+"""The docs name the tests that show each claim (docs/principles.md, docs/threat-model.md, the attack
+suite's index in tests/adversarial/README.md): every test they name must exist, or a claim points at nothing."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_every_test_the_docs_name_exists() -> None:
     tests = {
-        p.name: set(re.findall(r"^def (test_\w+)", p.read_text(), re.M)) for p in (ROOT / "tests").glob("test_*.py")
+        p.relative_to(ROOT / "tests").as_posix(): set(re.findall(r"^def (test_\w+)", p.read_text(), re.M))
+        for p in (ROOT / "tests").rglob("test_*.py")
     }
     missing, named = [], 0
-    for doc in sorted((ROOT / "docs").glob("*.md")):
-        for file, first, rest in re.findall(r"`(test_\w+\.py)::(test_\w+)`((?:, `::test_\w+`)*)", doc.read_text()):
+    docs = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "tests" / "adversarial" / "README.md"]
+    for doc in docs:
+        for file, first, rest in re.findall(r"`((?:adversarial/)?test_\w+\.py)::(test_\w+)`((?:, `::test_\w+`)*)",
+                                            doc.read_text()):
             for name in [first, *re.findall(r"::(test_\w+)", rest)]:
                 named += 1
                 if name not in tests.get(file, set()):

@@ -212,3 +212,18 @@ def test_a_bundle_from_a_publisher_rotated_out_since_it_was_verified_is_refused(
     m = manifest(1)
     with pytest.raises(SecurityRefusal, match="no longer trusts"):
         decide_install(m, digest_of(m), 1, ME, State(None), T0, 0.0, frozenset({crypto.fingerprint(b"\x05" * 32)}))
+
+
+def test_the_version_floor_leaves_with_the_owner_key_a_fast_forward_recovery() -> None:
+    """A stolen owner key pushed the version out of reach; once the operators rotate it out of the
+    anchors, the next trusted publisher's release starts a fresh floor (TUF 5.3.11)."""
+    stolen, fresh = crypto.fingerprint(b"\x03" * 32), crypto.fingerprint(b"\x06" * 32)
+    s = install(install(State(None), manifest(1)), manifest(2**53))
+    with pytest.raises(RollbackRefused, match="not newer"):
+        decide_install(manifest(2), "0" * 64, 1, ME, s, T0, 0.0, frozenset({stolen}))
+    moved = decide_install(manifest(2, publisher=fresh), "0" * 64, 1, ME, s, T0, 0.0, frozenset({fresh}))
+    slot = moved.state.models["kws"]
+    assert (slot.highest_version, slot.publisher, slot.previous) == (2, fresh, None)
+    assert moved.dropped is not None  # the inflated bundle is collected
+    with pytest.raises(RollbackRefused, match="not newer"):
+        decide_install(manifest(2, publisher=fresh), "0" * 64, 1, ME, moved.state, T0, 0.0, frozenset({fresh}))

@@ -20,7 +20,8 @@ import pytest
 from device_agent.bundle.keyfiles import load_public_key_file
 from device_agent.cli import main
 from device_agent.errors import SecurityRefusal
-from tests.conftest import PASSPHRASE, Board, tree_snapshot
+from tests.conftest import PASSPHRASE, Board
+from tests.fixtures.trusted import trusted_snapshot
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +40,6 @@ def edit(path: Path, old: bytes, new: bytes) -> None:
     data = path.read_bytes()
     assert old in data, f"{old!r} not in {path.name}"
     path.write_bytes(data.replace(old, new))
-
-
-def untouched_but_events(root: Path) -> dict[str, tuple[int, bytes]]:
-    return {k: v for k, v in tree_snapshot(root).items() if not k.startswith("events.db")}
 
 
 def tamper_events(capsys: pytest.CaptureFixture[str], board: Board) -> list[dict]:
@@ -65,11 +62,11 @@ def test_lowering_the_anti_rollback_floor_on_the_card_is_refused(make_board, pac
     board, bundles = three_versions(make_board, pack_for, digits.onnx)
     # Version 1 was dropped when 3 arrived; the attacker lowers the recorded highest version.
     edit(board.data_dir / "state.json", b'"highest_version": 3', b'"highest_version": 0')
-    before = untouched_but_events(board.data_dir)
+    before = trusted_snapshot(board.data_dir)
     code, _, err = agent_cli(capsys, "install", str(bundles[0]), "--data-dir", str(board.data_dir))
     assert code == 1, err
     assert "state.json fails its authentication check" in err
-    assert untouched_but_events(board.data_dir) == before
+    assert trusted_snapshot(board.data_dir) == before
     assert tamper_events(capsys, board)
 
 
@@ -93,11 +90,11 @@ def test_a_trust_anchor_planted_on_the_card_is_refused(
     out = tmp_path / "forged"
     pack(m, load_profile("rpi4b"), load_private_key(attacker / "publisher.key"), load_enrolments([board.enrolment]),
          PackOptions(model_id="digits", model_version=9, task=infer_task(m, {})), out)
-    before = untouched_but_events(board.data_dir)
+    before = trusted_snapshot(board.data_dir)
     code, _, err = agent_cli(capsys, "install", str(out / "pi-001.ewb"), "--data-dir", str(board.data_dir))
     assert code == 1, err
     assert "trust.json fails its authentication check" in err
-    assert untouched_but_events(board.data_dir) == before
+    assert trusted_snapshot(board.data_dir) == before
 
 
 def test_a_token_planted_on_the_card_is_refused(make_board, pack_for, digits, capsys) -> None:

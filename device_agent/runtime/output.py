@@ -133,6 +133,9 @@ def shape_output(
             conf = probs[np.arange(len(top)), top]
             if view == "scores":
                 rows_scores = np.round(probs, decimals).tolist()
+        if labels and int(top.max(initial=0)) >= len(labels):
+            # Checked at install where the model declares its classes; this one declares none.
+            raise FormatError(f"the model answered class {int(top.max())}; the sealed task has {len(labels)} labels")
         names = [labels[i] for i in top] if labels else top.tolist()
     elif kind == "binary":
         p = y.reshape(y.shape[0], -1)[:, 0].astype(np.float64)

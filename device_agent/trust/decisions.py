@@ -98,7 +98,8 @@ def decide_install(
     A model id belongs to the publisher key that first installed it (TUF's delegated roles, in
     their simplest form): another trusted publisher cannot replace it or push its version out of
     reach. ``trusted_publishers`` (fingerprints of the current anchors) lets a model move on to
-    the next publisher once its owner's key was rotated out of the anchors."""
+    the next publisher once its owner's key was rotated out of the anchors, starting a fresh
+    version floor (the recovery from a fast-forward by a compromised key)."""
     retired = state.retired.get(m.model_id)
     if retired is not None:
         raise RollbackRefused(
@@ -123,8 +124,13 @@ def decide_install(
             f"model {m.model_id} belongs to publisher {owner}, and this bundle is signed by {m.publisher}; "
             "only the publisher that owns a model id may release it (publish under your own model id)"
         )
+    # The owner's key left the anchors (a signed rotate-key): the version floor it set leaves with
+    # it, as TUF's client forgets a rotated role's versions (client workflow 5.3.11). That is
+    # how a board recovers from a fast-forward: a compromised key that signed an inflated version
+    # would otherwise block every later release of the model for good.
+    taken_over = owner is not None and not owner_trusted
     permitted = state.rollback_permits.get(m.model_id) == m.model_version
-    if slot is not None and m.model_version <= slot.highest_version and not permitted:
+    if slot is not None and not taken_over and m.model_version <= slot.highest_version and not permitted:
         raise RollbackRefused(
             f"model {m.model_id} version {m.model_version} is not newer than version "
             f"{slot.highest_version} already accepted; publish a higher --model-version"
@@ -132,9 +138,11 @@ def decide_install(
     if m.bundle_id in state.referenced_bundles():
         raise RollbackRefused(f"bundle {m.bundle_id} is already installed")
     new = InstalledRecord(m.bundle_id, m.model_version, now, size, bundle_sha256)
-    if slot is None:
+    if slot is None or taken_over:
+        # A new owner keeps nothing of the old one's: its bundles no longer verify anyway.
         new_slot = ModelSlot(current=new, previous=None, highest_version=m.model_version, publisher=m.publisher)
-        dropped = None
+        old = [r.bundle_id for r in (slot.current, slot.previous) if r is not None] if slot is not None else []
+        dropped = old[0] if old else None
     else:
         dropped = slot.previous.bundle_id if slot.previous else None
         new_slot = ModelSlot(

@@ -320,7 +320,7 @@ def cmd_harden(args: argparse.Namespace) -> int:
         model_card=card,
     )
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True, mode=0o755)
     _write(out / f"model.{h.model.format}", h.model.data)
     _write(out / "sidecar.json", (json.dumps(sidecar.to_json(), indent=2) + "\n").encode())
     _write(out / "model-card.cdx.json", (json.dumps(card, indent=2) + "\n").encode())
