@@ -85,8 +85,10 @@ def test_every_file_the_agent_writes_has_its_layout_mode_under_umask_000(
 
 
 def test_every_file_the_packager_writes_is_no_wider_than_it_should_be_under_umask_000(
-    target: Target, tmp_path: Path, umask_000: None, capsys: pytest.CaptureFixture[str]
+    target: Target, tmp_path: Path, umask_000: None, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("EDGEWARD_PASSPHRASE", "correct horse battery staple")  # the kept keys' rule
     keys = tmp_path / "keys"
     for kind in ("publisher", "operator", "recovery"):
         assert host_main(["keys", kind, "--out", str(keys)]) == 0

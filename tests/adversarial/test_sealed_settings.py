@@ -43,7 +43,8 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "labels not a list": ({"task": {"kind": "classifier", "output": 1, "labels": "abc"}}, "task.labels"),
     "a label that is an object": ({"task": {"output": 1, "labels": [{"x": 1}] * 10}}, "task.labels"),
     "binary threshold a word": ({"task": {"kind": "binary", "output": 1, "threshold": "high"}}, "task.threshold"),
-    "binary threshold NaN": ({"task": {"kind": "binary", "output": 1, "threshold": math.nan}}, "task.threshold"),
+    # NaN and Infinity are refused by the JSON reader (wire.loads_json) before the settings check.
+    "binary threshold NaN": ({"task": {"kind": "binary", "output": 1, "threshold": math.nan}}, "not a finite number"),
     "three labels for a binary task": ({"task": {"kind": "binary", "output": 1, "labels": ["a", "b", "c"]}},
                                        "needs 2"),
     "ctc without labels": ({"task": {"kind": "ctc", "output": 1}}, "ctc task needs one label"),
@@ -54,7 +55,7 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "an unknown view": ({"policy": {"roles": {"user": "weights"}}}, "policy.roles"),
     "a billion decimals": ({"policy": {"score_decimals": 10**9}}, "score_decimals"),
     "no bands": ({"policy": {"bands": []}}, "policy.bands"),
-    "a band with an infinite threshold": ({"policy": {"bands": [[math.inf, "x"]]}}, "policy.bands"),
+    "a band with an infinite threshold": ({"policy": {"bands": [[math.inf, "x"]]}}, "not a finite number"),
     "a negative rate": ({"policy": {"throttle": {"client_rate": -1}}}, "throttle.client_rate"),
     "a zero daily budget": ({"policy": {"throttle": {"daily_budget": 0}}}, "throttle.daily_budget"),
     "an unknown limit": ({"policy": {"throttle": {"unlimited": True}}}, "unknown throttle limits"),
