@@ -224,19 +224,21 @@ def test_monitor_stopped_mid_burst_acknowledges_what_it_committed(
     config = MonitorConfig(group=None, redelivery_window=8)  # a resent report would be flagged
     queue_for(fleet, board, "mon-stop", config)
     store = MonitorStore(fleet.home.monitor_db)
-    partway = threading.Event()
-    first = Monitor(
-        fleet.home,
-        store,
-        fleet.operator,
-        "mon-stop",
-        config,
-        on_batch=lambda n: partway.set() if n >= 300 else None,
-    )
+    partway, release = threading.Event(), threading.Event()
+
+    def hold_partway(n: int) -> None:
+        # Hold the monitor after 300 until the test stops it, so that a busy machine cannot let
+        # it finish the whole burst before stop() is called.
+        if n >= 300:
+            partway.set()
+            release.wait(30)
+
+    first = Monitor(fleet.home, store, fleet.operator, "mon-stop", config, on_batch=hold_partway)
     first.start()
     try:
         assert partway.wait(30)
     finally:
+        release.set()
         first.stop()  # more chunks are with the helper at this point
     assert first.error is None and first.processed < BURST
     assert len(event_numbers(store, "pi-001")) == first.processed  # stored == acknowledged

@@ -172,7 +172,7 @@ def test_sigkill_at_any_moment_of_a_wipe_leaves_the_board_untouched_or_wiped(
     phases: Counter[str] = Counter()
     mid_progress: Counter[str] = Counter()
     failures: list[str] = []
-    for n, delay in enumerate(delays):
+    def trial(n: int, delay: float) -> None:
         data, env = copy(f"trial-{n:03d}")
         proc = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "wipe", "--data-dir", str(data), "--yes"],
                                 env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -185,7 +185,7 @@ def test_sigkill_at_any_moment_of_a_wipe_leaves_the_board_untouched_or_wiped(
         where = f"seed {seed}, trial {n}, killed after {delay * 1000:.1f} ms"
         if proc.returncode not in (0, -signal.SIGKILL):
             failures.append(f"{where}: the wipe failed by itself ({proc.returncode}): {err.decode()[-500:]}")
-            continue
+            return
         names = {f.rel for f in layout.Layout(data).scan()}
         if proc.returncode == 0 or (layout.ATTESTATION in names and layout.WIPE_MARKER not in names):
             phase = "after"  # the wipe had completed (and maybe exited)
@@ -216,7 +216,7 @@ def test_sigkill_at_any_moment_of_a_wipe_leaves_the_board_untouched_or_wiped(
         r = cli(env, "status", "--data-dir", str(data), "--json")
         if r.returncode != 0:
             failures.append(f"{where}: 'status' after the kill failed ({r.returncode}): {r.stderr[-500:]}")
-            continue
+            return
         status = json.loads(r.stdout)
         if phase == "before":
             if status.get("wiped") or len(status["models"]) != MODELS or status["data_dir_problems"]:
@@ -227,12 +227,26 @@ def test_sigkill_at_any_moment_of_a_wipe_leaves_the_board_untouched_or_wiped(
         elif not status.get("wiped") or not status.get("signed"):
             failures.append(f"{where}: 'status' does not report a signed wipe: {status}")
         problems = wiped_problems(data, sign_pub, bundles)
-        failures += [f"{where}: {p}" for p in problems]
+        failures.extend(f"{where}: {p}" for p in problems)
         if not problems:
             shutil.rmtree(data)  # failed trials are kept for a look
 
+    for n, delay in enumerate(delays):
+        trial(n, delay)
+    # On a loaded machine a wipe can run slower (or faster) than it did while calibrating, and the
+    # slices can miss a phase: top up with kills aimed at the phase that is short (at most 12).
+    marker_at = min((a for a, _ in windows), default=0.0)
+    aims = {"before": lambda: rng.random() * 0.8 * marker_at,
+            "during": lambda: rng.uniform(*(rng.choice(windows) if windows else (0.0, whole))),
+            "after": lambda: whole * rng.uniform(1.5, 3.0)}
+    for extra in range(12):
+        short = [ph for ph in ("during", "before", "after") if phases[ph] < 3]
+        if not short:
+            break
+        trial(TRIALS + extra, aims[short[0]]())
+
     took = time.monotonic() - started
-    print(f"{TRIALS} kills in {took:.1f} s: {dict(phases)}; during the wipe: {dict(mid_progress)}")
+    print(f"{sum(phases.values())} kills in {took:.1f} s: {dict(phases)}; during the wipe: {dict(mid_progress)}")
     assert not failures, f"{len(failures)} trial(s) did not end wiped or untouched:\n" + "\n".join(failures[:20])
     assert phases["during"] >= 3, (
         f"only {phases['during']} of {TRIALS} kills landed while the marker existed ({dict(phases)}, seed {seed}): "
