@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from device_agent.cliutil import add_version, emit, run
+from device_agent.cliutil import Parser, add_version, emit, run
 from device_agent.config import DEFAULT_LIMITS
 from device_agent.errors import FormatError, UsageError
 from device_agent.service import cli as service_cli
@@ -229,7 +229,7 @@ def cmd_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG,
         description="EdgeWard board agent: provision the board, install signed bundles, predict.",
         epilog="Device keys are unlocked with EDGEWARD_DEVICE_PASSPHRASE or EDGEWARD_DEVICE_KEK_FILE.",

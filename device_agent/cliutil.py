@@ -8,7 +8,7 @@ import os
 import select
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from device_agent import __version__
 from device_agent.errors import EdgeWardError, EnvironmentFault
@@ -30,6 +30,14 @@ EXTRA_OF_MODULE = {
     "art": "redteam",
     "sklearn": "redteam",
 }
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the contract's error form: a usage error is one line on stderr naming what
+    was wrong and where the help is, exit 2 (subcommands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from device_agent.cliutil import add_version, emit, run
+from device_agent.cliutil import Parser, add_version, emit, run
 from device_agent.errors import EdgeWardError, FormatError, UsageError
 from fleet.cli import register as register_fleet
 
@@ -187,7 +187,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG, description="EdgeWard host tools: keys, packing signed per-device bundles, inspection."
     )
     add_version(p)

@@ -185,3 +185,20 @@ def test_the_device_passphrase_can_come_from_a_file(make_board, tmp_path, monkey
     f.write_bytes(b"")
     with pytest.raises(UsageError, match="is empty"):
         KeySource.from_env()
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "names"),
+    [
+        ("device_agent.cli", ["status"], "--data-dir"),
+        ("device_agent.cli", ["nosuch"], "nosuch"),
+        ("packager.cli", ["pack", "--profile", "rpi4b"], "--publisher-key"),
+        ("packager.cli", ["fleet", "status", "--no-such-option"], "--no-such-option"),
+    ],
+)
+def test_a_usage_error_is_one_line_naming_the_problem_and_the_help(module: str, argv: list[str], names: str) -> None:
+    r = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert names in lines[0] and "--help" in lines[0]
