@@ -164,10 +164,10 @@ def _operator_broker(args: argparse.Namespace, home: FleetHome) -> Any:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     from .monitor import Monitor, MonitorConfig
-    from .store import MonitorStore
+    from .store import open_store
 
     home = _home(args)
-    store = MonitorStore(args.db or home.monitor_db)
+    store = open_store(args.db or home.monitor_db)
     config = MonitorConfig(group=None if args.exclusive else args.group)
     client_id = args.client_id or f"monitor-{args.operator}"
     done = threading.Event()
@@ -177,7 +177,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     try:
         mon.start()
         mon.link.require_connected(args.connect_timeout)
-        print(f"monitoring {args.broker} into {store.path} (Ctrl-C to stop)", flush=True)
+        print(f"monitoring {args.broker} into {store.name} (Ctrl-C to stop)", flush=True)
         end = time.monotonic() + args.duration if args.duration else None
         while not done.wait(0.5) and (end is None or time.monotonic() < end):
             if mon.error is not None:
@@ -189,8 +189,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace, home: FleetHome, required: bool = True) -> Any:
-    from .store import MonitorStore
+    from .store import MonitorStore, PostgresStore, is_postgres
 
+    if args.db and is_postgres(args.db):
+        return PostgresStore(args.db)
     path = Path(args.db or home.monitor_db)
     if not path.exists():
         if not required:  # a fleet without a network: no reports, but the ledger still knows
@@ -262,6 +264,75 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     bind, port = _host_port(args.listen, "--listen")
     serve(home, _store(args, home), bind, port, args.stale_after)
     return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Retention: delete reports and security events received before the cut-off, in bounded
+    batches, keeping each device's newest reports (the replay judgement needs them)."""
+    from .monitor import DEFAULT_MONITOR
+
+    home = _home(args)
+    before = parse_since(args.older_than, datetime.now(UTC))
+    if before is None:
+        raise UsageError("--older-than needs an age such as 90d or an ISO 8601 time")
+    if args.batch < 1:
+        raise UsageError("--batch must be at least 1")
+    store = _store(args, home)
+    try:
+        done = store.prune(before, DEFAULT_MONITOR.redelivery_window, args.batch)
+    finally:
+        store.close()
+    doc = {"before": format_time(before), "reports": done.reports, "events": done.events,
+           "transactions": done.batches}
+    _print(args, doc, f"pruned {done.reports} reports and {done.events} security events received before "
+           f"{doc['before']} in {done.batches} transactions")
+    return 0
+
+
+def cmd_export_events(args: argparse.Namespace) -> int:
+    """A board's events over a time range as signed JSON (incident records, NCSC 5.2). The file
+    is written only once the export is signed."""
+    from device_agent.store.fsutil import atomic_write
+
+    from .commands_cli import _load_key
+    from .incidents import MAX_EVENTS, export_document, sign_export
+
+    home = _home(args)
+    now = datetime.now(UTC)
+    since, until = parse_since(args.since, now), parse_since(args.until, now)
+    signer = _load_key(args.operator_key, "--operator-key")
+    store = _store(args, home)
+    try:
+        events = store.events(since=since, device_id=args.device, limit=MAX_EVENTS + 1, until=until)
+        name = store.name
+    finally:
+        store.close()
+    if len(events) > MAX_EVENTS:
+        raise UsageError(f"more than {MAX_EVENTS} events in this range: narrow it with --since/--until/--device")
+    blob = sign_export(export_document(events, args.device, since, until, now, name), signer)
+    atomic_write(Path(args.out), blob, 0o600)
+    _print(args, {"out": args.out, "events": len(events)}, f"wrote {len(events)} signed events to {args.out}")
+    return 0
+
+
+def cmd_verify_export(args: argparse.Namespace) -> int:
+    from device_agent.bundle.keyfiles import load_public_key_file
+
+    from .incidents import MAX_EXPORT_BYTES, verify_export
+
+    public = load_public_key_file(Path(args.operator_pub))
+    try:
+        with open(args.file, "rb") as f:
+            blob = f.read(MAX_EXPORT_BYTES + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read {args.file}: {e.strerror}") from e
+    doc = verify_export(blob, public)
+    _print(args, doc, f"verified: {doc['count']} events for {doc['device_id'] or 'every device'}, "
+           f"exported {doc['exported']} from {doc['store']}")
+    return 0
+
+
+STORE_HELP = "monitor store: a SQLite file (default: FLEET/monitor.db) or postgresql://USER@HOST/DB"
 
 
 def register(sub: Any) -> None:
@@ -364,7 +435,7 @@ def register(sub: Any) -> None:
         "monitor", "verify and store every board report (MQTT 5 shared subscription)", cmd_monitor
     )
     broker_args(sp)
-    sp.add_argument("--db", help="monitor store (default: FLEET/monitor.db)")
+    sp.add_argument("--store", "--db", dest="db", help=STORE_HELP)
     sp.add_argument(
         "--client-id", help="MQTT client id (default monitor-OPERATOR); one per monitor"
     )
@@ -384,7 +455,7 @@ def register(sub: Any) -> None:
         ("dashboard", "serve the local fleet dashboard", cmd_dashboard),
     ):
         sp = add(name, help_, fn)
-        sp.add_argument("--db", help="monitor store (default: FLEET/monitor.db)")
+        sp.add_argument("--store", "--db", dest="db", help=STORE_HELP)
         if name != "events":
             sp.add_argument(
                 "--stale-after", type=float, default=STALE_AFTER_S, help="seconds of silence: stale"
@@ -399,6 +470,24 @@ def register(sub: Any) -> None:
                 default="127.0.0.1:8080",
                 help="HOST:PORT to serve on (local by default)",
             )
+
+    sp = add("prune", "retention: delete reports and security events older than an age", cmd_prune)
+    sp.add_argument("--store", "--db", dest="db", help=STORE_HELP)
+    sp.add_argument("--older-than", required=True, help="an age such as 90d, or an ISO 8601 time")
+    sp.add_argument("--batch", type=int, default=1000, help="rows deleted per transaction")
+
+    sp = add("export-events", "a board's events over a time range as signed JSON", cmd_export_events)
+    sp.add_argument("--store", "--db", dest="db", help=STORE_HELP)
+    sp.add_argument("--device", help="only this device")
+    sp.add_argument("--since", help="ISO 8601 time or an age such as 30d")
+    sp.add_argument("--until", help="ISO 8601 time or an age (events before it)")
+    sp.add_argument("--operator-key", help="the operator key that signs the export")
+    sp.add_argument("--out", required=True, help="file to write")
+
+    sp = add("verify-export", "check a signed events export against the operator's public key",
+             cmd_verify_export)
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--operator-pub", required=True, help="the operator's public key (.pub)")
 
     from .commands_cli import register as register_commands
 

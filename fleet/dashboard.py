@@ -20,7 +20,7 @@ from device_agent.errors import EdgeWardError, EnvironmentFault
 from device_agent.wire import ID_RE
 
 from .ca import FleetHome
-from .store import MonitorStore
+from .store import StoreReads
 from .views import device_views, parse_since
 
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'"
@@ -47,7 +47,7 @@ def static_files() -> dict[str, tuple[bytes, str]]:
 class DashboardApp:
     """The JSON views behind the page (pure functions of the store and the clock)."""
 
-    def __init__(self, home: FleetHome, store: MonitorStore, stale_after: float) -> None:
+    def __init__(self, home: FleetHome, store: StoreReads, stale_after: float) -> None:
         self.home = home
         self.store = store
         self.stale_after = stale_after
@@ -110,7 +110,7 @@ def make_handler(app: DashboardApp) -> type[BaseHTTPRequestHandler]:
 
 
 def make_server(
-    home: FleetHome, store: MonitorStore, bind: str, port: int, stale_after: float
+    home: FleetHome, store: StoreReads, bind: str, port: int, stale_after: float
 ) -> ThreadingHTTPServer:
     try:
         return ThreadingHTTPServer(
@@ -120,7 +120,7 @@ def make_server(
         raise EnvironmentFault(f"cannot serve the dashboard on {bind}:{port}: {e.strerror}") from e
 
 
-def serve(home: FleetHome, store: MonitorStore, bind: str, port: int, stale_after: float) -> None:
+def serve(home: FleetHome, store: StoreReads, bind: str, port: int, stale_after: float) -> None:
     """Serve until Ctrl-C."""
     server = make_server(home, store, bind, port, stale_after)
     print(f"dashboard on http://{bind}:{server.server_address[1]}/ (Ctrl-C to stop)", flush=True)

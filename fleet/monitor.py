@@ -70,7 +70,7 @@ from device_agent.telemetry.report import (
 from device_agent.wire import ID_RE
 
 from .ca import FleetHome
-from .store import MonitorStore, Row
+from .store import Row, Store, StoreConflict, open_store
 
 _log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def judge_sequence(
 
 
 def ingest(
-    store: MonitorStore, keys: Mapping[str, bytes], messages: list[tuple[str, bytes]], window: int
+    store: Store, keys: Mapping[str, bytes], messages: list[tuple[str, bytes]], window: int
 ) -> dict[str, int]:
     """Authenticate, judge and store a batch of (topic, payload) in one transaction; count
     verdicts. Should storing the batch fail for any reason but the environment (the store
@@ -271,13 +271,35 @@ def unjudgeable(topic_name: str, d: str, what: str, e: BaseException) -> Flagged
 
 
 def store_verified(
-    store: MonitorStore,
+    store: Store,
     topics: list[str],
     verified: list[tuple[Row | Flagged, str]],
     window: int,
 ) -> dict[str, int]:
     """The second stage of :func:`ingest`: judge what :func:`verify_batch` made of the messages
-    received on ``topics`` against the store and write the batch in one transaction."""
+    received on ``topics`` against the store and write the batch in one transaction. When
+    another monitor's transaction got in the way (nothing of this one was committed), judge the
+    batch again against what is now stored, a bounded number of times."""
+    for attempt in range(CONFLICT_RETRIES):
+        try:
+            return _judge_and_store(store, topics, verified, window)
+        except StoreConflict:
+            if attempt == CONFLICT_RETRIES - 1:
+                raise
+            _log.info("store conflict with another monitor; judging the batch again")
+    raise AssertionError("unreachable")
+
+
+# How often a batch is judged again after another monitor's write came first.
+CONFLICT_RETRIES = 5
+
+
+def _judge_and_store(
+    store: Store,
+    topics: list[str],
+    verified: list[tuple[Row | Flagged, str]],
+    window: int,
+) -> dict[str, int]:
     accepted = duplicate = flagged = 0
     with store.batch(utcnow()) as tx:
         tx.prefetch((r.device_id, r.seq) for r, _ in verified if isinstance(r, Row))
@@ -395,7 +417,7 @@ def _helper_main(conn: Any, db: str) -> None:
     # so a chunk in hand is committed or rolled back whole, never cut off.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        store = MonitorStore(db)
+        store = open_store(db)
     except EdgeWardError as e:
         conn.send((False, e))
         return
@@ -420,7 +442,7 @@ class _InProcess:
     be started (e.g. a host program whose main module cannot be re-imported); slower, the same
     results."""
 
-    def __init__(self, store: MonitorStore) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
         self._done: collections.deque[dict[str, int] | EdgeWardError] = collections.deque()
 
@@ -456,7 +478,7 @@ class Monitor:
     def __init__(
         self,
         home: FleetHome,
-        store: MonitorStore,
+        store: Store,
         broker: Broker,
         client_id: str,
         config: MonitorConfig = DEFAULT_MONITOR,
@@ -503,10 +525,10 @@ class Monitor:
     def _start_helper(self) -> _Helper | _InProcess:
         """Spawn the helper process and wait until it has opened the store (about half a second;
         :meth:`stop` ends it); ingest in this process if it cannot start."""
-        if str(self.store.path) == ":memory:":
+        if self.store.spec == ":memory:":
             return _InProcess(self.store)
         try:
-            helper = _Helper(str(self.store.path))
+            helper = _Helper(self.store.spec)
         except OSError as e:
             _log.warning("monitor helper process not started (%s): ingesting in-process, slower", e)
             return _InProcess(self.store)

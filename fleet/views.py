@@ -9,7 +9,7 @@ from typing import Any
 from device_agent.wire import parse_time
 
 from .ca import FleetHome
-from .store import MonitorStore
+from .store import StoreReads
 
 STALE_AFTER_S = 90.0  # three default heartbeats
 _RELATIVE = re.compile(r"^(\d+)([smhd])\Z")
@@ -43,7 +43,7 @@ def command_summary(
 
 
 def device_views(
-    home: FleetHome, store: MonitorStore, now: datetime, stale_after: float
+    home: FleetHome, store: StoreReads, now: datetime, stale_after: float
 ) -> list[dict[str, Any]]:
     """Every enrolled or seen device with its liveness: online, stale, offline, never seen, or
     wiped (the board's signed attestation was received), and its pending commands."""

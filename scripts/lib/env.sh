@@ -1,5 +1,6 @@
 # Shared set-up for scripts/test.sh, scripts/demo.sh and benchmarks/run.sh (sourced, not run).
-# Creates .venv with everything EdgeWard and its tests need, and mosquitto when it is missing.
+# Creates .venv with everything EdgeWard and its tests need, and mosquitto and PostgreSQL when
+# they are missing.
 
 EW_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 EW_VENV="${EDGEWARD_VENV:-$EW_ROOT/.venv}"
@@ -36,6 +37,20 @@ ensure_mosquitto() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
   else
     echo "mosquitto is not installed: run 'sudo apt-get install mosquitto' (MQTT tests need it)" >&2
+    return 1
+  fi
+}
+
+# PostgreSQL for the monitor-store tests: they make a throwaway cluster with initdb (Debian package).
+ensure_postgresql() {
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && return 0
+  command -v initdb >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    ew_log "installing postgresql (Debian package)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "PostgreSQL is not installed: run 'sudo apt-get install postgresql' (monitor-store tests need it)" >&2
     return 1
   fi
 }
