@@ -159,7 +159,7 @@ def test_fleet_views_survive_hostile_data_a_board_signed(tmp_path: Path, capsys:
     from fleet.ca import FleetHome
 
     home = FleetHome(tmp_path / "fleet")
-    home.init_ca()
+    home.init_ca(unencrypted=True)
     store = MonitorStore(home.monitor_db)
     odd = [
         (Report("pi-1", 1, "events", NOW, {"event": [1, 2]})),
