@@ -1,5 +1,5 @@
 # Shared set-up for scripts/test.sh, scripts/demo.sh and benchmarks/run.sh (sourced, not run).
-# Creates .venv with everything EdgeWard and its tests need, and mosquitto when it is missing.
+# Creates .venv with everything EdgeWard and its tests need, and mosquitto and softhsm2 when missing.
 
 EW_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 EW_VENV="${EDGEWARD_VENV:-$EW_ROOT/.venv}"
@@ -36,6 +36,20 @@ ensure_mosquitto() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
   else
     echo "mosquitto is not installed: run 'sudo apt-get install mosquitto' (MQTT tests need it)" >&2
+    return 1
+  fi
+}
+
+# SoftHSM2 (Debian's softhsm2: PKCS#11 3.0 with Ed25519) for the tests and the docs that sign
+# through a PKCS#11 token; each test makes its own token in a temporary directory.
+ensure_softhsm() {
+  command -v softhsm2-util >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    ew_log "installing softhsm2 (Debian package)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null
+  else
+    echo "softhsm2 is not installed: run 'sudo apt-get install softhsm2' (PKCS#11 signing tests need it)" >&2
     return 1
   fi
 }
