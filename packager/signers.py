@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import unquote, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -107,8 +107,9 @@ class Pkcs11Uri:
         return self.path.get("object")
 
     def describe(self) -> str:
-        """The URI's path part (token and object), which names the key and holds no secret."""
-        return "pkcs11:" + ";".join(f"{k}={v}" for k, v in self.path.items())
+        """The URI's path part (token and object), which names the key and holds no secret; it
+        parses back to the same key."""
+        return "pkcs11:" + ";".join(f"{k}={v if k == 'id' else quote(v, safe='')}" for k, v in self.path.items())
 
 
 def _pct(value: str, what: str) -> str:
@@ -127,7 +128,7 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
     path_part, _, query_part = uri[len("pkcs11:") :].partition("?")
     path: dict[str, str] = {}
     query: dict[str, str] = {}
-    for part, sep, allowed, into in ((path_part, ";", PATH_ATTRIBUTES, path), (query_part, "&", None, query)):
+    for part, sep, known, into in ((path_part, ";", PATH_ATTRIBUTES, path), (query_part, "&", QUERY_ATTRIBUTES, query)):
         for item in filter(None, part.split(sep)):
             name, eq, raw = item.partition("=")
             if not eq:
@@ -137,7 +138,6 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
                     f"a PIN in the URI would land in shell history and CI logs: remove pin-value and set {PIN_ENV}, "
                     "or add pin-source=file:PATH"
                 )
-            known = allowed if allowed is not None else QUERY_ATTRIBUTES
             if name not in known:
                 raise UsageError(f"pkcs11 URI attribute {name!r} is not supported (use {', '.join(sorted(known))})")
             if name in into:
@@ -236,6 +236,24 @@ class _Token:
             lib = pkcs11.lib(module)
         except (RuntimeError, OSError) as e:
             raise EnvironmentFault(f"cannot load the PKCS#11 module {module}: {e or type(e).__name__}") from e
+        try:
+            self.token = self._pick(lib, uri, module)
+            self.mechanisms = [_mechanism_name(m) for m in self.token.slot.get_mechanisms()]
+        except px.PKCS11Error as e:
+            raise EnvironmentFault(f"the PKCS#11 module {module} failed to list its tokens: {type(e).__name__}") from e
+        self.label = self.token.label
+        try:
+            self.session = self.token.open(rw=rw, user_pin=pin)
+        except (px.PinIncorrect, px.PinLenRange) as e:
+            raise UsageError(f"token {self.label!r} refused the PIN: check {PIN_ENV} or the pin-source file") from e
+        except px.PinLocked as e:
+            raise UsageError(f"token {self.label!r} has locked its user PIN: its security officer must reset it") from e
+        except px.PKCS11Error as e:
+            raise EnvironmentFault(f"cannot open a session on token {self.label!r}: {type(e).__name__}") from e
+
+    @staticmethod
+    def _pick(lib: Any, uri: Pkcs11Uri, module: str) -> Any:
+        """The one token the URI's token, serial, manufacturer and model attributes match."""
         criteria: dict[str, Any] = {}
         if uri.token:
             criteria["token_label"] = uri.token
@@ -248,21 +266,11 @@ class _Token:
                                                                           ("model", "model")))
         ]
         if not tokens:
-            present = ", ".join(sorted(repr(t.label) for t in lib.get_tokens())) or "none"
+            present = ", ".join(sorted(repr(t.label) for t in lib.get_tokens() if t.label)) or "none"
             raise UsageError(f"no PKCS#11 token matches {uri.describe()} in {module} (tokens present: {present})")
         if len(tokens) > 1:
             raise UsageError(f"{len(tokens)} tokens match {uri.describe()}: add serial= to pick one")
-        self.token = tokens[0]
-        self.label = self.token.label
-        self.mechanisms = [_mechanism_name(m) for m in self.token.slot.get_mechanisms()]
-        try:
-            self.session = self.token.open(rw=rw, user_pin=pin)
-        except (px.PinIncorrect, px.PinLenRange) as e:
-            raise UsageError(f"token {self.label!r} refused the PIN: check {PIN_ENV} or the pin-source file") from e
-        except px.PinLocked as e:
-            raise UsageError(f"token {self.label!r} has locked its user PIN: its security officer must reset it") from e
-        except px.PKCS11Error as e:
-            raise EnvironmentFault(f"cannot open a session on token {self.label!r}: {type(e).__name__}") from e
+        return tokens[0]
 
     def find(self, object_class: Any) -> Any:
         """The one object of ``object_class`` the URI names, or a refusal naming what is missing."""
@@ -396,7 +404,7 @@ def generate_in_token(uri: str) -> GeneratedKey:
     the private half sensitive and not extractable (read back from the token and checked), the
     public half exported. An existing key of that label is never replaced."""
     import pkcs11
-    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+    from pkcs11 import Attribute, KeyType, Mechanism
     from pkcs11.util.ec import encode_named_curve_parameters
 
     parsed = parse_pkcs11_uri(uri)
@@ -438,7 +446,6 @@ def generate_in_token(uri: str) -> GeneratedKey:
             public.destroy()
             raise EnvironmentFault(f"token {token.label!r} made the key extractable despite the template; destroyed it")
         raw = ed25519_public_from_ec_point(public[Attribute.EC_POINT])
-        assert private[Attribute.CLASS] == ObjectClass.PRIVATE_KEY
         path = dict(parsed.path)
         path["id"] = "".join(f"%{b:02x}" for b in key_id)
         return GeneratedKey(Pkcs11Uri(path).describe(), raw, protection)

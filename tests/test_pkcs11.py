@@ -283,6 +283,8 @@ def test_uris_are_parsed_strictly() -> None:
     u = parse_pkcs11_uri("pkcs11:token=CI%20signing;object=pub%2Flisher;id=%01%a2?module-path=/x.so&pin-source=/p")
     assert (u.token, u.label, u.object_id, u.module_path, u.pin_source) == (
         "CI signing", "pub/lisher", b"\x01\xa2", "/x.so", "/p")
+    assert u.describe() == "pkcs11:token=CI%20signing;object=pub%2Flisher;id=%01%a2"  # no module, no PIN source
+    assert parse_pkcs11_uri(u.describe()).path == u.path
     for bad, why in [
         ("pkcs11:token=a;object=b?pin-value=1234", "pin-value"),
         ("pkcs11:token=a;object=b;slot-pin=1", "not supported"),
