@@ -35,6 +35,7 @@ from packager.keys import generate, load_private_key  # noqa: E402
 from packager.modelfile import infer_task, read_model  # noqa: E402
 from packager.pack import PackOptions, load_enrolments, pack  # noqa: E402
 from packager.profiles import load_profile  # noqa: E402
+from packager.signers import FileSigner  # noqa: E402
 from tests.fixtures.http import UnixConnection, request  # noqa: E402
 from tests.fixtures.models import build_digits  # noqa: E402
 from tests.fixtures.serve import calibration_policy, wait_until_serving  # noqa: E402
@@ -95,7 +96,7 @@ def main() -> int:
         pack(
             model,
             load_profile(args.profile),
-            load_private_key(t / "pub" / "publisher.key"),
+            FileSigner(load_private_key(t / "pub" / "publisher.key")),
             load_enrolments([t / "board.json"]),
             PackOptions(
                 model_id="digits", model_version=1, task=infer_task(model, {}), policy=policy

@@ -65,6 +65,9 @@ OPEN_MODEL_BYTES = 100 * MIB
 ONNX_SIDE = 5000  # float32 [5000, 5000] initializer: 100,000,000 bytes
 PACK_MODEL_BYTES = 5 * MIB
 PACK_DEVICES = (1000, 100)
+PKCS11_DEVICES = 100
+SIGN_REPS = 1000
+SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 READ_LIMIT = DEFAULT_LIMITS.max_bundle_bytes  # what Agent._load passes
 
 TARGET_RATIO = 0.7
@@ -209,19 +212,20 @@ def warm_runtimes() -> None:
     del onnx
 
 
-def child_pack(devices_dir: str, count: int, out_dir: str) -> None:
-    """Pack a 5 MiB random model for ``count`` enrolled devices; print time and peak memory."""
+def child_pack(devices_dir: str, count: int, out_dir: str, signer_spec: str) -> None:
+    """Pack a 5 MiB random model for ``count`` enrolled devices, signed by ``signer_spec`` (a key
+    file or a pkcs11: URI, opened as ``edgeward pack --publisher-key`` opens it); print time,
+    peak memory and the median time of one signature through that signer."""
     import gc
-
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from packager.modelfile import ModelFile
     from packager.pack import PackOptions, load_enrolments, pack
     from packager.profiles import load_profile
+    from packager.signers import open_signer
 
     files = sorted(Path(devices_dir).glob("*.json"))[:count]
     assert len(files) == count, f"only {len(files)} enrolments"
-    signer = Ed25519PrivateKey.generate()
+    signer = open_signer(signer_spec)
     profile = load_profile("rpi4b")
     opts = PackOptions(model_id="bench", model_version=1, compress=False)
     model = ModelFile(Path("bench.onnx"), os.urandom(PACK_MODEL_BYTES), "onnx")
@@ -235,6 +239,13 @@ def child_pack(devices_dir: str, count: int, out_dir: str) -> None:
     t2 = time.perf_counter()
     peak = peak_since(before, reset)
     written = sum(r["size"] for r in result.bundles)
+    manifest = os.urandom(1200)  # about the size of a bundle's signed head
+    sign_times = []
+    for _ in range(SIGN_REPS):
+        s0 = time.perf_counter()
+        signer.sign(manifest)
+        sign_times.append(time.perf_counter() - s0)
+    signer.close()
     print(
         json.dumps(
             {
@@ -247,12 +258,57 @@ def child_pack(devices_dir: str, count: int, out_dir: str) -> None:
                 "extra_peak": peak - before["VmRSS"],
                 "hwm_reset": reset,
                 "cipher": profile.cipher,
+                "sign_us": statistics.median(sign_times) * 1e6,
+                "signer": signer.uri.split(":", 1)[0],
             }
         )
     )
 
 
 # --- parent: set-up -------------------------------------------------------------------------------
+
+
+def make_publisher_file(out: Path) -> Path:
+    """A publisher key file as 'edgeward keys publisher --insecure-unencrypted-key' writes it."""
+    from packager.keys import generate
+
+    os.environ.pop("EDGEWARD_PASSPHRASE", None)
+    return generate("publisher", out, unencrypted=True).private
+
+
+def make_softhsm_publisher(tmp: Path) -> str | None:
+    """A SoftHSM2 token in ``tmp`` holding a publisher key made by 'edgeward keys publisher
+    --pkcs11'; its URI, with the module and PIN set in this process's environment for the
+    children, or None without SoftHSM2."""
+    if shutil.which("softhsm2-util") is None or not SOFTHSM_MODULE.exists():
+        return None
+    (tmp / "tokens").mkdir(parents=True)
+    conf = tmp / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ.update(SOFTHSM2_CONF=str(conf), EDGEWARD_PKCS11_MODULE=str(SOFTHSM_MODULE),
+                      EDGEWARD_PKCS11_PIN="bench-pin")
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "bench", "--pin", "bench-pin",
+                    "--so-pin", "bench-so"], check=True, capture_output=True)
+    from packager.keys import generate_in_token
+
+    return generate_in_token("publisher", "pkcs11:token=bench;object=publisher", tmp / "pub").uri
+
+
+def pack_signers(tmp: Path, key_file: Path) -> None:
+    """3c: the same pack with the publisher key in a file and in a PKCS#11 token (SoftHSM2),
+    side by side (information rows: signing is one signature per bundle)."""
+    print(f"\n3c. the same pack for {PKCS11_DEVICES} devices, publisher key in a file vs in a PKCS#11 token "
+          f"(SoftHSM2 2.6, CKM_EDDSA); signature = median of {SIGN_REPS} signatures of a 1,200-byte head")
+    uri = make_softhsm_publisher(tmp / "softhsm")
+    rows = [("file", str(key_file))] + ([("pkcs11", uri)] if uri else [])
+    for name, spec in rows:
+        out = tmp / f"pack-{name}"
+        res = run_child(["--child", "pack", str(tmp / "devices"), str(PKCS11_DEVICES), str(out), spec])
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"   {name:6} signer: pack {res['pack_s']:6.2f} s (bundles {res['bundles_s']:.2f} s), "
+              f"one signature {res['sign_us']:7.1f} us, peak extra RSS {res['extra_peak'] / MIB:.1f} MiB")
+    if not uri:
+        print("   pkcs11 signer: skipped: softhsm2 is not installed (apt-get install softhsm2)")
 
 
 def make_open_bundles(tmp: Path) -> dict:
@@ -264,6 +320,7 @@ def make_open_bundles(tmp: Path) -> dict:
     from packager.modelfile import ModelFile
     from packager.pack import PackOptions, pack
     from packager.profiles import load_profile
+    from packager.signers import FileSigner
 
     signer = Ed25519PrivateKey.generate()
     box_private, box_public = crypto.new_box_keypair()
@@ -276,7 +333,7 @@ def make_open_bundles(tmp: Path) -> dict:
     for profile_name in ("rpi4b", "rpi5"):
         profile = load_profile(profile_name)
         out = tmp / f"open-{profile_name}"
-        pack(model, profile, signer, [dev], opts, out)
+        pack(model, profile, FileSigner(signer), [dev], opts, out)
         bundles[profile.cipher] = out / "bench-open.ewb"
     keyfile = tmp / "open-keys.json"
     keyfile.write_text(json.dumps({"device_private": box_private.hex(),
@@ -346,6 +403,7 @@ def make_agent_dir(tmp: Path, fmt: str = "onnx", compress: bool = False) -> dict
     from packager.modelfile import ModelFile
     from packager.pack import PackOptions, pack
     from packager.profiles import load_profile
+    from packager.signers import FileSigner
 
     kek = os.urandom(32)
     keys = KeySource(kek=kek)
@@ -358,7 +416,7 @@ def make_agent_dir(tmp: Path, fmt: str = "onnx", compress: bool = False) -> dict
     model = ModelFile(Path(f"bench.{fmt}"), onnx_bytes, fmt)
     opts = PackOptions(model_id="bench", model_version=1, compress=compress,
                        task={"kind": "raw", "output": 0})
-    pack(model, load_profile("rpi4b"), signer, [enrolment], opts, tmp / f"{name}-pack")
+    pack(model, load_profile("rpi4b"), FileSigner(signer), [enrolment], opts, tmp / f"{name}-pack")
     bundle = tmp / f"{name}-pack" / "bench-agent.ewb"
     from device_agent.store.fsutil import read_into_bytearray
 
@@ -542,13 +600,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=7, help="repetitions for the medians (>= 7)")
     ap.add_argument("--quick", action="store_true", help="skip the 1,000-device pack")
+    ap.add_argument("--signers", action="store_true", help="only 3c: pack with a key file and a PKCS#11 key")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         if a.child[0] == "open":
             child_open_memory(*a.child[1:4])
         elif a.child[0] == "pack":
-            child_pack(a.child[1], int(a.child[2]), a.child[3])
+            child_pack(a.child[1], int(a.child[2]), a.child[3], a.child[4])
         return 0
     if a.reps < 7:
         ap.error("--reps must be at least 7 (the targets are medians of >= 7 runs)")
@@ -563,6 +622,13 @@ def main() -> int:
           f"{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}")
     tmp = Path(tempfile.mkdtemp(prefix="edgeward-bench-"))
     failures = 0
+    if a.signers:
+        try:
+            make_enrolments(tmp / "devices", PKCS11_DEVICES)
+            pack_signers(tmp, make_publisher_file(tmp / "publisher"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     try:
         t0 = time.perf_counter()
         setup = make_open_bundles(tmp)
@@ -652,10 +718,12 @@ def main() -> int:
         t0 = time.perf_counter()
         made = make_enrolments(tmp / "devices", max(counts))
         print(f"   {max(counts)} signed enrolment files written in {made:.1f} s")
+        key_file = make_publisher_file(tmp / "publisher")
         results = {}
         for count in counts:
             out = tmp / f"pack-{count}"
-            results[count] = res = run_child(["--child", "pack", str(tmp / "devices"), str(count), str(out)])
+            results[count] = res = run_child(["--child", "pack", str(tmp / "devices"), str(count), str(out),
+                                              str(key_file)])
             shutil.rmtree(out, ignore_errors=True)
             line = (f"   {count:5d} devices: pack {res['pack_s']:6.1f} s "
                     f"(prepare {res['prepare_s']:.2f} s, bundles {res['bundles_s']:.1f} s, "
@@ -675,6 +743,7 @@ def main() -> int:
                   f"({growth / MIB:+.1f} MiB, {growth / 900 / 1024:.1f} KiB per extra device)")
             print(f"   target: independent of device count, i.e. growth < one bundle "
                   f"({PACK_MODEL_BYTES / MIB:.0f} MiB) for 900 more bundles  {verdict(ok)}")
+        pack_signers(tmp, key_file)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{failures} target(s) missed; total {time.perf_counter() - started:.0f} s")

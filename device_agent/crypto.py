@@ -18,6 +18,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import nacl.exceptions
 import nacl.public
@@ -122,7 +123,14 @@ def _pae(domain: bytes, message: bytes) -> bytes:
     return b"EWSIG1" + struct.pack(">I", len(domain)) + domain + struct.pack(">Q", len(message)) + message
 
 
-def sign(private_key: Ed25519PrivateKey, domain: bytes, message: bytes) -> bytes:
+class SigningKey(Protocol):
+    """Anything that makes a raw Ed25519 signature of exact bytes: an ``Ed25519PrivateKey``, or a
+    host signer whose key lives in a token (``packager.signers``)."""
+
+    def sign(self, data: bytes, /) -> bytes: ...
+
+
+def sign(private_key: SigningKey, domain: bytes, message: bytes) -> bytes:
     """Sign ``message`` for one purpose; a signature made for one domain never verifies in another."""
     return private_key.sign(_pae(domain, message))
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device_agent import crypto
 from device_agent.bundle.enrolment import load_enrolment
@@ -58,6 +58,9 @@ from device_agent.store.sqlitedb import open_durable, transaction
 from device_agent.wire import ID_RE, format_time, loads_json, parse_time
 
 from .ca import FleetHome
+
+if TYPE_CHECKING:
+    from packager.signers import Signer
 
 LEDGER_FILE = "commands.db"
 STATES = ("pending", "applied", "refused", "cancelled", "expired")
@@ -195,14 +198,14 @@ class CommandLedger:
             return [self._next(self._db, kind, args, d, now, expires_in) for d in devices]
 
     def issue(
-        self, kind: str, args: dict[str, Any], devices: Iterable[str], signer: Any, expires_in: timedelta,
+        self, kind: str, args: dict[str, Any], devices: Iterable[str], signer: Signer, expires_in: timedelta,
         now: datetime | None = None,
     ) -> list[Issued]:
         """Allocate each device its next sequence number, sign one command per device with
-        ``signer`` (an operator key; a recovery key for rotating operators) and record them as
+        ``signer`` (an operator key; a recovery key for rotating operators; a file or a token) and record them as
         pending, all in one transaction: either every device gets its command or none does."""
         now = (now or utcnow()).replace(microsecond=0)
-        public = crypto.ed25519_public_raw(signer)
+        public = signer.public_raw
         out: list[Issued] = []
         with self._tx() as db:
             for device in devices:
@@ -310,7 +313,7 @@ class CommandLedger:
             self._expire(db, now)
             return self._pending_payloads(db, device, now)
 
-    def pending_queue(self, device: str, signer: Any, now: datetime | None = None) -> bytes:
+    def pending_queue(self, device: str, signer: Signer, now: datetime | None = None) -> bytes:
         """The retained message for ``device``: its pending commands in sequence order and a
         fresh time beacon signed by ``signer``."""
         now = now or utcnow()
@@ -508,10 +511,10 @@ class CommandLedger:
         return rows[0] if rows else None
 
 
-def beacon(signer: Any, now: datetime | None = None) -> bytes:
+def beacon(signer: Signer, now: datetime | None = None) -> bytes:
     """A signed time beacon: the fleet's time, the only way a board's clock floor moves between
     installs and commands."""
-    return encode_beacon(Beacon((now or utcnow()).replace(microsecond=0)), signer, crypto.ed25519_public_raw(signer))
+    return encode_beacon(Beacon((now or utcnow()).replace(microsecond=0)), signer, signer.public_raw)
 
 
 def verify_wipe_attestation(doc: Any, sign_public: bytes) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device_agent import crypto
 from device_agent.commands.format import TIME_TOPIC, Command
@@ -39,6 +39,9 @@ from .commands import (
     split_results,
     verify_wipe_attestation,
 )
+
+if TYPE_CHECKING:
+    from packager.signers import Signer
 
 LIMITS = DEFAULT_CONFIG.commands
 QUEUE_SUFFIX = ".commands"  # a board's queue file written with --out DIR
@@ -66,15 +69,16 @@ def _ledger(args: argparse.Namespace) -> tuple[FleetHome, CommandLedger]:
     return home, CommandLedger(home)
 
 
-def _load_key(path: str | None, option: str) -> Any:
-    from packager.keys import load_private_key
+def _load_key(spec: str | None, option: str) -> Signer:
+    from packager.signers import open_signer
 
-    if not path:
-        raise UsageError(f"sign with {option} PATH (a key made by 'edgeward keys operator')")
-    return load_private_key(Path(path))
+    if not spec:
+        raise UsageError(f"sign with {option} SIGNER (a key made by 'edgeward keys operator': its file, or its "
+                         "pkcs11: URI)")
+    return open_signer(spec, option=option)
 
 
-def _signer(args: argparse.Namespace) -> Any:
+def _signer(args: argparse.Namespace) -> Signer | None:
     """The key that signs, or None on a dry run (nothing is signed, no passphrase needed)."""
     recovery = getattr(args, "recovery_key", None)
     rotating_operators = getattr(args, "role", None) == "operator"
@@ -90,6 +94,14 @@ def _signer(args: argparse.Namespace) -> Any:
     if rotating_operators:
         return _load_key(recovery, "--recovery-key")
     return _load_key(args.operator_key, "--operator-key")
+
+
+def _signing(args: argparse.Namespace) -> Signer:
+    """The key that signs when this is not a dry run (use it with ``with``: a token session closes)."""
+    signer = _signer(args)
+    if signer is None:
+        raise UsageError("internal: a dry run signs nothing")
+    return signer
 
 
 def _targets(args: argparse.Namespace, home: FleetHome, ledger: CommandLedger) -> tuple[list[str], list[str]]:
@@ -164,13 +176,14 @@ def _issue_and_deliver(args: argparse.Namespace, kind: str, cmd_args: dict[str, 
                        devices: list[str] | None = None) -> int:
     """Plan (--dry-run), or sign and record, then deliver: --out files or the retained queues."""
     home, ledger = _ledger(args)
+    signer: Signer | None = None
     try:
         signer = _signer(args)
         expires_in = parse_age(args.expires_in) if args.expires_in else DEFAULT_EXPIRES_IN
         skipped: list[str] = []
         if devices is None:
             devices, skipped = _targets(args, home, ledger)
-        if args.dry_run:
+        if signer is None:  # a dry run
             planned = ledger.plan(kind, cmd_args, devices, expires_in)
             doc = {"dry_run": True, "commands": [_command_doc(c, None) for c in planned], "skipped_wiped": skipped}
             lines = [f"would sign {c.kind} #{c.seq} for {c.device_id}"
@@ -190,6 +203,8 @@ def _issue_and_deliver(args: argparse.Namespace, kind: str, cmd_args: dict[str, 
         _report(args, issued, delivery, skipped)
         return 0
     finally:
+        if signer is not None:
+            signer.close()
         ledger.close()
 
 
@@ -300,12 +315,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
                      for d, n in counts.items()]
             _print(args, doc, "\n".join(_skipped_lines(skipped) + lines + ["dry run: nothing was signed or published"]))
             return 0
-        signer = _signer(args)
-        if args.out:
-            delivery = _write_queues(ledger, _out_paths(args.out, devices), signer)
-        else:
-            with _publisher(args, home) as pub:
-                delivery = _publish_queues(ledger, pub, devices, signer)
+        with _signing(args) as signer:
+            if args.out:
+                delivery = _write_queues(ledger, _out_paths(args.out, devices), signer)
+            else:
+                with _publisher(args, home) as pub:
+                    delivery = _publish_queues(ledger, pub, devices, signer)
         _report(args, [], delivery, skipped)
         return 0
     finally:
@@ -321,8 +336,8 @@ def cmd_time(args: argparse.Namespace) -> int:
                f"would sign a time beacon for {format_time(now)} and publish it retained on {TIME_TOPIC}\n"
                "dry run: nothing was signed or published")
         return 0
-    signer = _signer(args)
-    payload = beacon(signer, now)
+    with _signing(args) as signer:
+        payload = beacon(signer, now)
     doc: dict[str, Any] = {"dry_run": False, "time": format_time(now), "sha256": crypto.sha256_hex(payload)}
     if args.out:
         path = _out_paths(args.out, ["time"])["time"]
@@ -543,11 +558,13 @@ def register(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
         return sp
 
     def signing(sp: argparse.ArgumentParser, *, recovery: bool = False, expires: bool = True) -> None:
-        sp.add_argument("--operator-key", metavar="PATH",
-                        help="operator signing key ('edgeward keys operator'); EDGEWARD_PASSPHRASE unlocks it")
+        sp.add_argument("--operator-key", metavar="SIGNER",
+                        help="operator signing key ('edgeward keys operator'): a key file (EDGEWARD_PASSPHRASE "
+                             "unlocks it) or a pkcs11: URI (docs/ci.md)")
         if recovery:
-            sp.add_argument("--recovery-key", metavar="PATH",
-                            help="recovery signing key (kept offline): signs --role operator, and only that")
+            sp.add_argument("--recovery-key", metavar="SIGNER",
+                            help="recovery signing key (kept offline; a key file or a pkcs11: URI): signs --role "
+                                 "operator, and only that")
         if expires:
             sp.add_argument("--expires-in", default="30d", metavar="AGE",
                             help="the board refuses the command after this (30d default: boards may be "

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device_agent.cliutil import Parser, add_version, emit, run
 from device_agent.errors import EdgeWardError, FormatError, UsageError
@@ -21,12 +21,27 @@ from .harden.cli import add_options as add_hardening_options
 from .harden.cli import model_for_pack, register_harden
 from .harden.pipeline import summary
 
+if TYPE_CHECKING:
+    from .profiles import Profile
+    from .signers import Signer
+
 PROG = "edgeward"
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from .keys import generate
+    from .keys import generate, generate_in_token
 
+    if args.pkcs11:
+        if args.insecure_unencrypted_key:
+            raise UsageError("--insecure-unencrypted-key is for key files; a --pkcs11 key never leaves its token")
+        made = generate_in_token(args.kind, args.pkcs11, Path(args.out), force=args.force)
+        emit(
+            args,
+            {"uri": made.uri, "public": str(made.public), "fingerprint": made.fingerprint, "private": None},
+            lambda d: f"generated {args.kind} key {d['uri']} inside the token (sensitive, not extractable)\n"
+            f"wrote {d['public']}\nfingerprint {d['fingerprint']}",
+        )
+        return 0
     files = generate(args.kind, Path(args.out), force=args.force, unencrypted=args.insecure_unencrypted_key)
     doc = {
         "private": str(files.private),
@@ -73,12 +88,17 @@ def _progress(args: argparse.Namespace) -> Callable[[Iterable[Any]], Iterable[An
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from .keys import load_private_key
-    from .pack import PackOptions, build_policy, discover_devices, load_enrolments, pack, parse_cli_time
     from .profiles import load_profile
+    from .signers import open_signer
 
     profile = load_profile(args.profile)
-    signer = load_private_key(Path(args.publisher_key))
+    with open_signer(args.publisher_key, option="--publisher-key") as signer:
+        return _pack_with(args, profile, signer)
+
+
+def _pack_with(args: argparse.Namespace, profile: Profile, signer: Signer) -> int:
+    from .pack import PackOptions, build_policy, discover_devices, load_enrolments, pack, parse_cli_time
+
     devices = load_enrolments(discover_devices(args.device, args.devices_dir))
     task: dict[str, Any] = {}
     if args.task:
@@ -202,8 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
         "edgeward-agent provision (--publisher-pub, --operator-pub, --recovery-pub).",
     )
     sp.add_argument("kind", choices=["publisher", "operator", "recovery"])
-    sp.add_argument("--out", required=True, help="directory for KIND.key (0600) and KIND.pub")
+    sp.add_argument(
+        "--out", required=True, help="directory for KIND.key (0600) and KIND.pub (only KIND.pub with --pkcs11)"
+    )
     sp.add_argument("--force", action="store_true", help="overwrite existing key files")
+    sp.add_argument(
+        "--pkcs11",
+        metavar="URI",
+        help="generate the key inside a PKCS#11 token (RFC 7512 URI, e.g. 'pkcs11:token=ci;object=publisher'; PIN "
+        "from EDGEWARD_PKCS11_PIN or pin-source=file:PATH, module from module-path= or EDGEWARD_PKCS11_MODULE); "
+        "only KIND.pub is written, and the URI is the key to sign with",
+    )
     sp.add_argument(
         "--insecure-unencrypted-key",
         action="store_true",
@@ -221,7 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("model", help="model file (.onnx or .tflite) or an 'edgeward harden' output directory")
     sp.add_argument("--profile", required=True, help="board profile name (edgeward profiles) or a .toml file")
-    sp.add_argument("--publisher-key", required=True, help="publisher private key (EDGEWARD_PASSPHRASE if encrypted)")
+    sp.add_argument(
+        "--publisher-key",
+        required=True,
+        metavar="SIGNER",
+        help="publisher key: a key file or file:PATH (EDGEWARD_PASSPHRASE if encrypted), or a pkcs11: URI "
+        "(docs/ci.md)",
+    )
     sp.add_argument("--device", action="append", help="device enrolment JSON (repeatable)")
     sp.add_argument("--devices-dir", help="directory of device enrolment JSON files")
     sp.add_argument("--model-id", default="model", help="stable id of this model on the boards (default: model)")

@@ -76,6 +76,32 @@ def generate(kind: str, out_dir: Path, *, force: bool = False, unencrypted: bool
     return KeyPairFiles(priv_path, pub_path, crypto.fingerprint(raw_pub), passphrase is not None)
 
 
+@dataclass(frozen=True)
+class TokenKey:
+    """A key pair made inside a PKCS#11 token: only the public half is a file."""
+
+    uri: str
+    public: Path
+    fingerprint: str
+
+
+def generate_in_token(kind: str, uri: str, out_dir: Path, *, force: bool = False) -> TokenKey:
+    """A new Ed25519 key pair inside the token ``uri`` names (``edgeward keys KIND --pkcs11 URI``):
+    the private key is made there, sensitive and not extractable, and never leaves it, so the
+    passphrase rule has nothing to encrypt; ``out_dir/KIND.pub`` is the only file written."""
+    from . import signers
+
+    if kind not in KINDS:
+        raise UsageError(f"key kind must be one of {', '.join(KINDS)}")
+    pub_path = out_dir / f"{kind}.pub"
+    if not force and pub_path.exists():
+        raise UsageError(f"{pub_path} already exists; refusing to overwrite a key (use --force)")
+    made = signers.generate_in_token(uri)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(pub_path, public_key_pem(made.public_raw), 0o644)
+    return TokenKey(made.uri, pub_path, made.fingerprint)
+
+
 def load_private_key_pem(path: Path, key_type: type) -> Any:
     """Load a PEM private key of ``key_type`` (publisher, operator, fleet CA). An encrypted one
     needs ``EDGEWARD_PASSPHRASE``; a file other users can read is refused."""

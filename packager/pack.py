@@ -20,8 +20,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from device_agent import crypto
 from device_agent.bundle.enrolment import Enrolment, load_enrolment
 from device_agent.bundle.format import SIGNING_DOMAIN, Sidecar, pack_contents, write_bundle
@@ -37,6 +35,7 @@ from .harden.modelcard import build as build_card
 from .jsonfile import read_json_object
 from .modelfile import ModelFile
 from .profiles import Profile
+from .signers import Signer
 
 CHUNK_SIZE = 1024 * 1024
 
@@ -154,7 +153,7 @@ class PackResult:
 def pack(
     model: ModelFile,
     profile: Profile,
-    signer: Ed25519PrivateKey,
+    signer: Signer,
     devices: list[Enrolment],
     opts: PackOptions,
     out_dir: Path,
@@ -162,7 +161,8 @@ def pack(
     progress: Callable[[Iterable[Enrolment]], Iterable[Enrolment]] = lambda it: it,
     now: datetime | None = None,
 ) -> PackResult:
-    """Pack ``model`` for every enrolled device into ``out_dir`` (all or nothing)."""
+    """Pack ``model`` for every enrolled device into ``out_dir`` (all or nothing), each bundle
+    signed by ``signer`` (a key file or a key in a PKCS#11 token: the same signature either way)."""
     t0 = time.perf_counter()
     if len(model.data) > profile.max_model_bytes:
         raise UsageError(
@@ -178,7 +178,7 @@ def pack(
     except FormatError as e:
         raise UsageError(f"{e} (from --task, --labels, --policy or the pre-processing)") from e
     sealed, compression = seal(sidecar, model.data, opts.compress)
-    publisher_public = crypto.ed25519_public_raw(signer)
+    publisher_public = signer.public_raw
 
     def sign_manifest(msg: bytes) -> bytes:
         return crypto.sign(signer, SIGNING_DOMAIN, msg)
@@ -248,6 +248,7 @@ def pack(
             "runtime": runtime,
             "cipher": profile.cipher,
             "publisher": crypto.fingerprint(publisher_public),
+            "publisher_signer": signer.uri,  # which key signed: a file or a token object (no PIN)
             "expires": format_time(opts.expires) if opts.expires else None,
             "end_of_life": format_time(opts.end_of_life) if opts.end_of_life else None,
             "bundles": records,

@@ -325,6 +325,7 @@ class AgentEnv:
         from .modelfile import infer_task, read_model
         from .pack import PackOptions, load_enrolments, pack
         from .profiles import load_profile
+        from .signers import FileSigner
 
         saved = os.environ.pop("EDGEWARD_PASSPHRASE", None)
         try:
@@ -345,7 +346,7 @@ class AgentEnv:
         pack(
             model,
             load_profile("rpi4b"),
-            load_private_key(workdir / "publisher" / "publisher.key"),
+            FileSigner(load_private_key(workdir / "publisher" / "publisher.key")),
             load_enrolments([workdir / "board.json"]),
             PackOptions(model_id="redteam", model_version=1, task=self.task, policy=policy),
             workdir / "out",

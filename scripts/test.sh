@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what the tests need (a .venv, mosquitto, PostgreSQL, chromium, mkfs.ext4) and run them.
+# Install what the tests need (a .venv, mosquitto, PostgreSQL, softhsm2, chromium, mkfs.ext4) and run them.
 #   scripts/test.sh            the default suite (well under 15 minutes on 2 cores)
 #   scripts/test.sh --slow     also the long soak and fuzz runs
 #   scripts/test.sh -k bundle  extra arguments go to pytest
@@ -13,6 +13,7 @@ done
 ensure_venv
 ensure_mosquitto || true
 ensure_postgresql || true
+ensure_softhsm || true
 ensure_loopfs || true
 ensure_chromium || true
 ew_log "running the tests"

@@ -94,6 +94,7 @@ def pack_for(tmp_path: Path, publisher: Path) -> Callable[..., Path]:
     from packager.modelfile import infer_task, read_model
     from packager.pack import PackOptions, load_enrolments, pack
     from packager.profiles import load_profile
+    from packager.signers import FileSigner
 
     counter = iter(range(10**6))
 
@@ -104,7 +105,7 @@ def pack_for(tmp_path: Path, publisher: Path) -> Callable[..., Path]:
         pack(
             m,
             load_profile(profile),
-            load_private_key(publisher / "publisher.key"),
+            FileSigner(load_private_key(publisher / "publisher.key")),
             load_enrolments([b.enrolment for b in boards]),
             PackOptions(model_id=str(opts.pop("model_id", "digits")), model_version=version,
                         task=infer_task(m, task), **opts),  # type: ignore[arg-type]

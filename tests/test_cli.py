@@ -135,6 +135,7 @@ def test_pack_writes_nothing_when_any_device_fails(digits, tmp_path, publisher, 
     from packager.modelfile import infer_task, read_model
     from packager.pack import PackOptions, load_enrolments, pack
     from packager.profiles import load_profile
+    from packager.signers import FileSigner
 
     boards = [make_board(f"pi-{i}") for i in range(5)]
 
@@ -147,7 +148,7 @@ def test_pack_writes_nothing_when_any_device_fails(digits, tmp_path, publisher, 
     m = read_model(digits.onnx)
     out = tmp_path / "out"
     with pytest.raises(OSError):
-        pack(m, load_profile("rpi4b"), load_private_key(publisher / "publisher.key"),
+        pack(m, load_profile("rpi4b"), FileSigner(load_private_key(publisher / "publisher.key")),
              load_enrolments([b.enrolment for b in boards]),
              PackOptions(model_id="digits", model_version=1, task=infer_task(m, {})), out, progress=failing)
     assert list(out.iterdir()) == []

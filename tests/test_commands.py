@@ -184,9 +184,11 @@ def test_publisher_keys_rotate_by_operator_and_operator_keys_only_by_recovery(
     from packager.modelfile import infer_task, read_model
     from packager.pack import PackOptions, load_enrolments, pack
     from packager.profiles import load_profile
+    from packager.signers import FileSigner
 
     m = read_model(digits.onnx)
-    pack(m, load_profile("rpi4b"), load_private_key(new / "publisher.key"), load_enrolments([fleet.board.enrolment]),
+    pack(m, load_profile("rpi4b"), FileSigner(load_private_key(new / "publisher.key")),
+         load_enrolments([fleet.board.enrolment]),
          PackOptions(model_id="digits", model_version=2, task=infer_task(m, {}), created=DAY0), tmp_path / "rel")
     fleet.agent().install((tmp_path / "rel" / "pi-cmd.ewb").read_bytes())
     # Operators are rotated only with the recovery key; an operator cannot rotate itself in.
@@ -361,6 +363,7 @@ def test_a_model_id_belongs_to_the_publisher_that_first_installed_it(
     from packager.modelfile import infer_task, read_model
     from packager.pack import PackOptions, load_enrolments, pack
     from packager.profiles import load_profile
+    from packager.signers import FileSigner
 
     other = tmp_path / "other-publisher"
     generate("publisher", other, unencrypted=True)
@@ -373,7 +376,7 @@ def test_a_model_id_belongs_to_the_publisher_that_first_installed_it(
 
     def by_other(version: int) -> bytes:
         out = tmp_path / f"other-{version}"
-        pack(m, load_profile("rpi4b"), load_private_key(other / "publisher.key"),
+        pack(m, load_profile("rpi4b"), FileSigner(load_private_key(other / "publisher.key")),
              load_enrolments([fleet.board.enrolment]),
              PackOptions(model_id="kws", model_version=version, task=infer_task(m, {}), created=DAY0), out)
         return (out / "pi-cmd.ewb").read_bytes()

@@ -37,6 +37,7 @@ from fleet.commands import CommandLedger, parse_age
 from fleet.monitor import Monitor
 from packager.cli import main as edgeward
 from packager.keys import generate, load_private_key
+from packager.signers import FileSigner
 from tests.conftest import PASSPHRASE, Board
 from tests.fixtures.fleet import OPERATOR, Fleet, fleet_fixture, monitor_fixture, wait_until  # noqa: F401
 from tests.test_fleet_broker import publish_as
@@ -132,7 +133,7 @@ def test_issuing_assigns_increasing_sequence_numbers_per_device(
     home.init_ca(unencrypted=True)
     for d in ("pi-a", "pi-b"):
         home.enrol_device(board_with_operator(d).enrolment.read_bytes(), d)
-    signer = load_private_key(operator_key / "operator.key")
+    signer = FileSigner(load_private_key(operator_key / "operator.key"))
     ledger = CommandLedger(home)
     week = parse_age("7d")
     assert [c.seq for c in ledger.plan("retire", {"model_id": "m"}, ["pi-a", "pi-b"], week)] == [1, 1]

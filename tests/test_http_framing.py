@@ -37,6 +37,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, publisher: Path, digits: An
     from packager.modelfile import infer_task, read_model
     from packager.pack import PackOptions, load_enrolments, pack
     from packager.profiles import load_profile
+    from packager.signers import FileSigner
     from tests.conftest import PASSPHRASE, Board
 
     d = tmp_path_factory.mktemp("fuzz-board")
@@ -48,7 +49,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, publisher: Path, digits: An
     loose = {"client_rate": 1e6, "client_burst": 1e6, "global_rate": 1e6, "global_burst": 1e6,
              "daily_budget": 10**9}
     model = read_model(digits.onnx)
-    pack(model, load_profile("rpi4b"), load_private_key(publisher / "publisher.key"),
+    pack(model, load_profile("rpi4b"), FileSigner(load_private_key(publisher / "publisher.key")),
          load_enrolments([enrolment]),
          PackOptions(model_id="digits", model_version=1, task=infer_task(model, {}), policy={"throttle": loose}),
          d / "out")  # fmt: skip

@@ -114,6 +114,7 @@ def test_loading_a_model_peaks_at_most_twice_its_size(tmp_path: Path, publisher:
     from packager.modelfile import ModelFile
     from packager.pack import PackOptions, pack
     from packager.profiles import load_profile
+    from packager.signers import FileSigner
 
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux /proc/self/clear_refs to measure the peak")
@@ -136,7 +137,7 @@ def test_loading_a_model_peaks_at_most_twice_its_size(tmp_path: Path, publisher:
     )
     opts = PackOptions(model_id="big", model_version=1, compress=compress, task={"kind": "raw", "output": 0})
     pack(ModelFile(Path("big.onnx"), data, "onnx"), load_profile("rpi4b"),
-         load_private_key(publisher / "publisher.key"), [enrolment], opts, tmp_path / "out")
+         FileSigner(load_private_key(publisher / "publisher.key")), [enrolment], opts, tmp_path / "out")
     Agent(board, keys).install(bytearray((tmp_path / "out" / "pi-mem.ewb").read_bytes()))
     proc = subprocess.run([sys.executable, "-c", CHILD, str(board), kek.hex()], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)

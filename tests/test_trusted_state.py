@@ -85,10 +85,12 @@ def test_a_trust_anchor_planted_on_the_card_is_refused(
     from packager.modelfile import infer_task, read_model
     from packager.pack import PackOptions, load_enrolments, pack
     from packager.profiles import load_profile
+    from packager.signers import FileSigner
 
     m = read_model(digits.onnx)
     out = tmp_path / "forged"
-    pack(m, load_profile("rpi4b"), load_private_key(attacker / "publisher.key"), load_enrolments([board.enrolment]),
+    pack(m, load_profile("rpi4b"), FileSigner(load_private_key(attacker / "publisher.key")),
+         load_enrolments([board.enrolment]),
          PackOptions(model_id="digits", model_version=9, task=infer_task(m, {})), out)
     before = trusted_snapshot(board.data_dir)
     code, _, err = agent_cli(capsys, "install", str(out / "pi-001.ewb"), "--data-dir", str(board.data_dir))

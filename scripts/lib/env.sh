@@ -1,6 +1,6 @@
 # Shared set-up for scripts/test.sh, scripts/demo.sh and benchmarks/run.sh (sourced, not run).
-# Creates .venv with everything EdgeWard and its tests need, and mosquitto and PostgreSQL when
-# they are missing.
+# Creates .venv with everything EdgeWard and its tests need, and mosquitto, PostgreSQL and
+# softhsm2 when they are missing.
 
 EW_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 EW_VENV="${EDGEWARD_VENV:-$EW_ROOT/.venv}"
@@ -28,31 +28,41 @@ ensure_venv() {
   echo "$want" > "$stamp"
 }
 
+# Install Debian packages as root (the package index is refreshed once per run); otherwise say
+# what to install and why (the caller goes on: the tests that need the package skip or fail).
+ew_apt_install() {
+  local what="$1" why="$2"; shift 2
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    ew_log "installing $what"
+    if [ -z "${EW_APT_UPDATED:-}" ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+      EW_APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    echo "$why" >&2
+    return 1
+  fi
+}
+
 ensure_mosquitto() {
   command -v mosquitto >/dev/null && return 0
   [ -x /usr/sbin/mosquitto ] && return 0
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    ew_log "installing mosquitto (Debian package)"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
-  else
-    echo "mosquitto is not installed: run 'sudo apt-get install mosquitto' (MQTT tests need it)" >&2
-    return 1
-  fi
+  ew_apt_install "mosquitto (Debian package)" "mosquitto is not installed: run 'sudo apt-get install mosquitto' (MQTT tests need it)" mosquitto
 }
 
 # PostgreSQL for the monitor-store tests: they make a throwaway cluster with initdb (Debian package).
 ensure_postgresql() {
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && return 0
   command -v initdb >/dev/null && return 0
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    ew_log "installing postgresql (Debian package)"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-  else
-    echo "PostgreSQL is not installed: run 'sudo apt-get install postgresql' (monitor-store tests need it)" >&2
-    return 1
-  fi
+  ew_apt_install "postgresql (Debian package)" "PostgreSQL is not installed: run 'sudo apt-get install postgresql' (monitor-store tests need it)" postgresql
+}
+
+# SoftHSM2 (Debian's softhsm2: PKCS#11 3.0 with Ed25519) for the tests and the docs that sign
+# through a PKCS#11 token; each test makes its own token in a temporary directory.
+ensure_softhsm() {
+  command -v softhsm2-util >/dev/null && return 0
+  ew_apt_install "softhsm2 (Debian package)" "softhsm2 is not installed: run 'sudo apt-get install softhsm2' (PKCS#11 signing tests need it)" softhsm2
 }
 
 # mkfs.ext4 (e2fsprogs) and losetup/mount (mount) for the raw-disk wipe test (Debian packages);
@@ -62,25 +72,11 @@ ensure_loopfs() {
   PATH="$dirs" command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
   PATH="$dirs" command -v losetup >/dev/null || missing+=(mount)
   [ "${#missing[@]}" = 0 ] && return 0
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    ew_log "installing ${missing[*]} (Debian packages)"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  else
-    echo "${missing[*]} not installed: run 'sudo apt-get install ${missing[*]}' (the raw-disk wipe test needs it)" >&2
-    return 1
-  fi
+  ew_apt_install "${missing[*]} (Debian packages)" "${missing[*]} not installed: run 'sudo apt-get install ${missing[*]}' (the raw-disk wipe test needs it)" "${missing[@]}"
 }
 
 # Headless Chromium and its WebDriver for the dashboard test (Debian packages).
 ensure_chromium() {
   command -v chromium >/dev/null && command -v chromedriver >/dev/null && return 0
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    ew_log "installing chromium and chromium-driver (Debian packages)"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
-  else
-    echo "chromium is not installed: run 'sudo apt-get install chromium chromium-driver' (dashboard test needs it)" >&2
-    return 1
-  fi
+  ew_apt_install "chromium and chromium-driver (Debian packages)" "chromium is not installed: run 'sudo apt-get install chromium chromium-driver' (dashboard test needs it)" chromium chromium-driver
 }
