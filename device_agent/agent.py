@@ -86,6 +86,7 @@ class LoadedModel:
     manifest: Manifest
     sidecar: Sidecar
     runner: Runner
+    local_version: int | None = None  # the learnt local head serving (device_agent.learning), if any
 
 
 class Agent:
@@ -119,6 +120,7 @@ class Agent:
         self._kek_cache: dict[bytes, bytearray] = {}
         self._seal_key: bytearray | None = None
         self._lock = threading.RLock()
+        self._local_cache: tuple[Any, str, int | None] | None = None
 
     # --- provisioning ------------------------------------------------------------------------
     @staticmethod
@@ -249,7 +251,7 @@ class Agent:
             try:
                 # The trial load passes the same serving check as every later load.
                 decide_serve(m, digest, m.model_id, identity, decision.state, now)
-                runner, sidecar = self._decrypt_and_load(
+                runner, sidecar, _ = self._decrypt_and_load(
                     vb, in_place=isinstance(data, bytearray), check_digest=True, first=True
                 )
                 self.store.save_state(decision.state, key)
@@ -284,9 +286,14 @@ class Agent:
             keys.wipe()
 
     def _decrypt_and_load(
-        self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool, first: bool = False
-    ) -> tuple[Runner, Sidecar]:
-        """Decrypt in memory and load the runtime from bytes; every plaintext buffer is wiped."""
+        self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool, first: bool = False, local: bool = False,
+        initializers: dict[str, np.ndarray] | None = None,
+    ) -> tuple[Runner, Sidecar, int | None]:
+        """Decrypt in memory and load the runtime from bytes; every plaintext buffer is wiped.
+
+        ``local``: serve the bundle's learnt local head, if one is recorded for it (checked against
+        its recorded digest and re-gated; one that fails is rolled back automatically);
+        ``initializers``: load with these weights instead (a candidate being judged)."""
         contents = self._open(vb, in_place=in_place, check_digest=check_digest, first=first)
         try:
             # The runtimes take immutable bytes: one copy that cannot be wiped
@@ -295,13 +302,47 @@ class Agent:
             model = bytes(contents.model)
         finally:
             contents.wipe()
+        threads = int(contents.sidecar.runtime.get("threads", 0))
         try:
-            runner = load_runner(
-                vb.manifest.runtime, model, int(contents.sidecar.runtime.get("threads", 0))
-            )
+            if not local:
+                return load_runner(vb.manifest.runtime, model, threads, initializers), contents.sidecar, None
+            from device_agent.learning.cycle import Learning
+
+            learning = Learning(self)
+            for _ in range(self.config.learning.max_versions + 1):
+                head = learning.serving_head(vb.manifest, contents.sidecar)
+                runner = load_runner(vb.manifest.runtime, model, threads, head.initializers if head else None)
+                if head is None:
+                    return runner, contents.sidecar, None
+                if learning.gate_holds(runner, head):
+                    return runner, contents.sidecar, head.version
+                learning.fall_back(vb.manifest, head.version, "the gate re-check failed as it was loaded")
+            raise IntegrityError("no local version passed its checks")
         finally:
             del model
-        return runner, contents.sidecar
+
+    def load_variant(self, model_id: str, initializers: dict[str, np.ndarray] | None) -> Runner:
+        """The installed model of ``model_id`` with some weights replaced (``None``: exactly as the
+        publisher shipped it): the same verification and serving checks as a load."""
+        with self._lock:
+            state = self._serving_state()
+            vb, _ = self._verified_stored(model_id, state)
+        runner, _, _ = self._decrypt_and_load(vb, in_place=True, check_digest=False, initializers=initializers)
+        return runner
+
+    def local_version(self, bundle_id: str) -> int | None:
+        """The local version recorded to serve ``bundle_id`` (re-read only when the learning state
+        file changes)."""
+        from device_agent.learning.store import LearningStore
+
+        files = LearningStore(self.store, self.config.learning)
+        stamp = files.stamp()
+        if stamp is None:
+            return None
+        if self._local_cache is None or self._local_cache[:2] != (stamp, bundle_id):
+            st = files.state(self._key())
+            self._local_cache = (stamp, bundle_id, st.current if st.bundle_id == bundle_id else None)
+        return self._local_cache[2]
 
     def rollback(self, model_id: str | None = None) -> Manifest:
         """Serve the previous version again (a local admin action; the highest accepted version
@@ -315,6 +356,7 @@ class Agent:
             self.store.save_state(decision.state, key)
             self.store.collect_garbage(decision.state)
             self._loaded.pop(mid, None)
+        with self._lock:  # loaded after the data-dir lock is released: a local head may roll back itself
             return self._load(mid, decision.state).manifest
 
     # --- serving ---------------------------------------------------------------------------------
@@ -353,11 +395,12 @@ class Agent:
         rec = state.models[model_id].current
         assert rec is not None
         cached = self._loaded.get(model_id)
-        if cached is not None and cached.manifest.bundle_id == rec.bundle_id:
+        local = self.local_version(rec.bundle_id)
+        if cached is not None and cached.manifest.bundle_id == rec.bundle_id and cached.local_version == local:
             return cached
         vb, _ = self._verified_stored(model_id, state)
-        runner, sidecar = self._decrypt_and_load(vb, in_place=True, check_digest=False)
-        loaded = LoadedModel(vb.manifest, sidecar, runner)
+        runner, sidecar, version = self._decrypt_and_load(vb, in_place=True, check_digest=False, local=True)
+        loaded = LoadedModel(vb.manifest, sidecar, runner, version)
         self._loaded[model_id] = loaded
         return loaded
 
@@ -400,6 +443,15 @@ class Agent:
                 raise IntegrityError("the stored model digest differs from the model being served")
         finally:
             contents.wipe()
+        if loaded.local_version is not None:
+            # The learnt head: its file against the recorded digest. One that fails is rolled back
+            # automatically (device_agent.learning) and the next query loads what serves instead.
+            from device_agent.learning.cycle import Learning
+
+            with self._lock:
+                head = Learning(self).serving_head(loaded.manifest, loaded.sidecar)
+                if head is None or head.version != loaded.local_version:
+                    self._loaded.pop(loaded.manifest.model_id, None)
 
     def predict(
         self,

@@ -40,7 +40,10 @@ def _dim(d: Any) -> int | None:
 
 
 class OnnxRunner:
-    def __init__(self, model: bytes, threads: int = 0) -> None:
+    """An onnxruntime session from model bytes. ``initializers`` replace named weights of the
+    model at session creation (a learnt local head, device_agent.learning), from memory."""
+
+    def __init__(self, model: bytes, threads: int = 0, initializers: dict[str, np.ndarray] | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -49,6 +52,13 @@ class OnnxRunner:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # The OrtValues must outlive the session: onnxruntime reads them, it does not copy them.
+        self._overrides = [
+            (name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
+            for name, value in (initializers or {}).items()
+        ]
+        for name, value in self._overrides:
+            opts.add_initializer(name, value)
         try:
             self._session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own untyped errors
@@ -69,6 +79,10 @@ class OnnxRunner:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [np.asarray(o) for o in self._session.run(None, feeds)]
+
+    def run_named(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        """Only the named outputs (the learnable head's features, for local learning)."""
+        return [np.asarray(o) for o in self._session.run(names, feeds)]
 
 
 class LiteRtRunner:
@@ -104,9 +118,13 @@ class LiteRtRunner:
         return [np.array(self._interp.get_tensor(d["index"])) for d in self._out]
 
 
-def load_runner(runtime: str, model: bytes, threads: int = 0) -> Runner:
+def load_runner(
+    runtime: str, model: bytes, threads: int = 0, initializers: dict[str, np.ndarray] | None = None
+) -> Runner:
     if runtime == "onnxruntime":
-        return OnnxRunner(model, threads)
+        return OnnxRunner(model, threads, initializers)
+    if initializers:
+        raise FormatError("local learning needs onnxruntime: a LiteRT model cannot take a learnt head")
     if runtime == "litert":
         return LiteRtRunner(model, threads)
     raise FormatError(f"unknown runtime {runtime!r}")
