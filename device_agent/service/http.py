@@ -7,6 +7,9 @@ before a byte of it is read.
     GET  /v1/health    200 {"status": "serving"} or 503; no token needed, nothing revealed
     GET  /v1/status    admin only: the service counters
     POST /v1/predict   JSON {"inputs": ...} or an .npy body; the answer the token's role may see
+    POST /v1/feedback  engineer/admin: labelled examples (.npz x, y) kept on the board for learning
+    GET  /v1/feedback  engineer/admin: what is held for review (ids, sources, labels; never inputs)
+    POST /v1/feedback/review, /v1/feedback/delete-source, /v1/learn; GET /v1/learning
 """
 
 from __future__ import annotations
@@ -159,11 +162,25 @@ class Handler(BaseHTTPRequestHandler):
             self._run(s.health)
         elif self.path == "/v1/status":
             self._run(lambda: s.status(s.authenticate(self.headers.get("Authorization"))))
+        elif self.path == "/v1/feedback":
+            self._run(lambda: s.feedback_list(s.authenticate(self.headers.get("Authorization"))))
+        elif self.path == "/v1/learning":
+            self._run(lambda: s.learning_status(s.authenticate(self.headers.get("Authorization"))))
         else:
             self._send(404, {"error": {"status": 404, "message": "no such endpoint"}})
 
     def do_POST(self) -> None:  # noqa: N802
         s = self.service
+        routes = {
+            "/v1/feedback": lambda who, body: s.feedback(who, body, self.headers.get("Content-Type",
+                                                                                     "application/json")),
+            "/v1/feedback/review": s.feedback_review,
+            "/v1/feedback/delete-source": s.feedback_delete_source,
+            "/v1/learn": lambda who, body: s.learn(who),
+        }
+        if self.path in routes:
+            self._run(lambda: routes[self.path](*self._authenticated_body()))
+            return
         if self.path != "/v1/predict":
             self._send(404, {"error": {"status": 404, "message": "no such endpoint"}})
             return
@@ -189,6 +206,25 @@ class Handler(BaseHTTPRequestHandler):
             return s.predict(who, body, self.headers.get("Content-Type", "application/json"))
 
         self._run(predict)
+
+
+    def _authenticated_body(self) -> tuple[Any, bytes]:
+        """The token and the whole body of a request, its length bounded before a byte is read."""
+        s = self.service
+        try:
+            who = s.authenticate(self.headers.get("Authorization"))
+        except EdgeWardError:
+            self.close_connection = True  # the unread body must not be parsed as the next request
+            raise
+        raw = self.headers.get("Content-Length", "0") or ""
+        if not raw.isascii() or not raw.isdigit():
+            self.close_connection = True
+            raise TooLarge("Content-Length must be plain digits")
+        length = int(raw)
+        if length < 0 or length > s.config.max_request_bytes:
+            self._discard(length)
+            raise TooLarge(f"request body is {length} bytes, the limit is {s.config.max_request_bytes}")
+        return who, self.rfile.read(length)
 
 
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
