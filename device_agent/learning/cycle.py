@@ -267,6 +267,7 @@ class Learning:
             "rejected": sum(counts.get(filters.REJECTED, {}).values()),
             "deferred": sum(counts.get(filters.DEFERRED, {}).values()),
             "reasons": {k: v for k, v in counts.items() if k != filters.USE},
+            "by_source": _by_source(sources, sc.decision),
         }
         # Held examples wait for review; rejected ones are counted and deleted.
         for i, e in enumerate(fb.meta):
@@ -319,7 +320,7 @@ class Learning:
             self.files.save_state(st, seal)
             self.files.collect_garbage(st)
         ev: dict[str, Any] = {k: report[k] for k in ("accepted", "local_version", "model_version") if k in report}
-        ev.update(examples={k: v for k, v in ex.items() if k != "reasons"}, gate=report.get("gate"),
+        ev.update(examples={k: v for k, v in ex.items() if k not in ("reasons", "by_source")}, gate=report.get("gate"),
                   reasons=report.get("reasons", [])[:5])
         if report["accepted"]:
             self.agent.record_event("learning", "info", ev)
@@ -344,7 +345,8 @@ class Learning:
             "model_id": m.model_id, "model_version": m.model_version, "bundle_id": m.bundle_id,
             "model_card_sha256": crypto.sha256_hex(canonical_json(card)) if card is not None else None,
             "local_version": number, "parent": st.current, "head_sha256": digest,
-            "gate": report.get("gate"), "examples": {k: v for k, v in report["examples"].items() if k != "reasons"},
+            "gate": report.get("gate"),
+            "examples": {k: v for k, v in report["examples"].items() if k not in ("reasons", "by_source")},
         }
         keys = self.agent._unlock()
         try:
@@ -500,6 +502,13 @@ def _labels(labels: np.ndarray, n: int, classes: int) -> np.ndarray:
     if y.min() < 0 or y.max() >= classes:
         raise FormatError(f"labels must be class indices in [0, {classes - 1}]")
     return y.astype(np.int64)
+
+
+def _by_source(sources: list[str], decisions: list[str]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for s, d in zip(sources, decisions, strict=True):
+        out.setdefault(s, {})[d] = out.get(s, {}).get(d, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def _expire(fb: Feedback, now: float, days: float) -> tuple[Feedback, int]:

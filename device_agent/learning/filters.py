@@ -6,10 +6,12 @@ In order (``docs/learning.md``, "Filters"):
    publisher's validation data) scores the input above its sealed threshold: *rejected*;
 2. **exact duplicates** (same input bytes) and **near-duplicates** (closer than the sealed
    ``near_duplicate_distance`` to an earlier example): *rejected*, the first one kept;
-3. **label consistency**: the other sources' nearest examples (in the model's own feature space)
-   agree on another label and the model does not back the given one, or, with no other source
-   near enough to judge, the model strongly predicts another label: *held* for an engineer's
-   review, never learnt unreviewed;
+3. **label consistency**: most of the other sources' nearest examples (in the model's own feature
+   space) carry another label, and the model prefers that label to the given one (or the sources
+   are near unanimous and the model does not strongly back the given one); or the model gives the
+   label at most ``1 - model_contradiction`` and fewer than half of those neighbours back it; or,
+   with no other source to judge, the model strongly predicts another label: *held* for an
+   engineer's review, never learnt unreviewed;
 4. **source caps**: no source may supply more than ``max_source_share`` of an update, and an
    update needs ``min_sources`` sources: the excess is *deferred* to a later cycle.
 
@@ -63,18 +65,20 @@ def nearest_earlier(x: np.ndarray, alive: np.ndarray) -> np.ndarray:
 
 
 def neighbour_votes(emb: np.ndarray, labels: np.ndarray, sources: Sequence[str], pool: np.ndarray, k: int
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For each row: the label most of its ``k`` nearest rows from *other* sources (among ``pool``)
-    carry, the share that carry it, and whether ``k`` such rows existed."""
+    carry, the share that carry it, the share that carry the row's own label, and whether ``k``
+    such rows existed."""
     n = len(emb)
     vote = np.full(n, -1, dtype=np.int64)
     share = np.zeros(n)
+    support = np.zeros(n)
     enough = np.zeros(n, dtype=bool)
     src = np.array(list(sources), dtype=object)
     sq = np.einsum("ij,ij->i", emb, emb)
     idx = np.flatnonzero(pool)
     if not len(idx):
-        return vote, share, enough
+        return vote, share, support, enough
     for a in range(0, n, _BLOCK):
         b = min(n, a + _BLOCK)
         d2 = sq[a:b, None] + sq[None, idx] - 2.0 * (emb[a:b] @ emb[idx].T)
@@ -87,7 +91,8 @@ def neighbour_votes(emb: np.ndarray, labels: np.ndarray, sources: Sequence[str],
             near = idx[np.argpartition(row, k - 1)[:k]]
             top, count = Counter(labels[near].tolist()).most_common(1)[0]
             vote[a + r], share[a + r], enough[a + r] = top, count / k, True
-    return vote, share, enough
+            support[a + r] = float((labels[near] == labels[a + r]).mean())
+    return vote, share, support, enough
 
 
 def share_cap(counts: Mapping[str, int], max_share: float) -> int:
@@ -140,7 +145,7 @@ def screen(
             if alive[i] and near[i] < eps:
                 decision[i], reason[i], alive[i] = REJECTED, "near-duplicate", False
     k = int(bounds["consistency_neighbours"])
-    vote, share, enough = neighbour_votes(np.asarray(embeddings, dtype=np.float64), labels, sources, alive, k)
+    vote, share, support, enough = neighbour_votes(np.asarray(embeddings, dtype=np.float64), labels, sources, alive, k)
     for i in range(n):
         if not alive[i] or reviewed[i]:
             continue
@@ -148,9 +153,14 @@ def screen(
         top = int(probs[i].argmax())
         model_against = top != labels[i] and float(probs[i, top]) >= bounds["model_contradiction"]
         if enough[i]:
-            against = vote[i] != labels[i] and share[i] >= bounds["consistency_agreement"]
-            if against and p_label < bounds["model_support"]:
+            # The other sources' majority says another label, and either they are near unanimous
+            # while the model does not strongly back the given label, or the model prefers theirs.
+            against = vote[i] != labels[i] and share[i] > 0.5
+            strong = share[i] >= bounds["consistency_agreement"] and p_label < bounds["model_support"]
+            if against and (strong or float(probs[i, vote[i]]) > p_label):
                 decision[i], reason[i] = HELD, "contradicted by the model and other sources"
+            elif p_label <= 1 - bounds["model_contradiction"] and support[i] < 0.5:
+                decision[i], reason[i] = HELD, "backed by neither the model nor other sources"
         elif model_against:
             decision[i], reason[i] = HELD, "contradicted by the model (no other source to judge)"
     use = [i for i in range(n) if decision[i] == USE]

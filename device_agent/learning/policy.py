@@ -40,7 +40,7 @@ BOUNDS: dict[str, tuple[float, float, float]] = {
     "consistency_neighbours": (5, 1, 100),  # other sources' examples looked at per example
     "consistency_agreement": (0.8, 0.5, 1.0),  # share of those neighbours that must contradict
     "model_contradiction": (0.9, 0.5, 1.0),  # model probability of another label that contradicts
-    "model_support": (0.2, 0.0, 1.0),  # below this probability for the given label, the model does not back it
+    "model_support": (0.9, 0.0, 1.0),  # below this probability for the given label, the model does not back it
     "holdout_fraction": (0.2, 0.0, 0.9),  # share of new examples kept out of training, to measure the gain
     "replay_weight": (3.0, 0.0, 1000.0),  # weight of keeping the publisher's answers on the replay set
     "l2": (0.0, 0.0, 1000.0),  # pull of the weights towards the publisher's
