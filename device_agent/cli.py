@@ -179,7 +179,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
         agent = _agent(args)
         to = None if args.local == "previous" else _local_number(args.local)
-        doc = Learning(agent).rollback(agent.model(args.model), to)
+        doc = Learning(agent).rollback(agent.model(args.model).manifest, to)
         emit(args, doc, lambda d: f"rolled back: {d['model_id']} now serves "
              + (f"local version {d['local_version']}" if d["local_version"] else "the publisher's head"))
         return 0

@@ -360,17 +360,17 @@ class Learning:
         return replace(st, current=number, versions=versions, next_version=number + 1).count(accepted_updates=1)
 
     # --- rollback -------------------------------------------------------------------------------------
-    def rollback(self, loaded: LoadedModel, to: int | None = None, *, by: str = "local", locked: bool = False
+    def rollback(self, manifest: Manifest, to: int | None = None, *, by: str = "local", locked: bool = False
                  ) -> dict[str, Any]:
         """Serve an earlier local version (``to``; 0: the publisher's head; None: the one before the
         current). ``locked``: the caller already holds the data-dir lock (a fleet command)."""
         ctx = contextlib.nullcontext() if locked else self.agent.store.locked()
+        seal = self.agent._key()
         with self.agent._lock, ctx:
-            seal = self.agent._key()
             st = self.files.state(seal)
-            if st.bundle_id != loaded.manifest.bundle_id or st.current is None:
+            if st.bundle_id != manifest.bundle_id or st.current is None:
                 if to in (None, 0):
-                    return {"model_id": loaded.manifest.model_id, "local_version": None,
+                    return {"model_id": manifest.model_id, "local_version": None,
                             "detail": "the publisher's head already serves"}
                 raise SecurityRefusal(f"local version {to} is not kept on this board")
             if to is None:
@@ -380,17 +380,21 @@ class Learning:
                 kept = ", ".join(str(v.number) for v in st.versions) or "none"
                 raise SecurityRefusal(f"local version {to} is not kept on this board (kept: {kept}; 0 is the "
                                       "publisher's head)")
-            after = self._roll(loaded, st, to or None, by)
+            after = self._roll(manifest, st, to or None, by)
             self.files.save_state(after, seal)
-        self.agent._loaded.pop(loaded.manifest.model_id, None)
+        self.agent._loaded.pop(manifest.model_id, None)
         self.agent.record_event("learning", "warning", {"rollback": True, "from": st.current, "to": to or None,
                                                         "by": by})
-        return {"model_id": loaded.manifest.model_id, "local_version": to or None, "from": st.current}
+        return {"model_id": manifest.model_id, "local_version": to or None, "from": st.current}
 
-    def _roll(self, loaded: LoadedModel, st: LearningState, to: int | None, by: str) -> LearningState:
+    def kept(self, manifest: Manifest, to: int) -> bool:
+        """Whether local version ``to`` of ``manifest``'s bundle is kept (0, the publisher's head, always is)."""
+        st = self.files.state(self.agent._key())
+        return to == 0 or (st.bundle_id == manifest.bundle_id and st.version(to) is not None)
+
+    def _roll(self, m: Manifest, st: LearningState, to: int | None, by: str) -> LearningState:
         entries = verify_log(self.files.read_log(), self.agent.store.identity().sign_public, self.config)
         seq, prev = log_head(entries)
-        m = loaded.manifest
         body = {"schema": LOG_SCHEMA, "seq": seq + 1, "prev": prev, "event": "rollback",
                 "time": format_time(self.agent._clock()), "device_id": self.agent.store.identity().device_id,
                 "model_id": m.model_id, "model_version": m.model_version, "bundle_id": m.bundle_id,
@@ -432,8 +436,8 @@ class Learning:
     def fall_back(self, manifest: Manifest, bad: int, why: str) -> None:
         """Automatic rollback: the version that failed a check stops serving, its parent (or the
         publisher's head) serves instead, and an event reports it."""
+        seal = self.agent._key()
         with self.agent.store.locked():
-            seal = self.agent._key()
             st = self.files.state(seal)
             if st.bundle_id != manifest.bundle_id or st.current != bad:
                 return

@@ -211,16 +211,16 @@ class Handler(BaseHTTPRequestHandler):
     def _authenticated_body(self) -> tuple[Any, bytes]:
         """The token and the whole body of a request, its length bounded before a byte is read."""
         s = self.service
-        try:
-            who = s.authenticate(self.headers.get("Authorization"))
-        except EdgeWardError:
-            self.close_connection = True  # the unread body must not be parsed as the next request
-            raise
         raw = self.headers.get("Content-Length", "0") or ""
         if not raw.isascii() or not raw.isdigit():
             self.close_connection = True
             raise TooLarge("Content-Length must be plain digits")
         length = int(raw)
+        try:
+            who = s.authenticate(self.headers.get("Authorization"))
+        except EdgeWardError:
+            self._discard(length)  # the unread body must not be parsed as the next request
+            raise
         if length < 0 or length > s.config.max_request_bytes:
             self._discard(length)
             raise TooLarge(f"request body is {length} bytes, the limit is {s.config.max_request_bytes}")

@@ -491,7 +491,7 @@ class Service:
     def feedback_list(self, who: TokenRecord) -> dict[str, Any]:
         def run() -> dict[str, Any]:
             learning, loaded = self._learning()
-            return {"examples": learning.held(loaded)}
+            return {"examples": learning.held(loaded, "held")}
 
         return self._learning_call(who, "feedback-list", run)
 
