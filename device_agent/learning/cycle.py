@@ -322,10 +322,10 @@ class Learning:
         ev: dict[str, Any] = {k: report[k] for k in ("accepted", "local_version", "model_version") if k in report}
         ev.update(examples={k: v for k, v in ex.items() if k not in ("reasons", "by_source")}, gate=report.get("gate"),
                   reasons=report.get("reasons", [])[:5])
-        if report["accepted"]:
-            self.agent.record_event("learning", "info", ev)
-        elif verdict is not None:
+        if verdict is not None and not report["accepted"]:
             self.agent.record_event("learning", "warning", ev | {"rejected_update": True})
+        else:  # accepted, or nothing to learn: the counts of held and rejected examples still go out
+            self.agent.record_event("learning", "info", ev)
 
     def _accept(self, loaded: LoadedModel, policy: LearningPolicy, st: LearningState, candidate: HeadWeights,
                 key: bytearray, report: dict[str, Any], t: float) -> LearningState:

@@ -206,7 +206,8 @@ class LearningStore:
             plain = crypto.open_local(key, FEEDBACK_AAD, blob)
         except IntegrityError as e:
             raise TamperedState("learning/feedback.enc fails its authentication check: altered, or written by "
-                                "another board; delete it (edgeward-agent feedback --delete-all)") from e
+                                "another board; nothing was learnt from it. Remove the file to start afresh (the "
+                                "examples in it are lost)") from e
         try:
             fb = Feedback.decode(plain, self.config)
         finally:
