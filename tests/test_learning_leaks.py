@@ -29,7 +29,7 @@ from device_agent.telemetry.mqtt import Link, Session
 from tests.conftest import PASSPHRASE, Board
 from tests.fixtures.fleet import Fleet, fleet_fixture, wait_until  # noqa: F401
 from tests.fixtures.http import UnixConnection, request
-from tests.fixtures.learning import drift, scenario
+from tests.fixtures.learning import scenario
 from tests.fixtures.serve import calibration_policy, wait_until_serving
 
 
@@ -88,7 +88,7 @@ def test_no_example_leaves_the_board_or_lies_on_its_disk_in_the_clear(
             responses.append(json.dumps([status, headers, doc]).encode())
             return status, doc
 
-        for i, (s, (x, y)) in enumerate(sc.feedback(("a", "b", "c")).items()):
+        for i, (x, y) in enumerate(sc.feedback(("a", "b", "c")).values()):
             buf = io.BytesIO()
             bad = (y + 1) % 10 if i == 2 else y  # one source's labels all wrong: held, listed, never sent
             np.savez(buf, x=x, y=bad)
