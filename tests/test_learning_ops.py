@@ -316,3 +316,26 @@ def test_sealed_learning_arrays_round_trip() -> None:
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     budget = [100]
     assert np.array_equal(decode_array(encode_array(a), budget), a) and budget == [88]
+
+
+def test_feedback_kept_while_a_cycle_learns_is_not_lost(learnable: Callable[..., Board], sc: Scenario,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service keeps feedback while a cycle (from the CLI, another process) is learning: the
+    cycle's commit applies its decisions by id to the store as it is then."""
+    board = learnable()
+    agent = board.agent()
+    learning = Learning(agent)
+    for s, (x, y) in sc.feedback().items():
+        learning.intake(agent.model(), x, y, f"token:{s}", T0)
+    commit = Learning._commit
+
+    def meanwhile(self: Learning, *a: Any, **k: Any) -> None:
+        other = board.agent()  # another process's agent
+        Learning(other).intake(other.model(), drift(sc.replay_x[:7]), sc.replay_y[:7], "local:late", T0)
+        commit(self, *a, **k)
+
+    monkeypatch.setattr(Learning, "_commit", meanwhile)
+    report = learning.cycle(T0)
+    assert report["accepted"] is True
+    late = [e for e in Learning(board.agent()).held(agent.model(), None) if e["source"] == "local:late"]
+    assert len(late) == 7

@@ -244,11 +244,15 @@ class Learning:
         with self._data_key() as key:
             fb = self.files.feedback(key, _input_shape(loaded))
         fb, expired = _expire(fb, t, float(b["retention_days"]))
+        report: dict[str, Any] = {"model_id": m.model_id, "model_version": m.model_version, "accepted": False,
+                                  "local_version": st.current, "expired": expired}
+        if not fb.meta:
+            report.update(examples={"held_on_board": 0, "used": 0, "held": 0, "rejected": 0, "deferred": 0,
+                                    "reasons": {}, "by_source": {}}, reasons=["nothing to learn: no feedback held"])
+            return report
         base = self.agent.load_variant(m.model_id, None)
         head = policy.head
         base_w = _base_head(policy)
-        report: dict[str, Any] = {"model_id": m.model_id, "model_version": m.model_version, "accepted": False,
-                                  "local_version": st.current, "expired": expired}
         labels = np.array([e["label"] for e in fb.meta], dtype=np.int64)
         sources = [e["source"] for e in fb.meta]
         digests = [e["digest"] for e in fb.meta]
@@ -269,13 +273,16 @@ class Learning:
             "reasons": {k: v for k, v in counts.items() if k != filters.USE},
             "by_source": _by_source(sources, sc.decision),
         }
-        # Held examples wait for review; rejected ones are counted and deleted.
+        # Held examples wait for review; rejected and expired ones are counted and deleted. Applied by
+        # id at the commit, to the store as it is then: feedback kept meanwhile is not lost.
+        outcome: dict[str, tuple[str, str] | None] = {}
         for i, e in enumerate(fb.meta):
-            if sc.decision[i] == filters.HELD:
-                e.update(status=HELD, reason=sc.reason[i])
-            elif e["status"] == HELD and sc.decision[i] != filters.REJECTED:
-                e.update(status=NEW, reason="")
-        kept = np.array([d != filters.REJECTED for d in sc.decision], dtype=bool)
+            if sc.decision[i] == filters.REJECTED:
+                outcome[e["id"]] = None
+            elif sc.decision[i] == filters.HELD:
+                outcome[e["id"]] = (HELD, sc.reason[i])
+            elif e["status"] == HELD:
+                outcome[e["id"]] = (NEW, "")
         verdict = None
         candidate = None
         if used.any():
@@ -295,10 +302,11 @@ class Learning:
             report.update(gate=verdict.metrics, reasons=verdict.reasons)
         else:
             report["reasons"] = ["nothing to learn: no example passed the filters"]
-        self._commit(loaded, policy, fb.keep(kept), candidate, verdict, report, t)
+        self._commit(loaded, policy, outcome, candidate, verdict, report, t)
         return report
 
-    def _commit(self, loaded: LoadedModel, policy: LearningPolicy, fb: Feedback, candidate: HeadWeights | None,
+    def _commit(self, loaded: LoadedModel, policy: LearningPolicy, outcome: dict[str, tuple[str, str] | None],
+                candidate: HeadWeights | None,
                 verdict: gating.Verdict | None, report: dict[str, Any], t: float) -> None:
         m = loaded.manifest
         seal = self.agent._key()
@@ -312,7 +320,14 @@ class Learning:
             st = st.count(held=ex["held"], rejected=ex["rejected"], deferred=ex["deferred"], cycles=1,
                           expired=report["expired"])
             with self._data_key() as key:
-                self.files.save_feedback(fb, key)  # statuses, rejections and expiry, before anything else
+                fb = self.files.feedback(key, _input_shape(loaded))
+                fb, _ = _expire(fb, t, float(policy.bounds["retention_days"]))
+                keep = np.array([outcome.get(e["id"], ()) is not None for e in fb.meta], dtype=bool)
+                for e in fb.meta:
+                    new = outcome.get(e["id"])
+                    if new:
+                        e.update(status=new[0], reason=new[1])
+                self.files.save_feedback(fb.keep(keep), key)  # statuses, rejections and expiry, first
                 if verdict is not None and verdict.accepted and candidate is not None:
                     st = self._accept(loaded, policy, st, candidate, key, report, t)
                 else:
