@@ -260,6 +260,7 @@ class Agent:
                 raise
             if decision.dropped:
                 self.store.collect_garbage(decision.state)
+            self._supersede_learning(m, sidecar)
             self._loaded[m.model_id] = LoadedModel(m, sidecar, runner)
         return m
 
@@ -320,6 +321,21 @@ class Agent:
             raise IntegrityError("no local version passed its checks")
         finally:
             del model
+
+    def _supersede_learning(self, m: Manifest, sidecar: Sidecar) -> None:
+        """A new bundle supersedes the local versions learnt on the one before, and the feedback
+        unless its sealed policy carries it over (device_agent.learning). The caller holds the
+        data-dir lock; the install has already committed, so a failure here is reported, not raised."""
+        from device_agent.learning.cycle import Learning
+        from device_agent.learning.policy import LearningPolicy
+
+        if not self.store.layout.path("learning").is_dir():
+            return
+        try:
+            policy = LearningPolicy.from_policy(sidecar.policy, self.config.learning)
+            Learning(self)._persist_reconciled(m, policy)
+        except EdgeWardError as e:
+            self.record_event("learning", "warning", {"problem": f"superseding local learning: {str(e)[:200]}"})
 
     def load_variant(self, model_id: str, initializers: dict[str, np.ndarray] | None) -> Runner:
         """The installed model of ``model_id`` with some weights replaced (``None``: exactly as the

@@ -5,6 +5,7 @@ leaves (their modes, and their fate at a wipe)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import Callable
@@ -242,11 +243,24 @@ def test_a_new_bundle_supersedes_local_versions(learnable: Callable[..., Board],
     old_files = sorted(p.name for p in (board.data_dir / layout.LEARNING).iterdir())
     assert any(n.endswith(".ewv") for n in old_files) and "feedback.enc" in old_files
     learnable(version=2, board=board)  # the publisher's next release; its policy does not carry feedback
-    fresh = board.agent()
-    assert fresh.model().local_version is None  # superseded at once: the new bundle's head serves
-    assert Learning(fresh).cycle(T0)["examples"]["held_on_board"] == 0  # feedback was shredded
     left = sorted(p.name for p in (board.data_dir / layout.LEARNING).iterdir())
-    assert not any(n.endswith(".ewv") for n in left)
+    assert left == ["state.json", "updates.log"]  # versions and feedback shredded at the install
+    fresh = board.agent()
+    assert fresh.model().local_version is None  # the new bundle's head serves
+    assert Learning(fresh).cycle(T0)["examples"]["held_on_board"] == 0
+
+
+def test_a_new_bundle_may_carry_feedback_over(learnable: Callable[..., Board], sc: Scenario) -> None:
+    board = learnable()
+    agent = board.agent()
+    learn(agent, sc)
+    learnable(version=2, board=board, carry_feedback=True)
+    fresh = board.agent()
+    assert fresh.model().local_version is None  # versions never carry over: they belong to their bundle
+    report = Learning(fresh).cycle(T0)
+    assert report["examples"]["held_on_board"] > 400 and report["accepted"] is True
+    # Local version numbers never repeat on a board: the log names each once, whatever the bundle.
+    assert report["local_version"] == 2 and board.agent().model().local_version == 2
 
 
 def test_a_bundle_whose_policy_forbids_learning_refuses_feedback(learnable: Callable[..., Board],
@@ -339,3 +353,85 @@ def test_feedback_kept_while_a_cycle_learns_is_not_lost(learnable: Callable[...,
     assert report["accepted"] is True
     late = [e for e in Learning(board.agent()).held(agent.model(), None) if e["source"] == "local:late"]
     assert len(late) == 7
+
+
+@pytest.fixture(scope="module")
+def sealed_policy(digits: Any, sc: Scenario) -> dict[str, Any]:
+    from packager.learnable import mark
+    from packager.modelfile import infer_task, read_model
+
+    m = read_model(digits.onnx)
+    small = {"gate_x": sc.gate_x[:40], "gate_y": sc.gate_y[:40], "replay_x": sc.replay_x[:20]}
+    return mark(m, infer_task(m, {}), small)[1]
+
+
+def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _paths(v, (*prefix, k))
+    return out
+
+
+def test_fuzz_mutated_learning_policies_parse_or_are_refused(sealed_policy: dict[str, Any]) -> None:
+    """Any value anywhere in a sealed learning policy either parses or is a FormatError (exit 3),
+    never another exception (the policy is the publisher's, but the board bounds it all the same)."""
+    import copy
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from device_agent.learning.policy import LearningPolicy
+
+    leaves = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20)
+    values = st.recursive(leaves, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                                       max_size=4), max_leaves=12)
+    paths = [p for p in _paths(sealed_policy) if p]
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from(paths), values, st.booleans())
+    def check(path: tuple[Any, ...], value: Any, delete: bool) -> None:
+        doc = copy.deepcopy(sealed_policy)
+        node = doc
+        for k in path[:-1]:
+            node = node[k]
+        if delete:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+        with contextlib.suppress(FormatError):
+            LearningPolicy.from_policy({"learning": doc})
+
+    check()
+
+
+def test_feedback_and_learn_from_the_command_line(learnable: Callable[..., Board], make_board: Callable[..., Board],
+                                                  pack_for: Callable[..., Path], digits: Any, sc: Scenario,
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    board = learnable()
+    kek = tmp_path / "kek.bin"
+    kek.write_bytes(bytes(range(32)))
+    argv = ["--data-dir", str(board.data_dir), "--kek-file", str(kek)]
+    for s, (x, y) in sc.feedback().items():
+        np.savez(tmp_path / f"{s}.npz", x=x, y=y)
+        assert main(["feedback", *argv, "--input", str(tmp_path / f"{s}.npz"), "--source", s, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["kept"] == len(x)
+    np.savez(tmp_path / "bad.npz", x=sc.pool_x[:2])  # no labels
+    assert main(["feedback", *argv, "--input", str(tmp_path / "bad.npz")]) == 3
+    assert "exactly two arrays, x and y" in capsys.readouterr().err
+    assert main(["feedback", *argv, "--input", str(tmp_path / "line-a.npz"), "--source", "../etc"]) == 2
+    capsys.readouterr()
+    assert main(["learn", *argv]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accepted"] is True and report["local_version"] == 1
+    assert main(["feedback", *argv]) == 0  # the list of held examples
+    assert "local:line-" in capsys.readouterr().out
+    # A model packed without --learnable: nothing is kept, exit 1.
+    plain = make_board("pi-plain", KEK)
+    out = pack_for(digits.onnx, [plain])
+    plain.agent().install_file(out / "pi-plain.ewb")
+    plain_argv = ["--data-dir", str(plain.data_dir), "--kek-file", str(kek)]
+    assert main(["feedback", *plain_argv, "--input", str(tmp_path / "line-a.npz")]) == 1
+    assert "not packed for local learning" in capsys.readouterr().err
+    assert main(["learn", *plain_argv]) == 1
+    assert not (plain.data_dir / layout.FEEDBACK).exists()
