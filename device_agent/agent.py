@@ -560,6 +560,7 @@ class Agent:
                         expires=format_time(m.expires) if m.expires else None,
                         end_of_life=format_time(m.end_of_life) if m.end_of_life else None,
                         serving=m.end_of_life is None or now < m.end_of_life,
+                        local_version=self.local_version(cur.bundle_id),  # a learnt head (docs/learning.md)
                     )
                 except Exception as e:  # status reports a broken store rather than failing
                     entry.update(serving=False, problem=str(e))

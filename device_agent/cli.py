@@ -142,8 +142,8 @@ def _status_table(doc: dict[str, Any]) -> str:
     if not doc["models"]:
         lines.append("no model installed")
         return "\n".join(lines)
-    cols = ("model_id", "version", "previous_version", "runtime", "profile", "end_of_life", "serving")
-    heads = ("MODEL", "VERSION", "PREVIOUS", "RUNTIME", "PROFILE", "END OF LIFE", "SERVING")
+    cols = ("model_id", "version", "local_version", "previous_version", "runtime", "profile", "end_of_life", "serving")
+    heads = ("MODEL", "VERSION", "LOCAL", "PREVIOUS", "RUNTIME", "PROFILE", "END OF LIFE", "SERVING")
     rows = [[str(m.get(c) if m.get(c) is not None else "-") for c in cols] for m in doc["models"]]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
     lines.append("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)))

@@ -66,6 +66,7 @@ def test_drift_is_recovered_without_forgetting(learnable: Callable[..., Board], 
     assert report["gate"]["new_after"] > report["gate"]["new_before"]
     served = board.agent()  # a fresh process's view: the learnt head is what serves
     assert served.model().local_version == 1
+    assert served.status()["models"][0]["local_version"] == 1  # and the heartbeat says so
     orig_after = accuracy(served, sc.test_x, sc.test_y)
     drift_after = accuracy(served, drift(sc.test_x), sc.test_y)
     assert drift_after >= drift_before + 0.10, (drift_before, drift_after)
