@@ -113,6 +113,8 @@ def mark(model: ModelFile, task: dict[str, Any], data: dict[str, np.ndarray],
         g.output.append(helper.make_tensor_value_info(feat_name, TensorProto.FLOAT, [None, dims]))
     marked = ModelFile(model.path, m.SerializeToString(), model.format)
     runner = OnnxRunner(marked.data)
+    if len(runner.inputs) != 1:
+        raise UsageError("--learnable supports models with one input only")
     gate_x = np.asarray(data["gate_x"], dtype=np.float32)
     gate_y = np.asarray(data["gate_y"]).astype(np.int64)
     replay_x = np.asarray(data["replay_x"], dtype=np.float32)

@@ -435,3 +435,28 @@ def test_feedback_and_learn_from_the_command_line(learnable: Callable[..., Board
     assert "not packed for local learning" in capsys.readouterr().err
     assert main(["learn", *plain_argv]) == 1
     assert not (plain.data_dir / layout.FEEDBACK).exists()
+
+
+def test_the_service_serves_a_version_learnt_while_it_runs(learnable: Callable[..., Board], sc: Scenario) -> None:
+    board = learnable()
+    served = serve(board)
+    try:
+        conn = served.connect()
+        from tests.fixtures.http import predict
+
+        x = drift(sc.test_x[:32])
+        status, _, before = predict(conn, served.tokens["admin"], x)
+        assert status == 200
+        learning = Learning(served.service.agent)
+        loaded = served.service.agent.model()
+        for s, (fx, fy) in sc.feedback().items():
+            learning.intake(loaded, fx, fy, f"token:{s}", T0)
+        status, _, doc = request(conn, "POST", "/v1/learn", served.tokens["engineer"], b"{}")
+        assert status == 200 and doc["accepted"] is True
+        status, _, after = predict(conn, served.tokens["admin"], x)
+        status, _, st = request(conn, "GET", "/v1/status", served.tokens["admin"])
+        assert st["model"]["local_version"] == 1
+        fresh = board.agent().predict(x, role="admin")
+        assert after == fresh and after != before  # the learnt head answers, not the publisher's
+    finally:
+        served.server.stop()

@@ -292,7 +292,7 @@ class Service:
         loaded = self.agent.model()
         if self._model is None or loaded.manifest.bundle_id != self._model.manifest.bundle_id:
             self._apply_policy(loaded)
-            self._model = loaded
+        self._model = loaded  # the same bundle may serve a new local learnt head (device_agent.learning)
         return self._model
 
     def _apply_policy(self, loaded: LoadedModel) -> None:
