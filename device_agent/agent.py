@@ -82,11 +82,16 @@ def model_feeds(
     return feeds, batched and not single
 
 
+class _Reload(Exception):
+    """A learnt local version failed its re-check as it was loaded and was rolled back: load again."""
+
+
 @dataclass
 class LoadedModel:
     manifest: Manifest
     sidecar: Sidecar
     runner: Runner
+    local_version: int | None = None  # the learnt local head serving (device_agent.learning), if any
 
 
 class Agent:
@@ -120,6 +125,7 @@ class Agent:
         self._kek_cache: dict[bytes, bytearray] = {}
         self._seal_key: bytearray | None = None
         self._lock = threading.RLock()
+        self._local_cache: tuple[Any, str, int | None] | None = None
 
     # --- provisioning ------------------------------------------------------------------------
     @staticmethod
@@ -250,7 +256,7 @@ class Agent:
             try:
                 # The trial load passes the same serving check as every later load.
                 decide_serve(m, digest, m.model_id, identity, decision.state, now)
-                runner, sidecar = self._decrypt_and_load(
+                runner, sidecar, _ = self._decrypt_and_load(
                     vb, in_place=isinstance(data, bytearray), check_digest=True, first=True
                 )
                 self.store.save_state(decision.state, key)
@@ -259,6 +265,7 @@ class Agent:
                 raise
             if decision.dropped:
                 self.store.collect_garbage(decision.state)
+            self._supersede_learning(m, sidecar)
             self._loaded[m.model_id] = LoadedModel(m, sidecar, runner)
         return m
 
@@ -285,30 +292,84 @@ class Agent:
             keys.wipe()
 
     def _decrypt_and_load(
-        self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool, first: bool = False
-    ) -> tuple[Runner, Sidecar]:
+        self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool, first: bool = False, local: bool = False,
+        initializers: dict[str, np.ndarray] | None = None,
+    ) -> tuple[Runner, Sidecar, int | None]:
         """Decrypt in memory and load the runtime from the decrypted buffer itself: the runner
         takes the buffer over (its weights are served from it, docs/agent-service.md "Memory")
-        and wipes it when the model is unloaded."""
+        and wipes it when the model is unloaded.
+
+        ``local``: serve the bundle's learnt local head, if one is recorded for it (checked against
+        its recorded digest and re-gated; one that fails is rolled back automatically and
+        :class:`_Reload` asks the caller to load again from a freshly verified bundle);
+        ``initializers``: load with these weights instead (a candidate being judged)."""
         contents = self._open(vb, in_place=in_place, check_digest=check_digest, first=first)
         # The bundle's view of its payload would keep a wiped buffer allocated: let it go.
         vb.payload.release()
         try:
+            overrides, head, learning = initializers, None, None
+            if local:
+                from device_agent.learning.cycle import Learning
+
+                learning = Learning(self)
+                head = learning.serving_head(vb.manifest, contents.sidecar)
+                overrides = head.initializers if head else None
             # Sealed settings are checked like any other input (device_agent.runtime.settings):
             # the thread count before the runtime sees it, the rest against the loaded model.
             runner = load_from_buffer(
                 vb.manifest.runtime, contents.buffer, contents.model_offset, contents.model_length,
-                settings.threads(contents.sidecar.runtime, self.limits),
+                settings.threads(contents.sidecar.runtime, self.limits), overrides,
             )
         except BaseException:
             contents.wipe()
             raise
         try:
             settings.check(contents.sidecar, runner.outputs, self.limits)
+            if head is not None and learning is not None and not learning.gate_holds(runner, head):
+                learning.fall_back(vb.manifest, head.version, "the gate re-check failed as it was loaded")
+                raise _Reload()
         except BaseException:
             runner.close()
             raise
-        return runner, contents.sidecar
+        return runner, contents.sidecar, head.version if head else None
+
+    def _supersede_learning(self, m: Manifest, sidecar: Sidecar) -> None:
+        """A new bundle supersedes the local versions learnt on the one before, and the feedback
+        unless its sealed policy carries it over (device_agent.learning). The caller holds the
+        data-dir lock; the install has already committed, so a failure here is reported, not raised."""
+        from device_agent.learning.cycle import Learning
+        from device_agent.learning.policy import LearningPolicy
+
+        if not self.store.layout.path("learning").is_dir():
+            return
+        try:
+            policy = LearningPolicy.from_policy(sidecar.policy, self.config.learning)
+            Learning(self)._persist_reconciled(m, policy)
+        except EdgeWardError as e:
+            self.record_event("learning", "warning", {"problem": f"superseding local learning: {str(e)[:200]}"})
+
+    def load_variant(self, model_id: str, initializers: dict[str, np.ndarray] | None) -> Runner:
+        """The installed model of ``model_id`` with some weights replaced (``None``: exactly as the
+        publisher shipped it): the same verification and serving checks as a load."""
+        with self._lock:
+            state = self._serving_state()
+            vb, _ = self._verified_stored(model_id, state)
+        runner, _, _ = self._decrypt_and_load(vb, in_place=True, check_digest=False, initializers=initializers)
+        return runner
+
+    def local_version(self, bundle_id: str) -> int | None:
+        """The local version recorded to serve ``bundle_id`` (re-read only when the learning state
+        file changes)."""
+        from device_agent.learning.store import LearningStore
+
+        files = LearningStore(self.store, self.config.learning)
+        stamp = files.stamp()
+        if stamp is None:
+            return None
+        if self._local_cache is None or self._local_cache[:2] != (stamp, bundle_id):
+            st = files.state(self._key())
+            self._local_cache = (stamp, bundle_id, st.current if st.bundle_id == bundle_id else None)
+        return self._local_cache[2]
 
     def rollback(self, model_id: str | None = None) -> Manifest:
         """Serve the previous version again (a local admin action; the highest accepted version
@@ -322,6 +383,7 @@ class Agent:
             self.store.save_state(decision.state, key)
             self.store.collect_garbage(decision.state)
             self._loaded.pop(mid, None)
+        with self._lock:  # loaded after the data-dir lock is released: a local head may roll back itself
             return self._load(mid, decision.state).manifest
 
     # --- serving ---------------------------------------------------------------------------------
@@ -364,11 +426,19 @@ class Agent:
         rec = state.models[model_id].current
         assert rec is not None
         cached = self._loaded.get(model_id)
-        if cached is not None and cached.manifest.bundle_id == rec.bundle_id:
+        local = self.local_version(rec.bundle_id)
+        if cached is not None and cached.manifest.bundle_id == rec.bundle_id and cached.local_version == local:
             return cached
-        vb, _ = self._verified_stored(model_id, state)
-        runner, sidecar = self._decrypt_and_load(vb, in_place=True, check_digest=False)
-        loaded = LoadedModel(vb.manifest, sidecar, runner)
+        for _ in range(self.config.learning.max_versions + 1):
+            vb, _ = self._verified_stored(model_id, state)
+            try:
+                runner, sidecar, version = self._decrypt_and_load(vb, in_place=True, check_digest=False, local=True)
+                break
+            except _Reload:
+                continue  # a local version failed its re-check and was rolled back: load what serves now
+        else:
+            raise IntegrityError("no local version passed its checks")
+        loaded = LoadedModel(vb.manifest, sidecar, runner, version)
         self._loaded[model_id] = loaded
         return loaded
 
@@ -411,6 +481,15 @@ class Agent:
                 raise IntegrityError("the stored model digest differs from the model being served")
         finally:
             contents.wipe()
+        if loaded.local_version is not None:
+            # The learnt head: its file against the recorded digest. One that fails is rolled back
+            # automatically (device_agent.learning) and the next query loads what serves instead.
+            from device_agent.learning.cycle import Learning
+
+            with self._lock:
+                head = Learning(self).serving_head(loaded.manifest, loaded.sidecar)
+                if head is None or head.version != loaded.local_version:
+                    self._loaded.pop(loaded.manifest.model_id, None)
 
     def predict(
         self,
@@ -503,6 +582,7 @@ class Agent:
                         expires=format_time(m.expires) if m.expires else None,
                         end_of_life=format_time(m.end_of_life) if m.end_of_life else None,
                         serving=m.end_of_life is None or now < m.end_of_life,
+                        local_version=self.local_version(cur.bundle_id),  # a learnt head (docs/learning.md)
                     )
                 except Exception as e:  # status reports a broken store rather than failing
                     entry.update(serving=False, problem=str(e))

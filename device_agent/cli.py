@@ -143,8 +143,8 @@ def _status_table(doc: dict[str, Any]) -> str:
     if not doc["models"]:
         lines.append("no model installed")
         return "\n".join(lines)
-    cols = ("model_id", "version", "previous_version", "runtime", "profile", "end_of_life", "serving")
-    heads = ("MODEL", "VERSION", "PREVIOUS", "RUNTIME", "PROFILE", "END OF LIFE", "SERVING")
+    cols = ("model_id", "version", "local_version", "previous_version", "runtime", "profile", "end_of_life", "serving")
+    heads = ("MODEL", "VERSION", "LOCAL", "PREVIOUS", "RUNTIME", "PROFILE", "END OF LIFE", "SERVING")
     rows = [[str(m.get(c) if m.get(c) is not None else "-") for c in cols] for m in doc["models"]]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
     lines.append("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)))
@@ -175,9 +175,67 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    if args.local is not None:
+        from device_agent.learning.cycle import Learning
+
+        agent = _agent(args)
+        to = None if args.local == "previous" else _local_number(args.local)
+        doc = Learning(agent).rollback(agent.model(args.model).manifest, to)
+        emit(args, doc, lambda d: f"rolled back: {d['model_id']} now serves "
+             + (f"local version {d['local_version']}" if d["local_version"] else "the publisher's head"))
+        return 0
     m = _agent(args).rollback(args.model)
     doc = {"model_id": m.model_id, "model_version": m.model_version, "bundle_id": m.bundle_id}
     emit(args, doc, lambda d: f"rolled back: {d['model_id']} now serves version {d['model_version']}")
+    return 0
+
+
+def _local_number(text: str) -> int:
+    if not text.isdigit() or len(text) > 12:
+        raise UsageError("--local takes a local version number (0: the publisher's head) or 'previous'")
+    return int(text)
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from device_agent.learning.cycle import Learning, local_source, now_utc
+
+    agent = _agent(args)
+    learning = Learning(agent)
+    loaded = agent.model(args.model)
+    if args.input:
+        arrays = _load_inputs(args.input)
+        if not isinstance(arrays, dict) or "x" not in arrays or "y" not in arrays or len(arrays) != 2:
+            raise FormatError(f"feedback {args.input} must be an .npz with exactly two arrays, x and y")
+        from device_agent.agent import model_feeds
+
+        feeds, _ = model_feeds(loaded, arrays["x"], "admin", agent.limits)
+        rows = next(iter(feeds.values()))
+        doc = learning.intake(loaded, rows, arrays["y"], local_source(args.source), now_utc())
+        emit(args, doc, lambda d: f"kept {d['kept']} of {d['received']} example(s) from {local_source(args.source)}"
+             + (f"; refused: {d['refused']}" if d["refused"] else "") + f"; {d['held_total']} held on the board")
+    elif args.accept or args.drop:
+        doc = learning.review(loaded, args.accept or [], args.drop or [])
+        emit(args, doc, lambda d: f"accepted {d['accepted']}, dropped {d['dropped']}; {d['held_total']} held")
+    elif args.delete_source:
+        doc = learning.delete_source(loaded, args.delete_source)
+        emit(args, doc, lambda d: f"deleted {d['deleted']} example(s) from {d['source']}")
+    else:
+        docs = learning.held(loaded, None if args.all else "held")
+        emit(args, docs, lambda ds: "\n".join(
+            f"{d['id']}  {d['source']:<24} label {d['label']:<4} {d['status']:<9} {d['reason']}" for d in ds)
+            or "nothing held for review")
+    return 0
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from device_agent.learning.cycle import Learning, now_utc
+
+    agent = _agent(args)
+    if args.status:
+        doc = Learning(agent).status(agent.model(args.model))
+    else:
+        doc = Learning(agent).cycle(now_utc(), args.model)
+    print(json.dumps(doc, indent=2, sort_keys=True))
     return 0
 
 
@@ -274,8 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--json", action="store_true")
 
-    sp = add("rollback", "serve the previous installed version again", cmd_rollback)
+    sp = add("rollback", "serve the previous installed version again (or, with --local, an earlier local version)",
+             cmd_rollback)
     sp.add_argument("--model")
+    sp.add_argument("--local", metavar="N|previous", help="roll back the learnt head instead: to local version N "
+                    "(0: the publisher's head) or 'previous'")
     sp.add_argument("--json", action="store_true")
 
     sp = add("wipe", "crypto-shred this board's keys and models (end of life); writes a signed attestation", cmd_wipe)
@@ -295,6 +356,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--result", required=True, help="where to write the signed result(s), to bring back to "
                     "'edgeward fleet import-result'")
     sp.add_argument("--json", action="store_true")
+    sp = add(
+        "feedback",
+        "local learning feedback: keep labelled examples (--input X.npz with x and y), list what is held for review, "
+        "accept or drop held examples, delete everything one source sent",
+        cmd_feedback,
+    )
+    sp.add_argument("--input", help=".npz with x (inputs, as the application sends them) and y (class indices)")
+    sp.add_argument("--source", default="operator", help="the local operator's name (the source: local:NAME)")
+    sp.add_argument("--accept", action="append", metavar="ID", help="learn a held example (repeatable)")
+    sp.add_argument("--drop", action="append", metavar="ID", help="delete a held example (repeatable)")
+    sp.add_argument("--delete-source", metavar="SOURCE", help="delete every example one source sent "
+                    "(token:ID or local:NAME)")
+    sp.add_argument("--all", action="store_true", help="list every example held, not only those held for review")
+    sp.add_argument("--model")
+    sp.add_argument("--json", action="store_true")
+    sp = add("learn", "run one local learning cycle (filters, refit, gate); prints JSON", cmd_learn)
+    sp.add_argument("--status", action="store_true", help="show the local versions and the update log instead")
+    sp.add_argument("--model")
     service_cli.register(sub)
     register_telemetry(sub)
     return p

@@ -448,6 +448,38 @@ class CommandLimits:
             _positive(self, name)
 
 
+# --- local continual learning ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LearningConfig:
+    """The board's own caps on local learning (``docs/learning.md``). A bundle's sealed learning
+    policy sets the working values; these bound what any policy may ask for, and they bound the
+    sealed arrays (gate, replay, canaries) before they are decoded."""
+
+    WHERE: ClassVar[str] = "learning"
+
+    max_examples: int = 20_000  # examples held on the board at once, whatever the policy says
+    max_store_bytes: int = 64 * 1024**2  # the encrypted feedback store, plaintext bytes
+    max_example_bytes: int = 1024**2  # one example's input, as float32
+    max_per_request: int = 1024  # examples in one feedback request or file
+    max_policy_elements: int = 4 * 1024**2  # float32 elements of every sealed learning array together
+    max_versions: int = 16  # local versions kept, whatever the policy says
+    max_steps: int = 5000  # optimisation steps of one refit
+    max_log_entries: int = 100_000  # entries of the signed update log read back
+    max_log_bytes: int = 64 * 1024**2  # the update log file
+    max_review_ids: int = 1024  # ids in one review request
+    cycle_seconds: float = 3600.0  # serve runs a learning cycle this often (when the policy allows)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_examples", "max_store_bytes", "max_example_bytes", "max_per_request", "max_policy_elements",
+            "max_versions", "max_steps", "max_log_entries", "max_log_bytes", "max_review_ids",
+        ):
+            _int(self, name)
+        _positive(self, "cycle_seconds")
+
+
 # --- the whole board ----------------------------------------------------------------------------
 
 
@@ -468,6 +500,7 @@ class AgentConfig:
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)  # where a sealed policy is silent
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # reports, outbox and MQTT
     commands: CommandLimits = field(default_factory=CommandLimits)  # remote commands and time beacons
+    learning: LearningConfig = field(default_factory=LearningConfig)  # local continual learning caps
 
     def __post_init__(self) -> None:
         _group(self, "bundle", BundleLimits)
@@ -476,6 +509,7 @@ class AgentConfig:
         _group(self, "throttle", ThrottleConfig)
         _group(self, "telemetry", TelemetryConfig)
         _group(self, "commands", CommandLimits)
+        _group(self, "learning", LearningConfig)
 
 
 DEFAULT_CONFIG = AgentConfig()

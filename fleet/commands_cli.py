@@ -282,7 +282,10 @@ def cmd_retire(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    return _issue_and_deliver(args, "rollback", {"model_id": args.model, "to_version": args.to})
+    args_ = {"model_id": args.model, "to_version": args.to}
+    if args.local is not None:
+        args_["local_version"] = args.local
+    return _issue_and_deliver(args, "rollback", args_)
 
 
 def cmd_rotate_key(args: argparse.Namespace) -> int:
@@ -621,6 +624,8 @@ def register(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
              "installing that older bundle once (the board otherwise refuses downgrades)." + delivery)
     sp.add_argument("model", metavar="MODEL")
     sp.add_argument("--to", type=int, required=True, metavar="VERSION", help="the version to serve")
+    sp.add_argument("--local", type=int, metavar="N", help="a local learnt version of VERSION to serve instead "
+                    "(0: the publisher's head); VERSION must be the one the board serves")
     targets(sp)
     signing(sp)
 

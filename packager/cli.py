@@ -113,13 +113,20 @@ def _pack_with(args: argparse.Namespace, profile: Profile, signer: Signer) -> in
     if labels:
         task["labels"] = labels
     model, task, extra = model_for_pack(args, profile, task)
+    policy = build_policy(args.policy, args.calibrate_ood)
+    if args.learnable:
+        from .learnable import apply as make_learnable
+
+        model, policy = make_learnable(model, task, extra, policy, args.learnable)
+    elif "learning" in policy:
+        raise UsageError("--policy sets learning bounds but the model is not packed with --learnable")
     opts = PackOptions(
         model_id=args.model_id,
         model_version=args.model_version,
         expires=parse_cli_time(args.expires, "--expires"),
         end_of_life=parse_cli_time(args.end_of_life, "--end-of-life"),
         task=task,
-        policy=build_policy(args.policy, args.calibrate_ood),
+        policy=policy,
         compress=not args.no_compress,
         **extra,
     )
@@ -277,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--expect-sha256", help="refuse the model unless its SHA-256 is this")
     sp.add_argument("--policy", help="serving policy JSON to seal (roles, bands, throttle, audit)")
     sp.add_argument("--calibrate-ood", help="validation inputs (.npz, x) to calibrate OoD/probing")
+    sp.add_argument(
+        "--learnable",
+        metavar="DATA.npz",
+        help="mark the final linear layer for local learning on the board and seal its gate set, canaries and "
+        "replay set from DATA.npz (gate_x, gate_y, replay_x, optional canary_x); ONNX float classifiers only",
+    )
     sp.add_argument("--no-compress", action="store_true", help="do not compress the payload before encryption")
     sp.add_argument("--out", required=True)
     sp.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -104,4 +104,55 @@ PY
 show "$BIN/edgeward-agent" status --data-dir boards/pi-garage
 refused "$BIN/edgeward-agent" predict --data-dir boards/pi-garage --input sample.npy
 
+step "12. Local learning on a third board: the camera drifts (brightness +0.3), trusted lines send labelled
+    feedback, one update recovers; a poisoner's wrong labels are held, and when a careless review lets
+    them through, the gate rejects the update"
+(cd "$EW_ROOT" && PYTHONPATH="$EW_ROOT" "$PY" - "$WORK" <<'PY'
+import sys
+import numpy as np
+from tests.fixtures.learning import drift, scenario
+work = sys.argv[1]
+sc = scenario(0)
+sc.learning_data(f"{work}/publisher-learning.npz")          # gate set, replay set (sealed in the bundle)
+np.save(f"{work}/drifted-test.npy", drift(sc.test_x)); np.save(f"{work}/test.npy", sc.test_x)
+np.save(f"{work}/test-labels.npy", sc.test_y)
+for s, (x, y) in sc.feedback(("line-a", "line-b", "line-c")).items():
+    np.savez(f"{work}/feedback-{s}.npz", x=x, y=y)
+threes = drift(sc.replay_x[sc.replay_y == 3])
+np.savez(f"{work}/feedback-mallory.npz", x=threes, y=np.full(len(threes), 8))   # every 3 labelled 8
+PY
+)
+accuracy() {  # accuracy of what the board serves on an input file, against the true labels
+  "$BIN/edgeward-agent" predict --data-dir boards/pi-line --input "$1" | "$PY" -c "
+import json, sys, numpy as np
+names = open('labels.txt').read().split()
+got = [names.index(p['label']) for p in json.load(sys.stdin)['predictions']]
+print(f'$2: {np.mean(np.array(got) == np.load(\"test-labels.npy\")):.3f}')"
+}
+show "$BIN/edgeward-agent" provision --data-dir boards/pi-line --device-id pi-line \
+     --publisher-pub keys/publisher.pub --operator-pub keys/operator.pub --export enrolments-line.json
+show "$BIN/edgeward" pack model/digits_mlp.onnx --profile rpi4b --publisher-key keys/publisher.key \
+     --device enrolments-line.json --model-id digits --model-version 1 --labels labels.txt \
+     --calibrate-ood validation.npz --learnable publisher-learning.npz --out release-line --quiet
+show "$BIN/edgeward-agent" install release-line/pi-line.ewb --data-dir boards/pi-line
+accuracy test.npy "accuracy on the original test split"
+accuracy drifted-test.npy "accuracy on the drifted test split"
+for s in line-a line-b line-c; do
+  show "$BIN/edgeward-agent" feedback --data-dir boards/pi-line --input "feedback-$s.npz" --source "$s"
+done
+show "$BIN/edgeward-agent" learn --data-dir boards/pi-line | tee learn-1.json
+accuracy test.npy "accuracy on the original test split, local version 1"
+accuracy drifted-test.npy "accuracy on the drifted test split, local version 1"
+show "$BIN/edgeward-agent" feedback --data-dir boards/pi-line --input feedback-mallory.npz --source mallory
+"$BIN/edgeward-agent" learn --data-dir boards/pi-line > learn-2.json
+"$PY" -c "import json; r = json.load(open('learn-2.json')); print('mallory:', r['examples']['by_source']['local:mallory'], '-> accepted:', r['accepted'], 'local version', r['local_version'])"
+HELD=$("$BIN/edgeward-agent" feedback --data-dir boards/pi-line --json | "$PY" -c "
+import json, sys; print(' '.join('--accept ' + e['id'] for e in json.load(sys.stdin) if e['source'] == 'local:mallory'))")
+echo "a careless review accepts all of mallory's held examples"
+"$BIN/edgeward-agent" feedback --data-dir boards/pi-line $HELD
+"$BIN/edgeward-agent" learn --data-dir boards/pi-line > learn-3.json
+"$PY" -c "import json; r = json.load(open('learn-3.json')); print('accepted:', r['accepted'], '| reasons:', r['reasons'])"
+show "$BIN/edgeward-agent" events --data-dir boards/pi-line --kind learning
+accuracy test.npy "accuracy on the original test split, the last accepted version still serving"
+
 printf '\n\033[1;32mDemo complete.\033[0m Artefacts in %s\n' "$WORK"

@@ -101,14 +101,24 @@ def pack_for(tmp_path: Path, publisher: Path) -> Callable[..., Path]:
     def do(model: Path, boards: list[Board], version: int = 1, profile: str = "rpi4b", **opts: object) -> Path:
         out = tmp_path / f"out-{next(counter)}"
         task = dict(opts.pop("task", {}))  # type: ignore[call-overload]
+        learnable = opts.pop("learnable", None)
         m = read_model(model)
+        task = infer_task(m, task)
+        if learnable is not None:  # (data .npz path, {"bounds": ..., "enabled": ..., "carry_feedback": ...})
+            from packager.learnable import apply as make_learnable
+
+            data, given = learnable  # type: ignore[misc]
+            policy = dict(opts.pop("policy", {}))  # type: ignore[call-overload]
+            policy["learning"] = dict(given)
+            m, policy = make_learnable(m, task, {}, policy, str(data))
+            opts["policy"] = policy
         pack(
             m,
             load_profile(profile),
             FileSigner(load_private_key(publisher / "publisher.key")),
             load_enrolments([b.enrolment for b in boards]),
             PackOptions(model_id=str(opts.pop("model_id", "digits")), model_version=version,
-                        task=infer_task(m, task), **opts),  # type: ignore[arg-type]
+                        task=task, **opts),  # type: ignore[arg-type]
             out,
         )
         return out

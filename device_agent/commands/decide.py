@@ -40,6 +40,7 @@ class Accepted:
     rotate_box_key: bool = False
     wipe: bool = False
     detail: str = ""
+    local_rollback: tuple[str, int] | None = None  # (model id, local version; 0: the publisher's head)
 
 
 def check_signer(cmd: Command, signer: bytes, anchors: TrustAnchors) -> None:
@@ -107,6 +108,14 @@ def decide_command(cmd: Command, signer: bytes, me: Identity, anchors: TrustAnch
         slot = state.models.get(mid)
         if slot is None or slot.current is None:
             raise NotInstalled(f"model {mid!r} is not installed on this board")
+        if "local_version" in args:
+            # A local learnt version of the version now serving (device_agent.learning).
+            if slot.current.model_version != to:
+                raise NotInstalled(f"model {mid} serves version {slot.current.model_version}, not {to}: its local "
+                                   "versions are not those of the command")
+            local = args["local_version"]
+            return Accepted(cmd, after, anchors, local_rollback=(mid, local),
+                            detail=f"model {mid} v{to} serves local version {local or 'of the publisher'}")
         if slot.current.model_version == to:
             return Accepted(cmd, after, anchors, detail=f"model {mid} already serves version {to}")
         if slot.previous is not None and slot.previous.model_version == to:

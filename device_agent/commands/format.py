@@ -87,11 +87,15 @@ def _args(kind: str, raw: Any, limits: CommandLimits) -> dict[str, Any]:
         a = obj_fields(raw, "retire arguments", {"model_id"}, {"model_id"})
         return {"model_id": str_field(a["model_id"], "model_id", ID_RE)}
     if kind == "rollback":
-        a = obj_fields(raw, "rollback arguments", {"model_id", "to_version"}, {"model_id", "to_version"})
-        return {
+        a = obj_fields(raw, "rollback arguments", {"model_id", "to_version", "local_version"},
+                       {"model_id", "to_version"})
+        out = {
             "model_id": str_field(a["model_id"], "model_id", ID_RE),
             "to_version": int_field(a["to_version"], "to_version", 1, MAX_VERSION),
         }
+        if "local_version" in a:  # a local learnt version of that bundle version (0: the publisher's head)
+            out["local_version"] = int_field(a["local_version"], "local_version", 0, MAX_VERSION)
+        return out
     if kind == "rotate-key":
         a = obj_fields(raw, "rotate-key arguments", {"role", "keys"}, {"role", "keys"})
         if a["role"] not in ROLES:

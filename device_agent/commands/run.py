@@ -92,6 +92,8 @@ def apply(agent: Agent, payload: bytes, on_result: OnResult | None = None) -> li
                     skew_s=limits.future_skew_s, hold_s=limits.beacon_hold_s, cancelled=cmd.seq in cancelled,
                     skipped=frozenset(cancelled),
                 )
+                if accepted.local_rollback is not None:
+                    _check_local(agent, *accepted.local_rollback)
             except (SecurityRefusal, NotInstalled) as e:
                 agent.record_event("command", "critical" if isinstance(e, SecurityRefusal) else "warning",
                                    {"refused": cmd.describe(), "why": str(e)[:300], "sha256": sg.sha256})
@@ -149,6 +151,10 @@ def _carry_out(agent: Agent, acc: Accepted, sg: Signed, key: bytearray, on_resul
     if cmd.kind == "rotate-key":
         effects["role"] = cmd.args["role"]
         effects["fingerprints"] = [crypto.fingerprint(base64.b64decode(k)) for k in cmd.args["keys"]]
+    if acc.local_rollback is not None:
+        # Checked before the result is signed: a local version this board does not keep refuses the
+        # command (and consumes nothing).
+        effects["local_version"] = _local_rollback(agent, *acc.local_rollback, cmd.seq)
     outcome = "cancelled" if acc.detail.startswith("cancelled") else "applied"
     signed = _sign(agent, cmd, sg.sha256, outcome, acc.detail, effects)
     _send(on_result, *signed)
@@ -164,6 +170,27 @@ def _carry_out(agent: Agent, acc: Accepted, sg: Signed, key: bytearray, on_resul
             agent._loaded.pop(mid)
     agent.record_event("command", "info", {"applied": cmd.describe(), "outcome": outcome, "sha256": sg.sha256})
     return signed[0]
+
+
+def _local_manifest(agent: Agent, model_id: str) -> Any:
+    vb, _ = agent._verified_stored(model_id, agent.state())
+    return vb.manifest
+
+
+def _check_local(agent: Agent, model_id: str, local: int) -> None:
+    """Refuse a rollback to a local version this board does not keep (before anything is done)."""
+    from device_agent.learning.cycle import Learning
+
+    if not Learning(agent).kept(_local_manifest(agent, model_id), local):
+        raise SecurityRefusal(f"local version {local} of model {model_id} is not kept on this board")
+
+
+def _local_rollback(agent: Agent, model_id: str, local: int, seq: int) -> int | None:
+    """Serve local version ``local`` of ``model_id`` (the caller holds the data-dir lock)."""
+    from device_agent.learning.cycle import Learning
+
+    doc = Learning(agent).rollback(_local_manifest(agent, model_id), local, by=f"command #{seq}", locked=True)
+    return doc["local_version"]
 
 
 def _rotate_box_key(agent: Agent) -> dict[str, Any]:

@@ -77,7 +77,9 @@ def _ort() -> Any:
 
 
 class OnnxRunner:
-    """An onnxruntime session. ``InferenceSession.run`` is thread-safe: no lock is needed."""
+    """An onnxruntime session. ``InferenceSession.run`` is thread-safe: no lock is needed.
+    ``initializers`` are handed to onnxruntime from memory: the weights served in place, and
+    any named weights a learnt local head replaces (device_agent.learning)."""
 
     def __init__(
         self, model: bytes, threads: int = 0, *, initializers: list[tuple[str, Any]] | None = None,
@@ -120,7 +122,10 @@ class OnnxRunner:
         ]
 
     @classmethod
-    def from_buffer(cls, buffer: bytearray, offset: int, length: int, threads: int = 0) -> OnnxRunner:
+    def from_buffer(
+        cls, buffer: bytearray, offset: int, length: int, threads: int = 0,
+        overrides: dict[str, np.ndarray] | None = None,
+    ) -> OnnxRunner:
         """Load the model lying in ``buffer[offset:offset + length]`` and keep ``buffer`` as its
         weights' memory (the runner owns it from now on and wipes it at :meth:`close`).
 
@@ -136,6 +141,10 @@ class OnnxRunner:
         arrays = _place_weights(buffer, offset, weights)
         try:
             values = [(w.name, ort.OrtValue.ortvalue_from_numpy(a)) for w, a in zip(weights, arrays, strict=True)]
+            if overrides:  # a learnt head: its weights replace the shipped ones of the same name
+                replaced = _overrides(overrides)
+                names = {name for name, _ in replaced}
+                values = [(n, v) for n, v in values if n not in names] + replaced
             # An optimisation that needs a weight's bytes in the graph (the NCHWc layout of
             # convolutions reorders them; constant folding reads them) fails on a placeholder,
             # loudly: the session is then built at the next lower level, where none does.
@@ -154,6 +163,10 @@ class OnnxRunner:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [np.asarray(o) for o in self._session.run(None, feeds)]
+
+    def run_named(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        """Only the named outputs (the learnable head's features, for local learning)."""
+        return [np.asarray(o) for o in self._session.run(names, feeds)]
 
     def close(self) -> None:
         self._session = None
@@ -267,20 +280,38 @@ class LiteRtRunner:
         self._interp = None
 
 
-def load_runner(runtime: str, model: bytes, threads: int = 0) -> Runner:
-    """A runner over ``model`` bytes (the host's way in)."""
+def _overrides(initializers: dict[str, np.ndarray] | None) -> list[tuple[str, Any]]:
+    """Named weights as onnxruntime values (each keeps its array alive for the session's life)."""
+    ort = _ort()
+    return [
+        (name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))) for name, v in (initializers or {}).items()
+    ]
+
+
+def load_runner(
+    runtime: str, model: bytes, threads: int = 0, initializers: dict[str, np.ndarray] | None = None
+) -> Runner:
+    """A runner over ``model`` bytes (the host's way in); ``initializers`` replace named weights."""
     if runtime == "onnxruntime":
-        return OnnxRunner(model, threads)
+        return OnnxRunner(model, threads, initializers=_overrides(initializers))
+    if initializers:
+        raise FormatError("local learning needs onnxruntime: a LiteRT model cannot take a learnt head")
     if runtime == "litert":
         return LiteRtRunner(model, threads)
     raise FormatError(f"unknown runtime {runtime!r}")
 
 
-def load_from_buffer(runtime: str, buffer: bytearray, offset: int, length: int, threads: int = 0) -> Runner:
+def load_from_buffer(
+    runtime: str, buffer: bytearray, offset: int, length: int, threads: int = 0,
+    overrides: dict[str, np.ndarray] | None = None,
+) -> Runner:
     """A runner over the model in ``buffer[offset:offset + length]``, the decrypted bundle; the
     runner takes ``buffer`` over (the caller must not wipe or reuse it) and wipes it at close."""
     if runtime == "onnxruntime":
-        return OnnxRunner.from_buffer(buffer, offset, length, threads)
+        return OnnxRunner.from_buffer(buffer, offset, length, threads, overrides)
+    if overrides:
+        crypto.wipe(buffer)
+        raise FormatError("local learning needs onnxruntime: a LiteRT model cannot take a learnt head")
     if runtime == "litert":
         return LiteRtRunner.from_buffer(buffer, offset, length, threads)
     crypto.wipe(buffer)

@@ -28,7 +28,7 @@ RUNTIME_FIELDS = frozenset({"threads"})
 TASK_KINDS = ("classifier", "binary", "raw", "ctc")
 TASK_FIELDS = frozenset({"kind", "output", "labels", "scores", "threshold", "blank"})
 SCORES = ("probabilities", "logits")
-POLICY_FIELDS = frozenset({"roles", "score_decimals", "bands", "throttle", "ood", "audit"})
+POLICY_FIELDS = frozenset({"roles", "score_decimals", "bands", "throttle", "ood", "audit", "learning"})
 VIEWS = ("label", "band", "scores")
 
 
@@ -165,6 +165,10 @@ def check_policy(policy: Mapping[str, Any], limits: BundleLimits = DEFAULT_LIMIT
             math.isfinite(cal.threshold) and cal.threshold >= 0 and math.isfinite(cal.probe_eps) and cal.probe_eps >= 0
         ):
             raise FormatError("sealed OoD calibration is out of range")
+    if "learning" in policy:
+        from device_agent.learning.policy import LearningPolicy
+
+        LearningPolicy.from_policy(policy)  # FormatError naming the field (device_agent.learning)
 
 
 def check(

@@ -20,6 +20,9 @@ connection limits"):
     GET  /v1/health    200 {"status": "serving"} or 503; no token needed, nothing revealed
     GET  /v1/status    admin only: the service counters
     POST /v1/predict   JSON {"inputs": ...} or an .npy/.npz body; the answer the token's role may see
+    POST /v1/feedback  engineer/admin: labelled examples (.npz x, y) kept on the board for learning
+    GET  /v1/feedback  engineer/admin: what is held for review (ids, sources, labels; never inputs)
+    POST /v1/feedback/review, /v1/feedback/delete-source, /v1/learn; GET /v1/learning
 """
 
 from __future__ import annotations
@@ -47,8 +50,12 @@ from device_agent.service.framing import Head, Refusal, add_field, body_length, 
 from device_agent.service.service import Service, Throttled, TooLarge, Unauthorized, http_status
 from device_agent.service.tokens import TokenRecord
 
-# The endpoints and the one method each answers; anything else is a 404 or a 405.
-ROUTES = {"/v1/health": "GET", "/v1/status": "GET", "/v1/predict": "POST"}
+# The endpoints and the methods each answers; anything else is a 404 or a 405.
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/v1/health": ("GET",), "/v1/status": ("GET",), "/v1/predict": ("POST",),
+    "/v1/feedback": ("GET", "POST"), "/v1/feedback/review": ("POST",), "/v1/feedback/delete-source": ("POST",),
+    "/v1/learn": ("POST",), "/v1/learning": ("GET",),
+}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PHRASES = {s.value: s.phrase for s in HTTPStatus}
 
@@ -223,20 +230,25 @@ class Handler(socketserver.BaseRequestHandler):
     # --- endpoints -------------------------------------------------------------------------------
     def _route(self, head: Head) -> None:
         s = self.service
-        method = ROUTES.get(head.target)
-        if method is None:
+        methods = ROUTES.get(head.target)
+        if methods is None:
             s.refused_request(404)
             self._answer(404, {"error": {"status": 404, "message": "no such endpoint"}})
-        elif head.method != method:
+        elif head.method not in methods:
             s.refused_request(405)
-            msg = f"{head.target} answers {method} only"
-            self._answer(405, {"error": {"status": 405, "message": msg}}, {"Allow": method})
+            msg = f"{head.target} answers {' and '.join(methods)} only"
+            self._answer(405, {"error": {"status": 405, "message": msg}}, {"Allow": ", ".join(methods)})
         elif head.target == "/v1/health":
             self._run(s.health)
         elif head.target == "/v1/status":
             self._run(lambda: s.status(self._authenticate(head)))
-        else:
+        elif head.target == "/v1/predict":
             self._run(lambda: self._predict(head))
+        elif head.method == "GET":
+            read = s.feedback_list if head.target == "/v1/feedback" else s.learning_status
+            self._run(lambda: read(self._authenticate(head)))
+        else:
+            self._run(lambda: self._learning_post(head))
 
     def _authenticate(self, head: Head) -> TokenRecord:
         try:
@@ -259,6 +271,22 @@ class Handler(socketserver.BaseRequestHandler):
             s.refused(who, e)  # refused before the body was read: audited all the same
             raise
         return s.predict(who, self._body(), head.get("content-type", "application/json") or "")
+
+    def _learning_post(self, head: Head) -> dict[str, Any]:
+        """The local-learning endpoints (device_agent.learning): authenticated before a byte of
+        the body is read, the body bounded like a prediction's."""
+        s = self.service
+        who = self._authenticate(head)
+        if self.length > s.config.max_request_bytes:
+            raise TooLarge(f"request body is {self.length} bytes, the limit is {s.config.max_request_bytes}")
+        if head.target == "/v1/learn":
+            return s.learn(who)
+        body = self._body()
+        if head.target == "/v1/feedback":
+            return s.feedback(who, body, head.get("content-type", "application/json") or "application/json")
+        if head.target == "/v1/feedback/review":
+            return s.feedback_review(who, body)
+        return s.feedback_delete_source(who, body)
 
     def _body(self) -> bytes:
         """The whole body, within the request's deadline (a 408 when it is late)."""

@@ -100,6 +100,31 @@ def decode_inputs(
     )
 
 
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except ValueError as e:
+        raise FormatError("the body must be a JSON object") from e
+    if not isinstance(doc, dict):
+        raise FormatError("the body must be a JSON object")
+    return doc
+
+
+def _decode_feedback(body: bytes, content_type: str, limits: BundleLimits) -> tuple[np.ndarray, np.ndarray]:
+    """Feedback as (inputs, labels): an .npz with exactly ``x`` and ``y``, or JSON
+    ``{"inputs": [...], "labels": [...]}``."""
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype == "application/json":
+        doc = _json_object(body)
+        if set(doc) != {"inputs", "labels"}:
+            raise FormatError('the body must be JSON {"inputs": [...], "labels": [...]}')
+        return _json_array(doc["inputs"]), _json_array(doc["labels"])
+    arrays = decode_inputs(body, ctype, limits)
+    if not isinstance(arrays, dict) or set(arrays) != {"x", "y"}:
+        raise FormatError("feedback must be an .npz with exactly two arrays, x and y")
+    return arrays["x"], arrays["y"]
+
+
 def _json_array(raw: Any) -> np.ndarray:
     try:
         a = np.asarray(raw)
@@ -155,6 +180,7 @@ class Service:
         self._background: list[Background] = []
         self._stop = threading.Event()
         self._integrity_thread: threading.Thread | None = None
+        self._learning_thread: threading.Thread | None = None
         self._started = time.monotonic()
         self.counters: Counter[str] = Counter(queries=0, answered=0, rows=0)
         self._counter_lock = threading.Lock()
@@ -176,6 +202,8 @@ class Service:
         self._budget_thread.start()
         self._audit_thread = threading.Thread(target=self._audit_loop, name="audit", daemon=True)
         self._audit_thread.start()
+        self._learning_thread = threading.Thread(target=self._learning_loop, name="learning", daemon=True)
+        self._learning_thread.start()
         for b in self._background:
             b.start()
 
@@ -183,7 +211,7 @@ class Service:
         self._stop.set()
         for b in reversed(self._background):
             b.stop()
-        for t in (self._integrity_thread, self._budget_thread, self._audit_thread):
+        for t in (self._integrity_thread, self._budget_thread, self._audit_thread, self._learning_thread):
             if t is not None:
                 t.join(timeout=5)
         # After a decommission the data dir holds only the attestation: nothing more is written.
@@ -201,7 +229,8 @@ class Service:
             m = self._model
             return {
                 "uptime_s": round(time.monotonic() - self._started, 1),
-                "model": {"id": m.manifest.model_id, "version": m.manifest.model_version}
+                "model": {"id": m.manifest.model_id, "version": m.manifest.model_version,
+                          "local_version": m.local_version}
                 if m
                 else None,
                 "integrity": "failed" if self._integrity_failed else "ok",
@@ -274,7 +303,7 @@ class Service:
         loaded = self.agent.model()
         if self._model is None or loaded.manifest.bundle_id != self._model.manifest.bundle_id:
             self._apply_policy(loaded)
-            self._model = loaded
+        self._model = loaded  # the same bundle may serve a new local learnt head (device_agent.learning)
         return self._model
 
     def _apply_policy(self, loaded: LoadedModel) -> None:
@@ -435,6 +464,115 @@ class Service:
             self._count("queries")
             self.audit.append(record, now)
 
+    # --- local learning (device_agent.learning) ------------------------------------------------------
+    def _engineer(self, who: TokenRecord) -> None:
+        if who.role not in ("engineer", "admin"):
+            raise Forbidden("local learning is for the engineer and admin roles only")
+
+    def _learning(self) -> tuple[Any, LoadedModel]:
+        from device_agent.learning.cycle import Learning
+
+        with self._lock:
+            loaded = self._current()
+        return Learning(self.agent), loaded
+
+    def _learning_call(self, who: TokenRecord, what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run one learning request, audited (counts only: never an example)."""
+        record: dict[str, Any] = {"event": what, "client": who.id, "role": who.role}
+        try:
+            self._engineer(who)
+            doc = fn()
+            record.update(status=200, **{k: doc[k] for k in ("kept", "received", "accepted") if k in doc})
+            return doc
+        except EdgeWardError as e:
+            record.update(status=http_status(e), error=type(e).__name__)
+            raise
+        finally:
+            self.audit.append(record, self.clock())
+
+    def feedback(self, who: TokenRecord, body: bytes, content_type: str) -> dict[str, Any]:
+        """``POST /v1/feedback``: labelled examples from this token (an .npz with ``x`` and ``y``, or
+        JSON ``{"inputs": ..., "labels": ...}``), kept on the board encrypted; never sent anywhere."""
+
+        def run() -> dict[str, Any]:
+            from device_agent.learning.cycle import token_source
+
+            if len(body) > self.config.max_request_bytes:
+                raise TooLarge(f"request body is {len(body)} bytes, the limit is {self.config.max_request_bytes}")
+            x, y = _decode_feedback(body, content_type, self.agent.limits)
+            learning, loaded = self._learning()
+            feeds, _ = model_feeds(loaded, x, who.role, self.agent.limits)
+            rows = next(iter(feeds.values()))
+            return dict(learning.intake(loaded, rows, y, token_source(who.id), datetime.fromtimestamp(self.clock(),
+                                                                                                        UTC)))
+
+        return self._learning_call(who, "feedback", run)
+
+    def feedback_list(self, who: TokenRecord) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            learning, loaded = self._learning()
+            return {"examples": learning.held(loaded, "held")}
+
+        return self._learning_call(who, "feedback-list", run)
+
+    def feedback_review(self, who: TokenRecord, body: bytes) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            doc = _json_object(body)
+            accept, drop = doc.get("accept", []), doc.get("drop", [])
+            if not all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in (accept, drop)):
+                raise FormatError('the body must be JSON {"accept": [ids], "drop": [ids]}')
+            learning, loaded = self._learning()
+            return dict(learning.review(loaded, accept, drop))
+
+        return self._learning_call(who, "feedback-review", run)
+
+    def feedback_delete_source(self, who: TokenRecord, body: bytes) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            source = _json_object(body).get("source")
+            if not isinstance(source, str) or not 1 <= len(source) <= 200:
+                raise FormatError('the body must be JSON {"source": "token:ID" or "local:NAME"}')
+            learning, loaded = self._learning()
+            return dict(learning.delete_source(loaded, source))
+
+        return self._learning_call(who, "feedback-delete-source", run)
+
+    def learn(self, who: TokenRecord) -> dict[str, Any]:
+        """``POST /v1/learn``: one update cycle now (``serve`` also runs one on its schedule)."""
+
+        def run() -> dict[str, Any]:
+            learning, loaded = self._learning()
+            return dict(learning.cycle(datetime.fromtimestamp(self.clock(), UTC), loaded.manifest.model_id))
+
+        return self._learning_call(who, "learn", run)
+
+    def learning_status(self, who: TokenRecord) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            learning, loaded = self._learning()
+            return dict(learning.status(loaded))
+
+        return self._learning_call(who, "learning-status", run)
+
+    def learning_cycle(self) -> dict[str, Any] | None:
+        """The scheduled cycle: runs when the served bundle allows local learning."""
+        from device_agent.learning.cycle import Learning, NotLearnable
+
+        try:
+            with self._lock:
+                loaded = self._current()
+            if "learning" not in loaded.sidecar.policy:
+                return None
+            return dict(Learning(self.agent).cycle(datetime.fromtimestamp(self.clock(), UTC),
+                                                   loaded.manifest.model_id))
+        except NotLearnable:
+            return None
+
+    def _learning_loop(self) -> None:
+        while not self._stop.wait(self.agent.config.learning.cycle_seconds):
+            try:
+                self.learning_cycle()
+            except EdgeWardError as e:
+                _log.warning("the scheduled learning cycle failed: %s", e)
+
     def _counters_copy(self) -> dict[str, int]:
         with self._counter_lock:
             return dict(sorted(self.counters.items()))
@@ -486,8 +624,11 @@ class Service:
 
 def http_status(e: EdgeWardError) -> int:
     """The HTTP status for an error raised on the query path."""
+    from device_agent.learning.cycle import FeedbackRefused
+
     for cls, code in (
         (Unauthorized, 401),
+        (FeedbackRefused, 429),
         (Forbidden, 403),
         (TooLarge, 413),
         (Throttled, 429),

@@ -62,6 +62,11 @@ SOCKET = "agent.sock"
 LOCK = ".lock"
 WIPE_MARKER = "WIPING"
 ATTESTATION = "wipe-attestation.json"
+LEARNING = "learning"
+FEEDBACK = f"{LEARNING}/feedback.enc"
+LEARNING_STATE = f"{LEARNING}/state.json"
+UPDATE_LOG = f"{LEARNING}/updates.log"
+VERSION_RE = r"[0-9a-f]{32}-[0-9]{1,12}\.ewv"
 
 ENTRIES: tuple[Entry, ...] = (
     Entry(DEVICE, "public identity: device id and public keys", 0o644, Fate.DELETE),
@@ -90,6 +95,17 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(f"{AUDIT}/fingerprint.key", "the key that fingerprints inputs in the audit log", 0o600, Fate.SHRED),
     Entry(f"{AUDIT}/head.json", "the audit chain's last checkpoint", 0o600, Fate.DELETE),
     Entry(f"{AUDIT}/anchor.json", "where the retained audit chain starts", 0o600, Fate.DELETE),
+    Entry(LEARNING, "local continual learning (docs/learning.md)", 0o700, Fate.DELETE, "dir"),
+    Entry(FEEDBACK, "labelled feedback examples and their sources, encrypted under a key from the board secret",
+          0o600, Fate.SHRED),
+    Entry(LEARNING_STATE, "which local version serves, the versions kept and their digests (sealed)", 0o600,
+          Fate.DELETE),
+    Entry(UPDATE_LOG, "the update log: accepted local versions, each entry signed by the board (no examples)",
+          0o600, Fate.DELETE),
+    Entry(f"{LEARNING}/*.ewv", "a local version: the learnt head's weights, encrypted under a key from the board "
+          "secret", 0o600, Fate.SHRED, name_re=VERSION_RE),
+    Entry(f"{LEARNING}/.*.tmp-*", "transient: feedback, a local version or the learning state being replaced",
+          0o600, Fate.SHRED),
     Entry(SOCKET, "the local API's Unix socket, without a runtime directory", 0o660, Fate.DELETE, "socket"),
     Entry(LOCK, "serialises writers (install, rollback, wipe)", 0o600, Fate.DELETE),
     Entry(WIPE_MARKER, "transient: a wipe in progress (resumed at the next start)", 0o600, Fate.DELETE),
@@ -135,6 +151,13 @@ class Layout:
         if not HEX32_RE.fullmatch(bundle_id) or suffix not in (".ewb", ".key"):
             raise FormatError("invalid bundle id")
         return self.root / BUNDLES / f"{bundle_id}{suffix}"
+
+    def local_version(self, bundle_id: str, number: int) -> Path:
+        """A local version's file: named by the bundle it was learnt on and its number only."""
+        name = f"{bundle_id}-{number}.ewv"
+        if not isinstance(number, int) or number < 1 or not re.fullmatch(VERSION_RE, name):
+            raise FormatError("invalid local version name")
+        return self.root / LEARNING / name
 
     def scan(self) -> list[Found]:
         """Everything under the data dir (links are reported, never followed)."""

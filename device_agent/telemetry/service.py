@@ -44,6 +44,7 @@ EVENTS_CURSOR = "events_cursor"
 MODEL_FIELDS = (
     "model_id",
     "version",
+    "local_version",  # the local learnt version serving, if any (docs/learning.md)
     "previous_version",
     "highest_version",  # lets the fleet see a board's anti-rollback state go backwards
     "serving",
