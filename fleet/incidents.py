@@ -16,11 +16,14 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device_agent import crypto
 from device_agent.errors import BadSignature, FormatError
 from device_agent.wire import canonical_json, format_time, loads_json
+
+if TYPE_CHECKING:
+    from packager.signers import Signer
 
 EXPORT_DOMAIN = b"edgeward/incident-export/v1"
 FORMAT = "edgeward-incidents/1"
@@ -50,10 +53,10 @@ def export_document(
     }
 
 
-def sign_export(doc: dict[str, Any], signer: Any) -> bytes:
-    """The signed envelope, as the bytes to write."""
+def sign_export(doc: dict[str, Any], signer: Signer) -> bytes:
+    """The signed envelope, as the bytes to write (the operator's key, from a file or a token)."""
     payload = canonical_json(doc)
-    public = crypto.ed25519_public_raw(signer)
+    public = signer.public_raw
     envelope = {
         "payload_type": PAYLOAD_TYPE,
         "payload": base64.b64encode(payload).decode(),

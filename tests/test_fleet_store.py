@@ -21,6 +21,7 @@ from fleet.incidents import export_document, sign_export, verify_export
 from fleet.monitor import Monitor, MonitorConfig, ingest
 from fleet.store import MonitorStore, PostgresStore, Store, open_store
 from packager.cli import main as edgeward
+from packager.signers import FileSigner
 from tests.conftest import Board
 from tests.fixtures.fleet import Fleet, fleet_fixture, wait_until  # noqa: F401
 from tests.fixtures.postgres import PgCluster, pg_cluster_fixture, pg_url_fixture  # noqa: F401
@@ -320,7 +321,7 @@ def test_incident_export_is_signed_and_any_change_is_refused(tmp_path: Path) -> 
     ingest(store, KEYS, [("edgeward/v1/pi-1/events", forged)], 8)
     operator = Ed25519PrivateKey.generate()
     events = store.events(device_id="pi-1")
-    blob = sign_export(export_document(events, "pi-1", None, None, NOW, store.name), operator)
+    blob = sign_export(export_document(events, "pi-1", None, None, NOW, store.name), FileSigner(operator))
     doc = verify_export(blob, ed25519_public_raw(operator))
     assert doc["count"] == 4 and {e["source"] for e in doc["events"]} == {"board", "monitor"}
     with pytest.raises(BadSignature):
