@@ -154,8 +154,14 @@ class FleetHome:
         key: ec.EllipticCurvePrivateKey = load_private_key_pem(self.ca_key, ec.EllipticCurvePrivateKey)
         return cert, key
 
-    def _issue(self, cn: str, server_names: list[str] | None, out: Path) -> Issued:
-        ca_cert, ca_key = self._load_ca()
+    def _issue(
+        self,
+        cn: str,
+        server_names: list[str] | None,
+        out: Path,
+        ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+    ) -> Issued:
+        ca_cert, ca_key = ca or self._load_ca()
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         usage = (
@@ -198,6 +204,21 @@ class FleetHome:
     # --- identities ----------------------------------------------------------------------------
     def enrol_device(self, enrolment_bytes: bytes, source: str) -> tuple[Enrolment, Issued]:
         """Verify a board's enrolment, record its identity key, issue its client certificate."""
+        return self._enrol(enrolment_bytes, source)
+
+    def enrol_devices(self, enrolments: list[tuple[bytes, str]]) -> list[tuple[Enrolment, Issued]]:
+        """:meth:`enrol_device` for many boards (a flashing station's batch, a fleet simulator),
+        with the CA key loaded and decrypted once; each board is checked and issued in turn, so a
+        refusal names its file and leaves the boards before it enrolled."""
+        ca = self._load_ca()
+        return [self._enrol(data, source, ca) for data, source in enrolments]
+
+    def _enrol(
+        self,
+        enrolment_bytes: bytes,
+        source: str,
+        ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+    ) -> tuple[Enrolment, Issued]:
         e = load_enrolment(enrolment_bytes, source)
         if (self.operators / e.device_id).exists():
             raise UsageError(
@@ -213,7 +234,7 @@ class FleetHome:
                 f"{e.device_id} is enrolled with another identity key; remove {path} to re-enrol it"
             )
         atomic_write(path, enrolment_bytes, 0o644)
-        return e, self._issue(e.device_id, None, self.certs)
+        return e, self._issue(e.device_id, None, self.certs, ca)
 
     def enrol_operator(self, operator_id: str) -> Issued:
         """Issue an operator's client certificate (the broker ACL lets operators read all)."""
