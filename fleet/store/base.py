@@ -373,22 +373,18 @@ class StoreReads:
         that no other monitor holds a live claim on (one taken after ``lease_before``), oldest
         first: the monitor's own (``monitor:ID``) and the boards' (``board:DEVICE:SEQ``)."""
         t, lease = format_time(since), format_time(lease_before)
-        free = (
-            "NOT EXISTS (SELECT 1 FROM alerts a WHERE a.event_key = {key} AND "
-            "(a.sent_at IS NOT NULL OR (a.claimed_by <> ? AND a.claimed_at >= ?)))"
-        )
         monitor_rows = self._dicts(
             "SELECT s.id, s.received, s.device_id, s.kind, s.severity, s.detail, s.topic, s.seq, "
-            "s.repeats FROM security s WHERE s.received >= ? AND "
-            + free.format(key="'monitor:' || s.id")
-            + " ORDER BY s.id LIMIT ?",
+            "s.repeats FROM security s WHERE s.received >= ? AND NOT EXISTS (SELECT 1 FROM alerts a "
+            "WHERE a.event_key = 'monitor:' || s.id AND (a.sent_at IS NOT NULL OR "
+            "(a.claimed_by <> ? AND a.claimed_at >= ?))) ORDER BY s.id LIMIT ?",
             (t, monitor, lease, limit),
         )
         board_rows = self._dicts(
             "SELECT r.device_id, r.seq, r.time, r.received, r.data FROM reports r "
-            "WHERE r.kind = 'events' AND r.received >= ? AND "
-            + free.format(key="'board:' || r.device_id || ':' || r.seq")
-            + " ORDER BY r.received, r.device_id, r.seq LIMIT ?",
+            "WHERE r.kind = 'events' AND r.received >= ? AND NOT EXISTS (SELECT 1 FROM alerts a "
+            "WHERE a.event_key = 'board:' || r.device_id || ':' || r.seq AND (a.sent_at IS NOT NULL "
+            "OR (a.claimed_by <> ? AND a.claimed_at >= ?))) ORDER BY r.received, r.device_id, r.seq LIMIT ?",
             (t, monitor, lease, limit),
         )
         out = [
