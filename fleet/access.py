@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import ssl
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from device_agent.errors import EnvironmentFault, UsageError
 
@@ -119,11 +122,11 @@ def server_context(access: Access, home: FleetHome) -> ssl.SSLContext | None:
     return ctx
 
 
-def peer_name(cert: dict[str, object] | None) -> str | None:
+def peer_name(cert: Any) -> str | None:
     """The common name of a verified peer certificate (``SSLSocket.getpeercert()``)."""
     if not cert:
         return None
-    for rdn in cert.get("subject", ()):  # type: ignore[attr-defined]
+    for rdn in cert.get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
                 return str(value)
@@ -142,3 +145,77 @@ def authorised(access: Access, authorization: str | None, peer_cn: str | None, o
         scheme, _, given = authorization.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), access.token.encode())
     return False
+
+
+HANDSHAKE_S = 10.0
+REQUEST_S = 30.0  # a client that stops sending mid-request loses its connection after this
+
+
+class GuardedHandler(BaseHTTPRequestHandler):
+    """A request handler whose TLS handshake runs in its own thread (a slow client never holds up
+    ``accept``) and that answers 401 to a request without an accepted credential."""
+
+    access: Access = Access()
+    home: FleetHome | None = None
+    timeout = REQUEST_S
+
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(HANDSHAKE_S)
+            self.request.do_handshake()
+        super().setup()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        """Quiet: errors a client causes are its own."""
+
+    def allowed(self) -> bool:
+        """True if the request may be served; otherwise a 401 has been sent."""
+        cn = peer_name(self.request.getpeercert()) if isinstance(self.request, ssl.SSLSocket) else None
+        operators = self.home.operator_ids() if self.home is not None and self.access.client_certs else []
+        if authorised(self.access, self.headers.get("Authorization"), cn, operators):
+            return True
+        ways = []
+        if self.access.client_certs:
+            ways.append("a client certificate the fleet CA issued to an enrolled operator")
+        if self.access.token is not None:
+            ways.append("'Authorization: Bearer TOKEN'")
+        body = json.dumps({"error": f"authentication required: present {' or '.join(ways)}"}).encode()
+        self.send_response(401)
+        if self.access.token is not None:
+            self.send_header("WWW-Authenticate", 'Bearer realm="edgeward"')
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+        return False
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A failed handshake or a dropped connection is the client's: no traceback."""
+
+
+def make_guarded_server(
+    bind: str, port: int, handler: type[GuardedHandler], access: Access, home: FleetHome, what: str
+) -> ThreadingHTTPServer:
+    """A threading HTTP(S) server for ``handler`` under ``access``, after :func:`listen_policy`."""
+    listen_policy(bind, access, what)
+    ctx = server_context(access, home)
+    guarded = type(handler.__name__, (handler,), {"access": access, "home": home})
+    try:
+        server = _Server((bind, port), guarded)
+    except OSError as e:
+        raise EnvironmentFault(f"cannot serve the {what} on {bind}:{port}: {e.strerror}") from e
+    if ctx is not None:
+        server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    return server
+
+
+def url_of(server: ThreadingHTTPServer, access: Access) -> str:
+    host, port = str(server.server_address[0]), int(server.server_address[1])
+    scheme = "https" if access.tls else "http"
+    h = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{h}:{port}/"

@@ -340,9 +340,10 @@ class StoreReads:
         return out[-limit:]
 
     def event_counts(self, since: datetime, limit: int = 100_000) -> list[dict[str, Any]]:
-        """Security events received since ``since``, counted by (source, kind, severity): the
-        monitor's own in SQL, the boards' (kind and severity inside each signed report) from at
-        most ``limit`` newest reports. Kind and severity are what a board said: the caller bounds
+        """Security events since ``since``, counted by (source, kind, severity), on the times
+        :meth:`events` uses (the monitor's: when it received them; a board's: the time it
+        signed): the monitor's own in SQL, the boards' (kind and severity inside each signed
+        report) from at most ``limit`` newest reports. Kind and severity are what a board said: the caller bounds
         them before using them as labels."""
         t = format_time(since)
         out: dict[tuple[str, str, str], int] = {}
@@ -354,8 +355,7 @@ class StoreReads:
             key = ("monitor", str(r["kind"]), str(r["severity"]))
             out[key] = out.get(key, 0) + int(r["n"])
         for r in self._dicts(
-            "SELECT data FROM reports WHERE kind = 'events' AND received >= ? "
-            "ORDER BY received DESC LIMIT ?",
+            "SELECT data FROM reports WHERE kind = 'events' AND time >= ? ORDER BY time DESC LIMIT ?",
             (t, limit),
         ):
             ev = _board_event(r["data"])
