@@ -4,6 +4,8 @@ Prometheus text parser, every figure checked against the store."""
 
 from __future__ import annotations
 
+import json
+import re
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,5 +144,11 @@ def test_metrics_after_a_burst_through_mosquitto_match_the_store(
     assert shown == day and sum(v for (s, _, _), v in shown.items() if s == "board") == 60
     labels = {v for samples in m.values() for key in samples for _, v in key}
     assert "pi-001" not in labels and "pi-ghost" not in labels
+
+    # The Grafana dashboard in docs/ reads only metrics the monitor exports.
+    grafana = (Path(__file__).resolve().parent.parent / "docs" / "grafana-dashboard.json").read_text()
+    exprs = [t["expr"] for p in json.loads(grafana)["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"edgeward_[a-z_]+", e)}
+    assert used and used <= set(m), used - set(m)
     store.close()
     reads.close()
