@@ -5,7 +5,9 @@ Prometheus text parser, every figure checked against the store."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -152,3 +154,86 @@ def test_metrics_after_a_burst_through_mosquitto_match_the_store(
     assert used and used <= set(m), used - set(m)
     store.close()
     reads.close()
+
+
+def test_fleet_monitor_command_serves_metrics_and_sends_alerts(
+    fleet: Fleet, make_board: Any, capsys: Any
+) -> None:
+    """``edgeward fleet monitor --metrics-listen ... --alert-webhook ...`` end to end: reports
+    queued at the broker for the monitor's session are ingested, counted on /metrics and each
+    qualifying event is POSTed to a real local webhook once."""
+    import threading
+
+    from packager.cli import main as edgeward
+    from tests.fixtures.fleet import free_port
+    from tests.test_fleet_alerts import Webhook
+
+    board = make_board("pi-001")
+    fleet.enrol(board.enrolment)
+    signer = board.agent().store.unlock(board.keys).signer()
+    # The monitor's persistent session exists at the broker, so what the board publishes now waits
+    # for the command below.
+    store = MonitorStore(fleet.home.monitor_db)
+    first = Monitor(fleet.home, store, fleet.operator, "mon-cli", MonitorConfig(group=None))
+    first.start()
+    first.link.require_connected(10)
+    first.stop()
+    store.close()
+    now = datetime.now(UTC)
+    burst, prev = [], NO_PREV
+    for seq in range(1, 9):
+        sev = "critical" if seq % 2 else "info"
+        r = Report("pi-001", seq, "events", now, {"event": {"kind": "extraction", "severity": sev, "evidence": {}}})
+        burst.append((r.topic, encode_report(r, signer, prev)))
+        prev = payload_digest(burst[-1][1])
+    publish_as(fleet, "pi-001", burst)
+
+    hook = Webhook()
+    port = free_port()
+    seen: dict[str, Any] = {}
+    returned = threading.Event()
+
+    def watch() -> None:
+        url = f"http://127.0.0.1:{port}/metrics"
+
+        def done() -> bool:
+            if returned.is_set():
+                return True
+            try:
+                m = scrape(url)
+            except OSError:
+                return False
+            seen["metrics"] = m
+            accepted = m.get("edgeward_monitor_reports_total", {}).get(
+                (("monitor", "mon-cli"), ("verdict", "accepted")), 0)
+            return accepted == len(burst) and len(hook.keys()) == 4
+
+        try:
+            wait_until(done, 60, "the monitor's metrics and alerts")
+            seen["ok"] = not returned.is_set()
+        finally:
+            if not returned.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)  # the command stops as on a service stop
+
+    watcher = threading.Thread(target=watch)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    watcher.start()
+    try:
+        code = edgeward(["fleet", "monitor", "--fleet-dir", str(fleet.home.path), "--operator", "ops",
+                         "--broker", f"127.0.0.1:{fleet.port}", "--client-id", "mon-cli", "--exclusive",
+                         "--duration", "300", "--metrics-listen", f"127.0.0.1:{port}",
+                         "--alert-webhook", hook.url, "--alert-severity", "critical"])
+    finally:
+        returned.set()
+        watcher.join()
+        hook.close()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+    assert seen.get("ok"), "the metrics or alerts never matched the burst"
+    out = capsys.readouterr().out
+    assert code == 0 and f"metrics on http://127.0.0.1:{port}/metrics" in out
+    m = seen["metrics"]
+    assert "pi-001" not in str(m)  # no board id in any label
+    assert sorted(hook.keys()) == [f"board:pi-001:{s}" for s in (1, 3, 5, 7)]
+    assert m["edgeward_fleet_security_events_day"][
+        (("kind", "extraction"), ("severity", "critical"), ("source", "board"))] == 4
