@@ -162,28 +162,99 @@ def _operator_broker(args: argparse.Namespace, home: FleetHome) -> Any:
     return Broker.parse(args.broker, args.ca or str(home.ca_cert), cert, key)
 
 
+def _access(args: argparse.Namespace) -> Any:
+    """The ``--tls-cert``/``--tls-key``/``--client-certs``/``--token-file`` options."""
+    from .access import Access, read_token
+
+    return Access(
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        client_certs=args.client_certs,
+        token=read_token(args.token_file) if args.token_file else None,
+    )
+
+
+def _access_args(sp: argparse.ArgumentParser, what: str) -> None:
+    sp.add_argument("--tls-cert", help=f"serve the {what} over TLS with this certificate (PEM)")
+    sp.add_argument("--tls-key", help="the TLS certificate's private key (PEM)")
+    sp.add_argument(
+        "--client-certs",
+        action="store_true",
+        help="accept client certificates the fleet CA issued to enrolled operators (needs TLS)",
+    )
+    sp.add_argument("--token-file", help="accept 'Authorization: Bearer TOKEN' with the token in this file (needs TLS)")
+
+
 def cmd_monitor(args: argparse.Namespace) -> int:
     from .monitor import Monitor, MonitorConfig
     from .store import open_store
 
     home = _home(args)
-    store = open_store(args.db or home.monitor_db)
-    config = MonitorConfig(group=None if args.exclusive else args.group)
     client_id = args.client_id or f"monitor-{args.operator}"
+    alert_config = None
+    if args.alert_webhook:
+        from .alerts import AlertConfig, check_config
+
+        alert_config = AlertConfig(args.alert_webhook, args.alert_severity, args.alert_format, client_id)
+        check_config(alert_config)
+    access = None
+    if args.metrics_listen:
+        from .access import listen_policy
+
+        access = _access(args)
+        bind, port = _host_port(args.metrics_listen, "--metrics-listen")
+        listen_policy(bind, access, "metrics endpoint")
+    elif args.tls_cert or args.tls_key or args.client_certs or args.token_file:
+        raise UsageError("--tls-cert, --tls-key, --client-certs and --token-file go with --metrics-listen")
+    spec = args.db or home.monitor_db
+    store = open_store(spec)
+    config = MonitorConfig(group=None if args.exclusive else args.group)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    mon = Monitor(home, store, _operator_broker(args, home), client_id, config)
+    side: list[Any] = []  # the metrics server, the alert thread and their own store connections
+    on_chunk = None
     try:
-        mon.start()
-        mon.link.require_connected(args.connect_timeout)
-        print(f"monitoring {args.broker} into {store.name} (Ctrl-C to stop)", flush=True)
-        end = time.monotonic() + args.duration if args.duration else None
-        while not done.wait(0.5) and (end is None or time.monotonic() < end):
-            if mon.error is not None:
-                raise mon.error
+        if access is not None:
+            from .access import url_of
+            from .metrics import MonitorMetrics, metrics_server
+
+            mine = MonitorMetrics(client_id)
+            on_chunk = mine.observe
+            reads = open_store(spec)
+            side.append(reads)
+            server = metrics_server(home, reads, mine, bind, port, access, args.stale_after)
+            side.append(server)
+            threading.Thread(target=server.serve_forever, name="edgeward-metrics", daemon=True).start()
+            print(f"metrics on {url_of(server, access)}metrics", flush=True)
+        if alert_config is not None:
+            from .alerts import Alerter
+
+            alert_store = open_store(spec)
+            side.append(alert_store)
+            alerter = Alerter(alert_store, alert_config)
+            side.append(alerter)
+            alerter.start()
+        mon = Monitor(home, store, _operator_broker(args, home), client_id, config, on_chunk=on_chunk)
+        try:
+            mon.start()
+            mon.link.require_connected(args.connect_timeout)
+            print(f"monitoring {args.broker} into {store.name} (Ctrl-C to stop)", flush=True)
+            end = time.monotonic() + args.duration if args.duration else None
+            while not done.wait(0.5) and (end is None or time.monotonic() < end):
+                if mon.error is not None:
+                    raise mon.error
+        finally:
+            mon.stop()
     finally:
-        mon.stop()
+        for part in reversed(side):
+            if hasattr(part, "shutdown"):
+                part.shutdown()
+                part.server_close()
+            elif hasattr(part, "stop"):
+                part.stop()
+            else:
+                part.close()
         store.close()
     return 0
 
@@ -258,11 +329,14 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .access import listen_policy
     from .dashboard import serve
 
     home = _home(args)
     bind, port = _host_port(args.listen, "--listen")
-    serve(home, _store(args, home), bind, port, args.stale_after)
+    access = _access(args)
+    listen_policy(bind, access, "dashboard")
+    serve(home, _store(args, home), bind, port, args.stale_after, access)
     return 0
 
 
@@ -448,6 +522,28 @@ def register(sub: Any) -> None:
     )
     sp.add_argument("--connect-timeout", type=float, default=10.0)
     sp.add_argument("--duration", type=float, help="stop after this many seconds")
+    sp.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here (loopback, or TLS and authentication beyond it)",
+    )
+    _access_args(sp, "metrics")
+    sp.add_argument(
+        "--stale-after", type=float, default=STALE_AFTER_S, help="seconds of silence: stale (metrics)"
+    )
+    sp.add_argument("--alert-webhook", metavar="URL", help="POST security events to this webhook")
+    sp.add_argument(
+        "--alert-severity",
+        default="warning",
+        choices=("info", "warning", "critical"),
+        help="alert on events at or above this severity (default warning)",
+    )
+    sp.add_argument(
+        "--alert-format",
+        default="alertmanager",
+        choices=("alertmanager", "json"),
+        help="the webhook body: Alertmanager's webhook format or a generic JSON one",
+    )
 
     for name, help_, fn in (
         ("status", "devices: state, last seen, model versions, counters", cmd_status),
@@ -468,8 +564,9 @@ def register(sub: Any) -> None:
             sp.add_argument(
                 "--listen",
                 default="127.0.0.1:8080",
-                help="HOST:PORT to serve on (local by default)",
+                help="HOST:PORT to serve on (loopback by default; beyond it TLS and authentication)",
             )
+            _access_args(sp, "dashboard")
 
     sp = add("prune", "retention: delete reports and security events older than an age", cmd_prune)
     sp.add_argument("--store", "--db", dest="db", help=STORE_HELP)

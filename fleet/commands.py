@@ -500,6 +500,11 @@ class CommandLedger:
         )
         return {r["device_id"]: int(r["n"]) for r in rows}
 
+    def decommission_ordered(self) -> list[str]:
+        """Boards a decommission command was issued to (attested or not)."""
+        rows = self._rows("SELECT DISTINCT device_id FROM commands WHERE kind = 'decommission' ORDER BY device_id")
+        return [r["device_id"] for r in rows]
+
     def devices_with_pending(self, now: datetime | None = None) -> list[str]:
         return sorted(self.pending_counts(now))
 

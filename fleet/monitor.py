@@ -45,6 +45,7 @@ import multiprocessing
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -205,16 +206,21 @@ def judge_sequence(
 
 
 def ingest(
-    store: Store, keys: Mapping[str, bytes], messages: list[tuple[str, bytes]], window: int
+    store: Store,
+    keys: Mapping[str, bytes],
+    messages: list[tuple[str, bytes]],
+    window: int,
+    reasons: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Authenticate, judge and store a batch of (topic, payload) in one transaction; count
-    verdicts. Should storing the batch fail for any reason but the environment (the store
+    verdicts (and, into ``reasons`` if given, the flagged ones by :func:`rejection_reason`,
+    once committed). Should storing the batch fail for any reason but the environment (the store
     itself), each message is stored in a transaction of its own, and one that still fails is
     recorded as an ``unjudgeable`` security event: one message never holds up the others."""
     topics = [t for t, _ in messages]
     verified = verify_batch(keys, messages)
     try:
-        return store_verified(store, topics, verified, window)
+        return store_verified(store, topics, verified, window, reasons)
     except EnvironmentFault:
         raise  # the store, not a message: nothing committed, nothing acknowledged, delivered again
     except Exception:  # noqa: BLE001
@@ -222,11 +228,13 @@ def ingest(
     counts = dict.fromkeys(("accepted", "duplicate", "flagged"), 0)
     for topic_name, (r, d) in zip(topics, verified, strict=True):
         try:
-            one = store_verified(store, [topic_name], [(r, d)], window)
+            one = store_verified(store, [topic_name], [(r, d)], window, reasons)
         except EnvironmentFault:
             raise
         except Exception as e:  # noqa: BLE001
-            one = store_verified(store, [topic_name], [(unjudgeable(topic_name, d, "report", e), d)], window)
+            one = store_verified(
+                store, [topic_name], [(unjudgeable(topic_name, d, "report", e), d)], window, reasons
+            )
         for k, n in one.items():
             counts[k] += n
     return counts
@@ -275,6 +283,7 @@ def store_verified(
     topics: list[str],
     verified: list[tuple[Row | Flagged, str]],
     window: int,
+    reasons: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """The second stage of :func:`ingest`: judge what :func:`verify_batch` made of the messages
     received on ``topics`` against the store and write the batch in one transaction. When
@@ -282,7 +291,7 @@ def store_verified(
     batch again against what is now stored, a bounded number of times."""
     for attempt in range(CONFLICT_RETRIES):
         try:
-            return _judge_and_store(store, topics, verified, window)
+            return _judge_and_store(store, topics, verified, window, reasons)
         except StoreConflict:
             if attempt == CONFLICT_RETRIES - 1:
                 raise
@@ -299,8 +308,10 @@ def _judge_and_store(
     topics: list[str],
     verified: list[tuple[Row | Flagged, str]],
     window: int,
+    reasons: dict[str, int] | None = None,
 ) -> dict[str, int]:
     accepted = duplicate = flagged = 0
+    why: dict[str, int] = {}
     with store.batch(utcnow()) as tx:
         tx.prefetch((r.device_id, r.seq) for r, _ in verified if isinstance(r, Row))
         for topic_name, (r, d) in zip(topics, verified, strict=True):
@@ -320,7 +331,30 @@ def _judge_and_store(
             else:
                 tx.flag(v.kind, v.severity, v.detail, topic_name, v.device_id, v.seq, v.digest)
                 flagged += 1
+                reason = rejection_reason(v.kind, v.detail)
+                why[reason] = why.get(reason, 0) + 1
+    if reasons is not None:  # committed: count them (a batch judged again is counted once)
+        for reason, n in why.items():
+            reasons[reason] = reasons.get(reason, 0) + n
     return {"accepted": accepted, "duplicate": duplicate, "flagged": flagged}
+
+
+# Why a report was rejected (the ``/metrics`` label): the security event's kind, with a
+# malformed report told apart from a forged one.
+REASONS = ("forged", "malformed", "replayed", "out-of-sequence", "unknown-device", "unjudgeable")
+
+
+def rejection_reason(kind: str, detail: str) -> str:
+    if kind == "forged" and detail.startswith("malformed"):
+        return "malformed"
+    return kind if kind in REASONS else "other"
+
+
+def _with_reasons(store: Store, chunk: tuple[Mapping[str, bytes], list[tuple[str, bytes]], int]) -> dict[str, int]:
+    """:func:`ingest` of one chunk, its rejections by reason added as ``rejected:REASON``."""
+    reasons: dict[str, int] = {}
+    counts = ingest(store, *chunk, reasons=reasons)
+    return counts | {f"rejected:{k}": n for k, n in reasons.items()}
 
 
 def _device_of(topic_name: str) -> str:
@@ -425,7 +459,7 @@ def _helper_main(conn: Any, db: str) -> None:
         conn.send((True, None))
         while (chunk := conn.recv()) is not None:
             try:
-                conn.send((True, ingest(store, *chunk)))
+                conn.send((True, _with_reasons(store, chunk)))
             except EdgeWardError as e:
                 conn.send((False, e))
             except Exception as e:  # a bug, not the environment: still name it to the monitor
@@ -448,7 +482,7 @@ class _InProcess:
 
     def send(self, chunk: tuple[Mapping[str, bytes], list[tuple[str, bytes]], int]) -> None:
         try:
-            self._done.append(ingest(self._store, *chunk))
+            self._done.append(_with_reasons(self._store, chunk))
         except EdgeWardError as e:
             self._done.append(e)
         except Exception as e:
@@ -483,11 +517,15 @@ class Monitor:
         client_id: str,
         config: MonitorConfig = DEFAULT_MONITOR,
         on_batch: Callable[[int], None] | None = None,
+        on_chunk: Callable[[dict[str, int], float], None] | None = None,
     ) -> None:
         self.home = home
         self.store = store
         self.config = config
         self._on_batch = on_batch
+        # The metrics hook: each committed chunk's verdict counts (rejections as
+        # ``rejected:REASON``) and the seconds from hand-over to commit.
+        self._on_chunk = on_chunk
         self._inbox: queue.SimpleQueue[tuple[str, bytes, int]] = queue.SimpleQueue()
         self.link = Link(
             broker,
@@ -584,6 +622,7 @@ class Monitor:
         chunk already handed over: committed and not acknowledged, it would come back."""
         helper = self._helper
         sent: collections.deque[list[int]] = collections.deque()  # message ids, oldest first
+        handed: collections.deque[float] = collections.deque()  # when each was handed over
         try:
             while sent or not self._stop.is_set():
                 batch = []
@@ -595,9 +634,14 @@ class Monitor:
                     if batch:
                         helper.send(self._chunk(batch))
                         sent.append([mid for _, _, mid in batch])
+                        handed.append(time.monotonic())
                 if sent and helper.answered(0.0 if batch else FILL_S):
-                    helper.result()
+                    counts = helper.result()
                     mids = sent.popleft()
+                    if self._on_chunk is not None:
+                        self._on_chunk(counts, time.monotonic() - handed.popleft())
+                    else:
+                        handed.popleft()
                     for mid in mids:
                         self.link.ack(mid)
                     self.processed += len(mids)

@@ -119,7 +119,7 @@ def test_a_release_0_2_sqlite_store_is_migrated_on_open_and_a_newer_one_refused(
     assert ingest(store, KEYS, [report(1)], 8)["accepted"] == 1
     store.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     db.execute("PRAGMA user_version = 99")
     db.commit()
     db.close()
@@ -146,7 +146,7 @@ def test_postgresql_schema_is_made_once_by_monitors_starting_together(pg_url: st
         t.join()
     assert not errors and len(stores) == 4
     with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT version FROM edgeward_schema").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM edgeward_schema").fetchall() == [(3,)]
         conn.execute("INSERT INTO edgeward_schema VALUES (99)")
     for s in stores:
         s.close()

@@ -272,10 +272,13 @@ class StoreReads:
             return db.dicts(sql, params)
 
     def devices(self) -> list[dict[str, Any]]:
+        # One grouped count per table, joined (a count per device would scan a table per board).
         rows = self._dicts(
-            "SELECT d.*, (SELECT COUNT(*) FROM reports r WHERE r.device_id = d.device_id "
-            "AND r.kind = 'events') AS events, (SELECT COUNT(*) FROM security s "
-            "WHERE s.device_id = d.device_id) AS flagged FROM devices d ORDER BY device_id"
+            "SELECT d.*, COALESCE(e.n, 0) AS events, COALESCE(f.n, 0) AS flagged FROM devices d "
+            "LEFT JOIN (SELECT device_id, COUNT(*) AS n FROM reports WHERE kind = 'events' "
+            "GROUP BY device_id) e ON e.device_id = d.device_id "
+            "LEFT JOIN (SELECT device_id, COUNT(*) AS n FROM security GROUP BY device_id) f "
+            "ON f.device_id = d.device_id ORDER BY d.device_id"
         )
         for r in rows:
             r["status"] = json.loads(r["status"])
@@ -339,6 +342,121 @@ class StoreReads:
         out.sort(key=lambda e: (e["time"], e["source"], e["seq"] or 0))
         return out[-limit:]
 
+    def event_counts(self, since: datetime, limit: int = 100_000) -> list[dict[str, Any]]:
+        """Security events since ``since``, counted by (source, kind, severity), on the times
+        :meth:`events` uses (the monitor's: when it received them; a board's: the time it
+        signed): the monitor's own in SQL, the boards' (kind and severity inside each signed
+        report) from at most ``limit`` newest reports. Kind and severity are what a board said: the caller bounds
+        them before using them as labels."""
+        t = format_time(since)
+        out: dict[tuple[str, str, str], int] = {}
+        for r in self._dicts(
+            "SELECT kind, severity, COUNT(*) AS n FROM security WHERE received >= ? "
+            "GROUP BY kind, severity",
+            (t,),
+        ):
+            key = ("monitor", str(r["kind"]), str(r["severity"]))
+            out[key] = out.get(key, 0) + int(r["n"])
+        for r in self._dicts(
+            "SELECT data FROM reports WHERE kind = 'events' AND time >= ? ORDER BY time DESC LIMIT ?",
+            (t, limit),
+        ):
+            ev = _board_event(r["data"])
+            key = ("board", str(ev.get("kind")), str(ev.get("severity")))
+            out[key] = out.get(key, 0) + 1
+        return [
+            {"source": k[0], "kind": k[1], "severity": k[2], "count": n} for k, n in sorted(out.items())
+        ]
+
+    # --- the alert queue: security events, claimed once across monitors ----------------------
+    def alert_candidates(
+        self, since: datetime, monitor: str, lease_before: datetime, limit: int
+    ) -> list[dict[str, Any]]:
+        """Security events received since ``since`` that no monitor has sent or decided on, and
+        that no other monitor holds a live claim on (one taken after ``lease_before``), oldest
+        first: the monitor's own (``monitor:ID``) and the boards' (``board:DEVICE:SEQ``)."""
+        t, lease = format_time(since), format_time(lease_before)
+        monitor_rows = self._dicts(
+            "SELECT s.id, s.received, s.device_id, s.kind, s.severity, s.detail, s.topic, s.seq, "
+            "s.repeats FROM security s WHERE s.received >= ? AND NOT EXISTS (SELECT 1 FROM alerts a "
+            "WHERE a.event_key = 'monitor:' || s.id AND (a.sent_at IS NOT NULL OR "
+            "(a.claimed_by <> ? AND a.claimed_at >= ?))) ORDER BY s.id LIMIT ?",
+            (t, monitor, lease, limit),
+        )
+        board_rows = self._dicts(
+            "SELECT r.device_id, r.seq, r.time, r.received, r.data FROM reports r "
+            "WHERE r.kind = 'events' AND r.received >= ? AND NOT EXISTS (SELECT 1 FROM alerts a "
+            "WHERE a.event_key = 'board:' || r.device_id || ':' || r.seq AND (a.sent_at IS NOT NULL "
+            "OR (a.claimed_by <> ? AND a.claimed_at >= ?))) ORDER BY r.received, r.device_id, r.seq LIMIT ?",
+            (t, monitor, lease, limit),
+        )
+        out = [
+            {"key": f"monitor:{r['id']}", "source": "monitor", "time": r["received"]}
+            | {k: r[k] for k in ("received", "device_id", "kind", "severity", "detail", "topic", "seq", "repeats")}
+            for r in monitor_rows
+        ]
+        for r in board_rows:
+            ev = _board_event(r["data"])
+            out.append(
+                {
+                    "key": f"board:{r['device_id']}:{r['seq']}",
+                    "source": "board",
+                    "time": r["time"],
+                    "received": r["received"],
+                    "device_id": r["device_id"],
+                    "seq": r["seq"],
+                    "kind": ev.get("kind"),
+                    "severity": ev.get("severity"),
+                    "detail": json.dumps(ev.get("evidence", {}), sort_keys=True)[:500],
+                }
+            )
+        out.sort(key=lambda e: (e["received"], e["key"]))
+        return out[:limit]
+
+    def claim_alert(self, key: str, monitor: str, now: datetime, lease_before: datetime) -> bool:
+        """Take the event ``key`` for this monitor to send: True if no monitor sent it and no
+        other monitor holds a claim taken after ``lease_before`` (the primary key of ``alerts``
+        makes two claims one row; the one whose write lands owns it)."""
+        with self._write("alert claim") as db:
+            return (
+                db.run(
+                    "INSERT INTO alerts (event_key, claimed_by, claimed_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (event_key) DO UPDATE SET claimed_by = excluded.claimed_by, "
+                    "claimed_at = excluded.claimed_at WHERE alerts.sent_at IS NULL AND "
+                    "(alerts.claimed_by = excluded.claimed_by OR alerts.claimed_at < ?)",
+                    (key, monitor, format_time(now), format_time(lease_before)),
+                )
+                == 1
+            )
+
+    def alert_settled(self, key: str, monitor: str, now: datetime, outcome: str = "sent") -> None:
+        """The webhook took the event (or it is below the alert threshold: ``outcome`` says)."""
+        with self._write("alert sent") as db:
+            db.run(
+                "INSERT INTO alerts (event_key, claimed_by, claimed_at, sent_at, attempts, last_error) "
+                "VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT (event_key) DO UPDATE SET "
+                "sent_at = excluded.sent_at, attempts = alerts.attempts + 1, last_error = excluded.last_error "
+                "WHERE alerts.claimed_by = excluded.claimed_by AND alerts.sent_at IS NULL",
+                (key, monitor, format_time(now), format_time(now), "" if outcome == "sent" else outcome),
+            )
+
+    def alert_failed(self, key: str, monitor: str, now: datetime, error: str) -> None:
+        """A delivery attempt failed: count it and renew this monitor's claim (it retries)."""
+        with self._write("alert retry") as db:
+            db.run(
+                "UPDATE alerts SET attempts = attempts + 1, last_error = ?, claimed_at = ? "
+                "WHERE event_key = ? AND claimed_by = ? AND sent_at IS NULL",
+                (_text(error, 300), format_time(now), key, monitor),
+            )
+
+    def alert_backlog(self) -> dict[str, int]:
+        """Alert rows by outcome: sent, pending (claimed, not yet delivered), below threshold."""
+        rows = self._dicts(
+            "SELECT CASE WHEN sent_at IS NULL THEN 'pending' WHEN last_error = '' THEN 'sent' "
+            "ELSE 'skipped' END AS outcome, COUNT(*) AS n FROM alerts GROUP BY 1"
+        )
+        return {str(r["outcome"]): int(r["n"]) for r in rows}
+
     def prune(self, before: datetime, keep_last: int, batch: int = 1000) -> Pruned:
         """Delete reports and security events the monitor received before ``before``, at most
         ``batch`` rows per transaction (a long prune never holds the writers up for long). A
@@ -373,6 +491,15 @@ class StoreReads:
             if n < batch:
                 break
         return Pruned(reports, events, batches)
+
+
+def _board_event(data: str) -> dict[str, Any]:
+    """The event object of a stored board ``events`` report (empty if it has another shape)."""
+    try:
+        ev = json.loads(data).get("event")
+    except (ValueError, AttributeError):
+        return {}
+    return ev if isinstance(ev, dict) else {}
 
 
 @contextlib.contextmanager

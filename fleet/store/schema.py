@@ -7,7 +7,9 @@ rewrites a step that has shipped.
 
 1. the tables of release 0.1 (devices, reports once per (device, seq), security events);
 2. retention: indexes on the time the monitor received each row; security events once per
-   (topic, payload digest, kind), with a repeat count (a store's existing repeats are folded).
+   (topic, payload digest, kind), with a repeat count (a store's existing repeats are folded);
+3. alerts: one row per security event a monitor claimed for the webhook (primary key: the event),
+   so that with several monitors each event is sent once.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ SQLITE: dict[int, list[str]] = {
         "DELETE FROM security WHERE id NOT IN (SELECT MIN(id) FROM security GROUP BY topic, digest, kind)",
         "CREATE UNIQUE INDEX IF NOT EXISTS security_once ON security (topic, digest, kind)",
     ],
+    3: [
+        "CREATE TABLE IF NOT EXISTS alerts (event_key TEXT PRIMARY KEY, claimed_by TEXT NOT NULL, "
+        "claimed_at TEXT NOT NULL, sent_at TEXT, attempts INTEGER NOT NULL DEFAULT 0, "
+        "last_error TEXT NOT NULL DEFAULT '')",
+    ],
 }
 
 POSTGRESQL: dict[int, list[str]] = {
@@ -61,6 +68,11 @@ POSTGRESQL: dict[int, list[str]] = {
         "CREATE INDEX security_received ON security (received)",
         "ALTER TABLE security ADD COLUMN repeats BIGINT NOT NULL DEFAULT 1",
         "CREATE UNIQUE INDEX security_once ON security (topic, digest, kind)",
+    ],
+    3: [
+        "CREATE TABLE alerts (event_key TEXT PRIMARY KEY, claimed_by TEXT NOT NULL, "
+        "claimed_at TEXT NOT NULL, sent_at TEXT, attempts BIGINT NOT NULL DEFAULT 0, "
+        "last_error TEXT NOT NULL DEFAULT '')",
     ],
 }
 
