@@ -17,7 +17,7 @@ from device_agent.bundle.keyfiles import public_key_pem
 from device_agent.errors import FormatError, UsageError
 from device_agent.store.fsutil import atomic_write
 
-PASSPHRASE_ENV = "EDGEWARD_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
+PASSPHRASE_ENV = "EDGEWARD_PASSPHRASE"  # noqa: S105  # nosec B105 # the variable's name, not a secret
 KINDS = ("publisher", "operator", "recovery")
 
 
