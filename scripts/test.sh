@@ -51,9 +51,9 @@ if [ "${#args[@]}" -gt 0 ]; then
   exec "$EW_PY" -m pytest -q "${args[@]}"
 fi
 
-step "ruff check ." "$EW_VENV/bin/ruff" check .
-step "mypy (device_agent packager fleet)" "$EW_VENV/bin/mypy"
-step "bandit -r device_agent packager fleet" "$EW_VENV/bin/bandit" -q -c pyproject.toml -r device_agent packager fleet
+step "ruff check ." "$EW_PY" -m ruff check .
+step "mypy (device_agent packager fleet)" "$EW_PY" -m mypy
+step "bandit -r device_agent packager fleet" "$EW_PY" -m bandit -q -c pyproject.toml -r device_agent packager fleet
 # The ARM64 check runs as its own step below, so pytest leaves out its wrapper test.
 step "pytest" "$EW_PY" -m pytest -q --deselect tests/test_arm64.py::test_agent_runs_on_arm64_under_emulation
 if [ "$slow" = 1 ]; then
