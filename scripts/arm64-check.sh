@@ -290,8 +290,11 @@ print(f"aarch64 Python {platform.python_version()}: onnxruntime {onnxruntime.__v
 sys.exit(pytest.main(sys.argv[1:]))
 PY
   ew_log "board (arm64, emulated): the agent's own tests ($set: ${#names[@]} files) under pytest"
+  # The tests set their own EDGEWARD_* variables: none of the check's (its KEK file) may leak in.
+  local clean=(-u PYTHONPATH) v
+  for v in $(compgen -e); do case "$v" in EDGEWARD_*) clean+=(-u "$v") ;; esac; done
   set +e
-  (cd "$EW_ROOT" && env -u EDGEWARD_SLOW -u PYTHONPATH EDGEWARD_ARM64_ROOT="$ROOT" \
+  (cd "$EW_ROOT" && env "${clean[@]}" EDGEWARD_ARM64_ROOT="$ROOT" \
     EDGEWARD_ARM64_PYTHON="$WORK/test-bin/python3.11" "$WORK/test-bin/python3.11" "$WORK/run_tests.py" \
     -q -p no:cacheprovider --basetemp "$WORK/pytest" "${files[@]}")
   rc=$?
