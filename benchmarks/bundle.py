@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._results import record  # noqa: E402
 from device_agent.config import DEFAULT_LIMITS  # noqa: E402
 
 MIB = 1024 * 1024
@@ -644,6 +645,9 @@ def main() -> int:
         for r in rows:
             ok = r["ratio"] >= TARGET_RATIO
             failures += not ok
+            record("bundle", f"bundle open / raw AEAD throughput, {r['suite']}, 100 MiB", round(r["ratio"], 2),
+                   "ratio", f">= {TARGET_RATIO}", ok,
+                   f"open {r['open_gbs']:.2f} GB/s, raw AEAD {r['raw_gbs']:.2f} GB/s, median of {a.reps}")
             print(f"   {r['suite']:30} {r['raw_gbs']:6.2f} GB/s {r['open_gbs']:7.2f} GB/s "
                   f"{r['ratio']:6.2f}  >= {TARGET_RATIO:.1f}  {verdict(ok)}"
                   f"   (per-run ratios {r['spread'][0]:.2f}-{r['spread'][1]:.2f}; "
@@ -675,6 +679,9 @@ def main() -> int:
             else:
                 result, target = "info", ""
             note = "" if res["hwm_reset"] else "  (VmHWM reset unavailable: ru_maxrss used)"
+            record("bundle", f"peak extra memory, {label}", round(x, 2), "x model size",
+                   f"<= {TARGET_MEM}" if is_target else None, (result == "PASS") if is_target else None,
+                   f"{res['extra_peak'] / MIB:.0f} MiB extra for a {res['model_bytes'] / MIB:.0f} MiB model")
             print(f"   {label:72} {res['extra_peak'] / MIB:6.0f} MiB {x:7.2f}x  {target:>7}"
                   f"  {result:7}  {res['extra_anon_end'] / MIB:.0f}"
                   f"/{res['extra_file_end'] / MIB:.0f} MiB"
@@ -732,6 +739,8 @@ def main() -> int:
             if count == 1000:
                 ok = res["pack_s"] < TARGET_PACK_S
                 failures += not ok
+                record("bundle", "pack a 5 MiB model for 1,000 devices", round(res["pack_s"], 1), "s",
+                       f"< {TARGET_PACK_S:.0f}", ok, f"{res['bytes_written'] / 1e9:.2f} GB written and fsynced")
                 line += f"   target < {TARGET_PACK_S:.0f} s  {verdict(ok)}"
             print(line)
         if 1000 in results and 100 in results:
@@ -739,6 +748,9 @@ def main() -> int:
             growth = p1000 - p100
             ok = growth < PACK_MODEL_BYTES
             failures += not ok
+            record("bundle", "pack peak extra RSS growth, 1,000 vs 100 devices", round(growth / MIB, 1), "MiB",
+                   f"< {PACK_MODEL_BYTES / MIB:.0f}", ok,
+                   f"{p1000 / MIB:.1f} vs {p100 / MIB:.1f} MiB; the target is one bundle's size")
             print(f"   peak extra RSS 1000 vs 100 devices: {p1000 / MIB:.1f} vs {p100 / MIB:.1f} MiB "
                   f"({growth / MIB:+.1f} MiB, {growth / 900 / 1024:.1f} KiB per extra device)")
             print(f"   target: independent of device count, i.e. growth < one bundle "

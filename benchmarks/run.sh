@@ -13,12 +13,14 @@ scripts=()
 if [ "$#" -gt 0 ]; then
   for name in "$@"; do
     f="benchmarks/${name%.py}.py"
-    [ -f "$f" ] || { echo "no benchmark $f; available: $(cd benchmarks && ls ./*.py | xargs -n1 basename | tr '\n' ' ')" >&2; exit 2; }
+    [ -f "$f" ] || { echo "no benchmark $f; available: $(cd benchmarks && ls ./[!_]*.py | xargs -n1 basename | tr '\n' ' ')" >&2; exit 2; }
     scripts+=("$f")
   done
 else
   shopt -s nullglob
-  scripts=(benchmarks/*.py)
+  for f in benchmarks/*.py; do
+    case "$(basename "$f")" in _*) ;; *) scripts+=("$f") ;; esac  # _*.py: shared helpers
+  done
   shopt -u nullglob
 fi
 [ "${#scripts[@]}" -gt 0 ] || { echo "no benchmarks/*.py scripts found" >&2; exit 2; }

@@ -412,7 +412,8 @@ class Agent:
         """The stored bundle of ``model_id``, verified as received and checked against the state:
         the serving decision before a byte of it is decrypted."""
         rec = state.models[model_id].current
-        assert rec is not None
+        if rec is None:
+            raise NotInstalled(f"model {model_id} has no current version on this board: install a bundle for it")
         data = self.store.read_bundle(rec.bundle_id, self.limits.max_bundle_bytes)
         # Re-verified on every load: the stored file is as untrusted as the one received.
         vb = verify_bundle(data, list(self.trust_anchors().publishers), self.limits)
@@ -424,7 +425,8 @@ class Agent:
 
     def _load(self, model_id: str, state: State) -> LoadedModel:
         rec = state.models[model_id].current
-        assert rec is not None
+        if rec is None:
+            raise NotInstalled(f"model {model_id} has no current version on this board: install a bundle for it")
         cached = self._loaded.get(model_id)
         local = self.local_version(rec.bundle_id)
         if cached is not None and cached.manifest.bundle_id == rec.bundle_id and cached.local_version == local:

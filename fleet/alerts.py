@@ -128,7 +128,7 @@ def post(url: str, body: dict[str, Any], timeout: float) -> None:
     req = urllib.request.Request(  # noqa: S310 -- the scheme is checked by check_config
         url, data=data, method="POST", headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310  # nosec B310 # http(s) only: check_config
         resp.read(4096)
 
 

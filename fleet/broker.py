@@ -113,7 +113,7 @@ def write_broker_config(
     home: FleetHome,
     out: Path,
     *,
-    bind: str = "0.0.0.0",  # noqa: S104 - a broker listens for the fleet; tests pass 127.0.0.1
+    bind: str = "0.0.0.0",  # noqa: S104  # nosec B104 # a broker listens for the fleet; tests pass 127.0.0.1
     port: int = 8883,
     server_names: list[str] | None = None,
     max_queued: int = DEFAULT_MAX_QUEUED,

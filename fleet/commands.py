@@ -390,7 +390,8 @@ class CommandLedger:
             by.get("command_sha256"), str
         ) or not crypto.constant_time_equal(by["command_sha256"], r.command_sha256):
             raise SecurityRefusal(f"the wipe attestation of {r.device_id} does not name decommission #{r.seq}")
-        assert isinstance(doc, dict)
+        if not isinstance(doc, dict):  # verify_wipe_attestation accepts only an object
+            raise FormatError(f"the wipe attestation of {r.device_id} is not a JSON object")
         return {"body": body, "signature": doc["signature"]}
 
     def _store_enrolment(self, r: Result, sign_public: bytes) -> None:

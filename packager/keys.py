@@ -19,7 +19,7 @@ from device_agent.bundle.keyfiles import public_key_pem
 from device_agent.errors import FormatError, UsageError
 from device_agent.store.fsutil import atomic_write
 
-PASSPHRASE_ENV = "EDGEWARD_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
+PASSPHRASE_ENV = "EDGEWARD_PASSPHRASE"  # noqa: S105  # nosec B105 # the variable's name, not a secret
 UNENCRYPTED_OPTION = "--insecure-unencrypted-key"
 KINDS = ("publisher", "operator", "recovery")
 

@@ -423,7 +423,8 @@ def run(
     cfg = cfg or RedteamConfig()
     _art()
     x_test, y_test = _load(test, need_y=True)
-    assert y_test is not None  # _load(need_y=True) refuses data without labels
+    if y_test is None:  # _load(need_y=True) already refuses data without labels
+        raise UsageError(f"{test}: the test data needs labels y")
     x_val, _ = _load(validation, need_y=False)
     full_policy = {**(policy or {}), "ood": calibrate(x_val)}
     rng = np.random.default_rng(cfg.seed)

@@ -2,13 +2,15 @@
 # Prove the real board agent (device_agent/) works on aarch64, on this x86_64 machine, by running
 # it under QEMU user-mode emulation (qemu-aarch64-static, QEMU_CPU=cortex-a72 as on a Pi 4).
 #
-#   scripts/arm64-check.sh [--root DIR] [--work DIR] [--keep]
+#   scripts/arm64-check.sh [--root DIR] [--work DIR] [--keep] [--tests quick|all|none]
 #
 #   --root DIR   the arm64 root (Debian bookworm arm64 python3.11 + aarch64 wheels);
 #                default .arm64-root/ in the repo. Built once, reused while its recipe holds.
 #   --work DIR   where keys, model, board data dir and bundles go (default: a temp dir,
 #                removed after a PASS unless --keep).
 #   --keep       keep the work dir.
+#   --tests SET  after the end-to-end check, run the agent's own pytest tests inside the emulated
+#                aarch64 Python: quick (default; a subset of a few minutes), all, or none.
 #
 # Non-interactive (CI=true, no stdin). Installs what it needs: qemu-user-static and the arm64
 # apt architecture (as root), the host .venv (scripts/lib/env.sh). Exit codes: 0 PASS, 1 a
@@ -21,6 +23,7 @@ source "$(dirname "$0")/lib/env.sh"
 ROOT="$EW_ROOT/.arm64-root"
 WORK=""
 KEEP=0
+TESTS=quick
 while [ $# -gt 0 ]; do
   case "$1" in
     --root) ROOT="${2:?--root needs a directory}"; shift 2 ;;
@@ -28,10 +31,13 @@ while [ $# -gt 0 ]; do
     --work) WORK="${2:?--work needs a directory}"; shift 2 ;;
     --work=*) WORK="${1#--work=}"; shift ;;
     --keep) KEEP=1; shift ;;
+    --tests) TESTS="${2:?--tests needs quick, all or none}"; shift 2 ;;
+    --tests=*) TESTS="${1#--tests=}"; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "arm64-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+case "$TESTS" in quick|all|none) ;; *) echo "arm64-check: --tests must be quick, all or none, not $TESTS" >&2; exit 2 ;; esac
 mkdir -p "$(dirname "$ROOT")"
 ROOT="$(cd "$(dirname "$ROOT")" && pwd)/$(basename "$ROOT")"
 case "$ROOT" in /|/usr|/usr/*|/etc|/etc/*|/bin|/lib|/home|"$EW_ROOT") echo "arm64-check: refusing --root $ROOT" >&2; exit 2 ;; esac
@@ -188,6 +194,114 @@ else
 fi
 T_SETUP=$(secs "$T0" "$(now)")
 echo "arm64 root: $SETUP_STATE in ${T_SETUP}s ($(du -sh "$ROOT" | cut -f1)); $(grep -E '^python3.11-minimal ' "$ROOT/.edgeward-debs" | cut -d' ' -f1-2)"
+
+# --- the agent's own tests on the emulated board (--tests) ------------------------------------
+# The board's packages stay in ROOT/site. What only the tests need goes to ROOT/test-site, at the
+# host venv's versions: pytest and hypothesis; ai-edge-litert (the `tflite` extra a LiteRT board
+# installs); onnx and the silero-vad wheel (its ONNX model), which the tests' fixtures read;
+# scikit-learn (the detectors' tests load its digits data) and scipy (their reference Shapiro-Wilk).
+# The tests pack their bundles with the real packager code inside the same emulated process.
+TEST_WHEELS=(pytest hypothesis ai-edge-litert onnx scikit-learn scipy numpy)
+TEST_NODEPS=(silero-vad)
+# ai-edge-litert's aarch64 wheels are manylinux_2_27 (bookworm has glibc 2.36).
+TEST_PLATFORMS=(manylinux_2_34_aarch64 manylinux_2_28_aarch64 manylinux_2_27_aarch64 manylinux2014_aarch64
+  manylinux_2_17_aarch64)
+# The agent's own tests: everything the board runs (bundle, trust, store, runtime, service,
+# telemetry, commands, wipe). Host-only tests (packager, hardening, fleet, docs, CLI) are left out.
+AGENT_TESTS_ALL=(test_agent_install test_audit test_budgets test_bundle_format test_bundle_reads test_commands
+  test_commands_broker test_config test_datadir_layout test_detect test_hostile_formats test_input_bounds
+  test_outbox test_serve_api test_serve_telemetry test_telemetry_faults test_throttle test_trust_core
+  test_trusted_state test_upgrade test_wipe test_wipe_faults)
+# A few minutes' worth: bundle verification and decryption, install and its refusals, the trust
+# decisions, inference on onnxruntime and LiteRT, the sealed state, upgrade of old boards, wipe.
+AGENT_TESTS_QUICK=(test_bundle_format test_agent_install test_trust_core test_trusted_state test_upgrade test_wipe)
+# Left out under emulation: wall-clock bounds set for native speed (a child python3.11 alone takes
+# seconds to start under qemu). They run natively in the pytest step.
+AGENT_TESTS_NATIVE_ONLY=(
+  "tests/test_bundle_reads.py::test_a_path_that_is_not_a_regular_file_is_refused_at_once"
+  "tests/test_input_bounds.py::test_a_compressed_npz_bomb_is_refused_quickly_in_bounded_memory"
+  "tests/test_input_bounds.py::test_the_http_api_answers_422_to_each_hostile_body"
+)
+
+host_pins() {  # host_pins NAME...: NAME==version as in the host venv
+  "$EW_PY" - "$@" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+for name in sys.argv[1:]:
+    try:
+        print(f"{name}=={version(name)}")
+    except PackageNotFoundError:
+        print(name)
+PY
+}
+
+ensure_test_site() {
+  local dir="$ROOT/test-site" pins nodeps recipe p
+  mapfile -t pins < <(host_pins "${TEST_WHEELS[@]}")
+  mapfile -t nodeps < <(host_pins "${TEST_NODEPS[@]}")
+  recipe="v1 ${pins[*]} nodeps=${nodeps[*]} ${TEST_PLATFORMS[*]}"
+  if [ -f "$dir/.edgeward-test-site" ] && [ "$(cat "$dir/.edgeward-test-site")" = "$recipe" ]; then
+    return 0
+  fi
+  ew_log "pip install the tests' aarch64 wheels into $dir: ${pins[*]} ${nodeps[*]}"
+  rm -rf "$dir" "$dir.partial"
+  local pipargs=(install --quiet --disable-pip-version-check --no-warn-script-location
+    --target "$dir.partial" --only-binary=:all: --python-version 3.11 --implementation cp)
+  for p in "${TEST_PLATFORMS[@]}"; do pipargs+=(--platform "$p"); done
+  { ew_pip "${pipargs[@]}" "${pins[@]}" && ew_pip "${pipargs[@]}" --no-deps "${nodeps[@]}"; } >"$ROOT/.test-pip.log" 2>&1 ||
+    { cat "$ROOT/.test-pip.log" >&2; fail "pip could not install the tests' aarch64 wheels (${pins[*]})" 4; }
+  echo "$recipe" > "$dir.partial/.edgeward-test-site"
+  mv "$dir.partial" "$dir"
+}
+
+run_agent_tests() {  # run_agent_tests quick|all
+  local set="$1" files=() names f rc
+  if [ "$set" = all ]; then names=("${AGENT_TESTS_ALL[@]}"); else names=("${AGENT_TESTS_QUICK[@]}"); fi
+  for f in "${names[@]}"; do files+=("tests/$f.py"); done
+  for f in "${AGENT_TESTS_NATIVE_ONLY[@]}"; do files+=(--deselect "$f"); done
+  ensure_test_site
+  ew_log "host: the tests' model fixtures (trained with scikit-learn, which the board does not have)"
+  (cd "$EW_ROOT" && "$EW_PY" -c 'from tests.conftest import CACHE
+from tests.fixtures.hardening import digits_cnn
+from tests.fixtures.models import build_digits
+build_digits(CACHE / "digits"); digits_cnn()') || fail "could not build the test fixtures on the host"
+  # No binfmt_misc here: the tests' child processes (sys.executable -m device_agent.cli ...) start
+  # the emulated python3.11 through this wrapper, with the same environment as the pytest process.
+  mkdir -p "$WORK/test-bin"
+  {
+    echo '#!/bin/sh'
+    echo 'export OPENSSL_armcap=0x1 QEMU_CPU=cortex-a72 PYTHONNOUSERSITE=1 PYTHONDONTWRITEBYTECODE=1'
+    echo "export PYTHONPATH=\"$ROOT/site:$ROOT/test-site:$EW_ROOT\${PYTHONPATH:+:\$PYTHONPATH}\""
+    echo 'unset PYTHONHOME VIRTUAL_ENV PYTHONSTARTUP'
+    echo "exec \"$QEMU\" -L \"$ROOT\" \"$ROOT/usr/bin/python3.11\" \"\$@\""
+  } > "$WORK/test-bin/python3.11"
+  chmod 755 "$WORK/test-bin/python3.11"
+  cat > "$WORK/run_tests.py" <<'PY'
+"""Runs on the (emulated) board: pytest over the agent's own tests, on the arm64 root's wheels."""
+import os, platform, sys
+sys.executable = os.environ["EDGEWARD_ARM64_PYTHON"]  # child processes go through qemu too
+import cryptography, nacl, numpy, onnxruntime, ai_edge_litert, pytest
+root = os.environ["EDGEWARD_ARM64_ROOT"]
+assert platform.machine() == "aarch64", platform.machine()
+for m in (cryptography, nacl, numpy, onnxruntime, ai_edge_litert):
+    assert m.__file__.startswith(root + "/"), f"{m.__name__} comes from {m.__file__}, not the arm64 root"
+print(f"aarch64 Python {platform.python_version()}: onnxruntime {onnxruntime.__version__}, "
+      f"numpy {numpy.__version__}, cryptography {cryptography.__version__}, PyNaCl {nacl.__version__}", flush=True)
+sys.exit(pytest.main(sys.argv[1:]))
+PY
+  ew_log "board (arm64, emulated): the agent's own tests ($set: ${#names[@]} files) under pytest"
+  # The tests set their own EDGEWARD_* variables: none of the check's (its KEK file) may leak in.
+  local clean=(-u PYTHONPATH) v
+  for v in $(compgen -e); do case "$v" in EDGEWARD_*) clean+=(-u "$v") ;; esac; done
+  set +e
+  (cd "$EW_ROOT" && env "${clean[@]}" EDGEWARD_ARM64_ROOT="$ROOT" \
+    EDGEWARD_ARM64_PYTHON="$WORK/test-bin/python3.11" "$WORK/test-bin/python3.11" "$WORK/run_tests.py" \
+    -q -p no:cacheprovider --basetemp "$WORK/pytest" "${files[@]}")
+  rc=$?
+  set -e
+  [ "$rc" = 0 ] || fail "the agent's own tests ($set) failed on the emulated aarch64 board (pytest exit $rc)"
+  echo "  ok   the agent's own tests ($set) pass on aarch64"
+}
 
 # --- the end-to-end check --------------------------------------------------------------------
 if [ -z "$WORK" ]; then WORK="$(mktemp -d -t edgeward-arm64.XXXXXX)"; else mkdir -p "$WORK"; WORK="$(cd "$WORK" && pwd)"; fi
@@ -357,12 +471,20 @@ WANT="$("$EW_PY" -c 'import json; print(json.load(open("host.json"))["labels"][0
 echo "  ok   still serving: edgeward-agent predict -> $OUT"
 arm64_py -m device_agent.cli status --data-dir board | sed 's/^/  /'
 
+T_TESTS=0.0
+if [ "$TESTS" != none ]; then
+  T0=$(now)
+  run_agent_tests "$TESTS"
+  T_TESTS=$(secs "$T0" "$(now)")
+fi
+
 T_ALL=$(secs "$T_START" "$(now)")
 echo
 echo "timings (seconds, wall clock; each emulated step includes starting python3.11 and its imports under qemu)"
 printf '  %-34s %6s\n' "arm64 root set-up ($SETUP_STATE)" "$T_SETUP" \
   "emulated provision (KEK file)" "$T_PROV" "emulated install" "$T_INST" \
   "wheelhouse + emulated pip install" "$T_WHEELS" \
-  "emulated predict (Agent API)" "$T_PRED" "emulated refused install" "$T_REF" "whole check" "$T_ALL"
+  "emulated predict (Agent API)" "$T_PRED" "emulated refused install" "$T_REF" \
+  "emulated agent tests ($TESTS)" "$T_TESTS" "whole check" "$T_ALL"
 if [ "$KEEP" = 1 ]; then echo "work dir kept: $WORK"; else cd /; rm -rf "$WORK"; fi
 echo "arm64 check: PASS"

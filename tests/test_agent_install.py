@@ -33,6 +33,35 @@ def test_agent_predictions_equal_onnxruntime_on_the_whole_digits_test_split(digi
     assert agent.predict(x[0]) == {"label": int(labels[0])}
 
 
+def test_litert_bundle_predictions_equal_the_litert_interpreter_on_the_digits_cnn(make_board, pack_for):
+    """A .tflite bundle (the rpi-zero2w profile serves with LiteRT): the board decrypts it in
+    memory, applies the sealed pre-processing and answers exactly as LiteRT does on the model."""
+    pytest.importorskip("ai_edge_litert", reason="the tflite extra: pip install 'edgeward[tflite]'")
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tests.fixtures.cnn import PREPROCESS_NHWC
+    from tests.fixtures.hardening import digits_cnn
+
+    cnn = digits_cnn()
+    board = make_board()
+    agent = board.agent()
+    agent.install(_bundle(pack_for(cnn.tflite, [board], profile="rpi-zero2w", preprocess=PREPROCESS_NHWC)))
+    assert agent.status()["models"][0]["runtime"] == "litert"
+    val = np.load(cnn.validation)
+    raw, y = val["x"][:64], val["y"][:64]
+    got = [agent.predict(img)["label"] for img in raw]
+    interp = Interpreter(model_content=cnn.tflite.read_bytes())
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    want = []
+    for img in raw:
+        interp.set_tensor(inp["index"], (img / 16).astype(np.float32)[None, ..., None])
+        interp.invoke()
+        want.append(int(interp.get_tensor(out["index"]).argmax()))
+    assert got == want
+    assert np.mean(np.array(got) == y) > 0.8
+
+
 def test_outputs_by_role(digits, digits_test, make_board, pack_for):
     x, _ = digits_test
     board = make_board()

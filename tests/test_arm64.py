@@ -1,9 +1,11 @@
 """The real board agent on aarch64: scripts/arm64-check.sh under QEMU user-mode emulation.
 
-Slow (about 100 s the first time, while it builds .arm64-root/, then about 80 s: the offline
-install from a wheelhouse under emulation takes about 40 s of it), and it needs a
-Debian host where it can run apt-get as root the first time: run with EDGEWARD_SLOW=1
-(scripts/test.sh --slow). docs/arm64.md says what it checks.
+scripts/test.sh runs the check as its own step (the end-to-end check, then the agent's own tests
+inside the emulated Python) and deselects this wrapper, which is for pytest-only runs: it is
+slow (the end-to-end check takes about 100 s the first time, while it builds .arm64-root/, then
+about 80 s, of which the offline install from a wheelhouse takes about 40 s; the quick set of
+agent tests a few minutes more) and needs a Debian host where it can run apt-get as root the
+first time, so it runs with EDGEWARD_SLOW=1. docs/arm64.md says what it checks.
 """
 
 from __future__ import annotations
@@ -46,3 +48,4 @@ def test_agent_runs_on_arm64_under_emulation() -> None:
     assert "exit code 1:" in proc.stdout, tail
     # The README's install path: a wheelhouse, an offline pip install on the board, --version, a prediction.
     assert "ok   edgeward-agent " in proc.stdout and "installed edgeward-agent predict -> {" in proc.stdout, tail
+    assert "the agent's own tests (quick) pass on aarch64" in proc.stdout, tail

@@ -238,6 +238,17 @@ SEEDS = [_valid_npy(np.arange(6, dtype=np.float32).reshape(2, 3)), _valid_npy(np
          _valid_npz(False), _valid_npz(True)]
 
 
+@pytest.mark.parametrize("key", ["b'fortran_order'", "1", "None"])
+def test_an_npy_header_with_a_key_that_is_not_a_string_is_a_format_error(key: str) -> None:
+    """numpy sorts the header's keys, so a bytes, int or None key made it raise TypeError: an
+    internal error (500, exit 70) instead of the refusal of a malformed input (422, exit 3)."""
+    text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), {key}: 1}}".encode()
+    header = text + b" " * (64 - (10 + len(text) + 1) % 64) + b"\n"
+    body = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(24)
+    with pytest.raises(FormatError, match="not a dictionary of its three string keys"):
+        decode_inputs(body, "application/x-npy")
+
+
 @FUZZ
 @given(st.sampled_from(SEEDS), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
        st.integers(0, 10**6))

@@ -82,7 +82,8 @@ def apply(agent: Agent, payload: bytes, on_result: OnResult | None = None) -> li
         cancelled = _cancelled(agent, commands, me, limits)
         for sg in commands:
             cmd = sg.item
-            assert isinstance(cmd, Command)
+            if not isinstance(cmd, Command):  # the list holds commands only (filtered above)
+                raise EdgeWardError(f"internal error: {type(cmd).__name__} in the command list")
             state = agent.state()
             if not single and cmd.seq <= state.command_seq and cmd.device_id == me.device_id:
                 continue  # carried out before: the retained queue keeps it until the fleet drops it

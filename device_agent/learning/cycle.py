@@ -439,7 +439,8 @@ class Learning:
             if st.bundle_id != manifest.bundle_id or st.current is None:
                 return None
             v = st.version(st.current)
-            assert v is not None
+            if v is None:
+                raise IntegrityError("the learning state names a serving local version it does not keep")
             try:
                 with self._data_key() as key:
                     w = self.files.read_version(manifest.bundle_id, v, key)

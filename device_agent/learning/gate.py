@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.errors import FormatError
+
 
 def accuracy(pred: np.ndarray, y: np.ndarray) -> float | None:
     return float((pred == y).mean()) if len(y) else None
@@ -38,7 +40,8 @@ def judge(
     change, and the held-out new examples gain at least ``min_new_gain``."""
     reasons = []
     before, after = accuracy(base_gate, gate_y), accuracy(cand_gate, gate_y)
-    assert before is not None and after is not None
+    if before is None or after is None:
+        raise FormatError("the sealed gate set is empty: nothing to judge a local version on")
     if after < before - bounds["max_gate_drop"] - 1e-12:
         reasons.append(f"gate accuracy {after:.4f} is more than {bounds['max_gate_drop']} below {before:.4f}")
     worst_class, worst_drop = None, 0.0

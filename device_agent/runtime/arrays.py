@@ -81,12 +81,13 @@ def read_npy(data: bytes | bytearray, max_bytes: int) -> np.ndarray:
     """One ``.npy`` array, its header checked against ``max_bytes`` and the bytes present."""
     fp = io.BytesIO(data)
     version = npformat.read_magic(fp)
-    if version == (1, 0):
-        shape, fortran, dtype = npformat.read_array_header_1_0(fp)
-    elif version == (2, 0):
-        shape, fortran, dtype = npformat.read_array_header_2_0(fp)
-    else:
+    if version not in ((1, 0), (2, 0)):
         raise FormatError(f".npy format version {version[0]}.{version[1]} is not accepted (1.0 and 2.0 are)")
+    try:
+        read_header = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+        shape, fortran, dtype = read_header(fp)
+    except TypeError as e:  # numpy sorts the header's keys: a non-string key raises TypeError
+        raise FormatError(f"the .npy header is not a dictionary of its three string keys: {e}") from e
     if dtype.hasobject or dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.shape:
         raise FormatError(f"arrays must hold numbers (bool, int, float), not {dtype} (pickles are refused)")
     if any(d < 0 for d in shape):

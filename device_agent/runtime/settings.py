@@ -160,7 +160,8 @@ def check_policy(policy: Mapping[str, Any], limits: BundleLimits = DEFAULT_LIMIT
         if not isinstance(policy["ood"], dict):
             raise FormatError("sealed OoD calibration must be an object")
         cal = Calibration.from_policy(policy)
-        assert cal is not None
+        if cal is None:
+            raise FormatError("sealed OoD calibration is incomplete")
         if cal.mean.size > MAX_DIMS or not (
             math.isfinite(cal.threshold) and cal.threshold >= 0 and math.isfinite(cal.probe_eps) and cal.probe_eps >= 0
         ):

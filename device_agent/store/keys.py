@@ -20,9 +20,9 @@ from typing import Any
 from device_agent import crypto
 from device_agent.errors import FormatError, UsageError
 
-PASSPHRASE_ENV = "EDGEWARD_DEVICE_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
+PASSPHRASE_ENV = "EDGEWARD_DEVICE_PASSPHRASE"  # noqa: S105  # nosec B105 # the variable's name, not a secret
 KEK_FILE_ENV = "EDGEWARD_DEVICE_KEK_FILE"
-PASSPHRASE_FILE_ENV = "EDGEWARD_DEVICE_PASSPHRASE_FILE"  # noqa: S105 - e.g. a systemd credential
+PASSPHRASE_FILE_ENV = "EDGEWARD_DEVICE_PASSPHRASE_FILE"  # noqa: S105  # nosec B105 # a variable's name (e.g. a systemd credential)
 SECRET_V1_BYTES = 2 * crypto.KEY_BYTES
 SECRET_BYTES = 3 * crypto.KEY_BYTES
 

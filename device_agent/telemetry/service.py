@@ -31,7 +31,7 @@ from typing import Any
 
 from device_agent.commands.format import TIME_TOPIC, results_topic
 from device_agent.config import DEFAULT_CONFIG, ReportLimits, TelemetryConfig
-from device_agent.errors import EdgeWardError, FormatError
+from device_agent.errors import EdgeWardError, FormatError, UsageError
 from device_agent.service.events import Event, EventStore
 from device_agent.store.datadir import DataDir, utcnow
 from device_agent.store.keys import KeySource
@@ -366,7 +366,8 @@ def cmd_telemetry(args: argparse.Namespace) -> int:
     store.require_provisioned()
     events = EventStore(store.events_file)
     svc = service_from_args(args, events)
-    assert svc is not None  # --broker is required here
+    if svc is None:
+        raise UsageError("telemetry needs --broker HOST:PORT")
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

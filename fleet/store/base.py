@@ -127,7 +127,7 @@ class Batch:
             seqs = by_device[device_id]
             self._stored.update(((device_id, seq), None) for seq in seqs)
             rows = self._db.rows(
-                f"SELECT seq, digest FROM reports WHERE device_id = ? AND {self._db.seqs_in}",  # noqa: S608 -- a constant of the adapter
+                f"SELECT seq, digest FROM reports WHERE device_id = ? AND {self._db.seqs_in}",  # noqa: S608  # nosec B608 # a constant of the adapter
                 (device_id, self._db.seq_list(sorted(seqs))),
             )
             self._stored.update(((device_id, seq), d) for seq, d in rows)

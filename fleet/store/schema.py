@@ -77,7 +77,8 @@ POSTGRESQL: dict[int, list[str]] = {
 }
 
 LATEST = max(SQLITE)
-assert max(POSTGRESQL) == LATEST, "both engines carry every migration"
+if max(POSTGRESQL) != LATEST:  # both engines carry every migration
+    raise RuntimeError("the SQLite and PostgreSQL migrations are out of step")
 
 
 def pending(found: int, steps: dict[int, list[str]], where: str) -> list[str]:

@@ -45,6 +45,18 @@ ew_apt_install() {
   fi
 }
 
+# atheris (the `fuzz` extra) for the coverage-guided fuzz run of scripts/test.sh --slow. Binary
+# wheels only: where none exists for this Python, the fuzz tests say so and the long hypothesis
+# run in tests/test_fuzz.py covers the same parsers.
+ensure_fuzz() {
+  "$EW_PY" -c 'import atheris' 2>/dev/null && return 0
+  ew_log "installing atheris (the fuzz extra) for the coverage-guided fuzz run"
+  if ! ew_pip install --quiet --only-binary=atheris "atheris>=2.3"; then
+    echo "atheris has no binary wheel for this Python: the atheris fuzz run is skipped (the hypothesis run remains)" >&2
+    return 1
+  fi
+}
+
 ensure_mosquitto() {
   command -v mosquitto >/dev/null && return 0
   [ -x /usr/sbin/mosquitto ] && return 0
