@@ -98,6 +98,31 @@ def test_the_link_index_is_bounded_and_its_settings_are_checked(cal: Calibration
             DetectConfig(**bad)  # type: ignore[arg-type]
 
 
+def test_a_query_against_a_full_link_index_does_not_copy_it() -> None:
+    """The distance pass over the board-wide index goes in slices: a query's working memory is
+    far below the index's own size, whatever the input's size (here at the 1,024-dim cap)."""
+    import tracemalloc
+
+    dim = 1024
+    rng = np.random.default_rng(6)
+    # probe_eps for the links; a 1-dim OoD model, so that the OoD score (a 1024x1024 product)
+    # is skipped and only the detectors' own working memory is measured
+    cal = Calibration(np.zeros(1), np.eye(1), 1.0, 0.5)
+    cfg = DetectConfig(link_history=1024, history=4, per_label_history=4)
+    d = Detector(cal, cfg)
+    for n in range(1100):
+        d.observe(f"c{n % 7}", rng.random(dim), n % 10, T0 + n)
+    assert d._links is not None and d._links.ring.rows.nbytes == 1024 * dim * 4  # 4 MiB
+    row = rng.random(dim)
+    tracemalloc.start()
+    try:
+        d.observe("c0", row, 3, T0 + 1101)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024  # a whole copy in float64 would be 8 MiB
+
+
 def test_real_use_raises_no_alarm_and_a_drifting_sensor_no_extraction_alarm(
     cal: Calibration, digits_test: Any, label: Any
 ) -> None:

@@ -201,8 +201,14 @@ class _Ring:
         first) of those closer than ``eps``."""
         if self.count == 0 or v.size != self.rows.shape[1]:
             return math.inf, np.empty(0, dtype=np.int64)
-        diff = self.rows[: self.count] - v
-        d2 = np.einsum("ij,ij->i", diff, diff)
+        # In slices: the differences of a whole board-wide index would be a copy of it (8 MB at
+        # the 1024-dim cap) on every query.
+        d2 = np.empty(self.count, dtype=np.float64)
+        step = max(1, _SLICE_VALUES // self.rows.shape[1])
+        for i in range(0, self.count, step):
+            end = min(i + step, self.count)
+            diff = self.rows[i:end] - v
+            d2[i:end] = np.einsum("ij,ij->i", diff, diff)
         close = np.flatnonzero(d2 < eps * eps)
         if close.size > most:
             close = close[np.argpartition(d2[close], most)[:most]]
@@ -219,6 +225,7 @@ class _Ring:
         return slot
 
 
+_SLICE_VALUES = 1 << 16  # floats per slice of a distance pass over a large ring (256 kB)
 _LINK_CANDIDATES = 64  # close inputs whose labels are compared per query (bounds the work)
 
 
