@@ -84,6 +84,22 @@ def test_probing_split_over_five_tokens_is_linked_and_every_token_is_slowed(
     assert d.anomaly("bystander", now) == 0.0
 
 
+def test_probing_around_an_applications_input_does_not_get_the_application_slowed(
+    cal: Calibration, digits_test: Any, label: Any
+) -> None:
+    """An attacker who probes the boundary right next to an application's input links to it;
+    only the attacker is named and slowed, never the application it framed."""
+    x, _ = digits_test
+    walk, labels = _boundary_walk(x, label)
+    d = Detector(cal)
+    assert d.observe("app", walk[13], int(labels[13]), T0) == []
+    sigs = [s for n in range(14, len(walk)) for s in d.observe("mallory", walk[n], int(labels[n]), T0 + n)]
+    linked = [s for s in sigs if s.kind == "linked"]
+    assert linked and all(s.evidence["clients"] == ["mallory"] for s in linked)
+    assert any(s.evidence["linked_to"] == 1 for s in linked)  # it did probe next to the app's input
+    assert d.anomaly("app", T0 + len(walk)) == 0.0 and d.anomaly("mallory", T0 + len(walk)) == 1.0
+
+
 def test_the_link_index_is_bounded_and_its_settings_are_checked(cal: Calibration) -> None:
     cfg = DetectConfig(link_history=50, link_window=20, link_count=3)
     d = Detector(cal, cfg)

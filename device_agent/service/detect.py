@@ -24,8 +24,9 @@ publisher's validation data (:func:`calibrate`) and sealed in the bundle policy 
   indexed input that got a *different* label is a boundary link: decision-based evasion walks
   the decision boundary and lands on both sides of it, natural traffic (repeats, a drifting
   sensor) does not. ``link_count`` links among the last ``link_window`` distinct inputs of the
-  board make an event that names every client involved; each is then slowed down for
-  ``link_hold`` seconds, whichever token it uses.
+  board make an event that names every client that sent a linking input; each is then slowed
+  down for ``link_hold`` seconds, whichever token it uses. A client is never named for inputs
+  another sent near its own, so no one can get an application slowed by probing around it.
 
 Detection raises the bar; an adaptive attacker who knows these tests can stay under them (a
 patient attacker with natural data inside the budget raises none of them: the budget is the
@@ -238,7 +239,7 @@ class _Links:
         self.owner: list[str] = [""] * capacity
         self.label: list[Any] = [None] * capacity
         self.seen = 0  # distinct inputs indexed so far
-        self.links: deque[tuple[int, str, str]] = deque()  # (input number, client, linked client)
+        self.links: deque[tuple[int, str, str]] = deque()  # (input number, sender, earlier input's)
         self.last_event = -math.inf
         self.named: frozenset[str] = frozenset()
 
@@ -378,7 +379,9 @@ class Detector:
             links.links.popleft()
         if other is None or len(links.links) < cfg.link_count:
             return  # only a query that makes a link can raise the event: it is its sender's
-        named = {name for _, a, b in links.links for name in (a, b)}
+        # Only the senders of linking queries are named: a client is never slowed for what another
+        # sent near its inputs (an attacker could otherwise frame an application).
+        named = {sender for _, sender, _ in links.links}
         for name in named:
             self._linked[name] = now + cfg.link_hold
             self._linked.move_to_end(name)
@@ -390,6 +393,7 @@ class Detector:
         ev = {
             "clients": sorted(named)[: cfg.max_clients],
             "clients_involved": len(named),
+            "linked_to": len({owner for _, _, owner in links.links} - named),  # others' inputs it probed
             "boundary_links": len(links.links),
             "window": cfg.link_window,
             "probe_eps": cal.probe_eps,
