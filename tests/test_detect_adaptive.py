@@ -100,6 +100,17 @@ def test_probing_around_an_applications_input_does_not_get_the_application_slowe
     assert d.anomaly("app", T0 + len(walk)) == 0.0 and d.anomaly("mallory", T0 + len(walk)) == 1.0
 
 
+def test_a_token_first_seen_through_a_refusal_is_still_watched(cal: Calibration, digits_test: Any) -> None:
+    """A client whose first request is refused (an oversize batch, the global rate) is known to
+    the detector before any input: its own windows must still see the inputs it sends next."""
+    x, y = digits_test
+    d = Detector(cal)
+    assert d.refused("mallory", T0) == []
+    rng = np.random.default_rng(2)
+    kinds = [s.kind for i in range(20) for s in d.observe("mallory", x[0] + rng.normal(0, 0.01, 64), int(y[0]), T0 + i)]
+    assert "probing" in kinds
+
+
 def test_the_link_index_is_bounded_and_its_settings_are_checked(cal: Calibration) -> None:
     cfg = DetectConfig(link_history=50, link_window=20, link_count=3)
     d = Detector(cal, cfg)

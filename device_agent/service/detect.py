@@ -280,6 +280,11 @@ class Detector:
                 self._clients.popitem(last=False)
         else:
             self._clients.move_to_end(client)
+            if dim and c.recent.rows.shape[1] != dim:
+                # first seen through a refusal (no input yet): size its rings now, or its
+                # probing and PRADA windows would stay blind to every input it sends
+                c.recent = _Ring(self.config.history, dim)
+                c.by_label.clear()
         return c
 
     def _emit(self, c: _Client, sig: Signal, now: float, out: list[Signal]) -> None:
