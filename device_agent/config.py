@@ -214,10 +214,30 @@ class DetectConfig:
     # Least recently seen clients are forgotten beyond this (clients are tokens, made by an admin);
     # each costs up to ~2 MB with 1024-dim inputs, ~150 kB with the digits model.
     max_clients: int = 64
+    # The board-wide index across every client (Sybil tokens): the last link_history distinct
+    # inputs of all clients (link_history x input dims x 4 bytes: 512 kB with the digits model,
+    # 8 MB at the 1024-dim cap). A *boundary link* is an input within the sealed probe_eps of an
+    # indexed input that got a different label; link_count of them among the last link_window
+    # distinct inputs of all clients make a "linked" event naming every client involved.
+    link_history: int = 2048
+    link_window: int = 200
+    link_count: int = 6
+    link_hold: float = 3600.0  # seconds a named client stays at full anomaly (slowed down)
 
     def __post_init__(self) -> None:
-        for name in ("window", "history", "per_label_history", "prada_every", "rate_refusals", "max_clients"):
+        for name in (
+            "window",
+            "history",
+            "per_label_history",
+            "prada_every",
+            "rate_refusals",
+            "max_clients",
+            "link_window",
+        ):
             _int(self, name)
+        _int(self, "link_history", 1, 16384)  # 64 MB at the 1024-dim cap: the board's RAM is small
+        _int(self, "link_count", 1, self.link_window)
+        _positive(self, "link_hold")
         _int(self, "ood_count", 1, self.window)
         _int(self, "probe_count", 1, self.window)
         _int(self, "prada_window", 3)  # Shapiro-Wilk needs three values

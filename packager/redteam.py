@@ -14,7 +14,22 @@ Attacks (ART, with scikit-learn surrogates; no deep-learning framework needed):
 - ``copycat-natural``: CopycatCNN with an in-distribution pool (the validation data);
 - ``copycat-noise``: CopycatCNN with a uniform-noise pool;
 - ``hopskipjump``: HopSkipJump untargeted L2 evasion (decision-based, label-only);
-- ``benign``: the test split replayed in random order by 10 clients (Poisson, ~1 query/s each).
+- ``benign``: real use (:func:`benign_traffic`): several applications replaying the test split
+  with repeats, bursts and a slowly drifting mix, at least 10,000 queries; no alarm may fire;
+- ``benign-sensor-drift``: the same with a slowly drifting sensor gain, which makes resent inputs
+  near-duplicates (measured and reported: the per-client detectors are not immune to it).
+
+Adaptive attacks (against the agent only; each knows the detectors and the throttle):
+- ``hopskipjump-paced``: one token sending at exactly the throttle's client rate, never refused;
+- ``hopskipjump-sybil``: the same attack split round-robin over ``sybil_tokens`` user tokens;
+- ``hopskipjump-mixed``: ``mix_benign`` natural test inputs from the same token before every
+  attack query, to dilute the detectors' windows;
+- ``copycat-budget``: CopycatCNN with natural data, spread evenly over ``budget_days`` budget
+  windows (days of boottime) so that it never touches the daily budget nor the rate limit.
+
+For each, the report gives the queries answered before the first detection and what the
+attacker had by then (HopSkipJump: the samples it had already found an adversarial for within
+``hsj_goal_l2``; CopycatCNN: the agreement of a surrogate trained on the answers it had).
 """
 
 from __future__ import annotations
@@ -55,6 +70,13 @@ class RedteamConfig:
     attacker_rate: float = 50.0  # queries per second an attacker sends when not throttled
     max_wait_s: float = 30 * 86400.0  # an attacker gives up after waiting this long in total
     seed: int = 0
+    adaptive: bool = True  # run the adaptive attacks too
+    sybil_tokens: int = 5
+    mix_benign: int = 3  # natural queries the mixed attacker sends before each attack query
+    budget_days: int = 3  # budget windows the budget-aware attacker spreads over
+    hsj_goal_l2: float = 2.0  # an adversarial within this L2 of its input counts as a success
+    sensor_drift: float = 0.05  # gain amplitude of the drifting-sensor benign run
+    sensor_drift_queries: int = 5_000
 
 
 class AttackStopped(Exception):
@@ -73,9 +95,15 @@ class Tally:
     detections: dict[str, int] = field(default_factory=dict)
     started: float = 0.0
     ended: float = 0.0
+    tokens: int = 1
+    benign_answered: int = 0  # natural queries a mixed attacker sent as cover
+    # (input, label) of the attack queries answered before the first detection: the attacker's gain
+    before: list[tuple[np.ndarray, int]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "tokens": self.tokens,
+            "cover_queries_answered": self.benign_answered,
             "queries_answered": self.answered,
             "queries_refused_by_throttling": self.refused,
             "queries_before_first_detection": self.first_detection,
@@ -137,17 +165,38 @@ class ApiCaller:
 
 
 class AgentTarget:
-    """Labels from the running agent, one request per input, through its HTTP API."""
+    """Labels from the running agent, one request per input, through its HTTP API.
 
-    def __init__(self, env: Any, client_id: str, token: str, rate: float, max_wait: float) -> None:
+    ``tokens`` are (client id, token) pairs used round-robin (a Sybil attacker has several);
+    ``cover`` inputs are sent from the same token before every attack query (``mix`` of them);
+    ``per_window`` caps the attack queries per budget window of ``window_s`` seconds, paced
+    evenly over it (a budget-aware attacker): the attacker then waits for the next window."""
+
+    def __init__(
+        self,
+        env: Any,
+        tokens: list[tuple[str, str]],
+        rate: float,
+        max_wait: float,
+        *,
+        cover: np.ndarray | None = None,
+        mix: int = 0,
+        per_window: int = 0,
+        window_s: float = 86400.0,
+    ) -> None:
         self.env = env
-        self.client_id = client_id
-        self.http = ApiCaller(env.socket, token)
-        self.gap = 1.0 / rate
+        self.ids = {cid for cid, _ in tokens}
+        self.https = [ApiCaller(env.socket, tok) for _, tok in tokens]
+        self.gap = 1.0 / rate if per_window == 0 else window_s / per_window
         self.max_wait = max_wait
-        self.tally = Tally(started=env.clock.t)
+        self.cover, self.mix = cover, mix
+        self.per_window, self.window_s = per_window, window_s
+        self.tally = Tally(started=env.clock.t, tokens=len(tokens))
         self._seen = env.events_seq()
         self._waited = 0.0
+        self._turn = 0
+        self._window_start, self._in_window = env.clock.t, 0
+        self._rng = np.random.default_rng(len(tokens))
 
     def labels(self, x: np.ndarray) -> np.ndarray:
         out = np.empty(len(x), dtype=np.int64)
@@ -156,12 +205,32 @@ class AgentTarget:
         return out
 
     def _one(self, row: np.ndarray) -> int:
+        http = self.https[self._turn % len(self.https)]
+        self._turn += 1
+        if self.per_window:
+            if self._in_window >= self.per_window:  # this window's share is spent: wait it out
+                self._window_start += self.window_s
+                self.env.clock.t = max(self.env.clock.t, self._window_start)
+                self._in_window = 0
+            self._in_window += 1
+        if self.cover is not None:
+            for _ in range(self.mix):
+                self._ask(http, self.cover[self._rng.integers(len(self.cover))], cover=True)
+        label = self._ask(http, row, cover=False)
+        if self.tally.first_detection is None:
+            self.tally.before.append((np.asarray(row, dtype=np.float32), label))
+        return label
+
+    def _ask(self, http: ApiCaller, row: np.ndarray, cover: bool) -> int:
         while True:
             self.env.clock.t += self.gap
-            status, headers, doc = self.http.predict(row.astype(np.float32))
+            status, headers, doc = http.predict(np.asarray(row).astype(np.float32))
             self._note_events()
             if status == 200:
-                self.tally.answered += 1
+                if cover:
+                    self.tally.benign_answered += 1
+                else:
+                    self.tally.answered += 1
                 self.tally.ended = self.env.clock.t
                 return int(doc["label"])
             if status != 429:
@@ -176,7 +245,8 @@ class AgentTarget:
     def _note_events(self) -> None:
         for e in self.env.events_after(self._seen):
             self._seen = e.seq
-            if e.client != self.client_id:
+            named = {e.client} | set(e.evidence.get("clients", []))
+            if not named & self.ids:
                 continue
             # the query that raised it was answered (or refused) just now
             n = self.tally.answered + 1
@@ -268,7 +338,29 @@ def copycat(
         )
     except AttackStopped as e:
         result.update(completed=False, stopped=str(e))
-    return result | target.tally.to_json()
+    tally = target.tally
+    if tally.first_detection is None:
+        result["agreement_by_first_detection"] = result.get("agreement_with_victim")
+    else:
+        result["agreement_by_first_detection"] = _agreement_from(tally.before, cfg, x_test, victim_test)
+    return result | tally.to_json()
+
+
+def _agreement_from(
+    answers: list[tuple[np.ndarray, int]], cfg: RedteamConfig, x_test: np.ndarray, victim_test: np.ndarray
+) -> float:
+    """What a surrogate trained on ``answers`` alone agrees with the victim on (0 when it cannot
+    be trained: fewer than two labels seen)."""
+    from sklearn.neural_network import MLPClassifier
+
+    if len({label for _, label in answers}) < 2:
+        return 0.0
+    x = np.stack([row for row, _ in answers])
+    y = np.array([label for _, label in answers])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = MLPClassifier((64,), max_iter=500, random_state=cfg.seed).fit(x, y)
+    return round(float((model.predict(x_test) == victim_test).mean()), 4)
 
 
 def hopskipjump(
@@ -304,11 +396,36 @@ def hopskipjump(
         dist = np.linalg.norm((adv - x).reshape(len(x), -1), axis=1)
         mean_l2 = round(float(dist[changed].mean()), 4) if changed.any() else None
         result.update(
-            completed=True, mean_l2=mean_l2, evasion_success_rate=round(float(changed.mean()), 4)
+            completed=True,
+            mean_l2=mean_l2,
+            evasion_success_rate=round(float(changed.mean()), 4),
+            evasion_within_goal=round(float((changed & (dist <= cfg.hsj_goal_l2)).mean()), 4),
         )
     except AttackStopped as e:
         result.update(completed=False, stopped=str(e))
-    return result | target.tally.to_json()
+    tally = target.tally
+    if tally.first_detection is None:
+        result["evasion_by_first_detection"] = result.get("evasion_within_goal")
+    else:
+        result["evasion_by_first_detection"] = _evasion_from(tally.before, x, judge, cfg.hsj_goal_l2)
+    return result | tally.to_json()
+
+
+def _evasion_from(answers: list[tuple[np.ndarray, int]], x: np.ndarray, judge: BareTarget, goal: float) -> float:
+    """The share of inputs ``x`` for which one of the ``answers`` is already an adversarial
+    example: a different label, within L2 ``goal`` of the input."""
+    if not answers:
+        return 0.0
+    judged = judge.tally.answered
+    own = judge.labels(x)
+    judge.tally.answered = judged
+    rows = np.stack([row for row, _ in answers]).reshape(len(answers), -1)
+    labels = np.array([label for _, label in answers])
+    found = [
+        bool(np.any((labels != own[i]) & (np.linalg.norm(rows - x[i].reshape(-1), axis=1) <= goal)))
+        for i in range(len(x))
+    ]
+    return round(float(np.mean(found)), 4)
 
 
 class AgentEnv:
@@ -360,6 +477,12 @@ class AgentEnv:
         self.socket = workdir / "agent.sock"
         self.server = Server(self.service, self.socket).start()
         self.runner = agent.model().runner
+        # The limits the service applies, as an attacker learns them from its Retry-After answers.
+        from device_agent.config import ThrottleConfig
+
+        self.limits = ThrottleConfig.from_json(policy.get("throttle", {}), agent.config.throttle).tightest(
+            self.service.config.throttle
+        )
 
     def token(self) -> tuple[str, str]:
         from device_agent.store.datadir import utcnow
@@ -378,33 +501,155 @@ class AgentEnv:
         self.server.stop()
 
 
-def benign(env: AgentEnv, x: np.ndarray, cfg: RedteamConfig) -> dict[str, Any]:
-    """The test split replayed in random order by several clients at a realistic rate."""
-    rng = np.random.default_rng(cfg.seed)
+def _on(env: AgentEnv, work: Callable[[AgentEnv], dict[str, Any]]) -> dict[str, Any]:
+    """``work`` on a board of its own, stopped afterwards."""
+    try:
+        return work(env)
+    finally:
+        env.close()
+
+
+def adaptive(
+    fresh: Callable[[], AgentEnv],
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    x_val: np.ndarray,
+    bare: BareTarget,
+    n_classes: int,
+    cfg: RedteamConfig,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """The adaptive attacks against the agent (the module's docstring says what each does), each
+    on a ``fresh`` board of its own."""
+    hsj_x = x_test[: cfg.hsj_samples]
+    victim_test = bare.labels(x_test)
+    bare.tally.answered = 0
+    cover = x_test[cfg.hsj_samples :]
+    plans: dict[str, Callable[[AgentEnv], AgentTarget]] = {
+        "hopskipjump-paced": lambda e: AgentTarget(e, [e.token()], e.limits.client_rate, cfg.max_wait_s),
+        "hopskipjump-sybil": lambda e: AgentTarget(
+            e, [e.token() for _ in range(cfg.sybil_tokens)], e.limits.client_rate, cfg.max_wait_s
+        ),
+        "hopskipjump-mixed": lambda e: AgentTarget(
+            e, [e.token()], e.limits.client_rate, cfg.max_wait_s, cover=cover, mix=cfg.mix_benign
+        ),
+    }
+    out: dict[str, Any] = {}
+    for name, plan in plans.items():
+        log(f"agent: {name}")
+        env = fresh()
+        try:
+            out[name] = hopskipjump(plan(env), hsj_x, bare, n_classes, cfg)
+        finally:
+            env.close()
+
+    def budgeted(e: AgentEnv) -> dict[str, Any]:
+        per_window = min(e.limits.daily_budget, -(-cfg.copycat_queries // cfg.budget_days))
+        window_s = e.service.config.budget.window_seconds
+        target = AgentTarget(
+            e, [e.token()], e.limits.client_rate, cfg.max_wait_s, per_window=per_window, window_s=window_s
+        )
+        return copycat(target, x_val, n_classes, cfg, x_test, y_test, victim_test)
+
+    log("agent: copycat-budget")
+    out["copycat-budget"] = _on(fresh(), budgeted)
+    return out
+
+
+def benign_traffic(
+    x: np.ndarray,
+    y: np.ndarray,
+    apps: int,
+    queries: int,
+    seed: int,
+    rate: float = 1.0,
+    sensor_drift: float = 0.0,
+) -> list[tuple[float, int, np.ndarray]]:
+    """Real use of the model by ``apps`` applications, ``queries`` in all, as (seconds from the
+    start, application, input), in time order. Each application replays the test split ``x``:
+
+    - in bursts: sessions of 1 to 20 queries about 0.1 s apart, then an idle gap, so that it
+      averages about ``rate`` queries a second;
+    - with repeats: 15% of its queries resend one of its last five inputs unchanged (a retry, a
+      still scene), and the split is drawn with replacement, so samples come back;
+    - with slow drift: the mix of classes it sees (weights from ``y``) and its pace change slowly
+      over hours, each application on its own cycle;
+    - ``sensor_drift`` > 0: its sensor's gain also drifts slowly by up to that fraction, so that a
+      sample seen again is a near-duplicate rather than an exact repeat.
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.unique(y)
+    by_class = [np.flatnonzero(y == k) for k in classes]
+    out: list[tuple[float, int, np.ndarray]] = []
+    per = [queries // apps + (a < queries % apps) for a in range(apps)]
+    for a in range(apps):
+        t = float(rng.uniform(0, 60))
+        period = rng.uniform(2, 6, size=3) * 3600.0  # class mix, pace and gain cycles
+        phase = rng.uniform(0, 2 * np.pi, size=len(classes) + 2)
+        recent: list[np.ndarray] = []
+        sent = 0
+        while sent < per[a]:
+            cycle = 2 * np.pi * t / period
+            pace = 1.0 + 0.5 * np.sin(cycle[1] + phase[-2])
+            for _ in range(min(int(rng.integers(1, 21)), per[a] - sent)):
+                t += float(rng.exponential(0.1))
+                if recent and rng.random() < 0.15:
+                    row = recent[-int(rng.integers(1, len(recent) + 1))]
+                else:
+                    w = 1.0 + 0.8 * np.sin(cycle[0] + phase[: len(classes)])
+                    k = int(rng.choice(len(classes), p=w / w.sum()))
+                    row = x[int(rng.choice(by_class[k]))]
+                    if sensor_drift:
+                        gain = 1.0 + sensor_drift * np.sin(2 * np.pi * t / period[2] + phase[-1])
+                        row = np.clip(row * gain, 0.0, 1.0)
+                    row = np.asarray(row, dtype=np.float32)
+                    recent = (recent + [row])[-5:]
+                out.append((t, a, row))
+                sent += 1
+            # idle until the next session: about 10 queries per session at ``rate`` on average
+            t += float(rng.exponential(10.5 / rate * pace))
+    out.sort(key=lambda e: e[0])
+    return out
+
+
+def benign(
+    env: AgentEnv,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: RedteamConfig,
+    queries: int | None = None,
+    sensor_drift: float = 0.0,
+) -> dict[str, Any]:
+    """:func:`benign_traffic` through the API, one token per application; counts every event
+    that names one of them."""
     clients = [env.token() for _ in range(cfg.benign_clients)]
     https = [ApiCaller(env.socket, tok) for _, tok in clients]
-    per = cfg.benign_queries // cfg.benign_clients
     start = env.clock.t
-    arrivals = sorted(
-        (t, c)
-        for c in range(cfg.benign_clients)
-        for t in start + np.cumsum(rng.exponential(1.0 / cfg.benign_rate, per))
+    traffic = benign_traffic(
+        x, y, cfg.benign_clients, queries or cfg.benign_queries, cfg.seed, cfg.benign_rate, sensor_drift
     )
     seq0 = env.events_seq()
     answered = refused = 0
-    for t, c in arrivals:
-        env.clock.t = t
-        status, _, _ = https[c].predict(x[rng.integers(len(x))])
+    for t, c, row in traffic:
+        env.clock.t = start + t
+        status, _, _ = https[c].predict(row)
         answered += status == 200
         refused += status == 429
     ids = {cid for cid, _ in clients}
-    events = [e for e in env.events_after(seq0) if e.client in ids]
+    events = [
+        e for e in env.events_after(seq0) if ({e.client} | set(e.evidence.get("clients", []))) & ids
+    ]
+    kinds: dict[str, int] = {}
+    for e in events:
+        kinds[e.kind] = kinds.get(e.kind, 0) + 1
     return {
         "clients": cfg.benign_clients,
+        "sensor_drift": sensor_drift,
         "queries_answered": answered,
         "queries_refused_by_throttling": refused,
         "detections": len(events),
-        "detection_kinds": sorted({e.kind for e in events}),
+        "detection_kinds": sorted(kinds),
+        "detections_by_kind": kinds,
         "simulated_seconds": round(env.clock.t - start, 1),
     }
 
@@ -439,7 +684,15 @@ def run(
         "targets": {},
     }
     with tempfile.TemporaryDirectory(prefix="edgeward-redteam-") as tmp:
-        env = AgentEnv(model_path, full_policy, Path(tmp))
+        boards = iter(range(1_000))
+
+        def fresh() -> AgentEnv:
+            """A new board for one run: no detection state left over from an earlier attack."""
+            d = Path(tmp) / f"board{next(boards)}"
+            d.mkdir()
+            return AgentEnv(model_path, full_policy, d)
+
+        env = fresh()
         try:
             bare = BareTarget(env.runner, env.task)
             victim_test = bare.labels(x_test)
@@ -447,8 +700,7 @@ def run(
             report["victim_accuracy"] = round(float((victim_test == y_test).mean()), 4)
 
             def agent_target() -> AgentTarget:
-                cid, tok = env.token()
-                return AgentTarget(env, cid, tok, cfg.attacker_rate, cfg.max_wait_s)
+                return AgentTarget(env, [env.token()], cfg.attacker_rate, cfg.max_wait_s)
 
             for name, make in (
                 ("bare", lambda: BareTarget(env.runner, env.task)),
@@ -466,8 +718,16 @@ def run(
                 log(f"{name}: hopskipjump")
                 results["hopskipjump"] = hopskipjump(make(), hsj_x, bare, n_classes, cfg)
                 report["targets"][name] = results
+            if cfg.adaptive:
+                report["targets"]["agent"] |= adaptive(fresh, x_test, y_test, x_val, bare, n_classes, cfg, log)
             log("agent: benign clients")
-            report["targets"]["agent"]["benign"] = benign(env, x_test, cfg)
+            report["targets"]["agent"]["benign"] = _on(fresh(), lambda e: benign(e, x_test, y_test, cfg))
+            if cfg.sensor_drift_queries:
+                log("agent: benign clients with a drifting sensor")
+                report["targets"]["agent"]["benign-sensor-drift"] = _on(
+                    fresh(),
+                    lambda e: benign(e, x_test, y_test, cfg, cfg.sensor_drift_queries, cfg.sensor_drift),
+                )
         finally:
             env.close()
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -490,26 +750,34 @@ def _load(path: Path, need_y: bool) -> tuple[np.ndarray, np.ndarray | None]:
 def summary(report: dict[str, Any]) -> str:
     """The report as a table: one row per target and attack."""
     head = (
-        f"{'target':<6} {'attack':<16} {'answered':>8} {'refused':>8} {'1st det.':>8} {'by':<10} "
+        f"{'target':<6} {'attack':<19} {'answered':>8} {'refused':>8} {'1st det.':>8} {'by':<10} "
         f"{'sim time':>9}  result"
     )
     lines = [f"victim accuracy {report['victim_accuracy']}", head]
     for target, attacks in report["targets"].items():
         for name, r in attacks.items():
-            if name == "benign":
+            if name.startswith("benign"):
+                kinds = ", ".join(f"{k} {n}" for k, n in sorted(r.get("detections_by_kind", {}).items()))
                 res = f"{r['detections']} detections over {r['queries_answered']} benign queries"
+                res += f" ({kinds})" if kinds else ""
             elif "agreement_with_victim" in r:
                 res = (
                     f"surrogate acc {r['surrogate_accuracy']}, "
                     f"agreement {r['agreement_with_victim']}"
                 )
-            elif r.get("completed") and name == "hopskipjump":
+            elif r.get("completed") and name.startswith("hopskipjump"):
                 res = f"evasion success {r['evasion_success_rate']}, mean L2 {r['mean_l2']}"
             else:
                 res = f"stopped: {r.get('stopped')}"
+            if "evasion_by_first_detection" in r:
+                res += f"; by 1st det.: evasion within L2 goal {r['evasion_by_first_detection']}"
+            elif "agreement_by_first_detection" in r:
+                res += f"; by 1st det.: agreement {r['agreement_by_first_detection']}"
+            if r.get("tokens", 1) > 1 or r.get("cover_queries_answered"):
+                res += f" [{r['tokens']} tokens, {r.get('cover_queries_answered', 0)} cover queries]"
             first = r.get("queries_before_first_detection")
             lines.append(
-                f"{target:<6} {name:<16} {r['queries_answered']:>8} "
+                f"{target:<6} {name:<19} {r['queries_answered']:>8} "
                 f"{r['queries_refused_by_throttling']:>8} {first if first is not None else '-':>8} "
                 f"{r.get('first_detection_kind') or '-':<10} "
                 f"{r['simulated_seconds']:>8.0f}s  {res}"

@@ -77,3 +77,32 @@ def test_natural_data_extraction_is_reported_honestly(report: dict[str, Any]) ->
         r = report["targets"][target]["copycat-natural"]
         assert r["completed"] and 0.0 <= r["agreement_with_victim"] <= 1.0
     assert report["victim_accuracy"] > 0.9
+
+
+def test_adaptive_attacks_are_reported_beside_the_non_adaptive_one(report: dict[str, Any]) -> None:
+    """Each adaptive attack has its row: queries to the first detection and what the attacker
+    had by then, beside plain HopSkipJump."""
+    agent = report["targets"]["agent"]
+    for name in ("hopskipjump", "hopskipjump-paced", "hopskipjump-sybil", "hopskipjump-mixed"):
+        r = agent[name]
+        assert r["completed"] and 0.0 <= r["evasion_by_first_detection"] <= 1.0
+        assert r["queries_before_first_detection"] is not None and r["queries_before_first_detection"] <= 50, name
+    assert agent["hopskipjump-sybil"]["tokens"] == 5
+    assert agent["hopskipjump-sybil"]["first_detection_kind"] == "linked"
+    assert agent["hopskipjump-mixed"]["cover_queries_answered"] > agent["hopskipjump-mixed"]["queries_answered"]
+
+
+def test_a_patient_natural_data_thief_inside_the_budget_is_limited_by_the_budget(report: dict[str, Any]) -> None:
+    """What the detectors cannot catch, said plainly: natural data spread over several budget
+    windows is never refused; it costs the attacker days, which is all the budget can do."""
+    r = report["targets"]["agent"]["copycat-budget"]
+    days = report["config"]["budget_days"]
+    assert r["completed"] and r["queries_refused_by_throttling"] == 0
+    assert r["simulated_seconds"] >= (days - 1) * 86400
+    assert r["agreement_by_first_detection"] is not None
+
+
+def test_a_drifting_sensor_is_measured_and_raises_no_linked_event(report: dict[str, Any]) -> None:
+    r = report["targets"]["agent"]["benign-sensor-drift"]
+    assert r["queries_answered"] + r["queries_refused_by_throttling"] == report["config"]["sensor_drift_queries"]
+    assert "linked" not in r["detections_by_kind"] and "extraction" not in r["detections_by_kind"]

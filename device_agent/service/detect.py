@@ -17,8 +17,20 @@ publisher's validation data (:func:`calibrate`) and sealed in the bundle policy 
   earlier query. Exact repeats are not probing: applications resend the same input.
 - **rate**: a client that keeps hitting the throttle (``rate_refusals`` refusals in
   ``rate_window`` seconds).
+- **linked**: the same probing seen across every client at once, so that splitting an attack
+  over several tokens (Sybil accounts) gains nothing. In the spirit of Blacklight (Li et al.,
+  2022), one bounded index holds the last ``link_history`` distinct inputs of all clients with
+  the client that sent each and the label it got. An input within the sealed ``probe_eps`` of an
+  indexed input that got a *different* label is a boundary link: decision-based evasion walks
+  the decision boundary and lands on both sides of it, natural traffic (repeats, a drifting
+  sensor) does not. ``link_count`` links among the last ``link_window`` distinct inputs of the
+  board make an event that names every client that sent a linking input; each is then slowed
+  down for ``link_hold`` seconds, whichever token it uses. A client is never named for inputs
+  another sent near its own, so no one can get an application slowed by probing around it.
 
-Detection raises the bar; an adaptive attacker who knows these tests can stay under them.
+Detection raises the bar; an adaptive attacker who knows these tests can stay under them (a
+patient attacker with natural data inside the budget raises none of them: the budget is the
+limit there, docs/agent-service.md).
 """
 
 from __future__ import annotations
@@ -174,17 +186,62 @@ class _Ring:
         self.next = 0
 
     def nearest(self, v: np.ndarray) -> float:
-        if self.count == 0 or v.size != self.rows.shape[1]:
-            return math.inf
-        diff = self.rows[: self.count] - v
-        return math.sqrt(float(np.einsum("ij,ij->i", diff, diff).min()))
+        return self.nearest_slot(v)[0]
 
-    def add(self, v: np.ndarray) -> None:
+    def nearest_slot(self, v: np.ndarray) -> tuple[float, int]:
+        """The distance to the nearest kept vector and its slot (inf and -1 when none)."""
+        if self.count == 0 or v.size != self.rows.shape[1]:
+            return math.inf, -1
+        diff = self.rows[: self.count] - v
+        d2 = np.einsum("ij,ij->i", diff, diff)
+        j = int(d2.argmin())
+        return math.sqrt(float(d2[j])), j
+
+    def within(self, v: np.ndarray, eps: float, most: int) -> tuple[float, np.ndarray]:
+        """The distance to the nearest kept vector and the slots (``most`` at most, nearest
+        first) of those closer than ``eps``."""
+        if self.count == 0 or v.size != self.rows.shape[1]:
+            return math.inf, np.empty(0, dtype=np.int64)
+        # In slices: the differences of a whole board-wide index would be a copy of it (8 MB at
+        # the 1024-dim cap) on every query.
+        d2 = np.empty(self.count, dtype=np.float64)
+        step = max(1, _SLICE_VALUES // self.rows.shape[1])
+        for i in range(0, self.count, step):
+            end = min(i + step, self.count)
+            diff = self.rows[i:end] - v
+            d2[i:end] = np.einsum("ij,ij->i", diff, diff)
+        close = np.flatnonzero(d2 < eps * eps)
+        if close.size > most:
+            close = close[np.argpartition(d2[close], most)[:most]]
+        return math.sqrt(float(d2.min())), close[np.argsort(d2[close])]
+
+    def add(self, v: np.ndarray) -> int:
+        """Keep ``v`` in place of the oldest; returns its slot (-1: wrong size, not kept)."""
         if v.size != self.rows.shape[1]:
-            return
-        self.rows[self.next] = v
+            return -1
+        slot = self.next
+        self.rows[slot] = v
         self.next = (self.next + 1) % self.rows.shape[0]
         self.count = min(self.count + 1, self.rows.shape[0])
+        return slot
+
+
+_SLICE_VALUES = 1 << 16  # floats per slice of a distance pass over a large ring (256 kB)
+_LINK_CANDIDATES = 64  # close inputs whose labels are compared per query (bounds the work)
+
+
+class _Links:
+    """The board-wide index of the ``linked`` detector: one ring of every client's distinct
+    inputs, who sent each and the label it got, and the boundary links of the last window."""
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        self.ring = _Ring(capacity, dim)
+        self.owner: list[str] = [""] * capacity
+        self.label: list[Any] = [None] * capacity
+        self.seen = 0  # distinct inputs indexed so far
+        self.links: deque[tuple[int, str, str]] = deque()  # (input number, sender, earlier input's)
+        self.last_event = -math.inf
+        self.named: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -207,6 +264,9 @@ class Detector:
         self.calibration = calibration
         self.config = config
         self._clients: OrderedDict[str, _Client] = OrderedDict()
+        self._links: _Links | None = None
+        # Clients named in a linked event -> boottime until which they count as fully anomalous.
+        self._linked: OrderedDict[str, float] = OrderedDict()
 
     def _client(self, client: str, dim: int) -> _Client:
         c = self._clients.get(client)
@@ -220,6 +280,11 @@ class Detector:
                 self._clients.popitem(last=False)
         else:
             self._clients.move_to_end(client)
+            if dim and c.recent.rows.shape[1] != dim:
+                # first seen through a refusal (no input yet): size its rings now, or its
+                # probing and PRADA windows would stay blind to every input it sends
+                c.recent = _Ring(self.config.history, dim)
+                c.by_label.clear()
         return c
 
     def _emit(self, c: _Client, sig: Signal, now: float, out: list[Signal]) -> None:
@@ -235,6 +300,7 @@ class Detector:
         c = self._client(client, v.size)
         c.queries += 1
         out: list[Signal] = []
+        self._link(client, v, label, now, out)
         cal = self.calibration
         if cal is not None and v.size == cal.mean.size:
             score = cal.score(v)
@@ -273,7 +339,9 @@ class Detector:
         if d == 0.0:
             return out
         same.add(v)
-        if math.isfinite(d):
+        # A near-duplicate (a resent input a drifting sensor changed slightly) is not a new sample:
+        # its tiny distance would skew the normality test on natural traffic. Probing counts it.
+        if math.isfinite(d) and d >= eps:
             c.distances.append(d)
             if len(c.distances) >= cfg.prada_min and c.queries % cfg.prada_every == 0:
                 w = shapiro_w(np.fromiter(c.distances, dtype=np.float64))
@@ -293,6 +361,51 @@ class Detector:
                     )
         return out
 
+    def _link(self, client: str, v: np.ndarray, label: Any, now: float, out: list[Signal]) -> None:
+        """The board-wide view: index ``v`` and look for boundary links across all clients."""
+        cal, cfg = self.calibration, self.config
+        if cal is None or cal.probe_eps <= 0:
+            return
+        links = self._links
+        if links is None or links.ring.rows.shape[1] != v.size:
+            links = self._links = _Links(cfg.link_history, v.size)
+        d, close = links.ring.within(v, cal.probe_eps, _LINK_CANDIDATES)
+        if d == 0.0:
+            return  # an exact repeat, whoever sent it: applications share and resend inputs
+        links.seen += 1
+        # Bisection lands halfway between two earlier inputs, one on each side of the boundary:
+        # look at every close input, not only the nearest.
+        other = next((int(j) for j in close if links.label[j] != label), None)
+        if other is not None:
+            links.links.append((links.seen, client, links.owner[other]))
+        slot = links.ring.add(v)
+        links.owner[slot], links.label[slot] = client, label
+        while links.links and links.links[0][0] <= links.seen - cfg.link_window:
+            links.links.popleft()
+        if other is None or len(links.links) < cfg.link_count:
+            return  # only a query that makes a link can raise the event: it is its sender's
+        # Only the senders of linking queries are named: a client is never slowed for what another
+        # sent near its inputs (an attacker could otherwise frame an application).
+        named = {sender for _, sender, _ in links.links}
+        for name in named:
+            self._linked[name] = now + cfg.link_hold
+            self._linked.move_to_end(name)
+        while len(self._linked) > cfg.max_clients:
+            self._linked.popitem(last=False)
+        if now - links.last_event < cfg.cooldown and named <= links.named:
+            return  # nothing new to say: at most one event per cooldown unless a client joins
+        links.last_event, links.named = now, frozenset(named)
+        ev = {
+            "clients": sorted(named)[: cfg.max_clients],
+            "clients_involved": len(named),
+            "linked_to": len({owner for _, _, owner in links.links} - named),  # others' inputs it probed
+            "boundary_links": len(links.links),
+            "window": cfg.link_window,
+            "probe_eps": cal.probe_eps,
+            "distinct_inputs": links.seen,
+        }
+        out.append(Signal("linked", client, round(len(links.links) / cfg.link_count, 3), ev))
+
     def refused(self, client: str, now: float) -> list[Signal]:
         """Account for one throttled request; a client that keeps pushing is a rate anomaly."""
         cfg = self.config
@@ -311,8 +424,13 @@ class Detector:
             )
         return out
 
-    def anomaly(self, client: str) -> float:
-        """The client's anomaly score in [0, 1]; the throttle slows a client down as it rises."""
+    def anomaly(self, client: str, now: float | None = None) -> float:
+        """The client's anomaly score in [0, 1]; the throttle slows a client down as it rises.
+        A client named in a linked event is at 1 until ``link_hold`` seconds after it (at any
+        ``now`` when none is given)."""
+        until = self._linked.get(client)
+        if until is not None and (now is None or now < until):
+            return 1.0
         c = self._clients.get(client)
         if c is None:
             return 0.0

@@ -421,7 +421,7 @@ class Service:
             if rows > self.config.max_rows:
                 raise TooLarge(f"{rows} inputs in one request, the limit is {self.config.max_rows}")
             with self._lock:
-                decision = self._throttle.decide(client, mono, rows, self._detector.anomaly(client))
+                decision = self._throttle.decide(client, mono, rows, self._detector.anomaly(client, mono))
                 signals = [] if decision.allowed else self._detector.refused(client, mono)
                 must_save = decision.allowed and self._throttle.unsaved
             if not decision.allowed:

@@ -1,0 +1,240 @@
+"""Detection against adaptive attackers on the real digits model: the board-wide ``linked``
+detector catches probing split over several tokens, names every token and slows them all; real
+use (several applications with repeats, bursts and drift) raises nothing; and through the real
+HTTP API, HopSkipJump split over five tokens or paced at the throttle's rate is caught early."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from device_agent.config import DetectConfig, ThrottleConfig
+from device_agent.errors import UsageError
+from device_agent.service.detect import Calibration, Detector, calibrate
+from device_agent.service.throttle import Throttle
+from packager.redteam import benign_traffic
+from tests.fixtures.serve import T0, digits_validation
+
+
+@pytest.fixture(scope="module")
+def cal() -> Calibration:
+    c = Calibration.from_policy({"ood": calibrate(digits_validation())})
+    assert c is not None
+    return c
+
+
+@pytest.fixture(scope="module")
+def label(digits: Any) -> Any:
+    """The real model's labels for a batch of inputs (onnxruntime, as the board runs it)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(digits.onnx), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def run(rows: np.ndarray) -> np.ndarray:
+        return np.asarray(sess.run(["label"], {name: np.asarray(rows, dtype=np.float32)})[0]).reshape(-1)
+
+    return run
+
+
+def _boundary_walk(x: np.ndarray, label: Any) -> tuple[np.ndarray, np.ndarray]:
+    """What a decision-based attack sends: a bisection from a test input towards one of another
+    class, then samples around the boundary point it found (gradient estimation)."""
+    own = label(x[:40])
+    i, j = 0, int(np.flatnonzero(own != own[0])[0])
+    lo, hi, rows = x[i].astype(np.float64), x[j].astype(np.float64), []
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        rows.append(mid)
+        if label(mid[None])[0] == own[0]:
+            lo = mid
+        else:
+            hi = mid
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        u = rng.normal(size=64)
+        rows.append(np.clip(hi + 0.05 * u / np.linalg.norm(u), 0, 1))
+    walk = np.stack(rows).astype(np.float32)
+    return walk, label(walk)
+
+
+def test_probing_split_over_five_tokens_is_linked_and_every_token_is_slowed(
+    cal: Calibration, digits_test: Any, label: Any
+) -> None:
+    x, _ = digits_test
+    walk, labels = _boundary_walk(x, label)
+    d = Detector(cal)
+    tokens = [f"sybil{k}" for k in range(5)]
+    linked = []
+    for n, (row, lab) in enumerate(zip(walk, labels, strict=True)):
+        linked += [(n + 1, s) for s in d.observe(tokens[n % 5], row, int(lab), T0 + n) if s.kind == "linked"]
+    assert linked and linked[0][0] <= 30
+    named = set().union(*(s.evidence["clients"] for _, s in linked))
+    assert named == set(tokens)  # every token involved is named, in one event or the next
+    assert all(s.evidence["clients_involved"] == len(s.evidence["clients"]) for _, s in linked)
+    now = T0 + len(walk)
+    throttle = Throttle(ThrottleConfig())
+    for t in tokens:
+        assert d.anomaly(t, now) == 1.0
+        assert throttle.client_rate(d.anomaly(t, now)) < ThrottleConfig().client_rate / 20
+    assert d.anomaly("bystander", now) == 0.0
+
+
+def test_probing_around_an_applications_input_does_not_get_the_application_slowed(
+    cal: Calibration, digits_test: Any, label: Any
+) -> None:
+    """An attacker who probes the boundary right next to an application's input links to it;
+    only the attacker is named and slowed, never the application it framed."""
+    x, _ = digits_test
+    walk, labels = _boundary_walk(x, label)
+    d = Detector(cal)
+    assert d.observe("app", walk[13], int(labels[13]), T0) == []
+    sigs = [s for n in range(14, len(walk)) for s in d.observe("mallory", walk[n], int(labels[n]), T0 + n)]
+    linked = [s for s in sigs if s.kind == "linked"]
+    assert linked and all(s.evidence["clients"] == ["mallory"] for s in linked)
+    assert any(s.evidence["linked_to"] == 1 for s in linked)  # it did probe next to the app's input
+    assert d.anomaly("app", T0 + len(walk)) == 0.0 and d.anomaly("mallory", T0 + len(walk)) == 1.0
+
+
+def test_a_token_first_seen_through_a_refusal_is_still_watched(cal: Calibration, digits_test: Any) -> None:
+    """A client whose first request is refused (an oversize batch, the global rate) is known to
+    the detector before any input: its own windows must still see the inputs it sends next."""
+    x, y = digits_test
+    d = Detector(cal)
+    assert d.refused("mallory", T0) == []
+    rng = np.random.default_rng(2)
+    kinds = [s.kind for i in range(20) for s in d.observe("mallory", x[0] + rng.normal(0, 0.01, 64), int(y[0]), T0 + i)]
+    assert "probing" in kinds
+
+
+def test_the_link_index_is_bounded_and_its_settings_are_checked(cal: Calibration) -> None:
+    cfg = DetectConfig(link_history=50, link_window=20, link_count=3)
+    d = Detector(cal, cfg)
+    rng = np.random.default_rng(5)
+    for n in range(300):
+        d.observe(f"c{n % 100}", rng.random(64), n % 10, T0 + n)
+    links = d._links
+    assert links is not None and links.ring.rows.shape == (50, 64) and len(links.owner) == 50
+    assert len(links.links) <= cfg.link_window
+    for bad in ({"link_history": 16385}, {"link_history": 0}, {"link_count": 21, "link_window": 20}):
+        with pytest.raises(UsageError, match="serve.detect.link_"):
+            DetectConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_a_query_against_a_full_link_index_does_not_copy_it() -> None:
+    """The distance pass over the board-wide index goes in slices: a query's working memory is
+    far below the index's own size, whatever the input's size (here at the 1,024-dim cap)."""
+    import tracemalloc
+
+    dim = 1024
+    rng = np.random.default_rng(6)
+    # probe_eps for the links; a 1-dim OoD model, so that the OoD score (a 1024x1024 product)
+    # is skipped and only the detectors' own working memory is measured
+    cal = Calibration(np.zeros(1), np.eye(1), 1.0, 0.5)
+    cfg = DetectConfig(link_history=1024, history=4, per_label_history=4)
+    d = Detector(cal, cfg)
+    for n in range(1100):
+        d.observe(f"c{n % 7}", rng.random(dim), n % 10, T0 + n)
+    assert d._links is not None and d._links.ring.rows.nbytes == 1024 * dim * 4  # 4 MiB
+    row = rng.random(dim)
+    tracemalloc.start()
+    try:
+        d.observe("c0", row, 3, T0 + 1101)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024  # a whole copy in float64 would be 8 MiB
+
+
+def test_real_use_raises_no_alarm_and_a_drifting_sensor_no_extraction_alarm(
+    cal: Calibration, digits_test: Any, label: Any
+) -> None:
+    """10,000 queries of real use from six applications: no event of any kind. With a drifting
+    sensor gain, resent samples come back as near-duplicates: the PRADA test must not take them
+    for synthetic queries, and they never straddle the decision boundary (no linked event)."""
+    x, y = digits_test
+    for drift, allowed in ((0.0, set()), (0.05, {"probing"})):
+        traffic = benign_traffic(x, y, apps=6, queries=10_000, seed=1, sensor_drift=drift)
+        labels = label(np.stack([row for _, _, row in traffic]))
+        d = Detector(cal)
+        kinds: list[str] = []
+        for (t, app, row), lab in zip(traffic, labels, strict=True):
+            kinds += [s.kind for s in d.observe(f"app{app}", row, int(lab), T0 + t)]
+        assert len(traffic) == 10_000 and set(kinds) <= allowed, (drift, kinds)
+
+
+# --- through the real API -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, digits: Any) -> Iterator[Any]:
+    """A throw-away board serving the digits model with its sealed calibration (red-team setup)."""
+    pytest.importorskip("art")
+    from packager.redteam import AgentEnv
+
+    e = AgentEnv(Path(digits.onnx), {"ood": calibrate(digits_validation())}, tmp_path_factory.mktemp("adaptive"))
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+def _hsj(env: Any, tokens: list[tuple[str, str]], digits_test: Any, sample: int) -> dict[str, Any]:
+    """HopSkipJump (few iterations: the assertions are about detection) on one test input,
+    round-robin over ``tokens``, each sending at the throttle's client rate."""
+    from packager.redteam import AgentTarget, BareTarget, RedteamConfig, hopskipjump
+
+    cfg = RedteamConfig(hsj_samples=1, hsj_max_iter=2, hsj_max_eval=50)
+    x, _ = digits_test
+    target = AgentTarget(env, tokens, env.limits.client_rate, cfg.max_wait_s)
+    return hopskipjump(target, x[sample : sample + 1], BareTarget(env.runner, env.task), 10, cfg)
+
+
+def _refused_within(env: Any, token: str, rows: np.ndarray) -> bool:
+    """Natural queries at half the client rate: refused only if the token was slowed down."""
+    from packager.redteam import ApiCaller
+
+    caller = ApiCaller(env.socket, token)
+    gap = 2.0 / env.limits.client_rate
+    statuses = []
+    for row in rows:
+        env.clock.t += gap
+        statuses.append(caller.predict(row)[0])
+    return 429 in statuses
+
+
+def test_zero_detections_over_10000_benign_queries_from_several_tokens(env: Any, digits_test: Any) -> None:
+    from packager.redteam import RedteamConfig, benign
+
+    x, y = digits_test
+    r = benign(env, x, y, RedteamConfig(benign_clients=6, benign_queries=10_000, seed=2))
+    assert r["queries_answered"] == 10_000 and r["queries_refused_by_throttling"] == 0
+    assert r["detections"] == 0, r["detections_by_kind"]
+
+
+def test_hopskipjump_split_over_5_tokens_is_detected_within_50_queries(env: Any, digits_test: Any) -> None:
+    tokens = [env.token() for _ in range(5)]
+    r = _hsj(env, tokens, digits_test, sample=0)
+    first = r["queries_before_first_detection"]
+    assert first is not None and first <= 50, r
+    assert r["first_detection_kind"] == "linked" and r["tokens"] == 5
+    linked = [e for e in env.events_after(0) if e.kind == "linked"]
+    assert {cid for cid, _ in tokens} <= set().union(*(e.evidence["clients"] for e in linked))
+    # every token is slowed down: each is refused at half the client rate, a fresh token is not
+    x, _ = digits_test
+    rows = x[100:160]
+    assert all(_refused_within(env, tok, rows) for _, tok in tokens)
+    assert not _refused_within(env, env.token()[1], rows)
+
+
+def test_a_single_token_paced_at_the_throttle_limit_is_detected_within_20_queries(
+    env: Any, digits_test: Any
+) -> None:
+    r = _hsj(env, [env.token()], digits_test, sample=1)
+    first = r["queries_before_first_detection"]
+    assert first is not None and first <= 20, r
+    assert r["queries_refused_by_throttling"] > 0  # and it is slowed down from then on
