@@ -101,20 +101,31 @@ def render(rows: list[dict], status: int, seconds: float) -> str:
         f"{passed} of {len(with_target)} targets met; {len(rows) - len(with_target)} figures for information; "
         f"the whole run took {seconds / 60:.1f} minutes (benchmarks/run.sh exit {status}).",
         "",
-        "| benchmark | figure | measured | target | result | detail |",
-        "| --- | --- | ---: | --- | --- | --- |",
     ]
-    for r in rows:
-        result = "info" if r["target"] is None else ("PASS" if r["passed"] else "**MISS**")
-        target = "" if r["target"] is None else f"{r['target']} {r['unit']}".strip()
-        out.append(
-            f"| {r['benchmark']} | {_cell(r['figure'])} | {_cell(r['value'])} {_cell(r['unit'])} | {_cell(target)} "
-            f"| {result} | {_cell(r['note'])} |"
-        )
+    # One section per benchmark script, in the order they ran (benchmarks/run.sh: name order).
+    for name in dict.fromkeys(r["benchmark"] for r in rows):
+        mine = [r for r in rows if r["benchmark"] == name]
+        met = sum(1 for r in mine if r["target"] is not None and r["passed"])
+        targets = sum(1 for r in mine if r["target"] is not None)
+        out += [
+            f"### {name} (`benchmarks/{name}.py`)",
+            "",
+            f"{met} of {targets} targets met; {len(mine) - targets} figures for information.",
+            "",
+            "| figure | measured | target | result | detail |",
+            "| --- | ---: | --- | --- | --- |",
+        ]
+        for r in mine:
+            result = "info" if r["target"] is None else ("PASS" if r["passed"] else "**MISS**")
+            target = "" if r["target"] is None else f"{r['target']} {r['unit']}".strip()
+            out.append(
+                f"| {_cell(r['figure'])} | {_cell(r['value'])} {_cell(r['unit'])} | {_cell(target)} "
+                f"| {result} | {_cell(r['note'])} |"
+            )
+        out.append("")
     if missing:
-        out += ["", f"No figures from: {', '.join(missing)} (the script failed; see its output)."]
+        out += [f"No figures from: {', '.join(missing)} (the script failed; see its output).", ""]
     out += [
-        "",
         "The project's machines are shared 2-core VMs: single runs vary (see benchmarks/README.md);",
         "the load average above shows how busy this one was. These are x86_64 figures, not a",
         "Raspberry Pi's (docs/arm64.md says what emulation can and cannot show).",

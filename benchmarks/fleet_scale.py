@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
+from benchmarks._results import record  # noqa: E402
 from device_agent import crypto  # noqa: E402
 from device_agent.bundle.enrolment import DOMAIN as ENROL_DOMAIN  # noqa: E402
 from device_agent.bundle.enrolment import Enrolment  # noqa: E402
@@ -69,6 +70,7 @@ from tests.fixtures.fleet import MOSQUITTO, free_port, wait_until  # noqa: E402
 OPERATOR = "ops"
 TICK = os.sysconf("SC_CLK_TCK")
 POLL_S = 0.02  # the SQLite commit observer's period
+TARGET_ZERO = 0  # reports lost, duplicated, flagged or left unacknowledged, in every configuration
 
 
 @dataclass(frozen=True)
@@ -655,6 +657,49 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _figure(v: float | None, digits: int) -> float | str:
+    """A measured figure for the results file: rounded, or "-" when there is none (no report)."""
+    if v is None or v != v:
+        return "-"
+    return round(v, digits) if digits else round(v)
+
+
+def record_results(plan: Plan, results: list[Result], setup: dict[str, float], total: float) -> None:
+    """One results row per figure printed: the set-up, then each configuration's column."""
+    fleet = f"{plan.boards} boards"
+    record("fleet_scale", f"{fleet}: enrol (signed enrolments, client certificates)", round(setup["enrol_s"], 1), "s")
+    record("fleet_scale", f"{fleet}: connect over TLS in {plan.procs} processes", round(setup["connect_s"], 1), "s")
+    record("fleet_scale", f"{fleet}: whole run, {len(results)} configurations", round(total), "s",
+           note=f"a report every {plan.interval:g} s each for {plan.duration:g} s, {plan.burst} back to back; "
+                f"{plan.offline:.0%} offline for {plan.offline_for:g} s once")
+    for r in results:
+        sent = f"{r.sent} sent, {r.stored} stored"
+        rows: list[tuple[str, float | str, str, str]] = [
+            ("ingest steady", _figure(r.steady_ingest_per_s, 0), "reports/s", ""),
+            ("ingest burst", _figure(r.burst_ingest_per_s, 0), "reports/s", f"{plan.burst} per board back to back"),
+            ("latency p50, report time to commit", _figure(r.latency_p50_ms, 0), "ms",
+             f"{r.latency_reports} steady reports sent live; {r.latency_note}"),
+            ("latency p99, report time to commit", _figure(r.latency_p99_ms, 0), "ms",
+             f"{r.latency_reports} steady reports sent live; {r.latency_note}"),
+            ("monitor CPU per report", _figure(r.monitor_cpu_s_per_report * 1000, 3), "ms",
+             "monitor and helper processes"),
+        ]
+        if r.db_cpu_s_per_report is not None:
+            rows.append(("database CPU per report", _figure(r.db_cpu_s_per_report * 1000, 3), "ms",
+                         "every PostgreSQL server process"))
+        rows += [
+            ("broker CPU per report", _figure(r.broker_cpu_s_per_report * 1000, 3), "ms", "mosquitto"),
+            ("redelivered (recognised)", r.redelivered, "reports", ""),
+            ("sent after offline", r.queued_offline, "reports", ""),
+        ]
+        for name, value, unit, note in rows:
+            record("fleet_scale", f"{fleet}, {r.config}: {name}", value, unit, note=note)
+        for name, value in (("lost", r.lost), ("duplicated", r.duplicated), ("flagged", r.flagged),
+                            ("unacknowledged by the broker", r.unacked)):
+            record("fleet_scale", f"{fleet}, {r.config}: reports {name}", value, "reports", f"= {TARGET_ZERO}",
+                   value == TARGET_ZERO, sent)
+
+
 def main() -> int:
     d = Plan()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -688,6 +733,7 @@ def main() -> int:
     print(table(results))
     print(f"latency: PostgreSQL {results[0].latency_note if results else ''}; SQLite: first seen by a "
           f"reader polling every {POLL_S * 1000:.0f} ms (upper bound). Steady reports sent live only.")
+    record_results(plan, results, setup, total)
     bad = [r for r in results if r.lost or r.duplicated or r.flagged or r.unacked or r.stored != r.sent]
     print(f"target: zero lost, zero duplicated, nothing flagged, in every configuration: "
           f"{'MISS' if bad else 'PASS'}")
