@@ -280,14 +280,15 @@ build_digits(CACHE / "digits"); digits_cnn()') || fail "could not build the test
 """Runs on the (emulated) board: pytest over the agent's own tests, on the arm64 root's wheels."""
 import os, platform, sys
 sys.executable = os.environ["EDGEWARD_ARM64_PYTHON"]  # child processes go through qemu too
-import cryptography, nacl, numpy, onnxruntime, ai_edge_litert, pytest
-root = os.environ["EDGEWARD_ARM64_ROOT"]
-assert platform.machine() == "aarch64", platform.machine()
-for m in (cryptography, nacl, numpy, onnxruntime, ai_edge_litert):
-    assert m.__file__.startswith(root + "/"), f"{m.__name__} comes from {m.__file__}, not the arm64 root"
-print(f"aarch64 Python {platform.python_version()}: onnxruntime {onnxruntime.__version__}, "
-      f"numpy {numpy.__version__}, cryptography {cryptography.__version__}, PyNaCl {nacl.__version__}", flush=True)
-sys.exit(pytest.main(sys.argv[1:]))
+if __name__ == "__main__":  # not in a multiprocessing "spawn" child, which imports this file again
+    import cryptography, nacl, numpy, onnxruntime, ai_edge_litert, pytest
+    root = os.environ["EDGEWARD_ARM64_ROOT"]
+    assert platform.machine() == "aarch64", platform.machine()
+    for m in (cryptography, nacl, numpy, onnxruntime, ai_edge_litert):
+        assert m.__file__.startswith(root + "/"), f"{m.__name__} comes from {m.__file__}, not the arm64 root"
+    print(f"aarch64 Python {platform.python_version()}: onnxruntime {onnxruntime.__version__}, "
+          f"numpy {numpy.__version__}, cryptography {cryptography.__version__}, PyNaCl {nacl.__version__}", flush=True)
+    sys.exit(pytest.main(sys.argv[1:]))
 PY
   ew_log "board (arm64, emulated): the agent's own tests ($set: ${#names[@]} files) under pytest"
   # The tests set their own EDGEWARD_* variables: none of the check's (its KEK file) may leak in.
