@@ -21,7 +21,12 @@ from device_agent.telemetry.report import NO_PREV, Report, encode_report, payloa
 from fleet.alerts import AlertConfig, Alerter, alert_payload, qualifies
 from fleet.monitor import ingest
 from fleet.store import Store, open_store
-from tests.fixtures.postgres import PgCluster, pg_cluster_fixture, pg_url_fixture  # noqa: F401
+from tests.fixtures.postgres import (  # noqa: F401
+    PgCluster,
+    make_store_fixture,
+    pg_cluster_fixture,
+    pg_url_fixture,
+)
 
 KEY = Ed25519PrivateKey.generate()
 KEYS = {"pi-1": ed25519_public_raw(KEY)}
@@ -68,20 +73,6 @@ def webhook() -> Iterator[Webhook]:
     w = Webhook()
     yield w
     w.close()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
-    spec = str(tmp_path / "m.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    opened: list[Store] = []
-
-    def make() -> Store:
-        opened.append(open_store(spec))
-        return opened[-1]
-
-    yield make
-    for s in opened:
-        s.close()
 
 
 def board_events(severities: list[str], start: int = 1) -> list[tuple[str, bytes]]:

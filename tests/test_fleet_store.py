@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,12 +19,17 @@ from device_agent.errors import BadSignature, EnvironmentFault
 from device_agent.telemetry.report import NO_PREV, Report, encode_report, payload_digest
 from fleet.incidents import export_document, sign_export, verify_export
 from fleet.monitor import Monitor, MonitorConfig, ingest
-from fleet.store import MonitorStore, PostgresStore, Store, open_store
+from fleet.store import MonitorStore, PostgresStore, Store
 from packager.cli import main as edgeward
 from packager.signers import FileSigner
 from tests.conftest import Board
 from tests.fixtures.fleet import Fleet, fleet_fixture, wait_until  # noqa: F401
-from tests.fixtures.postgres import PgCluster, pg_cluster_fixture, pg_url_fixture  # noqa: F401
+from tests.fixtures.postgres import (  # noqa: F401
+    PgCluster,
+    make_store_fixture,
+    pg_cluster_fixture,
+    pg_url_fixture,
+)
 
 KEY = Ed25519PrivateKey.generate()
 KEYS = {"pi-1": ed25519_public_raw(KEY)}
@@ -44,21 +49,6 @@ def chain(n: int, start: int = 1, key: Ed25519PrivateKey = KEY, device: str = "p
 def report(seq: int, kind: str = "events", data: dict[str, Any] | None = None) -> tuple[str, bytes]:
     r = Report("pi-1", seq, kind, NOW, data if data is not None else {"event": {"kind": "ood"}})
     return r.topic, encode_report(r, KEY)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
-    """Open the same store as often as asked (each its own connection); closed at the end."""
-    spec = str(tmp_path / "m.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    opened: list[Store] = []
-
-    def make() -> Store:
-        opened.append(open_store(spec))
-        return opened[-1]
-
-    yield make
-    for s in opened:
-        s.close()
 
 
 # --- one store, both engines ----------------------------------------------------------------
