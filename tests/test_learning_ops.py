@@ -405,6 +405,31 @@ def test_fuzz_mutated_learning_policies_parse_or_are_refused(sealed_policy: dict
     check()
 
 
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [(("gate", "x", "shape"), [0, 10**19]), (("gate", "x", "shape"), [0, 2**62, 2**62]),
+     (("head", "bias_shape"), [-1, -10])],
+)
+def test_a_zero_beside_a_huge_dimension_or_a_negative_bias_shape_is_refused(
+    sealed_policy: dict[str, Any], path: tuple[str, ...], value: Any
+) -> None:
+    """A zero-element array may not hide a dimension numpy cannot reshape to, and a bias shape of
+    negative dimensions may not multiply out to the class count (both were a plain ValueError)."""
+    import copy
+
+    from device_agent.learning.policy import LearningPolicy
+
+    doc = copy.deepcopy(sealed_policy)
+    node = doc
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    if path[0] == "gate":
+        node["data"] = ""
+    with pytest.raises(FormatError):
+        LearningPolicy.from_policy({"learning": doc})
+
+
 def test_feedback_and_learn_from_the_command_line(learnable: Callable[..., Board], make_board: Callable[..., Board],
                                                   pack_for: Callable[..., Path], digits: Any, sc: Scenario,
                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -104,7 +104,7 @@ class LearningPolicy:
             raise FormatError(f"the sealed learning head is malformed: {e}") from e
         if not (0 <= head.output < 16 and 2 <= head.classes <= 100_000 and 1 <= head.dims <= 1_000_000):
             raise FormatError("the sealed learning head is out of range")
-        if math.prod(head.bias_shape) != head.classes:
+        if any(d < 1 for d in head.bias_shape) or math.prod(head.bias_shape) != head.classes:
             raise FormatError("the sealed learning head's bias shape does not match its classes")
         budget = [config.max_policy_elements]
         gate = obj_fields(p["gate"], "learning gate", {"x", "y"}, {"x", "y"})
@@ -167,6 +167,9 @@ def encode_array(a: np.ndarray) -> dict[str, Any]:
                                                                                   copy=False).tobytes()).decode()}
 
 
+MAX_DIM = 2**31 - 1  # one dimension of a sealed array (a zero elsewhere must not hide a huge one)
+
+
 def decode_array(raw: Any, budget: list[int]) -> np.ndarray:
     """One sealed array, its declared size checked against the bytes present and the remaining
     element budget before anything is allocated."""
@@ -174,7 +177,7 @@ def decode_array(raw: Any, budget: list[int]) -> np.ndarray:
     dtype = ARRAY_DTYPES.get(a["dtype"]) if isinstance(a["dtype"], str) else None
     shape = a["shape"]
     if dtype is None or not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape):
         raise FormatError("a sealed learning array has a bad dtype or shape")
     n = math.prod(shape)
     if n > budget[0]:
