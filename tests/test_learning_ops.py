@@ -95,6 +95,15 @@ def test_feedback_over_the_api_is_for_engineers_and_admins(learnable: Callable[.
         assert status == 200 and doc["deleted"] >= 38 and doc["deleted"] + doc["held_total"] == total
         status, _, doc = request(conn, "GET", "/v1/learning", served.tokens["admin"])
         assert status == 200 and doc["local_version"] is None and doc["log_verified"] is True
+        # The role and the declared size are judged before a byte of the body is read, and the
+        # refusal is audited like the request.
+        big = b"0" * (served.service.config.max_request_bytes + 1)
+        status, _, doc = request(conn, "POST", "/v1/feedback", served.tokens["engineer"], big, "application/x-npz")
+        assert status == 413
+        served.service.audit.close()
+        records = [json.loads(line) for seg in sorted(board.data_dir.glob("audit/audit-*.jsonl"))
+                   for line in seg.read_text().splitlines()]
+        assert any(r.get("event") == "feedback" and r.get("status") == 413 for r in records), records[-3:]
     finally:
         served.server.stop()
 

@@ -56,6 +56,9 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/feedback": ("GET", "POST"), "/v1/feedback/review": ("POST",), "/v1/feedback/delete-source": ("POST",),
     "/v1/learn": ("POST",), "/v1/learning": ("GET",),
 }
+# The audit event of each local-learning POST (device_agent.service.Service, local learning).
+LEARNING_EVENTS = {"/v1/feedback": "feedback", "/v1/feedback/review": "feedback-review",
+                   "/v1/feedback/delete-source": "feedback-delete-source", "/v1/learn": "learn"}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PHRASES = {s.value: s.phrase for s in HTTPStatus}
 
@@ -277,8 +280,7 @@ class Handler(socketserver.BaseRequestHandler):
         the body is read, the body bounded like a prediction's."""
         s = self.service
         who = self._authenticate(head)
-        if self.length > s.config.max_request_bytes:
-            raise TooLarge(f"request body is {self.length} bytes, the limit is {s.config.max_request_bytes}")
+        s.learning_admit(who, LEARNING_EVENTS[head.target], self.length)  # role and size before the body
         if head.target == "/v1/learn":
             return s.learn(who)
         body = self._body()

@@ -469,6 +469,19 @@ class Service:
         if who.role not in ("engineer", "admin"):
             raise Forbidden("local learning is for the engineer and admin roles only")
 
+    def learning_admit(self, who: TokenRecord, what: str, length: int) -> None:
+        """Before a learning request's body is read: the token's role, then the body's declared
+        size; a refusal is audited like the request would have been."""
+        try:
+            self._engineer(who)
+            if length > self.config.max_request_bytes:
+                raise TooLarge(f"request body is {length} bytes, the limit is {self.config.max_request_bytes}")
+        except EdgeWardError as e:
+            record = {"event": what, "client": who.id, "role": who.role, "status": http_status(e),
+                      "error": type(e).__name__}
+            self.audit.append(record, self.clock())
+            raise
+
     def _learning(self) -> tuple[Any, LoadedModel]:
         from device_agent.learning.cycle import Learning
 
