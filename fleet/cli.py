@@ -374,7 +374,6 @@ def cmd_export_events(args: argparse.Namespace) -> int:
     home = _home(args)
     now = datetime.now(UTC)
     since, until = parse_since(args.since, now), parse_since(args.until, now)
-    signer = _load_key(args.operator_key, "--operator-key")
     store = _store(args, home)
     try:
         events = store.events(since=since, device_id=args.device, limit=MAX_EVENTS + 1, until=until)
@@ -383,7 +382,8 @@ def cmd_export_events(args: argparse.Namespace) -> int:
         store.close()
     if len(events) > MAX_EVENTS:
         raise UsageError(f"more than {MAX_EVENTS} events in this range: narrow it with --since/--until/--device")
-    blob = sign_export(export_document(events, args.device, since, until, now, name), signer)
+    with _load_key(args.operator_key, "--operator-key") as signer:  # a token session closes after use
+        blob = sign_export(export_document(events, args.device, since, until, now, name), signer)
     atomic_write(Path(args.out), blob, 0o600)
     _print(args, {"out": args.out, "events": len(events)}, f"wrote {len(events)} signed events to {args.out}")
     return 0
