@@ -147,3 +147,20 @@ def test_loading_a_model_peaks_at_most_twice_its_size(tmp_path: Path, publisher:
     ratio = result["extra_peak"] / len(data)
     assert ratio <= 2.0, f"loading peaked at {ratio:.2f}x the model"
     del onnx
+
+
+def test_a_learnt_head_must_name_weights_of_the_model_with_their_shapes(digits) -> None:
+    """Replacing weights the graph does not have, or with another shape, is refused at load;
+    onnxruntime would otherwise ignore an unknown name and serve the shipped weights."""
+    import onnx
+
+    model = Path(digits.onnx).read_bytes()
+    inits = {i.name: tuple(i.dims) for i in onnx.load_from_string(model).graph.initializer
+             if i.data_type == onnx.TensorProto.FLOAT}
+    small = min(inits, key=lambda n: int(np.prod(inits[n])))  # stays inline unless named
+    good = {small: np.zeros(inits[small], np.float32)}
+    runner = OnnxRunner.from_buffer(bytearray(model), 0, len(model), 0, good)
+    runner.close()
+    for bad in ({"no-such-weight": np.zeros(3, np.float32)}, {small: np.zeros((*inits[small], 2), np.float32)}):
+        with pytest.raises(FormatError, match="learnt head"):
+            OnnxRunner.from_buffer(bytearray(model), 0, len(model), 0, bad)

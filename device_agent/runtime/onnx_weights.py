@@ -108,7 +108,9 @@ def _len_field(number: int, value: bytes) -> bytes:
     return _encode_varint(number << 3 | 2) + _encode_varint(len(value)) + value
 
 
-def _external_tensor(buf: memoryview, fields: list[tuple[int, int, int, int, int]]) -> tuple[bytes, Weight] | None:
+def _external_tensor(
+    buf: memoryview, fields: list[tuple[int, int, int, int, int]], always: frozenset[str] = frozenset()
+) -> tuple[bytes, Weight] | None:
     """The placeholder TensorProto for one initializer and where its data lies, or None when it
     stays inline (small, no raw_data or packed float/double data, already external, or a type
     kept as is). Several data fields in one tensor (malformed) keep it inline too."""
@@ -140,7 +142,7 @@ def _external_tensor(buf: memoryview, fields: list[tuple[int, int, int, int, int
                 return None
             raw = (vstart, vend)
             data_field = number
-    if name is None or raw is None or dtype not in DTYPES or raw[1] - raw[0] < INLINE_UNDER:
+    if name is None or raw is None or dtype not in DTYPES or (raw[1] - raw[0] < INLINE_UNDER and name not in always):
         return None
     if data_field != _T_RAW and _PACKED_AS_RAW[data_field] != dtype:
         return None
@@ -158,9 +160,12 @@ def _external_tensor(buf: memoryview, fields: list[tuple[int, int, int, int, int
     return tensor, Weight(name, DTYPES[dtype], tuple(dims), raw[0], raw[1] - raw[0])
 
 
-def split_weights(model: bytes | bytearray | memoryview) -> tuple[bytes, list[Weight]]:
-    """The model with its large top-level initializers turned into placeholders, and where each
-    one's data lies in ``model`` (in increasing offset order)."""
+def split_weights(
+    model: bytes | bytearray | memoryview, always: frozenset[str] = frozenset()
+) -> tuple[bytes, list[Weight]]:
+    """The model with its large top-level initializers (and those named in ``always``, whatever
+    their size) turned into placeholders, and where each one's data lies in ``model`` (in
+    increasing offset order)."""
     buf = memoryview(model).cast("B")
     weights: list[Weight] = []
     graph_parts: list[bytes] = []
@@ -174,7 +179,7 @@ def split_weights(model: bytes | bytearray | memoryview) -> tuple[bytes, list[We
         for gnum, gwire, gfstart, gvstart, gvend in _fields(buf, vstart, vend):
             external = None
             if gnum == _GRAPH_INITIALIZER and gwire == 2:
-                external = _external_tensor(buf, _fields(buf, gvstart, gvend))
+                external = _external_tensor(buf, _fields(buf, gvstart, gvend), always)
             if external is None:
                 graph_parts.append(bytes(buf[gfstart:gvend]))
             else:

@@ -135,13 +135,17 @@ class OnnxRunner:
         ort = _ort()
         view = memoryview(buffer)[offset : offset + length]
         try:
-            graph, weights = split_weights(view)
+            graph, weights = split_weights(view, frozenset(overrides or ()))
         finally:
             view.release()
         arrays = _place_weights(buffer, offset, weights)
         try:
             values = [(w.name, ort.OrtValue.ortvalue_from_numpy(a)) for w, a in zip(weights, arrays, strict=True)]
             if overrides:  # a learnt head: its weights replace the shipped ones of the same name
+                shipped = {w.name: w.dims for w in weights}
+                wrong = sorted(n for n, v in overrides.items() if shipped.get(n) != tuple(np.shape(v)))
+                if wrong:
+                    raise FormatError(f"the learnt head's weights {wrong} are not weights of this model's shape")
                 replaced = _overrides(overrides)
                 names = {name for name, _ in replaced}
                 values = [(n, v) for n, v in values if n not in names] + replaced
