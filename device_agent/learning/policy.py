@@ -167,17 +167,15 @@ def encode_array(a: np.ndarray) -> dict[str, Any]:
                                                                                   copy=False).tobytes()).decode()}
 
 
-MAX_DIM = 2**31 - 1  # one dimension of a sealed array (a zero elsewhere must not hide a huge one)
-
-
 def decode_array(raw: Any, budget: list[int]) -> np.ndarray:
     """One sealed array, its declared size checked against the bytes present and the remaining
     element budget before anything is allocated."""
     a = obj_fields(raw, "learning array", {"dtype", "shape", "data"}, {"dtype", "shape", "data"})
     dtype = ARRAY_DTYPES.get(a["dtype"]) if isinstance(a["dtype"], str) else None
     shape = a["shape"]
+    # No dimension beyond the element budget: a zero elsewhere must not hide one numpy cannot make.
     if dtype is None or not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape):
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= budget[0] for d in shape):
         raise FormatError("a sealed learning array has a bad dtype or shape")
     n = math.prod(shape)
     if n > budget[0]:
