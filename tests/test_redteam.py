@@ -88,7 +88,9 @@ def test_adaptive_attacks_are_reported_beside_the_non_adaptive_one(report: dict[
         assert r["completed"] and 0.0 <= r["evasion_by_first_detection"] <= 1.0
         assert r["queries_before_first_detection"] is not None and r["queries_before_first_detection"] <= 50, name
     assert agent["hopskipjump-sybil"]["tokens"] == 5
-    assert agent["hopskipjump-sybil"]["first_detection_kind"] == "linked"
+    # The board-wide detector links the five tokens within the bound whichever detector fires
+    # first (the attack starts from noise, so the out-of-distribution one sometimes does).
+    assert agent["hopskipjump-sybil"]["first_detection_by_kind"].get("linked", 10**9) <= 50
     assert agent["hopskipjump-mixed"]["cover_queries_answered"] > agent["hopskipjump-mixed"]["queries_answered"]
 
 
