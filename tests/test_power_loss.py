@@ -64,6 +64,19 @@ class Broken(Exception):
 # --- what a restarted board finds ------------------------------------------------------------------
 
 
+def _wipe_view(d: Path, kek: bytes, sign_pub: bytes, bundles: Any, x: Any) -> Any:
+    """What a board left by a wipe cut short is: intact, or wiped with nothing of it left."""
+    try:
+        return ("intact", board_view(d, KeySource(kek=kek, kek_path=d / layout.KEK), x))
+    except SecurityRefusal as e:
+        if "was wiped" not in str(e):
+            raise
+    problems = wiped_problems(d, sign_pub, bundles)
+    if problems:
+        raise Broken(f"half wiped: {problems}")
+    return ("wiped",)
+
+
 def kek_source(data: Path) -> KeySource:
     kek = data / layout.KEK
     return KeySource(kek=kek.read_bytes(), kek_path=kek)
@@ -389,15 +402,7 @@ def op_wipe(env: Env) -> Scenario:
     rec.milestone()
 
     def view(d: Path) -> Any:
-        try:
-            return ("intact", board_view(d, KeySource(kek=kek, kek_path=d / layout.KEK), env.x))
-        except SecurityRefusal as e:
-            if "was wiped" not in str(e):
-                raise
-        problems = wiped_problems(d, sign_pub, bundles)
-        if problems:
-            raise Broken(f"half wiped: {problems}")
-        return ("wiped",)
+        return _wipe_view(d, kek, sign_pub, bundles, env.x)
 
     return Scenario(rec, view, final=lambda d: wiped_problems(d, sign_pub, bundles), secrets=secrets)
 
@@ -519,15 +524,7 @@ def kill_case(env: Env, name: str) -> KillCase:
     sign_pub, kek = sign_public(board), (board.data_dir / layout.KEK).read_bytes()
 
     def wipe_view(d: Path) -> Any:
-        try:
-            return ("intact", board_view(d, KeySource(kek=kek, kek_path=d / layout.KEK), env.x))
-        except SecurityRefusal as e:
-            if "was wiped" not in str(e):
-                raise
-        problems = wiped_problems(d, sign_pub, bundles)
-        if problems:
-            raise Broken(f"half wiped: {problems}")
-        return ("wiped",)
+        return _wipe_view(d, kek, sign_pub, bundles, env.x)
 
     return KillCase(board.data_dir, ["wipe", "--data-dir", "{D}", "--yes"], wipe_view)
 
