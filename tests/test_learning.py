@@ -20,8 +20,7 @@ from device_agent.errors import SecurityRefusal
 from device_agent.learning.cycle import Learning
 from device_agent.learning.store import LearningStore, verify_log
 from tests.conftest import Board
-from tests.fixtures.learning import TRUSTED, Scenario, accuracy, drift, scenario
-from tests.fixtures.serve import calibration_policy
+from tests.fixtures.learning import TRUSTED, Scenario, accuracy, drift, learnable_installer, scenario
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -35,15 +34,7 @@ def sc() -> Scenario:
 def learnable(make_board: Callable[..., Board], pack_for: Callable[..., Path], digits: Any, sc: Scenario,
               tmp_path: Path) -> Callable[..., Board]:
     """A board with the digits model packed --learnable (and the OoD calibration) installed."""
-
-    def make(device_id: str = "pi-learn", version: int = 1, board: Board | None = None, **given: Any) -> Board:
-        board = board or make_board(device_id)
-        data = sc.learning_data(tmp_path / f"learning-{version}.npz")
-        out = pack_for(digits.onnx, [board], version=version, policy=calibration_policy(), learnable=(data, given))
-        board.agent().install_file(out / f"{board.device_id}.ewb")
-        return board
-
-    return make
+    return learnable_installer(make_board, pack_for, digits, sc, tmp_path, "pi-learn")
 
 
 def send(agent: Any, source: str, x: np.ndarray, y: np.ndarray, when: datetime = T0) -> dict[str, Any]:

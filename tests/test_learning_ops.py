@@ -26,8 +26,8 @@ from device_agent.store import layout
 from device_agent.store.keys import KeySource
 from tests.conftest import Board
 from tests.fixtures.http import request
-from tests.fixtures.learning import Scenario, accuracy, drift, scenario
-from tests.fixtures.serve import calibration_policy, serve
+from tests.fixtures.learning import Scenario, accuracy, drift, learnable_installer, scenario
+from tests.fixtures.serve import serve
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 KEK = KeySource(kek=bytes(range(32)))  # a key file: Argon2 would slow every step
@@ -41,14 +41,7 @@ def sc() -> Scenario:
 @pytest.fixture
 def learnable(make_board: Callable[..., Board], pack_for: Callable[..., Path], digits: Any, sc: Scenario,
               tmp_path: Path) -> Callable[..., Board]:
-    def make(device_id: str = "pi-ops", version: int = 1, board: Board | None = None, **given: Any) -> Board:
-        board = board or make_board(device_id, KEK)
-        data = sc.learning_data(tmp_path / f"learning-{version}.npz")
-        out = pack_for(digits.onnx, [board], version=version, policy=calibration_policy(), learnable=(data, given))
-        board.agent().install_file(out / f"{board.device_id}.ewb")
-        return board
-
-    return make
+    return learnable_installer(make_board, pack_for, digits, sc, tmp_path, "pi-ops", KEK)
 
 
 def learn(agent: Agent, sc: Scenario, when: datetime = T0) -> dict[str, Any]:
