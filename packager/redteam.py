@@ -17,7 +17,8 @@ Attacks (ART, with scikit-learn surrogates; no deep-learning framework needed):
 - ``benign``: real use (:func:`benign_traffic`): several applications replaying the test split
   with repeats, bursts and a slowly drifting mix, at least 10,000 queries; no alarm may fire;
 - ``benign-sensor-drift``: the same with a slowly drifting sensor gain, which makes resent inputs
-  near-duplicates (measured and reported: the per-client detectors are not immune to it).
+  near-duplicates; ``benign-sensor-offset``: the same with a drifting brightness instead. The
+  detectors take such a near-duplicate for a sensor change, not probing: no alarm may fire.
 
 Adaptive attacks (against the agent only; each knows the detectors and the throttle):
 - ``hopskipjump-paced``: one token sending at exactly the throttle's client rate, never refused;
@@ -25,7 +26,9 @@ Adaptive attacks (against the agent only; each knows the detectors and the throt
 - ``hopskipjump-mixed``: ``mix_benign`` natural test inputs from the same token before every
   attack query, to dilute the detectors' windows;
 - ``copycat-budget``: CopycatCNN with natural data, spread evenly over ``budget_days`` budget
-  windows (days of boottime) so that it never touches the daily budget nor the rate limit.
+  windows (days of boottime) so that it never touches the daily budget nor the rate limit;
+- ``gain-walk``: against the sensor-change exemption, every probe a gain change of the one before
+  (:func:`gain_walk`): it darkens ``walk_samples`` inputs step by step until their labels flip.
 
 For each, the report gives the queries answered before the first detection and what the
 attacker had by then (HopSkipJump: the samples it had already found an adversarial for within
@@ -76,7 +79,10 @@ class RedteamConfig:
     budget_days: int = 3  # budget windows the budget-aware attacker spreads over
     hsj_goal_l2: float = 2.0  # an adversarial within this L2 of its input counts as a success
     sensor_drift: float = 0.05  # gain amplitude of the drifting-sensor benign run
-    sensor_drift_queries: int = 5_000
+    sensor_offset: float = 0.05  # brightness amplitude of the drifting-brightness benign run
+    sensor_drift_queries: int = 5_000  # queries of each drifting-sensor benign run
+    walk_samples: int = 10  # test inputs the gain-walk attacker darkens until their label flips
+    walk_step: float = 0.1  # L2 length of each of its steps (below probe_eps: near-duplicates)
 
 
 class AttackStopped(Exception):
@@ -553,7 +559,50 @@ def adaptive(
 
     log("agent: copycat-budget")
     out["copycat-budget"] = _on(fresh(), budgeted)
+    log("agent: gain-walk")
+    out["gain-walk"] = _on(
+        fresh(),
+        lambda e: gain_walk(
+            AgentTarget(e, [e.token()], e.limits.client_rate, cfg.max_wait_s), x_test[: cfg.walk_samples], bare, cfg
+        ),
+    )
     return out
+
+
+def gain_walk(target: Any, x: np.ndarray, judge: BareTarget, cfg: RedteamConfig) -> dict[str, Any]:
+    """The attacker who makes every probe look like a sensor change: it darkens each input
+    (lowers its gain) in steps of L2 ``walk_step`` until the label flips, so that each query is
+    a gain change of the one before with the same label, until the last. It finds only the
+    adversarial examples a change of gain gives, at their L2; the report says how many by the
+    first detection."""
+    result: dict[str, Any] = {"samples": len(x)}
+    judged = judge.tally.answered
+    own = judge.labels(x)
+    judge.tally.answered = judged
+    found = np.zeros(len(x), dtype=bool)
+    dist = np.full(len(x), np.nan)
+    try:
+        for i, x0 in enumerate(np.asarray(x, dtype=np.float32)):
+            norm = float(np.linalg.norm(x0))
+            for k in range(1, int(norm / cfg.walk_step) + 1):
+                row = np.clip(x0 * (1.0 - k * cfg.walk_step / norm), 0.0, 1.0)
+                if int(target.labels(row[None])[0]) != own[i]:
+                    found[i], dist[i] = True, float(np.linalg.norm(row - x0))
+                    break
+        result["completed"] = True
+    except AttackStopped as e:
+        result.update(completed=False, stopped=str(e))
+    result.update(
+        mean_l2=round(float(np.nanmean(dist[found])), 4) if found.any() else None,
+        evasion_success_rate=round(float(found.mean()), 4),
+        evasion_within_goal=round(float((found & (dist <= cfg.hsj_goal_l2)).mean()), 4),
+    )
+    tally = target.tally
+    if tally.first_detection is None:
+        result["evasion_by_first_detection"] = result["evasion_within_goal"]
+    else:
+        result["evasion_by_first_detection"] = _evasion_from(tally.before, x, judge, cfg.hsj_goal_l2)
+    return result | tally.to_json()
 
 
 def benign_traffic(
@@ -564,6 +613,8 @@ def benign_traffic(
     seed: int,
     rate: float = 1.0,
     sensor_drift: float = 0.0,
+    sensor_offset: float = 0.0,
+    sensor_noise: float = 0.0,
 ) -> list[tuple[float, int, np.ndarray]]:
     """Real use of the model by ``apps`` applications, ``queries`` in all, as (seconds from the
     start, application, input), in time order. Each application replays the test split ``x``:
@@ -575,7 +626,14 @@ def benign_traffic(
     - with slow drift: the mix of classes it sees (weights from ``y``) and its pace change slowly
       over hours, each application on its own cycle;
     - ``sensor_drift`` > 0: its sensor's gain also drifts slowly by up to that fraction, so that a
-      sample seen again is a near-duplicate rather than an exact repeat.
+      sample seen again is a near-duplicate rather than an exact repeat;
+    - ``sensor_offset`` > 0: its sensor's brightness (an offset added to every value) drifts
+      slowly by up to that much, on a cycle of its own;
+    - ``sensor_noise`` > 0: every read gets Gaussian noise of that standard deviation.
+
+    Gain and offset act together, then the value is clipped to [0, 1] once, as a sensor clips.
+    The sensor's own drift and noise come from a generator of their own, so that the same seed
+    gives the same queries with or without them.
     """
     rng = np.random.default_rng(seed)
     classes = np.unique(y)
@@ -586,6 +644,8 @@ def benign_traffic(
         t = float(rng.uniform(0, 60))
         period = rng.uniform(2, 6, size=3) * 3600.0  # class mix, pace and gain cycles
         phase = rng.uniform(0, 2 * np.pi, size=len(classes) + 2)
+        sensor = np.random.default_rng((seed, a))
+        offset_period, offset_phase = sensor.uniform(2, 6) * 3600.0, sensor.uniform(0, 2 * np.pi)
         recent: list[np.ndarray] = []
         sent = 0
         while sent < per[a]:
@@ -599,9 +659,12 @@ def benign_traffic(
                     w = 1.0 + 0.8 * np.sin(cycle[0] + phase[: len(classes)])
                     k = int(rng.choice(len(classes), p=w / w.sum()))
                     row = x[int(rng.choice(by_class[k]))]
-                    if sensor_drift:
+                    if sensor_drift or sensor_offset:
                         gain = 1.0 + sensor_drift * np.sin(2 * np.pi * t / period[2] + phase[-1])
-                        row = np.clip(row * gain, 0.0, 1.0)
+                        offset = sensor_offset * np.sin(2 * np.pi * t / offset_period + offset_phase)
+                        row = np.clip(row * gain + offset, 0.0, 1.0)
+                    if sensor_noise:
+                        row = np.clip(row + sensor.normal(0.0, sensor_noise, size=row.shape), 0.0, 1.0)
                     row = np.asarray(row, dtype=np.float32)
                     recent = (recent + [row])[-5:]
                 out.append((t, a, row))
@@ -619,6 +682,7 @@ def benign(
     cfg: RedteamConfig,
     queries: int | None = None,
     sensor_drift: float = 0.0,
+    sensor_offset: float = 0.0,
 ) -> dict[str, Any]:
     """:func:`benign_traffic` through the API, one token per application; counts every event
     that names one of them."""
@@ -626,7 +690,7 @@ def benign(
     https = [ApiCaller(env.socket, tok) for _, tok in clients]
     start = env.clock.t
     traffic = benign_traffic(
-        x, y, cfg.benign_clients, queries or cfg.benign_queries, cfg.seed, cfg.benign_rate, sensor_drift
+        x, y, cfg.benign_clients, queries or cfg.benign_queries, cfg.seed, cfg.benign_rate, sensor_drift, sensor_offset
     )
     seq0 = env.events_seq()
     answered = refused = 0
@@ -645,6 +709,7 @@ def benign(
     return {
         "clients": cfg.benign_clients,
         "sensor_drift": sensor_drift,
+        "sensor_offset": sensor_offset,
         "queries_answered": answered,
         "queries_refused_by_throttling": refused,
         "detections": len(events),
@@ -723,10 +788,15 @@ def run(
             log("agent: benign clients")
             report["targets"]["agent"]["benign"] = _on(fresh(), lambda e: benign(e, x_test, y_test, cfg))
             if cfg.sensor_drift_queries:
-                log("agent: benign clients with a drifting sensor")
+                log("agent: benign clients with a drifting sensor gain")
                 report["targets"]["agent"]["benign-sensor-drift"] = _on(
                     fresh(),
                     lambda e: benign(e, x_test, y_test, cfg, cfg.sensor_drift_queries, cfg.sensor_drift),
+                )
+                log("agent: benign clients with a drifting sensor brightness")
+                report["targets"]["agent"]["benign-sensor-offset"] = _on(
+                    fresh(),
+                    lambda e: benign(e, x_test, y_test, cfg, cfg.sensor_drift_queries, 0.0, cfg.sensor_offset),
                 )
         finally:
             env.close()
@@ -750,7 +820,7 @@ def _load(path: Path, need_y: bool) -> tuple[np.ndarray, np.ndarray | None]:
 def summary(report: dict[str, Any]) -> str:
     """The report as a table: one row per target and attack."""
     head = (
-        f"{'target':<6} {'attack':<19} {'answered':>8} {'refused':>8} {'1st det.':>8} {'by':<10} "
+        f"{'target':<6} {'attack':<20} {'answered':>8} {'refused':>8} {'1st det.':>8} {'by':<10} "
         f"{'sim time':>9}  result"
     )
     lines = [f"victim accuracy {report['victim_accuracy']}", head]
@@ -765,7 +835,7 @@ def summary(report: dict[str, Any]) -> str:
                     f"surrogate acc {r['surrogate_accuracy']}, "
                     f"agreement {r['agreement_with_victim']}"
                 )
-            elif r.get("completed") and name.startswith("hopskipjump"):
+            elif r.get("completed") and "evasion_success_rate" in r:
                 res = f"evasion success {r['evasion_success_rate']}, mean L2 {r['mean_l2']}"
             else:
                 res = f"stopped: {r.get('stopped')}"
@@ -777,7 +847,7 @@ def summary(report: dict[str, Any]) -> str:
                 res += f" [{r['tokens']} tokens, {r.get('cover_queries_answered', 0)} cover queries]"
             first = r.get("queries_before_first_detection")
             lines.append(
-                f"{target:<6} {name:<19} {r['queries_answered']:>8} "
+                f"{target:<6} {name:<20} {r['queries_answered']:>8} "
                 f"{r['queries_refused_by_throttling']:>8} {first if first is not None else '-':>8} "
                 f"{r.get('first_detection_kind') or '-':<10} "
                 f"{r['simulated_seconds']:>8.0f}s  {res}"

@@ -1,7 +1,8 @@
 """Detection against adaptive attackers on the real digits model: the board-wide ``linked``
 detector catches probing split over several tokens, names every token and slows them all; real
-use (several applications with repeats, bursts and drift) raises nothing; and through the real
-HTTP API, HopSkipJump split over five tokens or paced at the throttle's rate is caught early."""
+use (several applications with repeats, bursts and drift, a sensor whose gain or brightness
+drifts) raises nothing; and through the real HTTP API, HopSkipJump split over five tokens or
+paced at the throttle's rate is caught early."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 
 from device_agent.config import DetectConfig, ThrottleConfig
-from device_agent.errors import UsageError
-from device_agent.service.detect import Calibration, Detector, calibrate
+from device_agent.errors import FormatError, UsageError
+from device_agent.service.detect import Calibration, Detector, calibrate, photometric_share
 from device_agent.service.throttle import Throttle
 from packager.redteam import benign_traffic
 from tests.fixtures.serve import T0, digits_validation
@@ -150,21 +151,90 @@ def test_a_query_against_a_full_link_index_does_not_copy_it() -> None:
     assert peak < 2 * 1024 * 1024  # a whole copy in float64 would be 8 MiB
 
 
-def test_real_use_raises_no_alarm_and_a_drifting_sensor_no_extraction_alarm(
+# Real use, and the same with a sensor whose gain, brightness or both drift slowly (amplitude,
+# seed): resent samples come back as near-duplicates that kept their label.
+DRIFTS = {
+    "steady": ({}, 1),
+    "gain": ({"sensor_drift": 0.05}, 1),
+    "brightness": ({"sensor_offset": 0.05}, 3),
+    "gain-and-brightness": ({"sensor_drift": 0.1, "sensor_offset": 0.05}, 4),
+}
+
+
+def test_real_use_raises_no_alarm_whether_the_sensor_drifts_or_not(
     cal: Calibration, digits_test: Any, label: Any
 ) -> None:
-    """10,000 queries of real use from six applications: no event of any kind. With a drifting
-    sensor gain, resent samples come back as near-duplicates: the PRADA test must not take them
-    for synthetic queries, and they never straddle the decision boundary (no linked event)."""
+    """10,000 queries of real use from six applications, for each drift: no event of any kind.
+    A drifting sensor's near-duplicates are sensor changes, not probing; PRADA does not take
+    them for synthetic queries; they never straddle the decision boundary (no linked event)."""
     x, y = digits_test
-    for drift, allowed in ((0.0, set()), (0.05, {"probing"})):
-        traffic = benign_traffic(x, y, apps=6, queries=10_000, seed=1, sensor_drift=drift)
+    for name, (drift, seed) in DRIFTS.items():
+        traffic = benign_traffic(x, y, apps=6, queries=10_000, seed=seed, **drift)
         labels = label(np.stack([row for _, _, row in traffic]))
         d = Detector(cal)
         kinds: list[str] = []
         for (t, app, row), lab in zip(traffic, labels, strict=True):
             kinds += [s.kind for s in d.observe(f"app{app}", row, int(lab), T0 + t)]
-        assert len(traffic) == 10_000 and set(kinds) <= allowed, (drift, kinds)
+        assert len(traffic) == 10_000 and kinds == [], (name, kinds)
+
+
+def _gain(u: np.ndarray, a: float, b: float = 0.0) -> np.ndarray:
+    return np.clip(u * a + b, 0.0, 1.0)
+
+
+def test_a_sensor_change_is_told_apart_from_a_probe(cal: Calibration, digits_test: Any, label: Any) -> None:
+    """A gain or brightness change, clipped where the sensor clips, is explained whole by a
+    gain and an offset; a probe of the same length is not: a random direction (gradient
+    estimation), a step towards an input of another class (bisection), HopSkipJump's own."""
+    x, _ = digits_test
+    assert cal.value_range == (0.0, 1.0) and cal.photometric_fit == 0.9
+    rng = np.random.default_rng(11)
+    walk, _ = _boundary_walk(x, label)
+    for u in x[:30].astype(np.float64):
+        for a, b in ((0.98, 0.0), (1.03, 0.0), (1.0, 0.02), (1.0, -0.02), (1.02, 0.01), (0.97, -0.01)):
+            v = _gain(u, a, b)
+            assert cal.sensor_change(v, u) and cal.sensor_change(u, v), (a, b)
+        step = rng.normal(size=u.size)
+        v = np.clip(u + 0.5 * cal.probe_eps * step / np.linalg.norm(step), 0.0, 1.0)
+        assert not cal.sensor_change(v, u)
+        other = x[int(rng.integers(len(x)))]
+        v = u + 0.5 * cal.probe_eps * (other - u) / np.linalg.norm(other - u)
+        assert not cal.sensor_change(v, u)
+    shares = [photometric_share(walk[i], walk[i - 1], 0.0, 1.0) for i in range(1, len(walk))]
+    assert max(shares) < 0.9
+
+
+def test_a_near_duplicate_that_flips_its_label_is_probing_whatever_its_shape(
+    cal: Calibration, digits_test: Any
+) -> None:
+    """The exemption is for the same scene: a gain change that got another label than the input
+    it is near straddles the decision boundary and counts, as does one not near a kept input."""
+    x, y = digits_test
+    u = x[0].astype(np.float64)
+    d = Detector(cal)
+    kinds = [s.kind for k in range(8) for s in d.observe("m", _gain(u, 1 - 0.004 * k), k % 2, T0 + k)]
+    assert "probing" in kinds
+    d = Detector(cal)
+    kinds = [s.kind for k in range(8) for s in d.observe("m", _gain(u, 1 - 0.004 * k), int(y[0]), T0 + k)]
+    assert kinds == []
+
+
+def test_the_sensor_change_setting_is_sealed_only_where_it_means_something(digits_test: Any) -> None:
+    """With few input values a gain and an offset explain any change: the calibration then
+    seals no photometric_fit, and a calibration without one (older bundles) exempts nothing."""
+    x, _ = digits_test
+    rng = np.random.default_rng(3)
+    assert "photometric_fit" not in calibrate(rng.random((200, 3)))
+    sealed = calibrate(x)
+    assert sealed["photometric_fit"] == 0.9 and sealed["value_range"] == [0.0, 1.0]
+    before = {k: v for k, v in sealed.items() if k not in ("photometric_fit", "value_range")}
+    old = Calibration.from_policy({"ood": before})
+    assert old is not None and not old.sensor_change(_gain(x[0], 0.98), x[0].astype(np.float64))
+    for bad in ({"value_range": [1.0, 0.0]}, {"value_range": [0.0, "inf"]}, {"photometric_fit": 1.5},
+                {"photometric_fit": 0.9, "value_range": None}, {"value_range": [0.0]}, {"value_range": "01"},
+                {"value_range": [False, True]}, {"photometric_fit": True}, {"photometric_fit": 0.0}):
+        with pytest.raises(FormatError, match="sealed OoD calibration"):
+            Calibration.from_policy({"ood": sealed | bad})
 
 
 # --- through the real API -----------------------------------------------------------------------
@@ -212,6 +282,22 @@ def test_zero_detections_over_10000_benign_queries_from_several_tokens(env: Any,
 
     x, y = digits_test
     r = benign(env, x, y, RedteamConfig(benign_clients=6, benign_queries=10_000, seed=2))
+    assert r["queries_answered"] == 10_000 and r["queries_refused_by_throttling"] == 0
+    assert r["detections"] == 0, r["detections_by_kind"]
+
+
+@pytest.mark.parametrize("shape", ["gain", "brightness"])
+def test_zero_detections_over_10000_benign_queries_from_a_drifting_sensor(
+    env: Any, digits_test: Any, shape: str
+) -> None:
+    """Through the API, as the red team runs it: a sensor whose gain (or brightness) drifts by up
+    to 5% resends near-duplicates; no event of any kind, and so no slowdown and no refusal."""
+    from packager.redteam import RedteamConfig, benign
+
+    x, y = digits_test
+    cfg = RedteamConfig(benign_clients=6, benign_queries=10_000, seed=5 if shape == "gain" else 6)
+    drift = {"sensor_drift": 0.05} if shape == "gain" else {"sensor_offset": 0.05}
+    r = benign(env, x, y, cfg, **drift)
     assert r["queries_answered"] == 10_000 and r["queries_refused_by_throttling"] == 0
     assert r["detections"] == 0, r["detections_by_kind"]
 

@@ -104,7 +104,20 @@ def test_a_patient_natural_data_thief_inside_the_budget_is_limited_by_the_budget
     assert r["agreement_by_first_detection"] is not None
 
 
-def test_a_drifting_sensor_is_measured_and_raises_no_linked_event(report: dict[str, Any]) -> None:
-    r = report["targets"]["agent"]["benign-sensor-drift"]
-    assert r["queries_answered"] + r["queries_refused_by_throttling"] == report["config"]["sensor_drift_queries"]
-    assert "linked" not in r["detections_by_kind"] and "extraction" not in r["detections_by_kind"]
+def test_a_drifting_sensor_raises_no_alarm(report: dict[str, Any]) -> None:
+    """A sensor whose gain or brightness drifts resends near-duplicates: sensor changes, not
+    probing; no event of any kind, and so no slowdown and no refusal."""
+    for name in ("benign-sensor-drift", "benign-sensor-offset"):
+        r = report["targets"]["agent"][name]
+        assert r["queries_answered"] == report["config"]["sensor_drift_queries"], name
+        assert r["detections"] == 0 and r["queries_refused_by_throttling"] == 0, (name, r["detections_by_kind"])
+
+
+def test_an_attacker_who_makes_every_probe_a_gain_change_is_measured(report: dict[str, Any]) -> None:
+    """What the sensor-change exemption costs, in the report: the gain walk's near-duplicates do
+    not count as probing, so it is caught only where its labels flip; what it found by then is
+    reported beside what a gain change can find at all."""
+    r = report["targets"]["agent"]["gain-walk"]
+    assert r["completed"] and r["samples"] == report["config"]["walk_samples"]
+    assert r["queries_before_first_detection"] is not None
+    assert 0.0 <= r["evasion_by_first_detection"] <= r["evasion_success_rate"] <= 1.0

@@ -14,7 +14,14 @@ publisher's validation data (:func:`calibrate`) and sealed in the bundle policy 
 - **probing**: decision-based evasion (HopSkipJump, Boundary) sends many near-duplicates of one
   input; reported when ``probe_count`` of the last ``window`` queries lie closer than the sealed
   ``probe_eps`` (a fraction of the smallest distance between distinct calibration samples) to an
-  earlier query. Exact repeats are not probing: applications resend the same input.
+  earlier query. Exact repeats are not probing: applications resend the same input. Nor is a
+  *sensor change*: a near-duplicate that got the same label as the input it is near and differs
+  from it by a change of the sensor's gain and offset (``v = a*u + b``, a > 0, clipped to the
+  sealed value range) explaining at least the sealed ``photometric_fit`` of the squared
+  difference (:func:`photometric_share`). A sensor whose gain or brightness drifts resends a
+  scene that way; probing's perturbations are random directions (gradient estimation) or steps
+  towards another input (bisection), which a gain and an offset explain a small part of, and a
+  near pair with different labels is a boundary straddle whatever its shape.
 - **rate**: a client that keeps hitting the throttle (``rate_refusals`` refusals in
   ``rate_window`` seconds).
 - **linked**: the same probing seen across every client at once, so that splitting an attack
@@ -55,14 +62,26 @@ CALIBRATION_SCHEMA = "edgeward.ood/1"
 MAX_DIMS = 1024
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """Sealed OoD and probing thresholds, computed by :func:`calibrate` at pack time."""
+    """Sealed OoD and probing thresholds, computed by :func:`calibrate` at pack time.
+
+    ``value_range`` is the range of the validation values (where a sensor clips) and
+    ``photometric_fit`` the share of a near-duplicate's squared difference a gain-and-offset
+    change must explain for it to count as a sensor change, not probing; both are optional in
+    ``edgeward.ood/1`` (a calibration without them takes no near-duplicate for a sensor change).
+    """
 
     mean: np.ndarray
     precision: np.ndarray
     threshold: float
     probe_eps: float
+    value_range: tuple[float, float] | None = None
+    photometric_fit: float | None = None
 
     @classmethod
     def from_policy(cls, policy: Mapping[str, Any]) -> Calibration | None:
@@ -74,16 +93,83 @@ class Calibration:
                 raise FormatError(f"sealed OoD calibration is not {CALIBRATION_SCHEMA}")
             mean = np.asarray(raw["mean"], dtype=np.float64)
             precision = np.asarray(raw["precision"], dtype=np.float64)
-            cal = cls(mean, precision, float(raw["threshold"]), float(raw["probe_eps"]))
+            value_range = raw.get("value_range")
+            if value_range is not None:
+                if not (isinstance(value_range, list) and len(value_range) == 2 and all(map(_is_number, value_range))):
+                    raise FormatError("sealed OoD calibration value_range must be two finite numbers, low < high")
+                value_range = (float(value_range[0]), float(value_range[1]))
+            fit = raw.get("photometric_fit")
+            if fit is not None and not _is_number(fit):
+                raise FormatError("sealed OoD calibration photometric_fit must be in (0, 1], with a value_range")
+            cal = cls(
+                mean,
+                precision,
+                float(raw["threshold"]),
+                float(raw["probe_eps"]),
+                value_range,
+                None if fit is None else float(fit),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"sealed OoD calibration is malformed: {e}") from e
         if mean.ndim != 1 or precision.shape != (mean.size, mean.size):
             raise FormatError("sealed OoD calibration has inconsistent dimensions")
+        if cal.value_range is not None and not cal.value_range[0] < cal.value_range[1]:
+            raise FormatError("sealed OoD calibration value_range must be two finite numbers, low < high")
+        if cal.photometric_fit is not None and (
+            cal.value_range is None or not 0 < cal.photometric_fit <= 1
+        ):
+            raise FormatError("sealed OoD calibration photometric_fit must be in (0, 1], with a value_range")
         return cal
 
     def score(self, x: np.ndarray) -> float:
         d = x - self.mean
         return math.sqrt(max(0.0, float(d @ self.precision @ d)))
+
+    def sensor_change(self, v: np.ndarray, u: np.ndarray) -> bool:
+        """Whether ``v`` differs from ``u`` as a sensor's gain and offset change it (never, when
+        the calibration seals no ``photometric_fit``)."""
+        if self.photometric_fit is None or self.value_range is None or v.size != u.size:
+            return False
+        lo, hi = self.value_range
+        return photometric_share(v, u, lo, hi) >= self.photometric_fit
+
+
+# Inputs arrive as 32-bit floats: differences below their rounding (2^-23 relative) are not
+# evidence of anything, so each value's residual is reduced by this much (relative to the range).
+_ROUNDING = 1e-6
+
+
+def photometric_share(v: np.ndarray, u: np.ndarray, lo: float, hi: float) -> float:
+    """The share of ``|v - u|^2`` that a change of gain and offset explains: ``v = a*u + b``
+    with ``a > 0``, fitted on the values neither input has at the edge of the range
+    ``[lo, hi]``, each value at an edge standing for any value beyond it (the sensor clipped it).
+    1 for a pure gain or offset change, with or without clipping; a random perturbation of
+    ``n`` values gets about ``2/n``. At most 1; negative when the fit makes things worse."""
+    v = np.asarray(v, dtype=np.float64)
+    u = np.asarray(u, dtype=np.float64)
+    d = v - u
+    dd = float(d @ d)
+    if dd == 0.0:
+        return 1.0
+    inside = (u > lo) & (u < hi) & (v > lo) & (v < hi)
+    if int(inside.sum()) < 3:
+        return 0.0  # too little left to fit two parameters and judge them
+    ui, vi = u[inside], v[inside]
+    du = ui - ui.mean()
+    su = float(du @ du)
+    if su <= 0.0:
+        return 0.0
+    a = float(du @ (vi - vi.mean())) / su
+    if not a > 0.0:
+        return 0.0  # a sensor does not invert its image
+    b = float(vi.mean()) - a * float(ui.mean())
+    # a value at an edge may have been anywhere beyond it before the sensor clipped it
+    u_lo, u_hi = np.where(u <= lo, -np.inf, u), np.where(u >= hi, np.inf, u)
+    v_lo, v_hi = np.where(v <= lo, -np.inf, v), np.where(v >= hi, np.inf, v)
+    # the distance between the interval v may have come from and the one a*u + b maps u's to
+    r = np.maximum(np.maximum(a * u_lo + b - v_hi, v_lo - (a * u_hi + b)), 0.0)
+    r = np.maximum(r - _ROUNDING * max(1.0, abs(lo), abs(hi)), 0.0)
+    return 1.0 - float(r @ r) / dd
 
 
 def features(x: np.ndarray) -> np.ndarray:
@@ -94,12 +180,18 @@ def features(x: np.ndarray) -> np.ndarray:
     return v
 
 
-def calibrate(x: np.ndarray, shrinkage: float = 0.1, margin: float = 1.5) -> dict[str, Any]:
+def calibrate(
+    x: np.ndarray, shrinkage: float = 0.1, margin: float = 1.5, photometric_fit: float = 0.9
+) -> dict[str, Any]:
     """Calibration for the sealed policy from validation inputs ``x`` (one row per sample).
 
     The OoD threshold is ``margin`` times the largest validation score, so in-distribution data
     is essentially never flagged; ``probe_eps`` is a quarter of the 1% quantile of the distance
-    from each sample to its nearest distinct neighbour.
+    from each sample to its nearest distinct neighbour. ``value_range`` is the range of the
+    validation values. ``photometric_fit`` is sealed only when random perturbations of the
+    validation samples (up to ``probe_eps`` long, :data:`_CHANCE_DRAWS` of them) never reach it:
+    with too few input values a gain and an offset explain anything, and no near-duplicate may
+    then pass for a sensor change.
     """
     rows = np.stack([features(r) for r in np.asarray(x)])
     if rows.shape[0] < 20:
@@ -117,14 +209,39 @@ def calibrate(x: np.ndarray, shrinkage: float = 0.1, margin: float = 1.5) -> dic
     d2[d2 <= 1e-12] = np.inf  # self and exact duplicates
     nearest = np.sqrt(d2.min(axis=1))
     nearest = nearest[np.isfinite(nearest)]
-    return {
+    probe_eps = round(float(np.quantile(nearest, 0.01) / 4), 6)
+    lo, hi = float(rows.min()), float(rows.max())
+    out: dict[str, Any] = {
         "schema": CALIBRATION_SCHEMA,
         "samples": int(rows.shape[0]),
         "mean": np.round(mean, 6).tolist(),
         "precision": np.round(precision, 6).tolist(),
         "threshold": round(float(scores.max() * margin), 6),
-        "probe_eps": round(float(np.quantile(nearest, 0.01) / 4), 6),
+        "probe_eps": probe_eps,
+        "value_range": [lo, hi],
     }
+    if lo < hi and probe_eps > 0 and _chance_share(rows, probe_eps, lo, hi) < photometric_fit:
+        out["photometric_fit"] = photometric_fit
+    return out
+
+
+_CHANCE_DRAWS = 2000
+
+
+def _chance_share(rows: np.ndarray, eps: float, lo: float, hi: float) -> float:
+    """The largest :func:`photometric_share` of :data:`_CHANCE_DRAWS` random perturbations (a
+    uniform direction, a length up to ``eps``, clipped to the range) of validation rows: what a
+    gain and an offset explain of a change that is none. Seeded: a calibration is reproducible."""
+    rng = np.random.default_rng(0)
+    best = -math.inf
+    for _ in range(_CHANCE_DRAWS):
+        u = rows[int(rng.integers(len(rows)))]
+        step = rng.normal(size=u.size)
+        step *= rng.uniform(0.05, 1.0) * eps / max(float(np.linalg.norm(step)), 1e-12)
+        v = np.clip(u + step, lo, hi)
+        if np.any(v != u):
+            best = max(best, photometric_share(v, u, lo, hi))
+    return best
 
 
 _SW_C1 = (0.0, 0.221157, -0.147981, -2.071190, 4.434685, -2.706056)
@@ -247,6 +364,7 @@ class _Links:
 @dataclass
 class _Client:
     recent: _Ring
+    recent_labels: list[Any] = field(default_factory=list)  # the label each slot of recent got
     by_label: dict[Any, _Ring] = field(default_factory=dict)
     distances: deque[float] = field(default_factory=deque)
     ood: deque[bool] = field(default_factory=deque)
@@ -271,7 +389,7 @@ class Detector:
     def _client(self, client: str, dim: int) -> _Client:
         c = self._clients.get(client)
         if c is None:
-            c = _Client(recent=_Ring(self.config.history, dim))
+            c = _Client(recent=_Ring(self.config.history, dim), recent_labels=[None] * self.config.history)
             c.distances = deque(maxlen=self.config.prada_window)
             c.ood = deque(maxlen=self.config.window)
             c.near = deque(maxlen=self.config.window)
@@ -284,6 +402,7 @@ class Detector:
                 # first seen through a refusal (no input yet): size its rings now, or its
                 # probing and PRADA windows would stay blind to every input it sends
                 c.recent = _Ring(self.config.history, dim)
+                c.recent_labels = [None] * self.config.history
                 c.by_label.clear()
         return c
 
@@ -315,11 +434,15 @@ class Detector:
                     "queries": c.queries,
                 }
                 self._emit(c, Signal("ood", client, round(score / cal.threshold, 3), ev), now, out)
-        nearest = c.recent.nearest(v)
+        nearest, slot = c.recent.nearest_slot(v)
         if nearest == 0.0:
             return out  # an exact repeat tells nothing new; it is not kept twice
         eps = cal.probe_eps if cal is not None else 0.0
-        c.near.append(nearest < eps)
+        near = nearest < eps
+        if near and cal is not None and c.recent_labels[slot] == label:
+            # the same scene through a sensor whose gain or brightness moved: not probing
+            near = not cal.sensor_change(v, c.recent.rows[slot])
+        c.near.append(near)
         n_near = sum(c.near)
         if eps > 0 and n_near >= cfg.probe_count:
             ev = {
@@ -331,7 +454,9 @@ class Detector:
             self._emit(
                 c, Signal("probing", client, round(n_near / cfg.probe_count, 3), ev), now, out
             )
-        c.recent.add(v)
+        kept = c.recent.add(v)
+        if kept >= 0:
+            c.recent_labels[kept] = label
         same = c.by_label.get(label)
         if same is None:
             same = c.by_label[label] = _Ring(cfg.per_label_history, v.size)
