@@ -97,3 +97,84 @@ def test_the_sampled_estimate_is_close_to_what_zlib_saves_on_the_whole(float_wei
         whole = 1 - len(zlib.compress(data, 1)) / len(data)
         assert abs(estimate_saving(data) - whole) < 0.03
     assert estimate_saving(float_weights.read_bytes()) < 0.10 <= estimate_saving(coarse_weights.read_bytes())
+
+
+# Whole-process costs: packing a plain ONNX model parses it with the protobuf module onnx ships,
+# without ``import onnx`` (0.45 s of ml_dtypes at start-up), and gets the same bytes either way.
+
+_PACK_IN_A_FRESH_PROCESS = """
+import json, sys
+from packager.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "onnx_imported": "onnx" in sys.modules}))
+"""
+
+
+def _pack_cli(tmp_path: Path, model: Path, board, publisher: Path, out: Path) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PACK_IN_A_FRESH_PROCESS, "pack", str(model), "--profile", "rpi4b",
+         "--publisher-key", str(publisher / "publisher.key"), "--device", str(board.enrolment),
+         "--model-version", "1", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_packing_a_plain_onnx_model_does_not_import_onnx(digits, make_board, publisher, tmp_path):
+    board = make_board()
+    out = tmp_path / "out"
+    assert _pack_cli(tmp_path, digits.onnx, board, publisher, out) == {"rc": 0, "onnx_imported": False}
+    board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
+    assert json.loads((out / "report.json").read_text())["model"]["sha256"] == __import__("hashlib").sha256(
+        digits.onnx.read_bytes()).hexdigest()
+
+
+def test_external_data_is_inlined_to_the_same_bytes_without_onnx(digits, make_board, publisher, tmp_path):
+    """The model with its weights in a side file is inlined by the protobuf module alone to exactly
+    the bytes the onnx package makes (this process has onnx imported), and installs."""
+    import hashlib
+
+    from packager.harden.supply import inline_external_data
+    from tests.test_harden_cli import _external_model
+
+    src = _external_model(tmp_path, digits)
+    inlined, files = inline_external_data(src, src.read_bytes(), 2**31 - 1)
+    assert files == ["weights.bin"]
+    board = make_board()
+    out = tmp_path / "out"
+    assert _pack_cli(tmp_path, src, board, publisher, out) == {"rc": 0, "onnx_imported": False}
+    assert json.loads((out / "report.json").read_text())["model"]["sha256"] == hashlib.sha256(inlined).hexdigest()
+    board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
+    x = np.load(digits.test)["x"][:8]
+    session = ort.InferenceSession(inlined, providers=["CPUExecutionProvider"])
+    want = session.run(None, {session.get_inputs()[0].name: x})[0].tolist()
+    assert [board.agent().predict(row)["label"] for row in x] == want
+
+
+def test_onnx_imported_after_the_protobuf_module_shares_its_classes(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "from packager.onnxproto import messages, parse_model\n"
+        "m = messages()\n"
+        "assert m.__name__ == 'packager._onnx_ml_pb2', m.__name__\n"
+        "import onnx\n"
+        "assert m.ModelProto is onnx.ModelProto and m.TensorProto is onnx.TensorProto\n"
+        "from onnx import helper\n"
+        "g = helper.make_graph([helper.make_node('Relu', ['X'], ['Y'])], 'g',"
+        " [helper.make_tensor_value_info('X', 1, [1])], [helper.make_tensor_value_info('Y', 1, [1])])\n"
+        "model = parse_model(helper.make_model(g).SerializeToString(), 'm')\n"
+        "onnx.checker.check_model(model)\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(root), timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr
