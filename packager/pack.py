@@ -126,6 +126,8 @@ def estimate_saving(contents: bytes | bytearray) -> float:
     """The fraction of ``contents`` that zlib would save, estimated from SAMPLE_SLICES slices of
     SAMPLE_BYTES spread evenly from its first byte to its last, deflated at level 1."""
     view = memoryview(contents)
+    if len(view) <= SAMPLE_SLICES * SAMPLE_BYTES:  # no larger than the sample: the whole
+        return 1.0 - len(zlib.compress(view, 1)) / max(len(view), 1)
     step = (len(view) - SAMPLE_BYTES) / (SAMPLE_SLICES - 1)
     sampled = packed = 0
     for i in range(SAMPLE_SLICES):

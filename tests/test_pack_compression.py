@@ -178,3 +178,10 @@ def test_onnx_imported_after_the_protobuf_module_shares_its_classes(tmp_path):
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(root), timeout=120)
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_the_estimate_of_contents_no_larger_than_the_sample_is_the_whole():
+    import zlib
+
+    for data in (b"", b"a" * 1000, bytes(range(256)) * 4096):
+        assert estimate_saving(data) == (1 - len(zlib.compress(data, 1)) / max(len(data), 1))
