@@ -8,6 +8,7 @@ set -uo pipefail
 source "$(dirname "$0")/../scripts/lib/env.sh"
 cd "$EW_ROOT"
 ensure_venv
+ensure_bench
 
 scripts=()
 if [ "$#" -gt 0 ]; then

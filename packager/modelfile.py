@@ -72,7 +72,7 @@ def read_model(
 def infer_task(model: ModelFile, override: dict[str, Any]) -> dict[str, Any]:
     """Choose what the agent reports: a classifier's label from the first float output of rank 2,
     unless the caller said otherwise. Loading the model here also proves it loads on the runtime."""
-    runner = load_runner(model.runtime, model.data)
+    runner = load_runner(model.runtime, model.data, prepack=False)  # the board loads without pre-packing too
     task = dict(override)
     kind = task.setdefault("kind", "auto")
     if "output" not in task:

@@ -34,11 +34,11 @@ MAX_DEPTH = 32  # ops walked back from the output
 
 
 def _attr(node: Any, name: str) -> Any:
-    from onnx import helper
+    from .onnxproto import attribute_value
 
     for a in node.attribute:
         if a.name == name:
-            value = helper.get_attribute_value(a)
+            value = attribute_value(a)
             return value.decode() if isinstance(value, bytes) else value
     return None
 
@@ -117,7 +117,7 @@ def output_is_probability(data: bytes, model_format: str, output_name: str, outp
     ``data`` is already a probability."""
     if model_format == "tflite":
         return _tflite_probability(data, output_index)
-    import onnx
+    from .onnxproto import parse_model
 
-    graph = onnx.load_from_string(data).graph
+    graph = parse_model(data, "the model").graph
     return _onnx_probability(graph, output_name)

@@ -195,7 +195,7 @@ def test_no_plaintext_model_or_readable_private_key_on_disk(digits, make_board, 
     Checking every 32-byte aligned block is stricter: any 64-byte run contains one."""
     board = make_board()
     agent = board.agent()
-    agent.install(_bundle(pack_for(digits.onnx, [board], compress=False)))
+    agent.install(_bundle(pack_for(digits.onnx, [board], compression="none")))
     agent.predict(np.zeros(64, np.float32))
     model = digits.onnx.read_bytes()
     blocks = [model[i : i + 32] for i in range(0, len(model) - 32, 32)]

@@ -111,8 +111,8 @@ def test_malformed_bundles_are_refused_with_a_clear_reason(digits, make_board, p
 def test_payload_from_someone_holding_only_the_device_public_key_is_refused(digits, make_board, pack_for, pub):
     """AEAD alone does not authenticate the publisher: a swapped payload must fail the signed tags digest."""
     board = make_board()
-    out_a = pack_for(digits.onnx, [board], version=1, compress=False)
-    out_b = pack_for(digits.onnx, [board], version=2, compress=False)
+    out_a = pack_for(digits.onnx, [board], version=1, compression="none")
+    out_b = pack_for(digits.onnx, [board], version=2, compression="none")
     a = (out_a / "pi-001.ewb").read_bytes()
     b = (out_b / "pi-001.ewb").read_bytes()
     _, pa = _split(a)
@@ -134,7 +134,7 @@ def test_every_header_and_manifest_bit_flip_and_a_payload_sample_is_refused(digi
     agent.install((pack_for(digits.onnx, [board], version=1) / "pi-001.ewb").read_bytes())
     x = np.load(digits.test)["x"][:20]
     before_pred = agent.predict(x)
-    good = (pack_for(digits.onnx, [board], version=2, compress=False) / "pi-001.ewb").read_bytes()
+    good = (pack_for(digits.onnx, [board], version=2, compression="none") / "pi-001.ewb").read_bytes()
     _, payload_start = _split(good)
     before = tree_snapshot(board.data_dir)
     rng = np.random.default_rng(7)

@@ -135,7 +135,8 @@ def test_loading_a_model_peaks_at_most_twice_its_size(tmp_path: Path, publisher:
     enrolment = load_enrolment(
         Agent.provision(board, "pi-mem", [load_public_key_file(publisher / "publisher.pub")], [], keys)
     )
-    opts = PackOptions(model_id="big", model_version=1, compress=compress, task={"kind": "raw", "output": 0})
+    opts = PackOptions(model_id="big", model_version=1, compression="zlib" if compress else "none",
+                       task={"kind": "raw", "output": 0})
     pack(ModelFile(Path("big.onnx"), data, "onnx"), load_profile("rpi4b"),
          FileSigner(load_private_key(publisher / "publisher.key")), [enrolment], opts, tmp_path / "out")
     Agent(board, keys).install(bytearray((tmp_path / "out" / "pi-mem.ewb").read_bytes()))

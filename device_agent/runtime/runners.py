@@ -84,6 +84,7 @@ class OnnxRunner:
     def __init__(
         self, model: bytes, threads: int = 0, *, initializers: list[tuple[str, Any]] | None = None,
         owned: bytearray | None = None, optimisation: str = "ORT_ENABLE_ALL", quiet: bool = False,
+        prepack: bool = True,
     ) -> None:
         ort = _ort()
         opts = ort.SessionOptions()
@@ -100,7 +101,7 @@ class OnnxRunner:
         self.optimisation = optimisation
         if quiet:  # an attempt whose failure is expected and handled: no error line in the log
             opts.log_severity_level = 4
-        if self._initializers:
+        if self._initializers or not prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
         try:
             self._session: Any = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
@@ -293,11 +294,14 @@ def _overrides(initializers: dict[str, np.ndarray] | None) -> list[tuple[str, An
 
 
 def load_runner(
-    runtime: str, model: bytes, threads: int = 0, initializers: dict[str, np.ndarray] | None = None
+    runtime: str, model: bytes, threads: int = 0, initializers: dict[str, np.ndarray] | None = None,
+    *, prepack: bool = True,
 ) -> Runner:
-    """A runner over ``model`` bytes (the host's way in); ``initializers`` replace named weights."""
+    """A runner over ``model`` bytes (the host's way in); ``initializers`` replace named weights.
+    ``prepack=False``: onnxruntime keeps no pre-packed copy of the weights (as on the board, which
+    serves them from the decrypted buffer): a faster load, for a session that only checks."""
     if runtime == "onnxruntime":
-        return OnnxRunner(model, threads, initializers=_overrides(initializers))
+        return OnnxRunner(model, threads, initializers=_overrides(initializers), prepack=prepack)
     if initializers:
         raise FormatError("local learning needs onnxruntime: a LiteRT model cannot take a learnt head")
     if runtime == "litert":

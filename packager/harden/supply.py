@@ -45,13 +45,9 @@ def check_allowed(sha256: str, name: str, allow_list: Path) -> None:
 
 def load_onnx(data: bytes, name: str) -> Any:
     """Parse ONNX bytes; a corrupt file is malformed input (exit 3), not an internal error."""
-    import onnx
-    from google.protobuf.message import DecodeError
+    from ..onnxproto import parse_model
 
-    try:
-        return onnx.load_from_string(data)
-    except (DecodeError, ValueError, RuntimeError) as e:
-        raise FormatError(f"{name} is not a valid ONNX model: {e}; export it again") from e
+    return parse_model(data, name)
 
 
 def _side_file(base: Path, location: str, name: str) -> Path:
@@ -81,8 +77,12 @@ def inline_external_data(path: Path, data: bytes, max_bytes: int) -> tuple[bytes
     is read once, bounded by ``max_bytes`` in total, and only from the model's own directory.
     The board loads models from bytes in memory, so side files could never follow.
     """
-    import onnx
-    from onnx.external_data_helper import uses_external_data
+    from ..onnxproto import messages
+
+    external = messages().TensorProto.EXTERNAL
+
+    def uses_external_data(t: Any) -> bool:  # onnx.external_data_helper.uses_external_data
+        return bool(t.HasField("data_location") and t.data_location == external)
 
     model = load_onnx(data, path.name)
     tensors = [
@@ -122,7 +122,7 @@ def inline_external_data(path: Path, data: bytes, max_bytes: int) -> tuple[bytes
             if len(raw) != want:
                 raise FormatError(f"{path.name}: external data {location[:80]} is truncated")
             t.raw_data = raw
-            t.data_location = onnx.TensorProto.DEFAULT
+            t.data_location = messages().TensorProto.DEFAULT
             del t.external_data[:]
     finally:
         for f in files.values():

@@ -57,6 +57,14 @@ ensure_fuzz() {
   fi
 }
 
+# model_signing (the bench extra) for benchmarks/bundle.py's comparison with OpenSSF model signing;
+# without it that row says it was skipped.
+ensure_bench() {
+  "$EW_PY" -c 'import model_signing' 2>/dev/null && return 0
+  ew_log "installing the bench extra (model-signing) for the benchmarks"
+  ew_pip install --quiet -e "$EW_ROOT[bench]" || echo "could not install model-signing: its benchmark row is skipped" >&2
+}
+
 ensure_mosquitto() {
   command -v mosquitto >/dev/null && return 0
   [ -x /usr/sbin/mosquitto ] && return 0
