@@ -334,3 +334,30 @@ def test_inspect_shows_and_verifies_a_v2_single_file(digits, make_board, release
     doc = json.loads(capsys.readouterr().out)
     assert doc["verified"] is True and doc["format_version"] == 2
     assert doc["manifest"]["device_id"] == "pi-001" and doc["manifest"]["schema"] == "edgeward.release/2"
+
+
+GOLDEN = Path(__file__).parent / "data" / "v2"
+
+
+@pytest.mark.parametrize("form", ["envelope", "single"])
+def test_golden_v2_release_still_installs_and_predicts(tmp_path: Path, form: str) -> None:
+    """A release written by the first version 2 packager keeps installing (tests/data/make_golden.py):
+    from the envelope and payload, and from the single file; another board's envelope is refused."""
+    import shutil
+
+    from device_agent import Agent
+    from device_agent.store.keys import KeySource
+
+    board = tmp_path / "board"
+    shutil.copytree(GOLDEN / "board", board)
+    expected = json.loads((GOLDEN / "expected.json").read_text())
+    agent = Agent(board, KeySource(kek=(GOLDEN / "kek.bin").read_bytes()))
+    with pytest.raises(WrongDevice):
+        agent.install_release(GOLDEN / "envelopes" / "golden-other.ewe", GOLDEN / "payload.ewp")
+    if form == "envelope":
+        m = agent.install_release(GOLDEN / "envelopes" / "golden-board.ewe", GOLDEN / "payload.ewp")
+    else:
+        m = agent.install_file(GOLDEN / "golden.ewb")
+    assert (m.model_id, m.model_version, m.format_version) == ("golden", 1, 2)
+    got = agent.predict(np.load(GOLDEN / "input.npy"))
+    assert [p["label"] for p in got["predictions"]] == expected["labels"]
