@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,10 +38,11 @@ from device_agent.telemetry.service import TelemetryService
 from device_agent.wire import canonical_json
 from fleet.broker import acl_text
 from fleet.monitor import DEFAULT_MONITOR, Monitor, MonitorConfig
-from fleet.store import MonitorStore
+from fleet.store import MonitorStore, Store
 from packager.signers import FileSigner
 from tests.conftest import Board
 from tests.fixtures.fleet import Fleet, fleet_fixture, wait_until  # noqa: F401
+from tests.fixtures.postgres import make_store_fixture, pg_cluster_fixture, pg_url_fixture  # noqa: F401
 
 RECEIPT_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
 RECEIPT_PUB = crypto.ed25519_public_raw(RECEIPT_KEY)
@@ -401,3 +402,92 @@ def test_the_monitor_publishes_receipts_retained_for_a_board_that_connects_later
     r = verify_receipt(got[-1], [RECEIPT_PUB], "pi-001", identity)
     assert r.top >= 5 and r.covers(2)
     store.close()
+
+
+# --- what a receipt is made from, and how its key is rotated --------------------------------------
+
+
+@pytest.mark.parametrize("make_store", ["sqlite", "postgresql"], indirect=True)
+def test_receipts_are_read_from_the_store_also_for_a_batch_of_duplicates(make_store: Callable[[], Store]) -> None:
+    """Both engines: the committed numbers come from a store query after the commit; a chunk
+    that was all duplicates (a board sending again) still yields what the store holds."""
+    from fleet.monitor import _with_reasons
+    from tests.test_fleet_store import KEY, KEYS, chain
+
+    store = make_store()
+    msgs = [m for i, m in enumerate(chain(6)) if i != 2]  # number 3 never arrived: a gap
+    counts, marks = _with_reasons(store, (KEYS, msgs, 1080, True))
+    assert counts["accepted"] == 5 and marks == {"pi-1": (6, [1, 2, 4, 5, 6])}
+    counts, again = _with_reasons(make_store(), (KEYS, msgs, 1080, True))  # another monitor, all duplicates
+    assert counts["duplicate"] == 5 and again == marks
+    identity = crypto.fingerprint(crypto.ed25519_public_raw(KEY))
+    assert Receipt.of_seqs("pi-1", identity, 6, 1080, marks["pi-1"][1], NOW).ranges == ((1, 2), (4, 6))
+    assert _with_reasons(store, (KEYS, msgs, 1080, False))[1] == {}  # no receipt key: no query
+
+
+def test_an_operator_rotates_the_receipt_keys_and_the_running_service_reads_them(
+    fleet: Fleet, tmp_path: Path, publisher: Path, keys: KeySource
+) -> None:
+    import base64
+
+    from tests.fixtures.trusted import Clock, Operator
+
+    op = Operator()
+    d = tmp_path / "board-pi-rot"
+    enrolment = tmp_path / "pi-rot.json"
+    enrolment.write_bytes(Agent.provision(d, "pi-rot", [load_public_key_file(publisher / "publisher.pub")],
+                                          [op.public], keys, receipts=[RECEIPT_PUB]))
+    events = EventStore(d / "events.db")
+    svc = TelemetryService(d, keys, events, fleet.enrol(enrolment), config=FAST)
+    try:
+        assert svc._receipt_keys() == (RECEIPT_PUB,)
+        new = crypto.ed25519_public_raw(OTHER_KEY)
+        Agent(d, keys, clock=Clock()).apply_commands(
+            op.sign("rotate-key", "pi-rot", 1, role="receipt", keys=[base64.b64encode(new).decode()])
+        )
+        assert Agent(d, keys).trust_anchors().receipts == (new,)
+        assert svc._receipt_keys() == (new,)
+        identity = crypto.fingerprint(Agent(d, keys).store.identity().sign_public)
+        old = encode_receipt(Receipt("pi-rot", identity, 0, 1, (), NOW), RECEIPT_KEY, RECEIPT_PUB)
+        assert svc.apply_receipt(old) is False  # the rotated-out key clears nothing
+        assert svc.apply_receipt(encode_receipt(Receipt("pi-rot", identity, 0, 1, (), NOW), OTHER_KEY, new))
+    finally:
+        svc.link.stop()
+        svc.outbox.close()
+        events.close()
+
+
+def test_no_more_numbers_than_the_bound_are_out_without_a_receipt(
+    fleet: Fleet, tmp_path: Path, publisher: Path, keys: KeySource
+) -> None:
+    """No monitor: the broker acknowledges, no receipt comes. The board hands over numbers only
+    up to max_unreceipted past the oldest it keeps; the rest wait in the outbox."""
+    board = receipt_board(tmp_path, publisher, keys)
+    config = replace(FAST, max_unreceipted=10, receipt_timeout_s=600.0, receipt_backoff_max_s=600.0)
+    with telemetry(board, fleet, config) as (svc, events):
+        record(events, range(30))
+        wait_until(lambda: len(svc._resend) >= 9, 30, "the first reports acknowledged")
+        oldest = svc.outbox.oldest()
+        assert oldest is not None
+        wait_until(lambda: svc._sent_through == oldest + 9, 30, "the span to fill")
+        assert svc.outbox.stats()["queued"] >= 30
+        assert max(svc._resend) < oldest + 10 and svc._sent_through < oldest + 10
+
+
+def test_edgeward_keys_receipt_and_provision_receipt_pub_put_the_key_in_the_boards_anchors(
+    tmp_path: Path, publisher: Path, keys: KeySource, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from device_agent.cli import main as agent_main
+    from packager.cli import main as host_main
+
+    assert host_main(["keys", "receipt", "--out", str(tmp_path / "k"), "--insecure-unencrypted-key"]) == 0
+    pub = tmp_path / "k" / "receipt.pub"
+    assert (tmp_path / "k" / "receipt.key").stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("EDGEWARD_DEVICE_PASSPHRASE", keys.passphrase.decode() if keys.passphrase else "")
+    code = agent_main(["provision", "--data-dir", str(tmp_path / "b"), "--device-id", "pi-cli",
+                       "--publisher-pub", str(publisher / "publisher.pub"), "--receipt-pub", str(pub),
+                       "--export", str(tmp_path / "pi-cli.json")])
+    capsys.readouterr()
+    assert code == 0
+    assert Agent(tmp_path / "b", keys).trust_anchors().receipts == (load_public_key_file(pub),)
