@@ -470,7 +470,8 @@ def test_no_more_numbers_than_the_bound_are_out_without_a_receipt(
         oldest = svc.outbox.oldest()
         assert oldest is not None
         wait_until(lambda: svc._sent_through == oldest + 9, 30, "the span to fill")
-        assert svc.outbox.stats()["queued"] >= 30
+        wait_until(lambda: svc.outbox.stats()["queued"] >= 30, 30, "every event in the outbox")
+        assert svc.outbox.oldest() == oldest  # nothing left the outbox without a receipt
         assert max(svc._resend) < oldest + 10 and svc._sent_through < oldest + 10
 
 
@@ -491,3 +492,25 @@ def test_edgeward_keys_receipt_and_provision_receipt_pub_put_the_key_in_the_boar
     capsys.readouterr()
     assert code == 0
     assert Agent(tmp_path / "b", keys).trust_anchors().receipts == (load_public_key_file(pub),)
+
+
+def test_a_report_the_broker_refuses_leaves_the_outbox_also_when_receipts_are_awaited(
+    fleet: Fleet, tmp_path: Path, publisher: Path, keys: KeySource
+) -> None:
+    """Resending what the broker refuses (not authorised) cannot help: it is deleted and counted,
+    as without receipts, and does not hold the span of unreceipted numbers."""
+    board = receipt_board(tmp_path, publisher, keys)
+    other = receipt_board(tmp_path, publisher, keys, device_id="pi-002")
+    fleet.enrol(board.enrolment)
+    wrong = fleet.enrol(other.enrolment)  # pi-001's reports over pi-002's certificate: the ACL refuses
+    events = EventStore(board.data_dir / "events.db")
+    svc = TelemetryService(board.data_dir, board.keys, events, wrong, config=FAST)
+    svc.start()
+    try:
+        record(events, range(5))
+        wait_until(lambda: svc.rejected >= 5, 30, "the broker to refuse the reports")
+        assert svc.flush(30)
+        assert svc._resend == {}
+    finally:
+        svc.stop()
+        events.close()

@@ -153,6 +153,7 @@ class TelemetryService:
         self._receipt_inbox: queue.Queue[bytes] = queue.Queue(maxsize=4)
         self._resend: dict[int, tuple[float, float]] = {}  # seq -> (when to send again, wait after it)
         self._sent_through = 0  # the highest sequence number handed to the broker in this run
+        self._refused: list[int] = []  # refused by the broker since the last _settle
         self.receipts = {"applied": 0, "refused": 0, "resent": 0}
         self.outbox = Outbox(self.store.outbox_file, config.max_outbox)
         self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
@@ -290,7 +291,14 @@ class TelemetryService:
         return sent
 
     def _settle(self, acked: list[int]) -> None:
-        """What the broker acknowledged: deleted, or kept for a receipt with its resend time."""
+        """What the broker acknowledged: deleted, or kept for a receipt with its resend time. A
+        report the broker refused (ACL) is deleted either way: sending it again cannot help."""
+        refused, self._refused = self._refused, []
+        if refused:
+            self.outbox.acked(refused)
+            acked = [s for s in acked if s not in set(refused)]
+            for seq in refused:
+                self._resend.pop(seq, None)
         if not self._receipt_mode():
             self.outbox.acked(acked)
             self._resend.clear()
@@ -404,13 +412,15 @@ class TelemetryService:
                     done.append(seq)
                     if not ok:  # refused by the broker (ACL): resending cannot help
                         self.rejected += 1
+                        self._refused.append(seq)
                 item = self._acks.get_nowait()
         except queue.Empty:
             pass
         return done
 
     def flush(self, timeout: float) -> bool:
-        """Wait until every queued report has been acknowledged; False on timeout."""
+        """Wait until every queued report has been acknowledged (with a receipt key: covered by a
+        receipt); False on timeout."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.outbox.stats()["queued"] == 0:
