@@ -260,11 +260,12 @@ def cpu_seconds(pid: int, children: bool = True) -> float:
 class MonitorProc:
     """``edgeward fleet monitor`` as its own process (it starts its helper process)."""
 
-    def __init__(self, home: FleetHome, port: int, store: str, client_id: str, group: str) -> None:
+    def __init__(self, home: FleetHome, port: int, store: str, client_id: str, group: str,
+                 extra: tuple[str, ...] = ()) -> None:
         self.client_id = client_id
         argv = [sys.executable, "-m", "packager.cli", "fleet", "monitor", "--fleet-dir", str(home.path),
                 "--broker", f"127.0.0.1:{port}", "--operator", OPERATOR, "--store", store,
-                "--client-id", client_id, "--group", group]
+                "--client-id", client_id, "--group", group, *extra]
         env = os.environ | {"PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         assert self.proc.stdout is not None

@@ -139,6 +139,7 @@ class Agent:
         now: datetime | None = None,
         *,
         recovery: list[bytes] | None = None,
+        receipts: list[bytes] | None = None,
     ) -> bytes:
         """Create the board's keys and trust anchors; return the signed public enrolment."""
         if not ID_RE.match(device_id):
@@ -153,7 +154,9 @@ class Agent:
         now = now or utcnow()
         dk = DeviceKeys.generate()
         try:
-            anchors = TrustAnchors(tuple(publishers), tuple(operators or ()), tuple(recovery or ()))
+            anchors = TrustAnchors(
+                tuple(publishers), tuple(operators or ()), tuple(recovery or ()), tuple(receipts or ())
+            )
             identity = DataDir(data_dir).create(device_id, dk, source, anchors, now)
             enrolment = Enrolment(device_id, identity.box_public, identity.sign_public, now)
             sig = crypto.sign(dk.signer(), ENROLMENT_DOMAIN, canonical_json(enrolment.body()))

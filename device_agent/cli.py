@@ -79,11 +79,13 @@ def cmd_provision(args: argparse.Namespace) -> int:
     publishers = [_pubkey(p) for p in args.publisher_pub]
     operators = [_pubkey(p) for p in args.operator_pub or []]
     recovery = [_pubkey(p) for p in args.recovery_pub or []]
+    receipts = [_pubkey(p) for p in args.receipt_pub or []]
     export = Path(args.export)
     if not export.parent.is_dir():
         raise UsageError(f"cannot write the enrolment: directory {export.parent} does not exist")
     enrolment = Agent.provision(
-        args.data_dir, args.device_id, publishers, operators, KeySource.from_env(args.kek_file), recovery=recovery
+        args.data_dir, args.device_id, publishers, operators, KeySource.from_env(args.kek_file), recovery=recovery,
+        receipts=receipts,
     )
     atomic_write(export, enrolment, 0o644)
     doc = json.loads(enrolment)
@@ -314,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--recovery-pub",
         action="append",
         help="recovery public key, kept offline: only it may rotate the operator keys (repeatable)",
+    )
+    sp.add_argument(
+        "--receipt-pub",
+        action="append",
+        help="the fleet monitors' receipt public key: reports stay in the outbox until a receipt signed by it "
+        "covers them (repeatable; without it reports leave on the broker's acknowledgement)",
     )
     sp.add_argument("--export", required=True, help="where to write the public enrolment JSON")
     sp.add_argument("--json", action="store_true")

@@ -435,13 +435,29 @@ class TelemetryConfig:
     backoff: tuple[int, int] = (1, 30)  # reconnect delay in seconds, doubling from min to max
     drain_s: float = 2.0  # how long stop() waits for queued reports to be acknowledged
     keepalive_s: int = 30  # MQTT keep-alive in seconds
+    # End-to-end receipts (docs/telemetry.md, "Receipts"), once the board trusts a receipt key: a
+    # report the broker took stays in the outbox until a monitor's signed receipt covers it, and
+    # is sent again receipt_timeout_s after the broker took it, the wait doubling up to
+    # receipt_backoff_max_s.
+    receipt_timeout_s: float = 30.0
+    receipt_backoff_max_s: float = 480.0
+    # Sequence numbers from the oldest report without a receipt to the newest handed to MQTT:
+    # below the monitor's redelivery window (1,080), so a report sent again is judged a
+    # duplicate, never a replay. New reports wait in the outbox while the span is full.
+    max_unreceipted: int = 1000
+    max_receipt_bytes: int = 8 * 1024  # one signed receipt message
+    max_receipt_ranges: int = 256  # committed ranges one receipt lists
     report: ReportLimits = field(default_factory=ReportLimits)
 
     def __post_init__(self) -> None:
         _positive(self, "heartbeat_s")
         _positive(self, "poll_s")
-        for name in ("window", "max_outbox", "event_batch", "keepalive_s"):
+        for name in ("window", "max_outbox", "event_batch", "keepalive_s", "max_unreceipted",
+                     "max_receipt_bytes", "max_receipt_ranges"):
             _int(self, name)
+        _positive(self, "receipt_timeout_s")
+        if not _is_number(self.receipt_backoff_max_s) or self.receipt_backoff_max_s < self.receipt_timeout_s:
+            raise _refuse(self, "receipt_backoff_max_s", "a number >= receipt_timeout_s")
         b = self.backoff
         if not (isinstance(b, tuple) and len(b) == 2 and all(_is_int(s) for s in b) and 1 <= b[0] <= b[1]):
             raise _refuse(self, "backoff", "a pair of whole seconds (min, max) with 1 <= min <= max")

@@ -235,7 +235,14 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             alerter = Alerter(alert_store, alert_config)
             side.append(alerter)
             alerter.start()
-        mon = Monitor(home, store, _operator_broker(args, home), client_id, config, on_chunk=on_chunk)
+        receipt_key = None
+        if args.receipt_key:
+            from .commands_cli import _load_key
+
+            receipt_key = _load_key(args.receipt_key, "--receipt-key")
+            side.append(receipt_key)  # closed at the end (a token session)
+        mon = Monitor(home, store, _operator_broker(args, home), client_id, config, on_chunk=on_chunk,
+                      receipt_key=receipt_key)
         try:
             mon.start()
             mon.link.require_connected(args.connect_timeout)
@@ -522,6 +529,12 @@ def register(sub: Any) -> None:
     )
     sp.add_argument("--connect-timeout", type=float, default=10.0)
     sp.add_argument("--duration", type=float, help="stop after this many seconds")
+    sp.add_argument(
+        "--receipt-key",
+        metavar="SIGNER",
+        help="sign a receipt per board after every commit with this key (made by 'edgeward keys receipt': "
+        "its file, or its pkcs11: URI); boards given its .pub keep each report until a receipt covers it",
+    )
     sp.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",

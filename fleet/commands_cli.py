@@ -629,13 +629,14 @@ def register(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     targets(sp)
     signing(sp)
 
-    sp = sub("rotate-key", "replace the publisher or operator keys boards trust", cmd_rotate_key,
+    sp = sub("rotate-key", "replace the publisher, operator or receipt keys boards trust", cmd_rotate_key,
              "Replace the keys boards trust for one role with the --new-pub keys.\n\n"
-             "--role publisher is signed with --operator-key. --role operator must be signed with --recovery-key "
+             "--role publisher and --role receipt (the monitors' receipt keys) are signed with --operator-key. "
+             "--role operator must be signed with --recovery-key "
              "(the boards' recovery anchor, kept offline) and boards refuse it signed by anything else: whoever "
              "stole an operator key cannot rotate the genuine operator keys out first and lock the fleet out."
              + delivery)
-    sp.add_argument("--role", choices=["publisher", "operator"], required=True)
+    sp.add_argument("--role", choices=["publisher", "operator", "receipt"], required=True)
     sp.add_argument("--new-pub", action="append", required=True, metavar="PUB",
                     help="public key file the boards will trust for the role (repeatable)")
     targets(sp)

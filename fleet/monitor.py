@@ -16,6 +16,13 @@ that report's signature (it is byte for byte what the board signed for); every o
 its own signature checked. A burst from one board costs one signature check per chunk instead of
 one per report; a report that arrives alone is checked on its own signature, as before.
 
+Receipts (``docs/telemetry.md``, "Receipts"): given a receipt key, after every commit the monitor
+reads from the store what it holds of each board the chunk touched (:meth:`StoreReads.committed`,
+so what another monitor committed counts too) and publishes one signed receipt per board,
+retained on ``edgeward/v1/<device>/receipt`` -- also when the whole chunk was duplicates, since
+that is how a board learns that a report it sent again is stored. A board that trusts the receipt
+key keeps each report until a receipt covers it.
+
 Command results (``docs/commands.md``): the monitor also subscribes to every board's results
 topic. The few results are routed by topic as they arrive, before the report pipeline, to a
 thread of their own that verifies each against the board's enrolled key and records it in the
@@ -48,14 +55,15 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from device_agent.commands.format import RESULTS_LEVEL
 from device_agent.config import DEFAULT_CONFIG
-from device_agent.crypto import sha256_hex
+from device_agent.crypto import fingerprint, sha256_hex
 from device_agent.errors import BadSignature, EdgeWardError, EnvironmentFault, SecurityRefusal
 from device_agent.store.datadir import utcnow
 from device_agent.telemetry.mqtt import Broker, Link, Session
+from device_agent.telemetry.receipt import Receipt, encode_receipt, receipt_topic
 from device_agent.telemetry.report import (
     KINDS,
     NO_PREV,
@@ -100,6 +108,20 @@ class MonitorConfig:
 
 
 DEFAULT_MONITOR = MonitorConfig()
+
+# What a chunk asks of the helper: the enrolled keys of its devices, the messages, the redelivery
+# window, and whether to read back what the store holds of those devices for receipts.
+Chunk = tuple[Mapping[str, bytes], list[tuple[str, bytes]], int, bool]
+# What the helper answers: the verdict counts, and per device (highest, stored numbers in window).
+Answer = tuple[dict[str, int], dict[str, tuple[int, list[int]]]]
+
+
+class ReceiptSigner(Protocol):
+    """A receipt key (``packager.signers.Signer``: a file or a PKCS#11 token)."""
+
+    public_raw: bytes
+
+    def sign(self, data: bytes, /) -> bytes: ...
 # Chunks handed to the helper process at a time: it works on one while the next waits, so it
 # never waits for this process. Answers are a few bytes each, so with at most two outstanding the
 # helper never blocks writing one while this process blocks sending a chunk: no deadlock.
@@ -350,11 +372,14 @@ def rejection_reason(kind: str, detail: str) -> str:
     return kind if kind in REASONS else "other"
 
 
-def _with_reasons(store: Store, chunk: tuple[Mapping[str, bytes], list[tuple[str, bytes]], int]) -> dict[str, int]:
-    """:func:`ingest` of one chunk, its rejections by reason added as ``rejected:REASON``."""
+def _with_reasons(store: Store, chunk: Chunk) -> Answer:
+    """:func:`ingest` of one chunk, its rejections by reason added as ``rejected:REASON``; then,
+    if asked, what the store now holds of the chunk's enrolled devices (for their receipts)."""
+    keys, messages, window, receipts = chunk
     reasons: dict[str, int] = {}
-    counts = ingest(store, *chunk, reasons=reasons)
-    return counts | {f"rejected:{k}": n for k, n in reasons.items()}
+    counts = ingest(store, keys, messages, window, reasons=reasons)
+    marks = store.committed(keys, window) if receipts and keys else {}
+    return counts | {f"rejected:{k}": n for k, n in reasons.items()}, marks
 
 
 def _device_of(topic_name: str) -> str:
@@ -410,7 +435,7 @@ class _Helper:
             raise value  # the store cannot be opened: the same error the monitor would give
         return True
 
-    def send(self, chunk: tuple[Mapping[str, bytes], list[tuple[str, bytes]], int]) -> None:
+    def send(self, chunk: Chunk) -> None:
         try:
             self._conn.send(chunk)
         except OSError as e:
@@ -419,7 +444,7 @@ class _Helper:
     def answered(self, timeout: float) -> bool:
         return self._conn.poll(timeout)
 
-    def result(self) -> dict[str, int]:
+    def result(self) -> Answer:
         try:
             ok, value = self._conn.recv()
         except (EOFError, OSError) as e:
@@ -478,9 +503,9 @@ class _InProcess:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._done: collections.deque[dict[str, int] | EdgeWardError] = collections.deque()
+        self._done: collections.deque[Answer | EdgeWardError] = collections.deque()
 
-    def send(self, chunk: tuple[Mapping[str, bytes], list[tuple[str, bytes]], int]) -> None:
+    def send(self, chunk: Chunk) -> None:
         try:
             self._done.append(_with_reasons(self._store, chunk))
         except EdgeWardError as e:
@@ -491,7 +516,7 @@ class _InProcess:
     def answered(self, timeout: float) -> bool:
         return bool(self._done)
 
-    def result(self) -> dict[str, int]:
+    def result(self) -> Answer:
         r = self._done.popleft()
         if isinstance(r, EdgeWardError):
             raise r
@@ -518,10 +543,13 @@ class Monitor:
         config: MonitorConfig = DEFAULT_MONITOR,
         on_batch: Callable[[int], None] | None = None,
         on_chunk: Callable[[dict[str, int], float], None] | None = None,
+        receipt_key: ReceiptSigner | None = None,
     ) -> None:
         self.home = home
         self.store = store
         self.config = config
+        self._receipt_key = receipt_key
+        self.receipts_sent = 0
         self._on_batch = on_batch
         # The metrics hook: each committed chunk's verdict counts (rejections as
         # ``rejected:REASON``) and the seconds from hand-over to commit.
@@ -602,17 +630,31 @@ class Monitor:
                 break
         return items
 
-    def _chunk(
-        self, batch: list[tuple[str, bytes, int]]
-    ) -> tuple[dict[str, bytes], list[tuple[str, bytes]], int]:
-        """What the helper needs for one chunk: the keys of its devices, the messages, the window."""
+    def _chunk(self, batch: list[tuple[str, bytes, int]]) -> Chunk:
+        """What the helper needs for one chunk: the keys of its devices, the messages, the window,
+        and whether receipts are wanted."""
         wanted = {_device_of(t) for t, _, _ in batch}
         keys = self._key_lookup(wanted)
         return (
             {d: keys[d] for d in wanted if d in keys},
             [(t, p) for t, p, _ in batch],
             self.config.redelivery_window,
+            self._receipt_key is not None,
         )
+
+    def _send_receipts(self, marks: dict[str, tuple[int, list[int]]]) -> None:
+        """Sign and publish (retained) one receipt per board of a committed chunk."""
+        key = self._receipt_key
+        if key is None or not marks:
+            return
+        now = utcnow()
+        for device, (top, seqs) in sorted(marks.items()):
+            public = self._keys.get(device)
+            if public is None:
+                continue
+            r = Receipt.of_seqs(device, fingerprint(public), top, self.config.redelivery_window, seqs, now)
+            self.link.publish(receipt_topic(device), encode_receipt(r, key, key.public_raw), retain=True)
+            self.receipts_sent += 1
 
     def _run(self) -> None:
         """Hand chunks to the helper in arrival order and acknowledge each chunk to the broker
@@ -636,8 +678,9 @@ class Monitor:
                         sent.append([mid for _, _, mid in batch])
                         handed.append(time.monotonic())
                 if sent and helper.answered(0.0 if batch else FILL_S):
-                    counts = helper.result()
+                    counts, marks = helper.result()
                     mids = sent.popleft()
+                    self._send_receipts(marks)
                     if self._on_chunk is not None:
                         self._on_chunk(counts, time.monotonic() - handed.popleft())
                     else:

@@ -259,13 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "keys",
-        help="create a publisher, operator or recovery Ed25519 key pair",
+        help="create a publisher, operator, recovery or receipt Ed25519 key pair",
         description="publisher: signs bundles (edgeward pack). operator: signs fleet commands and time "
         "beacons (edgeward fleet ...). recovery: kept offline, the only key a board accepts to rotate its "
-        "operator keys (edgeward fleet rotate-key --role operator --recovery-key). Give the .pub files to "
-        "edgeward-agent provision (--publisher-pub, --operator-pub, --recovery-pub).",
+        "operator keys (edgeward fleet rotate-key --role operator --recovery-key). receipt: held by the fleet "
+        "monitors (edgeward fleet monitor --receipt-key), signs only the receipts that let reports leave a "
+        "board's outbox. Give the .pub files to edgeward-agent provision (--publisher-pub, --operator-pub, "
+        "--recovery-pub, --receipt-pub).",
     )
-    sp.add_argument("kind", choices=["publisher", "operator", "recovery"])
+    sp.add_argument("kind", choices=["publisher", "operator", "recovery", "receipt"])
     sp.add_argument(
         "--out", required=True, help="directory for KIND.key (0600) and KIND.pub (only KIND.pub with --pkcs11)"
     )

@@ -21,7 +21,7 @@ from device_agent.store.fsutil import atomic_write
 
 PASSPHRASE_ENV = "EDGEWARD_PASSPHRASE"  # noqa: S105  # nosec B105 # the variable's name, not a secret
 UNENCRYPTED_OPTION = "--insecure-unencrypted-key"
-KINDS = ("publisher", "operator", "recovery")
+KINDS = ("publisher", "operator", "recovery", "receipt")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Fuzzing the parsers an attacker reaches on the board (tests/fuzz/targets.py): bundle head,
 manifest and sealed contents; enrolment files; EWCMD1 commands, beacons, queues and results;
-telemetry reports; the .npy/.npz decoder. Any input must give a value or an EdgeWardError.
+telemetry reports; EWRCP1 receipts; the .npy/.npz decoder. Any input must give a value or an EdgeWardError.
 
 Every test here is long and runs with ``scripts/test.sh --slow`` (EDGEWARD_SLOW=1):
 

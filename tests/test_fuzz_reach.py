@@ -1,6 +1,6 @@
 """Fuzzing in the default suite: every board parser of tests/fuzz/targets.py (bundle head,
 manifest and sealed contents; enrolment files; commands, beacons, queues and results; telemetry
-reports; the .npy/.npz decoder) and the host's firmware-profile reader, from mutations of valid
+reports; receipts; the .npy/.npz decoder) and the host's firmware-profile reader, from mutations of valid
 inputs. The only outcomes allowed are a value or an EdgeWardError. Each run also reports which
 refusals it reached (``pytest -s`` prints the table), and must reach more than one: a fuzz run
 that stops at the first check says nothing about the parser behind it.

@@ -128,7 +128,8 @@ def decide_command(cmd: Command, signer: bytes, me: Identity, anchors: TrustAnch
     if kind == "rotate-key":
         keys = tuple(base64.b64decode(k) for k in args["keys"])
         role = args["role"]
-        new = replace(anchors, publishers=keys) if role == "publisher" else replace(anchors, operators=keys)
+        attr = {"publisher": "publishers", "operator": "operators", "receipt": "receipts"}[role]
+        new = replace(anchors, **{attr: keys})
         fprs = ", ".join(crypto.fingerprint(k)[:19] for k in keys)
         return Accepted(cmd, after, new, detail=f"{role} keys are now {fprs}")
     if kind == "cancel":

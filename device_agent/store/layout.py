@@ -73,7 +73,7 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(KEYS, "the device's private keys and board secret, wrapped under the passphrase or KEK", 0o600, Fate.SHRED),
     Entry(KEYS_UPGRADE, "transient: the keys rewrapped while an upgrade from release 0.1 runs", 0o600, Fate.SHRED),
     Entry(KEK, "a key-encryption key file, if kept in the data dir (better off it: tmpfs, TPM)", 0o600, Fate.SHRED),
-    Entry(TRUST, "trust anchors: publisher and operator public keys (sealed)", 0o600, Fate.DELETE),
+    Entry(TRUST, "trust anchors: publisher, operator, recovery and receipt public keys (sealed)", 0o600, Fate.DELETE),
     Entry(STATE, "installed records, highest accepted versions, the clock floor (sealed)", 0o600, Fate.DELETE),
     Entry(TOKENS, "local API tokens, as SHA-256 digests, with roles (sealed)", 0o600, Fate.DELETE),
     Entry(BUDGETS, "daily query budgets: rows counted as spent and time left, per token (not sealed)",

@@ -1,8 +1,10 @@
-"""The board's durable telemetry outbox: signed reports wait here until the broker's PUBACK.
+"""The board's durable telemetry outbox: signed reports wait here until the fleet has them.
 
 paho keeps its queue in memory, so a killed agent or a broker away for hours would lose reports.
 Every report is signed and written here first (SQLite, WAL, ``synchronous=FULL``: a committed
-row is on disk) and deleted only after the broker acknowledged it. The sequence number is
+row is on disk) and deleted only after the broker acknowledged it -- or, on a board that trusts a
+receipt key, only once a fleet monitor's signed receipt covers it (:meth:`Outbox.receipted`;
+``docs/telemetry.md``, "Receipts"). The sequence number is
 allocated in the same transaction that stores the report, and -- for events -- in the same
 transaction that moves the event-store cursor, so after a SIGKILL an event is neither lost nor
 queued twice.
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from device_agent.errors import EnvironmentFault
 from device_agent.store.sqlitedb import open_durable, transaction
+from device_agent.telemetry.receipt import Receipt
 from device_agent.telemetry.report import NO_PREV, payload_digest
 
 HEARTBEAT = 0
@@ -137,22 +140,69 @@ class Outbox:
         with self._lock:
             return self._meta(name)
 
-    def pending(self, after_seq: int, limit: int) -> list[Pending]:
-        """Reports still waiting for a PUBACK, oldest first."""
+    def pending(self, after_seq: int, limit: int, below: int | None = None) -> list[Pending]:
+        """Reports still waiting for a PUBACK, oldest first (``below``: only numbers under it)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, topic, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after_seq, limit),
+                "SELECT seq, topic, payload FROM outbox WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?",
+                (after_seq, below if below is not None else 2**63 - 1, limit),
             ).fetchall()
         return [Pending(r[0], r[1], bytes(r[2])) for r in rows]
 
-    def acked(self, seqs: Iterable[int]) -> None:
-        """Delete reports the broker has acknowledged (one transaction for the batch)."""
+    def get(self, seqs: Iterable[int]) -> list[Pending]:
+        """The stored reports among ``seqs``, oldest first (those to send again)."""
+        wanted = sorted(set(seqs))
+        out: list[Pending] = []
+        with self._lock:
+            for s in wanted:
+                row = self._db.execute("SELECT seq, topic, payload FROM outbox WHERE seq = ?", (s,)).fetchone()
+                if row is not None:
+                    out.append(Pending(row[0], row[1], bytes(row[2])))
+        return out
+
+    def oldest(self) -> int | None:
+        """The lowest sequence number still queued, if any."""
+        with self._lock:
+            (seq,) = self._db.execute("SELECT MIN(seq) FROM outbox").fetchone()
+        return int(seq) if seq is not None else None
+
+    def acked(self, seqs: Iterable[int], only_topic: str | None = None) -> list[int]:
+        """Delete reports the broker has acknowledged (one transaction for the batch); with
+        ``only_topic``, only those published there (the rest wait for a receipt). Returns the
+        acknowledged numbers still queued."""
         batch = [(s,) for s in seqs]
         if not batch:
-            return
+            return []
         with self._lock, transaction(self._db, f"the telemetry outbox {self.path}"):
-            self._db.executemany("DELETE FROM outbox WHERE seq = ?", batch)
+            if only_topic is None:
+                self._db.executemany("DELETE FROM outbox WHERE seq = ?", batch)
+                return []
+            self._db.executemany("DELETE FROM outbox WHERE seq = ? AND topic = ?", [(s, only_topic) for (s,) in batch])
+            kept = []
+            for (s,) in batch:
+                if self._db.execute("SELECT 1 FROM outbox WHERE seq = ?", (s,)).fetchone() is not None:
+                    kept.append(s)
+            return kept
+
+    def receipted(self, receipt: Receipt, sent_through: int, keep_topic: str) -> tuple[int, int]:
+        """Delete the reports a verified receipt covers: those in its committed ranges, and those
+        below its floor that this run has sent at least once (``sent_through``: the highest
+        number handed to the broker), which the monitor no longer judges as new. Rows published
+        on ``keep_topic`` (command results, which no receipt speaks for) are never touched.
+        Returns (committed, released below the floor); the latter are counted in ``stats``."""
+        with self._lock, transaction(self._db, f"the telemetry outbox {self.path}"):
+            committed = 0
+            for first, last in receipt.ranges:
+                committed += self._db.execute(
+                    "DELETE FROM outbox WHERE seq >= ? AND seq <= ? AND topic <> ?", (first, last, keep_topic)
+                ).rowcount
+            released = self._db.execute(
+                "DELETE FROM outbox WHERE seq < ? AND seq <= ? AND topic <> ?",
+                (receipt.floor, sent_through, keep_topic),
+            ).rowcount
+            if released:
+                self._set_meta("released", self._meta("released") + released)
+            return committed, released
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -161,6 +211,7 @@ class Outbox:
                 "queued": int(count),
                 "dropped": self._meta("dropped"),
                 "capacity": self.max_messages,
+                **({"released": released} if (released := self._meta("released")) else {}),
             }
 
     def close(self) -> None:

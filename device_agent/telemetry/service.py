@@ -7,7 +7,11 @@
 2. every ``heartbeat_s`` queues a ``status`` report (state, uptime, installed model versions) and
    a ``telemetry`` report (the serve loop's counters and the outbox's own numbers);
 3. hands queued reports to MQTT in sequence order, at most ``window`` unacknowledged at a time,
-   and deletes each from the outbox only when its PUBACK arrives.
+   and deletes each from the outbox only when its PUBACK arrives -- or, when the board trusts a
+   receipt key, only when a fleet monitor's signed receipt covers it (``docs/telemetry.md``,
+   "Receipts"): a report the broker took but no receipt covers is sent again after
+   ``receipt_timeout_s``, the wait doubling up to ``receipt_backoff_max_s``, and at most
+   ``max_unreceipted`` sequence numbers are out without a receipt.
 
 Every report is a :class:`~device_agent.report.Report` signed with the board's identity key.
 A signed last will (kind ``will``, on the status topic) tells the fleet the board went away.
@@ -17,6 +21,7 @@ Reports carry summaries only, never an input (invariant 8). Topics: ``docs/telem
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import queue
 import signal
@@ -29,14 +34,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from device_agent import crypto
 from device_agent.commands.format import TIME_TOPIC, results_topic
 from device_agent.config import DEFAULT_CONFIG, ReportLimits, TelemetryConfig
 from device_agent.errors import EdgeWardError, FormatError, UsageError
 from device_agent.service.events import Event, EventStore
+from device_agent.store import layout
 from device_agent.store.datadir import DataDir, utcnow
 from device_agent.store.keys import KeySource
 from device_agent.telemetry.mqtt import Broker, Link, Session
 from device_agent.telemetry.outbox import HEARTBEAT, INFO_EVENT, SECURITY_EVENT, Item, Outbox
+from device_agent.telemetry.receipt import receipt_topic, verify_receipt
 from device_agent.telemetry.report import Report, check_summary, command_topic, encode_report, topic
 
 _log = logging.getLogger(__name__)
@@ -119,7 +127,9 @@ class TelemetryService:
     ) -> None:
         self.store = DataDir(data_dir)
         self.store.require_provisioned()
-        self.device_id = self.store.identity().device_id
+        identity = self.store.identity()
+        self.device_id = identity.device_id
+        self._identity_fpr = crypto.fingerprint(identity.sign_public)
         self.events = events
         self.config = config
         self._clock = clock
@@ -128,8 +138,23 @@ class TelemetryService:
         try:
             # Best-effort hygiene: the key object lives in memory for the service's lifetime.
             self._signer = dk.signer()
+            # The key that opens the sealed trust anchors (to read the receipt keys, which a
+            # rotate-key command may change while the service runs); None before an upgrade.
+            self._seal: bytearray | None = (
+                self.store.sealing_key(dk) if dk.board_secret is not None else None
+            )
         finally:
             dk.wipe()
+        self._anchors_seen: tuple[int, int, int] | None = None
+        self._receipt_key_list: tuple[bytes, ...] = ()
+        # Receipts (docs/telemetry.md): the service listens for them only if the board trusted a
+        # receipt key when it started; until then, reports leave on the broker's acknowledgement.
+        self._receipts_on = bool(self._receipt_keys())
+        self._receipt_inbox: queue.Queue[bytes] = queue.Queue(maxsize=4)
+        self._resend: dict[int, tuple[float, float]] = {}  # seq -> (when to send again, wait after it)
+        self._sent_through = 0  # the highest sequence number handed to the broker in this run
+        self._refused: list[int] = []  # refused by the broker since the last _settle
+        self.receipts = {"applied": 0, "refused": 0, "resent": 0}
         self.outbox = Outbox(self.store.outbox_file, config.max_outbox)
         self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         # Signed commands and time beacons (device_agent.commands): delivered by the broker as
@@ -148,12 +173,14 @@ class TelemetryService:
                 backoff=config.backoff,
             ),
             on_ack=lambda mid, ok: self._acks.put((mid, ok)),
-            on_message=self._on_message if commands is not None else None,
+            on_message=self._on_message if commands is not None or self._receipts_on else None,
             will=self._will,
         )
         if commands is not None:
             self.link.subscribe(command_topic(self.device_id))
             self.link.subscribe(TIME_TOPIC)
+        if self._receipts_on:
+            self.link.subscribe(receipt_topic(self.device_id))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
@@ -200,10 +227,98 @@ class TelemetryService:
             ]
             self.outbox.add(items, cursor=(EVENTS_CURSOR, batch[-1].seq))
 
+    # --- receipts --------------------------------------------------------------------------------
+    def _receipt_keys(self) -> tuple[bytes, ...]:
+        """The receipt keys of the board's trust anchors, read again when the sealed file changes
+        (a rotate-key command); on a read error, the keys last read."""
+        if self._seal is None:
+            return ()
+        try:
+            st = self.store.layout.path(layout.TRUST).stat()
+            seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if seen != self._anchors_seen:
+                self._receipt_key_list = self.store.trust(self._seal).receipts
+                self._anchors_seen = seen
+        except (OSError, EdgeWardError) as e:
+            self.last_error = f"cannot read the trust anchors for receipt keys: {e}"
+        return self._receipt_key_list
+
+    def _receipt_mode(self) -> bool:
+        """Reports wait for a receipt: the service listens for receipts and trusts a key now."""
+        return self._receipts_on and bool(self._receipt_keys())
+
+    def apply_receipt(self, payload: bytes) -> bool:
+        """Verify one receipt and delete what it covers from the outbox; a receipt that does not
+        verify against a trusted receipt key, names another board or identity key, or is
+        malformed changes nothing (logged and counted in ``receipts['refused']``)."""
+        try:
+            receipt = verify_receipt(
+                payload, self._receipt_keys(), self.device_id, self._identity_fpr, self.config
+            )
+        except EdgeWardError as e:
+            self.receipts["refused"] += 1
+            self.last_error = f"receipt refused: {e}"
+            _log.warning("receipt refused: %s", e)
+            return False
+        self.outbox.receipted(receipt, self._sent_through, results_topic(self.device_id))
+        for seq in [s for s in self._resend if receipt.covers(s)]:
+            del self._resend[seq]
+        self.receipts["applied"] += 1
+        return True
+
+    def _take_receipts(self) -> None:
+        while True:
+            try:
+                payload = self._receipt_inbox.get_nowait()
+            except queue.Empty:
+                return
+            self.apply_receipt(payload)
+
+    def _resend_due(self, inflight: dict[int, int], room: int) -> int:
+        """Send again, oldest first, the reports the broker took that no receipt has covered in
+        their wait; returns how many were handed over."""
+        now = time.monotonic()
+        busy = set(inflight.values())
+        due = sorted(s for s, (when, _) in self._resend.items() if when <= now and s not in busy)[:room]
+        sent = 0
+        for p in self.outbox.get(due):
+            inflight[self.link.publish(p.topic, p.payload)] = p.seq
+            sent += 1
+        for s in due:  # gone from the outbox (dropped when it was full): nothing to wait for
+            if s not in inflight.values():
+                self._resend.pop(s, None)
+        self.receipts["resent"] += sent
+        return sent
+
+    def _settle(self, acked: list[int]) -> None:
+        """What the broker acknowledged: deleted, or kept for a receipt with its resend time. A
+        report the broker refused (ACL) is deleted either way: sending it again cannot help."""
+        refused, self._refused = self._refused, []
+        if refused:
+            self.outbox.acked(refused)
+            acked = [s for s in acked if s not in set(refused)]
+            for seq in refused:
+                self._resend.pop(seq, None)
+        if not self._receipt_mode():
+            self.outbox.acked(acked)
+            self._resend.clear()
+            return
+        now = time.monotonic()
+        for seq in self.outbox.acked(acked, only_topic=results_topic(self.device_id)):
+            _, wait = self._resend.get(seq, (0.0, self.config.receipt_timeout_s))
+            self._resend[seq] = (now + wait, min(2 * wait, self.config.receipt_backoff_max_s))
+
     # --- commands ----------------------------------------------------------------------------------
-    def _on_message(self, _topic: str, payload: bytes, _mid: int) -> None:
+    def _on_message(self, topic_name: str, payload: bytes, _mid: int) -> None:
         """paho's thread: hand the delivery over, never block (a full inbox drops it; the
-        retained queue is delivered again at the next connection)."""
+        retained queue, or receipt, is delivered again at the next connection or commit)."""
+        if self._receipts_on and topic_name == receipt_topic(self.device_id):
+            # When full, this one is dropped: the monitor sends another after its next commit.
+            with contextlib.suppress(queue.Full):
+                self._receipt_inbox.put_nowait(payload)
+            return
+        if self._commands is None:
+            return
         try:
             self._inbox.put_nowait(payload)
         except queue.Full:
@@ -264,11 +379,18 @@ class TelemetryService:
                 if self._wiped:
                     return
                 self._forward_events()
+                self._take_receipts()
                 room = self.config.window - len(inflight)
-                for p in self.outbox.pending(handed, room) if room > 0 else []:
+                below = None
+                if self._receipt_mode():
+                    room -= self._resend_due(inflight, room) if room > 0 else 0
+                    oldest = self.outbox.oldest()
+                    below = oldest + self.config.max_unreceipted if oldest is not None else None
+                for p in self.outbox.pending(handed, room, below) if room > 0 else []:
                     inflight[self.link.publish(p.topic, p.payload)] = p.seq
                     handed = p.seq
-                self.outbox.acked(self._collect_acks(inflight))
+                    self._sent_through = max(self._sent_through, p.seq)
+                self._settle(self._collect_acks(inflight))
                 self.last_error = None
             except EdgeWardError as e:  # disk full, store locked: keep serving, retry later
                 self.last_error = str(e)
@@ -290,13 +412,15 @@ class TelemetryService:
                     done.append(seq)
                     if not ok:  # refused by the broker (ACL): resending cannot help
                         self.rejected += 1
+                        self._refused.append(seq)
                 item = self._acks.get_nowait()
         except queue.Empty:
             pass
         return done
 
     def flush(self, timeout: float) -> bool:
-        """Wait until every queued report has been acknowledged; False on timeout."""
+        """Wait until every queued report has been acknowledged (with a receipt key: covered by a
+        receipt); False on timeout."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.outbox.stats()["queued"] == 0:
@@ -314,6 +438,7 @@ class TelemetryService:
             self._thread.join()
         self.link.stop()
         self.outbox.close()
+        crypto.wipe(self._seal)
 
 
 # --- command line ---------------------------------------------------------------------------

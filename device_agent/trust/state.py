@@ -222,15 +222,19 @@ class State:
 @dataclass(frozen=True)
 class TrustAnchors:
     """The keys the board trusts: publishers sign bundles, operators sign commands and time
-    beacons, and recovery keys (kept offline) sign only the rotation of the operator keys."""
+    beacons, recovery keys (kept offline) sign only the rotation of the operator keys, and
+    receipt keys (a monitor's) sign only receipts, which let reports leave the board's outbox
+    (``docs/telemetry.md``, "Receipts"; none: the outbox drains on the broker's acknowledgement)."""
 
     publishers: tuple[bytes, ...]
     operators: tuple[bytes, ...] = ()
     recovery: tuple[bytes, ...] = ()
+    receipts: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         most = DEFAULT_CONFIG.bundle.max_trusted_publishers  # the verifier tries no more than this
-        for kind, keys in (("publisher", self.publishers), ("operator", self.operators), ("recovery", self.recovery)):
+        for kind, keys in (("publisher", self.publishers), ("operator", self.operators), ("recovery", self.recovery),
+                           ("receipt", self.receipts)):
             if len(keys) > most:
                 raise FormatError(f"at most {most} {kind} keys can be trusted")
             if any(len(k) != crypto.KEY_BYTES for k in keys):
@@ -242,11 +246,14 @@ class TrustAnchors:
             "publishers": [base64.b64encode(k).decode() for k in self.publishers],
             "operators": [base64.b64encode(k).decode() for k in self.operators],
             "recovery": [base64.b64encode(k).decode() for k in self.recovery],
-        }
+        } | (
+            # Written only when set: the anchors of a board without receipt keys read as before.
+            {"receipts": [base64.b64encode(k).decode() for k in self.receipts]} if self.receipts else {}
+        )
 
     @classmethod
     def from_json(cls, raw: Any, schema: str = TRUST_SCHEMA) -> TrustAnchors:
-        known = {"schema", "publishers", "operators", "recovery"}
+        known = {"schema", "publishers", "operators", "recovery", "receipts"}
         doc = obj_fields(raw, "trust anchors", known, {"schema", "publishers"})
         if doc["schema"] != schema:
             raise FormatError(f"trust anchors are {str(doc['schema'])[:40]!r}, not {schema}")
@@ -264,4 +271,5 @@ class TrustAnchors:
             keys(doc["publishers"], "publisher"),
             keys(doc.get("operators", []), "operator"),
             keys(doc.get("recovery", []), "recovery"),
+            keys(doc.get("receipts", []), "receipt"),
         )

@@ -457,6 +457,22 @@ class StoreReads:
         )
         return {str(r["outcome"]): int(r["n"]) for r in rows}
 
+    def committed(self, devices: Iterable[str], window: int) -> dict[str, tuple[int, list[int]]]:
+        """What a receipt states for each device: its highest stored sequence number and the
+        numbers stored among the last ``window`` up to it (read from the store, after the
+        commit, so that what any monitor committed counts)."""
+        out: dict[str, tuple[int, list[int]]] = {}
+        with self._sql() as db:
+            for dev in sorted(set(devices)):
+                rows = db.rows("SELECT highest_seq FROM devices WHERE device_id = ?", (dev,))
+                top = int(rows[0][0]) if rows else 0
+                seqs = db.rows(
+                    "SELECT seq FROM reports WHERE device_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
+                    (dev, top - window, top),
+                )
+                out[dev] = (top, [int(s) for (s,) in seqs])
+        return out
+
     def prune(self, before: datetime, keep_last: int, batch: int = 1000) -> Pruned:
         """Delete reports and security events the monitor received before ``before``, at most
         ``batch`` rows per transaction (a long prune never holds the writers up for long). A

@@ -30,7 +30,7 @@ from device_agent.bundle import release
 from device_agent.commands import format as cmdfmt
 from device_agent.errors import EdgeWardError
 from device_agent.runtime import arrays
-from device_agent.telemetry import report
+from device_agent.telemetry import receipt, report
 from device_agent.wire import canonical_json
 
 # Deterministic keys: a crash input found once reproduces in every later run.
@@ -88,6 +88,18 @@ def fuzz_report(data: bytes) -> None:
         report.parse_report(rest, TOPIC)
 
 
+RECEIPT_IDENTITY = crypto.fingerprint(bytes(32))
+
+
+def fuzz_receipt(data: bytes) -> None:
+    """EWRCP1 receipts: any bytes, and (signed mode) the parser of a body signed by a trusted key."""
+    mode, rest = (data[0] % 2, data[1:]) if data else (0, b"")
+    if mode == 1:
+        sig = crypto.sign(KEY, receipt.RECEIPT_DOMAIN, rest)
+        rest = receipt.RECEIPT_MAGIC + crypto.key_id(PUB) + sig + rest
+    receipt.verify_receipt(rest, [PUB], "pi-1", RECEIPT_IDENTITY)
+
+
 def fuzz_arrays(data: bytes) -> None:
     """The bounded .npy/.npz decoder behind predict --input and the local API."""
     arrays.load_arrays(data)
@@ -122,6 +134,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "enrolment": fuzz_enrolment,
     "command": fuzz_command,
     "report": fuzz_report,
+    "receipt": fuzz_receipt,
     "arrays": fuzz_arrays,
 }
 
@@ -178,6 +191,9 @@ def seeds(name: str) -> list[bytes]:
     if name == "report":
         r = report.Report("pi-1", 7, "telemetry", NOW, {"predictions": 3, "latency_ms": {"p50": 1.5}})
         return [b"\x00" + report.encode_report(r, KEY), b"\x01" + canonical_json(r.body())]
+    if name == "receipt":
+        rc = receipt.Receipt("pi-1", RECEIPT_IDENTITY, 40, 1, ((1, 3), (5, 20), (22, 40)), NOW)
+        return [b"\x00" + receipt.encode_receipt(rc, KEY, PUB), b"\x01" + canonical_json(rc.body())]
     if name == "arrays":
         zipped = io.BytesIO()
         np.savez_compressed(zipped, x=np.zeros((2, 3), np.float32), y=np.arange(4))
