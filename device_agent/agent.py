@@ -126,6 +126,9 @@ class Agent:
         self._seal_key: bytearray | None = None
         self._lock = threading.RLock()
         self._local_cache: tuple[Any, str, int | None] | None = None
+        # ``serve`` sets a worker that carries out over-the-air updates off the telemetry loop
+        # (device_agent.commands.update.Updater); without one, an update runs in the caller.
+        self.updater: Any = None
 
     # --- provisioning ------------------------------------------------------------------------
     @staticmethod
@@ -218,14 +221,17 @@ class Agent:
         return trusted_now(self._clock(), state.clock_floor)
 
     # --- install ---------------------------------------------------------------------------------
-    def install_file(self, path: str | Path) -> Manifest:
+    def install_file(self, path: str | Path, expect: Callable[[Manifest], None] | None = None) -> Manifest:
         """Install the bundle at ``path``, read in bounded steps (device_agent.bundle.reading):
         the header is checked before the device keys are unlocked, the signature and the file's
         length before a byte of the payload is read, and the payload is read once, into the
-        buffer it is decrypted in."""
+        buffer it is decrypted in. ``expect`` may refuse the verified manifest (an update checks
+        it is the model and version it names) before anything is stored."""
         with reading.open_bundle(path, self.limits) as f:
             publishers = self.trust_anchors().publishers
             data, vb = f.verify(list(publishers), self.limits)
+        if expect is not None:
+            expect(vb.manifest)
         return self._install(data, vb)
 
     def install(self, data: bytes | bytearray) -> Manifest:
