@@ -223,13 +223,15 @@ def decide(rollout: dict[str, Any], boards: list[dict[str, Any]], now: datetime)
         label = f"stage {stage + 1}/{last + 1} ({rollout['stages'][stage]}%)"
         if waiting:
             return Step("running", stage, started, waiting, f"{label}: {len(waiting)} update(s) to sign")
-        silent = [b for b in current if b["state"] == "pending"]
+        # Boards of earlier stages still silent were counted pending when their stage timed out.
+        silent = [b for b in current if b["state"] == "pending" and b["stage"] == stage]
         if silent and now < started + timeout:
             return Step("running", stage, started, (), f"{label}: waiting for {len(silent)} board(s) until "
                         f"{format_time(started + timeout)}; {summary(current)}")
         if stage == last:
+            pending = any(b["state"] == "pending" for b in boards)
             return Step("done", stage, started, (), f"done: {summary(boards)}"
-                        + ("; pending boards update when they come back" if silent else ""))
+                        + ("; pending boards update when they come back" if pending else ""))
         stage, started = stage + 1, now
 
 

@@ -472,7 +472,8 @@ class StoreReads:
                 "INSERT INTO rollouts (release_id, model_id, model_version, base_url, stages, max_failures, "
                 "stage_timeout_s, created, state, stage, stage_started, updated, detail) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                tuple(rollout[k] for k in ROLLOUT_COLUMNS),
+                tuple(json.dumps(rollout[k]) if k == "stages" and not isinstance(rollout[k], str) else rollout[k]
+                      for k in ROLLOUT_COLUMNS),
             )
             db.many(
                 "INSERT INTO rollout_devices (release_id, device_id, position, stage, url, length, sha256, state, "
