@@ -4,8 +4,9 @@ The agent loads what a decision needs (verified manifest, identity, authenticate
 time), calls one pure decision from :mod:`device_agent.trust.decisions`, and persists the result.
 
 Installation order (docs/bundle-format.md, "Verification order"): verify signature -> parse
-manifest -> target device -> expiry and end of life -> anti-rollback -> decrypt and check the
-payload -> trial-load the model -> store the bundle -> commit state. A refusal at any step
+manifest (for a version 2 release: the signed head, then the envelope's inclusion proof) ->
+target device -> expiry and end of life -> anti-rollback, all before the payload is read ->
+decrypt and check the payload -> trial-load the model -> store the bundle -> commit state. A refusal at any step
 leaves the data directory exactly as it was.
 """
 
@@ -229,10 +230,39 @@ class Agent:
         it is the model and version it names) before anything is stored."""
         with reading.open_bundle(path, self.limits) as f:
             publishers = self.trust_anchors().publishers
-            data, vb = f.verify(list(publishers), self.limits)
-        if expect is not None:
-            expect(vb.manifest)
+            data, vb = f.verify(list(publishers), self.limits, self._prechecks(expect))
         return self._install(data, vb)
+
+    def install_release(self, envelope: bytes | bytearray | str | Path, payload: str | Path,
+                        expect: Callable[[Manifest], None] | None = None) -> Manifest:
+        """Install a version 2 release: this board's ``envelope`` (bytes or a ``.ewe`` path) and the
+        release's shared ``payload`` file. The envelope and the payload's signed head are verified,
+        the inclusion proof checked and the board's trust decisions run before a byte of the
+        ciphertext is read; the board then stores the two as one version 2 single file
+        (``bundles/<release id>.ewb``), which every later load re-verifies like a version 1 bundle."""
+        with reading.open_release(envelope, payload, self.limits) as f:
+            publishers = self.trust_anchors().publishers
+            data, vb = f.verify(list(publishers), self.limits, self._prechecks(expect))
+        return self._install(data, vb)
+
+    def _prechecks(self, expect: Callable[[Manifest], None] | None) -> Callable[[Manifest], None]:
+        """``expect`` (an update checks the bundle is the model and version it names), then
+        :meth:`_precheck`: both before a byte of the payload is read."""
+        def check(m: Manifest) -> None:
+            if expect is not None:
+                expect(m)
+            self._precheck(m)
+
+        return check
+
+    def _precheck(self, m: Manifest) -> None:
+        """The install decision on a verified manifest alone (target, time, owner, anti-rollback,
+        retired ids), run before the payload is read; :meth:`_install` decides again, with the
+        file's digest, under the data-dir lock."""
+        state = self.state()
+        now = trusted_now(self._clock(), state.clock_floor)
+        trusted = frozenset(crypto.fingerprint(k) for k in self.trust_anchors().publishers)
+        decide_install(m, "0" * 64, 0, self.store.identity(), state, now, self.config.commands.beacon_hold_s, trusted)
 
     def install(self, data: bytes | bytearray) -> Manifest:
         """Verify, check and store a bundle held in memory; on any refusal nothing on disk changes.

@@ -100,7 +100,11 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_install(args: argparse.Namespace) -> int:
     from device_agent.wire import format_time
 
-    m = _agent(args).install_file(Path(args.bundle))
+    agent = _agent(args)
+    if args.payload:
+        m = agent.install_release(Path(args.bundle), Path(args.payload))
+    else:
+        m = agent.install_file(Path(args.bundle))
     doc = {
         "installed": True,
         "model_id": m.model_id,
@@ -319,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
 
     sp = add("install", "verify a bundle and install it (the previous version is kept)", cmd_install)
-    sp.add_argument("bundle")
+    sp.add_argument("bundle", help="a bundle (.ewb: version 1, or a version 2 single file), or with --payload "
+                    "this board's envelope (.ewe)")
+    sp.add_argument("--payload", help="the release's shared payload (payload.ewp) the envelope opens")
     sp.add_argument("--json", action="store_true")
 
     sp = add("predict", "run the installed model on an .npy/.npz input; prints JSON", cmd_predict)

@@ -86,6 +86,10 @@ class BundleLimits:
     max_label_chars: int = 256  # one sealed label or confidence band name
     max_score_decimals: int = 12  # the sealed policy's score precision
     max_policy_bands: int = 16  # confidence bands of a sealed policy
+    # format version 2 (a shared release payload and per-device envelopes)
+    max_envelope_bytes: int = 4096  # one device's envelope (.ewe), its inclusion proof included
+    max_release_head_bytes: int = 64 * 1024  # the signed release head at the start of payload.ewp
+    max_release_devices: int = 1 << 24  # leaves of one release's Merkle tree (its proof: <= 24 hashes)
 
     def __post_init__(self) -> None:
         # The manifest length is a 32-bit header field and at least "{}" long.
@@ -106,6 +110,9 @@ class BundleLimits:
             "max_policy_bands",
         ):
             _int(self, name)
+        _int(self, "max_release_head_bytes", 2, 2**32 - 1)  # a 32-bit header field, at least "{}"
+        _int(self, "max_envelope_bytes", 1, 2**32 - 1)  # a 32-bit header field
+        _int(self, "max_release_devices", 1, 2**32 - 1)  # leaf index and count are 32-bit fields
         _int(self, "min_chunk_bytes", 1, self.max_chunk_bytes)
         _int(self, "max_input_bytes", 4)  # at least one float32 element
         _int(self, "max_score_decimals", 0)

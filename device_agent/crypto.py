@@ -34,6 +34,8 @@ from device_agent.errors import BadSignature, FormatError, IntegrityError, Usage
 
 KEY_BYTES = 32
 TAG_BYTES = 16
+HASH_BYTES = 32  # SHA-256
+SEALED_KEY_BYTES = 32 + 32 + 16  # a content key in a libsodium sealed box (ephemeral key, key, MAC)
 SIGNATURE_BYTES = 64
 KEY_ID_BYTES = 16
 
@@ -332,6 +334,99 @@ def decrypt_payload(
     if in_place:
         return src[: layout.plaintext_length]
     return out.obj  # type: ignore[return-value]
+
+
+# --- Merkle trees over a release's envelopes (RFC 9162, section 2.1) ------------------------------
+
+MERKLE_LEAF = b"\x00"  # leaf and node hashes are domain-separated (RFC 9162 2.1.1), so a node
+MERKLE_NODE = b"\x01"  # can never pass for a leaf, nor a leaf for a node
+
+
+def merkle_leaf(domain: bytes, data: bytes | bytearray | memoryview) -> bytes:
+    """The hash of one leaf: ``SHA-256(0x00 || domain || data)``."""
+    return hashlib.sha256(MERKLE_LEAF + domain + bytes(data)).digest()
+
+
+def _merkle_node(left: bytes | memoryview, right: bytes | memoryview) -> bytes:
+    return hashlib.sha256(MERKLE_NODE + bytes(left) + bytes(right)).digest()
+
+
+class MerkleTree:
+    """The RFC 9162 Merkle tree over ``n`` leaf hashes, kept as its levels (2n hashes at most, in
+    flat ``bytearray``s): the root, and the inclusion proof of any leaf. A node without a sibling
+    at the end of a level moves up unchanged, which builds exactly RFC 9162's tree."""
+
+    def __init__(self, leaves: bytes | bytearray) -> None:
+        if not leaves or len(leaves) % HASH_BYTES:
+            raise ValueError("a Merkle tree needs at least one 32-byte leaf hash")
+        self.levels = [bytearray(leaves)]
+        while len(self.levels[-1]) > HASH_BYTES:
+            below = memoryview(self.levels[-1])
+            count = len(below) // HASH_BYTES
+            up = bytearray()
+            for i in range(0, count - 1, 2):
+                up += _merkle_node(below[i * HASH_BYTES : (i + 1) * HASH_BYTES],
+                                   below[(i + 1) * HASH_BYTES : (i + 2) * HASH_BYTES])
+            if count % 2:
+                up += below[(count - 1) * HASH_BYTES :]
+            self.levels.append(up)
+
+    @property
+    def size(self) -> int:
+        return len(self.levels[0]) // HASH_BYTES
+
+    @property
+    def root(self) -> bytes:
+        return bytes(self.levels[-1])
+
+    def proof(self, index: int) -> list[bytes]:
+        """The audit path of leaf ``index``, bottom up (RFC 9162 2.1.3.1)."""
+        if not 0 <= index < self.size:
+            raise ValueError(f"leaf {index} is not in a tree of {self.size}")
+        path = []
+        for level in self.levels[:-1]:
+            sibling = index ^ 1
+            if sibling * HASH_BYTES < len(level):
+                path.append(bytes(level[sibling * HASH_BYTES : (sibling + 1) * HASH_BYTES]))
+            index >>= 1
+        return path
+
+
+def merkle_proof_length(index: int, size: int) -> int:
+    """How many hashes the inclusion proof of leaf ``index`` in a tree of ``size`` leaves has."""
+    length = 0
+    last = size - 1
+    while last > 0:
+        if index ^ 1 <= last:
+            length += 1
+        index >>= 1
+        last >>= 1
+    return length
+
+
+def merkle_root_from_proof(leaf: bytes, index: int, size: int, proof: list[bytes]) -> bytes:
+    """The root that ``proof`` leads to from ``leaf`` (RFC 9162 2.1.3.2, verifying an inclusion
+    proof); raises :class:`IntegrityError` when the proof cannot belong to that index and size.
+    The caller compares the result with the signed root in constant time."""
+    if not 0 <= index < size:
+        raise IntegrityError(f"leaf index {index} is outside a tree of {size} leaves")
+    fn, sn, r = index, size - 1, leaf
+    for p in proof:
+        if sn == 0:
+            raise IntegrityError("inclusion proof is longer than the tree is deep")
+        if fn & 1 or fn == sn:
+            r = _merkle_node(p, r)
+            if not fn & 1:
+                while not (fn & 1 or fn == 0):
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = _merkle_node(r, p)
+        fn >>= 1
+        sn >>= 1
+    if sn != 0:
+        raise IntegrityError("inclusion proof is shorter than the tree is deep")
+    return r
 
 
 # --- private keys at rest ------------------------------------------------------------------------

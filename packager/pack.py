@@ -63,22 +63,27 @@ class PackOptions:
             raise UsageError("--end-of-life is before --expires: a bundle cannot outlive its model")
 
 
+def read_enrolment(path: Path) -> Enrolment:
+    """Read and verify one enrolment file, bounded by the board's document limits."""
+    limits = DEFAULT_CONFIG.documents
+    try:
+        with path.open("rb") as f:
+            data = f.read(limits.max_enrolment_bytes + 1)  # one byte over: load_enrolment refuses it
+    except FileNotFoundError as e:
+        raise UsageError(f"enrolment {path} does not exist") from e
+    try:
+        return load_enrolment(data, str(path), limits)
+    except EdgeWardError as err:
+        raise type(err)(f"{path}: {err}") from err
+
+
 def load_enrolments(files: Iterable[Path]) -> list[Enrolment]:
     """Read and verify every enrolment before anything is written; duplicates are refused.
     Enrolments are a board format: the board's limits bound them."""
-    limits = DEFAULT_CONFIG.documents
     seen: dict[str, Path] = {}
     out: list[Enrolment] = []
     for path in files:
-        try:
-            with path.open("rb") as f:
-                data = f.read(limits.max_enrolment_bytes + 1)  # one byte over: load_enrolment refuses it
-        except FileNotFoundError as e:
-            raise UsageError(f"enrolment {path} does not exist") from e
-        try:
-            enrolment = load_enrolment(data, str(path), limits)
-        except EdgeWardError as err:
-            raise type(err)(f"{path}: {err}") from err
+        enrolment = read_enrolment(path)
         if enrolment.device_id in seen:
             raise UsageError(
                 f"device {enrolment.device_id} is enrolled twice: "
@@ -143,6 +148,36 @@ def model_card(
     )
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The model checked against its profile and sealed once, for every device of a run."""
+
+    runtime: str
+    created: datetime
+    card: dict[str, Any]
+    sealed: bytes | bytearray
+    compression: str
+
+
+def prepare(model: ModelFile, profile: Profile, opts: PackOptions, now: datetime | None = None) -> Prepared:
+    """Check the model against the profile, build its model card and sidecar, and seal them."""
+    if len(model.data) > profile.max_model_bytes:
+        raise UsageError(
+            f"model is {len(model.data)} bytes, over profile {profile.name}'s limit of "
+            f"{profile.max_model_bytes}; quantise or prune it, or pick a larger board"
+        )
+    runtime = profile.runtime_for(model.format)
+    created = opts.created or now or datetime.now().astimezone()
+    card = model_card(model, profile, opts, created)
+    sidecar = build_sidecar(model, profile, opts, card)
+    try:  # the board refuses these at install: never write a bundle it would refuse
+        sealed_settings.check(sidecar, None)
+    except FormatError as e:
+        raise UsageError(f"{e} (from --task, --labels, --policy or the pre-processing)") from e
+    sealed, compression = seal(sidecar, model.data, opts.compress)
+    return Prepared(runtime, created, card, sealed, compression)
+
+
 @dataclass
 class PackResult:
     out_dir: Path
@@ -164,20 +199,9 @@ def pack(
     """Pack ``model`` for every enrolled device into ``out_dir`` (all or nothing), each bundle
     signed by ``signer`` (a key file or a key in a PKCS#11 token: the same signature either way)."""
     t0 = time.perf_counter()
-    if len(model.data) > profile.max_model_bytes:
-        raise UsageError(
-            f"model is {len(model.data)} bytes, over profile {profile.name}'s limit of "
-            f"{profile.max_model_bytes}; quantise or prune it, or pick a larger board"
-        )
-    runtime = profile.runtime_for(model.format)
-    created = opts.created or now or datetime.now().astimezone()
-    card = model_card(model, profile, opts, created)
-    sidecar = build_sidecar(model, profile, opts, card)
-    try:  # the board refuses these at install: never write a bundle it would refuse
-        sealed_settings.check(sidecar, None)
-    except FormatError as e:
-        raise UsageError(f"{e} (from --task, --labels, --policy or the pre-processing)") from e
-    sealed, compression = seal(sidecar, model.data, opts.compress)
+    prepared = prepare(model, profile, opts, now)
+    runtime, created, card = prepared.runtime, prepared.created, prepared.card
+    sealed, compression = prepared.sealed, prepared.compression
     publisher_public = signer.public_raw
 
     def sign_manifest(msg: bytes) -> bytes:

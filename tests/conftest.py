@@ -126,6 +126,39 @@ def pack_for(tmp_path: Path, publisher: Path) -> Callable[..., Path]:
     return do
 
 
+@pytest.fixture
+def release_for(tmp_path: Path, publisher: Path) -> Callable[..., Path]:
+    """Pack a model as one version 2 release for boards with the real `edgeward pack --layout
+    shared` code path; returns the out dir (payload.ewp, envelopes/<id>.ewe, release.json)."""
+    from packager.keys import load_private_key
+    from packager.modelfile import infer_task, read_model
+    from packager.pack import PackOptions
+    from packager.profiles import load_profile
+    from packager.release import pack_release
+    from packager.signers import FileSigner
+
+    counter = iter(range(10**6))
+
+    def do(model: Path, boards: list[Board], version: int = 1, profile: str = "rpi4b",
+           layout: str = "shared", **opts: object) -> Path:
+        out = tmp_path / f"release-{next(counter)}"
+        m = read_model(model)
+        task = infer_task(m, dict(opts.pop("task", {})))  # type: ignore[call-overload]
+        pack_release(
+            m,
+            load_profile(profile),
+            FileSigner(load_private_key(publisher / "publisher.key")),
+            [b.enrolment for b in boards],
+            PackOptions(model_id=str(opts.pop("model_id", "digits")), model_version=version,
+                        task=task, **opts),  # type: ignore[arg-type]
+            out,
+            layout=layout,
+        )
+        return out
+
+    return do
+
+
 def tree_snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
     """Every file under ``root`` with its mode and bytes: equal snapshots mean nothing changed."""
     return {

@@ -84,3 +84,88 @@ def test_sealed_files_from_any_bytes(junk: bytes) -> None:
     for data in (junk, good[:40] + junk, sealed.MAGIC + junk):
         with contextlib.suppress(EdgeWardError):
             sealed.unseal(key, "state.json", data)
+
+
+# --- bundle format version 2: the envelope and the release head (device_agent/bundle/release.py) ------
+
+
+def _release(devices: int = 5) -> tuple[list[bytes], bytes]:
+    """Envelopes and the signed payload head (with a 16-byte stand-in payload) of a tiny release."""
+    from device_agent.bundle import release
+
+    rid = "ab" * 16
+    boxes = [crypto.new_box_keypair()[1] for _ in range(devices)]
+    leaves = [release.leaf_bytes(rid, i, box, bytes(80), f"pi-{i}") for i, box in enumerate(boxes)]
+    tree = crypto.MerkleTree(b"".join(release.leaf_hash(leaf) for leaf in leaves))
+    head = release.ReleaseHead(
+        release_id=rid, model_id="m", model_version=1, created=NOW, expires=None, end_of_life=None,
+        publisher=crypto.fingerprint(PUB), profile="rpi4b", runtime="onnxruntime", cipher=crypto.SUITES[0],
+        compression="none", chunk_size=4096, sealed_length=0, payload_length=16, payload_sha256="0" * 64,
+        tags_sha256="0" * 64, devices=devices, merkle_root=tree.root.hex(),
+    )
+    signed = release.sign_head(head, PUB, lambda m: crypto.sign(KEY, release.SIGNING_DOMAIN, m))
+    return [release.build_envelope(leaf, tree.proof(i)) for i, leaf in enumerate(leaves)], signed
+
+
+RELEASE = _release()
+
+
+def test_the_tiny_release_verifies_for_each_of_its_envelopes() -> None:
+    from device_agent.bundle import release
+
+    envelopes, head = RELEASE
+    for i, env in enumerate(envelopes):
+        m, _ = release.verify_release(env, head, len(head) + 16, [PUB])
+        assert (m.device_id, m.bundle_id, m.format_version) == (f"pi-{i}", "ab" * 16, 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=1200), st.integers(0, 1200), st.integers(0, 8 * 1200))
+def test_fuzz_release_envelope_parser(junk: bytes, cut: int, bit: int) -> None:
+    """Any envelope bytes: parsed or refused with an EdgeWard error; a changed valid envelope never
+    proves its way under the signed root."""
+    from device_agent.bundle import release
+
+    envelopes, head = RELEASE
+    good = envelopes[1]
+    flipped = bytearray(good)
+    flipped[bit % (8 * len(good)) // 8] ^= 1 << (bit % 8)
+    for data in (junk, good[:cut] + junk, release.ENVELOPE_MAGIC + junk, bytes(flipped)):
+        with contextlib.suppress(EdgeWardError):
+            release.parse_envelope(data)
+        try:
+            release.verify_release(data, head, len(head) + 16, [PUB])
+        except EdgeWardError:
+            continue
+        assert data == good  # only the untouched envelope verifies
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=1200), st.integers(0, 2000), st.integers(0, 8 * 2000))
+def test_fuzz_release_head_parser(junk: bytes, cut: int, bit: int) -> None:
+    """Any payload head bytes: verified or refused with an EdgeWard error, and a single bit changed
+    anywhere in a signed head is refused."""
+    from device_agent.bundle import release
+
+    envelopes, good = RELEASE
+    flipped = bytearray(good)
+    flipped[bit % (8 * len(good)) // 8] ^= 1 << (bit % 8)
+    for data in (junk, good[:cut] + junk, release.PAYLOAD_MAGIC + junk, bytes(flipped)):
+        with contextlib.suppress(EdgeWardError):
+            release.payload_head_length(data)
+        try:
+            release.verify_release(envelopes[0], data, len(data) + 16, [PUB])
+        except EdgeWardError:
+            continue
+        assert data == good
+
+
+def test_release_lengths_are_bounded_before_anything_is_read() -> None:
+    from device_agent.bundle import release
+
+    with pytest.raises(FormatError, match="envelope length"):
+        release.envelope_length(release.PREFIX.pack(release.ENVELOPE_MAGIC, 2, 0, 2**32 - 1))
+    with pytest.raises(FormatError, match="release head length"):
+        release.payload_head_length(release.PAYLOAD_HEADER.pack(release.PAYLOAD_MAGIC, 2, 0, 2**32 - 1, bytes(16)))
+    with pytest.raises(FormatError, match="version 3 is not supported"):
+        release.envelope_length(release.PREFIX.pack(release.ENVELOPE_MAGIC, 3, 0, 200))

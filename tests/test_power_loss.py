@@ -179,6 +179,7 @@ class Env:
     x: np.ndarray
     mp: pytest.MonkeyPatch
     disabled: tuple[str, ...] = ()  # fsync call sites removed for this run
+    release_for: Callable[..., Path] | None = None  # packs a version 2 release (tests/conftest.py)
 
     def board(self, name: str) -> Board:
         data = self.tmp / name
@@ -211,6 +212,20 @@ def op_install(env: Env) -> Scenario:
     v2 = env.bundle(board, 2)
     rec = env.record(board.data_dir)
     board.agent().install_file(v2)
+    rec.stop()
+    rec.milestone()
+    return Scenario(rec, env.view)
+
+
+def op_install_release(env: Env) -> Scenario:
+    """A version 2 release (envelope + shared payload) over a version 1 bundle: stored as a v2
+    single file through the same writes."""
+    board = env.board("install-release")
+    board.agent().install_file(env.bundle(board, 1))
+    assert env.release_for is not None
+    out = env.release_for(env.digits.onnx, [board], version=2)
+    rec = env.record(board.data_dir)
+    board.agent().install_release(out / "envelopes" / f"{DEVICE}.ewe", out / "payload.ewp")
     rec.stop()
     rec.milestone()
     return Scenario(rec, env.view)
@@ -409,6 +424,7 @@ def op_wipe(env: Env) -> Scenario:
 
 OPERATIONS: dict[str, Callable[[Env], Scenario]] = {
     "install": op_install,
+    "install-release": op_install_release,
     "rollback": op_rollback,
     "tokens": op_tokens,
     "sealed": op_sealed,
@@ -421,8 +437,9 @@ OPERATIONS: dict[str, Callable[[Env], Scenario]] = {
 
 @pytest.fixture
 def env(tmp_path: Path, publisher: Path, pack_for: Callable[..., Path], digits: Any,
-        digits_test: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> Env:
-    return Env(tmp_path, publisher, pack_for, digits, digits_test[0][:1], monkeypatch)
+        digits_test: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch,
+        release_for: Callable[..., Path]) -> Env:
+    return Env(tmp_path, publisher, pack_for, digits, digits_test[0][:1], monkeypatch, release_for=release_for)
 
 
 @pytest.mark.parametrize("operation", sorted(OPERATIONS))

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 from device_agent import crypto
 from device_agent.config import DEFAULT_LIMITS, BundleLimits
-from device_agent.errors import BadSignature, FormatError, IntegrityError, UnknownPublisher
+from device_agent.errors import BadSignature, FormatError, IntegrityError, UnknownPublisher, UsageError
 from device_agent.wire import (
     FPR_RE,
     HEX32_RE,
@@ -49,6 +49,7 @@ MANIFEST_SCHEMA = "edgeward.bundle/1"
 SIDECAR_SCHEMA = "edgeward.sidecar/1"
 SIGNING_DOMAIN = b"edgeward/bundle-manifest/v1"
 PAYLOAD_AAD_PREFIX = b"edgeward/payload/v1\x00"
+PAYLOAD_AAD_PREFIX_V2 = b"edgeward/payload/v2\x00"  # followed by the 16-byte release id
 CONTENTS_MAGIC = b"EWC1"
 COMPRESSIONS = ("none", "zlib")
 RUNTIMES = ("onnxruntime", "litert")
@@ -83,6 +84,10 @@ class Manifest:
     tags_sha256: str
     sealed_key: bytes
     schema: str = MANIFEST_SCHEMA
+    # Format version 2 (device_agent/bundle/release.py) makes the same manifest from a verified
+    # release head and envelope: bundle_id is the release id, and the payload's SHA-256 is signed.
+    format_version: int = 1
+    payload_sha256: str | None = None
 
     FIELDS = frozenset(
         {
@@ -161,7 +166,8 @@ class Manifest:
 
     @property
     def payload_aad(self) -> bytes:
-        return PAYLOAD_AAD_PREFIX + bytes.fromhex(self.bundle_id)
+        prefix = PAYLOAD_AAD_PREFIX if self.format_version == 1 else PAYLOAD_AAD_PREFIX_V2
+        return prefix + bytes.fromhex(self.bundle_id)
 
 
 # --- sealed contents (inside the encrypted payload) ---------------------------------------------------
@@ -323,6 +329,12 @@ class VerifiedBundle:
     ) -> Contents:
         """Decrypt the payload with its content key (as :meth:`decrypt` does after opening it)."""
         m = self.manifest
+        if check_digest and m.payload_sha256 is not None and not crypto.constant_time_equal(
+            crypto.sha256_hex(self.payload), m.payload_sha256
+        ):
+            raise IntegrityError(
+                "payload does not match the signed release (its SHA-256 differs); fetch payload.ewp again"
+            )
         sealed = crypto.decrypt_payload(
             m.cipher, content_key, m.payload_aad, self.payload, m.layout, m.tags_sha256, in_place=in_place
         )
@@ -402,11 +414,36 @@ def read_header(data: bytes | bytearray | memoryview, limits: BundleLimits = DEF
 
 
 def read_head(f: BinaryIO, limits: BundleLimits = DEFAULT_LIMITS) -> bytes:
-    """Read only the signed head of a bundle file (header, manifest, signature): enough for
-    :func:`verify_head`, without reading a payload that may be hundreds of megabytes."""
-    header = f.read(HEADER_BYTES)
+    """Read only the signed head of a bundle file (header, manifest, signature; for a version 2
+    single file its envelope and the payload's signed head): enough for :func:`verify_head`,
+    without reading a payload that may be hundreds of megabytes."""
+    return read_head_from(f.read, limits)
+
+
+def read_head_from(read: Callable[[int], bytes], limits: BundleLimits = DEFAULT_LIMITS) -> bytes:
+    """:func:`read_head` over any ``read(n)``, each read bounded by what the bytes before it declare.
+    The result holds the whole head, or the call raises :class:`FormatError`."""
+    from device_agent.bundle import release
+
+    first = read(release.PREFIX_BYTES)
+    if first[: len(release.ENVELOPE_MAGIC)] == release.ENVELOPE_MAGIC:
+        env_len = release.envelope_length(first, limits)
+        data = first + read(env_len - len(first) + release.PAYLOAD_HEADER_BYTES)
+        need = release.single_head_length(data, limits)
+        data += read(need - len(data))
+        if len(data) < need:
+            raise FormatError("release file is truncated inside its head or signature")
+        return data
+    if first[: len(release.PAYLOAD_MAGIC)] == release.PAYLOAD_MAGIC:
+        raise UsageError(
+            "this is a release payload (payload.ewp), not a bundle: install it with its device's "
+            "envelope, 'edgeward-agent install ENVELOPE --payload payload.ewp'"
+        )
+    header = first + read(HEADER_BYTES - len(first))
     manifest_len, _ = parse_header(header, limits)
-    return header + f.read(manifest_len + crypto.SIGNATURE_BYTES)
+    head = header + read(manifest_len + crypto.SIGNATURE_BYTES)
+    read_header(head, limits)  # the file holds the whole manifest and signature
+    return head
 
 
 def verify_head(
@@ -423,6 +460,13 @@ def verify_head(
     view = memoryview(head).cast("B")
     if file_length > limits.max_bundle_bytes:
         raise FormatError(f"bundle is {file_length} bytes, over the limit of {limits.max_bundle_bytes}")
+    if bytes(view[:8]) != MAGIC:
+        from device_agent.bundle import release
+
+        if bytes(view[:8]) == release.ENVELOPE_MAGIC:  # a version 2 single file: envelope + payload
+            env, payload_head = release.split_single(view, limits)
+            m, key = release.verify_release(env, payload_head, file_length - len(env), trusted_publishers, limits)
+            return m, key, len(env) + len(payload_head)
     manifest_len, kid = read_header(view, limits)
     keys = (
         dict(trusted_publishers)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_agent import crypto
-from device_agent.bundle.format import HEADER_BYTES, VerifiedBundle, parse_header, read_header, verify_head
+from device_agent.bundle import release
+from device_agent.bundle.format import Manifest, VerifiedBundle, read_head_from, verify_head
 from device_agent.config import DEFAULT_LIMITS, BundleLimits
 from device_agent.errors import EnvironmentFault, FormatError, UsageError
 
@@ -99,11 +99,18 @@ class BundleFile:
     head: bytes
 
     def verify(
-        self, trusted_publishers: Mapping[bytes, bytes] | list[bytes], limits: BundleLimits = DEFAULT_LIMITS
+        self,
+        trusted_publishers: Mapping[bytes, bytes] | list[bytes],
+        limits: BundleLimits = DEFAULT_LIMITS,
+        precheck: Callable[[Manifest], object] | None = None,
     ) -> tuple[bytearray, VerifiedBundle]:
-        """Verify the signed head and the file's length, then read the whole bundle into one
-        ``bytearray`` of exactly that length (the agent decrypts it in place)."""
+        """Verify the signed head and the file's length, run ``precheck`` on the verified manifest
+        (the board's trust decisions, so that a bundle for another board or an old version is
+        refused before its payload is read), then read the whole bundle into one ``bytearray``
+        of exactly that length (the agent decrypts it in place)."""
         manifest, publisher, payload_offset = verify_head(self.head, self.length, trusted_publishers, limits)
+        if precheck is not None:
+            precheck(manifest)
         # verify_head refused a file longer or shorter than head + the signed payload_length.
         buffer = bytearray(self.length)
         buffer[:payload_offset] = self.head
@@ -120,19 +127,73 @@ class BundleFile:
 
 @contextmanager
 def open_bundle(path: str | Path, limits: BundleLimits = DEFAULT_LIMITS) -> Iterator[BundleFile]:
-    """Open a bundle file and read its signed head, checking each part before the next is read:
-    not a regular file -> :class:`UsageError`; over the size limit, a bad header or a head cut
-    short -> :class:`FormatError`."""
+    """Open a bundle file (version 1, or a version 2 single file: envelope then payload) and read
+    its signed head, checking each part before the next is read: not a regular file ->
+    :class:`UsageError`; over the size limit, a bad header or a head cut short -> :class:`FormatError`."""
     path = Path(path)
     fd, length = _open_regular(path)
     try:
         if length > limits.max_bundle_bytes:
             raise FormatError(f"bundle is {length} bytes, over the limit of {limits.max_bundle_bytes}")
-        header = _read_up_to(fd, HEADER_BYTES)
-        manifest_len, _ = parse_header(header, limits)
-        head = header + _read_up_to(fd, manifest_len + crypto.SIGNATURE_BYTES)
-        read_header(head, limits)  # the file holds the whole manifest and signature
+        head = _head_of(fd, length, path, limits)
         yield BundleFile(path=path, fd=fd, length=length, head=head)
     finally:
         os.close(fd)
 
+
+def _head_of(fd: int, length: int, path: Path, limits: BundleLimits) -> bytes:
+    prefix = os.pread(fd, release.PREFIX_BYTES, 0)
+    if prefix[: len(release.ENVELOPE_MAGIC)] == release.ENVELOPE_MAGIC and length == release.envelope_length(
+        prefix, limits
+    ):
+        raise UsageError(
+            f"{path} is a device's envelope without its payload: "
+            "run 'edgeward-agent install ENVELOPE --payload payload.ewp'"
+        )
+    return read_head_from(lambda n: _read_up_to(fd, n), limits)
+
+
+def read_envelope(source: bytes | bytearray | str | Path, limits: BundleLimits = DEFAULT_LIMITS) -> bytes:
+    """An envelope's bytes, from memory or from a regular file no longer than
+    ``limits.max_envelope_bytes`` (checked before it is read)."""
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) > limits.max_envelope_bytes:
+            raise FormatError(f"envelope is {len(source)} bytes, over the limit of {limits.max_envelope_bytes}")
+        return bytes(source)
+    path = Path(source)
+    fd, length = _open_regular(path)
+    try:
+        if length > limits.max_envelope_bytes:
+            raise FormatError(
+                f"envelope {path} is {length} bytes, over the limit of {limits.max_envelope_bytes}; "
+                "give a device's .ewe file"
+            )
+        return _read_up_to(fd, length)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def open_release(
+    envelope: bytes | bytearray | str | Path, payload: str | Path, limits: BundleLimits = DEFAULT_LIMITS
+) -> Iterator[BundleFile]:
+    """A device's envelope and a release's shared payload file, read as the single file they make
+    together (envelope, then payload): the envelope and the payload's signed head are read, and
+    nothing of the ciphertext yet."""
+    env = read_envelope(envelope, limits)
+    env_len = release.envelope_length(env, limits)
+    if len(env) != env_len:
+        raise FormatError(f"envelope is {len(env)} bytes but declares {env_len}; fetch it again")
+    path = Path(payload)
+    fd, length = _open_regular(path)
+    try:
+        if length + len(env) > limits.max_bundle_bytes:
+            raise FormatError(f"payload {path} is {length} bytes, over the limit of {limits.max_bundle_bytes}")
+        header = _read_up_to(fd, release.PAYLOAD_HEADER_BYTES)
+        need = release.payload_head_length(header, limits)
+        head = header + _read_up_to(fd, need - len(header))
+        if len(head) < need:
+            raise FormatError(f"payload {path} is truncated inside its signed head; fetch payload.ewp again")
+        yield BundleFile(path=path, fd=fd, length=len(env) + length, head=env + head)
+    finally:
+        os.close(fd)
