@@ -754,6 +754,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             new = True
         step = ro.decide(rollout, boards, now)
         orders = ro.orders_for(release, rollout, step.issue, boards)
+        if orders:
+            ro.check_payload(release)  # a shared release's payload is what its index says
         if args.dry_run:
             planned = ledger.plan_each("update", orders, expires_in, now)
             lines = [f"skipped {s}" for s in skipped]
@@ -829,7 +831,8 @@ def register_deploy(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> N
     sp.formatter_class = argparse.RawDescriptionHelpFormatter
     sp.add_argument("release_dir", metavar="RELEASE_DIR")
     sp.add_argument("--base-url", metavar="URL", help="https:// address RELEASE_DIR is served under")
-    sp.add_argument("--release", metavar="ID", help="the release id (default: MODEL-vVERSION from report.json)")
+    sp.add_argument("--release", metavar="ID", help="the release id of version 1 bundles (default: MODEL-vVERSION "
+                    "from report.json; a shared release is named by its release.json)")
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--device", action="append", metavar="ID", help="a board (repeatable)")
     g.add_argument("--all", action="store_true", help="every enrolled board that is not wiped and is in the release")

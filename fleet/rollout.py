@@ -1,7 +1,11 @@
 """Over-the-air rollouts: one signed ``update`` command per board, stage by stage.
 
-A *release directory* is what ``edgeward pack`` wrote (``OUT/<device-id>.ewb`` and
-``OUT/report.json``), copied as it is to any static web server or object store under a base URL.
+A *release directory* is what ``edgeward pack`` wrote, copied as it is to any static web server
+or object store under a base URL: version 1 bundles ``OUT/<device-id>.ewb`` (described by
+``OUT/report.json``), or a version 2 shared release (``--layout shared``: ``OUT/payload.ewp`` and
+``OUT/envelopes/<device-id>.ewe``, described by the release index ``OUT/release.json``). A board's
+update names its file (bundle or envelope) and, for a shared release, the payload, each with its
+exact length and SHA-256.
 A rollout of it (``edgeward fleet deploy``) lives in the fleet store (``rollouts`` and
 ``rollout_devices``, migration 4), the one owner of its state; the command ledger holds the
 signed commands and the boards' results, as for every command.
@@ -40,6 +44,8 @@ from device_agent.wire import HEX64_RE, ID_RE, format_time, int_field, loads_jso
 
 REPORT = "report.json"
 REPORT_SCHEMA = "edgeward.pack-report/1"
+INDEX = "release.json"
+INDEX_SCHEMA = "edgeward.release-index/1"
 MAX_REPORT_BYTES = 64 * 1024**2  # report.json of a pack for 100,000 boards is ~25 MB
 BOARD_STATES = ("waiting", "pending", "updated", "failed", "expired", "cancelled")
 ROLLOUT_STATES = ("running", "halted", "done")
@@ -66,7 +72,8 @@ class Release:
     model_id: str
     model_version: int
     path: Path
-    files: dict[str, ReleaseFile]
+    files: dict[str, ReleaseFile]  # per board: its v1 bundle or its v2 envelope
+    payload: ReleaseFile | None = None  # the shared payload of a version 2 release
 
 
 def _hash_file(path: Path, limit: int) -> tuple[int, str]:
@@ -85,56 +92,107 @@ def _hash_file(path: Path, limit: int) -> tuple[int, str]:
         os.close(fd)
 
 
-def read_release(path: str | Path, release_id: str | None = None) -> Release:
-    """The release ``edgeward pack`` wrote in ``path``: its report, bounded and strictly read.
-    Each board's file is checked against the report when the rollout signs for it
-    (:func:`file_for`)."""
-    d = Path(path)
-    report = d / REPORT
+def _bounded_json(path: Path) -> Any:
     try:
-        size = report.stat().st_size
+        size = path.stat().st_size
     except FileNotFoundError as e:
-        raise UsageError(f"{d} has no {REPORT}: give the directory 'edgeward pack --out' wrote") from e
+        raise UsageError(f"{path.parent} has no {path.name}: give the directory 'edgeward pack --out' wrote") from e
     if size > MAX_REPORT_BYTES:
-        raise UsageError(f"{report} is {size} bytes, over {MAX_REPORT_BYTES}")
+        raise UsageError(f"{path} is {size} bytes, over {MAX_REPORT_BYTES}")
+    return loads_json(path.read_bytes(), str(path))
+
+
+def _entry(raw: Any, what: str, name: str) -> ReleaseFile:
+    e = obj_fields(raw, what, {"file", "length", "sha256"}, {"file", "length", "sha256"})
+    if e["file"] != name:
+        raise FormatError(f"{what} is not named {name}")
+    return ReleaseFile(what, name, int_field(e["length"], f"{what} length", 1, 2**53),
+                       str_field(e["sha256"], f"{what} sha256", HEX64_RE))
+
+
+def _read_index(d: Path) -> Release:
+    """A version 2 shared release: its index, strictly read."""
+    doc = _bounded_json(d / INDEX)
+    r = obj_fields(doc, "release index", {"schema", "release_id", "model_id", "model_version", "created", "expires",
+                                          "end_of_life", "payload", "devices"},
+                   {"schema", "release_id", "model_id", "model_version", "payload", "devices"})
+    if r["schema"] != INDEX_SCHEMA:
+        raise FormatError(f"{d / INDEX} is not an EdgeWard release index ({INDEX_SCHEMA})")
+    if not isinstance(r["devices"], dict):
+        raise FormatError("the release index's devices must be an object")
+    files = {}
+    for dev, e in r["devices"].items():
+        str_field(dev, "device_id", ID_RE)
+        f = _entry(e, f"{dev}'s envelope", f"envelopes/{dev}.ewe")
+        files[dev] = ReleaseFile(dev, f.name, f.length, f.sha256)
+    payload = _entry(r["payload"], "payload", "payload.ewp")
+    return Release(str_field(r["release_id"], "release_id", ID_RE), str_field(r["model_id"], "model_id", ID_RE),
+                   int_field(r["model_version"], "model_version", 1, 2**53), d, files, payload)
+
+
+def _read_report(d: Path) -> Release:
+    """Version 1 bundles: the pack report, strictly read."""
+    doc = _bounded_json(d / REPORT)
+    if not isinstance(doc, dict) or doc.get("schema") != REPORT_SCHEMA:
+        raise FormatError(f"{d / REPORT} is not an EdgeWard pack report ({REPORT_SCHEMA})")
+    model = obj_fields(doc.get("model"), "report model", {"id", "version", "format", "sha256", "size_bytes",
+                                                           "sealed_bytes", "compression"}, {"id", "version"})
+    model_id = str_field(model["id"], "model id", ID_RE)
+    version = int_field(model["version"], "model version", 1, 2**53)
+    bundles = doc.get("bundles")
+    if not isinstance(bundles, list) or not bundles:
+        raise FormatError(f"{d / REPORT} lists no version 1 bundles (a version 2 single-file layout is for "
+                          "installing by hand; roll out --layout shared or the default layout)")
+    files: dict[str, ReleaseFile] = {}
+    for b in bundles:
+        r = obj_fields(b, "report bundle", {"device_id", "device_key", "bundle_id", "file", "size", "sha256"},
+                       {"device_id", "file", "size", "sha256"})
+        dev = str_field(r["device_id"], "device_id", ID_RE)
+        if r["file"] != f"{dev}.ewb":
+            raise FormatError(f"{d / REPORT}: {dev}'s bundle is not named {dev}.ewb")
+        files[dev] = ReleaseFile(dev, r["file"], int_field(r["size"], "size", 1, 2**53),
+                                 str_field(r["sha256"], "sha256", HEX64_RE))
+    return Release(f"{model_id}-v{version}", model_id, version, d, files)
+
+
+def read_release(path: str | Path, release_id: str | None = None) -> Release:
+    """The release ``edgeward pack`` wrote in ``path``: the release index of a shared layout, or
+    the pack report of version 1 bundles, bounded and strictly read. Each board's file is checked
+    against it when the rollout signs for it (:func:`file_for`)."""
+    d = Path(path)
     try:
-        doc = loads_json(report.read_bytes(), str(report))
-        if not isinstance(doc, dict) or doc.get("schema") != REPORT_SCHEMA:
-            raise FormatError(f"{report} is not an EdgeWard pack report ({REPORT_SCHEMA})")
-        model = obj_fields(doc.get("model"), "report model", {"id", "version", "format", "sha256", "size_bytes",
-                                                               "sealed_bytes", "compression"}, {"id", "version"})
-        model_id = str_field(model["id"], "model id", ID_RE)
-        version = int_field(model["version"], "model version", 1, 2**53)
-        bundles = doc.get("bundles")
-        if not isinstance(bundles, list):
-            raise FormatError(f"{report} lists no bundles")
-        files: dict[str, ReleaseFile] = {}
-        for b in bundles:
-            r = obj_fields(b, "report bundle", {"device_id", "device_key", "bundle_id", "file", "size", "sha256"},
-                           {"device_id", "file", "size", "sha256"})
-            dev = str_field(r["device_id"], "device_id", ID_RE)
-            if r["file"] != f"{dev}.ewb":
-                raise FormatError(f"{report}: {dev}'s bundle is not named {dev}.ewb")
-            files[dev] = ReleaseFile(dev, r["file"], int_field(r["size"], "size", 1, 2**53),
-                                     str_field(r["sha256"], "sha256", HEX64_RE))
+        rel = _read_index(d) if (d / INDEX).exists() else _read_report(d)
     except FormatError as e:
         raise UsageError(f"{d} is not a release directory: {e}") from e
-    rid = release_id or f"{model_id}-v{version}"
-    if not ID_RE.fullmatch(rid):
-        raise UsageError(f"release id {rid!r} must be letters, digits, '.', '_' or '-' (at most 64)")
-    return Release(rid, model_id, version, d, files)
+    if release_id is not None:
+        if rel.payload is not None and release_id != rel.release_id:
+            raise UsageError(f"--release {release_id}: a shared release is named by its index ({rel.release_id})")
+        if not ID_RE.fullmatch(release_id):
+            raise UsageError(f"release id {release_id!r} must be letters, digits, '.', '_' or '-' (at most 64)")
+        rel = Release(release_id, rel.model_id, rel.model_version, d, rel.files, rel.payload)
+    return rel
+
+
+def check_payload(release: Release) -> None:
+    """The shared payload is the file the index describes (hashed once per deploy)."""
+    if release.payload is not None:
+        _check(release, release.payload)
+
+
+def _check(release: Release, f: ReleaseFile) -> None:
+    size, digest = _hash_file(release.path / f.name, DEFAULT_CONFIG.bundle.max_bundle_bytes)
+    if size != f.length or digest != f.sha256:
+        raise UsageError(f"{release.path / f.name} is not the file the release describes (changed after the "
+                         "pack); pack the release again")
 
 
 def file_for(release: Release, device_id: str) -> ReleaseFile:
-    """The board's file in the release, hashed now: it must be what the pack report says."""
+    """The board's file in the release, hashed now: it must be what the release describes."""
     f = release.files.get(device_id)
     if f is None:
         raise UsageError(f"{device_id} is not in release {release.release_id}: pack it for that board, or leave "
                          "the board out")
-    size, digest = _hash_file(release.path / f.name, DEFAULT_CONFIG.bundle.max_bundle_bytes)
-    if size != f.length or digest != f.sha256:
-        raise UsageError(f"{release.path / f.name} is not the file {REPORT} describes (changed after the pack); "
-                         "pack the release again")
+    _check(release, f)
     return f
 
 
@@ -146,16 +204,6 @@ def base_url(text: str) -> str:
     except FormatError as e:
         raise UsageError(str(e)) from e
     return url
-
-
-def update_for(release: Release, f: ReleaseFile, base: str) -> dict[str, Any]:
-    """The signed arguments of one board's update command."""
-    args = {"release_id": release.release_id, "model_id": release.model_id, "model_version": release.model_version,
-            "bundle": {"url": base + quote(f.name), "length": f.length, "sha256": f.sha256}}
-    try:
-        return update_args(args, DEFAULT_CONFIG.commands.max_update_bytes)
-    except FormatError as e:
-        raise UsageError(f"cannot make {f.device_id}'s update: {e}") from e
 
 
 # --- order and stages (pure) -----------------------------------------------------------------------
@@ -280,7 +328,11 @@ def new_rollout(release: Release, devices: list[str], base: str, stages: list[in
     rollout = {"release_id": release.release_id, "model_id": release.model_id,
                "model_version": release.model_version, "base_url": base, "stages": stages,
                "max_failures": max_failures, "stage_timeout_s": int(stage_timeout.total_seconds()), "created": t,
-               "state": "running", "stage": 0, "stage_started": t, "updated": t, "detail": ""}
+               "state": "running", "stage": 0, "stage_started": t, "updated": t, "detail": "",
+               "payload_url": None, "payload_length": None, "payload_sha256": None}
+    if release.payload is not None:
+        rollout |= {"payload_url": base + quote(release.payload.name), "payload_length": release.payload.length,
+                    "payload_sha256": release.payload.sha256}
     boards = []
     for i, d in enumerate(ordered):
         f = release.files[d]
@@ -302,9 +354,12 @@ def orders_for(release: Release | None, rollout: dict[str, Any], issue: Iterable
             if f.sha256 != b["sha256"] or f.length != b["length"]:
                 raise UsageError(f"{d}'s file in {release.path} changed since the rollout began; a release is "
                                  "immutable: pack a new one under a new release id")
-        args = {"release_id": rollout["release_id"], "model_id": rollout["model_id"],
-                "model_version": int(rollout["model_version"]),
-                "bundle": {"url": b["url"], "length": int(b["length"]), "sha256": b["sha256"]}}
+        args: dict[str, Any] = {"release_id": rollout["release_id"], "model_id": rollout["model_id"],
+                                "model_version": int(rollout["model_version"]),
+                                "bundle": {"url": b["url"], "length": int(b["length"]), "sha256": b["sha256"]}}
+        if rollout.get("payload_url"):
+            args["payload"] = {"url": rollout["payload_url"], "length": int(rollout["payload_length"]),
+                               "sha256": rollout["payload_sha256"]}
         out.append((d, update_args(args, DEFAULT_CONFIG.commands.max_update_bytes)))
     return out
 

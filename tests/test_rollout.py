@@ -41,7 +41,7 @@ class Rollout:
     """Boards serving with the broker, a release on an HTTPS server, the operator's CLI."""
 
     def __init__(self, tmp_path: Path, fleet: Fleet, publisher: Path, pack_for: Callable[..., Path], model: Path,
-                 devices: list[str]) -> None:
+                 devices: list[str], release_for: Callable[..., Path] | None = None) -> None:
         self.tmp, self.fleet = tmp_path, fleet
         self.op = tmp_path / "operator"
         generate("operator", self.op, unencrypted=True)
@@ -63,7 +63,8 @@ class Rollout:
         v1 = pack_for(model, list(self.boards.values()), 1)
         for d, b in self.boards.items():
             b.agent().install_file(v1 / f"{d}.ewb")
-        self.release = pack_for(model, list(self.boards.values()), 2)
+        # The new release: version 1 bundles, or a version 2 shared release (one payload, envelopes).
+        self.release = (release_for or pack_for)(model, list(self.boards.values()), 2)
 
     def serve(self, device: str) -> None:
         b, broker = self.boards[device], self.fleet.broker(device)
@@ -109,11 +110,11 @@ class Rollout:
 
 @pytest.fixture
 def kit(tmp_path: Path, fleet: Fleet, publisher: Path, pack_for: Callable[..., Path], digits: Any,
-        ) -> Iterator[Callable[[list[str]], tuple[Rollout, FileServer]]]:
+        release_for: Callable[..., Path]) -> Iterator[Callable[..., tuple[Rollout, FileServer]]]:
     made: list[tuple[Rollout, Iterator[FileServer]]] = []
 
-    def make(devices: list[str]) -> tuple[Rollout, FileServer]:
-        r = Rollout(tmp_path, fleet, publisher, pack_for, digits.onnx, devices)
+    def make(devices: list[str], shared: bool = False) -> tuple[Rollout, FileServer]:
+        r = Rollout(tmp_path, fleet, publisher, pack_for, digits.onnx, devices, release_for if shared else None)
         gen = serve_files(r.release, fleet.home)
         made.append((r, gen))
         return r, next(gen)
@@ -125,7 +126,7 @@ def kit(tmp_path: Path, fleet: Fleet, publisher: Path, pack_for: Callable[..., P
 
 
 def test_a_staged_rollout_waits_for_each_stage_and_an_offline_board_updates_when_it_returns(
-    kit: Callable[[list[str]], tuple[Rollout, FileServer]], monitor: Monitor, capsys: pytest.CaptureFixture[str],
+    kit: Callable[..., tuple[Rollout, FileServer]], monitor: Monitor, capsys: pytest.CaptureFixture[str],
 ) -> None:
     devices = ["pi-a", "pi-b", "pi-c", "pi-d"]
     r, files = kit(devices)
@@ -174,7 +175,7 @@ def test_a_staged_rollout_waits_for_each_stage_and_an_offline_board_updates_when
 
 
 def test_a_tampered_file_halts_the_rollout_and_the_board_keeps_its_model(
-    kit: Callable[[list[str]], tuple[Rollout, FileServer]], monitor: Monitor, capsys: pytest.CaptureFixture[str],
+    kit: Callable[..., tuple[Rollout, FileServer]], monitor: Monitor, capsys: pytest.CaptureFixture[str],
 ) -> None:
     devices = ["pi-e", "pi-f"]
     r, files = kit(devices)
@@ -201,6 +202,30 @@ def test_a_tampered_file_halts_the_rollout_and_the_board_keeps_its_model(
     # The same release cannot be started again over the halted one.
     code, _ = r.deploy(capsys, "--base-url", files.base_url, "--all")
     assert code == 2
+
+
+def test_a_shared_release_rolls_out_one_payload_and_an_envelope_per_board(
+    kit: Callable[..., tuple[Rollout, FileServer]], monitor: Monitor, capsys: pytest.CaptureFixture[str],
+) -> None:
+    devices = ["pi-g", "pi-h"]
+    r, files = kit(devices, shared=True)
+    index = json.loads((r.release / "release.json").read_text())
+    first, second = rollout.order(index["release_id"], devices)
+    for d in devices:
+        r.serve(d)
+    code, doc = r.deploy(capsys, "--base-url", files.base_url, "--all", "--stages", "50%,100%")
+    assert code == 0 and doc["release_id"] == index["release_id"], doc
+    [cmd] = doc["commands"]
+    assert cmd["device_id"] == first and cmd["args"]["bundle"]["url"].endswith(f"/envelopes/{first}.ewe")
+    assert cmd["args"]["payload"] == {"url": files.base_url + "payload.ewp", **{
+        k: index["payload"][k] for k in ("length", "sha256")}}
+    wait_until(lambda: r.states(capsys)[first] == "updated", 60, f"{first} to report its update")
+    code, doc = r.deploy(capsys, "--resume")
+    assert code == 0 and [c["device_id"] for c in doc["commands"]] == [second]
+    wait_until(lambda: r.states(capsys)[second] == "updated", 60, f"{second} to report its update")
+    assert all(r.version(d) == 2 for d in devices)
+    assert sorted(name for name, _ in files.requests) == sorted(
+        ["payload.ewp", "payload.ewp", f"envelopes/{first}.ewe", f"envelopes/{second}.ewe"])
 
 
 # --- the decision, without a broker ------------------------------------------------------------------

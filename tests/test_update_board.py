@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from device_agent import Agent, crypto
 from device_agent.commands.format import Command, Result, update_args, verify_result
 from device_agent.config import DEFAULT_CONFIG, AgentConfig
-from device_agent.errors import FormatError, SecurityRefusal
+from device_agent.errors import FormatError
 from device_agent.store import layout
 from device_agent.store.keys import KeySource
 from tests.conftest import Board
@@ -50,6 +50,7 @@ class OtaBoard:
         self.seq += 1
         args = {"release_id": f"digits-v{version}", "model_id": "digits", "model_version": version,
                 "bundle": {"url": url, "length": length, "sha256": sha256}} | extra
+        args["model_version"] = version
         payload = self.operator.sign("update", DEVICE, self.seq, datetime.now(UTC).replace(microsecond=0), **args)
         [data] = self.agent().apply_commands(payload)
         key = base64.b64decode(json.loads(self.board.enrolment.read_text())["sign_public"])
@@ -202,11 +203,46 @@ def test_a_new_version_that_fails_its_trial_load_leaves_the_old_one_serving(
     assert ota.serving() == 1 and stored_bundles(ota) == before
 
 
-def test_an_update_with_a_shared_payload_is_refused_by_a_board_without_it(ota: OtaBoard, files: FileServer) -> None:
-    payload = {"url": files.base_url + "payload.ewp", "length": 10, "sha256": "1" * 64}
-    with pytest.raises(SecurityRefusal, match="single-file bundles"):  # judged before a byte is fetched
-        ota.update(files.base_url + "x.ewe", 10, "0" * 64, payload=payload)
-    assert files.requests == [] and ota.serving() == 1
+def shared_release(files: FileServer, out: Path) -> dict[str, Any]:
+    """Put a version 2 shared release on the server (payload.ewp, envelopes/); the update
+    arguments of this board from its release index."""
+    shutil.copytree(out, files.root, dirs_exist_ok=True)
+    index = json.loads((out / "release.json").read_text())
+    env, pay = index["devices"][DEVICE], index["payload"]
+    return {"release_id": index["release_id"], "model_version": index["model_version"],
+            "bundle": {"url": files.base_url + env["file"], "length": env["length"], "sha256": env["sha256"]},
+            "payload": {"url": files.base_url + pay["file"], "length": pay["length"], "sha256": pay["sha256"]}}
+
+
+def test_a_shared_release_is_fetched_as_envelope_and_payload_and_installed(
+    ota: OtaBoard, files: FileServer, release_for: Callable[..., Path], digits: Any,
+) -> None:
+    args = shared_release(files, release_for(digits.onnx, [ota.board], 2))
+    b = args["bundle"]
+    r = ota.update(b["url"], b["length"], b["sha256"], release_id=args["release_id"], payload=args["payload"])
+    assert r.outcome == "applied", r.detail
+    assert r.effects["bundle_id"] == args["release_id"] and ota.serving() == 2
+    assert r.effects["downloaded_bytes"] == b["length"] + args["payload"]["length"]
+    assert [name for name, _ in files.requests] == [f"envelopes/{DEVICE}.ewe", "payload.ewp"]
+    for name in (layout.UPDATE_STAGING, layout.UPDATE_PAYLOAD):
+        assert not (ota.board.data_dir / name).exists()
+    again = ota.update(b["url"], b["length"], b["sha256"], release_id=args["release_id"], payload=args["payload"])
+    assert "already serves" in again.detail and len(files.requests) == 2
+
+
+def test_a_tampered_shared_payload_is_refused_and_the_old_model_keeps_serving(
+    ota: OtaBoard, files: FileServer, release_for: Callable[..., Path], digits: Any,
+) -> None:
+    args = shared_release(files, release_for(digits.onnx, [ota.board], 2))
+    data = bytearray((files.root / "payload.ewp").read_bytes())
+    data[-50] ^= 1
+    (files.root / "payload.ewp").write_bytes(bytes(data))
+    before = stored_bundles(ota)
+    b = args["bundle"]
+    r = ota.update(b["url"], b["length"], b["sha256"], release_id=args["release_id"], payload=args["payload"])
+    assert r.outcome == "refused" and "does not match the SHA-256" in r.detail
+    assert ota.serving() == 1 and stored_bundles(ota) == before
+    assert not (ota.board.data_dir / layout.UPDATE_PAYLOAD).exists()
 
 
 # --- the arguments, strictly ---------------------------------------------------------------------

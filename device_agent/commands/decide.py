@@ -155,15 +155,18 @@ def decide_update(cmd: Command, after: State, state: State, anchors: TrustAnchor
         raise SecurityRefusal(f"model {mid} was retired on this board; an update cannot bring it back")
     slot = state.models.get(mid)
     current = slot.current if slot is not None else None
-    if current is not None and crypto.constant_time_equal(current.sha256, args["bundle"]["sha256"]):
+    # A version 1 bundle is stored as received (its digest is the signed one); a version 2 release
+    # is stored under its release id.
+    done = current is not None and (
+        current.bundle_id == args["release_id"] if "payload" in args
+        else crypto.constant_time_equal(current.sha256, args["bundle"]["sha256"])
+    )
+    if current is not None and done:
         return Accepted(cmd, after, anchors, detail=f"model {mid} already serves version {version} of release "
                         f"{args['release_id']}")
     if current is not None and current.model_version > version:
         raise RollbackRefused(f"model {mid} serves version {current.model_version}, newer than {version}; "
                               "use 'edgeward fleet rollback' to go back")
-    if "payload" in args:
-        raise SecurityRefusal("this board installs single-file bundles only (no shared payload); deploy a "
-                              "release packed with the default layout")
     return Accepted(cmd, after, anchors, fetch=True, detail=f"model {mid} version {version} to fetch")
 
 

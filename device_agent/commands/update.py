@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -49,17 +50,28 @@ def settings(agent: Agent) -> FetchSettings:
 def fetch_and_install(agent: Agent, cmd: Command) -> tuple[str, str, dict[str, Any]]:
     """Steps 1-4 but the last: (outcome, detail, effects) for the signed result."""
     args = cmd.args
-    want = args["bundle"]
+    want, shared = args["bundle"], args.get("payload")
     staging = agent.store.layout.path(layout.UPDATE_STAGING)
+    payload_path = agent.store.layout.path(layout.UPDATE_PAYLOAD)
     effects: dict[str, Any] = {"release_id": args["release_id"], "model_id": args["model_id"],
                                "model_version": args["model_version"]}
     try:
-        if want["length"] > agent.limits.max_bundle_bytes:
-            raise SecurityRefusal(f"the update is {want['length']} bytes, over this board's bundle limit of "
-                                  f"{agent.limits.max_bundle_bytes}")
-        got = fetch(Target(want["url"], want["length"], want["sha256"]), staging, settings(agent))
+        for f in (want, shared):
+            if f is not None and f["length"] > agent.limits.max_bundle_bytes:
+                raise SecurityRefusal(f"the update names a file of {f['length']} bytes, over this board's bundle "
+                                      f"limit of {agent.limits.max_bundle_bytes}")
+        how = settings(agent)
+        start = time.monotonic()
+        got = fetch(Target(want["url"], want["length"], want["sha256"]), staging, how)
         effects["downloaded_bytes"] = got.length
         effects["connections"] = got.connections
+        if shared is not None:
+            # One deadline for the whole update: what the envelope took is not given again.
+            left = max(0.001, how.deadline_s - (time.monotonic() - start))
+            more = fetch(Target(shared["url"], shared["length"], shared["sha256"]), payload_path,
+                         replace(how, deadline_s=left))
+            effects["downloaded_bytes"] += more.length
+            effects["connections"] += more.connections
 
         def expect(m: Manifest) -> None:
             if m.model_id != args["model_id"] or m.model_version != args["model_version"]:
@@ -68,7 +80,10 @@ def fetch_and_install(agent: Agent, cmd: Command) -> tuple[str, str, dict[str, A
                     f"{args['model_id']} version {args['model_version']}: refused"
                 )
 
-        m = agent.install_file(staging, expect=expect)
+        if shared is not None:
+            m = agent.install_release(staging, payload_path, expect=expect)
+        else:
+            m = agent.install_file(staging, expect=expect)
         effects["bundle_id"] = m.bundle_id
         detail = f"model {m.model_id} version {m.model_version} of release {args['release_id']} installed"
         agent.record_event("update", "info", {"installed": detail, "url": want["url"][:200]})
@@ -78,8 +93,9 @@ def fetch_and_install(agent: Agent, cmd: Command) -> tuple[str, str, dict[str, A
                            {"refused": f"update #{cmd.seq}", "why": str(e)[:300], "url": want["url"][:200]})
         return "refused", f"update refused, the previous model keeps serving: {e}", effects
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            staging.unlink()
+        for path in (staging, payload_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def finish(agent: Agent, sg: Signed, on_result: OnResult | None) -> bytes | None:

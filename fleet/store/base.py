@@ -28,7 +28,8 @@ _time_text = functools.lru_cache(maxsize=1024)(format_time)
 
 
 ROLLOUT_COLUMNS = ("release_id", "model_id", "model_version", "base_url", "stages", "max_failures",
-                   "stage_timeout_s", "created", "state", "stage", "stage_started", "updated", "detail")
+                   "stage_timeout_s", "created", "state", "stage", "stage_started", "updated", "detail",
+                   "payload_url", "payload_length", "payload_sha256")
 
 
 class StoreConflict(EnvironmentFault):
@@ -470,9 +471,9 @@ class StoreReads:
                 return False
             db.run(
                 "INSERT INTO rollouts (release_id, model_id, model_version, base_url, stages, max_failures, "
-                "stage_timeout_s, created, state, stage, stage_started, updated, detail) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                tuple(json.dumps(rollout[k]) if k == "stages" and not isinstance(rollout[k], str) else rollout[k]
+                "stage_timeout_s, created, state, stage, stage_started, updated, detail, payload_url, payload_length, "
+                "payload_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                tuple(json.dumps(rollout[k]) if k == "stages" and not isinstance(rollout[k], str) else rollout.get(k)
                       for k in ROLLOUT_COLUMNS),
             )
             db.many(
