@@ -24,6 +24,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -126,11 +127,13 @@ class Updater:
     """The worker that carries out updates for ``serve``: one at a time, off the telemetry loop.
 
     A delivery that reaches an update hands it here and stops (the commands after it wait, in
-    sequence order). When the update is done, the newest delivery seen meanwhile is applied
-    again, which carries out what followed it (a second update included)."""
+    sequence order). When the update is done, the newest delivery seen meanwhile is handed back
+    (``redeliver``: the telemetry loop's inbox) or, without one, applied here; that carries out
+    what followed the update (a second update included)."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, redeliver: Callable[[bytes], None] | None = None) -> None:
         self.agent = agent
+        self._redeliver = redeliver
         self._lock = threading.Lock()
         self._busy: str | None = None  # the digest of the update in hand
         self._latest: tuple[bytes, OnResult | None] | None = None
@@ -168,7 +171,9 @@ class Updater:
             if failed:
                 latest = None  # not at once: the next delivery (or reconnection) brings it again
         try:
-            if latest is not None:
+            if latest is not None and self._redeliver is not None:
+                self._redeliver(latest[0])
+            elif latest is not None:
                 run.apply(self.agent, latest[0], latest[1])
         except Exception:
             _log.exception("carrying out the commands after an update failed")

@@ -84,9 +84,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The one configuration of this board: the defaults with the local --config settings.
     config = replace(DEFAULT_CONFIG, serve=load_config(args.config), commands=update_settings(args))
     agent = Agent(args.data_dir, keys, config=config)
-    from device_agent.commands.update import Updater
-
-    agent.updater = Updater(agent)  # over-the-air updates run off the telemetry loop, one at a time
     socket_path = Path(args.socket) if args.socket else default_socket(agent.store.socket_file, os.environ)
     service = Service(agent)  # agent.config.serve
 
@@ -103,6 +100,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         commands=agent.apply_commands, on_wiped=done.set, wipe_publish_s=config.commands.wipe_publish_s,
     )
     if telemetry is not None:
+        from device_agent.commands.update import Updater
+
+        # Over-the-air updates download in a worker, one at a time; what follows an update in its
+        # delivery goes back to the telemetry loop, which carries out every other command.
+        agent.updater = Updater(agent, redeliver=telemetry.redeliver)
         service.attach(telemetry)  # started after the first integrity check, stopped before the audit log
     server = Server(service, socket_path, args.listen)
     for sig in (signal.SIGTERM, signal.SIGINT):
