@@ -155,6 +155,10 @@ def _publisher(args: argparse.Namespace, home: FleetHome) -> Any:
 def _describe_args(kind: str, a: dict[str, Any]) -> str:
     if kind == "rotate-key":
         return f"role={a['role']} keys={len(a['keys'])}"
+    if kind == "update":
+        size = a["bundle"]["length"] + (a["payload"]["length"] if "payload" in a else 0)
+        return (f"release={a['release_id']} model_id={a['model_id']} model_version={a['model_version']} "
+                f"bytes={size}" + (" shared-payload" if "payload" in a else ""))
     return " ".join(f"{k}={v}" for k, v in sorted(a.items()))
 
 

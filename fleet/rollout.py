@@ -253,6 +253,11 @@ def summary(boards: list[dict[str, Any]]) -> str:
     return ", ".join(f"{c[s]} {s}" for s in BOARD_STATES if c[s]) or "no boards"
 
 
+def done_detail(boards: list[dict[str, Any]]) -> str:
+    pending = any(b["state"] == "pending" for b in boards)
+    return f"done: {summary(boards)}" + ("; pending boards update when they come back" if pending else "")
+
+
 def decide(rollout: dict[str, Any], boards: list[dict[str, Any]], now: datetime) -> Step:
     """The next step of a rollout from its stored state and its boards' states, at ``now``."""
     stage = int(rollout["stage"])
@@ -277,9 +282,7 @@ def decide(rollout: dict[str, Any], boards: list[dict[str, Any]], now: datetime)
             return Step("running", stage, started, (), f"{label}: waiting for {len(silent)} board(s) until "
                         f"{format_time(started + timeout)}; {summary(current)}")
         if stage == last:
-            pending = any(b["state"] == "pending" for b in boards)
-            return Step("done", stage, started, (), f"done: {summary(boards)}"
-                        + ("; pending boards update when they come back" if pending else ""))
+            return Step("done", stage, started, (), done_detail(boards))
         stage, started = stage + 1, now
 
 
@@ -316,6 +319,9 @@ def sync(store: Any, ledger: Any, now: datetime, device_id: str | None = None) -
             if step.state == "halted" and r["state"] == "running":
                 store.rollout_moved(r["release_id"], "halted", step.stage, format_time(step.stage_started),
                                     step.detail, now)
+            elif r["state"] == "done":  # a pending board came back: the summary follows it
+                store.rollout_moved(r["release_id"], "done", int(r["stage"]), r["stage_started"],
+                                    done_detail(boards), now)
     return moved
 
 

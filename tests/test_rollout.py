@@ -66,13 +66,13 @@ class Rollout:
         # The new release: version 1 bundles, or a version 2 shared release (one payload, envelopes).
         self.release = (release_for or pack_for)(model, list(self.boards.values()), 2)
 
-    def serve(self, device: str) -> None:
+    def serve(self, device: str, deadline: float = 20) -> None:
         b, broker = self.boards[device], self.fleet.broker(device)
         self.procs[device] = subprocess.Popen(
             [sys.executable, "-m", "device_agent.cli", "serve", "--data-dir", str(b.data_dir),
              "--broker", f"{broker.host}:{broker.port}", "--ca", str(broker.ca), "--cert", str(broker.cert),
              "--key", str(broker.key), "--heartbeat", "0.5", "--update-ca", str(self.fleet.home.ca_cert),
-             "--update-deadline", "20"],
+             "--update-deadline", str(deadline)],
             env=self.env[device], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )
 
@@ -171,7 +171,33 @@ def test_a_staged_rollout_waits_for_each_stage_and_an_offline_board_updates_when
     wait_until(lambda: r.states(capsys)[offline] == "updated", 60, f"{offline} to update once back")
     assert all(r.version(d) == 2 for d in devices)
     assert all(name.endswith(".ewb") and rng is None for name, rng in files.requests)
+    code, doc = r.cli(capsys, "status")
+    assert doc["rollouts"][0]["detail"] == "done: 4 updated"
     assert monitor.error is None
+
+
+def test_a_stalled_server_neither_stops_the_boards_reports_nor_outlasts_its_deadline(
+    kit: Callable[..., tuple[Rollout, FileServer]], monitor: Monitor, capsys: pytest.CaptureFixture[str],
+) -> None:
+    [device] = devices = ["pi-s"]
+    r, files = kit(devices)
+    files.behaviours[f"{device}.ewb"] = "stall"
+    r.serve(device, deadline=6)
+    code, doc = r.deploy(capsys, "--base-url", files.base_url, "--all", "--stages", "100%")
+    assert code == 0, doc
+    wait_until(lambda: bool(files.requests), 30, "the board to start its download")
+
+    def reports() -> int:
+        return int(next((d["received"] for d in monitor.store.devices() if d["device_id"] == device), 0))
+
+    during = reports()
+    # Heartbeats keep arriving while the download hangs (it runs in a worker, not the telemetry loop).
+    wait_until(lambda: reports() >= during + 4 or r.states(capsys)[device] != "pending", 30, "heartbeats")
+    assert r.states(capsys)[device] == "pending"
+    wait_until(lambda: r.states(capsys)["_rollout"] == "halted", 30, "the board to give up at its deadline")
+    code, doc = r.cli(capsys, "status")
+    assert "did not finish within 6 s" in doc["rollouts"][0]["devices"][0]["detail"]
+    assert r.version(device) == 1 and r.procs[device].poll() is None
 
 
 def test_a_tampered_file_halts_the_rollout_and_the_board_keeps_its_model(

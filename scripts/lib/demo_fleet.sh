@@ -47,8 +47,13 @@ demo_fleet() {
   done
 
   ew_log "fleet: monitor (verifies every signature) and the board's guarded service with telemetry"
-  "${ew[@]}" monitor --fleet-dir "$fleet" --broker "127.0.0.1:$port" --operator operator --exclusive &
+  "${ew[@]}" monitor --fleet-dir "$fleet" --broker "127.0.0.1:$port" --operator operator --exclusive \
+    > >(tee "$WORK/monitor.out") &
   pids+=($!)
+  for i in $(seq 150); do  # the monitor subscribes before the board reports anything worth seeing
+    grep -q '^monitoring' "$WORK/monitor.out" 2>/dev/null && break
+    sleep 0.1
+  done
   local token
   token="$("${agent[@]}" token add --data-dir "$BOARD_DIR" --role user --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')"
   "${agent[@]}" serve --data-dir "$BOARD_DIR" --socket "$WORK/agent.sock" --broker "127.0.0.1:$port" \
@@ -126,8 +131,10 @@ PYEOF
       "$PY" - "$RELEASE_DIR" "$web_port" "$broker/edgeward-broker.crt" "$broker/edgeward-broker.key" <<'PYEOF' &
 import functools, http.server, ssl, sys
 root, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)
-handler.log_message = lambda *a: None
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+handler = functools.partial(Quiet, directory=root)
 server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
 ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
 ctx.load_cert_chain(cert, key)
