@@ -72,7 +72,9 @@ def _labels(path: str | None) -> list[str] | None:
     return labels
 
 
-def _progress(args: argparse.Namespace) -> Callable[[Iterable[Any]], Iterable[Any]]:
+def _progress(args: argparse.Namespace, *, streamed: bool = False) -> Callable[[Iterable[Any]], Iterable[Any]]:
+    """A progress bar over the devices; ``streamed`` counts them as they come (no total known
+    in advance, nothing held per device)."""
     if args.json or args.quiet:
         return lambda it: it
     try:
@@ -81,7 +83,7 @@ def _progress(args: argparse.Namespace) -> Callable[[Iterable[Any]], Iterable[An
         return lambda it: it
 
     def bar(it: Iterable[Any]) -> Iterable[Any]:
-        items = list(it)
+        items = it if streamed else list(it)
         return tqdm(items, desc="packing", unit="device", disable=None, file=sys.stderr)
 
     return bar
@@ -99,7 +101,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
 def _pack_with(args: argparse.Namespace, profile: Profile, signer: Signer) -> int:
     from .pack import PackOptions, build_policy, discover_devices, load_enrolments, pack, parse_cli_time
 
-    devices = load_enrolments(discover_devices(args.device, args.devices_dir))
+    v2 = args.layout != "v1"
+    if v2:  # read one at a time while packing: memory flat in the device count
+        from .release import iter_devices
+
+        device_paths = iter_devices(args.device, args.devices_dir)
+    else:
+        devices = load_enrolments(discover_devices(args.device, args.devices_dir))
     task: dict[str, Any] = {}
     if args.task:
         task["kind"] = args.task
@@ -130,6 +138,23 @@ def _pack_with(args: argparse.Namespace, profile: Profile, signer: Signer) -> in
         compress=not args.no_compress,
         **extra,
     )
+    if v2:
+        from .release import pack_release
+
+        r = pack_release(model, profile, signer, device_paths, opts, Path(args.out), layout=args.layout,
+                         progress=_progress(args, streamed=True)).report
+        emit(
+            args,
+            r,
+            lambda d: (summary(d["hardening"]) + "\n" if d["hardening"] else "")
+            + f"packed {d['model']['id']} v{d['model']['version']} ({d['model']['size_bytes']} bytes, "
+            f"{d['model']['compression']}) as release {d['release']['release_id']} for "
+            f"{d['release']['devices']} device(s) with {d['cipher']}, signed once; "
+            f"{d['release']['bytes_per_device']} bytes per device\n"
+            + (f"payload.ewp, envelopes/, release.json, model-card.cdx.json and report.json in {args.out}"
+               if d["layout"] == "shared" else f"single files, model-card.cdx.json and report.json in {args.out}"),
+        )
+        return 0
     result = pack(model, profile, signer, devices, opts, Path(args.out), progress=_progress(args))
     r = result.report
     emit(
@@ -144,14 +169,26 @@ def _pack_with(args: argparse.Namespace, profile: Profile, signer: Signer) -> in
 
 
 def _describe_unverified(head: bytes) -> dict[str, Any]:
+    from device_agent.bundle import release
     from device_agent.bundle.format import HEADER_BYTES, read_header
+    from device_agent.crypto import SIGNATURE_BYTES
 
+    if head.startswith(release.ENVELOPE_MAGIC):  # a v2 single file: the envelope, then the release head
+        env_bytes, payload_head = release.split_single(head)
+        env = release.parse_envelope(env_bytes)
+        try:
+            manifest = json.loads(bytes(payload_head[release.PAYLOAD_HEADER_BYTES : -SIGNATURE_BYTES]))
+        except ValueError as e:
+            raise FormatError(f"release head is not JSON: {e}") from e
+        manifest.update(device_id=env.device_id, device_key=env.device_key, leaf_index=env.index)
+        return {"format_version": 2, "publisher_key_id": bytes(payload_head[16:32]).hex(), "manifest": manifest}
     manifest_len, kid = read_header(head)
     try:
         manifest = json.loads(head[HEADER_BYTES : HEADER_BYTES + manifest_len])
     except ValueError as e:
         raise FormatError(f"manifest is not JSON: {e}") from e
-    return {"publisher_key_id": kid.hex(), "manifest": manifest}
+    return {"format_version": 1, "publisher_key_id": kid.hex(), "manifest": manifest}
+
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -292,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--no-compress", action="store_true", help="do not compress the payload before encryption")
     sp.add_argument("--out", required=True)
+    sp.add_argument(
+        "--layout", choices=["v1", "shared", "single-v2"], default="v1",
+        help="v1 (default): OUT/<device-id>.ewb, the model encrypted per device; shared: one release in "
+        "format v2, OUT/payload.ewp (encrypted once) + OUT/envelopes/<device-id>.ewe + OUT/release.json, "
+        "signed once; single-v2: one v2 single file OUT/<device-id>.ewb per device (docs/bundle-format.md)",
+    )
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     add_hardening_options(sp, for_pack=True)

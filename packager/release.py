@@ -44,6 +44,21 @@ INDEX_SCHEMA = "edgeward.release-index/1"
 COPY_STEP = 1 << 20
 
 
+def iter_devices(files: list[str] | None, devices_dir: str | None) -> Iterator[Path]:
+    """The enrolment files of ``--device`` and ``--devices-dir``, one at a time: a directory is
+    scanned as it is read (its ``*.json`` files in directory order), never listed whole."""
+    for f in files or []:
+        yield Path(f)
+    if devices_dir:
+        d = Path(devices_dir)
+        if not d.is_dir():
+            raise UsageError(f"--devices-dir {d} is not a directory")
+        with os.scandir(d) as entries:
+            for entry in entries:
+                if entry.name.endswith(".json") and not entry.name.startswith(".") and entry.is_file():
+                    yield Path(entry.path)
+
+
 def sync_filesystem(path: Path) -> None:
     """Flush every written file of the filesystem holding ``path`` to disk in one call
     (Linux ``syncfs``; ``sync`` where it is missing)."""

@@ -286,3 +286,78 @@ def test_pack_release_refuses_a_device_enrolled_twice_and_writes_nothing(digits,
     with pytest.raises(UsageError, match="enrolled twice"):
         release_for(digits.onnx, [board, board])
     assert not any(p.name.startswith("release-") and any(p.iterdir()) for p in tmp_path.iterdir())
+
+
+def test_pack_layout_shared_from_the_cli_writes_one_payload_and_small_envelopes(
+    digits, make_board, publisher, tmp_path, monkeypatch, capsys
+) -> None:
+    """`edgeward pack --layout shared --devices-dir`: one payload, an envelope per device, the
+    release index, `--json` like the v1 pack; a second release into the same OUT replaces the
+    first one's envelopes; v1 stays the default."""
+    from packager.cli import main as host_main
+
+    boards = [make_board(f"pi-{i:03d}") for i in range(4)]
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    for b in boards:
+        (devices / b.enrolment.name).write_bytes(b.enrolment.read_bytes())
+    common = [str(digits.onnx), "--profile", "rpi4b", "--publisher-key", str(publisher / "publisher.key"),
+              "--devices-dir", str(devices), "--model-id", "digits", "--out", str(tmp_path / "out"), "--json"]
+    capsys.readouterr()
+    assert host_main(["pack", *common, "--model-version", "1", "--layout", "shared"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    out = tmp_path / "out"
+    assert report["layout"] == "shared" and report["release"]["devices"] == 4
+    assert sorted(p.name for p in (out / "envelopes").iterdir()) == [f"pi-{i:03d}.ewe" for i in range(4)]
+    assert not list(out.glob("*.ewb")) and not list(out.glob(".edgeward-staging-*"))
+    assert report["release"]["bytes_per_device"] < 1024
+    index = json.loads((out / "release.json").read_text())
+    assert index["release_id"] == report["release"]["release_id"]
+    boards[2].agent().install_release(_env(out, "pi-002"), out / "payload.ewp")
+    (devices / "pi-003.json").unlink()  # left out of the next release: revoked from it
+    assert host_main(["pack", *common, "--model-version", "2", "--layout", "shared"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (out / "envelopes").iterdir()) == [f"pi-{i:03d}.ewe" for i in range(3)]
+    boards[2].agent().install_release(_env(out, "pi-002"), out / "payload.ewp")
+    assert host_main(["pack", *common[:-3], "--out", str(tmp_path / "v1"), "--model-version", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "v1").glob("*.ewb")) == [f"pi-{i:03d}.ewb" for i in range(3)]
+
+
+def test_inspect_shows_and_verifies_a_v2_single_file(digits, make_board, release_for, publisher, capsys) -> None:
+    from packager.cli import main as host_main
+
+    board = make_board()
+    out = release_for(digits.onnx, [board], layout="single-v2")
+    capsys.readouterr()
+    assert host_main(["inspect", str(out / "pi-001.ewb"), "--publisher-pub", str(publisher / "publisher.pub"),
+                      "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verified"] is True and doc["format_version"] == 2
+    assert doc["manifest"]["device_id"] == "pi-001" and doc["manifest"]["schema"] == "edgeward.release/2"
+
+
+GOLDEN = Path(__file__).parent / "data" / "v2"
+
+
+@pytest.mark.parametrize("form", ["envelope", "single"])
+def test_golden_v2_release_still_installs_and_predicts(tmp_path: Path, form: str) -> None:
+    """A release written by the first version 2 packager keeps installing (tests/data/make_golden.py):
+    from the envelope and payload, and from the single file; another board's envelope is refused."""
+    import shutil
+
+    from device_agent import Agent
+    from device_agent.store.keys import KeySource
+
+    board = tmp_path / "board"
+    shutil.copytree(GOLDEN / "board", board)
+    expected = json.loads((GOLDEN / "expected.json").read_text())
+    agent = Agent(board, KeySource(kek=(GOLDEN / "kek.bin").read_bytes()))
+    with pytest.raises(WrongDevice):
+        agent.install_release(GOLDEN / "envelopes" / "golden-other.ewe", GOLDEN / "payload.ewp")
+    if form == "envelope":
+        m = agent.install_release(GOLDEN / "envelopes" / "golden-board.ewe", GOLDEN / "payload.ewp")
+    else:
+        m = agent.install_file(GOLDEN / "golden.ewb")
+    assert (m.model_id, m.model_version, m.format_version) == ("golden", 1, 2)
+    got = agent.predict(np.load(GOLDEN / "input.npy"))
+    assert [p["label"] for p in got["predictions"]] == expected["labels"]

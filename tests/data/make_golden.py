@@ -1,6 +1,12 @@
 """Write the golden bundle of a released format version into tests/data/v<N>/ (run once per release).
 
     python tests/data/make_golden.py tests/data/v1
+    python tests/data/make_golden.py tests/data/v2
+
+Version 2 (a shared release) adds payload.ewp, the board's envelope (envelopes/golden-board.ewe),
+another board's envelope of the same release (envelopes/golden-other.ewe, so the Merkle tree has
+two leaves and the proof is not empty) and the board's single file (golden.ewb: envelope, then
+payload).
 
 The directory then holds: a tiny real ONNX classifier's bundle (golden.ewb), the publisher's
 public key, a provisioned board whose keys are wrapped under the test-only key file kek.bin,
@@ -73,5 +79,47 @@ def main(out: Path) -> None:
     print(f"golden bundle written to {out}")
 
 
+def main_v2(out: Path) -> None:
+    import tempfile
+
+    from packager.release import pack_release
+
+    out.mkdir(parents=True, exist_ok=True)
+    kek = bytes(range(100, 132))
+    (out / "kek.bin").write_bytes(kek)
+    signer = Ed25519PrivateKey.generate()
+    pub = crypto.ed25519_public_raw(signer)
+    (out / "publisher.pub").write_bytes(public_key_pem(pub))
+    created = datetime(2026, 12, 4, tzinfo=UTC)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "golden-board.json").write_bytes(
+            Agent.provision(out / "board", "golden-board", [pub], [], KeySource(kek=kek), now=created))
+        (work / "golden-other.json").write_bytes(
+            Agent.provision(work / "other", "golden-other", [pub], [], KeySource(kek=kek), now=created))
+        model = ModelFile(out / "tiny.onnx", tiny_classifier(), "onnx")
+        opts = PackOptions(model_id="golden", model_version=1, task=infer_task(model, {"labels": ["a", "b", "c"]}),
+                           created=created)
+        from packager.signers import FileSigner
+
+        enrolments = [work / "golden-board.json", work / "golden-other.json"]
+        pack_release(model, load_profile("rpi4b"), FileSigner(signer), enrolments, opts, work / "packed")
+        shutil.copy(work / "packed" / "payload.ewp", out / "payload.ewp")
+        shutil.copytree(work / "packed" / "envelopes", out / "envelopes")
+    env = (out / "envelopes" / "golden-board.ewe").read_bytes()
+    (out / "golden.ewb").write_bytes(env + (out / "payload.ewp").read_bytes())
+    x = np.random.default_rng(2).standard_normal((5, 4)).astype(np.float32)
+    np.save(out / "input.npy", x)
+    probe = out / "probe"
+    shutil.copytree(out / "board", probe)
+    agent = Agent(probe, KeySource(kek=kek))
+    agent.install_release(out / "envelopes" / "golden-board.ewe", out / "payload.ewp")
+    expected = [p["label"] for p in agent.predict(x)["predictions"]]
+    shutil.rmtree(probe)
+    (out / "expected.json").write_text(json.dumps({"labels": expected, "model_sha256": model.sha256}) + "\n")
+    print(f"golden release written to {out}")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    target = Path(sys.argv[1])
+    main_v2(target) if target.name == "v2" else main(target)
