@@ -469,6 +469,7 @@ class CommandLimits:
     wipe_publish_s: float = 10.0  # how long a decommission waits for the broker to take its result
     # over-the-air updates (docs/commands.md, "update")
     max_update_bytes: int = 2 * 1024**3  # a file an update names (BundleLimits.max_bundle_bytes' bound)
+    max_update_url_chars: int = 2048  # an update's download address
     update_connect_s: float = 15.0  # to open a TCP+TLS connection to the file server
     update_read_s: float = 30.0  # the longest wait for the next bytes from the server
     update_deadline_s: float = 1800.0  # the whole download, every retry included
@@ -477,7 +478,7 @@ class CommandLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_command_bytes", "max_queue_items", "max_queue_bytes", "max_result_bytes", "max_anchors",
-                     "max_update_bytes", "update_attempts"):
+                     "max_update_bytes", "max_update_url_chars", "update_attempts"):
             _int(self, name)
         for name in ("future_skew_s", "beacon_hold_s", "wipe_publish_s", "update_connect_s", "update_read_s",
                      "update_deadline_s"):

@@ -244,18 +244,23 @@ class Step:
     detail: str
 
 
-def _counts(boards: list[dict[str, Any]]) -> dict[str, int]:
+def counts_of(boards: list[dict[str, Any]]) -> dict[str, int]:
     return {s: sum(1 for b in boards if b["state"] == s) for s in BOARD_STATES}
 
 
-def summary(boards: list[dict[str, Any]]) -> str:
-    c = _counts(boards)
-    return ", ".join(f"{c[s]} {s}" for s in BOARD_STATES if c[s]) or "no boards"
+def summary(boards: list[dict[str, Any]] | dict[str, int]) -> str:
+    c = boards if isinstance(boards, dict) else counts_of(boards)
+    return ", ".join(f"{c[s]} {s}" for s in BOARD_STATES if c.get(s)) or "no boards"
 
 
-def done_detail(boards: list[dict[str, Any]]) -> str:
-    pending = any(b["state"] == "pending" for b in boards)
-    return f"done: {summary(boards)}" + ("; pending boards update when they come back" if pending else "")
+def done_detail(boards: list[dict[str, Any]] | dict[str, int]) -> str:
+    c = boards if isinstance(boards, dict) else counts_of(boards)
+    return f"done: {summary(c)}" + ("; pending boards update when they come back" if c.get("pending") else "")
+
+
+def halted_detail(stage: int, failures: int, max_failures: Any, failed: list[str]) -> str:
+    return (f"halted at stage {stage + 1}: {failures} board(s) failed (--max-failures {max_failures}): "
+            f"{', '.join(failed[:10])}")
 
 
 def decide(rollout: dict[str, Any], boards: list[dict[str, Any]], now: datetime) -> Step:
@@ -267,8 +272,7 @@ def decide(rollout: dict[str, Any], boards: list[dict[str, Any]], now: datetime)
     last = len(rollout["stages"]) - 1
     failed = [b["device_id"] for b in boards if b["state"] == "failed"]
     if len(failed) >= int(rollout["max_failures"]):
-        return Step("halted", stage, started, (), f"halted at stage {stage + 1}: {len(failed)} board(s) failed "
-                    f"(--max-failures {rollout['max_failures']}): {', '.join(failed[:10])}")
+        return Step("halted", stage, started, (), halted_detail(stage, len(failed), rollout["max_failures"], failed))
     timeout = timedelta(seconds=int(rollout["stage_timeout_s"]))
     while True:
         current = [b for b in boards if b["stage"] <= stage]
@@ -292,36 +296,27 @@ def decide(rollout: dict[str, Any], boards: list[dict[str, Any]], now: datetime)
 def sync(store: Any, ledger: Any, now: datetime, device_id: str | None = None) -> list[str]:
     """Record in the rollouts what boards answered to their update commands (the ledger holds
     the verified results), and halt a rollout that reached its failure limit; returns the
-    releases that moved. The monitor calls this as results arrive; ``--resume`` and
-    ``import-result`` do too."""
-    moved = []
-    for r in store.rollouts():
-        boards = store.rollout_devices(r["release_id"])
-        changed = False
-        for b in boards:
-            if b["state"] not in ("pending", "expired") or b["seq"] is None:
-                continue
-            if device_id is not None and b["device_id"] != device_id:
-                continue
-            c = ledger.command(b["device_id"], int(b["seq"]))
-            if c is None or c["sha256"] != b["command_sha256"]:
-                continue
-            state = {"applied": "updated", "refused": "failed", "expired": "expired",
-                     "cancelled": "cancelled"}.get(c["state"])
-            if state is not None and state != b["state"] and store.rollout_answered(
-                r["release_id"], b["device_id"], int(b["seq"]), state, c.get("detail") or "", now
-            ):
-                b["state"] = state
-                changed = True
-        if changed:
-            moved.append(r["release_id"])
-            step = decide(r, boards, now)
-            if step.state == "halted" and r["state"] == "running":
-                store.rollout_moved(r["release_id"], "halted", step.stage, format_time(step.stage_started),
-                                    step.detail, now)
-            elif r["state"] == "done":  # a pending board came back: the summary follows it
-                store.rollout_moved(r["release_id"], "done", int(r["stage"]), r["stage_started"],
-                                    done_detail(boards), now)
+    releases that moved. The monitor calls this for one board as its result arrives (a few
+    indexed queries, whatever the fleet's size); ``--resume`` and ``import-result`` for all."""
+    moved: list[str] = []
+    for b in store.rollout_open(device_id):
+        c = ledger.command(b["device_id"], int(b["seq"]))
+        if c is None or c["sha256"] != b["command_sha256"]:
+            continue
+        state = {"applied": "updated", "refused": "failed", "expired": "expired",
+                 "cancelled": "cancelled"}.get(c["state"])
+        if state is not None and state != b["state"] and store.rollout_answered(
+            b["release_id"], b["device_id"], int(b["seq"]), state, c.get("detail") or "", now
+        ) and b["release_id"] not in moved:
+            moved.append(b["release_id"])
+    for release_id in moved:
+        [r] = store.rollouts(release_id)
+        counts, failed = store.rollout_counts(release_id)
+        if r["state"] == "running" and counts.get("failed", 0) >= int(r["max_failures"]):
+            store.rollout_moved(release_id, "halted", int(r["stage"]), r["stage_started"],
+                                halted_detail(int(r["stage"]), counts.get("failed", 0), r["max_failures"], failed), now)
+        elif r["state"] == "done":  # a pending board came back: the summary follows it
+            store.rollout_moved(release_id, "done", int(r["stage"]), r["stage_started"], done_detail(counts), now)
     return moved
 
 
@@ -366,7 +361,7 @@ def orders_for(release: Release | None, rollout: dict[str, Any], issue: Iterable
         if rollout.get("payload_url"):
             args["payload"] = {"url": rollout["payload_url"], "length": int(rollout["payload_length"]),
                                "sha256": rollout["payload_sha256"]}
-        out.append((d, update_args(args, DEFAULT_CONFIG.commands.max_update_bytes)))
+        out.append((d, update_args(args, DEFAULT_CONFIG.commands)))
     return out
 
 
@@ -381,14 +376,21 @@ def view(store: Any) -> list[dict[str, Any]]:
     return out
 
 
+TEXT_BOARDS = 50  # boards listed per rollout in text; --json lists every one
+
+
 def text_view(rollouts: list[dict[str, Any]]) -> list[str]:
     lines = []
     for r in rollouts:
         lines.append(f"rollout {r['release_id']} ({r['model_id']} v{r['model_version']}): {r['state']}, stage "
                      f"{int(r['stage']) + 1}/{len(r['stages'])} of {','.join(f'{p}%' for p in r['stages'])}; "
                      f"{r['summary']}" + (f" -- {r['detail']}" if r["detail"] else ""))
-        for b in r["devices"]:
+        # Those that need a look first (failed, pending, expired...), then the rest, in order.
+        shown = sorted(r["devices"], key=lambda b: (b["state"] in ("updated", "waiting"), b["position"]))
+        for b in shown[:TEXT_BOARDS]:
             lines.append(f"  {b['position']:>4} {b['device_id']:<24} stage {b['stage']}  {b['state']:<9}"
                          + (f" #{b['seq']}" if b["seq"] is not None else "")
                          + (f"  {str(b['detail'])[:100]}" if b["detail"] else ""))
+        if len(shown) > TEXT_BOARDS:
+            lines.append(f"  ... and {len(shown) - TEXT_BOARDS} more boards ('fleet status --json' lists every one)")
     return lines

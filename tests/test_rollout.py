@@ -320,7 +320,10 @@ def test_the_rollout_tables_are_kept_by_the_store(make_store: Callable[[], Any])
                "sha256": "0" * 64, "state": "waiting"}]
     assert store.create_rollout(r, boards) and not store.create_rollout(r, boards)
     store.rollout_issued("r", "pi-1", 7, "1" * 64, T0)
+    assert [(b["device_id"], b["seq"]) for b in store.rollout_open("pi-1")] == [("pi-1", 7)]
+    assert store.rollout_open("pi-2") == []
     assert store.rollout_answered("r", "pi-1", 7, "updated", "ok", T0)
+    assert store.rollout_open() == [] and store.rollout_counts("r") == ({"updated": 1}, [])
     assert not store.rollout_answered("r", "pi-1", 7, "failed", "a late refusal never undoes it", T0)
     [b] = store.rollout_devices("r")
     assert (b["state"], b["seq"]) == ("updated", 7)

@@ -32,7 +32,8 @@ from tests.fixtures.files import FileServer, files_fixture, files_home_fixture  
 from tests.fixtures.trusted import Operator
 
 DEVICE = "pi-ota"
-MAX = DEFAULT_CONFIG.commands.max_update_bytes
+LIMITS = DEFAULT_CONFIG.commands
+MAX = LIMITS.max_update_bytes
 
 
 @dataclass
@@ -265,7 +266,7 @@ GOOD = {"release_id": "r1", "model_id": "digits", "model_version": 2,
 ])
 def test_update_addresses_other_than_plain_https_are_refused(url: str) -> None:
     with pytest.raises(FormatError):
-        update_args(GOOD | {"bundle": GOOD["bundle"] | {"url": url}}, MAX)
+        update_args(GOOD | {"bundle": GOOD["bundle"] | {"url": url}}, LIMITS)
 
 
 @pytest.mark.parametrize("change", [
@@ -274,7 +275,7 @@ def test_update_addresses_other_than_plain_https_are_refused(url: str) -> None:
 ])
 def test_update_lengths_and_digests_are_bounded_and_strict(change: dict[str, Any]) -> None:
     with pytest.raises(FormatError):
-        update_args(GOOD | {"bundle": GOOD["bundle"] | change}, MAX)
+        update_args(GOOD | {"bundle": GOOD["bundle"] | change}, LIMITS)
 
 
 def test_a_signed_update_round_trips_and_unknown_fields_are_refused() -> None:
@@ -282,9 +283,9 @@ def test_a_signed_update_round_trips_and_unknown_fields_are_refused() -> None:
     cmd = Command("update", "pi-1", 1, now, now.replace(year=now.year + 1), GOOD)
     assert cmd.args == GOOD
     with pytest.raises(FormatError):
-        update_args(GOOD | {"note": "x"}, MAX)
+        update_args(GOOD | {"note": "x"}, LIMITS)
     with pytest.raises(FormatError):
-        update_args({k: v for k, v in GOOD.items() if k != "bundle"}, MAX)
+        update_args({k: v for k, v in GOOD.items() if k != "bundle"}, LIMITS)
 
 
 _json = st.recursive(
@@ -306,8 +307,8 @@ _artifact = st.fixed_dictionaries({"url": _url, "length": st.integers(-5, MAX + 
 ))
 def test_fuzzed_update_arguments_are_refused_cleanly_or_parsed_to_a_fixed_point(raw: Any) -> None:
     try:
-        parsed = update_args(raw, MAX)
+        parsed = update_args(raw, LIMITS)
     except FormatError:
         return
-    assert update_args(json.loads(json.dumps(parsed)), MAX) == parsed
+    assert update_args(json.loads(json.dumps(parsed)), LIMITS) == parsed
     assert parsed["bundle"]["url"].startswith("https://") and 1 <= parsed["bundle"]["length"] <= MAX

@@ -78,17 +78,16 @@ def _b64_key(value: Any, what: str) -> bytes:
     return key
 
 
-MAX_URL_CHARS = 2048  # an update's download address
 _URL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/?#[]@!$&'()*+,;=%")
 
 
-def https_url(value: Any, what: str) -> str:
+def https_url(value: Any, what: str, limits: CommandLimits = DEFAULT_CONFIG.commands) -> str:
     """An absolute ``https://`` address without credentials or fragment, in plain ASCII: what a
     board fetches an update from. The address is the operator's (signed); the server behind it
     is trusted for nothing (the bytes are checked against the signed length and digest)."""
     from urllib.parse import urlsplit
 
-    url = str_field(value, what, limit=MAX_URL_CHARS)
+    url = str_field(value, what, limit=limits.max_update_url_chars)
     if not set(url) <= _URL_CHARS:
         raise FormatError(f"{what} must be plain ASCII without spaces or control characters")
     try:
@@ -109,12 +108,12 @@ def https_url(value: Any, what: str) -> str:
     return url
 
 
-def _artifact(raw: Any, what: str, max_bytes: int) -> dict[str, Any]:
+def _artifact(raw: Any, what: str, limits: CommandLimits) -> dict[str, Any]:
     """One file an update downloads: its address, exact length and SHA-256, all signed."""
     a = obj_fields(raw, what, {"url", "length", "sha256"}, {"url", "length", "sha256"})
     return {
-        "url": https_url(a["url"], f"{what} url"),
-        "length": int_field(a["length"], f"{what} length", 1, max_bytes),
+        "url": https_url(a["url"], f"{what} url", limits),
+        "length": int_field(a["length"], f"{what} length", 1, limits.max_update_bytes),
         "sha256": str_field(a["sha256"], f"{what} sha256", HEX64_RE),
     }
 
@@ -122,7 +121,7 @@ def _artifact(raw: Any, what: str, max_bytes: int) -> dict[str, Any]:
 UPDATE_FIELDS = {"release_id", "model_id", "model_version", "bundle", "payload"}
 
 
-def update_args(raw: Any, max_bytes: int) -> dict[str, Any]:
+def update_args(raw: Any, limits: CommandLimits = DEFAULT_CONFIG.commands) -> dict[str, Any]:
     """The arguments of an ``update``: the release, the model and version it brings, the file to
     fetch (a version 1 bundle, or a version 2 envelope) and, for the shared layout, the payload."""
     a = obj_fields(raw, "update arguments", UPDATE_FIELDS, UPDATE_FIELDS - {"payload"})
@@ -130,10 +129,10 @@ def update_args(raw: Any, max_bytes: int) -> dict[str, Any]:
         "release_id": str_field(a["release_id"], "release_id", ID_RE),
         "model_id": str_field(a["model_id"], "model_id", ID_RE),
         "model_version": int_field(a["model_version"], "model_version", 1, MAX_VERSION),
-        "bundle": _artifact(a["bundle"], "bundle", max_bytes),
+        "bundle": _artifact(a["bundle"], "bundle", limits),
     }
     if "payload" in a:
-        out["payload"] = _artifact(a["payload"], "payload", max_bytes)
+        out["payload"] = _artifact(a["payload"], "payload", limits)
     return out
 
 
@@ -169,7 +168,7 @@ def _args(kind: str, raw: Any, limits: CommandLimits) -> dict[str, Any]:
         a = obj_fields(raw, "cancel arguments", {"seq"}, {"seq"})
         return {"seq": int_field(a["seq"], "cancelled seq", 1, MAX_VERSION)}
     if kind == "update":
-        return update_args(raw, limits.max_update_bytes)
+        return update_args(raw, limits)
     raise FormatError(f"command kind must be one of {', '.join(KINDS)}")
 
 

@@ -497,6 +497,24 @@ class StoreReads:
     def rollout_devices(self, release_id: str) -> list[dict[str, Any]]:
         return self._dicts("SELECT * FROM rollout_devices WHERE release_id = ? ORDER BY position", (release_id,))
 
+    def rollout_open(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Boards whose update command has no final answer yet (of one device, or all)."""
+        dev = device_id or ""
+        return self._dicts(
+            "SELECT release_id, device_id, seq, command_sha256, state FROM rollout_devices WHERE state IN "
+            "('pending', 'expired') AND seq IS NOT NULL AND (? = '' OR device_id = ?) ORDER BY release_id, position",
+            (dev, dev),
+        )
+
+    def rollout_counts(self, release_id: str) -> tuple[dict[str, int], list[str]]:
+        """A rollout's boards counted by state, and its first ten failed boards in order."""
+        counts = {str(r["state"]): int(r["n"]) for r in self._dicts(
+            "SELECT state, COUNT(*) AS n FROM rollout_devices WHERE release_id = ? GROUP BY state", (release_id,))}
+        failed = [str(r["device_id"]) for r in self._dicts(
+            "SELECT device_id FROM rollout_devices WHERE release_id = ? AND state = 'failed' ORDER BY position "
+            "LIMIT 10", (release_id,))]
+        return counts, failed
+
     def rollout_issued(self, release_id: str, device_id: str, seq: int, command_sha256: str, now: datetime) -> None:
         """The board's update command was signed (and recorded in the ledger): it is pending."""
         t = format_time(now)
