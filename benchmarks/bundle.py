@@ -35,6 +35,16 @@ What it measures, each figure printed next to its target with PASS/MISS:
    writes), verified by ``load_enrolments``; they are made directly with ``Enrolment`` + Ed25519
    because ``Agent.provision`` spends most of its time in Argon2 key wrapping.
 
+4. Bundle format version 2 (``--layout shared``): ``packager.release.pack_release`` of a 5 MiB
+   model for 100,000 devices (target < 60 s on 2 cores) and for 10,000 (``--quick``: 10,000 and
+   1,000), each in its own subprocess, enrolments streamed from the directory as
+   ``edgeward pack --devices-dir`` does. Output: one payload plus the envelopes, printed as bytes
+   per device (target < 1,024). Peak extra RSS of both runs: the per-device state is the 32-byte
+   leaf hash and its share of the Merkle tree above it (64 bytes in all), so the target is growth
+   < 100 bytes per extra device. The v2 open rows of section 1 open a version 2 single file of the
+   same 100 MiB model through the same agent path (``verify_bundle`` + in-place ``decrypt``).
+   ``--release`` runs only the v2 rows.
+
 Artefacts go to a temporary directory that is removed at the end.
 """
 
@@ -66,6 +76,10 @@ OPEN_MODEL_BYTES = 100 * MIB
 ONNX_SIDE = 5000  # float32 [5000, 5000] initializer: 100,000,000 bytes
 PACK_MODEL_BYTES = 5 * MIB
 PACK_DEVICES = (1000, 100)
+RELEASE_DEVICES = (100_000, 10_000)
+RELEASE_DEVICES_QUICK = (10_000, 1_000)
+TARGET_ENVELOPE_BYTES = 1024
+TARGET_RELEASE_GROWTH = 100  # bytes of peak RSS per extra device
 PKCS11_DEVICES = 100
 SIGN_REPS = 1000
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
@@ -266,6 +280,41 @@ def child_pack(devices_dir: str, count: int, out_dir: str, signer_spec: str) -> 
     )
 
 
+def child_release(devices_dir: str, count: int, out_dir: str, key_file: str) -> None:
+    """Pack a 5 MiB random model as one v2 release (--layout shared) for the first ``count``
+    enrolments streamed from ``devices_dir``; print time, peak memory and the output's size."""
+    import gc
+    import itertools
+
+    from packager.modelfile import ModelFile
+    from packager.pack import PackOptions
+    from packager.profiles import load_profile
+    from packager.release import iter_devices, pack_release
+    from packager.signers import open_signer
+
+    signer = open_signer(key_file)
+    profile = load_profile("rpi4b")
+    opts = PackOptions(model_id="bench", model_version=1, compress=False)
+    model = ModelFile(Path("bench.onnx"), os.urandom(PACK_MODEL_BYTES), "onnx")
+    gc.collect()
+    before = proc_status()
+    reset = reset_peak()
+    t0 = time.perf_counter()
+    result = pack_release(model, profile, signer, itertools.islice(iter_devices(None, devices_dir), count), opts,
+                          Path(out_dir))
+    pack_s = time.perf_counter() - t0
+    peak = peak_since(before, reset)
+    signer.close()
+    rel = result.report["release"]
+    out = Path(out_dir)
+    total = sum(e.stat().st_size for e in os.scandir(out / "envelopes")) + (out / "payload.ewp").stat().st_size
+    print(json.dumps({"devices": rel["devices"], "pack_s": pack_s, "extra_peak": peak - before["VmRSS"],
+                      "hwm_reset": reset, "payload_bytes": rel["payload_bytes"],
+                      "envelope_bytes": rel["envelope_bytes"], "output_bytes": total,
+                      "leaves_s": result.report["seconds"]["prepare"],
+                      "envelopes_s": result.report["seconds"]["bundles"]}))
+
+
 # --- parent: set-up -------------------------------------------------------------------------------
 
 
@@ -345,10 +394,25 @@ def make_open_bundles(tmp: Path) -> dict:
         out = tmp / f"open-{profile_name}"
         pack(model, profile, FileSigner(signer), [dev], opts, out)
         bundles[profile.cipher] = out / "bench-open.ewb"
+    # The same model as a v2 single file (envelope + shared payload), once per cipher.
+    from device_agent.bundle.enrolment import DOMAIN
+    from device_agent.wire import canonical_json
+    from packager.release import pack_release
+
+    device_key = Ed25519PrivateKey.generate()
+    dev2 = Enrolment("bench-open", box_public, crypto.ed25519_public_raw(device_key), datetime.now(UTC))
+    enrolment = tmp / "bench-open.json"
+    enrolment.write_bytes(dev2.signed_bytes(crypto.sign(device_key, DOMAIN, canonical_json(dev2.body()))))
+    releases = {}
+    for profile_name in ("rpi4b", "rpi5"):
+        profile = load_profile(profile_name)
+        out = tmp / f"open-v2-{profile_name}"
+        pack_release(model, profile, FileSigner(signer), [enrolment], opts, out, layout="single-v2")
+        releases[profile.cipher] = out / "bench-open.ewb"
     keyfile = tmp / "open-keys.json"
     keyfile.write_text(json.dumps({"device_private": box_private.hex(),
                                    "publisher_public": crypto.ed25519_public_raw(signer).hex()}))
-    return {"bundles": bundles, "device_private": box_private,
+    return {"bundles": bundles, "releases": releases, "device_private": box_private,
             "publisher_public": crypto.ed25519_public_raw(signer), "keyfile": keyfile}
 
 
@@ -488,10 +552,10 @@ def median_ms(fn, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def bench_open_throughput(setup: dict, reps: int) -> list[dict]:
+def bench_open_throughput(setup: dict, reps: int, which: str = "bundles") -> list[dict]:
     publishers = [setup["publisher_public"]]
     return [open_one_suite(suite, path, publishers, setup["device_private"], reps)
-            for suite, path in setup["bundles"].items()]
+            for suite, path in setup[which].items()]
 
 
 def open_one_suite(suite: str, path: Path, publishers: list[bytes], device_private: bytearray,
@@ -602,6 +666,63 @@ def open_one_suite(suite: str, path: Path, publishers: list[bytes], device_priva
             "breakdown": breakdown}
 
 
+def release_rows(tmp: Path, setup: dict, reps: int, quick: bool) -> int:
+    """Format v2: the open throughput of a v2 single file against raw AEAD (as section 1), and
+    section 4, the shared-layout pack at fleet scale. Returns the number of targets missed."""
+    failures = 0
+    print(f"\n1b. v2 single file open throughput (the same agent path) vs raw AEAD, 100 MiB, median of {reps}")
+    for r in bench_open_throughput(setup, reps, "releases"):
+        ok = r["ratio"] >= TARGET_RATIO
+        failures += not ok
+        record("bundle", f"bundle v2 open / raw AEAD throughput, {r['suite']}, 100 MiB", round(r["ratio"], 2),
+               "ratio", f">= {TARGET_RATIO}", ok,
+               f"open {r['open_gbs']:.2f} GB/s, raw AEAD {r['raw_gbs']:.2f} GB/s, median of {reps}")
+        print(f"   {r['suite']:30} {r['raw_gbs']:6.2f} GB/s {r['open_gbs']:7.2f} GB/s "
+              f"{r['ratio']:6.2f}  >= {TARGET_RATIO:.1f}  {verdict(ok)}")
+    counts = RELEASE_DEVICES_QUICK if quick else RELEASE_DEVICES
+    big, small = counts
+    print(f"\n4. packager.release.pack_release (--layout shared), 5 MiB random model, compression off, "
+          f"rpi4b, {big:,} and {small:,} devices (own subprocess each)")
+    devices = tmp / "release-devices"
+    made = make_enrolments(devices, big)
+    print(f"   {big:,} signed enrolment files written in {made:.1f} s")
+    key_file = make_publisher_file(tmp / "release-publisher")
+    results = {}
+    for count in counts:
+        out = tmp / f"release-{count}"
+        results[count] = res = run_child(["--child", "release", str(devices), str(count), str(out), str(key_file)])
+        shutil.rmtree(out, ignore_errors=True)
+        per_device = res["envelope_bytes"] / count
+        line = (f"   {count:7,d} devices: pack {res['pack_s']:6.1f} s (enrolments + leaves {res['leaves_s']:.1f} s, "
+                f"envelopes {res['envelopes_s']:.1f} s); output {res['output_bytes'] / 1e6:.1f} MB = payload "
+                f"{res['payload_bytes'] / 1e6:.2f} MB + {per_device:.0f} bytes per device; "
+                f"peak extra RSS {res['extra_peak'] / MIB:.1f} MiB")
+        if count == big:
+            ok = res["pack_s"] < TARGET_PACK_S
+            failures += not ok
+            record("bundle", f"pack a 5 MiB model for {count:,} devices, v2 shared layout", round(res["pack_s"], 1),
+                   "s", f"< {TARGET_PACK_S:.0f}", ok,
+                   f"output {res['output_bytes'] / 1e6:.1f} MB, one payload {res['payload_bytes'] / 1e6:.2f} MB")
+            ok2 = per_device < TARGET_ENVELOPE_BYTES
+            failures += not ok2
+            record("bundle", f"v2 bytes per device (envelope), {count:,} devices", round(per_device), "bytes",
+                   f"< {TARGET_ENVELOPE_BYTES}", ok2, "beside one shared payload")
+            line += f"\n            target < {TARGET_PACK_S:.0f} s  {verdict(ok)}; " \
+                    f"bytes per device < {TARGET_ENVELOPE_BYTES}  {verdict(ok2)}"
+        print(line)
+    grow = results[big]["extra_peak"] - results[small]["extra_peak"]
+    per = grow / (big - small)
+    ok = per < TARGET_RELEASE_GROWTH
+    failures += not ok
+    record("bundle", f"v2 pack peak extra RSS growth, {big:,} vs {small:,} devices", round(per, 1),
+           "bytes per device", f"< {TARGET_RELEASE_GROWTH}", ok,
+           f"{results[big]['extra_peak'] / MIB:.1f} vs {results[small]['extra_peak'] / MIB:.1f} MiB")
+    print(f"   peak extra RSS {big:,} vs {small:,} devices: {results[big]['extra_peak'] / MIB:.1f} vs "
+          f"{results[small]['extra_peak'] / MIB:.1f} MiB ({grow / MIB:+.1f} MiB, {per:.1f} bytes per extra "
+          f"device; the leaf hash and its tree share are 64)  target < {TARGET_RELEASE_GROWTH}  {verdict(ok)}")
+    return failures
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -611,6 +732,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=7, help="repetitions for the medians (>= 7)")
     ap.add_argument("--quick", action="store_true", help="skip the 1,000-device pack")
     ap.add_argument("--signers", action="store_true", help="only 3c: pack with a key file and a PKCS#11 key")
+    ap.add_argument("--release", action="store_true", help="only the format v2 rows (v2 open, section 4)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -618,6 +740,8 @@ def main() -> int:
             child_open_memory(*a.child[1:4])
         elif a.child[0] == "pack":
             child_pack(a.child[1], int(a.child[2]), a.child[3], a.child[4])
+        elif a.child[0] == "release":
+            child_release(a.child[1], int(a.child[2]), a.child[3], a.child[4])
         return 0
     if a.reps < 7:
         ap.error("--reps must be at least 7 (the targets are medians of >= 7 runs)")
@@ -639,6 +763,13 @@ def main() -> int:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return 0
+    if a.release:
+        try:
+            failures = release_rows(tmp, make_open_bundles(tmp), a.reps, a.quick)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"\n{failures} target(s) missed; total {time.perf_counter() - started:.0f} s")
+        return 1 if failures else 0
     try:
         t0 = time.perf_counter()
         setup = make_open_bundles(tmp)
@@ -765,6 +896,7 @@ def main() -> int:
             print(f"   target: independent of device count, i.e. growth < one bundle "
                   f"({PACK_MODEL_BYTES / MIB:.0f} MiB) for 900 more bundles  {verdict(ok)}")
         pack_signers(tmp, key_file)
+        failures += release_rows(tmp, setup, a.reps, a.quick)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{failures} target(s) missed; total {time.perf_counter() - started:.0f} s")

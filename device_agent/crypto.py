@@ -357,18 +357,22 @@ class MerkleTree:
     at the end of a level moves up unchanged, which builds exactly RFC 9162's tree."""
 
     def __init__(self, leaves: bytes | bytearray) -> None:
+        """``leaves``: the leaf hashes, concatenated; a ``bytearray`` is taken over, not copied.
+        Each level above is allocated once at its exact size (no growth, no copies)."""
         if not leaves or len(leaves) % HASH_BYTES:
             raise ValueError("a Merkle tree needs at least one 32-byte leaf hash")
-        self.levels = [bytearray(leaves)]
+        self.levels = [leaves if isinstance(leaves, bytearray) else bytearray(leaves)]
         while len(self.levels[-1]) > HASH_BYTES:
             below = memoryview(self.levels[-1])
             count = len(below) // HASH_BYTES
-            up = bytearray()
+            up = bytearray(-(-count // 2) * HASH_BYTES)
             for i in range(0, count - 1, 2):
-                up += _merkle_node(below[i * HASH_BYTES : (i + 1) * HASH_BYTES],
-                                   below[(i + 1) * HASH_BYTES : (i + 2) * HASH_BYTES])
+                at = i * HASH_BYTES
+                up[at // 2 : at // 2 + HASH_BYTES] = _merkle_node(below[at : at + HASH_BYTES],
+                                                                  below[at + HASH_BYTES : at + 2 * HASH_BYTES])
             if count % 2:
-                up += below[(count - 1) * HASH_BYTES :]
+                up[-HASH_BYTES:] = below[(count - 1) * HASH_BYTES :]
+            below.release()
             self.levels.append(up)
 
     @property

@@ -63,11 +63,11 @@ class PackOptions:
             raise UsageError("--end-of-life is before --expires: a bundle cannot outlive its model")
 
 
-def read_enrolment(path: Path) -> Enrolment:
+def read_enrolment(path: str | Path) -> Enrolment:
     """Read and verify one enrolment file, bounded by the board's document limits."""
     limits = DEFAULT_CONFIG.documents
     try:
-        with path.open("rb") as f:
+        with open(path, "rb") as f:
             data = f.read(limits.max_enrolment_bytes + 1)  # one byte over: load_enrolment refuses it
     except FileNotFoundError as e:
         raise UsageError(f"enrolment {path} does not exist") from e

@@ -44,11 +44,11 @@ INDEX_SCHEMA = "edgeward.release-index/1"
 COPY_STEP = 1 << 20
 
 
-def iter_devices(files: list[str] | None, devices_dir: str | None) -> Iterator[Path]:
+def iter_devices(files: list[str] | None, devices_dir: str | None) -> Iterator[str]:
     """The enrolment files of ``--device`` and ``--devices-dir``, one at a time: a directory is
-    scanned as it is read (its ``*.json`` files in directory order), never listed whole."""
-    for f in files or []:
-        yield Path(f)
+    scanned as it is read (its ``*.json`` files in directory order), never listed whole. Plain
+    strings: a ``Path`` interns its parts, which would keep every name of a large fleet."""
+    yield from files or []
     if devices_dir:
         d = Path(devices_dir)
         if not d.is_dir():
@@ -56,7 +56,7 @@ def iter_devices(files: list[str] | None, devices_dir: str | None) -> Iterator[P
         with os.scandir(d) as entries:
             for entry in entries:
                 if entry.name.endswith(".json") and not entry.name.startswith(".") and entry.is_file():
-                    yield Path(entry.path)
+                    yield entry.path
 
 
 def sync_filesystem(path: Path) -> None:
@@ -88,12 +88,12 @@ def pack_release(
     model: ModelFile,
     profile: Profile,
     signer: Signer,
-    enrolments: Iterable[Path],
+    enrolments: Iterable[str | Path],
     opts: PackOptions,
     out_dir: Path,
     *,
     layout: str = "shared",
-    progress: Callable[[Iterable[Path]], Iterable[Path]] = lambda it: it,
+    progress: Callable[[Iterable[str | Path]], Iterable[str | Path]] = lambda it: it,
     now: datetime | None = None,
 ) -> PackResult:
     """Pack ``model`` as one version 2 release for every enrolled device into ``out_dir`` (all or
@@ -127,24 +127,28 @@ def pack_release(
                     CHUNK_SIZE, write,
                 )
             payload_length = cipher_path.stat().st_size
-            # 2. One leaf per device, streamed: the leaf bytes to a scratch file, the hash kept.
-            leaves = bytearray()
+            # 2. One leaf per device, streamed: its bytes and its hash to scratch files.
             count = 0
-            with _create(scratch / "leaves") as records:
+            with _create(scratch / "leaves") as records, _create(scratch / "hashes") as hashes:
                 for path in progress(enrolments):
                     dev = read_enrolment(path)
                     leaf = release.leaf_bytes(
                         release_id, count, dev.box_public, crypto.seal_content_key(dev.box_public, key), dev.device_id
                     )
                     records.write(leaf)
-                    leaves += release.leaf_hash(leaf)
+                    hashes.write(release.leaf_hash(leaf))
                     count += 1
         finally:
             crypto.wipe(key)
         if count == 0:
             raise UsageError("no devices to pack for: pass --device FILE or --devices-dir DIR")
         t1 = time.perf_counter()
-        # 3. The release head, with the Merkle root over every leaf, signed once.
+        # 3. The release head, with the Merkle root over every leaf, signed once. The leaf hashes
+        # (32 bytes a device) and the levels above them (as many again) are all that is held.
+        leaves = bytearray(count * crypto.HASH_BYTES)
+        with (scratch / "hashes").open("rb") as f:
+            if f.readinto(leaves) != len(leaves):
+                raise OSError(f"scratch file {scratch / 'hashes'} is short")
         tree = crypto.MerkleTree(leaves)
         head = release.ReleaseHead(
             release_id=release_id,

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from device_agent import crypto
 from device_agent.bundle import enrolment as enrol
 from device_agent.bundle import format as bundle
+from device_agent.bundle import release
 from device_agent.commands import format as cmdfmt
 from device_agent.errors import EdgeWardError
 from device_agent.runtime import arrays
@@ -37,6 +38,7 @@ KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 PUB = crypto.ed25519_public_raw(KEY)
 NOW = datetime(2027, 1, 1, tzinfo=UTC)
 GOLDEN = Path(__file__).resolve().parent.parent / "data" / "v1" / "golden.ewb"
+GOLDEN_V2 = Path(__file__).resolve().parent.parent / "data" / "v2" / "golden.ewb"
 TOPIC = report.topic("pi-1", "telemetry")
 
 
@@ -91,8 +93,32 @@ def fuzz_arrays(data: bytes) -> None:
     arrays.load_arrays(data)
 
 
+def _signed_release_head(head: bytes) -> bytes:
+    header = release.PAYLOAD_HEADER.pack(release.PAYLOAD_MAGIC, release.FORMAT_VERSION, 0, len(head),
+                                         crypto.key_id(PUB))
+    return header + head + crypto.sign(KEY, release.SIGNING_DOMAIN, header + head)
+
+
+def fuzz_release(data: bytes) -> None:
+    """Format v2: a single file (envelope, payload head, payload), the release head behind the
+    signature (signed mode) with the envelope's inclusion proof, and the envelope's structure."""
+    mode, rest = (data[0] % 3, data[1:]) if data else (0, b"")
+    if mode == 0:  # any bytes as a v2 single file
+        bundle.verify_bundle(rest, [PUB])
+    elif mode == 1:  # signed: 2-byte head length, head, 2-byte envelope length, envelope, payload
+        n = int.from_bytes(rest[:2], "big")
+        head, rest = rest[2 : 2 + n], rest[2 + n :]
+        e = int.from_bytes(rest[:2], "big")
+        envelope, payload = rest[2 : 2 + e], rest[2 + e :]
+        if len(head) >= 2:
+            bundle.verify_bundle(envelope + _signed_release_head(head) + payload, [PUB])
+    else:  # the envelope alone
+        release.parse_envelope(rest)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "bundle": fuzz_bundle,
+    "release": fuzz_release,
     "enrolment": fuzz_enrolment,
     "command": fuzz_command,
     "report": fuzz_report,
@@ -126,6 +152,16 @@ def seeds(name: str) -> list[bytes]:
                                  preprocess={"schema": "edgeward.preprocess/1", "steps": []})
         contents = bytes(bundle.pack_contents(sidecar, model))
         return [b"\x00" + golden, b"\x01" + len(m).to_bytes(2, "big") + m + payload, b"\x02" + contents]
+    if name == "release":
+        golden = GOLDEN_V2.read_bytes()
+        env_len = release.envelope_length(golden)
+        envelope = golden[:env_len]
+        end = env_len + release.payload_head_length(golden[env_len:])
+        head = json.loads(golden[env_len + release.PAYLOAD_HEADER_BYTES : end - crypto.SIGNATURE_BYTES])
+        head["publisher"] = crypto.fingerprint(PUB)
+        h = canonical_json(head)
+        signed = b"\x01" + len(h).to_bytes(2, "big") + h + len(envelope).to_bytes(2, "big") + envelope + golden[end:]
+        return [b"\x00" + golden, signed, b"\x02" + envelope]
     if name == "enrolment":
         sign_key = Ed25519PrivateKey.from_private_bytes(bytes(32))
         e = enrol.Enrolment("pi-1", bytes(range(32)), crypto.ed25519_public_raw(sign_key), NOW)
