@@ -127,6 +127,9 @@ class Agent:
         self._seal_key: bytearray | None = None
         self._lock = threading.RLock()
         self._local_cache: tuple[Any, str, int | None] | None = None
+        # ``serve`` sets a worker that carries out over-the-air updates off the telemetry loop
+        # (device_agent.commands.update.Updater); without one, an update runs in the caller.
+        self.updater: Any = None
 
     # --- provisioning ------------------------------------------------------------------------
     @staticmethod
@@ -222,17 +225,19 @@ class Agent:
         return trusted_now(self._clock(), state.clock_floor)
 
     # --- install ---------------------------------------------------------------------------------
-    def install_file(self, path: str | Path) -> Manifest:
+    def install_file(self, path: str | Path, expect: Callable[[Manifest], None] | None = None) -> Manifest:
         """Install the bundle at ``path``, read in bounded steps (device_agent.bundle.reading):
         the header is checked before the device keys are unlocked, the signature and the file's
         length before a byte of the payload is read, and the payload is read once, into the
-        buffer it is decrypted in."""
+        buffer it is decrypted in. ``expect`` may refuse the verified manifest (an update checks
+        it is the model and version it names) before anything is stored."""
         with reading.open_bundle(path, self.limits) as f:
             publishers = self.trust_anchors().publishers
-            data, vb = f.verify(list(publishers), self.limits, self._precheck)
+            data, vb = f.verify(list(publishers), self.limits, self._prechecks(expect))
         return self._install(data, vb)
 
-    def install_release(self, envelope: bytes | bytearray | str | Path, payload: str | Path) -> Manifest:
+    def install_release(self, envelope: bytes | bytearray | str | Path, payload: str | Path,
+                        expect: Callable[[Manifest], None] | None = None) -> Manifest:
         """Install a version 2 release: this board's ``envelope`` (bytes or a ``.ewe`` path) and the
         release's shared ``payload`` file. The envelope and the payload's signed head are verified,
         the inclusion proof checked and the board's trust decisions run before a byte of the
@@ -240,8 +245,18 @@ class Agent:
         (``bundles/<release id>.ewb``), which every later load re-verifies like a version 1 bundle."""
         with reading.open_release(envelope, payload, self.limits) as f:
             publishers = self.trust_anchors().publishers
-            data, vb = f.verify(list(publishers), self.limits, self._precheck)
+            data, vb = f.verify(list(publishers), self.limits, self._prechecks(expect))
         return self._install(data, vb)
+
+    def _prechecks(self, expect: Callable[[Manifest], None] | None) -> Callable[[Manifest], None]:
+        """``expect`` (an update checks the bundle is the model and version it names), then
+        :meth:`_precheck`: both before a byte of the payload is read."""
+        def check(m: Manifest) -> None:
+            if expect is not None:
+                expect(m)
+            self._precheck(m)
+
+        return check
 
     def _precheck(self, m: Manifest) -> None:
         """The install decision on a verified manifest alone (target, time, owner, anti-rollback,

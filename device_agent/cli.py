@@ -272,10 +272,14 @@ def cmd_wipe(args: argparse.Namespace) -> int:
 
 
 def cmd_command(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from device_agent.commands.format import encode_queue, verify_result
+    from device_agent.service.cli import update_settings
     from device_agent.store.fsutil import atomic_write
 
     agent = _agent(args)
+    agent.config = replace(agent.config, commands=update_settings(args))
     limits = agent.config.commands
     payload = _read_file(args.file, limits.max_queue_bytes, "command file")
     result_path = Path(args.result)
@@ -370,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--result", required=True, help="where to write the signed result(s), to bring back to "
                     "'edgeward fleet import-result'")
     sp.add_argument("--json", action="store_true")
+    from device_agent.service.cli import add_update_arguments
+
+    add_update_arguments(sp)
     sp = add(
         "feedback",
         "local learning feedback: keep labelled examples (--input X.npz with x and y), list what is held for review, "

@@ -483,12 +483,24 @@ class CommandLimits:
     future_skew_s: float = 300.0  # a command issued further ahead of the board's time is refused
     beacon_hold_s: float = 3 * 86400.0  # a beacon further ahead of every other time source is held
     wipe_publish_s: float = 10.0  # how long a decommission waits for the broker to take its result
+    # over-the-air updates (docs/commands.md, "update")
+    max_update_bytes: int = 2 * 1024**3  # a file an update names (BundleLimits.max_bundle_bytes' bound)
+    max_update_url_chars: int = 2048  # an update's download address
+    update_connect_s: float = 15.0  # to open a TCP+TLS connection to the file server
+    update_read_s: float = 30.0  # the longest wait for the next bytes from the server
+    update_deadline_s: float = 1800.0  # the whole download, every retry included
+    update_attempts: int = 5  # connections per file; each resumes where the last one stopped (Range)
+    update_ca_file: str | None = None  # CA certificates (PEM) for the file server; None: the system store
 
     def __post_init__(self) -> None:
-        for name in ("max_command_bytes", "max_queue_items", "max_queue_bytes", "max_result_bytes", "max_anchors"):
+        for name in ("max_command_bytes", "max_queue_items", "max_queue_bytes", "max_result_bytes", "max_anchors",
+                     "max_update_bytes", "max_update_url_chars", "update_attempts"):
             _int(self, name)
-        for name in ("future_skew_s", "beacon_hold_s", "wipe_publish_s"):
+        for name in ("future_skew_s", "beacon_hold_s", "wipe_publish_s", "update_connect_s", "update_read_s",
+                     "update_deadline_s"):
             _positive(self, name)
+        if self.update_ca_file is not None and (not isinstance(self.update_ca_file, str) or not self.update_ca_file):
+            raise _refuse(self, "update_ca_file", "a path to a PEM file of CA certificates")
 
 
 # --- local continual learning ----------------------------------------------------------------------

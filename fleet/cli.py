@@ -282,7 +282,14 @@ def _store(args: argparse.Namespace, home: FleetHome, required: bool = True) -> 
 def cmd_status(args: argparse.Namespace) -> int:
     home = _home(args)
     now = datetime.now(UTC)
-    views = device_views(home, _store(args, home, required=False), now, args.stale_after)
+    from . import rollout
+
+    store = _store(args, home, required=False)
+    try:
+        views = device_views(home, store, now, args.stale_after)
+        rollouts = rollout.view(store)
+    finally:
+        store.close()
     rows = [
         [
             v["device_id"],
@@ -310,7 +317,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 else "at the board"
             )
             text += f"\n{v['device_id']}: wiped {how}, started {w['started']}; attestation verified"
-    _print(args, {"now": format_time(now), "devices": views}, text)
+    if rollouts:
+        text += "\n" + "\n".join(rollout.text_view(rollouts))
+    _print(args, {"now": format_time(now), "devices": views, "rollouts": rollouts}, text)
     return 0
 
 
@@ -600,5 +609,7 @@ def register(sub: Any) -> None:
     sp.add_argument("--operator-pub", required=True, help="the operator's public key (.pub)")
 
     from .commands_cli import register as register_commands
+    from .commands_cli import register_deploy
 
     register_commands(fsub, add)
+    register_deploy(fsub, add)

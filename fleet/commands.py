@@ -193,9 +193,15 @@ class CommandLedger:
     ) -> list[Command]:
         """The commands :meth:`issue` would sign now (the next sequence numbers), unsigned and
         unrecorded: what ``--dry-run`` prints. Refuses what :meth:`issue` would refuse."""
+        return self.plan_each(kind, [(d, args) for d in devices], expires_in, now)
+
+    def plan_each(
+        self, kind: str, orders: Iterable[tuple[str, dict[str, Any]]], expires_in: timedelta,
+        now: datetime | None = None,
+    ) -> list[Command]:
         now = (now or utcnow()).replace(microsecond=0)
         with self._lock:
-            return [self._next(self._db, kind, args, d, now, expires_in) for d in devices]
+            return [self._next(self._db, kind, args, d, now, expires_in) for d, args in orders]
 
     def issue(
         self, kind: str, args: dict[str, Any], devices: Iterable[str], signer: Signer, expires_in: timedelta,
@@ -204,11 +210,18 @@ class CommandLedger:
         """Allocate each device its next sequence number, sign one command per device with
         ``signer`` (an operator key; a recovery key for rotating operators; a file or a token) and record them as
         pending, all in one transaction: either every device gets its command or none does."""
+        return self.issue_each(kind, [(d, args) for d in devices], signer, expires_in, now)
+
+    def issue_each(
+        self, kind: str, orders: Iterable[tuple[str, dict[str, Any]]], signer: Signer, expires_in: timedelta,
+        now: datetime | None = None,
+    ) -> list[Issued]:
+        """:meth:`issue` with arguments of each device's own (an update names each board's file)."""
         now = (now or utcnow()).replace(microsecond=0)
         public = signer.public_raw
         out: list[Issued] = []
         with self._tx() as db:
-            for device in devices:
+            for device, args in orders:
                 cmd = self._next(db, kind, args, device, now, expires_in)
                 payload = encode_command(cmd, signer, public)
                 db.execute(
@@ -511,7 +524,8 @@ class CommandLedger:
 
     def command(self, device: str, seq: int) -> dict[str, Any] | None:
         rows = self._rows(
-            "SELECT device_id, seq, kind, issued, expires, sha256, state FROM commands WHERE device_id = ? AND seq = ?",
+            "SELECT device_id, seq, kind, issued, expires, sha256, state, detail FROM commands "
+            "WHERE device_id = ? AND seq = ?",
             (device, seq),
         )
         return rows[0] if rows else None

@@ -39,6 +39,7 @@ from .commands import (
     split_results,
     verify_wipe_attestation,
 )
+from .rollout import DEFAULT_STAGES
 
 if TYPE_CHECKING:
     from packager.signers import Signer
@@ -154,6 +155,10 @@ def _publisher(args: argparse.Namespace, home: FleetHome) -> Any:
 def _describe_args(kind: str, a: dict[str, Any]) -> str:
     if kind == "rotate-key":
         return f"role={a['role']} keys={len(a['keys'])}"
+    if kind == "update":
+        size = a["bundle"]["length"] + (a["payload"]["length"] if "payload" in a else 0)
+        return (f"release={a['release_id']} model_id={a['model_id']} model_version={a['model_version']} "
+                f"bytes={size}" + (" shared-payload" if "payload" in a else ""))
     return " ".join(f"{k}={v}" for k, v in sorted(a.items()))
 
 
@@ -395,6 +400,15 @@ def cmd_import_result(args: argparse.Namespace) -> int:
                 continue
             row = ledger.command(r.device_id, r.seq) or {}
             recorded.append(r.body() | {"command_state": row.get("state"), "effects": _effects_summary(r.effects)})
+        if any(d["kind"] == "update" for d in recorded) and Path(home.monitor_db).exists():
+            from . import rollout
+            from .store import open_store
+
+            store = open_store(home.monitor_db)  # the rollouts learn what the boards answered
+            try:
+                rollout.sync(store, ledger, utcnow())
+            finally:
+                store.close()
         doc = {"recorded": recorded, "refused": refused, "malformed": malformed}
         lines = [f"{d['device_id']} #{d['seq']} {d['kind']}: {d['outcome']} ({d['detail']}); the ledger says "
                  f"{d['command_state']}" + _effects_text(d["effects"]) for d in recorded]
@@ -551,6 +565,33 @@ EXIT_CODES = (
 )
 
 
+def _signing_args(sp: argparse.ArgumentParser, *, recovery: bool = False, expires: bool = True) -> None:
+    sp.add_argument("--operator-key", metavar="SIGNER",
+                    help="operator signing key ('edgeward keys operator'): a key file (EDGEWARD_PASSPHRASE "
+                         "unlocks it) or a pkcs11: URI (docs/ci.md)")
+    if recovery:
+        sp.add_argument("--recovery-key", metavar="SIGNER",
+                        help="recovery signing key (kept offline; a key file or a pkcs11: URI): signs --role "
+                             "operator, and only that")
+    if expires:
+        sp.add_argument("--expires-in", default="30d", metavar="AGE",
+                        help="the board refuses the command after this (30d default: boards may be "
+                             "offline long; also 12h, 90m, 3600s)")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="print what would be signed; sign, record and publish nothing")
+    sp.add_argument("--out", metavar="PATH",
+                    help="write the board's whole queue to PATH for a technician instead of publishing "
+                         "(several boards: PATH is a directory of <device>.commands files)")
+    sp.add_argument("--broker", metavar="HOST:PORT", help="publish the retained queue on this broker")
+    sp.add_argument("--operator", default="operator",
+                    help="operator id whose certificate to use (default: operator)")
+    sp.add_argument("--ca", help="CA certificate (default: the fleet CA)")
+    sp.add_argument("--cert", help="client certificate (default: FLEET/certs/OPERATOR.crt)")
+    sp.add_argument("--key", help="client key (default: FLEET/certs/OPERATOR.key)")
+    sp.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the broker")
+    sp.add_argument("--ack-timeout", type=float, default=30.0, help="seconds to wait for the broker's PUBACK")
+
+
 def register(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the command subcommands to ``edgeward fleet``; ``add`` is fleet/cli.py's helper."""
 
@@ -560,31 +601,7 @@ def register(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
         sp.formatter_class = argparse.RawDescriptionHelpFormatter
         return sp
 
-    def signing(sp: argparse.ArgumentParser, *, recovery: bool = False, expires: bool = True) -> None:
-        sp.add_argument("--operator-key", metavar="SIGNER",
-                        help="operator signing key ('edgeward keys operator'): a key file (EDGEWARD_PASSPHRASE "
-                             "unlocks it) or a pkcs11: URI (docs/ci.md)")
-        if recovery:
-            sp.add_argument("--recovery-key", metavar="SIGNER",
-                            help="recovery signing key (kept offline; a key file or a pkcs11: URI): signs --role "
-                                 "operator, and only that")
-        if expires:
-            sp.add_argument("--expires-in", default="30d", metavar="AGE",
-                            help="the board refuses the command after this (30d default: boards may be "
-                                 "offline long; also 12h, 90m, 3600s)")
-        sp.add_argument("--dry-run", action="store_true",
-                        help="print what would be signed; sign, record and publish nothing")
-        sp.add_argument("--out", metavar="PATH",
-                        help="write the board's whole queue to PATH for a technician instead of publishing "
-                             "(several boards: PATH is a directory of <device>.commands files)")
-        sp.add_argument("--broker", metavar="HOST:PORT", help="publish the retained queue on this broker")
-        sp.add_argument("--operator", default="operator",
-                        help="operator id whose certificate to use (default: operator)")
-        sp.add_argument("--ca", help="CA certificate (default: the fleet CA)")
-        sp.add_argument("--cert", help="client certificate (default: FLEET/certs/OPERATOR.crt)")
-        sp.add_argument("--key", help="client key (default: FLEET/certs/OPERATOR.key)")
-        sp.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach the broker")
-        sp.add_argument("--ack-timeout", type=float, default=30.0, help="seconds to wait for the broker's PUBACK")
+    signing = _signing_args
 
     def targets(sp: argparse.ArgumentParser) -> None:
         g = sp.add_mutually_exclusive_group(required=True)
@@ -683,4 +700,154 @@ def register(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
              "(pending, applied, refused, cancelled, expired), issue and expiry times, the board's result.")
     sp.add_argument("device", nargs="?", metavar="DEVICE")
     sp.add_argument("--state", choices=STATES, help="only commands in this state")
+
+
+
+# --- over-the-air rollouts -------------------------------------------------------------------------
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Start a staged rollout of a release directory, or (``--resume``) carry one on."""
+    from datetime import UTC, datetime
+
+    from . import rollout as ro
+    from .store import open_store
+
+    home, ledger = _ledger(args)
+    store = open_store(args.db or home.monitor_db)
+    signer: Signer | None = None
+    try:
+        now = datetime.now(UTC).replace(microsecond=0)
+        release = ro.read_release(args.release_dir, args.release)
+        expires_in = parse_age(args.expires_in) if args.expires_in else DEFAULT_EXPIRES_IN
+        skipped: list[str] = []
+        if args.resume:
+            if args.base_url or args.device or args.all or args.group or args.stages or args.max_failures is not None \
+                    or args.stage_timeout:
+                raise UsageError("--resume carries on the rollout as it was started: give only RELEASE_DIR (and "
+                                 "--release), the key and the broker")
+            ro.sync(store, ledger, now)
+            found = store.rollouts(release.release_id)
+            if not found:
+                raise UsageError(f"no rollout of release {release.release_id}; start one without --resume")
+            rollout, boards, new = found[0], store.rollout_devices(release.release_id), False
+        else:
+            if not args.base_url:
+                raise UsageError("give --base-url: the https:// address the release directory is served under")
+            if not (args.device or args.all or args.group):
+                raise UsageError("name the boards: --device ID (repeatable), --all or --group NAME")
+            if store.rollouts(release.release_id):
+                raise UsageError(f"release {release.release_id} is being rolled out already ('edgeward fleet status'); "
+                                 "carry it on with --resume, or pack a new release")
+            devices, skipped = _targets(args, home, ledger)
+            outside = [d for d in devices if d not in release.files]
+            if outside and args.device:
+                ro.file_for(release, outside[0])  # names the board that is not in the release
+            devices = [d for d in devices if d in release.files]
+            if not devices:
+                raise UsageError(f"none of the boards named is in release {release.release_id}")
+            skipped += [f"{d}: not in this release" for d in outside]
+            max_failures = 1 if args.max_failures is None else args.max_failures
+            if max_failures < 1:
+                raise UsageError("--max-failures must be at least 1")
+            timeout = parse_age(args.stage_timeout or "6h", "--stage-timeout")
+            rollout, boards = ro.new_rollout(release, devices, ro.base_url(args.base_url),
+                                             ro.parse_stages(args.stages or ro.DEFAULT_STAGES), max_failures, timeout,
+                                             now)
+            for d in devices:
+                ro.file_for(release, d)  # every file is what the pack report says, before anything is signed
+            new = True
+        step = ro.decide(rollout, boards, now)
+        orders = ro.orders_for(release, rollout, step.issue, boards)
+        if orders:
+            ro.check_payload(release)  # a shared release's payload is what its index says
+        if args.dry_run:
+            planned = ledger.plan_each("update", orders, expires_in, now)
+            lines = [f"skipped {s}" for s in skipped]
+            if new:
+                lines.append(f"release {release.release_id} ({release.model_id} v{release.model_version}) to "
+                             f"{len(boards)} board(s) in this order (SHA-256 of release id and device id):")
+                lines += [f"  {b['position']:>4} {b['device_id']:<24} stage {b['stage'] + 1}  {b['url']}"
+                          for b in boards]
+            lines += [f"would sign update #{c.seq} for {c.device_id} ({c.args['bundle']['length']} bytes, sha256 "
+                      f"{c.args['bundle']['sha256'][:16]})" for c in planned]
+            lines.append(f"then: {step.state}, {step.detail}")
+            lines.append("dry run: nothing was signed, recorded or published")
+            doc = {"dry_run": True, "release_id": release.release_id, "state": step.state, "detail": step.detail,
+                   "order": [{k: b[k] for k in ("device_id", "position", "url", "length", "sha256")}
+                             | {"stage": b["stage"] + 1} for b in boards],
+                   "commands": [_command_doc(c, None) for c in planned], "skipped": skipped}
+            _print(args, doc, "\n".join(lines))
+            return 0
+        signer = _signing(args)
+        issued: list[Issued] = []
+        targets = [d for d, _ in orders]
+
+        def record() -> list[Issued]:
+            if new and not store.create_rollout(rollout, boards):
+                raise UsageError(f"release {release.release_id} is being rolled out already; use --resume")
+            done = ledger.issue_each("update", orders, signer, expires_in, now) if orders else []
+            for i in done:
+                store.rollout_issued(release.release_id, i.device_id, i.command.seq, i.sha256, now)
+            store.rollout_moved(release.release_id, step.state, step.stage, format_time(step.stage_started),
+                                step.detail, now)
+            return done
+
+        delivery: dict[str, Any] = {}
+        if args.out and targets:
+            issued = record()
+            delivery = _write_queues(ledger, _out_paths(args.out, targets), signer)
+        elif targets:
+            with _publisher(args, home) as pub:  # connect first: an unreachable broker signs nothing
+                issued = record()
+                delivery = _publish_queues(ledger, pub, targets, signer, issued)
+        else:
+            issued = record()
+        doc = {"dry_run": False, "release_id": release.release_id, "state": step.state, "detail": step.detail,
+               "commands": [_command_doc(i.command, i.sha256) for i in issued], "skipped": skipped,
+               "rollouts": ro.view(store)} | delivery
+        lines = [f"skipped {s}" for s in skipped]
+        lines += [f"signed update #{i.command.seq} for {i.device_id}, sha256 {i.sha256[:16]}" for i in issued]
+        lines += [f"published {d}'s queue retained on {t['topic']}" for d, t in delivery.get("topics", {}).items()]
+        lines += [f"wrote {d}'s queue to {f['file']}" for d, f in delivery.get("files", {}).items()]
+        lines.append(f"rollout {release.release_id}: {step.state}, {step.detail}")
+        _print(args, doc, "\n".join(lines))
+        return 0
+    finally:
+        if signer is not None:
+            signer.close()
+        store.close()
+        ledger.close()
+
+
+def register_deploy(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    """``edgeward fleet deploy``: a staged over-the-air rollout (docs/operations.md, "Releasing to a fleet")."""
+    from .cli import STORE_HELP
+
+    sp = add("deploy", "roll a release out over the air in stages: one signed update command per board",
+             cmd_deploy)
+    sp.description = (
+        "Sign one 'update' command per board of the first stage, naming its file in RELEASE_DIR (what "
+        "'edgeward pack' wrote) under --base-url with its length and SHA-256, and publish the boards' queues. "
+        "Boards are taken in the order of SHA-256(release id, device id); --stages are cumulative shares of it. "
+        "A stage is done when each of its boards answered, or --stage-timeout after it began (silent boards stay "
+        "pending, not failed); the rollout halts at --max-failures failures. The monitor records answers and "
+        "halts; run 'deploy RELEASE_DIR --resume' to sign the next stage.\n\n" + EXIT_CODES)
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.add_argument("release_dir", metavar="RELEASE_DIR")
+    sp.add_argument("--base-url", metavar="URL", help="https:// address RELEASE_DIR is served under")
+    sp.add_argument("--release", metavar="ID", help="the release id of version 1 bundles (default: MODEL-vVERSION "
+                    "from report.json; a shared release is named by its release.json)")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--device", action="append", metavar="ID", help="a board (repeatable)")
+    g.add_argument("--all", action="store_true", help="every enrolled board that is not wiped and is in the release")
+    g.add_argument("--group", metavar="NAME", help="the boards listed in FLEET/groups/NAME.txt")
+    sp.add_argument("--stages", metavar="P%,...", help=f"cumulative shares of the boards (default {DEFAULT_STAGES})")
+    sp.add_argument("--max-failures", type=int, metavar="N", help="halt after N boards fail (default 1)")
+    sp.add_argument("--stage-timeout", metavar="AGE",
+                    help="after this, silent boards of a stage count as pending and the next stage starts (default 6h)")
+    sp.add_argument("--resume", action="store_true", help="carry on the rollout of this release: sign the next stage "
+                    "once the current one is done")
+    sp.add_argument("--store", "--db", dest="db", help=STORE_HELP)
+    _signing_args(sp)
 

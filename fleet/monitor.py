@@ -744,7 +744,7 @@ class Monitor:
                               f"command result from unenrolled device {device}")
             return
         try:
-            ledger.record_result(payload, key, device_id=device, source="mqtt")
+            r = ledger.record_result(payload, key, device_id=device, source="mqtt")
         except BadSignature as e:
             self._flag_result(topic_name, device, d, "forged", "critical", f"command result: {e}")
         except SecurityRefusal as e:  # signed by the board, but not an answer the fleet can accept
@@ -753,6 +753,19 @@ class Monitor:
             if isinstance(e, EnvironmentFault):
                 raise
             self._flag_result(topic_name, device, d, "forged", "critical", f"malformed command result: {e}")
+        else:
+            if r.kind == "update":
+                self._advance_rollouts(ledger, device)
+
+    def _advance_rollouts(self, ledger: Any, device: str) -> None:
+        """Record the board's answer in the rollouts it is part of, and halt one that reached its
+        failure limit (fleet/rollout.py); signing the next stage is 'fleet deploy --resume''s."""
+        from . import rollout
+
+        try:
+            rollout.sync(self.store, ledger, utcnow(), device_id=device)
+        except EdgeWardError as e:  # the result is recorded in the ledger; --resume syncs again
+            _log.warning("rollouts not updated for %s's result: %s", device, e)
 
     def _flag_result(self, topic_name: str, device: str | None, digest: str, kind: str, severity: str,
                      detail: str) -> None:

@@ -50,7 +50,7 @@ done
 
 step "4. Pack: one signed bundle per board, each encrypted to that board's key"
 printf '%s\n' zero one two three four five six seven eight nine > labels.txt
-for v in 1 2; do
+for v in 1 2 3; do   # v3 goes out over the air in step 10
   show "$BIN/edgeward" pack model/digits_mlp.onnx --profile rpi4b --publisher-key keys/publisher.key \
        --devices-dir enrolments --model-id digits --model-version "$v" --labels labels.txt \
        --calibrate-ood validation.npz --end-of-life 2030-01-01T00:00:00Z --out "release-v$v" --quiet
@@ -88,12 +88,13 @@ show "$BIN/edgeward-agent" predict --data-dir boards/pi-kitchen --input sample.n
 show "$BIN/edgeward-agent" install release-v2/pi-garage.ewb --data-dir boards/pi-garage
 
 step "10. Fleet: a private mosquitto, the guarded service reporting to it, a real detection arriving;
-    then a remote decommission of pi-garage, ordered while it is switched off, obeyed when it returns"
+    a staged over-the-air rollout of v3 from an HTTPS file server (pi-garage is switched off: pending);
+    then a remote decommission of pi-garage, ordered while it is off, obeyed when it returns"
 ensure_mosquitto
 source "$EW_ROOT/scripts/lib/demo_fleet.sh"
 BOARD_DIR="$WORK/boards/pi-kitchen" ENROLMENT="$WORK/enrolments/pi-kitchen.json" \
   OFFLINE_BOARD_DIR="$WORK/boards/pi-garage" OFFLINE_ENROLMENT="$WORK/enrolments/pi-garage.json" \
-  OPERATOR_KEY="$WORK/keys/operator.key" demo_fleet
+  OPERATOR_KEY="$WORK/keys/operator.key" RELEASE_DIR="$WORK/release-v3" demo_fleet
 
 step "11. End of life: pi-garage crypto-shredded its keys and models and signed an attestation"
 "$PY" - <<PY

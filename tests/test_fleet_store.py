@@ -109,7 +109,7 @@ def test_a_release_0_2_sqlite_store_is_migrated_on_open_and_a_newer_one_refused(
     assert ingest(store, KEYS, [report(1)], 8)["accepted"] == 1
     store.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.execute("PRAGMA user_version = 99")
     db.commit()
     db.close()
@@ -136,7 +136,7 @@ def test_postgresql_schema_is_made_once_by_monitors_starting_together(pg_url: st
         t.join()
     assert not errors and len(stores) == 4
     with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT version FROM edgeward_schema").fetchall() == [(3,)]
+        assert conn.execute("SELECT version FROM edgeward_schema").fetchall() == [(4,)]
         conn.execute("INSERT INTO edgeward_schema VALUES (99)")
     for s in stores:
         s.close()

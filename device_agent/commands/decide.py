@@ -41,6 +41,7 @@ class Accepted:
     wipe: bool = False
     detail: str = ""
     local_rollback: tuple[str, int] | None = None  # (model id, local version; 0: the publisher's head)
+    fetch: bool = False  # an update: download, verify and install before the number is consumed
 
 
 def check_signer(cmd: Command, signer: bytes, anchors: TrustAnchors) -> None:
@@ -139,7 +140,35 @@ def decide_command(cmd: Command, signer: bytes, me: Identity, anchors: TrustAnch
         if target <= state.command_seq and target not in skipped:
             raise RollbackRefused(f"command #{target} was already carried out; it cannot be cancelled")
         return Accepted(cmd, after, anchors, detail=f"command #{target} cancelled")
+    if kind == "update":
+        return decide_update(cmd, after, state, anchors)
     raise SecurityRefusal(f"unknown command kind {kind!r}")  # the format refuses it before this
+
+
+def decide_update(cmd: Command, after: State, state: State, anchors: TrustAnchors) -> Accepted:
+    """An update the board will fetch, or one it already carried out (its exact file is the one
+    installed: a power cut after the install and before the number was saved). What the file
+    holds is judged later by the install itself, exactly as for a local install; only what the
+    state already rules out is refused here, before a byte is downloaded."""
+    args = cmd.args
+    mid, version = args["model_id"], args["model_version"]
+    if mid in state.retired:
+        raise SecurityRefusal(f"model {mid} was retired on this board; an update cannot bring it back")
+    slot = state.models.get(mid)
+    current = slot.current if slot is not None else None
+    # A version 1 bundle is stored as received (its digest is the signed one); a version 2 release
+    # is stored under its release id.
+    done = current is not None and (
+        current.bundle_id == args["release_id"] if "payload" in args
+        else crypto.constant_time_equal(current.sha256, args["bundle"]["sha256"])
+    )
+    if current is not None and done:
+        return Accepted(cmd, after, anchors, detail=f"model {mid} already serves version {version} of release "
+                        f"{args['release_id']}")
+    if current is not None and current.model_version > version:
+        raise RollbackRefused(f"model {mid} serves version {current.model_version}, newer than {version}; "
+                              "use 'edgeward fleet rollback' to go back")
+    return Accepted(cmd, after, anchors, fetch=True, detail=f"model {mid} version {version} to fetch")
 
 
 def cancelled_in(commands: list[Command]) -> set[int]:

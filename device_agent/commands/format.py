@@ -52,7 +52,7 @@ RESULT_DOMAIN = b"edgeward/command-result/v1"
 COMMAND_SCHEMA = "edgeward.command/1"
 BEACON_SCHEMA = "edgeward.time-beacon/1"
 RESULT_SCHEMA = "edgeward.command-result/1"
-KINDS = ("decommission", "retire", "rollback", "rotate-key", "cancel")
+KINDS = ("decommission", "retire", "rollback", "rotate-key", "cancel", "update")
 ROLES = ("publisher", "operator", "receipt")  # the anchors rotate-key may replace
 OUTCOMES = ("applied", "refused", "cancelled")
 _SIGNED_HEAD = len(COMMAND_MAGIC) + crypto.KEY_ID_BYTES + crypto.SIGNATURE_BYTES
@@ -76,6 +76,64 @@ def _b64_key(value: Any, what: str) -> bytes:
     if len(key) != crypto.KEY_BYTES:
         raise FormatError(f"{what} is not a 32-byte Ed25519 public key")
     return key
+
+
+_URL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/?#[]@!$&'()*+,;=%")
+
+
+def https_url(value: Any, what: str, limits: CommandLimits = DEFAULT_CONFIG.commands) -> str:
+    """An absolute ``https://`` address without credentials or fragment, in plain ASCII: what a
+    board fetches an update from. The address is the operator's (signed); the server behind it
+    is trusted for nothing (the bytes are checked against the signed length and digest)."""
+    from urllib.parse import urlsplit
+
+    url = str_field(value, what, limit=limits.max_update_url_chars)
+    if not set(url) <= _URL_CHARS:
+        raise FormatError(f"{what} must be plain ASCII without spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise FormatError(f"{what} is not a valid URL: {e}") from e
+    if parts.scheme != "https":
+        raise FormatError(f"{what} must be an https:// address (boards fetch updates over TLS only)")
+    if not parts.hostname or parts.username is not None or parts.password is not None:
+        raise FormatError(f"{what} must name a host and carry no user name or password")
+    if parts.fragment or "#" in url:
+        raise FormatError(f"{what} must not carry a fragment")
+    if port == 0:
+        raise FormatError(f"{what} names port 0")
+    if not parts.path.startswith("/"):
+        raise FormatError(f"{what} must name a file on the server (a path after the host)")
+    return url
+
+
+def _artifact(raw: Any, what: str, limits: CommandLimits) -> dict[str, Any]:
+    """One file an update downloads: its address, exact length and SHA-256, all signed."""
+    a = obj_fields(raw, what, {"url", "length", "sha256"}, {"url", "length", "sha256"})
+    return {
+        "url": https_url(a["url"], f"{what} url", limits),
+        "length": int_field(a["length"], f"{what} length", 1, limits.max_update_bytes),
+        "sha256": str_field(a["sha256"], f"{what} sha256", HEX64_RE),
+    }
+
+
+UPDATE_FIELDS = {"release_id", "model_id", "model_version", "bundle", "payload"}
+
+
+def update_args(raw: Any, limits: CommandLimits = DEFAULT_CONFIG.commands) -> dict[str, Any]:
+    """The arguments of an ``update``: the release, the model and version it brings, the file to
+    fetch (a version 1 bundle, or a version 2 envelope) and, for the shared layout, the payload."""
+    a = obj_fields(raw, "update arguments", UPDATE_FIELDS, UPDATE_FIELDS - {"payload"})
+    out = {
+        "release_id": str_field(a["release_id"], "release_id", ID_RE),
+        "model_id": str_field(a["model_id"], "model_id", ID_RE),
+        "model_version": int_field(a["model_version"], "model_version", 1, MAX_VERSION),
+        "bundle": _artifact(a["bundle"], "bundle", limits),
+    }
+    if "payload" in a:
+        out["payload"] = _artifact(a["payload"], "payload", limits)
+    return out
 
 
 def _args(kind: str, raw: Any, limits: CommandLimits) -> dict[str, Any]:
@@ -109,6 +167,8 @@ def _args(kind: str, raw: Any, limits: CommandLimits) -> dict[str, Any]:
     if kind == "cancel":
         a = obj_fields(raw, "cancel arguments", {"seq"}, {"seq"})
         return {"seq": int_field(a["seq"], "cancelled seq", 1, MAX_VERSION)}
+    if kind == "update":
+        return update_args(raw, limits)
     raise FormatError(f"command kind must be one of {', '.join(KINDS)}")
 
 
@@ -163,7 +223,7 @@ class Command:
         )
 
     def describe(self) -> str:
-        extra = " ".join(f"{k}={v}" for k, v in self.args.items() if k != "keys")
+        extra = " ".join(f"{k}={v}" for k, v in self.args.items() if k not in ("keys", "bundle", "payload"))
         return f"{self.kind} #{self.seq} for {self.device_id}" + (f" ({extra})" if extra else "")
 
 

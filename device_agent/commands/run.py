@@ -76,6 +76,7 @@ def apply(agent: Agent, payload: bytes, on_result: OnResult | None = None) -> li
     me = agent.store.identity()
     key = agent._key()  # before the lock: the first unlock may upgrade the data dir, which locks
     results: list[bytes] = []
+    deferred: Signed | None = None  # an accepted update: fetched and installed outside the lock
     # Read, decide and persist under the data-dir lock: an install or another command cannot
     # change the state between the decision and its effect.
     with agent._lock, agent.store.locked():
@@ -105,8 +106,26 @@ def apply(agent: Agent, payload: bytes, on_result: OnResult | None = None) -> li
             if accepted.wipe:
                 results.append(_decommission(agent, accepted, sg, on_result))
                 break  # nothing is left to obey anything else
+            if accepted.fetch:
+                deferred = sg  # the commands after it wait for it (sequence order)
+                break
             results.append(_carry_out(agent, accepted, sg, key, on_result))
+    if deferred is not None:
+        results += _update(agent, payload, deferred, on_result, single)
     return results
+
+
+def _update(agent: Agent, payload: bytes, sg: Signed, on_result: OnResult | None, single: bool) -> list[bytes]:
+    """An accepted update: handed to the agent's worker when it has one (``serve``), else carried
+    out here (a command file at the board), followed by the rest of the delivery."""
+    from device_agent.commands import update
+
+    if agent.updater is not None:
+        agent.updater.submit(payload, sg, on_result)
+        return []
+    data = update.finish(agent, sg, on_result)
+    rest = [] if single else apply(agent, payload, on_result)
+    return ([data] if data is not None else []) + rest
 
 
 def _seq(sg: Signed) -> int:
@@ -149,6 +168,8 @@ def _carry_out(agent: Agent, acc: Accepted, sg: Signed, key: bytearray, on_resul
         effects["bundles_destroyed"] = sorted(acc.shred)
     if cmd.kind in ("retire", "rollback"):
         effects["model_id"] = cmd.args["model_id"]
+    if cmd.kind == "update":  # an update whose exact file this board already serves
+        effects.update({k: cmd.args[k] for k in ("release_id", "model_id", "model_version")})
     if cmd.kind == "rotate-key":
         effects["role"] = cmd.args["role"]
         effects["fingerprints"] = [crypto.fingerprint(base64.b64decode(k)) for k in cmd.args["keys"]]

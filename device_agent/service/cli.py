@@ -42,6 +42,33 @@ def default_socket(data_dir_socket: Path, environ: Mapping[str, str]) -> Path:
     return d / data_dir_socket.name
 
 
+def update_settings(args: argparse.Namespace) -> Any:
+    """The board's command limits with ``--update-ca`` and ``--update-deadline`` (over-the-air updates)."""
+    from dataclasses import replace
+
+    from device_agent.config import DEFAULT_CONFIG
+
+    c = DEFAULT_CONFIG.commands
+    if getattr(args, "update_ca", None):
+        if not Path(args.update_ca).is_file():
+            raise UsageError(f"--update-ca {args.update_ca} does not exist; give a PEM file of CA certificates")
+        c = replace(c, update_ca_file=str(args.update_ca))
+    deadline = getattr(args, "update_deadline", None)
+    if deadline is not None:
+        if not 0 < deadline <= 86400:
+            raise UsageError("--update-deadline must be between 0 and 86400 seconds")
+        c = replace(c, update_deadline_s=float(deadline), update_read_s=min(c.update_read_s, float(deadline)))
+    return c
+
+
+def add_update_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--update-ca", metavar="PEM",
+                    help="CA certificates the file server of over-the-air updates must chain to (default: the "
+                         "system store)")
+    sp.add_argument("--update-deadline", type=float, metavar="SECONDS",
+                    help="give up one update's download after this long (default 1800)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -55,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = KeySource.from_env(args.kek_file)
     keys.require()  # fail at start (exit 2), not on the first query
     # The one configuration of this board: the defaults with the local --config settings.
-    config = replace(DEFAULT_CONFIG, serve=load_config(args.config))
+    config = replace(DEFAULT_CONFIG, serve=load_config(args.config), commands=update_settings(args))
     agent = Agent(args.data_dir, keys, config=config)
     socket_path = Path(args.socket) if args.socket else default_socket(agent.store.socket_file, os.environ)
     service = Service(agent)  # agent.config.serve
@@ -73,6 +100,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         commands=agent.apply_commands, on_wiped=done.set, wipe_publish_s=config.commands.wipe_publish_s,
     )
     if telemetry is not None:
+        from device_agent.commands.update import Updater
+
+        # Over-the-air updates download in a worker, one at a time; what follows an update in its
+        # delivery goes back to the telemetry loop, which carries out every other command.
+        agent.updater = Updater(agent, redeliver=telemetry.redeliver)
         service.attach(telemetry)  # started after the first integrity check, stopped before the audit log
     server = Server(service, socket_path, args.listen)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -205,6 +237,7 @@ def register(sub: Any) -> None:
     from device_agent.telemetry.service import add_broker_arguments
 
     add_broker_arguments(sp, required=False)  # with --broker, signed telemetry goes to the fleet
+    add_update_arguments(sp)
     sp.add_argument("--kek-file", help="32-byte key-encryption key file (instead of a passphrase)")
 
     tok = sub.add_parser(

@@ -324,6 +324,10 @@ class TelemetryService:
         except queue.Full:
             self.last_error = "command inbox full; a delivery was dropped until the next connection"
 
+    def redeliver(self, payload: bytes) -> None:
+        """Hand a delivery back to the loop (the commands after an update, once it is done)."""
+        self._on_message("", payload, 0)
+
     def _obey(self, inflight: dict[int, int]) -> None:
         """Carry out what arrived, from the loop thread (no paho lock is held here)."""
         while self._commands is not None and not self._wiped:

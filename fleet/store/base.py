@@ -27,6 +27,11 @@ _data_json = json.JSONEncoder(sort_keys=True).encode
 _time_text = functools.lru_cache(maxsize=1024)(format_time)
 
 
+ROLLOUT_COLUMNS = ("release_id", "model_id", "model_version", "base_url", "stages", "max_failures",
+                   "stage_timeout_s", "created", "state", "stage", "stage_started", "updated", "detail",
+                   "payload_url", "payload_length", "payload_sha256")
+
+
 class StoreConflict(EnvironmentFault):
     """Another monitor's transaction got in the way (a serialisation failure, a deadlock, a row
     it stored first): nothing of this batch was committed; judge it again against what is stored."""
@@ -472,6 +477,89 @@ class StoreReads:
                 )
                 out[dev] = (top, [int(s) for (s,) in seqs])
         return out
+
+    # --- over-the-air rollouts (fleet/rollout.py decides; the store is where they live) ---------
+    def create_rollout(self, rollout: dict[str, Any], devices: list[dict[str, Any]]) -> bool:
+        """Record a new rollout and its boards in one transaction; False (nothing written) if a
+        rollout of that release exists already."""
+        with self._write("rollout") as db:
+            if db.rows("SELECT 1 FROM rollouts WHERE release_id = ?", (rollout["release_id"],)):
+                return False
+            db.run(
+                "INSERT INTO rollouts (release_id, model_id, model_version, base_url, stages, max_failures, "
+                "stage_timeout_s, created, state, stage, stage_started, updated, detail, payload_url, payload_length, "
+                "payload_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                tuple(json.dumps(rollout[k]) if k == "stages" and not isinstance(rollout[k], str) else rollout.get(k)
+                      for k in ROLLOUT_COLUMNS),
+            )
+            db.many(
+                "INSERT INTO rollout_devices (release_id, device_id, position, stage, url, length, sha256, state, "
+                "updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                [(rollout["release_id"], d["device_id"], d["position"], d["stage"], d["url"], d["length"],
+                  d["sha256"], d["state"], rollout["updated"]) for d in devices],
+            )
+        return True
+
+    def rollouts(self, release_id: str | None = None) -> list[dict[str, Any]]:
+        """Every rollout (or one), newest first."""
+        rel = release_id or ""
+        rows = self._dicts(
+            "SELECT * FROM rollouts WHERE (? = '' OR release_id = ?) ORDER BY created DESC, release_id", (rel, rel)
+        )
+        for r in rows:
+            r["stages"] = json.loads(r["stages"])
+        return rows
+
+    def rollout_devices(self, release_id: str) -> list[dict[str, Any]]:
+        return self._dicts("SELECT * FROM rollout_devices WHERE release_id = ? ORDER BY position", (release_id,))
+
+    def rollout_open(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Boards whose update command has no final answer yet (of one device, or all)."""
+        dev = device_id or ""
+        return self._dicts(
+            "SELECT release_id, device_id, seq, command_sha256, state FROM rollout_devices WHERE state IN "
+            "('pending', 'expired') AND seq IS NOT NULL AND (? = '' OR device_id = ?) ORDER BY release_id, position",
+            (dev, dev),
+        )
+
+    def rollout_counts(self, release_id: str) -> tuple[dict[str, int], list[str]]:
+        """A rollout's boards counted by state, and its first ten failed boards in order."""
+        counts = {str(r["state"]): int(r["n"]) for r in self._dicts(
+            "SELECT state, COUNT(*) AS n FROM rollout_devices WHERE release_id = ? GROUP BY state", (release_id,))}
+        failed = [str(r["device_id"]) for r in self._dicts(
+            "SELECT device_id FROM rollout_devices WHERE release_id = ? AND state = 'failed' ORDER BY position "
+            "LIMIT 10", (release_id,))]
+        return counts, failed
+
+    def rollout_issued(self, release_id: str, device_id: str, seq: int, command_sha256: str, now: datetime) -> None:
+        """The board's update command was signed (and recorded in the ledger): it is pending."""
+        t = format_time(now)
+        with self._write("rollout") as db:
+            db.run(
+                "UPDATE rollout_devices SET state = 'pending', seq = ?, command_sha256 = ?, issued = ?, updated = ? "
+                "WHERE release_id = ? AND device_id = ? AND state = 'waiting'",
+                (seq, command_sha256, t, t, release_id, device_id),
+            )
+
+    def rollout_answered(self, release_id: str, device_id: str, seq: int, state: str, detail: str,
+                         now: datetime) -> bool:
+        """What the board answered to its update command ``seq`` (never undoes ``updated``)."""
+        with self._write("rollout") as db:
+            return db.run(
+                "UPDATE rollout_devices SET state = ?, detail = ?, updated = ? WHERE release_id = ? AND "
+                "device_id = ? AND seq = ? AND state IN ('pending', 'expired') AND state <> ?",
+                (state, _text(detail, 500), format_time(now), release_id, device_id, seq, state),
+            ) == 1
+
+    def rollout_moved(self, release_id: str, state: str, stage: int, stage_started: str, detail: str,
+                      now: datetime) -> None:
+        """The rollout's own state: its current stage (and when it began), running, halted or done."""
+        with self._write("rollout") as db:
+            db.run(
+                "UPDATE rollouts SET state = ?, stage = ?, stage_started = ?, detail = ?, updated = ? "
+                "WHERE release_id = ?",
+                (state, stage, stage_started, _text(detail, 500), format_time(now), release_id),
+            )
 
     def prune(self, before: datetime, keep_last: int, batch: int = 1000) -> Pruned:
         """Delete reports and security events the monitor received before ``before``, at most

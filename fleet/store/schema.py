@@ -9,7 +9,11 @@ rewrites a step that has shipped.
 2. retention: indexes on the time the monitor received each row; security events once per
    (topic, payload digest, kind), with a repeat count (a store's existing repeats are folded);
 3. alerts: one row per security event a monitor claimed for the webhook (primary key: the event),
-   so that with several monitors each event is sent once.
+   so that with several monitors each event is sent once;
+4. rollouts: one row per over-the-air rollout of a release (its stages, where it stands, halted
+   or done, and the shared payload of a version 2 release) and one per board in it (its place in
+   the order, its stage, its file, its update command and what the board answered) --
+   ``fleet/rollout.py``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,18 @@ SQLITE: dict[int, list[str]] = {
         "claimed_at TEXT NOT NULL, sent_at TEXT, attempts INTEGER NOT NULL DEFAULT 0, "
         "last_error TEXT NOT NULL DEFAULT '')",
     ],
+    4: [
+        "CREATE TABLE IF NOT EXISTS rollouts (release_id TEXT PRIMARY KEY, model_id TEXT NOT NULL, "
+        "model_version INTEGER NOT NULL, base_url TEXT NOT NULL, stages TEXT NOT NULL, "
+        "max_failures INTEGER NOT NULL, stage_timeout_s INTEGER NOT NULL, created TEXT NOT NULL, "
+        "state TEXT NOT NULL, stage INTEGER NOT NULL, stage_started TEXT NOT NULL, updated TEXT NOT NULL, "
+        "detail TEXT NOT NULL DEFAULT '', payload_url TEXT, payload_length INTEGER, payload_sha256 TEXT)",
+        "CREATE TABLE IF NOT EXISTS rollout_devices (release_id TEXT NOT NULL, device_id TEXT NOT NULL, "
+        "position INTEGER NOT NULL, stage INTEGER NOT NULL, url TEXT NOT NULL, length INTEGER NOT NULL, "
+        "sha256 TEXT NOT NULL, state TEXT NOT NULL, seq INTEGER, command_sha256 TEXT, issued TEXT, "
+        "updated TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '', PRIMARY KEY (release_id, device_id))",
+        "CREATE INDEX IF NOT EXISTS rollout_devices_state ON rollout_devices (state, device_id)",
+    ],
 }
 
 POSTGRESQL: dict[int, list[str]] = {
@@ -73,6 +89,18 @@ POSTGRESQL: dict[int, list[str]] = {
         "CREATE TABLE alerts (event_key TEXT PRIMARY KEY, claimed_by TEXT NOT NULL, "
         "claimed_at TEXT NOT NULL, sent_at TEXT, attempts BIGINT NOT NULL DEFAULT 0, "
         "last_error TEXT NOT NULL DEFAULT '')",
+    ],
+    4: [
+        "CREATE TABLE rollouts (release_id TEXT PRIMARY KEY, model_id TEXT NOT NULL, "
+        "model_version BIGINT NOT NULL, base_url TEXT NOT NULL, stages TEXT NOT NULL, "
+        "max_failures BIGINT NOT NULL, stage_timeout_s BIGINT NOT NULL, created TEXT NOT NULL, "
+        "state TEXT NOT NULL, stage BIGINT NOT NULL, stage_started TEXT NOT NULL, updated TEXT NOT NULL, "
+        "detail TEXT NOT NULL DEFAULT '', payload_url TEXT, payload_length BIGINT, payload_sha256 TEXT)",
+        "CREATE TABLE rollout_devices (release_id TEXT NOT NULL, device_id TEXT NOT NULL, "
+        "position BIGINT NOT NULL, stage BIGINT NOT NULL, url TEXT NOT NULL, length BIGINT NOT NULL, "
+        "sha256 TEXT NOT NULL, state TEXT NOT NULL, seq BIGINT, command_sha256 TEXT, issued TEXT, "
+        "updated TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '', PRIMARY KEY (release_id, device_id))",
+        "CREATE INDEX rollout_devices_state ON rollout_devices (state, device_id)",
     ],
 }
 

@@ -11,7 +11,11 @@
 # noise, and shows that detection arriving, verified, at the monitor. With OFFLINE_BOARD_DIR,
 # OFFLINE_ENROLMENT and OPERATOR_KEY set, it then decommissions that board while it is off, starts
 # it, and shows the board obeying its retained command queue and the fleet verifying its signed
-# wipe attestation. Everything it starts is stopped when the function returns.
+# wipe attestation. With RELEASE_DIR (a pack of the next version for both boards) as well, it
+# first serves that directory over HTTPS (a certificate from the fleet CA) and rolls it out in two
+# stages with 'fleet deploy': the switched-off board stays pending, the rollout carries on past
+# the stage timeout, and the board installs the update when it returns, before its decommission.
+# Everything it starts is stopped when the function returns.
 
 demo_fleet() {
   local fleet="$WORK/fleet-home" broker="$WORK/broker" port device mosq pids=() i
@@ -43,12 +47,18 @@ demo_fleet() {
   done
 
   ew_log "fleet: monitor (verifies every signature) and the board's guarded service with telemetry"
-  "${ew[@]}" monitor --fleet-dir "$fleet" --broker "127.0.0.1:$port" --operator operator --exclusive &
+  "${ew[@]}" monitor --fleet-dir "$fleet" --broker "127.0.0.1:$port" --operator operator --exclusive \
+    > >(tee "$WORK/monitor.out") &
   pids+=($!)
+  for i in $(seq 150); do  # the monitor subscribes before the board reports anything worth seeing
+    grep -q '^monitoring' "$WORK/monitor.out" 2>/dev/null && break
+    sleep 0.1
+  done
   local token
   token="$("${agent[@]}" token add --data-dir "$BOARD_DIR" --role user --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])')"
   "${agent[@]}" serve --data-dir "$BOARD_DIR" --socket "$WORK/agent.sock" --broker "127.0.0.1:$port" \
-    --ca "$fleet/ca.crt" --cert "$fleet/certs/$device.crt" --key "$fleet/certs/$device.key" --heartbeat 2 &
+    --ca "$fleet/ca.crt" --cert "$fleet/certs/$device.crt" --key "$fleet/certs/$device.key" --heartbeat 2 \
+    --update-ca "$fleet/ca.crt" &
   pids+=($!)
 
   ew_log "fleet: an application queries the local API; then someone sends noise (an extraction attempt)"
@@ -113,8 +123,45 @@ PYEOF
   if [ -n "${OFFLINE_BOARD_DIR:-}" ]; then
     local offline
     offline="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["device_id"])' "$OFFLINE_ENROLMENT")"
-    ew_log "fleet: $offline is switched off; the security officer orders its decommission anyway"
     "${ew[@]}" enrol --fleet-dir "$fleet" "$OFFLINE_ENROLMENT" >/dev/null
+    if [ -n "${RELEASE_DIR:-}" ]; then
+      local web_port deploy=("${ew[@]}" deploy "$RELEASE_DIR" --fleet-dir "$fleet")
+      web_port="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+      ew_log "fleet: the release directory on a static HTTPS file server (any web server or object store does)"
+      "$PY" - "$RELEASE_DIR" "$web_port" "$broker/edgeward-broker.crt" "$broker/edgeward-broker.key" <<'PYEOF' &
+import functools, http.server, ssl, sys
+root, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+handler = functools.partial(Quiet, directory=root)
+server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ctx.load_cert_chain(cert, key)
+server.socket = ctx.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+PYEOF
+      pids+=($!)
+      ew_log "fleet: the rollout plan (boards in the order of SHA-256(release id, device id)), then the first stage"
+      "${deploy[@]}" --base-url "https://127.0.0.1:$web_port/" --all --stages 50%,100% --stage-timeout 5s --dry-run
+      "${deploy[@]}" --base-url "https://127.0.0.1:$web_port/" --all --stages 50%,100% --stage-timeout 5s \
+        --operator-key "$OPERATOR_KEY" --broker "127.0.0.1:$port" --operator operator
+      ew_log "fleet: --resume signs the next stage once this one is done ($offline is off: pending after 5 s)"
+      local rolled=1
+      for i in $(seq 60); do
+        "${deploy[@]}" --resume --operator-key "$OPERATOR_KEY" --broker "127.0.0.1:$port" --operator operator --json \
+          >"$WORK/deploy.json"
+        if "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); r=d["rollouts"][0]["devices"]
+sys.exit(0 if d["state"] == "done" and any(b["state"] == "updated" for b in r) else 1)' "$WORK/deploy.json"; then
+          rolled=0; break
+        fi
+        sleep 0.5
+      done
+      "${ew[@]}" status --fleet-dir "$fleet"
+      [ "$rolled" = 0 ] || { _demo_fleet_stop; echo "demo_fleet: the rollout did not complete" >&2; return 4; }
+      ew_log "fleet: $device installed v3 over the air and kept serving throughout; $offline is pending"
+    fi
+    ew_log "fleet: $offline is switched off; the security officer orders its decommission anyway"
     "${ew[@]}" time --fleet-dir "$fleet" --operator-key "$OPERATOR_KEY" --broker "127.0.0.1:$port" --operator operator
     "${ew[@]}" decommission "$offline" --fleet-dir "$fleet" --operator-key "$OPERATOR_KEY" --broker-dir "$broker" \
       --broker "127.0.0.1:$port" --operator operator
@@ -122,13 +169,14 @@ PYEOF
     ew_log "fleet: $offline comes back online; its retained command queue is waiting for it"
     "${agent[@]}" serve --data-dir "$OFFLINE_BOARD_DIR" --socket "$WORK/offline.sock" --broker "127.0.0.1:$port" \
       --ca "$fleet/ca.crt" --cert "$fleet/certs/$offline.crt" --key "$fleet/certs/$offline.key" --heartbeat 2 \
+      --update-ca "$fleet/ca.crt" \
       || { _demo_fleet_stop; echo "demo_fleet: $offline did not obey the decommission" >&2; return 4; }
     local wiped=1
     for i in $(seq 100); do
       if "${ew[@]}" status --fleet-dir "$fleet" --json 2>/dev/null | grep -q '"liveness": "wiped"'; then wiped=0; break; fi
       sleep 0.2
     done
-    ew_log "fleet: the board's signed result arrived; the monitor verified its wipe attestation"
+    ew_log "fleet: the board's signed results arrived: its update (queued first), then the wipe attestation"
     "${ew[@]}" status --fleet-dir "$fleet"
     "${ew[@]}" verify-attestation "$OFFLINE_BOARD_DIR/wipe-attestation.json" --fleet-dir "$fleet"
     [ "$wiped" = 0 ] || { _demo_fleet_stop; echo "demo_fleet: the fleet did not record $offline as wiped" >&2; return 4; }

@@ -1,0 +1,183 @@
+"""Carrying out an over-the-air ``update`` on the board: fetch, verify, install, answer.
+
+The decision to obey is :func:`device_agent.commands.decide.decide_update` (pure); this module
+does the I/O, outside the data-dir lock so that the model keeps serving while the file arrives:
+
+1. download the signed address into the staging file the layout names (``update.part``),
+   bounded by the signed length and the board's timeouts (:mod:`device_agent.commands.fetch`);
+2. check its SHA-256 against the signed one;
+3. install it through :meth:`Agent.install_file`, exactly as a local install (publisher
+   signature, target device, anti-rollback, expiry, trial load); the bundle must also be the
+   model and version the command names. A refused install changes nothing: the previous model
+   keeps serving;
+4. remove the staging file, then consume the command's sequence number and send the signed
+   result: ``applied`` with what was installed, or ``refused`` with the reason.
+
+``serve`` runs these steps in one worker thread (:class:`Updater`): one update at a time, and
+the telemetry loop never waits on a download. An update in a later delivery waits for the one in
+hand (sequence order), and so do the commands after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from device_agent.commands.fetch import FetchSettings, Target, fetch
+from device_agent.commands.format import Command, Signed
+from device_agent.errors import EdgeWardError, SecurityRefusal
+from device_agent.store import layout
+from device_agent.trust.decisions import advance_floor
+
+if TYPE_CHECKING:
+    from device_agent.agent import Agent
+    from device_agent.bundle.format import Manifest
+    from device_agent.commands.run import OnResult
+
+_log = logging.getLogger(__name__)
+
+
+def settings(agent: Agent) -> FetchSettings:
+    c = agent.config.commands
+    return FetchSettings(c.update_connect_s, c.update_read_s, c.update_deadline_s, c.update_attempts,
+                         c.update_ca_file)
+
+
+def fetch_and_install(agent: Agent, cmd: Command) -> tuple[str, str, dict[str, Any]]:
+    """Steps 1-4 but the last: (outcome, detail, effects) for the signed result."""
+    args = cmd.args
+    want, shared = args["bundle"], args.get("payload")
+    staging = agent.store.layout.path(layout.UPDATE_STAGING)
+    payload_path = agent.store.layout.path(layout.UPDATE_PAYLOAD)
+    effects: dict[str, Any] = {"release_id": args["release_id"], "model_id": args["model_id"],
+                               "model_version": args["model_version"]}
+    try:
+        for f in (want, shared):
+            if f is not None and f["length"] > agent.limits.max_bundle_bytes:
+                raise SecurityRefusal(f"the update names a file of {f['length']} bytes, over this board's bundle "
+                                      f"limit of {agent.limits.max_bundle_bytes}")
+        how = settings(agent)
+        start = time.monotonic()
+        got = fetch(Target(want["url"], want["length"], want["sha256"]), staging, how)
+        effects["downloaded_bytes"] = got.length
+        effects["connections"] = got.connections
+        if shared is not None:
+            # One deadline for the whole update: what the envelope took is not given again.
+            left = max(0.001, how.deadline_s - (time.monotonic() - start))
+            more = fetch(Target(shared["url"], shared["length"], shared["sha256"]), payload_path,
+                         replace(how, deadline_s=left))
+            effects["downloaded_bytes"] += more.length
+            effects["connections"] += more.connections
+
+        def expect(m: Manifest) -> None:
+            if m.model_id != args["model_id"] or m.model_version != args["model_version"]:
+                raise SecurityRefusal(
+                    f"the downloaded bundle is {m.model_id} version {m.model_version}, the update names "
+                    f"{args['model_id']} version {args['model_version']}: refused"
+                )
+
+        if shared is not None:
+            m = agent.install_release(staging, payload_path, expect=expect)
+        else:
+            m = agent.install_file(staging, expect=expect)
+        effects["bundle_id"] = m.bundle_id
+        detail = f"model {m.model_id} version {m.model_version} of release {args['release_id']} installed"
+        agent.record_event("update", "info", {"installed": detail, "url": want["url"][:200]})
+        return "applied", detail, effects
+    except EdgeWardError as e:
+        agent.record_event("update", "critical" if isinstance(e, SecurityRefusal) else "warning",
+                           {"refused": f"update #{cmd.seq}", "why": str(e)[:300], "url": want["url"][:200]})
+        return "refused", f"update refused, the previous model keeps serving: {e}", effects
+    finally:
+        for path in (staging, payload_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def finish(agent: Agent, sg: Signed, on_result: OnResult | None) -> bytes | None:
+    """Fetch and install the accepted update ``sg``, then consume its number and answer. None
+    if another process carried it out meanwhile."""
+    from device_agent.commands.run import _send, _sign
+
+    cmd = sg.item
+    if not isinstance(cmd, Command):
+        raise EdgeWardError(f"internal error: {type(cmd).__name__} is not an update")
+    outcome, detail, effects = fetch_and_install(agent, cmd)
+    key = agent._key()
+    with agent._lock, agent.store.locked():
+        state = agent.state()
+        if cmd.seq <= state.command_seq:
+            return None
+        after = advance_floor(replace(state, command_seq=cmd.seq), cmd.issued, agent.config.commands.beacon_hold_s)
+        data, result = _sign(agent, cmd, sg.sha256, outcome, detail, effects)
+        _send(on_result, data, result)
+        agent.store.save_state(after, key)
+        agent._state_cache = None
+    agent.record_event("command", "info" if outcome == "applied" else "warning",
+                       {"applied": cmd.describe(), "outcome": outcome, "sha256": sg.sha256})
+    return data
+
+
+class Updater:
+    """The worker that carries out updates for ``serve``: one at a time, off the telemetry loop.
+
+    A delivery that reaches an update hands it here and stops (the commands after it wait, in
+    sequence order). When the update is done, the newest delivery seen meanwhile is handed back
+    (``redeliver``: the telemetry loop's inbox) or, without one, applied here; that carries out
+    what followed the update (a second update included)."""
+
+    def __init__(self, agent: Agent, redeliver: Callable[[bytes], None] | None = None) -> None:
+        self.agent = agent
+        self._redeliver = redeliver
+        self._lock = threading.Lock()
+        self._busy: str | None = None  # the digest of the update in hand
+        self._latest: tuple[bytes, OnResult | None] | None = None
+        self._thread: threading.Thread | None = None
+        self.idle = threading.Event()
+        self.idle.set()
+
+    @property
+    def busy(self) -> str | None:
+        return self._busy
+
+    def submit(self, payload: bytes, sg: Signed, on_result: OnResult | None) -> None:
+        with self._lock:
+            self._latest = (payload, on_result)
+            if self._busy is not None:
+                return  # the update in hand (or one queued behind it through this delivery)
+            self._busy = sg.sha256
+            self.idle.clear()
+            self._thread = threading.Thread(target=self._work, args=(sg, on_result), name="edgeward-update",
+                                            daemon=True)
+            self._thread.start()
+
+    def _work(self, sg: Signed, on_result: OnResult | None) -> None:
+        from device_agent.commands import run
+
+        failed = False
+        try:
+            finish(self.agent, sg, on_result)
+        except Exception:  # a bug or a full disk must not leave the board unable to take the next update
+            _log.exception("carrying out update %s failed; it is tried again at the next delivery", sg.sha256[:16])
+            failed = True
+        with self._lock:
+            self._busy = None
+            latest, self._latest = self._latest, None
+            if failed:
+                latest = None  # not at once: the next delivery (or reconnection) brings it again
+        try:
+            if latest is not None and self._redeliver is not None:
+                self._redeliver(latest[0])
+            elif latest is not None:
+                run.apply(self.agent, latest[0], latest[1])
+        except Exception:
+            _log.exception("carrying out the commands after an update failed")
+        finally:
+            with self._lock:
+                if self._busy is None:
+                    self.idle.set()

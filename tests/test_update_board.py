@@ -1,0 +1,314 @@
+"""Over-the-air updates on the board (device_agent.commands.update, .fetch): a signed ``update``
+command, a real HTTPS file server on loopback (tests/fixtures/files.py), real bundles and real
+onnxruntime. The file server is trusted for nothing: whatever it withholds, stalls, lengthens or
+alters is refused, the board keeps serving the model it had, and its signed result says why.
+
+The staged rollout over a real broker is in test_rollout.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from device_agent import Agent, crypto
+from device_agent.commands.format import Command, Result, update_args, verify_result
+from device_agent.config import DEFAULT_CONFIG, AgentConfig
+from device_agent.errors import FormatError
+from device_agent.store import layout
+from device_agent.store.keys import KeySource
+from tests.conftest import Board
+from tests.fixtures.files import FileServer, files_fixture, files_home_fixture  # noqa: F401
+from tests.fixtures.trusted import Operator
+
+DEVICE = "pi-ota"
+LIMITS = DEFAULT_CONFIG.commands
+MAX = LIMITS.max_update_bytes
+
+
+@dataclass
+class OtaBoard:
+    board: Board
+    operator: Operator
+    config: AgentConfig
+    seq: int = 0
+
+    def agent(self) -> Agent:
+        return Agent(self.board.data_dir, self.board.keys, config=self.config)
+
+    def update(self, url: str, length: int, sha256: str, version: int = 2, **extra: Any) -> Result:
+        """Deliver one signed update (as a technician's command file is) and return the verified result."""
+        self.seq += 1
+        args = {"release_id": f"digits-v{version}", "model_id": "digits", "model_version": version,
+                "bundle": {"url": url, "length": length, "sha256": sha256}} | extra
+        args["model_version"] = version
+        payload = self.operator.sign("update", DEVICE, self.seq, datetime.now(UTC).replace(microsecond=0), **args)
+        [data] = self.agent().apply_commands(payload)
+        key = base64.b64decode(json.loads(self.board.enrolment.read_text())["sign_public"])
+        return verify_result(data, key)
+
+    def serving(self) -> int:
+        return self.agent().model("digits").manifest.model_version
+
+
+@pytest.fixture
+def ota(tmp_path: Path, publisher: Path, pack_for: Callable[..., Path], digits: Any, files: FileServer) -> OtaBoard:
+    """A board trusting an operator, serving digits v1, whose updates trust the file server's CA
+    and give up after 3 s."""
+    from device_agent.bundle.keyfiles import load_public_key_file
+
+    op = Operator()
+    keys = KeySource(kek=bytes(range(32)))
+    d = tmp_path / "board"
+    enrolment = tmp_path / f"{DEVICE}.json"
+    enrolment.write_bytes(Agent.provision(d, DEVICE, [load_public_key_file(publisher / "publisher.pub")],
+                                          [op.public], keys))
+    commands = replace(DEFAULT_CONFIG.commands, update_ca_file=str(files.ca), update_deadline_s=3.0,
+                       update_read_s=3.0, update_attempts=3)
+    b = OtaBoard(Board(d, enrolment, DEVICE, keys), op, replace(DEFAULT_CONFIG, commands=commands))
+    b.agent().install_file(pack_for(digits.onnx, [b.board], 1) / f"{DEVICE}.ewb")
+    return b
+
+
+def publish(files: FileServer, bundle: Path, name: str = f"{DEVICE}.ewb") -> tuple[str, int, str]:
+    """Put ``bundle`` on the server; its URL, length and SHA-256 (what the operator signs)."""
+    shutil.copyfile(bundle, files.root / name)
+    data = bundle.read_bytes()
+    return files.base_url + name, len(data), crypto.sha256_hex(data)
+
+
+def stored_bundles(b: OtaBoard) -> list[str]:
+    return sorted(p.name for p in (b.board.data_dir / "bundles").iterdir())
+
+
+def test_an_update_is_fetched_over_https_verified_and_installed(
+    ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+) -> None:
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    r = ota.update(url, length, sha)
+    assert (r.kind, r.outcome) == ("update", "applied"), r.detail
+    assert r.effects["model_version"] == 2 and r.effects["downloaded_bytes"] == length
+    assert ota.serving() == 2
+    assert not (ota.board.data_dir / layout.UPDATE_STAGING).exists()
+    # Delivered again (a retained queue, a power cut before the number was saved): nothing is fetched twice.
+    before = len(files.requests)
+    again = ota.update(url, length, sha)
+    assert again.outcome == "applied" and "already serves" in again.detail and len(files.requests) == before
+
+
+def test_a_tampered_file_on_the_server_is_refused_and_the_old_model_keeps_serving(
+    ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+) -> None:
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    served = files.root / f"{DEVICE}.ewb"
+    data = bytearray(served.read_bytes())
+    data[-100] ^= 1
+    served.write_bytes(bytes(data))
+    before = stored_bundles(ota)
+    r = ota.update(url, length, sha)
+    assert r.outcome == "refused" and "does not match the SHA-256" in r.detail
+    assert ota.serving() == 1 and stored_bundles(ota) == before
+    assert not (ota.board.data_dir / layout.UPDATE_STAGING).exists()
+
+
+def test_a_stalled_server_costs_the_board_its_deadline_and_nothing_else(
+    ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+) -> None:
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    files.behaviours[f"{DEVICE}.ewb"] = "stall"
+    r = ota.update(url, length, sha)
+    assert r.outcome == "refused" and "did not finish within 3 s" in r.detail
+    assert ota.serving() == 1
+    assert not (ota.board.data_dir / layout.UPDATE_STAGING).exists()
+
+
+def test_a_dropped_connection_resumes_with_a_range_request(
+    ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+) -> None:
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    files.behaviours[f"{DEVICE}.ewb"] = "drop-once"
+    r = ota.update(url, length, sha)
+    assert r.outcome == "applied", r.detail
+    assert r.effects["connections"] == 2
+    assert files.requests == [(f"{DEVICE}.ewb", None), (f"{DEVICE}.ewb", f"bytes={length // 2}-{length - 1}")]
+    assert ota.serving() == 2
+
+
+@pytest.mark.parametrize("how", ["longer", "endless"])
+def test_a_server_sending_more_than_the_signed_length_is_refused(
+    how: str, ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+) -> None:
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    files.behaviours[f"{DEVICE}.ewb"] = how
+    r = ota.update(url, length, sha)
+    assert r.outcome == "refused" and ("offers" in r.detail or "more than the signed" in r.detail), r.detail
+    assert ota.serving() == 1
+
+
+def test_a_missing_file_is_refused_with_what_to_do(ota: OtaBoard, files: FileServer) -> None:
+    r = ota.update(files.base_url + "nowhere.ewb", 1000, "0" * 64)
+    assert r.outcome == "refused" and "404" in r.detail and "--base-url" in r.detail
+    assert ota.serving() == 1
+
+
+def test_a_bundle_for_another_board_is_refused_even_with_its_digest_signed(
+    ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+    make_board: Callable[..., Board],
+) -> None:
+    other = make_board("pi-other")
+    url, length, sha = publish(files, pack_for(digits.onnx, [other], 2) / "pi-other.ewb", f"{DEVICE}.ewb")
+    r = ota.update(url, length, sha)
+    assert r.outcome == "refused" and "pi-other" in r.detail
+    assert ota.serving() == 1
+
+
+def test_a_bundle_of_another_version_than_the_command_names_is_refused(
+    ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+) -> None:
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 3) / f"{DEVICE}.ewb")
+    r = ota.update(url, length, sha, version=2)
+    assert r.outcome == "refused" and "version 3" in r.detail
+    assert ota.serving() == 1
+
+
+def test_a_new_version_that_fails_its_trial_load_leaves_the_old_one_serving(
+    ota: OtaBoard, files: FileServer, tmp_path: Path, publisher: Path, digits: Any,
+) -> None:
+    from packager.keys import load_private_key
+    from packager.modelfile import ModelFile, infer_task, read_model
+    from packager.pack import PackOptions, load_enrolments, pack
+    from packager.profiles import load_profile
+    from packager.signers import FileSigner
+
+    # A publisher's release the runtime cannot load: signed and sealed like any other.
+    real = read_model(digits.onnx)
+    broken = ModelFile(real.path, b"\x08\x07" + bytes(2000), "onnx")
+    out = tmp_path / "broken-release"
+    pack(broken, load_profile("rpi4b"), FileSigner(load_private_key(publisher / "publisher.key")),
+         load_enrolments([ota.board.enrolment]),
+         PackOptions(model_id="digits", model_version=2, task=infer_task(real, {})), out)
+    url, length, sha = publish(files, out / f"{DEVICE}.ewb")
+    before = stored_bundles(ota)
+    r = ota.update(url, length, sha)
+    assert r.outcome == "refused" and "previous model keeps serving" in r.detail
+    assert ota.serving() == 1 and stored_bundles(ota) == before
+
+
+def shared_release(files: FileServer, out: Path) -> dict[str, Any]:
+    """Put a version 2 shared release on the server (payload.ewp, envelopes/); the update
+    arguments of this board from its release index."""
+    shutil.copytree(out, files.root, dirs_exist_ok=True)
+    index = json.loads((out / "release.json").read_text())
+    env, pay = index["devices"][DEVICE], index["payload"]
+    return {"release_id": index["release_id"], "model_version": index["model_version"],
+            "bundle": {"url": files.base_url + env["file"], "length": env["length"], "sha256": env["sha256"]},
+            "payload": {"url": files.base_url + pay["file"], "length": pay["length"], "sha256": pay["sha256"]}}
+
+
+def test_a_shared_release_is_fetched_as_envelope_and_payload_and_installed(
+    ota: OtaBoard, files: FileServer, release_for: Callable[..., Path], digits: Any,
+) -> None:
+    args = shared_release(files, release_for(digits.onnx, [ota.board], 2))
+    b = args["bundle"]
+    r = ota.update(b["url"], b["length"], b["sha256"], release_id=args["release_id"], payload=args["payload"])
+    assert r.outcome == "applied", r.detail
+    assert r.effects["bundle_id"] == args["release_id"] and ota.serving() == 2
+    assert r.effects["downloaded_bytes"] == b["length"] + args["payload"]["length"]
+    assert [name for name, _ in files.requests] == [f"envelopes/{DEVICE}.ewe", "payload.ewp"]
+    for name in (layout.UPDATE_STAGING, layout.UPDATE_PAYLOAD):
+        assert not (ota.board.data_dir / name).exists()
+    again = ota.update(b["url"], b["length"], b["sha256"], release_id=args["release_id"], payload=args["payload"])
+    assert "already serves" in again.detail and len(files.requests) == 2
+
+
+def test_a_tampered_shared_payload_is_refused_and_the_old_model_keeps_serving(
+    ota: OtaBoard, files: FileServer, release_for: Callable[..., Path], digits: Any,
+) -> None:
+    args = shared_release(files, release_for(digits.onnx, [ota.board], 2))
+    data = bytearray((files.root / "payload.ewp").read_bytes())
+    data[-50] ^= 1
+    (files.root / "payload.ewp").write_bytes(bytes(data))
+    before = stored_bundles(ota)
+    b = args["bundle"]
+    r = ota.update(b["url"], b["length"], b["sha256"], release_id=args["release_id"], payload=args["payload"])
+    assert r.outcome == "refused" and "does not match the SHA-256" in r.detail
+    assert ota.serving() == 1 and stored_bundles(ota) == before
+    assert not (ota.board.data_dir / layout.UPDATE_PAYLOAD).exists()
+
+
+# --- the arguments, strictly ---------------------------------------------------------------------
+
+GOOD = {"release_id": "r1", "model_id": "digits", "model_version": 2,
+        "bundle": {"url": "https://files.example.net/rel/pi-1.ewb", "length": 1000, "sha256": "a" * 64}}
+
+
+@pytest.mark.parametrize("url", [
+    "http://files.example.net/pi-1.ewb",  # not TLS
+    "https://user:pw@files.example.net/pi-1.ewb",  # credentials in a signed command
+    "https://files.example.net/pi-1.ewb#frag",
+    "https://files.example.net",  # no file
+    "https:///pi-1.ewb",  # no host
+    "https://files.example.net:99999/pi-1.ewb",
+    "https://files.example.net/pi 1.ewb",
+    "https://files.example.net/pi-1.ewb\n",
+    "file:///etc/passwd",
+    "https://files.example.net/" + "a" * 2100,
+])
+def test_update_addresses_other_than_plain_https_are_refused(url: str) -> None:
+    with pytest.raises(FormatError):
+        update_args(GOOD | {"bundle": GOOD["bundle"] | {"url": url}}, LIMITS)
+
+
+@pytest.mark.parametrize("change", [
+    {"length": 0}, {"length": MAX + 1}, {"length": "10"}, {"length": True}, {"sha256": "A" * 64},
+    {"sha256": "a" * 63}, {"extra": 1},
+])
+def test_update_lengths_and_digests_are_bounded_and_strict(change: dict[str, Any]) -> None:
+    with pytest.raises(FormatError):
+        update_args(GOOD | {"bundle": GOOD["bundle"] | change}, LIMITS)
+
+
+def test_a_signed_update_round_trips_and_unknown_fields_are_refused() -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    cmd = Command("update", "pi-1", 1, now, now.replace(year=now.year + 1), GOOD)
+    assert cmd.args == GOOD
+    with pytest.raises(FormatError):
+        update_args(GOOD | {"note": "x"}, LIMITS)
+    with pytest.raises(FormatError):
+        update_args({k: v for k, v in GOOD.items() if k != "bundle"}, LIMITS)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=40),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=5),
+    max_leaves=20,
+)
+_url = st.one_of(st.text(max_size=80), st.builds(lambda s: "https://" + s, st.text(max_size=60)))
+_artifact = st.fixed_dictionaries({"url": _url, "length": st.integers(-5, MAX + 5) | _json,
+                                   "sha256": st.text("0123456789abcdefABCDEF", min_size=60, max_size=66) | _json})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    _json,
+    st.fixed_dictionaries({"release_id": st.text(max_size=70) | _json, "model_id": st.text(max_size=10),
+                           "model_version": st.integers(-3, 2**54) | _json, "bundle": _artifact | _json},
+                          optional={"payload": _artifact | _json, "x": _json}),
+))
+def test_fuzzed_update_arguments_are_refused_cleanly_or_parsed_to_a_fixed_point(raw: Any) -> None:
+    try:
+        parsed = update_args(raw, LIMITS)
+    except FormatError:
+        return
+    assert update_args(json.loads(json.dumps(parsed)), LIMITS) == parsed
+    assert parsed["bundle"]["url"].startswith("https://") and 1 <= parsed["bundle"]["length"] <= MAX
