@@ -307,7 +307,9 @@ def test_hopskipjump_split_over_5_tokens_is_detected_within_50_queries(env: Any,
     r = _hsj(env, tokens, digits_test, sample=0)
     first = r["queries_before_first_detection"]
     assert first is not None and first <= 50, r
-    assert r["first_detection_kind"] == "linked" and r["tokens"] == 5
+    # the board-wide detector links the tokens within the same 50 queries, whichever detector fires
+    # first (HopSkipJump starts from noise, so the out-of-distribution one sometimes does)
+    assert r["first_detection_by_kind"].get("linked", 10**9) <= 50 and r["tokens"] == 5, r
     linked = [e for e in env.events_after(0) if e.kind == "linked"]
     assert {cid for cid, _ in tokens} <= set().union(*(e.evidence["clients"] for e in linked))
     # every token is slowed down: each is refused at half the client rate, a fresh token is not
