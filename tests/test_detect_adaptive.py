@@ -480,3 +480,18 @@ def test_with_the_read_noise_sealed_hopskipjump_is_still_caught_within_the_bound
     r = _hsj(noisy_env, [noisy_env.token()], digits_test, sample=3)
     assert r["queries_before_first_detection"] is not None and r["queries_before_first_detection"] <= 20, r
     assert r["queries_refused_by_throttling"] > 0
+
+
+def test_an_attacker_who_makes_every_probe_a_re_read_is_measured(noisy_env: Any, digits_test: Any) -> None:
+    """What the re-read exemption costs, through the API: the noise walk's small steps are each a
+    re-read of the one before, so it is counted only once it leaves the noise's reach of its
+    first step or its label flips; it is caught, and what it found by then is reported."""
+    from packager.redteam import AgentTarget, BareTarget, RedteamConfig, noise_walk
+
+    x, _ = digits_test
+    cfg = RedteamConfig(read_noise=0.02)
+    target = AgentTarget(noisy_env, [noisy_env.token()], noisy_env.limits.client_rate, cfg.max_wait_s)
+    r = noise_walk(target, x[:10], digits_validation(), BareTarget(noisy_env.runner, noisy_env.task), cfg)
+    assert r["completed"] and r["samples"] == 10
+    assert r["first_detection_by_kind"].get("probing") is not None, r
+    assert 0.0 <= r["evasion_by_first_detection"] <= r["evasion_success_rate"] <= 1.0
