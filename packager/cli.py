@@ -121,7 +121,7 @@ def _pack_with(args: argparse.Namespace, profile: Profile, signer: Signer) -> in
     if labels:
         task["labels"] = labels
     model, task, extra = model_for_pack(args, profile, task)
-    policy = build_policy(args.policy, args.calibrate_ood)
+    policy = build_policy(args.policy, args.calibrate_ood, args.sensor_noise)
     if args.learnable:
         from .learnable import apply as make_learnable
 
@@ -323,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--expect-sha256", help="refuse the model unless its SHA-256 is this")
     sp.add_argument("--policy", help="serving policy JSON to seal (roles, bands, throttle, audit)")
     sp.add_argument("--calibrate-ood", help="validation inputs (.npz, x) to calibrate OoD/probing")
+    sp.add_argument(
+        "--sensor-noise",
+        type=float,
+        metavar="SIGMA",
+        help="the standard deviation of the sensor's read noise, in input units, as measured on the sensor: "
+        "sealed with --calibrate-ood so that a re-read of a scene is not taken for probing or extraction",
+    )
     sp.add_argument(
         "--learnable",
         metavar="DATA.npz",

@@ -329,10 +329,15 @@ def pack(
     return PackResult(out_dir, records, report)
 
 
-def build_policy(policy_file: str | None, calibration_file: str | None) -> dict[str, Any]:
+def build_policy(
+    policy_file: str | None, calibration_file: str | None, sensor_noise: float | None = None
+) -> dict[str, Any]:
     """The sealed serving policy: a JSON file (roles, bands, throttle, audit retention) plus, from
-    ``--calibrate-ood``, OoD and probing thresholds calibrated on validation inputs (``x``)."""
+    ``--calibrate-ood``, OoD and probing thresholds calibrated on validation inputs (``x``), with
+    the sensor's read noise (``--sensor-noise``) when the publisher measured it."""
     policy: dict[str, Any] = read_json_object(policy_file, "--policy") or {}
+    if sensor_noise is not None and not calibration_file:
+        raise UsageError("--sensor-noise is sealed in the OoD calibration: give --calibrate-ood too")
     if calibration_file:
         from device_agent.service.detect import calibrate
 
@@ -342,7 +347,7 @@ def build_policy(policy_file: str | None, calibration_file: str | None) -> dict[
         if not z:
             raise FormatError(f"--calibrate-ood {calibration_file}: need an .npz with validation inputs x")
         x = z["x"] if "x" in z else next(iter(z.values()))
-        policy["ood"] = calibrate(x)
+        policy["ood"] = calibrate(x, read_noise=sensor_noise)
     return policy
 
 

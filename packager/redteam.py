@@ -18,7 +18,10 @@ Attacks (ART, with scikit-learn surrogates; no deep-learning framework needed):
   with repeats, bursts and a slowly drifting mix, at least 10,000 queries; no alarm may fire;
 - ``benign-sensor-drift``: the same with a slowly drifting sensor gain, which makes resent inputs
   near-duplicates; ``benign-sensor-offset``: the same with a drifting brightness instead. The
-  detectors take such a near-duplicate for a sensor change, not probing: no alarm may fire.
+  detectors take such a near-duplicate for a sensor change, not probing: no alarm may fire;
+- with ``read_noise`` (``--sensor-noise``, the sensor's read noise sealed in the calibration):
+  ``benign-noise-<sigma>``: the drifting gain with read noise of that sigma and of a
+  quarter of it, so that no two reads of a scene are the same; no alarm may fire.
 
 Adaptive attacks (against the agent only; each knows the detectors and the throttle):
 - ``hopskipjump-paced``: one token sending at exactly the throttle's client rate, never refused;
@@ -28,7 +31,10 @@ Adaptive attacks (against the agent only; each knows the detectors and the throt
 - ``copycat-budget``: CopycatCNN with natural data, spread evenly over ``budget_days`` budget
   windows (days of boottime) so that it never touches the daily budget nor the rate limit;
 - ``gain-walk``: against the sensor-change exemption, every probe a gain change of the one before
-  (:func:`gain_walk`): it darkens ``walk_samples`` inputs step by step until their labels flip.
+  (:func:`gain_walk`): it darkens ``walk_samples`` inputs step by step until their labels flip;
+- ``noise-walk`` (with ``read_noise``): against the re-read exemption, every probe inside the
+  sealed read noise's reach of the one before (:func:`noise_walk`): it walks ``walk_samples``
+  inputs towards the nearest validation sample of another class in small steps until they flip.
 
 For each, the report gives the queries answered before the first detection and what the
 attacker had by then (HopSkipJump: the samples it had already found an adversarial for within
@@ -83,6 +89,10 @@ class RedteamConfig:
     sensor_drift_queries: int = 5_000  # queries of each drifting-sensor benign run
     walk_samples: int = 10  # test inputs the gain-walk attacker darkens until their label flips
     walk_step: float = 0.1  # L2 length of each of its steps (below probe_eps: near-duplicates)
+    # The sensor's read noise (a standard deviation) sealed in the calibration; None: not declared,
+    # no noisy benign runs and no noise-walk.
+    read_noise: float | None = None
+    noise_walk_step: float = 0.025  # L2 length of each step of the noise-walk attacker
 
 
 class AttackStopped(Exception):
@@ -566,6 +576,18 @@ def adaptive(
             AgentTarget(e, [e.token()], e.limits.client_rate, cfg.max_wait_s), x_test[: cfg.walk_samples], bare, cfg
         ),
     )
+    if cfg.read_noise is not None:
+        log("agent: noise-walk")
+        out["noise-walk"] = _on(
+            fresh(),
+            lambda e: noise_walk(
+                AgentTarget(e, [e.token()], e.limits.client_rate, cfg.max_wait_s),
+                x_test[: cfg.walk_samples],
+                x_val,
+                bare,
+                cfg,
+            ),
+        )
     return out
 
 
@@ -579,13 +601,59 @@ def gain_walk(target: Any, x: np.ndarray, judge: BareTarget, cfg: RedteamConfig)
     judged = judge.tally.answered
     own = judge.labels(x)
     judge.tally.answered = judged
+    def steps(i: int, x0: np.ndarray) -> list[np.ndarray]:
+        norm = float(np.linalg.norm(x0))
+        return [x0 * (1.0 - k * cfg.walk_step / norm) for k in range(1, int(norm / cfg.walk_step) + 1)]
+
+    return _walk(target, x, own, steps, judge, cfg, result)
+
+
+def noise_walk(target: Any, x: np.ndarray, pool: np.ndarray, judge: BareTarget, cfg: RedteamConfig) -> dict[str, Any]:
+    """The attacker who makes every probe look like a re-read with the sealed read noise: from
+    each input it walks in steps of L2 ``noise_walk_step`` (each well inside the noise's reach of
+    the one before) towards the nearest ``pool`` sample the model labels otherwise, until the
+    label flips or it has gone twice the noise's reach. It finds the adversarial examples that a
+    short straight walk gives; the report says how many by the first detection."""
+    from device_agent.service.detect import reread_bound
+
+    if cfg.read_noise is None:
+        raise UsageError("the noise-walk attacker needs the sensor's read noise (--sensor-noise)")
+    result: dict[str, Any] = {"samples": len(x)}
+    judged = judge.tally.answered
+    own = judge.labels(x)
+    pool = np.asarray(pool, dtype=np.float64)
+    pool_labels = judge.labels(pool)
+    judge.tally.answered = judged
+    reach = 2.0 * float(np.sqrt(reread_bound(cfg.read_noise, x.shape[1])))
+
+    def steps(i: int, x0: np.ndarray) -> list[np.ndarray]:
+        u = x0.astype(np.float64)
+        other = pool[pool_labels != own[i]]
+        to = other[int(((other - u) ** 2).sum(axis=1).argmin())] - u
+        to /= float(np.linalg.norm(to))
+        n = int(reach / cfg.noise_walk_step)
+        return [(u + k * cfg.noise_walk_step * to).astype(np.float32) for k in range(1, n + 1)]
+
+    result["reach_l2"] = round(reach, 4)
+    return _walk(target, x, own, steps, judge, cfg, result)
+
+
+def _walk(
+    target: Any,
+    x: np.ndarray,
+    own: np.ndarray,
+    steps: Callable[[int, np.ndarray], list[np.ndarray]],
+    judge: BareTarget,
+    cfg: RedteamConfig,
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """Send each input, then its ``steps`` (clipped to [0, 1]) until its label flips."""
     found = np.zeros(len(x), dtype=bool)
     dist = np.full(len(x), np.nan)
     try:
         for i, x0 in enumerate(np.asarray(x, dtype=np.float32)):
-            norm = float(np.linalg.norm(x0))
-            for k in range(1, int(norm / cfg.walk_step) + 1):
-                row = np.clip(x0 * (1.0 - k * cfg.walk_step / norm), 0.0, 1.0)
+            for step in steps(i, x0):
+                row = np.clip(step, 0.0, 1.0)
                 if int(target.labels(row[None])[0]) != own[i]:
                     found[i], dist[i] = True, float(np.linalg.norm(row - x0))
                     break
@@ -683,6 +751,7 @@ def benign(
     queries: int | None = None,
     sensor_drift: float = 0.0,
     sensor_offset: float = 0.0,
+    sensor_noise: float = 0.0,
 ) -> dict[str, Any]:
     """:func:`benign_traffic` through the API, one token per application; counts every event
     that names one of them."""
@@ -690,7 +759,15 @@ def benign(
     https = [ApiCaller(env.socket, tok) for _, tok in clients]
     start = env.clock.t
     traffic = benign_traffic(
-        x, y, cfg.benign_clients, queries or cfg.benign_queries, cfg.seed, cfg.benign_rate, sensor_drift, sensor_offset
+        x,
+        y,
+        cfg.benign_clients,
+        queries or cfg.benign_queries,
+        cfg.seed,
+        cfg.benign_rate,
+        sensor_drift,
+        sensor_offset,
+        sensor_noise,
     )
     seq0 = env.events_seq()
     answered = refused = 0
@@ -710,6 +787,7 @@ def benign(
         "clients": cfg.benign_clients,
         "sensor_drift": sensor_drift,
         "sensor_offset": sensor_offset,
+        "sensor_noise": sensor_noise,
         "queries_answered": answered,
         "queries_refused_by_throttling": refused,
         "detections": len(events),
@@ -736,7 +814,7 @@ def run(
     if y_test is None:  # _load(need_y=True) already refuses data without labels
         raise UsageError(f"{test}: the test data needs labels y")
     x_val, _ = _load(validation, need_y=False)
-    full_policy = {**(policy or {}), "ood": calibrate(x_val)}
+    full_policy = {**(policy or {}), "ood": calibrate(x_val, read_noise=cfg.read_noise)}
     rng = np.random.default_rng(cfg.seed)
     noise = rng.random((cfg.copycat_queries, x_val.shape[1])).astype(np.float32)
     hsj_x = x_test[: cfg.hsj_samples]
@@ -798,6 +876,16 @@ def run(
                     fresh(),
                     lambda e: benign(e, x_test, y_test, cfg, cfg.sensor_drift_queries, 0.0, cfg.sensor_offset),
                 )
+            if cfg.sensor_drift_queries and cfg.read_noise is not None:
+                for sigma in (cfg.read_noise, cfg.read_noise / 4):
+                    log(f"agent: benign clients with a drifting sensor gain and read noise {sigma:g}")
+                    env_noisy = fresh()
+                    try:
+                        report["targets"]["agent"][f"benign-noise-{sigma:g}"] = benign(
+                            env_noisy, x_test, y_test, cfg, cfg.sensor_drift_queries, cfg.sensor_drift, 0.0, sigma
+                        )
+                    finally:
+                        env_noisy.close()
         finally:
             env.close()
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -877,6 +965,13 @@ def register(sub: Any) -> None:
     sp.add_argument("--out", required=True, help="where to write the JSON report")
     sp.add_argument("--benign-queries", type=int, default=RedteamConfig.benign_queries)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument(
+        "--sensor-noise",
+        type=float,
+        metavar="SIGMA",
+        help="the sensor's read noise to seal in the calibration (as edgeward pack --sensor-noise); "
+        "adds benign runs with read noise and the noise-walk attacker",
+    )
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     sp.set_defaults(func=cmd_redteam)
 
@@ -886,7 +981,7 @@ def cmd_redteam(args: Any) -> int:
 
     from .pack import build_policy
 
-    cfg = RedteamConfig(benign_queries=args.benign_queries, seed=args.seed)
+    cfg = RedteamConfig(benign_queries=args.benign_queries, seed=args.seed, read_noise=args.sensor_noise)
     report = run(
         Path(args.model),
         Path(args.test),

@@ -326,3 +326,174 @@ def test_a_single_token_paced_at_the_throttle_limit_is_detected_within_20_querie
     first = r["queries_before_first_detection"]
     assert first is not None and first <= 20, r
     assert r["queries_refused_by_throttling"] > 0  # and it is slowed down from then on
+
+
+# --- a sensor with read noise (its standard deviation sealed as read_noise) ----------------------
+
+
+@pytest.fixture(scope="module")
+def noisy_cal() -> dict[float, Calibration]:
+    """Calibrations that seal the sensor's read noise, for each declared standard deviation."""
+    out = {}
+    for sigma in (0.005, 0.02):
+        c = Calibration.from_policy({"ood": calibrate(digits_validation(), read_noise=sigma)})
+        assert c is not None and c.read_noise == sigma
+        out[sigma] = c
+    return out
+
+
+def _kinds(cal: Calibration, traffic: list[tuple[float, int, np.ndarray]], label: Any) -> list[str]:
+    labels = label(np.stack([row for _, _, row in traffic]))
+    d = Detector(cal)
+    out = []
+    for (t, app, row), lab in zip(traffic, labels, strict=True):
+        out += [s.kind for s in d.observe(f"app{app}", row, int(lab), T0 + t)]
+    return out
+
+
+def test_a_noisy_sensor_raises_no_alarm_when_its_read_noise_is_sealed(
+    cal: Calibration, noisy_cal: dict[float, Calibration], digits_test: Any, label: Any
+) -> None:
+    """Real use through a sensor whose gain drifts and whose every read has noise: no two reads
+    of a scene are the same. Without the sealed read noise, small noise makes re-reads look like
+    gradient-estimation probes and larger noise makes PRADA see a spike of small distances;
+    with it, 10,000 queries at each of two noise levels raise nothing."""
+    x, y = digits_test
+    for sigma, declared, seed in ((0.005, 0.005, 4), (0.02, 0.02, 5)):
+        traffic = benign_traffic(x, y, apps=6, queries=10_000, seed=seed, sensor_drift=0.05, sensor_noise=sigma)
+        assert _kinds(noisy_cal[declared], traffic, label) == [], (sigma, declared, seed)
+    # what the sealed read noise changes: the same traffic without it
+    few = benign_traffic(x, y, apps=6, queries=3_000, seed=4, sensor_drift=0.05, sensor_noise=0.005)
+    assert "probing" in _kinds(cal, few, label)
+    few = benign_traffic(x, y, apps=6, queries=3_000, seed=4, sensor_drift=0.05, sensor_noise=0.02)
+    assert "extraction" in _kinds(cal, few, label)
+
+
+def _walk_towards_another_class(x: np.ndarray, label: Any, step: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Small steps from a test input straight towards the nearest test input of another class."""
+    own = label(x)
+    u = x[0].astype(np.float64)
+    other = x[own != own[0]].astype(np.float64)
+    to = other[int(((other - u) ** 2).sum(axis=1).argmin())] - u
+    walk = np.stack([np.clip(u + k * step * to / np.linalg.norm(to), 0, 1) for k in range(n)]).astype(np.float32)
+    return walk, label(walk)
+
+
+def test_a_re_read_is_told_apart_from_a_probe(
+    noisy_cal: dict[float, Calibration], digits_test: Any, label: Any
+) -> None:
+    """A re-read differs from the first read of its scene by no more than the sensor's noise
+    (after any gain change), got the same label, and the client never got two labels there.
+    Probing is not a re-read: near-duplicates whose labels differ count (HopSkipJump's
+    gradient estimation is as small as the noise but straddles the boundary), and a walk of
+    small steps, each within the noise of the last, counts once it leaves the noise's reach of
+    where it started."""
+    x, _ = digits_test
+    cal = noisy_cal[0.005]
+    rng = np.random.default_rng(8)
+    u = x[0].astype(np.float64)
+    reads = [np.clip(_gain(u, 1 + 0.002 * k) + rng.normal(0, 0.005, 64), 0, 1) for k in range(12)]
+    assert all(cal.reread(a, b) for a in reads for b in reads if a is not b)
+    d = Detector(cal)
+    assert [s for k, r in enumerate(reads) for s in d.observe("app", r, 3, T0 + k)] == []
+    # the same reads, but the client got two labels among them: a boundary straddle, probing
+    d = Detector(cal)
+    kinds = [s.kind for k, r in enumerate(reads) for s in d.observe("m", r, 3 if k else 4, T0 + k)]
+    assert "probing" in kinds
+    # a walk whose every step is a re-read of the one before
+    walk, labels = _walk_towards_another_class(x, label, 0.015, 20)
+    same = int(np.argmax(labels != labels[0])) or len(labels)
+    walk, labels = walk[:same], labels[:same]  # up to its flip: only its reach gives it away
+    assert all(cal.reread(walk[k], walk[k - 1]) for k in range(1, len(walk)))
+    d = Detector(cal)
+    kinds = [s.kind for k, r in enumerate(walk) for s in d.observe("m", r, int(labels[k]), T0 + k)]
+    assert "probing" in kinds
+
+
+def test_the_read_noise_is_sealed_only_where_a_re_read_is_told_from_a_new_scene(digits_test: Any) -> None:
+    """Two reads of one scene must stay closer than distinct validation samples, or a new scene
+    could pass for a re-read: a larger read noise is refused, as is a malformed one; a sealed
+    one is checked when the bundle is opened; a calibration without one exempts nothing."""
+    x, _ = digits_test
+    val = digits_validation()
+    with pytest.raises(UsageError, match="re-reads cannot be told from new scenes"):
+        calibrate(val, read_noise=0.05)
+    for bad in (0.0, -0.01, float("nan"), float("inf"), True):
+        with pytest.raises(UsageError, match="read noise must be a number > 0"):
+            calibrate(val, read_noise=bad)
+    sealed = calibrate(val, read_noise=0.02)
+    assert sealed["read_noise"] == 0.02 and "read_noise" not in calibrate(val)
+    for bad_policy in ({"read_noise": 0.0}, {"read_noise": "0.02"}, {"read_noise": True}, {"read_noise": -1.0},
+                       {"read_noise": 0.02, "value_range": None, "photometric_fit": None}):
+        with pytest.raises(FormatError, match="read_noise"):
+            Calibration.from_policy({"ood": sealed | bad_policy})
+    old = Calibration.from_policy({"ood": calibrate(val)})
+    assert old is not None and old.read_noise is None
+    u = x[0].astype(np.float64)
+    assert not old.reread(np.clip(u + 0.001, 0, 1), u)
+
+
+def test_pack_seals_the_sensor_read_noise_only_with_a_calibration(tmp_path: Path) -> None:
+    from packager.pack import build_policy
+
+    np.savez(tmp_path / "val.npz", x=digits_validation())
+    assert build_policy(None, str(tmp_path / "val.npz"), 0.01)["ood"]["read_noise"] == 0.01
+    with pytest.raises(UsageError, match="--sensor-noise .* --calibrate-ood"):
+        build_policy(None, None, 0.01)
+
+
+@pytest.fixture(scope="module")
+def noisy_env(tmp_path_factory: pytest.TempPathFactory, digits: Any) -> Iterator[Any]:
+    """A throw-away board whose sealed calibration declares a sensor read noise of 0.02."""
+    pytest.importorskip("art")
+    from packager.redteam import AgentEnv
+
+    policy = {"ood": calibrate(digits_validation(), read_noise=0.02)}
+    e = AgentEnv(Path(digits.onnx), policy, tmp_path_factory.mktemp("noisy"))
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+@pytest.mark.parametrize("sigma", [0.005, 0.02])
+def test_zero_detections_over_10000_benign_queries_from_a_noisy_sensor(
+    noisy_env: Any, digits_test: Any, sigma: float
+) -> None:
+    """Through the API: a sensor whose gain drifts by up to 5% and whose reads have noise of
+    the declared standard deviation or a quarter of it; no event, no slowdown, no refusal."""
+    from packager.redteam import RedteamConfig, benign
+
+    x, y = digits_test
+    cfg = RedteamConfig(benign_clients=6, benign_queries=10_000, seed=7)
+    r = benign(noisy_env, x, y, cfg, sensor_drift=0.05, sensor_noise=sigma)
+    assert r["queries_answered"] == 10_000 and r["queries_refused_by_throttling"] == 0
+    assert r["detections"] == 0, r["detections_by_kind"]
+
+
+def test_with_the_read_noise_sealed_hopskipjump_is_still_caught_within_the_bounds(
+    noisy_env: Any, digits_test: Any
+) -> None:
+    """The re-read exemption costs the attack bounds nothing: split over five tokens it is
+    linked within 50 queries; one token paced at the throttle's rate is caught within 20."""
+    tokens = [noisy_env.token() for _ in range(5)]
+    r = _hsj(noisy_env, tokens, digits_test, sample=2)
+    assert r["first_detection_by_kind"].get("linked", 10**9) <= 50, r
+    r = _hsj(noisy_env, [noisy_env.token()], digits_test, sample=3)
+    assert r["queries_before_first_detection"] is not None and r["queries_before_first_detection"] <= 20, r
+    assert r["queries_refused_by_throttling"] > 0
+
+
+def test_an_attacker_who_makes_every_probe_a_re_read_is_measured(noisy_env: Any, digits_test: Any) -> None:
+    """What the re-read exemption costs, through the API: the noise walk's small steps are each a
+    re-read of the one before, so it is counted only once it leaves the noise's reach of its
+    first step or its label flips; it is caught, and what it found by then is reported."""
+    from packager.redteam import AgentTarget, BareTarget, RedteamConfig, noise_walk
+
+    x, _ = digits_test
+    cfg = RedteamConfig(read_noise=0.02)
+    target = AgentTarget(noisy_env, [noisy_env.token()], noisy_env.limits.client_rate, cfg.max_wait_s)
+    r = noise_walk(target, x[:10], digits_validation(), BareTarget(noisy_env.runner, noisy_env.task), cfg)
+    assert r["completed"] and r["samples"] == 10
+    assert r["first_detection_by_kind"].get("probing") is not None, r
+    assert 0.0 <= r["evasion_by_first_detection"] <= r["evasion_success_rate"] <= 1.0

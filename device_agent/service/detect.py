@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.config import DEFAULT_CONFIG, DetectConfig
-from device_agent.errors import FormatError
+from device_agent.errors import FormatError, UsageError
 
 CALIBRATION_SCHEMA = "edgeward.ood/1"
 # Inputs larger than this are subsampled before distances are taken. Part of the edgeward.ood/1
@@ -74,6 +74,9 @@ class Calibration:
     ``photometric_fit`` the share of a near-duplicate's squared difference a gain-and-offset
     change must explain for it to count as a sensor change, not probing; both are optional in
     ``edgeward.ood/1`` (a calibration without them takes no near-duplicate for a sensor change).
+    ``read_noise`` is the standard deviation of the sensor's read noise that the publisher
+    declared (optional, with ``value_range``): a resend of the same scene that differs by no more
+    than that noise, after any gain and offset change, is a *re-read* (:meth:`reread`).
     """
 
     mean: np.ndarray
@@ -82,6 +85,7 @@ class Calibration:
     probe_eps: float
     value_range: tuple[float, float] | None = None
     photometric_fit: float | None = None
+    read_noise: float | None = None
 
     @classmethod
     def from_policy(cls, policy: Mapping[str, Any]) -> Calibration | None:
@@ -101,6 +105,9 @@ class Calibration:
             fit = raw.get("photometric_fit")
             if fit is not None and not _is_number(fit):
                 raise FormatError("sealed OoD calibration photometric_fit must be in (0, 1], with a value_range")
+            noise = raw.get("read_noise")
+            if noise is not None and not _is_number(noise):
+                raise FormatError("sealed OoD calibration read_noise must be a number > 0, with a value_range")
             cal = cls(
                 mean,
                 precision,
@@ -108,6 +115,7 @@ class Calibration:
                 float(raw["probe_eps"]),
                 value_range,
                 None if fit is None else float(fit),
+                None if noise is None else float(noise),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"sealed OoD calibration is malformed: {e}") from e
@@ -119,6 +127,8 @@ class Calibration:
             cal.value_range is None or not 0 < cal.photometric_fit <= 1
         ):
             raise FormatError("sealed OoD calibration photometric_fit must be in (0, 1], with a value_range")
+        if cal.read_noise is not None and (cal.value_range is None or not cal.read_noise > 0):
+            raise FormatError("sealed OoD calibration read_noise must be a number > 0, with a value_range")
         return cal
 
     def score(self, x: np.ndarray) -> float:
@@ -132,6 +142,15 @@ class Calibration:
             return False
         lo, hi = self.value_range
         return photometric_share(v, u, lo, hi) >= self.photometric_fit
+
+    def reread(self, v: np.ndarray, u: np.ndarray) -> bool:
+        """Whether ``v`` is ``u`` read again by the sensor: what is left of their difference once a
+        change of gain and offset is taken out is no more than two reads' noise of the sealed
+        ``read_noise`` would leave (never, when the calibration seals none)."""
+        if self.read_noise is None or self.value_range is None or v.size != u.size:
+            return False
+        rr, m = reread_residual(v, u, *self.value_range)
+        return rr <= reread_bound(self.read_noise, m)
 
 
 # Inputs arrive as 32-bit floats: differences below their rounding (2^-23 relative) are not
@@ -151,25 +170,64 @@ def photometric_share(v: np.ndarray, u: np.ndarray, lo: float, hi: float) -> flo
     dd = float(d @ d)
     if dd == 0.0:
         return 1.0
+    fit = _gain_fit(v, u, lo, hi)
+    if fit is None:
+        return 0.0
+    r = _residual(v, u, *fit, lo, hi)
+    return 1.0 - float(r @ r) / dd
+
+
+def _gain_fit(v: np.ndarray, u: np.ndarray, lo: float, hi: float) -> tuple[float, float] | None:
+    """Gain ``a`` > 0 and offset ``b`` of ``v = a*u + b`` by least squares on the values neither
+    input has at an edge of ``[lo, hi]``; None when too few are left or the gain is not positive."""
     inside = (u > lo) & (u < hi) & (v > lo) & (v < hi)
     if int(inside.sum()) < 3:
-        return 0.0  # too little left to fit two parameters and judge them
+        return None  # too little left to fit two parameters and judge them
     ui, vi = u[inside], v[inside]
     du = ui - ui.mean()
     su = float(du @ du)
     if su <= 0.0:
-        return 0.0
+        return None
     a = float(du @ (vi - vi.mean())) / su
     if not a > 0.0:
-        return 0.0  # a sensor does not invert its image
-    b = float(vi.mean()) - a * float(ui.mean())
-    # a value at an edge may have been anywhere beyond it before the sensor clipped it
+        return None  # a sensor does not invert its image
+    return a, float(vi.mean()) - a * float(ui.mean())
+
+
+def _residual(v: np.ndarray, u: np.ndarray, a: float, b: float, lo: float, hi: float) -> np.ndarray:
+    """What ``v = a*u + b`` leaves unexplained, value by value, a value at an edge standing for
+    any value beyond it (the sensor clipped it), less the float32 rounding."""
     u_lo, u_hi = np.where(u <= lo, -np.inf, u), np.where(u >= hi, np.inf, u)
     v_lo, v_hi = np.where(v <= lo, -np.inf, v), np.where(v >= hi, np.inf, v)
     # the distance between the interval v may have come from and the one a*u + b maps u's to
     r = np.maximum(np.maximum(a * u_lo + b - v_hi, v_lo - (a * u_hi + b)), 0.0)
-    r = np.maximum(r - _ROUNDING * max(1.0, abs(lo), abs(hi)), 0.0)
-    return 1.0 - float(r @ r) / dd
+    return np.asarray(np.maximum(r - _ROUNDING * max(1.0, abs(lo), abs(hi)), 0.0))
+
+
+def reread_residual(v: np.ndarray, u: np.ndarray, lo: float, hi: float) -> tuple[float, int]:
+    """The squared difference of ``v`` and ``u`` that a change of gain and offset leaves (no
+    change when none fits), and the number of values that can carry read noise at all (those
+    not at the same edge of ``[lo, hi]`` in both inputs)."""
+    v = np.asarray(v, dtype=np.float64)
+    u = np.asarray(u, dtype=np.float64)
+    a, b = _gain_fit(v, u, lo, hi) or (1.0, 0.0)
+    r = _residual(v, u, a, b, lo, hi)
+    m = int(np.count_nonzero(~(((u <= lo) & (v <= lo)) | ((u >= hi) & (v >= hi)))))
+    return float(r @ r), m
+
+
+# One-sided normal quantile of the chance (1e-6) that two reads of one scene are taken for two
+# scenes (or for a probe): the Wilson-Hilferty upper bound of a chi-square with m degrees.
+_REREAD_Z = 4.753
+
+
+def reread_bound(sigma: float, m: int) -> float:
+    """The most squared difference two reads with independent noise of standard deviation
+    ``sigma`` leave on ``m`` values, but for a chance of :data:`_REREAD_Z`'s tail."""
+    if m <= 0:
+        return 0.0
+    k = 2.0 / (9.0 * m)
+    return 2.0 * sigma * sigma * m * (1.0 - k + _REREAD_Z * math.sqrt(k)) ** 3
 
 
 def features(x: np.ndarray) -> np.ndarray:
@@ -181,7 +239,11 @@ def features(x: np.ndarray) -> np.ndarray:
 
 
 def calibrate(
-    x: np.ndarray, shrinkage: float = 0.1, margin: float = 1.5, photometric_fit: float = 0.9
+    x: np.ndarray,
+    shrinkage: float = 0.1,
+    margin: float = 1.5,
+    photometric_fit: float = 0.9,
+    read_noise: float | None = None,
 ) -> dict[str, Any]:
     """Calibration for the sealed policy from validation inputs ``x`` (one row per sample).
 
@@ -192,6 +254,12 @@ def calibrate(
     validation samples (up to ``probe_eps`` long, :data:`_CHANCE_DRAWS` of them) never reach it:
     with too few input values a gain and an offset explain anything, and no near-duplicate may
     then pass for a sensor change.
+
+    ``read_noise`` is the standard deviation of the sensor's read noise, in input units, as the
+    publisher measured it on the sensor (the validation data cannot tell it: they hold distinct
+    scenes); it is sealed only when two reads of one scene stay closer than the 1% quantile of
+    the distance between distinct validation samples (:func:`reread_bound` over every value), so
+    that a re-read can never be taken for a new scene, and refused otherwise.
     """
     rows = np.stack([features(r) for r in np.asarray(x)])
     if rows.shape[0] < 20:
@@ -209,7 +277,8 @@ def calibrate(
     d2[d2 <= 1e-12] = np.inf  # self and exact duplicates
     nearest = np.sqrt(d2.min(axis=1))
     nearest = nearest[np.isfinite(nearest)]
-    probe_eps = round(float(np.quantile(nearest, 0.01) / 4), 6)
+    floor = float(np.quantile(nearest, 0.01))
+    probe_eps = round(floor / 4, 6)
     lo, hi = float(rows.min()), float(rows.max())
     out: dict[str, Any] = {
         "schema": CALIBRATION_SCHEMA,
@@ -222,6 +291,17 @@ def calibrate(
     }
     if lo < hi and probe_eps > 0 and _chance_share(rows, probe_eps, lo, hi) < photometric_fit:
         out["photometric_fit"] = photometric_fit
+    if read_noise is not None:
+        if not (_is_number(read_noise) and read_noise > 0 and lo < hi):
+            raise UsageError("the sensor's read noise must be a number > 0 (a standard deviation in input units)")
+        reach = math.sqrt(reread_bound(read_noise, rows.shape[1]))
+        if not reach < floor:
+            raise UsageError(
+                f"a sensor read noise of {read_noise:g} makes two reads of one scene up to {reach:.4g} apart, "
+                f"as far as distinct validation samples ({floor:.4g}, their 1% quantile): re-reads cannot be told "
+                "from new scenes; measure the sensor's noise again or leave it out"
+            )
+        out["read_noise"] = float(read_noise)
     return out
 
 
@@ -293,14 +373,23 @@ class Signal:
 
 
 class _Ring:
-    """The last ``capacity`` vectors, for nearest-neighbour distances without re-stacking."""
+    """The last ``capacity`` vectors, for nearest-neighbour distances without re-stacking, each
+    with the first read of its scene when it is a re-read of an earlier one (its *anchor*)."""
 
-    __slots__ = ("rows", "count", "next")
+    __slots__ = ("rows", "count", "next", "anchors")
 
     def __init__(self, capacity: int, dim: int) -> None:
         self.rows = np.empty((capacity, dim), dtype=np.float32)
         self.count = 0
         self.next = 0
+        self.anchors: list[np.ndarray | None] = [None] * capacity  # None: the row is its own
+
+    def anchor(self, slot: int) -> np.ndarray:
+        """The first read of the scene the vector in ``slot`` shows (a copy that outlives the slot)."""
+        a = self.anchors[slot]
+        if a is None:
+            a = self.anchors[slot] = self.rows[slot].copy()
+        return a
 
     def nearest(self, v: np.ndarray) -> float:
         return self.nearest_slot(v)[0]
@@ -332,12 +421,14 @@ class _Ring:
             close = close[np.argpartition(d2[close], most)[:most]]
         return math.sqrt(float(d2.min())), close[np.argsort(d2[close])]
 
-    def add(self, v: np.ndarray) -> int:
-        """Keep ``v`` in place of the oldest; returns its slot (-1: wrong size, not kept)."""
+    def add(self, v: np.ndarray, anchor: np.ndarray | None = None) -> int:
+        """Keep ``v`` (a re-read of ``anchor``, or a scene of its own) in place of the oldest;
+        returns its slot (-1: wrong size, not kept)."""
         if v.size != self.rows.shape[1]:
             return -1
         slot = self.next
         self.rows[slot] = v
+        self.anchors[slot] = anchor
         self.next = (self.next + 1) % self.rows.shape[0]
         self.count = min(self.count + 1, self.rows.shape[0])
         return slot
@@ -359,6 +450,18 @@ class _Links:
         self.links: deque[tuple[int, str, str]] = deque()  # (input number, sender, earlier input's)
         self.last_event = -math.inf
         self.named: frozenset[str] = frozenset()
+
+
+def _scene(cal: Calibration | None, ring: _Ring, slot: int, v: np.ndarray) -> tuple[np.ndarray | None, bool]:
+    """The first read of the scene ``v`` shows when it is within the read noise of the kept
+    vector in ``slot`` (the caller has checked they got the same label), else None; and whether
+    ``v`` is a re-read: within the noise of that first read too. A walk of small steps, each
+    within the noise of the last, keeps the scene of its first step and stops being a re-read
+    once it leaves the noise's reach of it; it never starts a scene of its own."""
+    if cal is None or cal.read_noise is None or slot < 0 or not cal.reread(v, ring.rows[slot]):
+        return None, False
+    first = ring.anchor(slot)
+    return first, cal.reread(v, first)
 
 
 @dataclass
@@ -439,9 +542,15 @@ class Detector:
             return out  # an exact repeat tells nothing new; it is not kept twice
         eps = cal.probe_eps if cal is not None else 0.0
         near = nearest < eps
-        if near and cal is not None and c.recent_labels[slot] == label:
-            # the same scene through a sensor whose gain or brightness moved: not probing
-            near = not cal.sensor_change(v, c.recent.rows[slot])
+        same_label = slot >= 0 and c.recent_labels[slot] == label
+        anchor, reread = _scene(cal, c.recent, slot, v) if same_label else (None, False)
+        if near and cal is not None and same_label:
+            # the same scene through a sensor whose gain or brightness moved, or read again with
+            # the sensor's own noise where the client never got two labels: not probing
+            near = not (
+                cal.sensor_change(v, c.recent.rows[slot])
+                or (reread and not self._mixed(c, v, label, eps))
+            )
         c.near.append(near)
         n_near = sum(c.near)
         if eps > 0 and n_near >= cfg.probe_count:
@@ -454,19 +563,21 @@ class Detector:
             self._emit(
                 c, Signal("probing", client, round(n_near / cfg.probe_count, 3), ev), now, out
             )
-        kept = c.recent.add(v)
+        kept = c.recent.add(v, anchor)
         if kept >= 0:
             c.recent_labels[kept] = label
         same = c.by_label.get(label)
         if same is None:
             same = c.by_label[label] = _Ring(cfg.per_label_history, v.size)
-        d = same.nearest(v)
+        d, j = same.nearest_slot(v)
         if d == 0.0:
             return out
-        same.add(v)
-        # A near-duplicate (a resent input a drifting sensor changed slightly) is not a new sample:
-        # its tiny distance would skew the normality test on natural traffic. Probing counts it.
-        if math.isfinite(d) and d >= eps:
+        # A near-duplicate (a resent input a drifting sensor changed slightly) or a re-read of an
+        # earlier scene with the sensor's noise is not a new sample: its small distance would
+        # skew the normality test on natural traffic. Probing counts near-duplicates.
+        anchor, reread = _scene(cal, same, j, v)
+        same.add(v, anchor)
+        if math.isfinite(d) and d >= eps and not reread:
             c.distances.append(d)
             if len(c.distances) >= cfg.prada_min and c.queries % cfg.prada_every == 0:
                 w = shapiro_w(np.fromiter(c.distances, dtype=np.float64))
@@ -485,6 +596,13 @@ class Detector:
                         out,
                     )
         return out
+
+    @staticmethod
+    def _mixed(c: _Client, v: np.ndarray, label: Any, eps: float) -> bool:
+        """Whether an input the client sent closer than ``eps`` to ``v`` got another label: the
+        client's near-duplicates straddle the decision boundary."""
+        _, close = c.recent.within(v, eps, _LINK_CANDIDATES)
+        return any(c.recent_labels[int(j)] != label for j in close)
 
     def _link(self, client: str, v: np.ndarray, label: Any, now: float, out: list[Signal]) -> None:
         """The board-wide view: index ``v`` and look for boundary links across all clients."""
