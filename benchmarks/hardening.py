@@ -45,7 +45,7 @@ def _payload(h: Hardened, profile: Profile) -> int:
         created=datetime(2026, 1, 1, tzinfo=UTC),
     )
     card = model_card(h.model, profile, opts, opts.created or datetime.now(UTC))
-    sealed, _ = seal(build_sidecar(h.model, profile, opts, card), h.model.data, True)
+    sealed, _ = seal(build_sidecar(h.model, profile, opts, card), h.model.data, "auto")
     return len(sealed)
 
 
