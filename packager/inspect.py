@@ -91,9 +91,13 @@ def _check_ciphertext(f: BundleFile, fields: dict[str, Any]) -> str:
     compare it with the signed ``payload_sha256``; returns the SHA-256 of the whole payload file."""
     body = hashlib.sha256()
     whole = hashlib.sha256(f.head[-_payload_head_bytes(f.head) :])
-    while step := os.read(f.fd, READ_STEP):
+    left = int(fields["payload_length"])  # verified against the file's length already
+    while left and (step := os.read(f.fd, min(READ_STEP, left))):
         body.update(step)
         whole.update(step)
+        left -= len(step)
+    if left or os.read(f.fd, 1):
+        raise FormatError(f"{f.path} changed length while it was read; check it again once it is complete")
     if body.hexdigest() != fields["payload_sha256"]:
         raise IntegrityError(
             f"{f.path}: the ciphertext's SHA-256 is not the signed payload_sha256: the payload was altered "
