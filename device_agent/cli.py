@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bundle", help="a bundle (.ewb: version 1, or a version 2 single file), or with --payload "
                     "this board's envelope (.ewe)")
     sp.add_argument("--payload", help="the release's shared payload (payload.ewp) the envelope opens")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print what was installed as JSON (installed, model_id, "
+                    "model_version, bundle_id -- a version 2 release's id --, expires, end_of_life)")
 
     sp = add("predict", "run the installed model on an .npy/.npz input; prints JSON", cmd_predict)
     sp.add_argument("--input", required=True, help="input array (.npy) or arrays (.npz)")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from device_agent.cliutil import Parser, add_version, emit, run
-from device_agent.errors import EdgeWardError, FormatError, UsageError
+from device_agent.errors import UsageError
 from fleet.cli import register as register_fleet
 
 from . import redteam
@@ -143,16 +143,26 @@ def _pack_with(args: argparse.Namespace, profile: Profile, signer: Signer) -> in
 
         r = pack_release(model, profile, signer, device_paths, opts, Path(args.out), layout=args.layout,
                          progress=_progress(args, streamed=True)).report
-        emit(
-            args,
-            r,
-            lambda d: (summary(d["hardening"]) + "\n" if d["hardening"] else "")
-            + f"packed {d['model']['id']} v{d['model']['version']} ({d['model']['size_bytes']} bytes, "
-            f"{d['model']['compression']}) as release {d['release']['release_id']} for "
-            f"{d['release']['devices']} device(s) with {d['cipher']}, signed once; "
-            f"{d['release']['bytes_per_device']} bytes per device\n"
+        if args.json:  # report.json itself, per-device records included, copied rather than held
+            with (Path(args.out) / "report.json").open(encoding="ascii") as f:
+                for line in f:
+                    sys.stdout.write(line)
+            return 0
+        rel = r["release"]
+        sizes = (
+            f"payload.ewp {rel['payload_bytes']} bytes, shared; {rel['bytes_per_device']} bytes per device "
+            "(its envelope)"
+            if r["layout"] == "shared"
+            else f"{rel['bytes_per_device']} bytes per device (its single file: envelope and payload)"
+        )
+        print(
+            (summary(r["hardening"]) + "\n" if r["hardening"] else "")
+            + f"packed {r['model']['id']} v{r['model']['version']} ({r['model']['size_bytes']} bytes, "
+            f"{r['model']['compression']}) as release {rel['release_id']} for "
+            f"{rel['devices']} device(s) with {r['cipher']}, signed once; {sizes}\n"
             + (f"payload.ewp, envelopes/, release.json, model-card.cdx.json and report.json in {args.out}"
-               if d["layout"] == "shared" else f"single files, model-card.cdx.json and report.json in {args.out}"),
+               if r["layout"] == "shared" else f"single files, model-card.cdx.json and report.json in {args.out}")
+            + " (report.json: the asset record, one entry per device)"
         )
         return 0
     result = pack(model, profile, signer, devices, opts, Path(args.out), progress=_progress(args))
@@ -168,62 +178,13 @@ def _pack_with(args: argparse.Namespace, profile: Profile, signer: Signer) -> in
     return 0
 
 
-def _describe_unverified(head: bytes) -> dict[str, Any]:
-    from device_agent.bundle import release
-    from device_agent.bundle.format import HEADER_BYTES, read_header
-    from device_agent.crypto import SIGNATURE_BYTES
-
-    if head.startswith(release.ENVELOPE_MAGIC):  # a v2 single file: the envelope, then the release head
-        env_bytes, payload_head = release.split_single(head)
-        env = release.parse_envelope(env_bytes)
-        try:
-            manifest = json.loads(bytes(payload_head[release.PAYLOAD_HEADER_BYTES : -SIGNATURE_BYTES]))
-        except ValueError as e:
-            raise FormatError(f"release head is not JSON: {e}") from e
-        manifest.update(device_id=env.device_id, device_key=env.device_key, leaf_index=env.index)
-        return {"format_version": 2, "publisher_key_id": bytes(payload_head[16:32]).hex(), "manifest": manifest}
-    manifest_len, kid = read_header(head)
-    try:
-        manifest = json.loads(head[HEADER_BYTES : HEADER_BYTES + manifest_len])
-    except ValueError as e:
-        raise FormatError(f"manifest is not JSON: {e}") from e
-    return {"format_version": 1, "publisher_key_id": kid.hex(), "manifest": manifest}
-
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from device_agent.bundle.format import verify_head
     from device_agent.bundle.keyfiles import load_public_key_file
-    from device_agent.bundle.reading import open_bundle
+
+    from .inspect import describe, text
 
     publishers = [load_public_key_file(Path(args.publisher_pub))] if args.publisher_pub else None
-    # Only the signed head is read: the signature and the length checks need no payload byte.
-    with open_bundle(Path(args.bundle)) as f:
-        head, length = f.head, f.length
-    doc = _describe_unverified(head)
-    doc["file_bytes"] = length
-    code = 0
-    if publishers is not None:
-        try:
-            manifest, _, _ = verify_head(head, length, publishers)
-            doc["manifest"] = manifest.to_json()
-            doc["verified"] = True
-        except EdgeWardError as e:
-            doc["verified"] = False
-            doc["error"] = str(e)
-            code = e.exit_code
-    else:
-        doc["verified"] = None
-
-    def text(d: dict[str, Any]) -> str:
-        state = {True: "VERIFIED", False: f"REFUSED: {d.get('error')}", None: "UNVERIFIED (pass --publisher-pub)"}
-        lines = [f"{args.bundle}: {state[d['verified']]}", f"  publisher key id  {d['publisher_key_id']}"]
-        for k, v in d["manifest"].items():
-            if k == "sealed_key":
-                v = f"<{len(str(v))} base64 chars>"
-            lines.append(f"  {k:<17} {v}")
-        return "\n".join(lines)
-
+    doc, code = describe(Path(args.bundle), Path(args.payload) if args.payload else None, publishers)
     emit(args, doc, text)
     return code
 
@@ -291,8 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "pack",
         help="pack a model into one signed, encrypted bundle per device",
-        description="Pack MODEL into OUT/<device-id>.ewb for every enrolled device, plus "
-        "OUT/model-card.cdx.json and OUT/report.json. Nothing is written unless every bundle succeeds.",
+        description="Pack MODEL for every enrolled device into OUT, in one of three layouts (--layout): v1 "
+        "(default), OUT/<device-id>.ewb, the model encrypted and signed per device; shared, one version 2 release "
+        "encrypted and signed once, OUT/payload.ewp for every device plus a small OUT/envelopes/<device-id>.ewe "
+        "each and the index OUT/release.json (edgeward fleet deploy reads it); single-v2, one version 2 single "
+        "file OUT/<device-id>.ewb per device (envelope and payload in one, for installing without a network). "
+        "Every layout writes OUT/model-card.cdx.json and OUT/report.json, the asset record: which file went to "
+        "which device and device key, with its length and SHA-256. Check a release before shipping it with "
+        "'edgeward inspect'. Nothing is written unless every device succeeds.",
     )
     sp.add_argument("model", help="model file (.onnx or .tflite) or an 'edgeward harden' output directory")
     sp.add_argument("--profile", required=True, help="board profile name (edgeward profiles) or a .toml file")
@@ -356,8 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_harden(sub)
 
-    sp = sub.add_parser("inspect", help="show a bundle's clear header and verify it")
-    sp.add_argument("bundle")
+    sp = sub.add_parser(
+        "inspect",
+        help="show a bundle's or release's clear header and verify it",
+        description="Show what a bundle or release says in the clear and, with --publisher-pub, verify it before "
+        "it ships: a bundle (.ewb, version 1 or a version 2 single file, whose ciphertext digest is checked too); "
+        "a device's envelope with --payload payload.ewp (signature and inclusion proof); payload.ewp alone (its "
+        "signed release head and ciphertext digest); or a shared release directory (edgeward pack --layout "
+        "shared --out DIR: the payload, every envelope's inclusion proof and release.json).",
+    )
+    sp.add_argument("bundle", metavar="PATH", help="a .ewb bundle, a .ewe envelope (with --payload), payload.ewp, "
+                    "or a release directory")
+    sp.add_argument("--payload", help="the release's payload.ewp, when PATH is a device's envelope (.ewe)")
     sp.add_argument("--publisher-pub", help="verify against this publisher public key")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_inspect)

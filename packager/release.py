@@ -99,7 +99,9 @@ def pack_release(
     """Pack ``model`` as one version 2 release for every enrolled device into ``out_dir`` (all or
     nothing), signed once by ``signer``. ``shared`` writes ``payload.ewp``, ``envelopes/`` and the
     release index ``release.json``; ``single-v2`` writes one single file ``<device-id>.ewb``
-    (envelope then payload) per device, for installing without a network."""
+    (envelope then payload) per device, for installing without a network. Both write
+    ``report.json``, the asset record with one entry per device (:func:`_record`); the returned
+    report is the same without those entries."""
     if layout not in ("shared", "single-v2"):
         raise UsageError(f"--layout {layout} is not a version 2 layout (shared, single-v2)")
     t0 = time.perf_counter()
@@ -185,7 +187,12 @@ def pack_release(
         if layout == "shared":
             env_dir.mkdir(mode=0o755)
         envelope_bytes = 0
-        with (scratch / "leaves").open("rb") as records, _index(staging, layout) as index:
+        device_bytes = 0  # what each device is given to fetch: its envelope, or its single file
+        with (
+            (scratch / "leaves").open("rb") as records,
+            _index(staging, layout) as index,
+            _create(scratch / "bundles") as bundles,
+        ):
             index.begin(head, payload_bytes, file_hash.hexdigest())
             for i in range(count):
                 fixed = records.read(release.LEAF.size)
@@ -194,16 +201,17 @@ def pack_release(
                 device_id = leaf[release.LEAF.size :].decode("ascii")
                 envelope_bytes += len(envelope)
                 if layout == "shared":
+                    name = f"envelopes/{device_id}.ewe"
                     with _create(env_dir / f"{device_id}.ewe") as f:
                         f.write(envelope)
                     index.device(device_id, envelope)
+                    digest, size = hashlib.sha256(envelope).hexdigest(), len(envelope)
                 else:
-                    with _create(staging / f"{device_id}.ewb") as f, payload_path.open("rb") as src:
-                        f.write(envelope)
-                        shutil.copyfileobj(src, f, COPY_STEP)
-        shutil.rmtree(scratch)
+                    name = f"{device_id}.ewb"
+                    digest, size = _write_single(staging / name, envelope, payload_path)
+                device_bytes += size
+                bundles.write(_record(leaf, i, name, size, digest) + b"\n")
         t2 = time.perf_counter()
-        per_device = (payload_bytes + envelope_bytes) if layout == "single-v2" else envelope_bytes
         report: dict[str, Any] = {
             "schema": "edgeward.pack-report/1",
             "layout": layout,
@@ -227,17 +235,19 @@ def pack_release(
             "release": {
                 "release_id": release_id,
                 "devices": count,
-                "payload_bytes": payload_bytes if layout == "shared" else None,
+                "payload_bytes": payload_bytes,
                 "envelope_bytes": envelope_bytes,
-                "bytes_per_device": round(per_device / count, 1),
+                "output_bytes": device_bytes + (payload_bytes if layout == "shared" else 0),
+                "bytes_per_device": round(device_bytes / count, 1),
                 "index": "release.json" if layout == "shared" else None,
             },
-            "bundles": [],
+            "bundles": BUNDLES_STREAMED,
             "hardening": opts.hardening,
             "seconds": {"prepare": round(t1 - t0, 4), "bundles": round(t2 - t1, 4)},
         }
         atomic_write(staging / "model-card.cdx.json", (json.dumps(prep.card, indent=2) + "\n").encode(), 0o644)
-        atomic_write(staging / "report.json", (json.dumps(report, indent=2) + "\n").encode(), 0o644)
+        write_report(staging / "report.json", report, scratch / "bundles")
+        shutil.rmtree(scratch)
         # One sync of the filesystem for every file written, then the directories that name them.
         sync_filesystem(staging)
         if layout == "shared":
@@ -246,7 +256,57 @@ def pack_release(
         _publish(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    del report["bundles"]  # the device records are in report.json only: never all held in memory
     return PackResult(out_dir, [], report)
+
+
+# report.json's "bundles" is streamed from a scratch file of one record a line; the in-memory
+# report holds this marker in its place (a string JSON renders unambiguously).
+BUNDLES_STREAMED = "\x00bundles"
+
+
+def _record(leaf: bytes, index: int, name: str, size: int, sha256: str) -> bytes:
+    """One device's asset record: who it is, the key its content key is sealed to, what it was
+    given (a file under ``--out``), its length and SHA-256."""
+    rid, _, key_digest, _, _ = release.LEAF.unpack_from(leaf)
+    doc = {
+        "device_id": leaf[release.LEAF.size :].decode("ascii"),
+        "device_key": "sha256:" + bytes(key_digest).hex(),
+        "bundle_id": bytes(rid).hex(),  # a v2 release's id is the bundle id the board reports
+        "leaf_index": index,
+        "file": name,
+        "size": size,
+        "sha256": sha256,
+    }
+    return json.dumps(doc).encode("ascii")
+
+
+def _write_single(path: Path, envelope: bytes, payload_path: Path) -> tuple[str, int]:
+    """A v2 single file (envelope, then the payload file); returns its SHA-256 and length."""
+    digest = hashlib.sha256(envelope)
+    size = len(envelope)
+    with _create(path) as f, payload_path.open("rb") as src:
+        f.write(envelope)
+        while step := src.read(COPY_STEP):
+            digest.update(step)
+            f.write(step)
+            size += len(step)
+    return digest.hexdigest(), size
+
+
+def write_report(path: Path, report: dict[str, Any], records: Path) -> None:
+    """Write ``report`` as JSON with the device records of ``records`` (one JSON object a line) in
+    place of its ``bundles`` marker, copied a line at a time: memory flat in the device count.
+    The file lands in the staging directory, synced and moved into ``--out`` with the rest."""
+    before, after = json.dumps(report, indent=2).split(json.dumps(BUNDLES_STREAMED), 1)
+    with path.open("x", encoding="ascii") as out, records.open("rb") as src:
+        os.chmod(path, 0o644)
+        out.write(before + "[")
+        first = True
+        for line in src:
+            out.write(("\n    " if first else ",\n    ") + line.decode("ascii").rstrip("\n"))
+            first = False
+        out.write("\n  ]" + after + "\n")
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
