@@ -842,7 +842,7 @@ def register_deploy(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> N
     g.add_argument("--device", action="append", metavar="ID", help="a board (repeatable)")
     g.add_argument("--all", action="store_true", help="every enrolled board that is not wiped and is in the release")
     g.add_argument("--group", metavar="NAME", help="the boards listed in FLEET/groups/NAME.txt")
-    sp.add_argument("--stages", metavar="P%,...", help=f"cumulative shares of the boards (default {DEFAULT_STAGES})")
+    sp.add_argument("--stages", metavar="P%,...", help="cumulative shares of the boards (default " + DEFAULT_STAGES.replace("%", "%%") + ")")
     sp.add_argument("--max-failures", type=int, metavar="N", help="halt after N boards fail (default 1)")
     sp.add_argument("--stage-timeout", metavar="AGE",
                     help="after this, silent boards of a stage count as pending and the next stage starts (default 6h)")
