@@ -223,7 +223,8 @@ def _help_cases() -> list[Any]:
     from packager.cli import build_parser as host_parser
 
     return [pytest.param(main, path, id=" ".join((prog, *path)))
-            for prog, main, build in (("edgeward", host_main, host_parser), ("edgeward-agent", agent_main, agent_parser))
+            for prog, main, build in (("edgeward", host_main, host_parser),
+                                      ("edgeward-agent", agent_main, agent_parser))
             for path in _command_paths(build())]
 
 
