@@ -19,9 +19,10 @@ signed commands and the boards' results, as for every command.
   answered, or once ``--stage-timeout`` has passed since it began: a board still silent then is
   *pending*, not failed (its command stays queued and it updates when it comes back). The
   rollout halts as soon as ``--max-failures`` boards have refused or failed their update, and
-  then signs nothing more. The monitor records each board's answer (and halts a rollout) as
-  results arrive; ``edgeward fleet deploy --resume`` signs the next stage, since signing needs
-  the operator key, which the monitor does not hold.
+  then signs nothing more. The monitor records each board's answer as results arrive, and
+  halts a rollout or marks it done once its last stage's boards answered (:func:`settle`, from
+  counts); ``edgeward fleet deploy --resume`` signs the next stage, since signing needs the
+  operator key, which the monitor does not hold.
 """
 
 from __future__ import annotations
@@ -428,7 +429,8 @@ def text_view(rollouts: list[dict[str, Any]]) -> list[str]:
     for r in rollouts:
         lines.append(f"rollout {r['release_id']} ({r['model_id']} v{r['model_version']}): {r['state']}, stage "
                      f"{int(r['stage']) + 1}/{len(r['stages'])} of {','.join(f'{p}%' for p in r['stages'])}; "
-                     f"{r['summary']}" + (f" -- {r['detail']}" if r["detail"] else ""))
+                     + (r["detail"] if r["state"] == "done" and r["detail"]  # its detail carries the summary
+                        else f"{r['summary']}" + (f" -- {r['detail']}" if r["detail"] else "")))
         # Those that need a look first (failed, pending, expired...), then the rest, in order.
         shown = sorted(r["devices"], key=lambda b: (b["state"] in ("updated", "waiting"), b["position"]))
         for b in shown[:TEXT_BOARDS]:

@@ -415,3 +415,8 @@ def test_a_finished_rollout_says_done_once() -> None:
     assert step.state == "done" and line.count("done") == 1
     step = rollout.decide(_rollout([100]), _boards(["failed", "updated"], [100]), T0)
     assert step.state == "halted" and f"{step.state}, {step.detail}".count("halted") == 1
+    # 'fleet status' likewise: the state, then what it is, each said once.
+    done = {"release_id": "r", "model_id": "digits", "model_version": 2, "stages": [100], "stage": 0,
+            "state": "done", "detail": rollout.done_detail({"updated": 2}), "summary": "2 updated", "devices": []}
+    [line] = rollout.text_view([done])
+    assert line.endswith("done, stage 1/1 of 100%; every stage complete: 2 updated") and line.count("updated") == 1
