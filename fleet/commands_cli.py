@@ -769,14 +769,19 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                              f"{len(boards)} board(s) in this order (SHA-256 of release id and device id):")
                 lines += [f"  {b['position']:>4} {b['device_id']:<24} stage {b['stage'] + 1}  {b['url']}"
                           for b in boards]
-            lines += [f"would sign update #{c.seq} for {c.device_id} ({c.args['bundle']['length']} bytes, sha256 "
-                      f"{c.args['bundle']['sha256'][:16]})" for c in planned]
+            if new and release.payload is not None:
+                lines.append(f"  every board also fetches the shared payload {rollout['payload_url']} "
+                             f"({release.payload.length} bytes, payload sha256 {release.payload.sha256[:16]})")
+            lines += [f"would sign update #{c.seq} for {c.device_id}: {_file_label(c.args)}" for c in planned]
             lines.append(f"then: {step.state}, {step.detail}")
             lines.append("dry run: nothing was signed, recorded or published")
             doc = {"dry_run": True, "release_id": release.release_id, "state": step.state, "detail": step.detail,
                    "order": [{k: b[k] for k in ("device_id", "position", "url", "length", "sha256")}
                              | {"stage": b["stage"] + 1} for b in boards],
-                   "commands": [_command_doc(c, None) for c in planned], "skipped": skipped}
+                   "commands": [_command_doc(c, None) for c in planned], "skipped": skipped,
+                   "payload": None if not rollout.get("payload_url") else {
+                       "url": rollout["payload_url"], "length": rollout["payload_length"],
+                       "sha256": rollout["payload_sha256"]}}
             _print(args, doc, "\n".join(lines))
             return 0
         signer = _signing(args)
@@ -786,9 +791,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         def record() -> list[Issued]:
             if new and not store.create_rollout(rollout, boards):
                 raise UsageError(f"release {release.release_id} is being rolled out already; use --resume")
+            nonlocal step
             done = ledger.issue_each("update", orders, signer, expires_in, now) if orders else []
             for i in done:
                 store.rollout_issued(release.release_id, i.device_id, i.command.seq, i.sha256, now)
+            if done:  # where it stands once these are signed: waiting for their answers, not "to sign"
+                signed = rollout | {"state": step.state, "stage": step.stage,
+                                    "stage_started": format_time(step.stage_started)}
+                step = ro.decide(signed, store.rollout_devices(release.release_id), now)
             store.rollout_moved(release.release_id, step.state, step.stage, format_time(step.stage_started),
                                 step.detail, now)
             return done
@@ -807,7 +817,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                "commands": [_command_doc(i.command, i.sha256) for i in issued], "skipped": skipped,
                "rollouts": ro.view(store)} | delivery
         lines = [f"skipped {s}" for s in skipped]
-        lines += [f"signed update #{i.command.seq} for {i.device_id}, sha256 {i.sha256[:16]}" for i in issued]
+        lines += [f"signed update #{i.command.seq} for {i.device_id}: {_file_label(i.command.args)}, command sha256 "
+                  f"{i.sha256[:16]}" for i in issued]
         lines += [f"published {d}'s queue retained on {t['topic']}" for d, t in delivery.get("topics", {}).items()]
         lines += [f"wrote {d}'s queue to {f['file']}" for d, f in delivery.get("files", {}).items()]
         lines.append(f"rollout {release.release_id}: {step.state}, {step.detail}")
@@ -818,6 +829,17 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             signer.close()
         store.close()
         ledger.close()
+
+
+def _file_label(args: dict[str, Any]) -> str:
+    """The files an update names, each labelled with what its digest is of."""
+    b = args["bundle"]
+    kind = "envelope" if "payload" in args else "bundle"
+    text = f"{kind} {b['url'].rsplit('/', 1)[-1]} ({b['length']} bytes, {kind} sha256 {b['sha256'][:16]})"
+    if "payload" in args:
+        p = args["payload"]
+        text += f" + payload ({p['length']} bytes, payload sha256 {p['sha256'][:16]})"
+    return text
 
 
 def register_deploy(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
@@ -831,8 +853,9 @@ def register_deploy(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> N
         "'edgeward pack' wrote) under --base-url with its length and SHA-256, and publish the boards' queues. "
         "Boards are taken in the order of SHA-256(release id, device id); --stages are cumulative shares of it. "
         "A stage is done when each of its boards answered, or --stage-timeout after it began (silent boards stay "
-        "pending, not failed); the rollout halts at --max-failures failures. The monitor records answers and "
-        "halts; run 'deploy RELEASE_DIR --resume' to sign the next stage.\n\n" + EXIT_CODES)
+        "pending, not failed); the rollout halts at --max-failures failures. The monitor records answers, halts a "
+        "rollout and marks it done when its last stage is complete; it holds no operator key, so run "
+        "'deploy RELEASE_DIR --resume' (by hand or from a timer) to sign each next stage.\n\n" + EXIT_CODES)
     sp.formatter_class = argparse.RawDescriptionHelpFormatter
     sp.add_argument("release_dir", metavar="RELEASE_DIR")
     sp.add_argument("--base-url", metavar="URL", help="https:// address RELEASE_DIR is served under")
@@ -842,10 +865,12 @@ def register_deploy(fsub: Any, add: Callable[..., argparse.ArgumentParser]) -> N
     g.add_argument("--device", action="append", metavar="ID", help="a board (repeatable)")
     g.add_argument("--all", action="store_true", help="every enrolled board that is not wiped and is in the release")
     g.add_argument("--group", metavar="NAME", help="the boards listed in FLEET/groups/NAME.txt")
-    sp.add_argument("--stages", metavar="P%,...", help=f"cumulative shares of the boards (default {DEFAULT_STAGES})")
+    sp.add_argument("--stages", metavar="P%,...",
+                    help="cumulative shares of the boards (default " + DEFAULT_STAGES.replace("%", "%%") + ")")
     sp.add_argument("--max-failures", type=int, metavar="N", help="halt after N boards fail (default 1)")
     sp.add_argument("--stage-timeout", metavar="AGE",
-                    help="after this, silent boards of a stage count as pending and the next stage starts (default 6h)")
+                    help="after this, silent boards of a stage count as pending and the stage is complete: the next "
+                         "'--resume' signs the next stage (default 6h)")
     sp.add_argument("--resume", action="store_true", help="carry on the rollout of this release: sign the next stage "
                     "once the current one is done")
     sp.add_argument("--store", "--db", dest="db", help=STORE_HELP)

@@ -19,9 +19,10 @@ signed commands and the boards' results, as for every command.
   answered, or once ``--stage-timeout`` has passed since it began: a board still silent then is
   *pending*, not failed (its command stays queued and it updates when it comes back). The
   rollout halts as soon as ``--max-failures`` boards have refused or failed their update, and
-  then signs nothing more. The monitor records each board's answer (and halts a rollout) as
-  results arrive; ``edgeward fleet deploy --resume`` signs the next stage, since signing needs
-  the operator key, which the monitor does not hold.
+  then signs nothing more. The monitor records each board's answer as results arrive, and
+  halts a rollout or marks it done once its last stage's boards answered (:func:`settle`, from
+  counts); ``edgeward fleet deploy --resume`` signs the next stage, since signing needs the
+  operator key, which the monitor does not hold.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from urllib.parse import quote
 
 from device_agent.commands.format import https_url, update_args
 from device_agent.config import DEFAULT_CONFIG
-from device_agent.errors import FormatError, UsageError
+from device_agent.errors import FormatError, IntegrityError, UsageError
 from device_agent.wire import HEX64_RE, ID_RE, format_time, int_field, loads_json, obj_fields, parse_time, str_field
 
 REPORT = "report.json"
@@ -182,8 +183,8 @@ def check_payload(release: Release) -> None:
 def _check(release: Release, f: ReleaseFile) -> None:
     size, digest = _hash_file(release.path / f.name, DEFAULT_CONFIG.bundle.max_bundle_bytes)
     if size != f.length or digest != f.sha256:
-        raise UsageError(f"{release.path / f.name} is not the file the release describes (changed after the "
-                         "pack); pack the release again")
+        raise IntegrityError(f"{release.path / f.name} is not the file the release describes (its length or "
+                             "SHA-256 changed after the pack): nothing was signed; pack the release again")
 
 
 def file_for(release: Release, device_id: str) -> ReleaseFile:
@@ -248,46 +249,91 @@ def counts_of(boards: list[dict[str, Any]]) -> dict[str, int]:
     return {s: sum(1 for b in boards if b["state"] == s) for s in BOARD_STATES}
 
 
+def stage_counts_of(boards: list[dict[str, Any]]) -> dict[int, dict[str, int]]:
+    """The boards counted by stage (0-based) and state: what :func:`advance` decides from."""
+    out: dict[int, dict[str, int]] = {}
+    for b in boards:
+        by_state = out.setdefault(int(b["stage"]), {})
+        by_state[b["state"]] = by_state.get(b["state"], 0) + 1
+    return out
+
+
 def summary(boards: list[dict[str, Any]] | dict[str, int]) -> str:
     c = boards if isinstance(boards, dict) else counts_of(boards)
     return ", ".join(f"{c[s]} {s}" for s in BOARD_STATES if c.get(s)) or "no boards"
 
 
 def done_detail(boards: list[dict[str, Any]] | dict[str, int]) -> str:
+    """What a finished rollout says after its state ("done, every stage complete: 3 updated")."""
     c = boards if isinstance(boards, dict) else counts_of(boards)
-    return f"done: {summary(c)}" + ("; pending boards update when they come back" if c.get("pending") else "")
+    return f"every stage complete: {summary(c)}" + (
+        "; pending boards update when they come back" if c.get("pending") else "")
 
 
 def halted_detail(stage: int, failures: int, max_failures: Any, failed: list[str]) -> str:
-    return (f"halted at stage {stage + 1}: {failures} board(s) failed (--max-failures {max_failures}): "
-            f"{', '.join(failed[:10])}")
+    """What a halted rollout says after its state; ``failures`` is every failed board so far."""
+    return (f"stopped at stage {stage + 1}: {failures} board(s) failed (--max-failures {max_failures}), nothing "
+            f"more is signed: {', '.join(failed[:10])}" + (" ..." if failures > len(failed[:10]) else ""))
 
 
-def decide(rollout: dict[str, Any], boards: list[dict[str, Any]], now: datetime) -> Step:
-    """The next step of a rollout from its stored state and its boards' states, at ``now``."""
+def advance(rollout: dict[str, Any], by_stage: dict[int, dict[str, int]], failed: list[str],
+            now: datetime) -> Step:
+    """Where a rollout stands at ``now`` from its stored state and its boards counted by stage and
+    state (``failed``: its first failed boards in order): the stage whose waiting boards are to be
+    signed, or halted, or done. Pure; the monitor calls it with the store's counts (it cannot sign,
+    so it records only done, halted and the detail), :func:`decide` with every board."""
     stage = int(rollout["stage"])
     started = parse_time(rollout["stage_started"], "stage_started")
     if rollout["state"] != "running":
         return Step(rollout["state"], stage, started, (), rollout["detail"])
     last = len(rollout["stages"]) - 1
-    failed = [b["device_id"] for b in boards if b["state"] == "failed"]
-    if len(failed) >= int(rollout["max_failures"]):
-        return Step("halted", stage, started, (), halted_detail(stage, len(failed), rollout["max_failures"], failed))
+    totals = {s: sum(c.get(s, 0) for c in by_stage.values()) for s in BOARD_STATES}
+    if totals["failed"] >= int(rollout["max_failures"]):
+        return Step("halted", stage, started, (), halted_detail(stage, totals["failed"], rollout["max_failures"],
+                                                                failed))
     timeout = timedelta(seconds=int(rollout["stage_timeout_s"]))
     while True:
-        current = [b for b in boards if b["stage"] <= stage]
-        waiting = tuple(b["device_id"] for b in current if b["state"] == "waiting")
+        current = {s: sum(c.get(s, 0) for k, c in by_stage.items() if k <= stage) for s in BOARD_STATES}
         label = f"stage {stage + 1}/{last + 1} ({rollout['stages'][stage]}%)"
-        if waiting:
-            return Step("running", stage, started, waiting, f"{label}: {len(waiting)} update(s) to sign")
+        if current["waiting"]:
+            return Step("running", stage, started, (), f"{label}: {current['waiting']} update(s) to sign")
         # Boards of earlier stages still silent were counted pending when their stage timed out.
-        silent = [b for b in current if b["state"] == "pending" and b["stage"] == stage]
+        silent = by_stage.get(stage, {}).get("pending", 0)
         if silent and now < started + timeout:
-            return Step("running", stage, started, (), f"{label}: waiting for {len(silent)} board(s) until "
+            return Step("running", stage, started, (), f"{label}: waiting for {silent} board(s) until "
                         f"{format_time(started + timeout)}; {summary(current)}")
         if stage == last:
-            return Step("done", stage, started, (), done_detail(boards))
+            return Step("done", stage, started, (), done_detail(totals))
         stage, started = stage + 1, now
+
+
+def decide(rollout: dict[str, Any], boards: list[dict[str, Any]], now: datetime) -> Step:
+    """The next step of a rollout from its stored state and its boards' states, at ``now``: as
+    :func:`advance`, with the boards to sign an update for now."""
+    failed = [b["device_id"] for b in boards if b["state"] == "failed"]
+    step = advance(rollout, stage_counts_of(boards), failed, now)
+    if step.state != "running" or rollout["state"] != "running":
+        return step
+    issue = tuple(b["device_id"] for b in boards if b["stage"] <= step.stage and b["state"] == "waiting")
+    return Step(step.state, step.stage, step.stage_started, issue, step.detail)
+
+
+def settle(rollout: dict[str, Any], by_stage: dict[int, dict[str, int]], failed: list[str],
+           now: datetime) -> tuple[str, str]:
+    """What the monitor records for a rollout after a board answered: its state (running, halted or
+    done) and a detail true at ``now``. A stage that is complete with a next one to sign stays
+    recorded as it is (its successor starts when ``fleet deploy --resume`` signs it)."""
+    step = advance(rollout, by_stage, failed, now)
+    if rollout["state"] == "halted":  # later answers of commands already out: the count follows them
+        total = sum(c.get("failed", 0) for c in by_stage.values())
+        return "halted", halted_detail(int(rollout["stage"]), total, rollout["max_failures"], failed)
+    if rollout["state"] == "done":  # a pending board came back: the summary follows it
+        return "done", done_detail({s: sum(c.get(s, 0) for c in by_stage.values()) for s in BOARD_STATES})
+    if step.state == "running" and step.stage != int(rollout["stage"]):
+        stages = len(rollout["stages"])
+        return "running", (f"stage {int(rollout['stage']) + 1}/{stages} complete: run 'edgeward fleet deploy "
+                           f"RELEASE_DIR --resume' to sign stage {step.stage + 1}/{stages}; {step.detail}")
+    return step.state, step.detail
 
 
 # --- carrying a rollout out ------------------------------------------------------------------------
@@ -311,12 +357,11 @@ def sync(store: Any, ledger: Any, now: datetime, device_id: str | None = None) -
             moved.append(b["release_id"])
     for release_id in moved:
         [r] = store.rollouts(release_id)
-        counts, failed = store.rollout_counts(release_id)
-        if r["state"] == "running" and counts.get("failed", 0) >= int(r["max_failures"]):
-            store.rollout_moved(release_id, "halted", int(r["stage"]), r["stage_started"],
-                                halted_detail(int(r["stage"]), counts.get("failed", 0), r["max_failures"], failed), now)
-        elif r["state"] == "done":  # a pending board came back: the summary follows it
-            store.rollout_moved(release_id, "done", int(r["stage"]), r["stage_started"], done_detail(counts), now)
+        by_stage, failed = store.rollout_stage_counts(release_id)
+        state, detail = settle(r, by_stage, failed, now)
+        if (state, detail) != (r["state"], r["detail"]):
+            stage = len(r["stages"]) - 1 if state == "done" else int(r["stage"])
+            store.rollout_moved(release_id, state, stage, r["stage_started"], detail, now)
     return moved
 
 
@@ -353,8 +398,8 @@ def orders_for(release: Release | None, rollout: dict[str, Any], issue: Iterable
         if release is not None:
             f = file_for(release, d)
             if f.sha256 != b["sha256"] or f.length != b["length"]:
-                raise UsageError(f"{d}'s file in {release.path} changed since the rollout began; a release is "
-                                 "immutable: pack a new one under a new release id")
+                raise IntegrityError(f"{d}'s file in {release.path} changed since the rollout began: nothing was "
+                                     "signed; a release is immutable: pack a new one under a new release id")
         args: dict[str, Any] = {"release_id": rollout["release_id"], "model_id": rollout["model_id"],
                                 "model_version": int(rollout["model_version"]),
                                 "bundle": {"url": b["url"], "length": int(b["length"]), "sha256": b["sha256"]}}
@@ -384,7 +429,8 @@ def text_view(rollouts: list[dict[str, Any]]) -> list[str]:
     for r in rollouts:
         lines.append(f"rollout {r['release_id']} ({r['model_id']} v{r['model_version']}): {r['state']}, stage "
                      f"{int(r['stage']) + 1}/{len(r['stages'])} of {','.join(f'{p}%' for p in r['stages'])}; "
-                     f"{r['summary']}" + (f" -- {r['detail']}" if r["detail"] else ""))
+                     + (r["detail"] if r["state"] == "done" and r["detail"]  # its detail carries the summary
+                        else f"{r['summary']}" + (f" -- {r['detail']}" if r["detail"] else "")))
         # Those that need a look first (failed, pending, expired...), then the rest, in order.
         shown = sorted(r["devices"], key=lambda b: (b["state"] in ("updated", "waiting"), b["position"]))
         for b in shown[:TEXT_BOARDS]:

@@ -48,14 +48,17 @@ for dev in pi-kitchen pi-garage; do
        --publisher-pub keys/publisher.pub --operator-pub keys/operator.pub --export "enrolments/$dev.json"
 done
 
-step "4. Pack: one signed bundle per board, each encrypted to that board's key"
+step "4. Pack: one signed bundle per board, each encrypted to that board's key; v3 as a shared release
+    (the model encrypted once in payload.ewp, a small signed envelope per board) for the rollout in step 10"
 printf '%s\n' zero one two three four five six seven eight nine > labels.txt
-for v in 1 2 3; do   # v3 goes out over the air in step 10
+for v in 1 2 3; do
+  layout=v1; [ "$v" = 3 ] && layout=shared
   show "$BIN/edgeward" pack model/digits_mlp.onnx --profile rpi4b --publisher-key keys/publisher.key \
        --devices-dir enrolments --model-id digits --model-version "$v" --labels labels.txt \
-       --calibrate-ood validation.npz --end-of-life 2030-01-01T00:00:00Z --out "release-v$v" --quiet
+       --calibrate-ood validation.npz --end-of-life 2030-01-01T00:00:00Z --layout "$layout" --out "release-v$v" --quiet
 done
 ls -l release-v2
+ls -l release-v3 release-v3/envelopes
 
 step "5. Anyone can read the clear header; it names no labels, shapes or framework"
 show "$BIN/edgeward" inspect release-v2/pi-kitchen.ewb --publisher-pub keys/publisher.pub
@@ -100,7 +103,10 @@ step "11. End of life: pi-garage crypto-shredded its keys and models and signed 
 "$PY" - <<PY
 import json
 doc = json.load(open("boards/pi-garage/wipe-attestation.json"))
-print("attestation:", json.dumps(doc["body"]["bundles_destroyed"]), "by command", doc["body"]["by"], "signed:", bool(doc["signature"]))
+body, by = doc["body"], doc["body"]["by"]
+print("wipe attestation of", body.get("device_id", "pi-garage"), "(its signature was verified above by 'fleet verify-attestation')")
+print("  bundles destroyed:", ", ".join(body["bundles_destroyed"]))
+print(f"  ordered by command #{by['command_seq']} (command sha256 {by['command_sha256'][:16]}...) of operator key {by['operator'][:23]}...")
 PY
 show "$BIN/edgeward-agent" status --data-dir boards/pi-garage
 refused "$BIN/edgeward-agent" predict --data-dir boards/pi-garage --input sample.npy
@@ -146,13 +152,23 @@ accuracy test.npy "accuracy on the original test split, local version 1"
 accuracy drifted-test.npy "accuracy on the drifted test split, local version 1"
 show "$BIN/edgeward-agent" feedback --data-dir boards/pi-line --input feedback-mallory.npz --source mallory
 "$BIN/edgeward-agent" learn --data-dir boards/pi-line > learn-2.json
-"$PY" -c "import json; r = json.load(open('learn-2.json')); print('mallory:', r['examples']['by_source']['local:mallory'], '-> accepted:', r['accepted'], 'local version', r['local_version'])"
+"$PY" -c "
+import json
+r = json.load(open('learn-2.json')); m = r['examples']['by_source']['local:mallory']
+words = {'use': 'learnt from', 'held': 'held for review', 'rejected': 'rejected', 'deferred': 'deferred'}
+print(\"mallory's examples:\", ', '.join(f'{n} {words.get(k, k)}' for k, n in m.items() if n))
+print('update accepted:', 'yes' if r['accepted'] else 'no', '| local version', r['local_version'])"
 HELD=$("$BIN/edgeward-agent" feedback --data-dir boards/pi-line --json | "$PY" -c "
 import json, sys; print(' '.join('--accept ' + e['id'] for e in json.load(sys.stdin) if e['source'] == 'local:mallory'))")
 echo "a careless review accepts all of mallory's held examples"
 "$BIN/edgeward-agent" feedback --data-dir boards/pi-line $HELD
 "$BIN/edgeward-agent" learn --data-dir boards/pi-line > learn-3.json
-"$PY" -c "import json; r = json.load(open('learn-3.json')); print('accepted:', r['accepted'], '| reasons:', r['reasons'])"
+"$PY" -c "
+import json
+r = json.load(open('learn-3.json'))
+print('update accepted:', 'yes' if r['accepted'] else 'no, the validation gate refused it:')
+for reason in r['reasons']:
+    print('  -', reason)"
 show "$BIN/edgeward-agent" events --data-dir boards/pi-line --kind learning
 accuracy test.npy "accuracy on the original test split, the last accepted version still serving"
 

@@ -4,12 +4,15 @@ passphrase rule for every private key the host keeps (docs/operations.md)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -202,3 +205,40 @@ def test_a_usage_error_is_one_line_naming_the_problem_and_the_help(module: str, 
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
     assert names in lines[0] and "--help" in lines[0]
+
+
+def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path a parser accepts (``()``, ``("fleet",)``, ``("fleet", "deploy")``...),
+    read from the parsers themselves so that a new command is covered as soon as it exists."""
+    paths = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sp in sorted(action.choices.items()):
+                paths += _command_paths(sp, (*prefix, name))
+    return paths
+
+
+def _help_cases() -> list[Any]:
+    from device_agent.cli import build_parser as agent_parser
+    from packager.cli import build_parser as host_parser
+
+    return [pytest.param(main, path, id=" ".join((prog, *path)))
+            for prog, main, build in (("edgeward", host_main, host_parser),
+                                      ("edgeward-agent", agent_main, agent_parser))
+            for path in _command_paths(build())]
+
+
+@pytest.mark.parametrize(("main", "path"), _help_cases())
+def test_every_command_prints_its_help(main: Callable[[list[str]], int], path: tuple[str, ...],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse %-formats help text: a bare '%' in any help string is a traceback at --help time.
+    with pytest.raises(SystemExit) as e:
+        main([*path, "--help"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and err == ""
+    assert out.startswith("usage:") and "Traceback" not in out
+
+
+def test_the_help_of_every_command_is_enumerated() -> None:
+    names = {c.id for c in _help_cases()}
+    assert {"edgeward fleet deploy", "edgeward fleet ca init", "edgeward-agent serve", "edgeward pack"} <= names

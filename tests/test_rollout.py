@@ -146,6 +146,9 @@ def test_a_staged_rollout_waits_for_each_stage_and_an_offline_board_updates_when
                          "--stage-timeout", "3s")
     assert code == 0, doc
     assert sorted(c["device_id"] for c in doc["commands"]) == sorted([first, offline])
+    # What it says once they are signed: waiting for their answers, not updates still to sign.
+    assert doc["state"] == "running" and "waiting for 2 board(s)" in doc["detail"], doc["detail"]
+    assert "to sign" not in r.cli(capsys, "status")[1]["rollouts"][0]["detail"]
     wait_until(lambda: r.states(capsys)[first] == "updated", 60, f"{first} to report its update")
     assert r.version(first) == 2
     assert r.states(capsys)[offline] == "pending"
@@ -160,7 +163,9 @@ def test_a_staged_rollout_waits_for_each_stage_and_an_offline_board_updates_when
 
     wait_until(next_stage, 30, "the second stage")
     assert sorted(issued) == sorted(rest)
-    wait_until(lambda: all(r.states(capsys)[d] == "updated" for d in rest), 60, "the second stage's results")
+    # The monitor marks the rollout done itself once the last stage's boards answered: no --resume.
+    wait_until(lambda: r.states(capsys)["_rollout"] == "done", 60, "the monitor to mark the rollout done")
+    assert all(r.states(capsys)[d] == "updated" for d in rest)
     code, doc = r.deploy(capsys, "--resume")
     assert code == 0 and doc["state"] == "done" and doc["commands"] == []
     states = r.states(capsys)
@@ -172,7 +177,7 @@ def test_a_staged_rollout_waits_for_each_stage_and_an_offline_board_updates_when
     assert all(r.version(d) == 2 for d in devices)
     assert all(name.endswith(".ewb") and rng is None for name, rng in files.requests)
     code, doc = r.cli(capsys, "status")
-    assert doc["rollouts"][0]["detail"] == "done: 4 updated"
+    assert doc["rollouts"][0]["detail"] == "every stage complete: 4 updated"
     assert monitor.error is None
 
 
@@ -330,3 +335,88 @@ def test_the_rollout_tables_are_kept_by_the_store(make_store: Callable[[], Any])
     store.rollout_moved("r", "done", 0, "2027-01-01T00:00:00Z", "done: 1 updated", T0)
     [got] = store.rollouts("r")
     assert (got["state"], got["stages"], got["detail"]) == ("done", [100], "done: 1 updated")
+
+
+def _text(capsys: pytest.CaptureFixture[str], r: Rollout, *argv: str) -> tuple[int, str, str]:
+    code = edgeward(["fleet", "deploy", str(r.release), "--fleet-dir", str(r.fleet.home.path), "--operator-key",
+                     str(r.op / "operator.key"), "--operator", "ops", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_plan_and_the_signed_updates_name_each_digest_and_the_shared_payload(
+    kit: Callable[..., tuple[Rollout, FileServer]], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    devices = ["pi-p", "pi-q"]
+    r, files = kit(devices, shared=True)
+    index = json.loads((r.release / "release.json").read_text())
+    first = rollout.order(index["release_id"], devices)[0]
+    envelope, payload = index["devices"][first], index["payload"]
+    code, out, err = _text(capsys, r, "--base-url", files.base_url, "--all", "--stages", "50%,100%", "--dry-run")
+    assert code == 0, err
+    # The plan shows the payload every board fetches, and says which file each digest is of.
+    assert f"{files.base_url}payload.ewp ({payload['length']} bytes, payload sha256 {payload['sha256'][:16]})" in out
+    assert (f"would sign update #1 for {first}: envelope {first}.ewe ({envelope['length']} bytes, envelope sha256 "
+            f"{envelope['sha256'][:16]}) + payload") in out
+    code, doc = r.deploy(capsys, "--base-url", files.base_url, "--all", "--stages", "50%,100%", "--dry-run")
+    assert doc["payload"] == {"url": files.base_url + "payload.ewp", "length": payload["length"],
+                              "sha256": payload["sha256"]}
+    code, out, err = _text(capsys, r, "--base-url", files.base_url, "--all", "--stages", "50%,100%",
+                           "--out", str(tmp_path / "queues"))
+    assert code == 0, err
+    [signed] = [line for line in out.splitlines() if line.startswith("signed update")]
+    [cmd] = [c for c in r.cli(capsys, "commands")[1] if c["kind"] == "update"]
+    assert signed.startswith(f"signed update #1 for {first}: envelope {first}.ewe ")
+    assert f"envelope sha256 {envelope['sha256'][:16]}" in signed and cmd["sha256"] != envelope["sha256"]
+    assert signed.endswith(f", command sha256 {cmd['sha256'][:16]}")
+    assert "to sign" not in out.splitlines()[-1]  # it was just signed: the rollout waits for its answer
+
+
+def test_a_release_file_changed_after_the_pack_is_a_security_refusal_and_signs_nothing(
+    kit: Callable[..., tuple[Rollout, FileServer]], capsys: pytest.CaptureFixture[str],
+) -> None:
+    r, files = kit(["pi-t"], shared=True)
+    data = bytearray((r.release / "payload.ewp").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (r.release / "payload.ewp").write_bytes(bytes(data))
+    for extra in (["--dry-run"], []):
+        code, doc = r.deploy(capsys, "--base-url", files.base_url, "--all", *extra)
+        assert code == 1, doc  # exit 1 (refused for security), not 2 (usage)
+        assert "payload.ewp is not the file the release describes" in doc and "pack the release again" in doc
+    assert r.cli(capsys, "commands")[1] == []
+    assert r.cli(capsys, "status")[1]["rollouts"] == []
+
+
+def test_the_monitor_marks_a_rollout_done_once_its_last_stage_answered() -> None:
+    r = _rollout([50, 100], stage=1) | {"stage_started": "2027-01-01T00:10:00Z"}
+    # The last stage's boards answered: done, without the operator key or a --resume.
+    state, detail = rollout.settle(r, {0: {"updated": 2}, 1: {"updated": 2}}, [], T0 + timedelta(seconds=601))
+    assert (state, detail) == ("done", "every stage complete: 4 updated")
+    # One still silent within its stage's timeout: still running, and it says what it waits for.
+    state, detail = rollout.settle(r, {0: {"updated": 2}, 1: {"updated": 1, "pending": 1}}, [],
+                                   T0 + timedelta(seconds=601))
+    assert state == "running" and "waiting for 1 board(s) until 2027-01-01T00:20:00Z" in detail
+    assert "to sign" not in detail
+    # A complete stage with a next one to sign: recorded as it is, with what to run.
+    first = _rollout([50, 100])
+    state, detail = rollout.settle(first, {0: {"updated": 2}, 1: {"waiting": 2}}, [], T0 + timedelta(seconds=1))
+    assert state == "running" and "stage 1/2 complete" in detail and "--resume' to sign stage 2/2" in detail
+    # A board that refuses: halted, however many answers come after.
+    state, detail = rollout.settle(first, {0: {"failed": 1, "pending": 1}}, ["pi-0"], T0)
+    assert state == "halted" and "1 board(s) failed" in detail and "pi-0" in detail
+    halted = first | {"state": "halted", "detail": detail}
+    state, detail = rollout.settle(halted, {0: {"failed": 2}, 1: {"waiting": 2}}, ["pi-0", "pi-1"], T0)
+    assert state == "halted" and "2 board(s) failed" in detail and "pi-0, pi-1" in detail
+
+
+def test_a_finished_rollout_says_done_once() -> None:
+    step = rollout.decide(_rollout([100]), _boards(["updated", "updated"], [100]), T0)
+    line = f"{step.state}, {step.detail}"
+    assert step.state == "done" and line.count("done") == 1
+    step = rollout.decide(_rollout([100]), _boards(["failed", "updated"], [100]), T0)
+    assert step.state == "halted" and f"{step.state}, {step.detail}".count("halted") == 1
+    # 'fleet status' likewise: the state, then what it is, each said once.
+    done = {"release_id": "r", "model_id": "digits", "model_version": 2, "stages": [100], "stage": 0,
+            "state": "done", "detail": rollout.done_detail({"updated": 2}), "summary": "2 updated", "devices": []}
+    [line] = rollout.text_view([done])
+    assert line.endswith("done, stage 1/1 of 100%; every stage complete: 2 updated") and line.count("updated") == 1

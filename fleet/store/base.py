@@ -531,6 +531,18 @@ class StoreReads:
             "LIMIT 10", (release_id,))]
         return counts, failed
 
+    def rollout_stage_counts(self, release_id: str) -> tuple[dict[int, dict[str, int]], list[str]]:
+        """A rollout's boards counted by stage and state (what fleet/rollout.py's ``advance``
+        decides from, in one aggregate query), and its first ten failed boards in order."""
+        by_stage: dict[int, dict[str, int]] = {}
+        for r in self._dicts("SELECT stage, state, COUNT(*) AS n FROM rollout_devices WHERE release_id = ? "
+                             "GROUP BY stage, state", (release_id,)):
+            by_stage.setdefault(int(r["stage"]), {})[str(r["state"])] = int(r["n"])
+        failed = [str(r["device_id"]) for r in self._dicts(
+            "SELECT device_id FROM rollout_devices WHERE release_id = ? AND state = 'failed' ORDER BY position "
+            "LIMIT 10", (release_id,))]
+        return by_stage, failed
+
     def rollout_issued(self, release_id: str, device_id: str, seq: int, command_sha256: str, now: datetime) -> None:
         """The board's update command was signed (and recorded in the ledger): it is pending."""
         t = format_time(now)

@@ -11,7 +11,8 @@
 # noise, and shows that detection arriving, verified, at the monitor. With OFFLINE_BOARD_DIR,
 # OFFLINE_ENROLMENT and OPERATOR_KEY set, it then decommissions that board while it is off, starts
 # it, and shows the board obeying its retained command queue and the fleet verifying its signed
-# wipe attestation. With RELEASE_DIR (a pack of the next version for both boards) as well, it
+# wipe attestation. With RELEASE_DIR (a pack of the next version for both boards, version 1 bundles
+# or a shared release) as well, it
 # first serves that directory over HTTPS (a certificate from the fleet CA) and rolls it out in two
 # stages with 'fleet deploy': the switched-off board stays pending, the rollout carries on past
 # the stage timeout, and the board installs the update when it returns, before its decommission.
@@ -100,11 +101,11 @@ for _ in range(100):  # wait for the service to answer
 conn, token = AgentConnection(sock), os.environ["EW_TOKEN"]
 for row in batch[:3]:
     status, body = call(conn, "POST", "/v1/predict", token, row)
-    print(f"  digit query -> {status} {body}")
+    print(f"  digit query -> {status} {json.dumps(body)}")
 rng = np.random.default_rng(0)
 for _ in range(4):
     status, body = call(conn, "POST", "/v1/predict", token, rng.random(64).astype(np.float32))
-    print(f"  noise query -> {status} {body}")
+    print(f"  noise query -> {status} {json.dumps(body)}")
 conn.close()
 PYEOF
 
@@ -146,7 +147,8 @@ PYEOF
       "${deploy[@]}" --base-url "https://127.0.0.1:$web_port/" --all --stages 50%,100% --stage-timeout 5s --dry-run
       "${deploy[@]}" --base-url "https://127.0.0.1:$web_port/" --all --stages 50%,100% --stage-timeout 5s \
         --operator-key "$OPERATOR_KEY" --broker "127.0.0.1:$port" --operator operator
-      ew_log "fleet: --resume signs the next stage once this one is done ($offline is off: pending after 5 s)"
+      ew_log "fleet: --resume signs the next stage once this one is complete ($offline is off: pending after 5 s);
+    the monitor marks the rollout done when the last stage's boards answered"
       local rolled=1
       for i in $(seq 60); do
         "${deploy[@]}" --resume --operator-key "$OPERATOR_KEY" --broker "127.0.0.1:$port" --operator operator --json \
