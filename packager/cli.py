@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 refused for security, 2 usage, 3 malformed input, 4 environm
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -14,9 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from device_agent.cliutil import Parser, add_version, emit, run
 from device_agent.errors import UsageError
-from fleet.cli import register as register_fleet
 
-from . import redteam
 from .harden.cli import add_options as add_hardening_options
 from .harden.cli import model_for_pack, register_harden
 from .harden.pipeline import summary
@@ -211,7 +210,19 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands whose modules are heavy to import (numpy and ART's attack code; the fleet's store, broker and
+# web console): each is registered in full only when it is the command that runs (or for a parser of
+# every command, as --help of the top level and the tests use), otherwise as a stub with the same help,
+# so that `edgeward pack` does not pay for them. A test checks the stubs' help against the full ones.
+LAZY_COMMANDS = {
+    "redteam": ("packager.redteam", "run ART attacks against the agent and the bare model; write a report"),
+    "fleet": ("fleet.cli", "fleet CA, broker set-up, telemetry monitor and dashboard"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The host CLI's parser; ``command`` names the one command about to run (None: every command in
+    full), so that the heavy commands it does not name are registered as stubs."""
     p = Parser(
         prog=PROG, description="EdgeWard host tools: keys, packing signed per-device bundles, inspection."
     )
@@ -342,13 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("profiles", help="list the built-in board profiles")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_profiles)
-    redteam.register(sub)
-    register_fleet(sub)
+    for name, (module, help_) in LAZY_COMMANDS.items():
+        if command is None or command == name:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=help_)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser(), argv, PROG)
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args[0] if args and not args[0].startswith("-") else None
+    return run(build_parser(command), args, PROG)
 
 
 if __name__ == "__main__":

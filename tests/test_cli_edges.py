@@ -242,3 +242,18 @@ def test_every_command_prints_its_help(main: Callable[[list[str]], int], path: t
 def test_the_help_of_every_command_is_enumerated() -> None:
     names = {c.id for c in _help_cases()}
     assert {"edgeward fleet deploy", "edgeward fleet ca init", "edgeward-agent serve", "edgeward pack"} <= names
+
+
+def test_the_stubs_of_the_heavy_commands_have_their_full_help() -> None:
+    """`edgeward pack` registers redteam and fleet as stubs (not importing them); the top-level help
+    a stub gives must be the one the full command gives."""
+    from packager.cli import LAZY_COMMANDS, build_parser
+
+    def helps(parser: argparse.ArgumentParser) -> dict[str, str | None]:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return {c.dest: c.help for c in sub._choices_actions}
+
+    full = helps(build_parser())
+    for name in LAZY_COMMANDS:
+        other = next(c for c in ("pack", *LAZY_COMMANDS) if c != name)
+        assert helps(build_parser(other)) == full, name

@@ -106,7 +106,8 @@ _PACK_IN_A_FRESH_PROCESS = """
 import json, sys
 from packager.cli import main
 rc = main(sys.argv[1:])
-print(json.dumps({"rc": rc, "onnx_imported": "onnx" in sys.modules}))
+print(json.dumps({"rc": rc, "onnx_imported": "onnx" in sys.modules,
+                  "heavy_commands_imported": sorted({"packager.redteam", "fleet.cli"} & set(sys.modules))}))
 """
 
 
@@ -127,10 +128,13 @@ def _pack_cli(tmp_path: Path, model: Path, board, publisher: Path, out: Path) ->
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_packing_a_plain_onnx_model_does_not_import_onnx(digits, make_board, publisher, tmp_path):
+def test_packing_a_plain_onnx_model_imports_neither_onnx_nor_the_heavy_commands(
+    digits, make_board, publisher, tmp_path
+):
     board = make_board()
     out = tmp_path / "out"
-    assert _pack_cli(tmp_path, digits.onnx, board, publisher, out) == {"rc": 0, "onnx_imported": False}
+    assert _pack_cli(tmp_path, digits.onnx, board, publisher, out) == {
+        "rc": 0, "onnx_imported": False, "heavy_commands_imported": []}
     board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
     assert json.loads((out / "report.json").read_text())["model"]["sha256"] == __import__("hashlib").sha256(
         digits.onnx.read_bytes()).hexdigest()
@@ -149,7 +153,8 @@ def test_external_data_is_inlined_to_the_same_bytes_without_onnx(digits, make_bo
     assert files == ["weights.bin"]
     board = make_board()
     out = tmp_path / "out"
-    assert _pack_cli(tmp_path, src, board, publisher, out) == {"rc": 0, "onnx_imported": False}
+    assert _pack_cli(tmp_path, src, board, publisher, out) == {
+        "rc": 0, "onnx_imported": False, "heavy_commands_imported": []}
     assert json.loads((out / "report.json").read_text())["model"]["sha256"] == hashlib.sha256(inlined).hexdigest()
     board.agent().install((out / f"{board.device_id}.ewb").read_bytes())
     x = np.load(digits.test)["x"][:8]
