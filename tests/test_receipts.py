@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from device_agent import crypto
 from device_agent.agent import Agent
 from device_agent.bundle.keyfiles import load_public_key_file
-from device_agent.commands.format import COMMAND_DOMAIN
+from device_agent.commands.format import COMMAND_DOMAIN, results_topic
 from device_agent.config import DEFAULT_CONFIG, TelemetryConfig
 from device_agent.errors import BadSignature, EdgeWardError, FormatError, UnknownPublisher, WrongDevice
 from device_agent.service.events import EventStore
@@ -34,6 +34,8 @@ from device_agent.telemetry.receipt import (
     receipt_topic,
     verify_receipt,
 )
+from device_agent.telemetry.outbox import INFO_EVENT, SECURITY_EVENT, Item, Outbox
+from device_agent.telemetry.report import MAX_SEQ
 from device_agent.telemetry.service import TelemetryService
 from device_agent.wire import canonical_json
 from fleet.broker import acl_text
@@ -69,12 +71,12 @@ def test_a_receipt_round_trips_and_says_what_it_covers() -> None:
     assert [s for s in range(0, 43) if back.covers(s)] == [0, 1, 2, 3] + list(range(5, 41))
 
 
-def test_receipt_ranges_are_made_from_stored_numbers_within_the_window_newest_kept() -> None:
+def test_receipt_ranges_are_made_from_stored_numbers_within_the_window_oldest_kept() -> None:
     r = Receipt.of_seqs("pi-1", IDENTITY, 20, 10, [1, 2, 11, 12, 13, 15, 18, 19, 20], NOW)
     assert (r.floor, r.ranges) == (11, ((11, 13), (15, 15), (18, 20)))
     cut = Receipt.of_seqs("pi-1", IDENTITY, 20, 10, [11, 13, 15, 17, 19], NOW, max_ranges=2)
-    assert cut.ranges == ((17, 17), (19, 19))  # 11 and 13 are sent again and judged duplicates
-    assert not cut.covers(13) and cut.covers(10)
+    assert cut.ranges == ((11, 11), (13, 13))  # 17 and 19 are sent again and judged duplicates
+    assert not cut.covers(17) and cut.covers(10) and cut.covers(13)
     assert Receipt.of_seqs("pi-1", IDENTITY, 0, 10, [], NOW).ranges == ()
 
 
@@ -152,6 +154,66 @@ def test_receipts_from_any_bytes_are_a_value_or_a_refusal(junk: bytes, cut: int,
 
 def test_the_board_keeps_fewer_reports_without_a_receipt_than_the_monitor_judges_as_redelivered() -> None:
     assert DEFAULT_CONFIG.telemetry.max_unreceipted < DEFAULT_MONITOR.redelivery_window
+
+
+def test_one_receipt_covers_the_monitors_whole_window_whatever_the_gaps() -> None:
+    """Every other number a gap (a command result, a will's reserved number), at the largest
+    sequence numbers the format allows: the receipt still lists every stored number of the
+    window and fits the board's byte and range bounds."""
+    window = DEFAULT_MONITOR.redelivery_window
+    for top in (window, 2 * window + 1, MAX_SEQ):
+        stored = range(top, max(0, top - window), -2)
+        r = Receipt.of_seqs("pi-1", IDENTITY, top, window, stored, NOW)
+        assert all(r.covers(s) for s in stored)
+        back = verify_receipt(encode_receipt(r, RECEIPT_KEY, RECEIPT_PUB), [RECEIPT_PUB], "pi-1", IDENTITY)
+        assert back == r and len(r.ranges) == len(stored)
+
+
+def _board_and_monitor_rounds(tmp_path: Path, max_ranges: int) -> tuple[int, int, int]:
+    """A board's real outbox whose first 600 numbers alternate report and command result (the
+    results leave on the broker's acknowledgement and are never stored as reports), then 800
+    reports; a monitor that stores every report it is sent and answers with a receipt of the
+    service's making. Returns (reports stored, still queued, never sent) after 6 rounds."""
+    dev = "pi-1"
+    cfg = DEFAULT_CONFIG.telemetry
+    box = Outbox(tmp_path / f"outbox-{max_ranges}.db", 100_000)
+    results = results_topic(dev)
+
+    def report(seq: int, prev: bytes) -> tuple[str, bytes]:
+        return f"edgeward/v1/{dev}/events", b"report"
+
+    def result(seq: int, prev: bytes) -> tuple[str, bytes]:
+        return results, b"result"
+
+    kinds = [k for _ in range(300) for k in ("r", "c")] + ["r"] * 800
+    seqs = {box.add([Item(INFO_EVENT, report) if k == "r" else Item(SECURITY_EVENT, result, chained=False)])[0]: k
+            for k in kinds}
+    stored: set[int] = set()
+    sent_through = 0
+    try:
+        for _ in range(6):
+            oldest = box.oldest()
+            if oldest is None:
+                break
+            sendable = [p.seq for p in box.pending(sent_through, 10_000, oldest + cfg.max_unreceipted)]
+            sent_through = max([sent_through, *sendable])
+            box.acked([s for s in sendable if seqs[s] == "c"], only_topic=results)
+            stored |= {s for s in sendable if seqs[s] == "r"}
+            receipt = Receipt.of_seqs(dev, IDENTITY, max(stored), DEFAULT_MONITOR.redelivery_window, stored, NOW,
+                                      max_ranges=max_ranges)
+            box.receipted(receipt, sent_through, results)
+        return len(stored), box.stats()["queued"], len([s for s, k in seqs.items() if k == "r" and s > sent_through])
+    finally:
+        box.close()
+
+
+@pytest.mark.parametrize("max_ranges", [DEFAULT_CONFIG.telemetry.max_receipt_ranges, 256])
+def test_more_gaps_than_a_receipt_lists_ranges_never_stop_a_boards_telemetry(tmp_path: Path, max_ranges: int) -> None:
+    """300 command results interleaved with the first reports: more than 256 gaps in the window.
+    With every range listed (the default bound), and also with a receipt cut to 256 ranges (the
+    oldest kept), the board's oldest reports are covered, its span moves on and every report is
+    stored and released."""
+    assert _board_and_monitor_rounds(tmp_path, max_ranges) == (1100, 0, 0)
 
 
 def test_boards_read_only_their_own_receipts_and_only_operators_write_them() -> None:
