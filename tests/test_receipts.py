@@ -6,6 +6,7 @@ under a shared subscription, which loses what it had acknowledged."""
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from device_agent.config import DEFAULT_CONFIG, TelemetryConfig
 from device_agent.errors import BadSignature, EdgeWardError, FormatError, UnknownPublisher, WrongDevice
 from device_agent.service.events import EventStore
 from device_agent.store.keys import KeySource
+from device_agent.telemetry.outbox import INFO_EVENT, SECURITY_EVENT, Item, Outbox
 from device_agent.telemetry.receipt import (
     RECEIPT_DOMAIN,
     RECEIPT_MAGIC,
@@ -34,7 +36,6 @@ from device_agent.telemetry.receipt import (
     receipt_topic,
     verify_receipt,
 )
-from device_agent.telemetry.outbox import INFO_EVENT, SECURITY_EVENT, Item, Outbox
 from device_agent.telemetry.report import MAX_SEQ
 from device_agent.telemetry.service import TelemetryService
 from device_agent.wire import canonical_json
@@ -102,7 +103,8 @@ def _forgeries() -> dict[str, tuple[bytes, type[EdgeWardError]]]:
     altered = bytearray(good)
     altered[-3] ^= 1
     other_domain = RECEIPT_MAGIC + crypto.key_id(RECEIPT_PUB) + crypto.sign(RECEIPT_KEY, COMMAND_DOMAIN, body) + body
-    too_many = _receipt().body() | {"ranges": [[2 * i + 1, 2 * i + 1] for i in range(300)], "top": 700}
+    n = DEFAULT_CONFIG.telemetry.max_receipt_ranges + 1  # within the byte bound: refused for its ranges
+    too_many = _receipt().body() | {"ranges": [[2 * i + 1, 2 * i + 1] for i in range(n)], "top": 2 * n}
     data = canonical_json(too_many)
     return {
         "altered": (bytes(altered), BadSignature),
@@ -275,8 +277,6 @@ def record(events: EventStore, numbers: range) -> None:
 
 def event_numbers(db: Path, device_id: str) -> list[int]:
     """Every stored board event's number, one per stored report (a number twice: stored twice)."""
-    import json
-
     with contextlib.closing(sqlite3.connect(db)) as conn:
         rows = conn.execute(
             "SELECT data FROM reports WHERE device_id = ? AND kind = 'events'", (device_id,)
@@ -466,6 +466,56 @@ def test_the_monitor_publishes_receipts_retained_for_a_board_that_connects_later
     store.close()
 
 
+def test_fleet_status_and_metrics_show_reports_waiting_for_a_receipt_and_the_receipts_sent(
+    fleet: Fleet, tmp_path: Path, publisher: Path, keys: KeySource, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No monitor at first: the broker takes the board's reports and no receipt comes; the board's
+    telemetry counts them as unreceipted (and queued). A monitor then stores that telemetry,
+    `fleet status` shows it, the board counts the receipts it verified, and the monitor's
+    /metrics counter of receipts sent matches what it published."""
+    from fleet.metrics import MonitorMetrics
+    from packager.cli import main as edgeward
+
+    board = receipt_board(tmp_path, publisher, keys)
+    config = replace(FAST, receipt_timeout_s=600.0, receipt_backoff_max_s=600.0)
+    store = MonitorStore(fleet.home.monitor_db)
+    metrics = MonitorMetrics("mon-status")
+    with telemetry(board, fleet, config) as (svc, events):
+        record(events, range(5))
+        wait_until(lambda: len(svc._resend) >= 5, 30, "the broker to take the reports")
+        held = svc.outbox_figures()
+        assert held["unreceipted"] >= 5 and held["queued"] >= held["unreceipted"]
+        assert held["receipts_verified"] == 0 and held["receipts_refused"] == 0
+        mon = Monitor(fleet.home, store, fleet.operator, "mon-status", MonitorConfig(group=None),
+                      on_chunk=metrics.observe, receipt_key=FileSigner(RECEIPT_KEY))
+        mon.start()
+        try:
+            mon.link.require_connected(10)
+
+            def stored_outbox() -> dict[str, int]:
+                devs = {d["device_id"]: d for d in store.devices()}
+                c = devs.get("pi-001", {}).get("counters")
+                box = c.get("outbox") if isinstance(c, dict) else None
+                return box if isinstance(box, dict) else {}
+
+            wait_until(lambda: stored_outbox().get("unreceipted", 0) > 0, 30, "telemetry counting unreceipted")
+            wait_until(lambda: stored_outbox().get("receipts_verified", 0) > 0, 30, "telemetry counting receipts")
+        finally:
+            mon.stop()
+        sent = mon.receipts_sent
+    assert sent > 0
+    assert metrics.registry.get_sample_value("edgeward_monitor_receipts_total", {"monitor": "mon-status"}) == sent
+    capsys.readouterr()
+    assert edgeward(["fleet", "status", "--fleet-dir", str(fleet.home.path), "--json"]) == 0
+    [view] = [v for v in json.loads(capsys.readouterr().out)["devices"] if v["device_id"] == "pi-001"]
+    box = view["counters"]["outbox"]
+    assert {"queued", "unreceipted", "resent", "released", "receipts_verified", "receipts_refused"} <= set(box)
+    assert edgeward(["fleet", "status", "--fleet-dir", str(fleet.home.path)]) == 0
+    assert f"{box['queued']} queued, {box['unreceipted']} unreceipted, {box['receipts_refused']} receipts refused" \
+        in capsys.readouterr().out
+    store.close()
+
+
 # --- what a receipt is made from, and how its key is rotated --------------------------------------
 
 
@@ -554,6 +604,18 @@ def test_edgeward_keys_receipt_and_provision_receipt_pub_put_the_key_in_the_boar
     capsys.readouterr()
     assert code == 0
     assert Agent(tmp_path / "b", keys).trust_anchors().receipts == (load_public_key_file(pub),)
+    # edgeward-agent status names the receipt key (text and --json); a board without one says so.
+    fpr = crypto.fingerprint(load_public_key_file(pub))
+    assert agent_main(["status", "--data-dir", str(tmp_path / "b"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["receipt_keys"] == [fpr]
+    assert agent_main(["status", "--data-dir", str(tmp_path / "b")]) == 0
+    assert f"receipt key {fpr}" in capsys.readouterr().out
+    assert agent_main(["provision", "--data-dir", str(tmp_path / "c"), "--device-id", "pi-none",
+                       "--publisher-pub", str(publisher / "publisher.pub"),
+                       "--export", str(tmp_path / "pi-none.json")]) == 0
+    capsys.readouterr()
+    assert agent_main(["status", "--data-dir", str(tmp_path / "c")]) == 0
+    assert "receipt key none" in capsys.readouterr().out
 
 
 def test_a_report_the_broker_refuses_leaves_the_outbox_also_when_receipts_are_awaited(
