@@ -466,6 +466,54 @@ def test_the_monitor_publishes_receipts_retained_for_a_board_that_connects_later
     store.close()
 
 
+def test_a_board_with_300_command_results_among_its_reports_drains_through_a_real_monitor(
+    fleet: Fleet, tmp_path: Path, publisher: Path, keys: KeySource
+) -> None:
+    """A real board, mosquitto and monitors: 300 signed command results interleaved with the
+    board's first 300 events (each result takes an outbox number the monitor never stores as a
+    report: more than 256 gaps), then 800 more events. A monitor without the receipt key stores
+    what the board sends first (the board keeps it all: no receipt); then a monitor with the key
+    takes over, and its first receipts speak for a window with more than 256 ranges. Every event
+    is stored exactly once and receipts clear the whole outbox. With the newest 256 ranges kept,
+    the board's oldest events were never covered and it stopped sending after 1,000 numbers."""
+    from device_agent.commands.format import Result, encode_result
+
+    board = receipt_board(tmp_path, publisher, keys)
+    db = tmp_path / "monitor.db"
+    store = MonitorStore(db)
+    events = EventStore(board.data_dir / "events.db")
+    svc = TelemetryService(board.data_dir, board.keys, events, fleet.enrol(board.enrolment), config=FAST)
+
+    def result(seq: int, _prev: bytes) -> tuple[str, bytes]:
+        r = Result("pi-001", seq, "rotate-key", "0" * 64, "refused", "a gap", datetime.now(UTC))
+        return results_topic("pi-001"), encode_result(r, svc._signer)
+
+    started = False
+    try:
+        for i in range(300):  # not started yet: the outbox is filled in this order
+            record(events, range(i, i + 1))
+            svc._forward_events()
+            svc.outbox.add([Item(SECURITY_EVENT, result, chained=False)])
+        record(events, range(300, 1100))
+        with monitor(fleet, store, "mon-nokey", key=None):
+            svc.start()
+            started = True
+            wait_until(lambda: set(range(300)) <= set(event_numbers(db, "pi-001")), 60, "the interleaved events")
+        assert svc.outbox.oldest() == 2  # nothing receipted yet: the first event is still held
+        with monitor(fleet, store, "mon-gaps"):
+            wait_until(lambda: len(set(event_numbers(db, "pi-001"))) >= 1100, 90, "all 1,100 events stored")
+            wait_until(lambda: svc.outbox.stats()["queued"] < 3, 60, "receipts to clear the outbox")
+    finally:
+        if started:
+            svc.stop()
+        else:
+            svc.link.stop()
+            svc.outbox.close()
+        events.close()
+        store.close()
+    assert event_numbers(db, "pi-001") == list(range(1100))
+
+
 def test_fleet_status_and_metrics_show_reports_waiting_for_a_receipt_and_the_receipts_sent(
     fleet: Fleet, tmp_path: Path, publisher: Path, keys: KeySource, capsys: pytest.CaptureFixture[str]
 ) -> None:
