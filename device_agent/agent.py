@@ -635,6 +635,8 @@ class Agent:
             "now": format_time(now),
             "clock_floor": format_time(state.clock_floor) if state.clock_floor else None,
             "trust_fingerprint": crypto.sha256_hex(canonical_json(anchors.to_json())),
+            # The keys whose signed receipts clear the telemetry outbox (docs/telemetry.md).
+            "receipt_keys": [crypto.fingerprint(k) for k in anchors.receipts],
             "retired": {m: {"at": format_time(r.at), "by": r.by} for m, r in sorted(state.retired.items())},
             "models": models,
             "data_dir_problems": self.store.layout.problems() if check_files else None,

@@ -143,6 +143,11 @@ def _status_table(doc: dict[str, Any]) -> str:
         f"board time {doc['now']}",
         f"clock floor {doc['clock_floor'] or '-'}  (signed times only: bundles, commands, the fleet's beacon)",
     ]
+    receipt_keys = doc.get("receipt_keys") or []
+    lines += [f"receipt key {k}  (its receipts clear the telemetry outbox)" for k in receipt_keys] or [
+        "receipt key none: reports leave the outbox on the broker's acknowledgement "
+        "(provision --receipt-pub, or fleet rotate-key --role receipt)"
+    ]
     retired = doc.get("retired", {})
     lines += [f"retired    {m} ({r['by']}, {r['at']}): never installed again" for m, r in retired.items()]
     lines.append("")

@@ -445,8 +445,11 @@ class TelemetryConfig:
     # below the monitor's redelivery window (1,080), so a report sent again is judged a
     # duplicate, never a replay. New reports wait in the outbox while the span is full.
     max_unreceipted: int = 1000
-    max_receipt_bytes: int = 8 * 1024  # one signed receipt message
-    max_receipt_ranges: int = 256  # committed ranges one receipt lists
+    # One receipt lists every committed range of the monitor's whole redelivery window (1,080
+    # numbers: at most 540 ranges, whatever the gaps), so the oldest report waiting for a receipt
+    # is always covered once stored; the bytes hold that many ranges of 16-digit numbers.
+    max_receipt_bytes: int = 24 * 1024  # one signed receipt message
+    max_receipt_ranges: int = 544  # committed ranges one receipt lists
     report: ReportLimits = field(default_factory=ReportLimits)
 
     def __post_init__(self) -> None:

@@ -279,6 +279,21 @@ def _store(args: argparse.Namespace, home: FleetHome, required: bool = True) -> 
     return MonitorStore(path)
 
 
+def _outbox_cell(view: dict[str, Any]) -> str | None:
+    """The board's outbox in its latest telemetry report: reports queued, and on a board that
+    waits for receipts, how many the broker took that no receipt covers yet and the receipts it
+    refused (a wrong or missing receipt key shows here)."""
+    c = view.get("counters")
+    box = c.get("outbox") if isinstance(c, dict) else None
+    if not isinstance(box, dict) or not isinstance(box.get("queued"), int):
+        return None
+    cell = f"{box['queued']} queued"
+    for key, name in (("unreceipted", "unreceipted"), ("receipts_refused", "receipts refused")):
+        if isinstance(box.get(key), int):
+            cell += f", {box[key]} {name}"
+    return cell
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     home = _home(args)
     now = datetime.now(UTC)
@@ -305,8 +320,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     for row, v in zip(rows, views, strict=True):
         row.append(v.get("pending_commands") or None)
+        row.append(_outbox_cell(v))
     heads = ["DEVICE", "STATE", "LAST SEEN", "MODELS", "REPORTS", "EVENTS", "FLAGGED", "DUPLICATES"]
-    heads.append("PENDING CMDS")
+    heads += ["PENDING CMDS", "OUTBOX"]
     text = table(heads, rows) if rows else "no devices"
     for v in views:
         w = v.get("wiped")

@@ -3,6 +3,7 @@
 Two kinds of figures, so that with several monitors nothing is counted twice:
 
 * each monitor's own ingest, labelled ``monitor`` (its MQTT client id): reports by verdict,
+  the signed receipts it published,
   rejections by reason, and the time from handing a chunk to the ingest stage to its commit
   (:class:`MonitorMetrics`, fed by the monitor's per-chunk hook);
 * the fleet's figures, read from the shared store at each scrape (:class:`FleetCollector`):
@@ -53,6 +54,11 @@ class MonitorMetrics:
             ["monitor"], registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
+        self.receipts = Counter(
+            "edgeward_monitor_receipts", "Signed receipts this monitor published (one per board per committed chunk)",
+            ["monitor"], registry=self.registry,
+        )
+        self.receipts.labels(monitor)
         for v in ("accepted", "duplicate", "flagged"):
             self.reports.labels(monitor, v)
         for r in REASONS:
@@ -65,6 +71,8 @@ class MonitorMetrics:
                 self.rejected.labels(self.monitor, key[9:]).inc(n)
             elif key in ("accepted", "duplicate", "flagged") and n:
                 self.reports.labels(self.monitor, key).inc(n)
+            elif key == "receipts" and n:
+                self.receipts.labels(self.monitor).inc(n)
         self.latency.labels(self.monitor).observe(seconds)
 
 

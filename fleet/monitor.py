@@ -552,7 +552,8 @@ class Monitor:
         self.receipts_sent = 0
         self._on_batch = on_batch
         # The metrics hook: each committed chunk's verdict counts (rejections as
-        # ``rejected:REASON``) and the seconds from hand-over to commit.
+        # ``rejected:REASON``), the receipts published for it (``receipts``) and the seconds
+        # from hand-over to commit.
         self._on_chunk = on_chunk
         self._inbox: queue.SimpleQueue[tuple[str, bytes, int]] = queue.SimpleQueue()
         self.link = Link(
@@ -642,11 +643,12 @@ class Monitor:
             self._receipt_key is not None,
         )
 
-    def _send_receipts(self, marks: dict[str, tuple[int, list[int]]]) -> None:
-        """Sign and publish (retained) one receipt per board of a committed chunk."""
+    def _send_receipts(self, marks: dict[str, tuple[int, list[int]]]) -> int:
+        """Sign and publish (retained) one receipt per board of a committed chunk; how many."""
         key = self._receipt_key
         if key is None or not marks:
-            return
+            return 0
+        sent = self.receipts_sent
         now = utcnow()
         for device, (top, seqs) in sorted(marks.items()):
             public = self._keys.get(device)
@@ -655,6 +657,7 @@ class Monitor:
             r = Receipt.of_seqs(device, fingerprint(public), top, self.config.redelivery_window, seqs, now)
             self.link.publish(receipt_topic(device), encode_receipt(r, key, key.public_raw), retain=True)
             self.receipts_sent += 1
+        return self.receipts_sent - sent
 
     def _run(self) -> None:
         """Hand chunks to the helper in arrival order and acknowledge each chunk to the broker
@@ -680,9 +683,9 @@ class Monitor:
                 if sent and helper.answered(0.0 if batch else FILL_S):
                     counts, marks = helper.result()
                     mids = sent.popleft()
-                    self._send_receipts(marks)
+                    receipts = self._send_receipts(marks)
                     if self._on_chunk is not None:
-                        self._on_chunk(counts, time.monotonic() - handed.popleft())
+                        self._on_chunk(counts | {"receipts": receipts}, time.monotonic() - handed.popleft())
                     else:
                         handed.popleft()
                     for mid in mids:

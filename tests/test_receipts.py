@@ -6,6 +6,7 @@ under a shared subscription, which loses what it had acknowledged."""
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -21,11 +22,12 @@ from hypothesis import strategies as st
 from device_agent import crypto
 from device_agent.agent import Agent
 from device_agent.bundle.keyfiles import load_public_key_file
-from device_agent.commands.format import COMMAND_DOMAIN
+from device_agent.commands.format import COMMAND_DOMAIN, results_topic
 from device_agent.config import DEFAULT_CONFIG, TelemetryConfig
 from device_agent.errors import BadSignature, EdgeWardError, FormatError, UnknownPublisher, WrongDevice
 from device_agent.service.events import EventStore
 from device_agent.store.keys import KeySource
+from device_agent.telemetry.outbox import INFO_EVENT, SECURITY_EVENT, Item, Outbox
 from device_agent.telemetry.receipt import (
     RECEIPT_DOMAIN,
     RECEIPT_MAGIC,
@@ -34,6 +36,7 @@ from device_agent.telemetry.receipt import (
     receipt_topic,
     verify_receipt,
 )
+from device_agent.telemetry.report import MAX_SEQ
 from device_agent.telemetry.service import TelemetryService
 from device_agent.wire import canonical_json
 from fleet.broker import acl_text
@@ -69,12 +72,12 @@ def test_a_receipt_round_trips_and_says_what_it_covers() -> None:
     assert [s for s in range(0, 43) if back.covers(s)] == [0, 1, 2, 3] + list(range(5, 41))
 
 
-def test_receipt_ranges_are_made_from_stored_numbers_within_the_window_newest_kept() -> None:
+def test_receipt_ranges_are_made_from_stored_numbers_within_the_window_oldest_kept() -> None:
     r = Receipt.of_seqs("pi-1", IDENTITY, 20, 10, [1, 2, 11, 12, 13, 15, 18, 19, 20], NOW)
     assert (r.floor, r.ranges) == (11, ((11, 13), (15, 15), (18, 20)))
     cut = Receipt.of_seqs("pi-1", IDENTITY, 20, 10, [11, 13, 15, 17, 19], NOW, max_ranges=2)
-    assert cut.ranges == ((17, 17), (19, 19))  # 11 and 13 are sent again and judged duplicates
-    assert not cut.covers(13) and cut.covers(10)
+    assert cut.ranges == ((11, 11), (13, 13))  # 17 and 19 are sent again and judged duplicates
+    assert not cut.covers(17) and cut.covers(10) and cut.covers(13)
     assert Receipt.of_seqs("pi-1", IDENTITY, 0, 10, [], NOW).ranges == ()
 
 
@@ -100,7 +103,8 @@ def _forgeries() -> dict[str, tuple[bytes, type[EdgeWardError]]]:
     altered = bytearray(good)
     altered[-3] ^= 1
     other_domain = RECEIPT_MAGIC + crypto.key_id(RECEIPT_PUB) + crypto.sign(RECEIPT_KEY, COMMAND_DOMAIN, body) + body
-    too_many = _receipt().body() | {"ranges": [[2 * i + 1, 2 * i + 1] for i in range(300)], "top": 700}
+    n = DEFAULT_CONFIG.telemetry.max_receipt_ranges + 1  # within the byte bound: refused for its ranges
+    too_many = _receipt().body() | {"ranges": [[2 * i + 1, 2 * i + 1] for i in range(n)], "top": 2 * n}
     data = canonical_json(too_many)
     return {
         "altered": (bytes(altered), BadSignature),
@@ -152,6 +156,66 @@ def test_receipts_from_any_bytes_are_a_value_or_a_refusal(junk: bytes, cut: int,
 
 def test_the_board_keeps_fewer_reports_without_a_receipt_than_the_monitor_judges_as_redelivered() -> None:
     assert DEFAULT_CONFIG.telemetry.max_unreceipted < DEFAULT_MONITOR.redelivery_window
+
+
+def test_one_receipt_covers_the_monitors_whole_window_whatever_the_gaps() -> None:
+    """Every other number a gap (a command result, a will's reserved number), at the largest
+    sequence numbers the format allows: the receipt still lists every stored number of the
+    window and fits the board's byte and range bounds."""
+    window = DEFAULT_MONITOR.redelivery_window
+    for top in (window, 2 * window + 1, MAX_SEQ):
+        stored = range(top, max(0, top - window), -2)
+        r = Receipt.of_seqs("pi-1", IDENTITY, top, window, stored, NOW)
+        assert all(r.covers(s) for s in stored)
+        back = verify_receipt(encode_receipt(r, RECEIPT_KEY, RECEIPT_PUB), [RECEIPT_PUB], "pi-1", IDENTITY)
+        assert back == r and len(r.ranges) == len(stored)
+
+
+def _board_and_monitor_rounds(tmp_path: Path, max_ranges: int) -> tuple[int, int, int]:
+    """A board's real outbox whose first 600 numbers alternate report and command result (the
+    results leave on the broker's acknowledgement and are never stored as reports), then 800
+    reports; a monitor that stores every report it is sent and answers with a receipt of the
+    service's making. Returns (reports stored, still queued, never sent) after 6 rounds."""
+    dev = "pi-1"
+    cfg = DEFAULT_CONFIG.telemetry
+    box = Outbox(tmp_path / f"outbox-{max_ranges}.db", 100_000)
+    results = results_topic(dev)
+
+    def report(seq: int, prev: bytes) -> tuple[str, bytes]:
+        return f"edgeward/v1/{dev}/events", b"report"
+
+    def result(seq: int, prev: bytes) -> tuple[str, bytes]:
+        return results, b"result"
+
+    kinds = [k for _ in range(300) for k in ("r", "c")] + ["r"] * 800
+    seqs = {box.add([Item(INFO_EVENT, report) if k == "r" else Item(SECURITY_EVENT, result, chained=False)])[0]: k
+            for k in kinds}
+    stored: set[int] = set()
+    sent_through = 0
+    try:
+        for _ in range(6):
+            oldest = box.oldest()
+            if oldest is None:
+                break
+            sendable = [p.seq for p in box.pending(sent_through, 10_000, oldest + cfg.max_unreceipted)]
+            sent_through = max([sent_through, *sendable])
+            box.acked([s for s in sendable if seqs[s] == "c"], only_topic=results)
+            stored |= {s for s in sendable if seqs[s] == "r"}
+            receipt = Receipt.of_seqs(dev, IDENTITY, max(stored), DEFAULT_MONITOR.redelivery_window, stored, NOW,
+                                      max_ranges=max_ranges)
+            box.receipted(receipt, sent_through, results)
+        return len(stored), box.stats()["queued"], len([s for s, k in seqs.items() if k == "r" and s > sent_through])
+    finally:
+        box.close()
+
+
+@pytest.mark.parametrize("max_ranges", [DEFAULT_CONFIG.telemetry.max_receipt_ranges, 256])
+def test_more_gaps_than_a_receipt_lists_ranges_never_stop_a_boards_telemetry(tmp_path: Path, max_ranges: int) -> None:
+    """300 command results interleaved with the first reports: more than 256 gaps in the window.
+    With every range listed (the default bound), and also with a receipt cut to 256 ranges (the
+    oldest kept), the board's oldest reports are covered, its span moves on and every report is
+    stored and released."""
+    assert _board_and_monitor_rounds(tmp_path, max_ranges) == (1100, 0, 0)
 
 
 def test_boards_read_only_their_own_receipts_and_only_operators_write_them() -> None:
@@ -213,8 +277,6 @@ def record(events: EventStore, numbers: range) -> None:
 
 def event_numbers(db: Path, device_id: str) -> list[int]:
     """Every stored board event's number, one per stored report (a number twice: stored twice)."""
-    import json
-
     with contextlib.closing(sqlite3.connect(db)) as conn:
         rows = conn.execute(
             "SELECT data FROM reports WHERE device_id = ? AND kind = 'events'", (device_id,)
@@ -404,6 +466,104 @@ def test_the_monitor_publishes_receipts_retained_for_a_board_that_connects_later
     store.close()
 
 
+def test_a_board_with_300_command_results_among_its_reports_drains_through_a_real_monitor(
+    fleet: Fleet, tmp_path: Path, publisher: Path, keys: KeySource
+) -> None:
+    """A real board, mosquitto and monitors: 300 signed command results interleaved with the
+    board's first 300 events (each result takes an outbox number the monitor never stores as a
+    report: more than 256 gaps), then 800 more events. A monitor without the receipt key stores
+    what the board sends first (the board keeps it all: no receipt); then a monitor with the key
+    takes over, and its first receipts speak for a window with more than 256 ranges. Every event
+    is stored exactly once and receipts clear the whole outbox. With the newest 256 ranges kept,
+    the board's oldest events were never covered and it stopped sending after 1,000 numbers."""
+    from device_agent.commands.format import Result, encode_result
+
+    board = receipt_board(tmp_path, publisher, keys)
+    db = tmp_path / "monitor.db"
+    store = MonitorStore(db)
+    events = EventStore(board.data_dir / "events.db")
+    svc = TelemetryService(board.data_dir, board.keys, events, fleet.enrol(board.enrolment), config=FAST)
+
+    def result(seq: int, _prev: bytes) -> tuple[str, bytes]:
+        r = Result("pi-001", seq, "rotate-key", "0" * 64, "refused", "a gap", datetime.now(UTC))
+        return results_topic("pi-001"), encode_result(r, svc._signer)
+
+    started = False
+    try:
+        for i in range(300):  # not started yet: the outbox is filled in this order
+            record(events, range(i, i + 1))
+            svc._forward_events()
+            svc.outbox.add([Item(SECURITY_EVENT, result, chained=False)])
+        record(events, range(300, 1100))
+        with monitor(fleet, store, "mon-nokey", key=None):
+            svc.start()
+            started = True
+            wait_until(lambda: set(range(300)) <= set(event_numbers(db, "pi-001")), 60, "the interleaved events")
+        assert svc.outbox.oldest() == 2  # nothing receipted yet: the first event is still held
+        with monitor(fleet, store, "mon-gaps"):
+            wait_until(lambda: len(set(event_numbers(db, "pi-001"))) >= 1100, 90, "all 1,100 events stored")
+            wait_until(lambda: svc.outbox.stats()["queued"] < 3, 60, "receipts to clear the outbox")
+    finally:
+        if started:
+            svc.stop()
+        else:
+            svc.link.stop()
+            svc.outbox.close()
+        events.close()
+        store.close()
+    assert event_numbers(db, "pi-001") == list(range(1100))
+
+
+def test_fleet_status_and_metrics_show_reports_waiting_for_a_receipt_and_the_receipts_sent(
+    fleet: Fleet, tmp_path: Path, publisher: Path, keys: KeySource, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No monitor at first: the broker takes the board's reports and no receipt comes; the board's
+    telemetry counts them as unreceipted (and queued). A monitor then stores that telemetry,
+    `fleet status` shows it, the board counts the receipts it verified, and the monitor's
+    /metrics counter of receipts sent matches what it published."""
+    from fleet.metrics import MonitorMetrics
+    from packager.cli import main as edgeward
+
+    board = receipt_board(tmp_path, publisher, keys)
+    config = replace(FAST, receipt_timeout_s=600.0, receipt_backoff_max_s=600.0)
+    store = MonitorStore(fleet.home.monitor_db)
+    metrics = MonitorMetrics("mon-status")
+    with telemetry(board, fleet, config) as (svc, events):
+        record(events, range(5))
+        wait_until(lambda: len(svc._resend) >= 5, 30, "the broker to take the reports")
+        held = svc.outbox_figures()
+        assert held["unreceipted"] >= 5 and held["queued"] >= held["unreceipted"]
+        assert held["receipts_verified"] == 0 and held["receipts_refused"] == 0
+        mon = Monitor(fleet.home, store, fleet.operator, "mon-status", MonitorConfig(group=None),
+                      on_chunk=metrics.observe, receipt_key=FileSigner(RECEIPT_KEY))
+        mon.start()
+        try:
+            mon.link.require_connected(10)
+
+            def stored_outbox() -> dict[str, int]:
+                devs = {d["device_id"]: d for d in store.devices()}
+                c = devs.get("pi-001", {}).get("counters")
+                box = c.get("outbox") if isinstance(c, dict) else None
+                return box if isinstance(box, dict) else {}
+
+            wait_until(lambda: stored_outbox().get("unreceipted", 0) > 0, 30, "telemetry counting unreceipted")
+            wait_until(lambda: stored_outbox().get("receipts_verified", 0) > 0, 30, "telemetry counting receipts")
+        finally:
+            mon.stop()
+        sent = mon.receipts_sent
+    assert sent > 0
+    assert metrics.registry.get_sample_value("edgeward_monitor_receipts_total", {"monitor": "mon-status"}) == sent
+    capsys.readouterr()
+    assert edgeward(["fleet", "status", "--fleet-dir", str(fleet.home.path), "--json"]) == 0
+    [view] = [v for v in json.loads(capsys.readouterr().out)["devices"] if v["device_id"] == "pi-001"]
+    box = view["counters"]["outbox"]
+    assert {"queued", "unreceipted", "resent", "released", "receipts_verified", "receipts_refused"} <= set(box)
+    assert edgeward(["fleet", "status", "--fleet-dir", str(fleet.home.path)]) == 0
+    assert f"{box['queued']} queued, {box['unreceipted']} unreceipted, {box['receipts_refused']} receipts refused" \
+        in capsys.readouterr().out
+    store.close()
+
+
 # --- what a receipt is made from, and how its key is rotated --------------------------------------
 
 
@@ -492,6 +652,18 @@ def test_edgeward_keys_receipt_and_provision_receipt_pub_put_the_key_in_the_boar
     capsys.readouterr()
     assert code == 0
     assert Agent(tmp_path / "b", keys).trust_anchors().receipts == (load_public_key_file(pub),)
+    # edgeward-agent status names the receipt key (text and --json); a board without one says so.
+    fpr = crypto.fingerprint(load_public_key_file(pub))
+    assert agent_main(["status", "--data-dir", str(tmp_path / "b"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["receipt_keys"] == [fpr]
+    assert agent_main(["status", "--data-dir", str(tmp_path / "b")]) == 0
+    assert f"receipt key {fpr}" in capsys.readouterr().out
+    assert agent_main(["provision", "--data-dir", str(tmp_path / "c"), "--device-id", "pi-none",
+                       "--publisher-pub", str(publisher / "publisher.pub"),
+                       "--export", str(tmp_path / "pi-none.json")]) == 0
+    capsys.readouterr()
+    assert agent_main(["status", "--data-dir", str(tmp_path / "c")]) == 0
+    assert "receipt key none" in capsys.readouterr().out
 
 
 def test_a_report_the_broker_refuses_leaves_the_outbox_also_when_receipts_are_awaited(

@@ -132,9 +132,17 @@ class Receipt:
         max_ranges: int = DEFAULT_CONFIG.telemetry.max_receipt_ranges,
     ) -> Receipt:
         """The receipt for the stored sequence numbers ``seqs`` of a board whose highest is
-        ``top``, speaking for the last ``window`` numbers (the monitor's redelivery window). Past
-        ``max_ranges`` ranges, the newest are kept: an older committed report left out is sent
-        again and judged a duplicate, or falls below a later receipt's floor."""
+        ``top``, speaking for the last ``window`` numbers (the monitor's redelivery window).
+
+        A window of ``n`` numbers holds at most ``(n + 1) // 2`` ranges, and the board's
+        ``max_receipt_ranges`` is set so that the monitor's whole window always fits: every
+        committed report in it is covered, whatever the gaps (command results, last wills'
+        reserved numbers, dropped reports). Should a window hold more than ``max_ranges`` ranges
+        all the same, the *oldest* are kept: the board's oldest committed reports are the ones
+        that hold back its ``max_unreceipted`` span, so covering them lets it move on, and a
+        newer report left out is sent again and judged a duplicate. (Keeping the newest would
+        leave the board's oldest report uncovered for ever: the floor stays below it, since the
+        board sends no number ``max_unreceipted`` or more past its oldest.)"""
         floor = max(1, top - window + 1)
         ranges: list[list[int]] = []
         for s in sorted(set(seqs)):
@@ -144,7 +152,7 @@ class Receipt:
                 ranges[-1][1] = s
             else:
                 ranges.append([s, s])
-        kept = tuple((a, b) for a, b in ranges[-max_ranges:]) if max_ranges else ()
+        kept = tuple((a, b) for a, b in ranges[:max_ranges])
         return cls(device_id, identity, top, floor, kept, time)
 
 

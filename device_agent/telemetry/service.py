@@ -211,7 +211,7 @@ class TelemetryService:
                 self._item("status", status_data(status, state, uptime), HEARTBEAT),
                 self._item(
                     "telemetry",
-                    telemetry_data(status, self.outbox.stats(), self.config.report),
+                    telemetry_data(status, self.outbox_figures(), self.config.report),
                     HEARTBEAT,
                 ),
             ]
@@ -226,6 +226,22 @@ class TelemetryService:
                 for e in batch
             ]
             self.outbox.add(items, cursor=(EVENTS_CURSOR, batch[-1].seq))
+
+    def outbox_figures(self) -> dict[str, int]:
+        """The outbox's health as the telemetry report carries it: ``queued`` counts every report
+        still held (also those the broker took and no receipt covers yet); a board listening for
+        receipts adds ``unreceipted`` (taken by the broker, waiting for a receipt), ``resent``,
+        ``released`` (below a receipt's floor) and the receipts it verified and refused."""
+        figures = self.outbox.stats()
+        if self._receipts_on:
+            figures.setdefault("released", 0)
+            figures.update(
+                unreceipted=len(self._resend),
+                resent=self.receipts["resent"],
+                receipts_verified=self.receipts["applied"],
+                receipts_refused=self.receipts["refused"],
+            )
+        return figures
 
     # --- receipts --------------------------------------------------------------------------------
     def _receipt_keys(self) -> tuple[bytes, ...]:
