@@ -290,6 +290,7 @@ def _collect(ota: OtaBoard, into: list[Result]) -> Callable[[bytes, Result], Non
 @pytest.mark.parametrize("kind", ["decommission", "retire"])
 def test_an_end_of_life_command_is_not_held_back_by_a_dripping_download(
     kind: str, ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
     files.behaviours[f"{DEVICE}.ewb"] = "drip"
@@ -308,6 +309,7 @@ def test_an_end_of_life_command_is_not_held_back_by_a_dripping_download(
     assert files.dripped.get(f"{DEVICE}.ewb", 0) < length // 2
     assert agent.updater.idle.wait(60), "the aborted download did not stop"
     assert len(results) == 2  # the abandoned update answers nothing more
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "the worker failed after the update ended"
     assert not (ota.board.data_dir / layout.UPDATE_STAGING).exists()
     if kind == "decommission":
         assert not (ota.board.data_dir / layout.KEYS).exists()

@@ -234,7 +234,9 @@ class Updater:
         try:
             finish(self.agent, sg, on_result, self._abort)
         except Exception:  # a bug or a full disk must not leave the board unable to take the next update
-            _log.exception("carrying out update %s failed; it is tried again at the next delivery", sg.sha256[:16])
+            if self.agent.store.is_provisioned():  # else a decommission ended the board meanwhile
+                _log.exception("carrying out update %s failed; it is tried again at the next delivery",
+                               sg.sha256[:16])
             failed = True
         with self._lock:
             self._busy = None
@@ -242,13 +244,16 @@ class Updater:
             latest, self._latest = self._latest, None
             if failed:
                 latest = None  # not at once: the next delivery (or reconnection) brings it again
+            if not self.agent.store.is_provisioned():
+                latest = None  # a decommission ended the board while the update was in hand
         try:
             if latest is not None and self._redeliver is not None:
                 self._redeliver(latest[0])
             elif latest is not None:
                 run.apply(self.agent, latest[0], latest[1])
         except Exception:
-            _log.exception("carrying out the commands after an update failed")
+            if self.agent.store.is_provisioned():  # else a decommission ended the board meanwhile: nothing is left
+                _log.exception("carrying out the commands after an update failed")
         finally:
             with self._lock:
                 if self._busy is None:
