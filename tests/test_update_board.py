@@ -9,12 +9,15 @@ The staged rollout over a real broker is in test_rollout.py.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -272,6 +275,53 @@ def test_a_dripping_server_is_cut_off_at_the_deadline_whatever_the_phase(
     # header lines, 0.5 s apart).
     assert files.dripped.get("f.bin", 0) < 15
     assert files.requests == [("f.bin", None)]
+
+
+class _DripProxy:
+    """A TCP relay in front of the file server that passes the server's bytes to the board one
+    every 0.2 s (the board's own go through at once): the TLS handshake itself drips."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.forwarded = 0
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            board, _ = self.listener.accept()
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pipe, args=(board, server, 65536), daemon=True).start()
+            self._pipe(server, board, 1)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, step: int) -> None:
+        with contextlib.suppress(OSError):
+            while not self.stop.is_set() and (data := src.recv(step)):
+                dst.sendall(data)
+                if step == 1:
+                    self.forwarded += 1
+                    self.stop.wait(0.2)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+def test_a_dripping_tls_handshake_is_cut_off_at_the_deadline(tmp_path: Path, files: FileServer) -> None:
+    data = bytes(range(30))
+    (files.root / "f.bin").write_bytes(data)
+    proxy = _DripProxy(files.port)
+    try:
+        how_long = FetchSettings(connect_s=2.0, read_s=2.0, deadline_s=1.0, attempts=3, ca_file=str(files.ca))
+        with pytest.raises(FetchFailed, match="did not finish within 1 s"):
+            fetch(Target(f"https://127.0.0.1:{proxy.port}/f.bin", len(data), crypto.sha256_hex(data)),
+                  tmp_path / "out", how_long)
+        # Cut off inside the server's first flight (its certificate alone is several hundred bytes).
+        assert proxy.forwarded < 100 and files.requests == []
+    finally:
+        proxy.close()
 
 
 def _worker_board(ota: OtaBoard, **limits: float) -> tuple[Agent, list[Result]]:
