@@ -12,6 +12,7 @@ leaves the data directory exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -117,6 +118,10 @@ class Agent:
             # Invariant 4: a wipe interrupted by a power cut completes before anything else runs.
             complete_wipe(self.store, clock())
         self.store.require_provisioned()
+        # What a killed or power-cut over-the-air download left: an update in progress holds its
+        # staging files locked, and keeps them. A reader without write access leaves them.
+        with contextlib.suppress(PermissionError):
+            self.store.remove_stale_staging()
         self._source = keys if keys is not None else KeySource.from_env()
         self.config = config  # every limit and default on the board, passed down from here
         self.limits = config.bundle
@@ -230,11 +235,12 @@ class Agent:
         the header is checked before the device keys are unlocked, the signature and the file's
         length before a byte of the payload is read, and the payload is read once, into the
         buffer it is decrypted in. ``expect`` may refuse the verified manifest (an update checks
-        it is the model and version it names) before anything is stored."""
+        it is the model and version it names, and that it is still to be carried out) before the
+        payload is read, and again under the data-dir lock before anything is stored."""
         with reading.open_bundle(path, self.limits) as f:
             publishers = self.trust_anchors().publishers
             data, vb = f.verify(list(publishers), self.limits, self._prechecks(expect))
-        return self._install(data, vb)
+        return self._install(data, vb, expect)
 
     def install_release(self, envelope: bytes | bytearray | str | Path, payload: str | Path,
                         expect: Callable[[Manifest], None] | None = None) -> Manifest:
@@ -246,7 +252,7 @@ class Agent:
         with reading.open_release(envelope, payload, self.limits) as f:
             publishers = self.trust_anchors().publishers
             data, vb = f.verify(list(publishers), self.limits, self._prechecks(expect))
-        return self._install(data, vb)
+        return self._install(data, vb, expect)
 
     def _prechecks(self, expect: Callable[[Manifest], None] | None) -> Callable[[Manifest], None]:
         """``expect`` (an update checks the bundle is the model and version it names), then
@@ -277,14 +283,18 @@ class Agent:
         publishers = self.trust_anchors().publishers
         return self._install(data, verify_bundle(data, list(publishers), self.limits))
 
-    def _install(self, data: bytes | bytearray, vb: VerifiedBundle) -> Manifest:
+    def _install(self, data: bytes | bytearray, vb: VerifiedBundle,
+                 expect: Callable[[Manifest], None] | None = None) -> Manifest:
         """Everything after the signature and length checks: target, time, anti-rollback,
-        payload, trial load, then the bundle and the state are stored."""
+        payload, trial load, then the bundle and the state are stored. ``expect`` runs again
+        under the data-dir lock, where nothing else can change the state before the commit."""
         key = self._key()
         m = vb.manifest
         identity = self.store.identity()
         digest = crypto.sha256_hex(data)
         with self._lock, self.store.locked():
+            if expect is not None:
+                expect(m)
             state = self.state()
             now = trusted_now(self._clock(), state.clock_floor)
             trusted = frozenset(crypto.fingerprint(k) for k in self.trust_anchors().publishers)

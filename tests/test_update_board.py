@@ -9,8 +9,16 @@ The staged rollout over a real broker is in test_rollout.py.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -22,7 +30,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_agent import Agent, crypto
-from device_agent.commands.format import Command, Result, update_args, verify_result
+from device_agent.commands.fetch import FetchFailed, FetchSettings, Target, fetch
+from device_agent.commands.format import Command, Result, encode_queue, update_args, verify_result
+from device_agent.commands.update import Updater
 from device_agent.config import DEFAULT_CONFIG, AgentConfig
 from device_agent.errors import FormatError
 from device_agent.store import layout
@@ -244,6 +254,209 @@ def test_a_tampered_shared_payload_is_refused_and_the_old_model_keeps_serving(
     assert r.outcome == "refused" and "does not match the SHA-256" in r.detail
     assert ota.serving() == 1 and stored_bundles(ota) == before
     assert not (ota.board.data_dir / layout.UPDATE_PAYLOAD).exists()
+
+
+# --- a file server that drips, and the commands that end an update --------------------------------
+
+
+@pytest.mark.parametrize("how", ["drip", "drip-headers"])
+def test_a_dripping_server_is_cut_off_at_the_deadline_whatever_the_phase(
+    how: str, tmp_path: Path, files: FileServer,
+) -> None:
+    # One byte (or one header line) every 0.5 s: each receive is well inside the read timeout, so
+    # only a deadline over the whole download, headers included, ends it.
+    data = bytes(range(30))
+    (files.root / "f.bin").write_bytes(data)
+    files.behaviours["f.bin"] = how
+    how_long = FetchSettings(connect_s=2.0, read_s=2.0, deadline_s=1.0, attempts=3, ca_file=str(files.ca))
+    with pytest.raises(FetchFailed, match="did not finish within 1 s"):
+        fetch(Target(files.base_url + "f.bin", len(data), crypto.sha256_hex(data)), tmp_path / "out", how_long)
+    # The board hung up while the server still had most of its drip to send (30 bytes or 90
+    # header lines, 0.5 s apart).
+    assert files.dripped.get("f.bin", 0) < 15
+    assert files.requests == [("f.bin", None)]
+
+
+class _DripProxy:
+    """A TCP relay in front of the file server that passes the server's bytes to the board one
+    every 0.2 s (the board's own go through at once): the TLS handshake itself drips."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.forwarded = 0
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            board, _ = self.listener.accept()
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pipe, args=(board, server, 65536), daemon=True).start()
+            self._pipe(server, board, 1)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, step: int) -> None:
+        with contextlib.suppress(OSError):
+            while not self.stop.is_set() and (data := src.recv(step)):
+                dst.sendall(data)
+                if step == 1:
+                    self.forwarded += 1
+                    self.stop.wait(0.2)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+def test_a_dripping_tls_handshake_is_cut_off_at_the_deadline(tmp_path: Path, files: FileServer) -> None:
+    data = bytes(range(30))
+    (files.root / "f.bin").write_bytes(data)
+    proxy = _DripProxy(files.port)
+    try:
+        how_long = FetchSettings(connect_s=2.0, read_s=2.0, deadline_s=1.0, attempts=3, ca_file=str(files.ca))
+        with pytest.raises(FetchFailed, match="did not finish within 1 s"):
+            fetch(Target(f"https://127.0.0.1:{proxy.port}/f.bin", len(data), crypto.sha256_hex(data)),
+                  tmp_path / "out", how_long)
+        # Cut off inside the server's first flight (its certificate alone is several hundred bytes).
+        assert proxy.forwarded < 100 and files.requests == []
+    finally:
+        proxy.close()
+
+
+def _worker_board(ota: OtaBoard, **limits: float) -> tuple[Agent, list[Result]]:
+    """The board as ``serve`` runs it: updates carried out by the worker; its verified results."""
+    ota.config = replace(ota.config, commands=replace(ota.config.commands, **limits))
+    agent = ota.agent()
+    agent.updater = Updater(agent)
+    return agent, []
+
+
+def _collect(ota: OtaBoard, into: list[Result]) -> Callable[[bytes, Result], None]:
+    key = base64.b64decode(json.loads(ota.board.enrolment.read_text())["sign_public"])
+    return lambda data, _: into.append(verify_result(data, key))
+
+
+@pytest.mark.parametrize("kind", ["decommission", "retire"])
+def test_an_end_of_life_command_is_not_held_back_by_a_dripping_download(
+    kind: str, ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    files.behaviours[f"{DEVICE}.ewb"] = "drip"
+    agent, results = _worker_board(ota, update_deadline_s=600.0, update_read_s=5.0)
+    now = datetime.now(UTC).replace(microsecond=0)
+    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
+                            bundle={"url": url, "length": length, "sha256": sha})
+    agent.apply_commands(encode_queue([upd]), _collect(ota, results))
+    assert agent.updater.busy
+    # The fleet's retained queue, once the operator adds the end-of-life command behind the update.
+    ender = ota.operator.sign(kind, DEVICE, 2, now, **({"model_id": "digits"} if kind == "retire" else {}))
+    agent.apply_commands(encode_queue([upd, ender]), _collect(ota, results))
+    # Decided at once, with the download still dripping (600 s of deadline left, bytes 0.5 s apart).
+    assert [(r.seq, r.kind, r.outcome) for r in results] == [(1, "update", "refused"), (2, kind, "applied")]
+    assert "abandoned, nothing installed" in results[0].detail and f"#2 ({kind})" in results[0].detail
+    assert files.dripped.get(f"{DEVICE}.ewb", 0) < length // 2
+    assert agent.updater.idle.wait(60), "the aborted download did not stop"
+    assert len(results) == 2  # the abandoned update answers nothing more
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "the worker failed after the update ended"
+    assert not (ota.board.data_dir / layout.UPDATE_STAGING).exists()
+    if kind == "decommission":
+        assert not (ota.board.data_dir / layout.KEYS).exists()
+    else:
+        assert agent.state().command_seq == 2 and "digits" in agent.state().retired
+        assert stored_bundles(ota) == []
+
+
+@pytest.mark.parametrize("form", ["single", "queue"])
+def test_a_cancelled_update_is_never_installed(
+    form: str, ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+) -> None:
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    files.behaviours[f"{DEVICE}.ewb"] = "slow-start"  # 3 s of silence, then the whole (good) file
+    agent, results = _worker_board(ota, update_deadline_s=60.0, update_read_s=20.0)
+    now = datetime.now(UTC).replace(microsecond=0)
+    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
+                            bundle={"url": url, "length": length, "sha256": sha})
+    agent.apply_commands(encode_queue([upd]), _collect(ota, results))
+    assert agent.updater.busy
+    cancel = ota.operator.sign("cancel", DEVICE, 2, now, seq=1)
+    # A technician's command file, or the fleet's retained queue with the cancel behind the update.
+    agent.apply_commands(cancel if form == "single" else encode_queue([upd, cancel]), _collect(ota, results))
+    assert agent.updater.idle.wait(60)
+    expected = [(1, "update", "cancelled")] if form == "queue" else []
+    assert [(r.seq, r.kind, r.outcome) for r in results] == [*expected, (2, "cancel", "applied")]
+    assert ota.serving() == 1 and agent.state().command_seq == 2
+    assert not (ota.board.data_dir / layout.UPDATE_STAGING).exists()
+
+
+def test_an_update_whose_number_another_process_consumed_is_not_installed(
+    ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+) -> None:
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    files.behaviours[f"{DEVICE}.ewb"] = "slow-start"
+    agent, results = _worker_board(ota, update_deadline_s=60.0, update_read_s=20.0)
+    now = datetime.now(UTC).replace(microsecond=0)
+    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
+                            bundle={"url": url, "length": length, "sha256": sha})
+    agent.apply_commands(encode_queue([upd]), _collect(ota, results))
+    # A technician cancels it from another process (``edgeward-agent apply-command``): the worker
+    # is not told, and must find the number consumed before it commits anything.
+    [data] = ota.agent().apply_commands(ota.operator.sign("cancel", DEVICE, 2, now, seq=1))
+    assert agent.updater.idle.wait(60)
+    assert results == [] and ota.serving() == 1 and agent.state().command_seq == 2
+    assert files.requests == [(f"{DEVICE}.ewb", None)]  # downloaded in full, then not installed
+
+
+def test_a_killed_download_leaves_no_staging_file_after_a_restart(
+    ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any, tmp_path: Path,
+) -> None:
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    files.behaviours[f"{DEVICE}.ewb"] = "stall"
+    cmd = ota.operator.sign("update", DEVICE, 1, datetime.now(UTC).replace(microsecond=0), release_id="digits-v2",
+                            model_id="digits", model_version=2, bundle={"url": url, "length": length, "sha256": sha})
+    (tmp_path / "cmd.bin").write_bytes(cmd)
+    script = textwrap.dedent(f"""
+        from dataclasses import replace
+        from device_agent import Agent
+        from device_agent.config import DEFAULT_CONFIG
+        from device_agent.store.keys import KeySource
+        c = replace(DEFAULT_CONFIG, commands=replace(DEFAULT_CONFIG.commands, update_ca_file={str(files.ca)!r}))
+        a = Agent({str(ota.board.data_dir)!r}, KeySource(kek=bytes(range(32))), config=c)
+        a.apply_commands(open({str(tmp_path / 'cmd.bin')!r}, 'rb').read())
+    """)
+    root = str(Path(__file__).resolve().parents[1])
+    p = subprocess.Popen([sys.executable, "-c", script], env=os.environ | {"PYTHONPATH": root})
+    staging = ota.board.data_dir / layout.UPDATE_STAGING
+    try:
+        while not (files.requests and staging.exists()) and p.poll() is None:
+            time.sleep(0.05)
+    finally:
+        p.kill()
+        p.wait()
+    assert staging.exists(), "the download was not under way when the agent was killed"
+    ota.agent()  # the board starts again
+    assert not staging.exists() and not (ota.board.data_dir / layout.UPDATE_PAYLOAD).exists()
+
+
+def test_a_download_in_progress_keeps_its_staging_file_when_another_agent_starts(
+    ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+) -> None:
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    files.behaviours[f"{DEVICE}.ewb"] = "stall"
+    agent, results = _worker_board(ota, update_deadline_s=4.0, update_read_s=4.0)
+    now = datetime.now(UTC).replace(microsecond=0)
+    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
+                            bundle={"url": url, "length": length, "sha256": sha})
+    agent.apply_commands(encode_queue([upd]), _collect(ota, results))
+    staging = ota.board.data_dir / layout.UPDATE_STAGING
+    while not (files.requests and staging.exists()) and agent.updater.busy:
+        time.sleep(0.05)
+    ota.agent().status()  # ``edgeward-agent status`` while serve downloads
+    assert staging.exists()
+    assert agent.updater.idle.wait(60)  # the stalled download ends at its deadline
+    assert [(r.seq, r.outcome) for r in results] == [(1, "refused")] and "did not finish" in results[0].detail
+    assert not staging.exists() and ota.serving() == 1
 
 
 # --- the arguments, strictly ---------------------------------------------------------------------

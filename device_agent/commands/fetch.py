@@ -7,7 +7,10 @@ The server (any static web server or object store) is trusted for nothing. The o
 * never reads past the signed length: a server announcing or sending more is refused;
 * resumes with ``Range`` after a dropped connection, up to ``commands.update_attempts``
   connections, each step bounded by the connect and read timeouts and the whole download by one
-  deadline, so a stalled, slow-dripping or endless server costs the board at most that time;
+  wall-clock deadline: a watchdog shuts the connection down when it passes, whatever phase the
+  download is in (TCP connect, TLS handshake, headers, body), so a stalled, slow-dripping or
+  endless server costs the board at most that time;
+* stops at once when the caller aborts it (a cancel or an end-of-life command arrived meanwhile);
 * writes to a staging file it owns (mode 0600, fsynced) and checks the SHA-256 over exactly the
   bytes written before anything reads them (the caller then installs them as a local file).
 
@@ -16,11 +19,14 @@ Only the standard library (``http.client``, ``ssl``) is used: the board has no o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
 import re
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +43,13 @@ _CONTENT_RANGE_RE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|
 
 class FetchFailed(EnvironmentFault):
     """The file could not be downloaded in time (unreachable, stalled, refused by the server)."""
+
+
+class FetchAborted(FetchFailed):
+    """The caller aborted the download (the update it serves is no longer to be carried out)."""
+
+
+WATCH_S = 0.05  # how often the watchdog looks at the deadline and the abort flag
 
 
 @dataclass(frozen=True)
@@ -92,8 +105,17 @@ class _Download:
     """One file being downloaded into ``dest``, resumable across connections."""
 
     def __init__(self, target: Target, dest: Path, settings: FetchSettings,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], abort: threading.Event | None = None) -> None:
         self.t = target
+        self.abort = abort if abort is not None else threading.Event()
+        # The watchdog: it shuts down the connection in hand once the deadline passes or the
+        # download is aborted. A timeout on the socket bounds one receive only, and http.client
+        # reads a status line, each header and a body buffer with as many receives as the server
+        # cares to drip; shutting the socket down ends every one of them at once.
+        self._watch_lock = threading.Lock()
+        self._socks: list[socket.socket] = []  # duplicates of the connection's socket
+        self._stopped = False  # the deadline passed or the download was aborted
+        self._done = threading.Event()
         self.dest = dest
         self.s = settings
         self.clock = clock
@@ -109,6 +131,9 @@ class _Download:
         self.resumed: list[int] = []
 
     def left(self, what: str) -> float:
+        if self.abort.is_set():
+            raise FetchAborted(f"the download of {self.t.url[:200]} was aborted ({self.have} of {self.t.length} "
+                               "bytes): the update is no longer to be carried out")
         remaining = self.end - self.clock()
         if remaining <= 0:
             raise FetchFailed(
@@ -123,7 +148,41 @@ class _Download:
         self.have = 0
         self.digest = hashlib.sha256()
 
+    def _watch(self) -> None:
+        while not self._done.wait(WATCH_S):
+            if self.abort.is_set() or self.clock() >= self.end:
+                with self._watch_lock:
+                    self._stopped = True
+                    for s in self._socks:
+                        _shut(s)
+                return
+
+    def _connect(self, address: tuple[str, int], timeout: float | None = None,
+                 source_address: tuple[str, int] | None = None) -> socket.socket:
+        """``socket.create_connection``, with a duplicate of the socket handed to the watchdog
+        before the TLS handshake starts (shutting a duplicate down shuts the connection)."""
+        sock = socket.create_connection(address, timeout, source_address)
+        with self._watch_lock:
+            dup = sock.dup()
+            self._socks.append(dup)
+            if self._stopped:
+                _shut(dup)
+        return sock
+
     def run(self) -> Fetched:
+        watchdog = threading.Thread(target=self._watch, name="edgeward-fetch-watchdog", daemon=True)
+        watchdog.start()
+        try:
+            return self._run()
+        finally:
+            self._done.set()
+            watchdog.join()
+            with self._watch_lock:
+                for s in self._socks:
+                    s.close()
+                self._socks.clear()
+
+    def _run(self) -> Fetched:
         fd = os.open(self.dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             os.fchmod(fd, 0o600)
@@ -142,6 +201,7 @@ class _Download:
                 try:
                     self.once(fd)
                 except (OSError, http.client.HTTPException, ssl.SSLError) as e:
+                    self.left("the connection ended")  # the watchdog ended it: say why
                     errors.append(f"{type(e).__name__}: {str(e)[:120]}")
                     time.sleep(min(0.2 * connections, max(0.0, self.end - self.clock())))
             os.fsync(fd)
@@ -158,6 +218,7 @@ class _Download:
         """One connection: ask for what is missing and append what arrives, never past the length."""
         conn = http.client.HTTPSConnection(self.host, self.port, timeout=min(self.s.connect_s, self.left("connecting")),
                                            context=self.ctx)
+        conn._create_connection = self._connect  # type: ignore[attr-defined]
         try:
             headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
             if self.have:
@@ -224,10 +285,16 @@ class _Download:
         )
 
 
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed or never connected
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 def fetch(target: Target, dest: Path, settings: FetchSettings,
-          clock: Callable[[], float] = time.monotonic) -> Fetched:
-    """Download ``target`` into ``dest`` (created 0600, replaced) and check its digest. Raises
-    :class:`FetchFailed` (exit 4: the server could not deliver in time) or
+          clock: Callable[[], float] = time.monotonic, abort: threading.Event | None = None) -> Fetched:
+    """Download ``target`` into ``dest`` (created 0600, replaced) and check its digest, within
+    ``settings.deadline_s`` of wall-clock time all told. Raises :class:`FetchFailed` (exit 4:
+    the server could not deliver in time; :class:`FetchAborted` once ``abort`` is set) or
     :class:`~device_agent.errors.IntegrityError` (exit 1: it delivered something else); the
     caller removes ``dest`` either way."""
-    return _Download(target, dest, settings, clock).run()
+    return _Download(target, dest, settings, clock, abort).run()

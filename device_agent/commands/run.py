@@ -81,6 +81,8 @@ def apply(agent: Agent, payload: bytes, on_result: OnResult | None = None) -> li
     # change the state between the decision and its effect.
     with agent._lock, agent.store.locked():
         cancelled = _cancelled(agent, commands, me, limits)
+        if cancelled and agent.updater is not None:
+            agent.updater.abort(cancelled)  # the update downloading is cancelled: stop it now
         for sg in commands:
             cmd = sg.item
             if not isinstance(cmd, Command):  # the list holds commands only (filtered above)
@@ -104,12 +106,29 @@ def apply(agent: Agent, payload: bytes, on_result: OnResult | None = None) -> li
                 results.append(_send(on_result, *_sign(agent, cmd, sg.sha256, "refused", str(e), {})))
                 continue
             if accepted.wipe:
+                if agent.updater is not None:
+                    agent.updater.abort()  # nothing downloads onto a board being wiped
                 results.append(_decommission(agent, accepted, sg, on_result))
                 break  # nothing is left to obey anything else
             if accepted.fetch:
-                deferred = sg  # the commands after it wait for it (sequence order)
-                break
+                ender = _ended_by(agent, commands, cmd, me, limits)
+                if ender is None:
+                    deferred = sg  # the commands after it wait for it (sequence order)
+                    break
+                # An end-of-life command follows: it is not held back by a download. The update
+                # is refused (and stopped if it is downloading); its number stays unconsumed.
+                if agent.updater is not None:
+                    agent.updater.abort([cmd.seq])
+                why = (f"update #{cmd.seq} abandoned, nothing installed: {ender} follows it and is carried out "
+                       "without waiting for the download; issue the update again if it is still wanted")
+                agent.record_event("command", "warning", {"refused": cmd.describe(), "why": why, "sha256": sg.sha256})
+                results.append(_send(on_result, *_sign(agent, cmd, sg.sha256, "refused", why, {})))
+                continue
             results.append(_carry_out(agent, accepted, sg, key, on_result))
+        if agent.updater is not None and agent.updater.in_flight is not None:
+            # A number at or past the update downloading was consumed (a cancel, a retire, a later
+            # command from a single delivery): it is no longer to be carried out.
+            agent.updater.abort(range(agent.updater.in_flight, agent.state().command_seq + 1))
     if deferred is not None:
         results += _update(agent, payload, deferred, on_result, single)
     return results
@@ -126,6 +145,25 @@ def _update(agent: Agent, payload: bytes, sg: Signed, on_result: OnResult | None
     data = update.finish(agent, sg, on_result)
     rest = [] if single else apply(agent, payload, on_result)
     return ([data] if data is not None else []) + rest
+
+
+ENDS = ("decommission", "retire")  # commands an update in hand does not hold back
+
+
+def _ended_by(agent: Agent, commands: list[Signed], update: Command, me: Identity, limits: Any) -> str | None:
+    """The first command after ``update`` in the delivery that ends it (a decommission, a
+    retire) and that the board would obey: one that passes every check a command must pass."""
+    state = agent.state()
+    for sg in commands:
+        c = sg.item
+        if not (isinstance(c, Command) and c.kind in ENDS and c.seq > update.seq):
+            continue
+        try:
+            check_command(c, sg.signer, me, agent.trust_anchors(), state, agent._clock(), limits.future_skew_s)
+        except SecurityRefusal:
+            continue
+        return f"command #{c.seq} ({c.kind})"
+    return None
 
 
 def _seq(sg: Signed) -> int:

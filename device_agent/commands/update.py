@@ -15,7 +15,15 @@ does the I/O, outside the data-dir lock so that the model keeps serving while th
 
 ``serve`` runs these steps in one worker thread (:class:`Updater`): one update at a time, and
 the telemetry loop never waits on a download. An update in a later delivery waits for the one in
-hand (sequence order), and so do the commands after it.
+hand (sequence order), and so do the commands after it, except the ones that end it: a cancel
+naming it, a decommission or a retire (:func:`device_agent.commands.run.apply` decides them at
+once and aborts the download).
+
+An update is carried out only while it is still live: its number not consumed (by a cancel, an
+end-of-life command or another process) and the worker not aborted. That is checked after the
+download, in the install's precheck and again under the data-dir lock just before the install
+commits; an update that is no longer live installs nothing and answers nothing (the command that
+ended it has answered for it).
 """
 
 from __future__ import annotations
@@ -24,11 +32,12 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device_agent.commands.fetch import FetchSettings, Target, fetch
+from device_agent.commands.fetch import FetchAborted, FetchSettings, Target, fetch
 from device_agent.commands.format import Command, Signed
 from device_agent.errors import EdgeWardError, SecurityRefusal
 from device_agent.store import layout
@@ -48,70 +57,114 @@ def settings(agent: Agent) -> FetchSettings:
                          c.update_ca_file)
 
 
-def fetch_and_install(agent: Agent, cmd: Command) -> tuple[str, str, dict[str, Any]]:
-    """Steps 1-4 but the last: (outcome, detail, effects) for the signed result."""
+class UpdateAbandoned(EdgeWardError):
+    """The update is no longer to be carried out: cancelled, its number consumed meanwhile, or
+    aborted for a command that ends it."""
+
+
+def fetch_and_install(agent: Agent, cmd: Command,
+                      abort: threading.Event | None = None) -> tuple[str, str, dict[str, Any]]:
+    """Steps 1-4 but the last: (outcome, detail, effects) for the signed result; the outcome
+    ``abandoned`` when the update stopped being live (nothing was installed)."""
     args = cmd.args
-    want, shared = args["bundle"], args.get("payload")
+    want = args["bundle"]
     staging = agent.store.layout.path(layout.UPDATE_STAGING)
     payload_path = agent.store.layout.path(layout.UPDATE_PAYLOAD)
     effects: dict[str, Any] = {"release_id": args["release_id"], "model_id": args["model_id"],
                                "model_version": args["model_version"]}
+
+    def live() -> None:
+        if abort is not None and abort.is_set():
+            raise UpdateAbandoned(f"update #{cmd.seq} was aborted: a command that ends it arrived meanwhile")
+        if cmd.seq <= agent.state().command_seq:
+            raise UpdateAbandoned(f"update #{cmd.seq} was cancelled or overtaken while it downloaded "
+                                  "(its number is consumed)")
+
     try:
-        for f in (want, shared):
-            if f is not None and f["length"] > agent.limits.max_bundle_bytes:
-                raise SecurityRefusal(f"the update names a file of {f['length']} bytes, over this board's bundle "
-                                      f"limit of {agent.limits.max_bundle_bytes}")
-        how = settings(agent)
-        start = time.monotonic()
-        got = fetch(Target(want["url"], want["length"], want["sha256"]), staging, how)
-        effects["downloaded_bytes"] = got.length
-        effects["connections"] = got.connections
-        if shared is not None:
-            # One deadline for the whole update: what the envelope took is not given again.
-            left = max(0.001, how.deadline_s - (time.monotonic() - start))
-            more = fetch(Target(shared["url"], shared["length"], shared["sha256"]), payload_path,
-                         replace(how, deadline_s=left))
-            effects["downloaded_bytes"] += more.length
-            effects["connections"] += more.connections
-
-        def expect(m: Manifest) -> None:
-            if m.model_id != args["model_id"] or m.model_version != args["model_version"]:
-                raise SecurityRefusal(
-                    f"the downloaded bundle is {m.model_id} version {m.model_version}, the update names "
-                    f"{args['model_id']} version {args['model_version']}: refused"
-                )
-
-        if shared is not None:
-            m = agent.install_release(staging, payload_path, expect=expect)
-        else:
-            m = agent.install_file(staging, expect=expect)
-        effects["bundle_id"] = m.bundle_id
-        detail = f"model {m.model_id} version {m.model_version} of release {args['release_id']} installed"
-        agent.record_event("update", "info", {"installed": detail, "url": want["url"][:200]})
-        return "applied", detail, effects
+        with agent.store.staging_held():
+            try:
+                return _fetch_and_install(agent, cmd, live, abort, staging, payload_path, effects)
+            finally:
+                for path in (staging, payload_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+    except (UpdateAbandoned, FetchAborted) as e:
+        return "abandoned", str(e), effects
     except EdgeWardError as e:
         agent.record_event("update", "critical" if isinstance(e, SecurityRefusal) else "warning",
                            {"refused": f"update #{cmd.seq}", "why": str(e)[:300], "url": want["url"][:200]})
         return "refused", f"update refused, the previous model keeps serving: {e}", effects
-    finally:
-        for path in (staging, payload_path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
 
 
-def finish(agent: Agent, sg: Signed, on_result: OnResult | None) -> bytes | None:
+def _fetch_and_install(agent: Agent, cmd: Command, live: Callable[[], None], abort: threading.Event | None,
+                       staging: Path, payload_path: Path,
+                       effects: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    args = cmd.args
+    want, shared = args["bundle"], args.get("payload")
+    for f in (want, shared):
+        if f is not None and f["length"] > agent.limits.max_bundle_bytes:
+            raise SecurityRefusal(f"the update names a file of {f['length']} bytes, over this board's bundle "
+                                  f"limit of {agent.limits.max_bundle_bytes}")
+    how = settings(agent)
+    start = time.monotonic()
+    got = fetch(Target(want["url"], want["length"], want["sha256"]), staging, how, abort=abort)
+    effects["downloaded_bytes"] = got.length
+    effects["connections"] = got.connections
+    if shared is not None:
+        # One deadline for the whole update: what the envelope took is not given again.
+        left = max(0.001, how.deadline_s - (time.monotonic() - start))
+        more = fetch(Target(shared["url"], shared["length"], shared["sha256"]), payload_path,
+                     replace(how, deadline_s=left), abort=abort)
+        effects["downloaded_bytes"] += more.length
+        effects["connections"] += more.connections
+
+    def expect(m: Manifest) -> None:
+        if m.model_id != args["model_id"] or m.model_version != args["model_version"]:
+            raise SecurityRefusal(
+                f"the downloaded bundle is {m.model_id} version {m.model_version}, the update names "
+                f"{args['model_id']} version {args['model_version']}: refused"
+            )
+        live()  # here before the payload is read, and under the data-dir lock before the commit
+
+    live()
+    if shared is not None:
+        m = agent.install_release(staging, payload_path, expect=expect)
+    else:
+        m = agent.install_file(staging, expect=expect)
+    effects["bundle_id"] = m.bundle_id
+    detail = f"model {m.model_id} version {m.model_version} of release {args['release_id']} installed"
+    agent.record_event("update", "info", {"installed": detail, "url": want["url"][:200]})
+    return "applied", detail, effects
+
+
+def finish(agent: Agent, sg: Signed, on_result: OnResult | None,
+           abort: threading.Event | None = None) -> bytes | None:
     """Fetch and install the accepted update ``sg``, then consume its number and answer. None
-    if another process carried it out meanwhile."""
+    when it stopped being live meanwhile (cancelled, overtaken, aborted): then nothing was
+    installed, and the command that ended it has answered."""
     from device_agent.commands.run import _send, _sign
 
     cmd = sg.item
     if not isinstance(cmd, Command):
         raise EdgeWardError(f"internal error: {type(cmd).__name__} is not an update")
-    outcome, detail, effects = fetch_and_install(agent, cmd)
+    outcome, detail, effects = fetch_and_install(agent, cmd, abort)
+    if outcome == "abandoned":
+        _log.info("%s", detail)
+        if agent.store.is_provisioned():  # a decommission may have ended it
+            agent.record_event("update", "info", {"abandoned": f"update #{cmd.seq}", "why": detail[:300],
+                                                  "sha256": sg.sha256})
+        return None
     key = agent._key()
     with agent._lock, agent.store.locked():
         state = agent.state()
         if cmd.seq <= state.command_seq:
+            # Another process consumed the number between this install's commit and here.
+            if outcome == "applied":
+                agent.record_event("update", "warning", {
+                    "installed": detail, "sha256": sg.sha256,
+                    "note": f"update #{cmd.seq} was installed while another process consumed its number; "
+                            "status shows the model now serving",
+                })
             return None
         after = advance_floor(replace(state, command_seq=cmd.seq), cmd.issued, agent.config.commands.beacon_hold_s)
         data, result = _sign(agent, cmd, sg.sha256, outcome, detail, effects)
@@ -136,6 +189,8 @@ class Updater:
         self._redeliver = redeliver
         self._lock = threading.Lock()
         self._busy: str | None = None  # the digest of the update in hand
+        self._seq: int | None = None  # its sequence number
+        self._abort = threading.Event()  # set to end the update in hand (a cancel, an end of life)
         self._latest: tuple[bytes, OnResult | None] | None = None
         self._thread: threading.Thread | None = None
         self.idle = threading.Event()
@@ -145,12 +200,28 @@ class Updater:
     def busy(self) -> str | None:
         return self._busy
 
+    @property
+    def in_flight(self) -> int | None:
+        """The sequence number of the update in hand, if any."""
+        return self._seq
+
+    def abort(self, seqs: Collection[int] | None = None) -> bool:
+        """End the update in hand if its number is among ``seqs`` (None: whichever it is): the
+        download stops at once and nothing is installed. Returns whether one was aborted."""
+        with self._lock:
+            if self._busy is None or self._seq is None or (seqs is not None and self._seq not in seqs):
+                return False
+            self._abort.set()
+            return True
+
     def submit(self, payload: bytes, sg: Signed, on_result: OnResult | None) -> None:
         with self._lock:
             self._latest = (payload, on_result)
             if self._busy is not None:
                 return  # the update in hand (or one queued behind it through this delivery)
             self._busy = sg.sha256
+            self._seq = sg.item.seq if isinstance(sg.item, Command) else None
+            self._abort = threading.Event()
             self.idle.clear()
             self._thread = threading.Thread(target=self._work, args=(sg, on_result), name="edgeward-update",
                                             daemon=True)
@@ -161,22 +232,28 @@ class Updater:
 
         failed = False
         try:
-            finish(self.agent, sg, on_result)
+            finish(self.agent, sg, on_result, self._abort)
         except Exception:  # a bug or a full disk must not leave the board unable to take the next update
-            _log.exception("carrying out update %s failed; it is tried again at the next delivery", sg.sha256[:16])
+            if self.agent.store.is_provisioned():  # else a decommission ended the board meanwhile
+                _log.exception("carrying out update %s failed; it is tried again at the next delivery",
+                               sg.sha256[:16])
             failed = True
         with self._lock:
             self._busy = None
+            self._seq = None
             latest, self._latest = self._latest, None
             if failed:
                 latest = None  # not at once: the next delivery (or reconnection) brings it again
+            if not self.agent.store.is_provisioned():
+                latest = None  # a decommission ended the board while the update was in hand
         try:
             if latest is not None and self._redeliver is not None:
                 self._redeliver(latest[0])
             elif latest is not None:
                 run.apply(self.agent, latest[0], latest[1])
         except Exception:
-            _log.exception("carrying out the commands after an update failed")
+            if self.agent.store.is_provisioned():  # else a decommission ended the board meanwhile: nothing is left
+                _log.exception("carrying out the commands after an update failed")
         finally:
             with self._lock:
                 if self._busy is None:

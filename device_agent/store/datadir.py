@@ -332,6 +332,66 @@ class DataDir:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
+    # over-the-air update staging ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staging_held(self) -> Iterator[None]:
+        """Hold the update staging files (``update.part``, ``update-payload.part``) for one update:
+        a lock on each, so that :meth:`remove_stale_staging` in another process leaves them
+        alone. Raises :class:`UsageError` when another update holds them."""
+        fds = []
+        try:
+            for name in (layout.UPDATE_STAGING, layout.UPDATE_PAYLOAD):
+                path = self.layout.path(name)
+                while True:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError as e:
+                        os.close(fd)
+                        raise UsageError(f"another over-the-air update is downloading into {path}; try again "
+                                         "once it has ended") from e
+                    try:
+                        same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                    except FileNotFoundError:
+                        same = False
+                    if same:
+                        break
+                    os.close(fd)  # removed by a start between the open and the lock: take the new one
+                fds.append(fd)
+            yield
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def remove_stale_staging(self) -> list[str]:
+        """Remove the update staging files a killed or power-cut download left (up to the bundle
+        limit each), unless an update in progress holds them; returns the names removed."""
+        names = [n for n in (layout.UPDATE_STAGING, layout.UPDATE_PAYLOAD) if os.path.lexists(self.layout.path(n))]
+        if not names:
+            return []
+        removed = []
+        with self.locked():
+            for name in names:
+                path = self.layout.path(name)
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    path.unlink(missing_ok=True)  # not a regular file this agent made (a link): never ours
+                    removed.append(name)
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # an update in progress (serve) is downloading into it
+                else:
+                    path.unlink(missing_ok=True)
+                    removed.append(name)
+                finally:
+                    os.close(fd)
+        return removed
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)

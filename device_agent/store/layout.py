@@ -111,9 +111,11 @@ ENTRIES: tuple[Entry, ...] = (
     Entry(SOCKET, "the local API's Unix socket, without a runtime directory", 0o660, Fate.DELETE, "socket"),
     Entry(LOCK, "serialises writers (install, rollback, wipe)", 0o600, Fate.DELETE),
     Entry(UPDATE_STAGING, "transient: an over-the-air update being downloaded (a bundle or an envelope, still "
-          "encrypted to this device); removed once installed or refused", 0o600, Fate.DELETE),
+          "encrypted to this device); removed once installed or refused, or at the next start after a killed "
+          "download", 0o600, Fate.DELETE),
     Entry(UPDATE_PAYLOAD, "transient: the encrypted shared payload of an over-the-air update of a version 2 "
-          "release; removed once installed or refused", 0o600, Fate.DELETE),
+          "release; removed once installed or refused, or at the next start after a killed download", 0o600,
+          Fate.DELETE),
     Entry(WIPE_MARKER, "transient: a wipe in progress (resumed at the next start)", 0o600, Fate.DELETE),
     Entry(ATTESTATION, "the signed wipe attestation", 0o644, Fate.KEEP),
     # atomic_write's temporary files, left only by a power cut in the middle of a write; those
