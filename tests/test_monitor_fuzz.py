@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from device_agent.crypto import ed25519_public_raw
+from device_agent.telemetry.report import KINDS as REPORT_KINDS
 from device_agent.telemetry.report import NO_PREV, payload_digest
 from fleet.monitor import ingest, verify_batch
 from fleet.store import MonitorStore
@@ -116,8 +117,8 @@ FAMILIES: dict[str, Callable[[st.DrawFn, Fields], Fields | bytes]] = {
                                                               generic_json()))),
     "kind type": lambda d, f: put(f, "kind", d(generic_json().filter(lambda t: not t.startswith('"')) | st.just('""'))),
     "kind value": lambda d, f: put(f, "kind", json.dumps(d(st.one_of(
-        st.sampled_from(["will", "status", "telemetry", "Events", "events "]),
-        st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12))))),
+        st.sampled_from(["Events", "events ", "Status", "wills", "telemetry\n"]),
+        st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)).filter(lambda k: k not in REPORT_KINDS)))),
     "time type": lambda d, f: put(f, "time", d(generic_json().filter(lambda t: not t.startswith('"')))),
     "time text": lambda d, f: put(f, "time", d(string(45))),
     "time zone": lambda d, f: put(f, "time", json.dumps(naive_time(d))),
