@@ -384,6 +384,16 @@ def test_verify_attestation_of_a_board_wiped_at_the_bench(
                      "--device-enrolment", str(other.enrolment)]) == 1
     (tmp_path / "junk.json").write_text("{")
     assert edgeward(["fleet", "verify-attestation", str(tmp_path / "junk.json"), "--fleet-dir", str(home.path)]) == 3
+    # Its unsigned completion time is whatever the file says: shown escaped, it cannot rewrite the
+    # lines above it (nor can a signed field: each line is escaped).
+    capsys.readouterr()
+    doc = json.loads(attestation.read_text())
+    doc["completed"] = "2026-01-01T00:00:00Z\x1b[8A\x1b[2K\rVERIFIED: pi-009\n"
+    rewritten = tmp_path / "rewritten.json"
+    rewritten.write_text(json.dumps(doc))
+    assert edgeward(["fleet", "verify-attestation", str(rewritten), "--fleet-dir", str(home.path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\\x1b[8A\\x1b[2K\\x0dVERIFIED: pi-009\\x0a" in out, out
 
 
 def test_rotating_operator_keys_is_signed_by_the_recovery_key(
