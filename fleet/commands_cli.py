@@ -414,7 +414,7 @@ def cmd_import_result(args: argparse.Namespace) -> int:
                  f"{d['command_state']}" + _effects_text(d["effects"]) for d in recorded]
         lines += [f"REFUSED result {d['sha256'][:16]}: {d['why']}" for d in refused]
         lines += [f"MALFORMED result {d['sha256'][:16]}: {d['why']}" for d in malformed]
-        _print(args, doc, "\n".join(lines))
+        _print(args, doc, "\n".join(printable(line) for line in lines))  # a board's detail, escaped
     finally:
         ledger.close()
     if refused:

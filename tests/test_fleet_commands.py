@@ -290,6 +290,15 @@ def test_a_queue_file_is_obeyed_by_the_board_and_its_result_imported(
     (tmp_path / "junk.bin").write_bytes(b"not a result")
     assert edgeward(["fleet", "import-result", str(tmp_path / "junk.bin"), "--fleet-dir", str(home.path)]) == 3
     assert ledger_rows(home, "pi-001")[0]["state"] == "applied"
+    # A result's detail is whatever the board signed: shown escaped, it cannot rewrite the terminal.
+    capsys.readouterr()
+    detail = "ok\x1b[1A\x1b[2K\rpi-001 #1 retire: applied\nforged"
+    r = Result("pi-001", 1, "retire", row["sha256"], "applied", detail, utcnow(), {})
+    (tmp_path / "hostile.bin").write_bytes(encode_result(r, board.agent().store.unlock(board.keys).signer()))
+    edgeward(["fleet", "import-result", str(tmp_path / "hostile.bin"), "--fleet-dir", str(home.path)])
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out
+    assert "ok\\x1b[1A\\x1b[2K\\x0dpi-001 #1 retire: applied\\x0aforged" in out, out
 
 
 def test_cancel_and_decommission_from_files_then_status_shows_the_wiped_board(
