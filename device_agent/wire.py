@@ -21,6 +21,24 @@ FPR_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 MAX_VERSION = 2**53  # the JSON integer range every reader holds exactly: part of every format
 
 
+# Characters a terminal acts on or that change how a line reads: C0 controls (ESC, CR, LF, BS...),
+# DEL, C1 controls (a one-character CSI), the line and paragraph separators, the bidirectional
+# overrides and isolates, and lone surrogates (they cannot be written as UTF-8).
+_UNPRINTABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def printable(value: object) -> str:
+    """``value`` as text safe to print on one terminal line: every control or reordering
+    character is shown as its escape (``\\x1b``, ``\\u202e``), so a string a board, a bundle or a
+    file name supplied can neither move the cursor, rewrite earlier lines nor start a new one."""
+    return _UNPRINTABLE_RE.sub(_escape, str(value))
+
+
 # --- time -----------------------------------------------------------------------------------------
 
 

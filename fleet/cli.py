@@ -18,7 +18,7 @@ from typing import Any
 from cryptography import x509
 
 from device_agent.errors import UsageError
-from device_agent.wire import format_time
+from device_agent.wire import format_time, printable
 
 from .ca import FleetHome, default_fleet_dir
 from .views import STALE_AFTER_S, device_views, parse_since
@@ -33,8 +33,9 @@ def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
 
 
 def table(heads: list[str], rows: list[list[Any]]) -> str:
-    """A plain aligned text table ('-' for missing values)."""
-    cells = [[("-" if v is None or v == "" else str(v)) for v in r] for r in rows]
+    """A plain aligned text table ('-' for missing values); a cell shows every control character
+    escaped (most cells hold what a board or a message supplied)."""
+    cells = [[("-" if v is None or v == "" else printable(v)) for v in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(heads)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
@@ -332,7 +333,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if w.get("command_seq") is not None
                 else "at the board"
             )
-            text += f"\n{v['device_id']}: wiped {how}, started {w['started']}; attestation verified"
+            text += "\n" + printable(f"{v['device_id']}: wiped {how}, started {w['started']}; attestation verified")
     if rollouts:
         text += "\n" + "\n".join(rollout.text_view(rollouts))
     _print(args, {"now": format_time(now), "devices": views, "rollouts": rollouts}, text)

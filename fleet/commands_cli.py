@@ -24,7 +24,7 @@ from device_agent.errors import EdgeWardError, FormatError, SecurityRefusal, Usa
 from device_agent.store.datadir import utcnow
 from device_agent.store.fsutil import atomic_write
 from device_agent.telemetry.report import command_topic
-from device_agent.wire import ID_RE, format_time, loads_json
+from device_agent.wire import ID_RE, format_time, loads_json, printable
 
 from .ca import FleetHome
 from .commands import (
@@ -414,7 +414,7 @@ def cmd_import_result(args: argparse.Namespace) -> int:
                  f"{d['command_state']}" + _effects_text(d["effects"]) for d in recorded]
         lines += [f"REFUSED result {d['sha256'][:16]}: {d['why']}" for d in refused]
         lines += [f"MALFORMED result {d['sha256'][:16]}: {d['why']}" for d in malformed]
-        _print(args, doc, "\n".join(lines))
+        _print(args, doc, "\n".join(printable(line) for line in lines))  # a board's detail, escaped
     finally:
         ledger.close()
     if refused:
@@ -511,7 +511,7 @@ def cmd_verify_attestation(args: argparse.Namespace) -> int:
     how = (f"by command #{by['command_seq']} ({str(by.get('command_sha256'))[:16]}) from operator "
            f"{str(by.get('operator'))[:23]}" if "command_seq" in by else "at the board (edgeward-agent wipe)")
     destroyed = [str(b) for b in out["bundles_destroyed"] or []]
-    text = "\n".join([
+    text = "\n".join(printable(line) for line in [  # what the board wrote, escaped
         f"VERIFIED: {device}'s wipe attestation is signed by its enrolled identity key "
         f"{enrolment.sign_fingerprint[:23]}",
         f"  wiped {how}",

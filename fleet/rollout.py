@@ -41,7 +41,17 @@ from urllib.parse import quote
 from device_agent.commands.format import https_url, update_args
 from device_agent.config import DEFAULT_CONFIG
 from device_agent.errors import FormatError, IntegrityError, UsageError
-from device_agent.wire import HEX64_RE, ID_RE, format_time, int_field, loads_json, obj_fields, parse_time, str_field
+from device_agent.wire import (
+    HEX64_RE,
+    ID_RE,
+    format_time,
+    int_field,
+    loads_json,
+    obj_fields,
+    parse_time,
+    printable,
+    str_field,
+)
 
 REPORT = "report.json"
 REPORT_SCHEMA = "edgeward.pack-report/1"
@@ -425,6 +435,8 @@ TEXT_BOARDS = 50  # boards listed per rollout in text; --json lists every one
 
 
 def text_view(rollouts: list[dict[str, Any]]) -> list[str]:
+    """``fleet status``'s lines for the rollouts; every line is passed through :func:`printable`
+    (a board's result detail is whatever the board wrote: it must not rewrite the lines above it)."""
     lines = []
     for r in rollouts:
         lines.append(f"rollout {r['release_id']} ({r['model_id']} v{r['model_version']}): {r['state']}, stage "
@@ -436,7 +448,7 @@ def text_view(rollouts: list[dict[str, Any]]) -> list[str]:
         for b in shown[:TEXT_BOARDS]:
             lines.append(f"  {b['position']:>4} {b['device_id']:<24} stage {b['stage']}  {b['state']:<9}"
                          + (f" #{b['seq']}" if b["seq"] is not None else "")
-                         + (f"  {str(b['detail'])[:100]}" if b["detail"] else ""))
+                         + (f"  {printable(b['detail'])[:100]}" if b["detail"] else ""))
         if len(shown) > TEXT_BOARDS:
             lines.append(f"  ... and {len(shown) - TEXT_BOARDS} more boards ('fleet status --json' lists every one)")
-    return lines
+    return [printable(line) for line in lines]

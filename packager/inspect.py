@@ -13,9 +13,11 @@ verified; without ``--publisher-pub`` the fields are shown as UNVERIFIED.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,8 +28,9 @@ from device_agent.bundle.format import HEADER_BYTES, read_header, verify_head
 from device_agent.bundle.reading import BundleFile, open_bundle, open_payload, open_release, read_envelope
 from device_agent.config import DEFAULT_LIMITS, BundleLimits
 from device_agent.crypto import SIGNATURE_BYTES
-from device_agent.errors import EdgeWardError, FormatError, IntegrityError, UsageError
-from device_agent.wire import loads_json
+from device_agent.errors import EdgeWardError, EnvironmentFault, FormatError, IntegrityError, UsageError
+from device_agent.store.fsutil import read_bounded
+from device_agent.wire import loads_json, printable
 
 READ_STEP = 1 << 20  # ciphertext bytes hashed at a time
 MAX_INDEX_BYTES = 64 * 1024**2  # release.json of 100,000 devices is about 15 MB
@@ -178,20 +181,34 @@ def describe(
 
 
 def _envelopes(d: Path) -> Iterator[os.DirEntry[str]]:
-    """The entries of a release's ``envelopes/``, scanned as read, never listed whole."""
-    if not d.is_dir():
-        raise FormatError(f"{d} is missing: a shared release has envelopes/ next to payload.ewp")
+    """The entries of a release's ``envelopes/``, scanned as read, never listed whole. It must be a
+    directory itself, not a link to one: an upload that does not follow links would publish
+    something else than what was checked."""
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        st = None
+    if st is None or stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        what = "missing" if st is None else "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise FormatError(f"{d} is {what}: a shared release has the directory envelopes/ next to payload.ewp; "
+                          "pack the release again (or copy it without links)")
     with os.scandir(d) as entries:
         yield from entries
 
 
 def _read_index(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
+    """``release.json``, if there is one: a regular file (not a link, a FIFO or a device) read
+    whole only once it is known to be at most :data:`MAX_INDEX_BYTES`."""
+    try:
+        data = read_bounded(path, MAX_INDEX_BYTES, follow_symlinks=False)
+    except FileNotFoundError:
         return None
-    size = path.stat().st_size
-    if size > MAX_INDEX_BYTES:
-        raise FormatError(f"{path} is {size} bytes, over {MAX_INDEX_BYTES}")
-    doc = loads_json(path.read_bytes(), str(path))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FormatError(f"{path} is a symbolic link: a release directory holds its own release.json; "
+                              "pack the release again (or copy it without links)") from e
+        raise EnvironmentFault(f"cannot read {path}: {e.strerror}") from e
+    doc = loads_json(data, str(path))
     if not isinstance(doc, dict) or not isinstance(doc.get("devices"), dict) or not isinstance(doc.get("payload"),
                                                                                                 dict):
         raise FormatError(f"{path} is not an EdgeWard release index")
@@ -241,7 +258,7 @@ def check_release(d: Path, publishers: list[bytes], limits: BundleLimits = DEFAU
             seen = bytearray((rel.devices + 7) // 8)
             count = 0
             for entry in _envelopes(d / "envelopes"):
-                where = f"envelopes/{entry.name}"
+                where = f"envelopes/{printable(entry.name)}"  # a name may hold any byte but '/'
                 if not entry.name.endswith(".ewe") or not entry.is_file(follow_symlinks=False):
                     raise FormatError(f"{where} is not a device's envelope: a release directory holds only .ewe files")
                 data = read_envelope(entry.path, limits)
@@ -283,7 +300,7 @@ def text(doc: dict[str, Any]) -> str:
         False: f"REFUSED: {doc.get('error')}",
         None: "UNVERIFIED (pass --publisher-pub)",
     }[doc["verified"]]
-    lines = [f"{doc['file']}: {state}"]
+    lines = [f"{doc['file']}: {state}"]  # every line escaped: unverified fields are anyone's text
     for k in ("kind", "payload", "format_version", "publisher_key_id", "file_bytes", "envelopes"):
         if doc.get(k) is not None:
             lines.append(f"  {k:<17} {doc[k]}")
@@ -291,4 +308,4 @@ def text(doc: dict[str, Any]) -> str:
         if k == "sealed_key":
             v = f"<{len(str(v))} base64 chars>"
         lines.append(f"  {k:<17} {v}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)

@@ -290,6 +290,15 @@ def test_a_queue_file_is_obeyed_by_the_board_and_its_result_imported(
     (tmp_path / "junk.bin").write_bytes(b"not a result")
     assert edgeward(["fleet", "import-result", str(tmp_path / "junk.bin"), "--fleet-dir", str(home.path)]) == 3
     assert ledger_rows(home, "pi-001")[0]["state"] == "applied"
+    # A result's detail is whatever the board signed: shown escaped, it cannot rewrite the terminal.
+    capsys.readouterr()
+    detail = "ok\x1b[1A\x1b[2K\rpi-001 #1 retire: applied\nforged"
+    r = Result("pi-001", 1, "retire", row["sha256"], "applied", detail, utcnow(), {})
+    (tmp_path / "hostile.bin").write_bytes(encode_result(r, board.agent().store.unlock(board.keys).signer()))
+    edgeward(["fleet", "import-result", str(tmp_path / "hostile.bin"), "--fleet-dir", str(home.path)])
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out
+    assert "ok\\x1b[1A\\x1b[2K\\x0dpi-001 #1 retire: applied\\x0aforged" in out, out
 
 
 def test_cancel_and_decommission_from_files_then_status_shows_the_wiped_board(
@@ -384,6 +393,16 @@ def test_verify_attestation_of_a_board_wiped_at_the_bench(
                      "--device-enrolment", str(other.enrolment)]) == 1
     (tmp_path / "junk.json").write_text("{")
     assert edgeward(["fleet", "verify-attestation", str(tmp_path / "junk.json"), "--fleet-dir", str(home.path)]) == 3
+    # Its unsigned completion time is whatever the file says: shown escaped, it cannot rewrite the
+    # lines above it (nor can a signed field: each line is escaped).
+    capsys.readouterr()
+    doc = json.loads(attestation.read_text())
+    doc["completed"] = "2026-01-01T00:00:00Z\x1b[8A\x1b[2K\rVERIFIED: pi-009\n"
+    rewritten = tmp_path / "rewritten.json"
+    rewritten.write_text(json.dumps(doc))
+    assert edgeward(["fleet", "verify-attestation", str(rewritten), "--fleet-dir", str(home.path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\\x1b[8A\\x1b[2K\\x0dVERIFIED: pi-009\\x0a" in out, out
 
 
 def test_rotating_operator_keys_is_signed_by_the_recovery_key(

@@ -25,7 +25,7 @@ from device_agent.commands.format import (
 )
 from device_agent.errors import EdgeWardError, FormatError
 from device_agent.trust import sealed
-from device_agent.wire import HEX32_RE, ID_RE, parse_time, str_field
+from device_agent.wire import HEX32_RE, ID_RE, parse_time, printable, str_field
 
 KEY = Ed25519PrivateKey.generate()
 PUB = crypto.ed25519_public_raw(KEY)
@@ -49,6 +49,19 @@ def test_times_out_of_range_are_a_format_error(text: str) -> None:
 def test_parse_time_never_raises_anything_else(text: str) -> None:
     with contextlib.suppress(FormatError):
         parse_time(text, "time")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=80))
+def test_any_string_prints_as_one_line_that_moves_no_cursor(text: str) -> None:
+    """What the fleet and inspect text views print of a string they did not write: no C0, DEL, C1
+    or reordering character survives, it encodes as UTF-8, and plain text is left as it is."""
+    shown = printable(text)
+    shown.encode("utf-8")  # no lone surrogate left
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029\u202a\u202b\u202c\u202d"
+                   "\u202e\u2066\u2067\u2068\u2069" for c in shown), repr(shown)
+    if text.isprintable():  # the reordering characters are format characters: not printable
+        assert shown == text
 
 
 def _signed_command() -> bytes:

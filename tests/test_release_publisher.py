@@ -235,3 +235,62 @@ def test_inspect_text_and_json_show_the_same_fields_for_every_format(digits, mak
     code, doc, text = _inspect(capsys, str(tmp_path / "v1" / "pi-001.ewb"), *pub)
     assert code == 0 and doc["format_version"] == 1 and {"bundle_id", "sealed_key"} <= set(doc["manifest"])
     _text_shows_every_field(doc, text)
+
+
+def test_a_release_check_reads_only_what_the_release_directory_itself_holds(
+    digits, make_board, publisher, tmp_path, capsys
+) -> None:
+    """`release.json` is read bounded, and only as a regular file of the directory: a FIFO, a link
+    to /dev/zero or to another file is refused at once (exit 3), not waited on or read whole;
+    `envelopes/` must be a directory, not a link to one (an upload that does not follow links
+    would publish something else); a file name with control characters is named escaped."""
+    import os
+    import shutil
+
+    boards = [make_board(f"pi-00{i}") for i in range(2)]
+    clean = tmp_path / "clean"
+    assert _pack(digits, boards, publisher, clean, "shared", capsys)[0] == 0
+    pub = ["--publisher-pub", str(publisher / "publisher.pub")]
+
+    def broken(name: str) -> Path:
+        d = tmp_path / name
+        shutil.copytree(clean, d)
+        return d
+
+    d = broken("fifo")
+    (d / "release.json").unlink()
+    os.mkfifo(d / "release.json")  # no writer: reading it would wait for ever
+    code, doc, _ = _inspect(capsys, str(d), *pub)
+    assert code == 3 and "release.json is not a regular file" in doc["error"], doc
+
+    d = broken("zero")
+    (d / "release.json").unlink()
+    (d / "release.json").symlink_to("/dev/zero")  # followed, it would be read until memory ran out
+    code, doc, _ = _inspect(capsys, str(d), *pub)
+    assert code == 3 and "release.json is a symbolic link" in doc["error"], doc
+
+    d = broken("linked-index")
+    (d / "release.json").rename(tmp_path / "elsewhere.json")
+    (d / "release.json").symlink_to(tmp_path / "elsewhere.json")
+    code, doc, _ = _inspect(capsys, str(d), *pub)
+    assert code == 3 and "release.json is a symbolic link" in doc["error"], doc
+
+    d = broken("linked-envelopes")
+    (d / "envelopes").rename(tmp_path / "other-envelopes")
+    (d / "envelopes").symlink_to(tmp_path / "other-envelopes")
+    code, doc, _ = _inspect(capsys, str(d), *pub)
+    assert code == 3 and "envelopes is a symbolic link" in doc["error"], doc
+
+    d = broken("hostile-name")
+    hostile = "pi-000.ewe\x1b[1A\x1b[2K\rVERIFIED\n"
+    shutil.copy(d / "envelopes" / "pi-000.ewe", d / "envelopes" / hostile)
+    capsys.readouterr()
+    assert host_main(["inspect", str(d), *pub]) == 3
+    out, err = capsys.readouterr()
+    for stream in (out, err):
+        assert "\x1b" not in stream and "\r" not in stream, stream
+    first, *rest = out.splitlines()  # the verdict on one line, then the fields, each indented
+    assert first.startswith(f"{d}: REFUSED: envelopes/pi-000.ewe\\x1b[1A\\x1b[2K\\x0dVERIFIED\\x0a is not a "
+                            "device's envelope"), out
+    assert rest and all(ln.startswith("  ") for ln in rest), out
+    assert _inspect(capsys, str(clean), *pub)[0] == 0  # the clean release still passes

@@ -420,3 +420,54 @@ def test_a_finished_rollout_says_done_once() -> None:
             "state": "done", "detail": rollout.done_detail({"updated": 2}), "summary": "2 updated", "devices": []}
     [line] = rollout.text_view([done])
     assert line.endswith("done, stage 1/1 of 100%; every stage complete: 2 updated") and line.count("updated") == 1
+
+
+HOSTILE = "ok\x1b[1A\x1b[2K\rrollout r2 (digits v2): done\nforged line\x9b2J\u202eevil\ud800"
+
+
+def test_fleet_status_and_events_show_what_a_board_wrote_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A compromised board's signed strings (a result detail, an event kind, its state and model
+    ids) cannot move the cursor, rewrite or add lines of `fleet status` / `fleet events`: every
+    control character is shown as its escape in text; JSON keeps the string itself."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from device_agent.crypto import ed25519_public_raw
+    from device_agent.telemetry.report import Report, encode_report
+    from fleet.monitor import ingest
+    from fleet.store import MonitorStore
+
+    home = tmp_path / "fleet-home"
+    home.mkdir()
+    key = Ed25519PrivateKey.generate()
+    store = MonitorStore(home / "monitor.db")
+    reports = [Report("pi-1", 1, "status", T0, {"state": "on\x1b[2Kline", "models": [
+                   {"model_id": "digits\x1b]0;pwned\x07", "version": "2\r"}]}),
+               Report("pi-1", 2, "events", T0, {"event": {"kind": "ood\x1b[31m\nforged", "severity": "info\r"}})]
+    assert ingest(store, {"pi-1": ed25519_public_raw(key)},
+                  [(r.topic, encode_report(r, key)) for r in reports], 8)["accepted"] == 2
+    r = _rollout([100]) | {"model_id": "digits", "model_version": 2, "base_url": "https://h/", "created": "t",
+                           "updated": "t", "state": "halted", "detail": "stopped at stage 1: 1 board(s) failed"}
+    boards = [{"device_id": "pi-1", "position": 1, "stage": 0, "url": "https://h/pi-1.ewb", "length": 5,
+               "sha256": "0" * 64, "state": "waiting"}]
+    assert store.create_rollout(r, boards)
+    store.rollout_issued("r", "pi-1", 7, "1" * 64, T0)
+    assert store.rollout_answered("r", "pi-1", 7, "failed", HOSTILE, T0)
+    store.close()
+
+    for argv in (["status"], ["events"]):
+        assert edgeward(["fleet", *argv, "--fleet-dir", str(home)]) == 0
+        out = capsys.readouterr().out
+        for c in ("\x1b", "\r", "\x9b", "\x07", "\u202e", "\ud800"):
+            assert c not in out, (argv, out)
+        assert not any(line.startswith(("rollout r2", "forged")) for line in out.splitlines()), out
+        if argv == ["status"]:
+            assert "ok\\x1b[1A\\x1b[2K\\x0drollout r2 (digits v2): done\\x0aforged line\\x9b2J\\u202eevil" in out
+            assert "on\\x1b[2Kline" in out and "digits\\x1b]0;pwned\\x07 v2\\x0d" in out
+            assert out.count("\nrollout r (digits v2): halted") == 1  # the rollout's own line, once
+        else:
+            assert "ood\\x1b[31m\\x0aforged" in out
+    assert edgeward(["fleet", "status", "--fleet-dir", str(home), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["rollouts"][0]["devices"][0]["detail"] == HOSTILE.replace("\ud800", "\\ud800")

@@ -78,12 +78,14 @@ def read_into_bytearray(path: Path, limit: int) -> bytearray:
     return buf
 
 
-def read_bounded(path: Path, limit: int) -> bytes:
+def read_bounded(path: Path, limit: int, follow_symlinks: bool = True) -> bytes:
     """Read a small file whole, refusing anything that is not a regular file or is over ``limit``
-    bytes before a byte of it is read (a FIFO does not block: it is opened non-blocking)."""
+    bytes before a byte of it is read (a FIFO does not block: it is opened non-blocking). With
+    ``follow_symlinks=False`` a symbolic link in ``path``'s place is refused too (``OSError``
+    ``ELOOP``), whatever it points to."""
     from device_agent.errors import FormatError
 
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
