@@ -10,14 +10,15 @@ does the I/O, outside the data-dir lock so that the model keeps serving while th
    signature, target device, anti-rollback, expiry, trial load); the bundle must also be the
    model and version the command names. A refused install changes nothing: the previous model
    keeps serving;
-4. remove the staging file, then consume the command's sequence number and send the signed
-   result: ``applied`` with what was installed, or ``refused`` with the reason.
+4. consume the command's sequence number and send the signed result: ``applied`` with what was
+   installed (under the data-dir lock of the install's commit, so that nothing comes between
+   them), or ``refused`` with the reason; the staging files are removed either way.
 
 ``serve`` runs these steps in one worker thread (:class:`Updater`): one update at a time, and
 the telemetry loop never waits on a download. An update in a later delivery waits for the one in
 hand (sequence order), and so do the commands after it, except the ones that end it: a cancel
-naming it, a decommission or a retire (:func:`device_agent.commands.run.apply` decides them at
-once and aborts the download).
+naming it, a decommission or a retire of its model (:func:`device_agent.commands.run.apply`
+decides them at once and aborts the download).
 
 An update is carried out only while it is still live: its number not consumed (by a cancel, an
 end-of-life command or another process) and the worker not aborted. That is checked after the

@@ -365,8 +365,9 @@ class DataDir:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as e:
                 os.close(fd)
-                raise StagingBusy(f"another over-the-air update is downloading into {path}; it is tried again "
-                                  "once that one has ended") from e
+                raise StagingBusy(f"another over-the-air update is downloading into {path}; this update is "
+                                  "tried again once that one has ended (serve: at the next delivery; a command "
+                                  "file: run it again)") from e
             except BaseException:
                 os.close(fd)
                 raise
