@@ -230,20 +230,23 @@ class Agent:
         return trusted_now(self._clock(), state.clock_floor)
 
     # --- install ---------------------------------------------------------------------------------
-    def install_file(self, path: str | Path, expect: Callable[[Manifest], None] | None = None) -> Manifest:
+    def install_file(self, path: str | Path, expect: Callable[[Manifest], None] | None = None,
+                     on_commit: Callable[[Manifest], None] | None = None) -> Manifest:
         """Install the bundle at ``path``, read in bounded steps (device_agent.bundle.reading):
         the header is checked before the device keys are unlocked, the signature and the file's
         length before a byte of the payload is read, and the payload is read once, into the
         buffer it is decrypted in. ``expect`` may refuse the verified manifest (an update checks
         it is the model and version it names, and that it is still to be carried out) before the
-        payload is read, and again under the data-dir lock before anything is stored."""
+        payload is read, and again under the data-dir lock before anything is stored; ``on_commit``
+        runs under that same lock once the install is committed (an update answers there)."""
         with reading.open_bundle(path, self.limits) as f:
             publishers = self.trust_anchors().publishers
             data, vb = f.verify(list(publishers), self.limits, self._prechecks(expect))
-        return self._install(data, vb, expect)
+        return self._install(data, vb, expect, on_commit)
 
     def install_release(self, envelope: bytes | bytearray | str | Path, payload: str | Path,
-                        expect: Callable[[Manifest], None] | None = None) -> Manifest:
+                        expect: Callable[[Manifest], None] | None = None,
+                        on_commit: Callable[[Manifest], None] | None = None) -> Manifest:
         """Install a version 2 release: this board's ``envelope`` (bytes or a ``.ewe`` path) and the
         release's shared ``payload`` file. The envelope and the payload's signed head are verified,
         the inclusion proof checked and the board's trust decisions run before a byte of the
@@ -252,7 +255,7 @@ class Agent:
         with reading.open_release(envelope, payload, self.limits) as f:
             publishers = self.trust_anchors().publishers
             data, vb = f.verify(list(publishers), self.limits, self._prechecks(expect))
-        return self._install(data, vb, expect)
+        return self._install(data, vb, expect, on_commit)
 
     def _prechecks(self, expect: Callable[[Manifest], None] | None) -> Callable[[Manifest], None]:
         """``expect`` (an update checks the bundle is the model and version it names), then
@@ -284,10 +287,13 @@ class Agent:
         return self._install(data, verify_bundle(data, list(publishers), self.limits))
 
     def _install(self, data: bytes | bytearray, vb: VerifiedBundle,
-                 expect: Callable[[Manifest], None] | None = None) -> Manifest:
+                 expect: Callable[[Manifest], None] | None = None,
+                 on_commit: Callable[[Manifest], None] | None = None) -> Manifest:
         """Everything after the signature and length checks: target, time, anti-rollback,
         payload, trial load, then the bundle and the state are stored. ``expect`` runs again
-        under the data-dir lock, where nothing else can change the state before the commit."""
+        under the data-dir lock, where nothing else can change the state before the commit;
+        ``on_commit`` runs under the same lock right after it, so that nothing (a cancel, another
+        process) comes between an update's install and its answer."""
         key = self._key()
         m = vb.manifest
         identity = self.store.identity()
@@ -316,6 +322,8 @@ class Agent:
                 self.store.collect_garbage(decision.state)
             self._supersede_learning(m, sidecar)
             self._loaded[m.model_id] = LoadedModel(m, sidecar, runner)
+            if on_commit is not None:
+                on_commit(m)  # the install stays committed whatever this does
         return m
 
     def _open(self, vb: VerifiedBundle, *, in_place: bool, check_digest: bool, first: bool = False) -> Contents:

@@ -354,8 +354,10 @@ def test_an_end_of_life_command_is_not_held_back_by_a_dripping_download(
     ender = ota.operator.sign(kind, DEVICE, 2, now, **({"model_id": "digits"} if kind == "retire" else {}))
     agent.apply_commands(encode_queue([upd, ender]), _collect(ota, results))
     # Decided at once, with the download still dripping (600 s of deadline left, bytes 0.5 s apart).
-    assert [(r.seq, r.kind, r.outcome) for r in results] == [(1, "update", "refused"), (2, kind, "applied")]
-    assert "abandoned, nothing installed" in results[0].detail and f"#2 ({kind})" in results[0].detail
+    # Cancelled, not refused: the operator ended it, the board did not fail it (a rollout does not
+    # count it among its failures).
+    assert [(r.seq, r.kind, r.outcome) for r in results] == [(1, "update", "cancelled"), (2, kind, "applied")]
+    assert "cancelled, nothing installed" in results[0].detail and f"#2 ({kind})" in results[0].detail
     assert files.dripped.get(f"{DEVICE}.ewb", 0) < length // 2
     assert agent.updater.idle.wait(60), "the aborted download did not stop"
     assert len(results) == 2  # the abandoned update answers nothing more
@@ -457,6 +459,162 @@ def test_a_download_in_progress_keeps_its_staging_file_when_another_agent_starts
     assert agent.updater.idle.wait(60)  # the stalled download ends at its deadline
     assert [(r.seq, r.outcome) for r in results] == [(1, "refused")] and "did not finish" in results[0].detail
     assert not staging.exists() and ota.serving() == 1
+
+
+def test_a_cancel_arriving_just_after_the_install_committed_finds_the_update_carried_out(
+    ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from device_agent import agent as agent_mod
+
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    agent, results = _worker_board(ota, update_deadline_s=60.0, update_read_s=20.0)
+    now = datetime.now(UTC).replace(microsecond=0)
+    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
+                            bundle={"url": url, "length": length, "sha256": sha})
+    cancel = ota.operator.sign("cancel", DEVICE, 2, now, seq=1)
+    real = agent_mod.Agent._install
+
+    def then_cancel(self: Agent, *a: Any, **k: Any) -> Any:
+        out = real(self, *a, **k)
+        # The fleet's queue, with the cancel behind the update, arrives the moment the install's
+        # commit releases the data-dir lock.
+        self.apply_commands(encode_queue([upd, cancel]), _collect(ota, results))
+        return out
+
+    monkeypatch.setattr(agent_mod.Agent, "_install", then_cancel)
+    agent.apply_commands(encode_queue([upd]), _collect(ota, results))
+    assert agent.updater.idle.wait(60)
+    # The signed results tell the truth: the update was installed, the cancel came too late.
+    assert [(r.seq, r.kind, r.outcome) for r in results] == [(1, "update", "applied"), (2, "cancel", "refused")]
+    assert "already carried out" in results[1].detail
+    assert ota.serving() == 2 and agent.state().command_seq == 1
+
+
+@pytest.mark.parametrize("how", ["wipe-during-download", "decommission-during-verify"])
+def test_a_board_wiped_while_an_update_is_in_hand_keeps_nothing_but_the_attestation(
+    how: str, ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from device_agent import agent as agent_mod
+
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    agent, results = _worker_board(ota, update_deadline_s=60.0, update_read_s=20.0)
+    now = datetime.now(UTC).replace(microsecond=0)
+    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
+                            bundle={"url": url, "length": length, "sha256": sha})
+    if how == "wipe-during-download":
+        files.behaviours[f"{DEVICE}.ewb"] = "slow-start"
+    else:
+        real = agent_mod.Agent._install
+        dec = ota.operator.sign("decommission", DEVICE, 2, now)
+
+        def decommission_first(self: Agent, *a: Any, **k: Any) -> Any:
+            # The payload verified; a decommission arrives before the install takes the lock.
+            self.apply_commands(encode_queue([upd, dec]), _collect(ota, results))
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(agent_mod.Agent, "_install", decommission_first)
+    agent.apply_commands(encode_queue([upd]), _collect(ota, results))
+    if how == "wipe-during-download":
+        while not files.requests:
+            time.sleep(0.05)
+        ota.agent().wipe()  # ``edgeward-agent wipe`` from another process
+    assert agent.updater.idle.wait(60)
+    assert sorted(p.name for p in ota.board.data_dir.iterdir()) == ["wipe-attestation.json"]
+    assert all(r.outcome != "refused" for r in results)
+    assert not [r for r in caplog.records if r.levelno >= 30], "the worker reported the wipe as a failure"
+
+
+def test_a_retire_of_another_model_waits_for_the_update_and_does_not_end_it(
+    ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+) -> None:
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    files.behaviours[f"{DEVICE}.ewb"] = "slow-start"
+    agent, results = _worker_board(ota, update_deadline_s=60.0, update_read_s=20.0)
+    now = datetime.now(UTC).replace(microsecond=0)
+    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
+                            bundle={"url": url, "length": length, "sha256": sha})
+    ret = ota.operator.sign("retire", DEVICE, 2, now, model_id="some-other-model")
+    agent.apply_commands(encode_queue([upd, ret]), _collect(ota, results))
+    assert agent.updater.idle.wait(60)
+    assert [(r.seq, r.kind, r.outcome) for r in results] == [(1, "update", "applied"), (2, "retire", "applied")]
+    assert ota.serving() == 2 and agent.state().command_seq == 2
+
+
+def test_staging_files_held_elsewhere_leave_the_update_to_a_later_delivery(
+    ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+) -> None:
+    import fcntl
+
+    from device_agent.errors import UsageError
+
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    staging = ota.board.data_dir / layout.UPDATE_STAGING
+    fd = os.open(staging, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another update holds the staging file
+        with pytest.raises(UsageError, match="tried again"):
+            ota.update(url, length, sha)
+        assert ota.agent().state().command_seq == 0  # the number is not consumed: nothing was decided
+    finally:
+        os.close(fd)
+    ota.seq = 0
+    assert ota.update(url, length, sha).outcome == "applied" and ota.serving() == 2
+
+
+def test_removing_stale_staging_files_never_makes_a_live_update_fail(ota: OtaBoard, tmp_path: Path) -> None:
+    # Every agent that starts (``edgeward-agent status`` while ``serve`` downloads) removes stale
+    # staging files; its brief lock on one must never look like another update in progress.
+    stop = tmp_path / "stop"
+    script = textwrap.dedent(f"""
+        import os
+        from device_agent.store.datadir import DataDir
+        d = DataDir({str(ota.board.data_dir)!r})
+        passes = 0
+        while not os.path.exists({str(stop)!r}):
+            open(d.layout.path("update.part"), "ab").close()
+            d.remove_stale_staging()
+            passes += 1
+            if passes == 1:
+                print("ready", flush=True)
+        print(passes)
+    """)
+    root = str(Path(__file__).resolve().parents[1])
+    p = subprocess.Popen([sys.executable, "-c", script], env=os.environ | {"PYTHONPATH": root},
+                         stdout=subprocess.PIPE, text=True)
+    agent = ota.agent()
+    failures = []
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for _ in range(1000):
+            try:
+                with agent.store.staging_held():
+                    pass
+            except Exception as e:
+                failures.append(e)
+    finally:
+        stop.touch()
+        out, _ = p.communicate()
+    assert int(out) > 1 and failures == []
+
+
+@pytest.mark.parametrize("entry", ["fifo", "empty-dir", "full-dir"])
+def test_an_odd_entry_at_the_staging_path_never_hangs_or_crashes_the_agent(ota: OtaBoard, entry: str) -> None:
+    from device_agent.errors import UsageError
+
+    staging = ota.board.data_dir / layout.UPDATE_STAGING
+    if entry == "fifo":
+        os.mkfifo(staging)
+    else:
+        staging.mkdir()
+        if entry == "full-dir":
+            (staging / "x").write_bytes(b"x")
+    if entry == "full-dir":
+        with pytest.raises(UsageError, match="is a directory.*move it out"):
+            ota.agent()
+        assert staging.is_dir()
+    else:
+        assert ota.agent().status() and not os.path.lexists(staging)
 
 
 # --- the arguments, strictly ---------------------------------------------------------------------

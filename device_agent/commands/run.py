@@ -116,16 +116,18 @@ def apply(agent: Agent, payload: bytes, on_result: OnResult | None = None) -> li
                     deferred = sg  # the commands after it wait for it (sequence order)
                     break
                 # An end-of-life command follows: it is not held back by a download. The update
-                # is refused (and stopped if it is downloading); its number stays unconsumed.
+                # is cancelled (and stopped if it is downloading): the operator ended it, the
+                # board did not fail it (a rollout does not count it as a failure).
                 if agent.updater is not None:
                     agent.updater.abort([cmd.seq])
-                why = (f"update #{cmd.seq} abandoned, nothing installed: {ender} follows it and is carried out "
+                why = (f"update #{cmd.seq} cancelled, nothing installed: {ender} follows it and is carried out "
                        "without waiting for the download; issue the update again if it is still wanted")
-                agent.record_event("command", "warning", {"refused": cmd.describe(), "why": why, "sha256": sg.sha256})
-                results.append(_send(on_result, *_sign(agent, cmd, sg.sha256, "refused", why, {})))
+                agent.record_event("command", "warning", {"cancelled": cmd.describe(), "why": why,
+                                                          "sha256": sg.sha256})
+                results.append(_send(on_result, *_sign(agent, cmd, sg.sha256, "cancelled", why, {})))
                 continue
             results.append(_carry_out(agent, accepted, sg, key, on_result))
-        if agent.updater is not None and agent.updater.in_flight is not None:
+        if agent.updater is not None and agent.updater.in_flight is not None and agent.store.is_provisioned():
             # A number at or past the update downloading was consumed (a cancel, a retire, a later
             # command from a single delivery): it is no longer to be carried out.
             agent.updater.abort(range(agent.updater.in_flight, agent.state().command_seq + 1))
@@ -151,12 +153,15 @@ ENDS = ("decommission", "retire")  # commands an update in hand does not hold ba
 
 
 def _ended_by(agent: Agent, commands: list[Signed], update: Command, me: Identity, limits: Any) -> str | None:
-    """The first command after ``update`` in the delivery that ends it (a decommission, a
-    retire) and that the board would obey: one that passes every check a command must pass."""
+    """The first command after ``update`` in the delivery that ends it (a decommission, or a
+    retire of the model it updates) and that the board would obey: one that passes every check a
+    command must pass. A retire of another model waits for the update like any command."""
     state = agent.state()
     for sg in commands:
         c = sg.item
         if not (isinstance(c, Command) and c.kind in ENDS and c.seq > update.seq):
+            continue
+        if c.kind == "retire" and c.args["model_id"] != update.args["model_id"]:
             continue
         try:
             check_command(c, sg.signer, me, agent.trust_anchors(), state, agent._clock(), limits.future_skew_s)

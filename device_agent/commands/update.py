@@ -10,14 +10,15 @@ does the I/O, outside the data-dir lock so that the model keeps serving while th
    signature, target device, anti-rollback, expiry, trial load); the bundle must also be the
    model and version the command names. A refused install changes nothing: the previous model
    keeps serving;
-4. remove the staging file, then consume the command's sequence number and send the signed
-   result: ``applied`` with what was installed, or ``refused`` with the reason.
+4. consume the command's sequence number and send the signed result: ``applied`` with what was
+   installed (under the data-dir lock of the install's commit, so that nothing comes between
+   them), or ``refused`` with the reason; the staging files are removed either way.
 
 ``serve`` runs these steps in one worker thread (:class:`Updater`): one update at a time, and
 the telemetry loop never waits on a download. An update in a later delivery waits for the one in
 hand (sequence order), and so do the commands after it, except the ones that end it: a cancel
-naming it, a decommission or a retire (:func:`device_agent.commands.run.apply` decides them at
-once and aborts the download).
+naming it, a decommission or a retire of its model (:func:`device_agent.commands.run.apply`
+decides them at once and aborts the download).
 
 An update is carried out only while it is still live: its number not consumed (by a cancel, an
 end-of-life command or another process) and the worker not aborted. That is checked after the
@@ -39,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 from device_agent.commands.fetch import FetchAborted, FetchSettings, Target, fetch
 from device_agent.commands.format import Command, Signed
-from device_agent.errors import EdgeWardError, SecurityRefusal
+from device_agent.errors import EdgeWardError, SecurityRefusal, UsageError
 from device_agent.store import layout
+from device_agent.store.datadir import StagingBusy
 from device_agent.trust.decisions import advance_floor
 
 if TYPE_CHECKING:
@@ -58,14 +60,32 @@ def settings(agent: Agent) -> FetchSettings:
 
 
 class UpdateAbandoned(EdgeWardError):
-    """The update is no longer to be carried out: cancelled, its number consumed meanwhile, or
-    aborted for a command that ends it."""
+    """The update is no longer to be carried out: cancelled, its number consumed meanwhile,
+    aborted for a command that ends it, or the board wiped meanwhile."""
 
 
-def fetch_and_install(agent: Agent, cmd: Command,
-                      abort: threading.Event | None = None) -> tuple[str, str, dict[str, Any]]:
+class AnswerFailed(Exception):
+    """Answering an update failed after its install committed (the disk filled, say). Not an
+    :class:`EdgeWardError` on purpose: it must never be reported as a refusal. The number stays
+    unconsumed; the next delivery finds the model serving and answers ``applied``."""
+
+
+OnCommit = Callable[[str, dict[str, Any]], None]
+
+
+def record(agent: Agent, kind: str, severity: str, evidence: dict[str, Any]) -> None:
+    """Record an event unless the board was wiped: a wipe (another process, a decommission)
+    leaves only its attestation, never a new event store. Not to be called under the lock."""
+    with contextlib.suppress(UsageError), agent.store.locked():  # locked() refuses a wiped board
+        agent.record_event(kind, severity, evidence)
+
+
+def fetch_and_install(agent: Agent, cmd: Command, abort: threading.Event | None = None,
+                      on_commit: OnCommit | None = None) -> tuple[str, str, dict[str, Any]]:
     """Steps 1-4 but the last: (outcome, detail, effects) for the signed result; the outcome
-    ``abandoned`` when the update stopped being live (nothing was installed)."""
+    ``abandoned`` when the update stopped being live (nothing was installed). ``on_commit(detail,
+    effects)`` runs under the data-dir lock right after the install commits. Raises
+    :class:`UsageError` when another update holds the staging files (nothing consumed)."""
     args = cmd.args
     want = args["bundle"]
     staging = agent.store.layout.path(layout.UPDATE_STAGING)
@@ -76,29 +96,36 @@ def fetch_and_install(agent: Agent, cmd: Command,
     def live() -> None:
         if abort is not None and abort.is_set():
             raise UpdateAbandoned(f"update #{cmd.seq} was aborted: a command that ends it arrived meanwhile")
+        if not agent.store.is_provisioned():
+            raise UpdateAbandoned(f"update #{cmd.seq} abandoned: the board was wiped while it was in hand")
         if cmd.seq <= agent.state().command_seq:
             raise UpdateAbandoned(f"update #{cmd.seq} was cancelled or overtaken while it downloaded "
                                   "(its number is consumed)")
 
     try:
+        live()
         with agent.store.staging_held():
             try:
-                return _fetch_and_install(agent, cmd, live, abort, staging, payload_path, effects)
+                return _fetch_and_install(agent, cmd, live, abort, staging, payload_path, effects, on_commit)
             finally:
                 for path in (staging, payload_path):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
     except (UpdateAbandoned, FetchAborted) as e:
         return "abandoned", str(e), effects
+    except StagingBusy:
+        raise  # not this update's fault: it is tried again, its number unconsumed
     except EdgeWardError as e:
-        agent.record_event("update", "critical" if isinstance(e, SecurityRefusal) else "warning",
-                           {"refused": f"update #{cmd.seq}", "why": str(e)[:300], "url": want["url"][:200]})
+        if not agent.store.is_provisioned():  # wiped meanwhile: what failed is the board's absence
+            return "abandoned", f"update #{cmd.seq} abandoned: the board was wiped while it was in hand", effects
+        record(agent, "update", "critical" if isinstance(e, SecurityRefusal) else "warning",
+               {"refused": f"update #{cmd.seq}", "why": str(e)[:300], "url": want["url"][:200]})
         return "refused", f"update refused, the previous model keeps serving: {e}", effects
 
 
 def _fetch_and_install(agent: Agent, cmd: Command, live: Callable[[], None], abort: threading.Event | None,
-                       staging: Path, payload_path: Path,
-                       effects: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+                       staging: Path, payload_path: Path, effects: dict[str, Any],
+                       on_commit: OnCommit | None) -> tuple[str, str, dict[str, Any]]:
     args = cmd.args
     want, shared = args["bundle"], args.get("payload")
     for f in (want, shared):
@@ -126,53 +153,75 @@ def _fetch_and_install(agent: Agent, cmd: Command, live: Callable[[], None], abo
             )
         live()  # here before the payload is read, and under the data-dir lock before the commit
 
+    def installed(m: Manifest) -> str:
+        effects["bundle_id"] = m.bundle_id
+        return f"model {m.model_id} version {m.model_version} of release {args['release_id']} installed"
+
+    def committed(m: Manifest) -> None:  # under the data-dir lock, the install just committed
+        if on_commit is not None:
+            try:
+                on_commit(installed(m), effects)
+            except Exception as e:
+                raise AnswerFailed(f"update #{cmd.seq} was installed but could not be answered: {e}") from e
+
     live()
     if shared is not None:
-        m = agent.install_release(staging, payload_path, expect=expect)
+        m = agent.install_release(staging, payload_path, expect=expect, on_commit=committed)
     else:
-        m = agent.install_file(staging, expect=expect)
-    effects["bundle_id"] = m.bundle_id
-    detail = f"model {m.model_id} version {m.model_version} of release {args['release_id']} installed"
-    agent.record_event("update", "info", {"installed": detail, "url": want["url"][:200]})
+        m = agent.install_file(staging, expect=expect, on_commit=committed)
+    detail = installed(m)
+    record(agent, "update", "info", {"installed": detail, "url": want["url"][:200]})
     return "applied", detail, effects
 
 
 def finish(agent: Agent, sg: Signed, on_result: OnResult | None,
            abort: threading.Event | None = None) -> bytes | None:
-    """Fetch and install the accepted update ``sg``, then consume its number and answer. None
-    when it stopped being live meanwhile (cancelled, overtaken, aborted): then nothing was
-    installed, and the command that ended it has answered."""
+    """Fetch and install the accepted update ``sg``, consume its number and answer. None when it
+    stopped being live meanwhile (cancelled, overtaken, aborted, the board wiped): then nothing
+    was installed, and the command that ended it has answered.
+
+    An installed update consumes its number and signs ``applied`` in the critical section of the
+    install's commit: a cancel or another process that comes after finds it carried out (a
+    cancel is refused, "already carried out"), so the signed results always tell the truth."""
     from device_agent.commands.run import _send, _sign
 
     cmd = sg.item
     if not isinstance(cmd, Command):
         raise EdgeWardError(f"internal error: {type(cmd).__name__} is not an update")
-    outcome, detail, effects = fetch_and_install(agent, cmd, abort)
-    if outcome == "abandoned":
-        _log.info("%s", detail)
-        if agent.store.is_provisioned():  # a decommission may have ended it
-            agent.record_event("update", "info", {"abandoned": f"update #{cmd.seq}", "why": detail[:300],
-                                                  "sha256": sg.sha256})
-        return None
-    key = agent._key()
-    with agent._lock, agent.store.locked():
+    answered: list[bytes] = []
+
+    def consume(outcome: str, detail: str, effects: dict[str, Any]) -> bytes:
+        """Sign the result, hand it on, then save the number consumed (the caller holds the locks)."""
         state = agent.state()
-        if cmd.seq <= state.command_seq:
-            # Another process consumed the number between this install's commit and here.
-            if outcome == "applied":
-                agent.record_event("update", "warning", {
-                    "installed": detail, "sha256": sg.sha256,
-                    "note": f"update #{cmd.seq} was installed while another process consumed its number; "
-                            "status shows the model now serving",
-                })
-            return None
         after = advance_floor(replace(state, command_seq=cmd.seq), cmd.issued, agent.config.commands.beacon_hold_s)
         data, result = _sign(agent, cmd, sg.sha256, outcome, detail, effects)
         _send(on_result, data, result)
-        agent.store.save_state(after, key)
+        agent.store.save_state(after, agent._key())
         agent._state_cache = None
-    agent.record_event("command", "info" if outcome == "applied" else "warning",
-                       {"applied": cmd.describe(), "outcome": outcome, "sha256": sg.sha256})
+        return data
+
+    def on_commit(detail: str, effects: dict[str, Any]) -> None:
+        answered.append(consume("applied", detail, effects))
+
+    outcome, detail, effects = fetch_and_install(agent, cmd, abort, on_commit)
+    if outcome == "abandoned":
+        _log.info("%s", detail)
+        record(agent, "update", "info", {"abandoned": f"update #{cmd.seq}", "why": detail[:300], "sha256": sg.sha256})
+        return None
+    if outcome == "applied":
+        data = answered[0]
+    else:
+        try:
+            with agent._lock, agent.store.locked():
+                if cmd.seq <= agent.state().command_seq:
+                    return None  # another process consumed the number meanwhile: it has answered
+                data = consume(outcome, detail, effects)
+        except UsageError:
+            if agent.store.is_provisioned():
+                raise
+            return None  # wiped meanwhile: nothing is left to answer for
+    record(agent, "command", "info" if outcome == "applied" else "warning",
+           {"applied": cmd.describe(), "outcome": outcome, "sha256": sg.sha256})
     return data
 
 

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -337,35 +338,52 @@ class DataDir:
     def staging_held(self) -> Iterator[None]:
         """Hold the update staging files (``update.part``, ``update-payload.part``) for one update:
         a lock on each, so that :meth:`remove_stale_staging` in another process leaves them
-        alone. Raises :class:`UsageError` when another update holds them."""
-        fds = []
+        alone. They are taken under the data-dir lock, which the remover holds for its whole pass:
+        the remover's brief lock on a stale file never makes a live update fail. Raises
+        :class:`StagingBusy` when another update holds them."""
+        fds: list[int] = []
         try:
-            for name in (layout.UPDATE_STAGING, layout.UPDATE_PAYLOAD):
-                path = self.layout.path(name)
-                while True:
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError as e:
-                        os.close(fd)
-                        raise UsageError(f"another over-the-air update is downloading into {path}; try again "
-                                         "once it has ended") from e
-                    try:
-                        same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-                    except FileNotFoundError:
-                        same = False
-                    if same:
-                        break
-                    os.close(fd)  # removed by a start between the open and the lock: take the new one
-                fds.append(fd)
+            with self.locked():
+                for name in (layout.UPDATE_STAGING, layout.UPDATE_PAYLOAD):
+                    fds.append(self._hold_staging(self.layout.path(name)))
             yield
         finally:
             for fd in fds:
                 os.close(fd)
 
+    @staticmethod
+    def _hold_staging(path: Path) -> int:
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+            except OSError as e:
+                raise StagingBusy(f"{path} is not a regular file this agent made ({e.strerror}); remove it, "
+                                  "then deliver the update again") from e
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise StagingBusy(f"{path} is not a regular file; remove it, then deliver the update again")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                os.close(fd)
+                raise StagingBusy(f"another over-the-air update is downloading into {path}; this update is "
+                                  "tried again once that one has ended (serve: at the next delivery; a command "
+                                  "file: run it again)") from e
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)  # removed between the open and the lock: take the new one
+
     def remove_stale_staging(self) -> list[str]:
         """Remove the update staging files a killed or power-cut download left (up to the bundle
-        limit each), unless an update in progress holds them; returns the names removed."""
+        limit each), unless an update in progress holds them; returns the names removed. An entry
+        that is not a regular file (a link, a FIFO, an empty directory) is removed without being
+        read; a directory with something in it is refused with what to do."""
         names = [n for n in (layout.UPDATE_STAGING, layout.UPDATE_PAYLOAD) if os.path.lexists(self.layout.path(n))]
         if not names:
             return []
@@ -374,23 +392,39 @@ class DataDir:
             for name in names:
                 path = self.layout.path(name)
                 try:
-                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                    # Non-blocking: opening a FIFO for reading must not wait for a writer.
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
                 except FileNotFoundError:
                     continue
                 except OSError:
-                    path.unlink(missing_ok=True)  # not a regular file this agent made (a link): never ours
+                    path.unlink(missing_ok=True)  # not a regular file this agent made (a link, a socket): never ours
                     removed.append(name)
                     continue
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # an update in progress (serve) is downloading into it
-                else:
-                    path.unlink(missing_ok=True)
+                    mode = os.fstat(fd).st_mode
+                    if stat.S_ISDIR(mode):
+                        try:
+                            path.rmdir()
+                        except OSError as e:
+                            raise UsageError(f"{path} is a directory, not an update staging file, and it is not "
+                                             "empty; move it out of the data dir, then start the agent again") from e
+                    elif not stat.S_ISREG(mode):
+                        path.unlink(missing_ok=True)  # a FIFO or a device node: never ours
+                    else:
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        except BlockingIOError:
+                            continue  # an update in progress (serve) is downloading into it
+                        path.unlink(missing_ok=True)
                     removed.append(name)
                 finally:
                     os.close(fd)
         return removed
+
+
+class StagingBusy(UsageError):
+    """The update staging files are held by another update (or are not files this agent made):
+    the update waits for a later delivery; its sequence number is not consumed."""
 
 
 def utcnow() -> datetime:
