@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -106,6 +106,12 @@ def fingerprint(raw_public_key: bytes) -> str:
 def key_id(raw_public_key: bytes) -> bytes:
     """The 16-byte hint that names a publisher key in a bundle header."""
     return hashlib.sha256(raw_public_key).digest()[:KEY_ID_BYTES]
+
+
+def keys_by_id(trusted: Mapping[bytes, bytes] | Iterable[bytes]) -> dict[bytes, bytes]:
+    """Trusted public keys by key id: a mapping already so keyed, or raw keys to key by their id.
+    Every signed format (bundles, releases, commands, receipts) finds its signer through this."""
+    return dict(trusted) if isinstance(trusted, Mapping) else {key_id(k): k for k in trusted}
 
 
 def constant_time_equal(a: bytes | str, b: bytes | str) -> bool:

@@ -468,11 +468,7 @@ def verify_head(
             m, key = release.verify_release(env, payload_head, file_length - len(env), trusted_publishers, limits)
             return m, key, len(env) + len(payload_head)
     manifest_len, kid = read_header(view, limits)
-    keys = (
-        dict(trusted_publishers)
-        if isinstance(trusted_publishers, Mapping)
-        else {crypto.key_id(k): k for k in trusted_publishers}
-    )
+    keys = crypto.keys_by_id(trusted_publishers)
     if len(keys) > limits.max_trusted_publishers:
         raise FormatError("too many trusted publisher keys")
     publisher = keys.get(kid)

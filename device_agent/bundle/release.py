@@ -309,11 +309,7 @@ def sign_head(head: ReleaseHead, publisher_public: bytes, sign: Callable[[bytes]
 def _publisher(
     kid: bytes, trusted_publishers: Mapping[bytes, bytes] | list[bytes], limits: BundleLimits
 ) -> bytes:
-    keys = (
-        dict(trusted_publishers)
-        if isinstance(trusted_publishers, Mapping)
-        else {crypto.key_id(k): k for k in trusted_publishers}
-    )
+    keys = crypto.keys_by_id(trusted_publishers)
     if len(keys) > limits.max_trusted_publishers:
         raise FormatError("too many trusted publisher keys")
     publisher = keys.get(kid)

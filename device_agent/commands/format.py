@@ -282,7 +282,7 @@ def verify_signed(
     if magic not in (COMMAND_MAGIC, BEACON_MAGIC):
         raise FormatError("not an EdgeWard command or time beacon (bad magic)")
     kid = payload[len(COMMAND_MAGIC) : len(COMMAND_MAGIC) + crypto.KEY_ID_BYTES]
-    keys = dict(trusted) if isinstance(trusted, Mapping) else {crypto.key_id(k): k for k in trusted}
+    keys = crypto.keys_by_id(trusted)
     signer = keys.get(kid)
     if signer is None:
         raise UnknownPublisher(

@@ -178,7 +178,7 @@ def verify_receipt(
     if len(payload) <= _HEAD or payload[: len(RECEIPT_MAGIC)] != RECEIPT_MAGIC:
         raise FormatError("not an EdgeWard receipt (bad magic or truncated)")
     kid = payload[len(RECEIPT_MAGIC) : len(RECEIPT_MAGIC) + crypto.KEY_ID_BYTES]
-    keys = dict(trusted) if isinstance(trusted, Mapping) else {crypto.key_id(k): k for k in trusted}
+    keys = crypto.keys_by_id(trusted)
     signer = keys.get(kid)
     if signer is None:
         raise UnknownPublisher(
