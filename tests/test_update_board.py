@@ -332,6 +332,19 @@ def _worker_board(ota: OtaBoard, **limits: float) -> tuple[Agent, list[Result]]:
     return agent, []
 
 
+def _digits_v2_update(ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
+                      behaviour: str | None = None) -> tuple[bytes, datetime]:
+    """Version 2 of the digits model on the file server (served as ``behaviour`` says), the signed
+    update #1 that names it, and the time it was signed at."""
+    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    if behaviour is not None:
+        files.behaviours[f"{DEVICE}.ewb"] = behaviour
+    now = datetime.now(UTC).replace(microsecond=0)
+    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
+                            bundle={"url": url, "length": length, "sha256": sha})
+    return upd, now
+
+
 def _collect(ota: OtaBoard, into: list[Result]) -> Callable[[bytes, Result], None]:
     key = base64.b64decode(json.loads(ota.board.enrolment.read_text())["sign_public"])
     return lambda data, _: into.append(verify_result(data, key))
@@ -342,12 +355,8 @@ def test_an_end_of_life_command_is_not_held_back_by_a_dripping_download(
     kind: str, ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
-    files.behaviours[f"{DEVICE}.ewb"] = "drip"
+    upd, now = _digits_v2_update(ota, files, pack_for, digits, "drip")
     agent, results = _worker_board(ota, update_deadline_s=600.0, update_read_s=5.0)
-    now = datetime.now(UTC).replace(microsecond=0)
-    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
-                            bundle={"url": url, "length": length, "sha256": sha})
     agent.apply_commands(encode_queue([upd]), _collect(ota, results))
     assert agent.updater.busy
     # The fleet's retained queue, once the operator adds the end-of-life command behind the update.
@@ -358,7 +367,7 @@ def test_an_end_of_life_command_is_not_held_back_by_a_dripping_download(
     # count it among its failures).
     assert [(r.seq, r.kind, r.outcome) for r in results] == [(1, "update", "cancelled"), (2, kind, "applied")]
     assert "cancelled, nothing installed" in results[0].detail and f"#2 ({kind})" in results[0].detail
-    assert files.dripped.get(f"{DEVICE}.ewb", 0) < length // 2
+    assert files.dripped.get(f"{DEVICE}.ewb", 0) < (files.root / f"{DEVICE}.ewb").stat().st_size // 2
     assert agent.updater.idle.wait(60), "the aborted download did not stop"
     assert len(results) == 2  # the abandoned update answers nothing more
     assert not [r for r in caplog.records if r.levelname == "ERROR"], "the worker failed after the update ended"
@@ -374,12 +383,9 @@ def test_an_end_of_life_command_is_not_held_back_by_a_dripping_download(
 def test_a_cancelled_update_is_never_installed(
     form: str, ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
 ) -> None:
-    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
-    files.behaviours[f"{DEVICE}.ewb"] = "slow-start"  # 3 s of silence, then the whole (good) file
+    # served after 3 s of silence, then the whole (good) file
+    upd, now = _digits_v2_update(ota, files, pack_for, digits, "slow-start")
     agent, results = _worker_board(ota, update_deadline_s=60.0, update_read_s=20.0)
-    now = datetime.now(UTC).replace(microsecond=0)
-    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
-                            bundle={"url": url, "length": length, "sha256": sha})
     agent.apply_commands(encode_queue([upd]), _collect(ota, results))
     assert agent.updater.busy
     cancel = ota.operator.sign("cancel", DEVICE, 2, now, seq=1)
@@ -395,14 +401,10 @@ def test_a_cancelled_update_is_never_installed(
 def test_an_update_whose_number_another_process_consumed_is_not_installed(
     ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
 ) -> None:
-    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
-    files.behaviours[f"{DEVICE}.ewb"] = "slow-start"
+    upd, now = _digits_v2_update(ota, files, pack_for, digits, "slow-start")
     agent, results = _worker_board(ota, update_deadline_s=60.0, update_read_s=20.0)
-    now = datetime.now(UTC).replace(microsecond=0)
-    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
-                            bundle={"url": url, "length": length, "sha256": sha})
     agent.apply_commands(encode_queue([upd]), _collect(ota, results))
-    # A technician cancels it from another process (``edgeward-agent apply-command``): the worker
+    # A technician cancels it from another process (``edgeward-agent command``): the worker
     # is not told, and must find the number consumed before it commits anything.
     [data] = ota.agent().apply_commands(ota.operator.sign("cancel", DEVICE, 2, now, seq=1))
     assert agent.updater.idle.wait(60)
@@ -444,12 +446,8 @@ def test_a_killed_download_leaves_no_staging_file_after_a_restart(
 def test_a_download_in_progress_keeps_its_staging_file_when_another_agent_starts(
     ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
 ) -> None:
-    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
-    files.behaviours[f"{DEVICE}.ewb"] = "stall"
+    upd, now = _digits_v2_update(ota, files, pack_for, digits, "stall")
     agent, results = _worker_board(ota, update_deadline_s=4.0, update_read_s=4.0)
-    now = datetime.now(UTC).replace(microsecond=0)
-    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
-                            bundle={"url": url, "length": length, "sha256": sha})
     agent.apply_commands(encode_queue([upd]), _collect(ota, results))
     staging = ota.board.data_dir / layout.UPDATE_STAGING
     while not (files.requests and staging.exists()) and agent.updater.busy:
@@ -466,11 +464,8 @@ def test_a_cancel_arriving_just_after_the_install_committed_finds_the_update_car
 ) -> None:
     from device_agent import agent as agent_mod
 
-    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    upd, now = _digits_v2_update(ota, files, pack_for, digits)
     agent, results = _worker_board(ota, update_deadline_s=60.0, update_read_s=20.0)
-    now = datetime.now(UTC).replace(microsecond=0)
-    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
-                            bundle={"url": url, "length": length, "sha256": sha})
     cancel = ota.operator.sign("cancel", DEVICE, 2, now, seq=1)
     real = agent_mod.Agent._install
 
@@ -497,11 +492,8 @@ def test_a_board_wiped_while_an_update_is_in_hand_keeps_nothing_but_the_attestat
 ) -> None:
     from device_agent import agent as agent_mod
 
-    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
+    upd, now = _digits_v2_update(ota, files, pack_for, digits)
     agent, results = _worker_board(ota, update_deadline_s=60.0, update_read_s=20.0)
-    now = datetime.now(UTC).replace(microsecond=0)
-    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
-                            bundle={"url": url, "length": length, "sha256": sha})
     if how == "wipe-during-download":
         files.behaviours[f"{DEVICE}.ewb"] = "slow-start"
     else:
@@ -528,12 +520,8 @@ def test_a_board_wiped_while_an_update_is_in_hand_keeps_nothing_but_the_attestat
 def test_a_retire_of_another_model_waits_for_the_update_and_does_not_end_it(
     ota: OtaBoard, files: FileServer, pack_for: Callable[..., Path], digits: Any,
 ) -> None:
-    url, length, sha = publish(files, pack_for(digits.onnx, [ota.board], 2) / f"{DEVICE}.ewb")
-    files.behaviours[f"{DEVICE}.ewb"] = "slow-start"
+    upd, now = _digits_v2_update(ota, files, pack_for, digits, "slow-start")
     agent, results = _worker_board(ota, update_deadline_s=60.0, update_read_s=20.0)
-    now = datetime.now(UTC).replace(microsecond=0)
-    upd = ota.operator.sign("update", DEVICE, 1, now, release_id="digits-v2", model_id="digits", model_version=2,
-                            bundle={"url": url, "length": length, "sha256": sha})
     ret = ota.operator.sign("retire", DEVICE, 2, now, model_id="some-other-model")
     agent.apply_commands(encode_queue([upd, ret]), _collect(ota, results))
     assert agent.updater.idle.wait(60)
