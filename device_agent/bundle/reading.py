@@ -184,29 +184,21 @@ def open_release(
     env_len = release.envelope_length(env, limits)
     if len(env) != env_len:
         raise FormatError(f"envelope is {len(env)} bytes but declares {env_len}; fetch it again")
-    path = Path(payload)
-    fd, length = _open_regular(path)
-    try:
-        if length + len(env) > limits.max_bundle_bytes:
-            raise FormatError(f"payload {path} is {length} bytes, over the limit of {limits.max_bundle_bytes}")
-        header = _read_up_to(fd, release.PAYLOAD_HEADER_BYTES)
-        need = release.payload_head_length(header, limits)
-        head = header + _read_up_to(fd, need - len(header))
-        if len(head) < need:
-            raise FormatError(f"payload {path} is truncated inside its signed head; fetch payload.ewp again")
-        yield BundleFile(path=path, fd=fd, length=len(env) + length, head=env + head)
-    finally:
-        os.close(fd)
+    with open_payload(payload, limits, before=len(env)) as p:
+        yield BundleFile(path=p.path, fd=p.fd, length=len(env) + p.length, head=env + p.head)
 
 
 @contextmanager
-def open_payload(payload: str | Path, limits: BundleLimits = DEFAULT_LIMITS) -> Iterator[BundleFile]:
-    """A release's shared payload file alone (the publisher's check before shipping it): its signed
-    head is read and bounded, and nothing of the ciphertext yet."""
+def open_payload(
+    payload: str | Path, limits: BundleLimits = DEFAULT_LIMITS, before: int = 0
+) -> Iterator[BundleFile]:
+    """A release's shared payload file (alone: the publisher's check before shipping it; or behind
+    an envelope of ``before`` bytes, which counts towards the size limit): its signed head is read
+    and bounded, and nothing of the ciphertext yet."""
     path = Path(payload)
     fd, length = _open_regular(path)
     try:
-        if length > limits.max_bundle_bytes:
+        if length + before > limits.max_bundle_bytes:
             raise FormatError(f"payload {path} is {length} bytes, over the limit of {limits.max_bundle_bytes}")
         header = _read_up_to(fd, release.PAYLOAD_HEADER_BYTES)
         need = release.payload_head_length(header, limits)
