@@ -235,23 +235,29 @@ def warm_runtimes() -> None:
     del onnx
 
 
+def pack_inputs(signer_spec: str) -> tuple:
+    """What both pack rows pack: a random 5 MiB model, uncompressed, for rpi4b, signed by ``signer_spec``."""
+    from packager.modelfile import ModelFile
+    from packager.pack import PackOptions
+    from packager.profiles import load_profile
+    from packager.signers import open_signer
+
+    opts = PackOptions(model_id="bench", model_version=1, compression="none")
+    model = ModelFile(Path("bench.onnx"), os.urandom(PACK_MODEL_BYTES), "onnx")
+    return open_signer(signer_spec), load_profile("rpi4b"), opts, model
+
+
 def child_pack(devices_dir: str, count: int, out_dir: str, signer_spec: str) -> None:
     """Pack a 5 MiB random model for ``count`` enrolled devices, signed by ``signer_spec`` (a key
     file or a pkcs11: URI, opened as ``edgeward pack --publisher-key`` opens it); print time,
     peak memory and the median time of one signature through that signer."""
     import gc
 
-    from packager.modelfile import ModelFile
-    from packager.pack import PackOptions, load_enrolments, pack
-    from packager.profiles import load_profile
-    from packager.signers import open_signer
+    from packager.pack import load_enrolments, pack
 
     files = sorted(Path(devices_dir).glob("*.json"))[:count]
     assert len(files) == count, f"only {len(files)} enrolments"
-    signer = open_signer(signer_spec)
-    profile = load_profile("rpi4b")
-    opts = PackOptions(model_id="bench", model_version=1, compression="none")
-    model = ModelFile(Path("bench.onnx"), os.urandom(PACK_MODEL_BYTES), "onnx")
+    signer, profile, opts, model = pack_inputs(signer_spec)
     gc.collect()
     before = proc_status()
     reset = reset_peak()
@@ -294,16 +300,9 @@ def child_release(devices_dir: str, count: int, out_dir: str, key_file: str) -> 
     import gc
     import itertools
 
-    from packager.modelfile import ModelFile
-    from packager.pack import PackOptions
-    from packager.profiles import load_profile
     from packager.release import iter_devices, pack_release
-    from packager.signers import open_signer
 
-    signer = open_signer(key_file)
-    profile = load_profile("rpi4b")
-    opts = PackOptions(model_id="bench", model_version=1, compression="none")
-    model = ModelFile(Path("bench.onnx"), os.urandom(PACK_MODEL_BYTES), "onnx")
+    signer, profile, opts, model = pack_inputs(key_file)
     gc.collect()
     before = proc_status()
     reset = reset_peak()
